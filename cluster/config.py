@@ -1,0 +1,294 @@
+"""Run configuration: a structured omegaconf schema loaded from YAML plus ``key=value`` overrides.
+
+Every key is declared here; an unknown key, a value of the wrong type or a value out of range fails
+at load time with a :class:`ConfigError` naming the full dotted key and the offending value.
+
+Usage::
+
+    python -m cluster.config conf/tiny_cpu.yaml parallel_config.tp_size=1 world_size=1
+"""
+
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+DEVICES = ("cpu", "cuda", "npu")
+DTYPES = ("float32", "bfloat16", "float16")
+EXE_MODES = ("eager", "graph")
+VISION_MODES = ("tp", "dp")
+KNOWN_DATASETS = ("default", "vision-arena-bench-v0.1")
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the dotted key and the value."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split across workers.
+
+    tp_size: tensor-parallel degree of the language model; ranks of one TP group share a node.
+    vision_mode: "dp" runs the whole vision tower on every rank of a TP group, each rank encoding
+        a share of the images; "tp" shards the vision tower like the language model.
+    """
+
+    tp_size: int = 1
+    vision_mode: str = "dp"
+
+
+@dataclass
+class DataConfig:
+    """Which requests to run and how to sample them.
+
+    dataset: "default" (built-in prompts), "vision-arena-bench-v0.1" (read from dataset_dir), or
+        a path to a .jsonl file of requests.
+    num_samples: how many requests to take from the dataset (None = all).
+    input_max_len: longest prompt in tokens, image tokens included.
+    max_new_tokens: tokens generated per request.
+    batch_size: requests per DP group per step.
+    temperature: 0 means greedy decoding.
+    max_images_per_prompt: images beyond this many are dropped from a request.
+    ignore_eos: keep generating past the end-of-sequence token up to max_new_tokens.
+    """
+
+    dataset: str = "default"
+    dataset_dir: str = "dataset/vision-arena-bench-v0.1"
+    num_samples: int | None = None
+    input_max_len: int = 2048
+    max_new_tokens: int = 32
+    batch_size: int = 4
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    max_images_per_prompt: int = 8
+    ignore_eos: bool = False
+
+
+@dataclass
+class RayConfig:
+    """How the driver reaches Ray and how long it waits for it.
+
+    address: None connects to an existing cluster when RAY_ADDRESS is set or one is running and
+        starts a local one otherwise; "auto" must connect to an existing cluster; "local" always
+        starts a new local cluster; anything else is passed to ``ray.init(address=...)``.
+    placement_timeout_s: how long to wait for placement groups before failing.
+    rendezvous_timeout_s: how long workers wait for the process group to form.
+    worker_timeout_s: bound on each phase call to the workers (load, prefill, decode, ...).
+    num_cpus_per_worker: CPUs each worker holds; on npu/cuda a worker also holds one accelerator.
+    log_to_driver: forward worker logs to the driver's output.
+    """
+
+    address: str | None = None
+    namespace: str = "qwen2_5_vl"
+    placement_timeout_s: float = 120.0
+    rendezvous_timeout_s: float = 300.0
+    worker_timeout_s: float = 600.0
+    num_cpus_per_worker: float = 1.0
+    log_to_driver: bool = True
+
+
+@dataclass
+class RunConfig:
+    """One inference run.
+
+    model_path: checkpoint directory (``~`` expanded, relative paths resolved against the
+        current directory at load time).
+    device: cpu | cuda | npu.
+    dtype: float32 | bfloat16 | float16 (float16 is not allowed on cpu).
+    world_size: number of workers; a multiple of parallel_config.tp_size.
+    exe_mode: "eager", or "graph" to run decode as a captured/compiled graph.
+    dist_env: environment variables set in every worker (HCCL_SOCKET_IFNAME, HCCL_IF_IP,
+        HCCL_CONNECT_TIMEOUT, GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME, ...).
+    profile: write a torch profiler trace per worker for one batch into profile_dir.
+    """
+
+    model_path: str = MISSING
+    device: str = "cpu"
+    dtype: str = "float32"
+    world_size: int = 1
+    exe_mode: str = "eager"
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    data_config: DataConfig = field(default_factory=DataConfig)
+    output_path: str = "outputs/results.jsonl"
+    ray: RayConfig = field(default_factory=RayConfig)
+    dist_env: dict[str, str] = field(default_factory=dict)
+    profile: bool = False
+    profile_dir: str = "outputs/profile"
+
+    @property
+    def tp_size(self) -> int:
+        """Tensor-parallel degree (``parallel_config.tp_size``)."""
+        return self.parallel_config.tp_size
+
+    @property
+    def dp_size(self) -> int:
+        """Number of data-parallel groups: ``world_size // tp_size``."""
+        return self.world_size // self.parallel_config.tp_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain nested dicts (what the YAML would hold)."""
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config: schema defaults, then the YAML file at ``path`` (if any), then ``overrides``.
+
+    Overrides are omegaconf dotlist entries such as ``parallel_config.tp_size=2``.
+    Raises :class:`ConfigError` for a missing file, unknown keys, bad types and bad values.
+    """
+    merged: DictConfig = OmegaConf.structured(RunConfig)
+    if path is not None:
+        merged = _merge_yaml(merged, Path(path))
+    for item in overrides or []:
+        merged = _merge_override(merged, item)
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{e.full_key} is required but not set") from e
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e, None)) from e
+    assert isinstance(cfg, RunConfig)
+    _normalize_paths(cfg)
+    _validate(cfg)
+    return cfg
+
+
+def _describe(e: OmegaConfBaseException, fallback_key: str | None) -> str:
+    key = getattr(e, "full_key", None) or fallback_key
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, ConfigKeyError):
+        return f"unknown config key '{key}': {reason}"
+    return f"bad value for config key '{key}': {reason}" if key else f"bad config: {reason}"
+
+
+def _merge_yaml(base: DictConfig, path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:
+        raise ConfigError(f"cannot parse config file {path}: {e}") from e
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping at top level")
+    for key in loaded:
+        try:
+            base = OmegaConf.merge(base, OmegaConf.masked_copy(loaded, [str(key)]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{_describe(e, str(key))} (in {path})") from e
+    return base
+
+
+def _merge_override(base: DictConfig, item: str) -> DictConfig:
+    key, sep, _ = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        return OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{_describe(e, key.strip())} (override '{item}')") from e
+
+
+def _normalize_paths(cfg: RunConfig) -> None:
+    cfg.model_path = str(Path(cfg.model_path).expanduser().resolve())
+    data = cfg.data_config
+    if data.dataset.endswith(".jsonl"):
+        data.dataset = str(Path(data.dataset).expanduser())
+    data.dataset_dir = str(Path(data.dataset_dir).expanduser())
+    cfg.output_path = str(Path(cfg.output_path).expanduser())
+    cfg.profile_dir = str(Path(cfg.profile_dir).expanduser())
+
+
+def _fail(key: str, value: object, why: str) -> None:
+    raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(key, value, f"must be one of {', '.join(choices)}")
+
+
+def _check_min(key: str, value: float, lowest: float) -> None:
+    if value < lowest:
+        _fail(key, value, f"must be >= {lowest}")
+
+
+def _validate(cfg: RunConfig) -> None:
+    if not cfg.model_path:
+        _fail("model_path", cfg.model_path, "must not be empty")
+    _check_choice("device", cfg.device, DEVICES)
+    _check_choice("dtype", cfg.dtype, DTYPES)
+    if cfg.device == "cpu" and cfg.dtype == "float16":
+        _fail("dtype", cfg.dtype, "float16 is not supported with device='cpu'; use float32 or bfloat16")
+    _check_choice("exe_mode", cfg.exe_mode, EXE_MODES)
+
+    par = cfg.parallel_config
+    _check_min("world_size", cfg.world_size, 1)
+    _check_min("parallel_config.tp_size", par.tp_size, 1)
+    if par.tp_size > cfg.world_size:
+        _fail("parallel_config.tp_size", par.tp_size, f"must be <= world_size={cfg.world_size}")
+    if cfg.world_size % par.tp_size:
+        _fail("parallel_config.tp_size", par.tp_size, f"must divide world_size={cfg.world_size}")
+    _check_choice("parallel_config.vision_mode", par.vision_mode, VISION_MODES)
+
+    data = cfg.data_config
+    if data.dataset not in KNOWN_DATASETS and not data.dataset.endswith(".jsonl"):
+        _fail(
+            "data_config.dataset",
+            data.dataset,
+            f"must be one of {', '.join(KNOWN_DATASETS)} or a path to a .jsonl file",
+        )
+    if data.num_samples is not None:
+        _check_min("data_config.num_samples", data.num_samples, 1)
+    for name in ("input_max_len", "max_new_tokens", "batch_size"):
+        _check_min(f"data_config.{name}", getattr(data, name), 1)
+    _check_min("data_config.max_images_per_prompt", data.max_images_per_prompt, 0)
+    _check_min("data_config.seed", data.seed, 0)
+    _check_min("data_config.temperature", data.temperature, 0.0)
+    if not 0.0 < data.top_p <= 1.0:
+        _fail("data_config.top_p", data.top_p, "must be in (0, 1]")
+
+    ray_cfg = cfg.ray
+    if ray_cfg.address is not None and not ray_cfg.address.strip():
+        _fail("ray.address", ray_cfg.address, "must be null, 'auto', 'local' or a cluster address")
+    if not ray_cfg.namespace:
+        _fail("ray.namespace", ray_cfg.namespace, "must not be empty")
+    for name in ("placement_timeout_s", "rendezvous_timeout_s", "worker_timeout_s"):
+        value = getattr(ray_cfg, name)
+        if value <= 0:
+            _fail(f"ray.{name}", value, "must be > 0")
+    if cfg.device == "cpu" and ray_cfg.num_cpus_per_worker <= 0:
+        _fail("ray.num_cpus_per_worker", ray_cfg.num_cpus_per_worker, "must be > 0 on device 'cpu'")
+    _check_min("ray.num_cpus_per_worker", ray_cfg.num_cpus_per_worker, 0.0)
+
+    for name, value in cfg.dist_env.items():
+        if not _ENV_NAME.match(name):
+            _fail(f"dist_env.{name}", value, "key is not a valid environment variable name")
+        if not isinstance(value, str):
+            _fail(f"dist_env.{name}", value, "value must be a string")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the resolved config for ``CONF [key=value ...]`` as YAML; exit status 2 on a bad config."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: python -m cluster.config CONF [key=value ...]", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args[0], args[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(OmegaConf.to_yaml(OmegaConf.create(cfg.to_dict())), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

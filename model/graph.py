@@ -1,0 +1,54 @@
+"""Decode as a graph: captured once per batch-size bucket, replayed every step.
+
+CUDA graphs on cuda, ACL graphs (torch.npu.NPUGraph, same API) on npu, torch.compile on cpu.
+The decode step has static shapes (preallocated KV cache, positions and lengths as tensors), so
+one graph per bucket serves every step of every batch of that size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class CompiledDecode:
+    """torch.compile of the decode step (the cpu graph mode); shapes are static per bucket."""
+
+    def __init__(self, decode: DecodeFn) -> None:
+        self.fn = torch.compile(decode, dynamic=False, fullgraph=False)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor) -> torch.Tensor:
+        return self.fn(tokens, positions, cache_lens)
+
+
+class GraphDecode:
+    """One captured device graph per bucket, with static input and output buffers."""
+
+    def __init__(self, decode: DecodeFn, buckets: list[int], device: torch.device) -> None:
+        backend = getattr(torch, device.type)  # torch.cuda or torch.npu (after import torch_npu)
+        self.graphs: dict[int, tuple[object, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        pool = None
+        for size in sorted(buckets, reverse=True):  # largest first so smaller graphs reuse its pool
+            inputs = tuple(torch.zeros(size, dtype=torch.long, device=device) for _ in range(3))
+            stream = backend.Stream()
+            stream.wait_stream(backend.current_stream())
+            with backend.stream(stream):
+                for _ in range(2):  # warm up kernels and collectives outside the capture
+                    decode(*inputs)
+            backend.current_stream().wait_stream(stream)
+            graph = backend.CUDAGraph() if device.type == "cuda" else backend.NPUGraph()
+            with backend.graph(graph, pool=pool):
+                output = decode(*inputs)
+            pool = graph.pool()
+            self.graphs[size] = (graph, inputs, output)
+        backend.synchronize()
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor) -> torch.Tensor:
+        graph, inputs, output = self.graphs[tokens.shape[0]]
+        for buffer, value in zip(inputs, (tokens, positions, cache_lens)):
+            buffer.copy_(value, non_blocking=True)
+        graph.replay()
+        return output

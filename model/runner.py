@@ -1,0 +1,288 @@
+"""The model on one rank, Ray-free: vision encode, eager prefill, static-shape decode.
+
+`ModelRunner.generate` runs a batch to completion: every image is encoded once, each prompt is
+prefilled into its own KV slot, then all slots decode together, one token per step, until each
+request meets an EOS id or its `max_new_tokens`. Every rank of a tensor-parallel group calls the
+same methods with the same arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig
+from model.graph import CompiledDecode, GraphDecode
+from model.kv_cache import KVCache
+from model.loader import load_weights
+from model.parallel import SINGLE, ParallelContext
+from model.processor import PreparedRequest
+from model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from model.rotary import mrope_positions
+from model.sampling import SamplingParams, make_generator, sample
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class GenerationResult:
+    """One request's outcome; times are seconds from the start of the `generate` call."""
+
+    request_id: str
+    output_token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    token_times_s: list[float] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS), "length", or None on error
+    error: str | None = None
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.token_times_s[0] if self.token_times_s else None
+
+
+@dataclass
+class PhaseTimes:
+    vision_encode_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+
+    def add(self, other: PhaseTimes) -> None:
+        self.vision_encode_s += other.vision_encode_s
+        self.prefill_s += other.prefill_s
+        self.decode_s += other.decode_s
+        self.decode_steps += other.decode_steps
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Decode batch sizes a step is padded to: powers of two, and the maximum itself."""
+    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
+    return sizes + [max_batch_size]
+
+
+def assign_images(token_counts: list[int], ranks: int) -> list[list[int]]:
+    """Split images over ranks, largest first onto the least loaded rank; deterministic."""
+    loads = [0] * ranks
+    owned: list[list[int]] = [[] for _ in range(ranks)]
+    for i in sorted(range(len(token_counts)), key=lambda i: (-token_counts[i], i)):
+        r = min(range(ranks), key=lambda r: (loads[r], r))
+        owned[r].append(i)
+        loads[r] += token_counts[i]
+    return [sorted(o) for o in owned]
+
+
+class ModelRunner:
+    """Loads this rank's shard of a checkpoint and runs the three phases."""
+
+    def __init__(self, model_path: str | Path, ctx: ParallelContext = SINGLE, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | str = torch.float32, max_batch_size: int = 4, max_seq_len: int = 2048,
+                 vision_mode: str = "dp", progress: bool = False) -> None:
+        if vision_mode not in ("dp", "tp"):
+            raise ValueError(f"vision_mode={vision_mode!r} must be 'dp' or 'tp'")
+        self.model_path = Path(model_path)
+        self.ctx = ctx
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.config = ModelConfig.from_pretrained(model_path)
+        self.config.validate_tp(ctx.size)
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.vision_dp = vision_mode == "dp" and ctx.size > 1
+        vision_ctx = ctx if vision_mode == "tp" and self.config.vision_divides(ctx.size) else SINGLE
+        if vision_mode == "tp" and vision_ctx is SINGLE and ctx.size > 1:
+            logger.warning("vision tower sizes do not divide tp_size=%d: running it replicated", ctx.size)
+        with torch.device(self.device), _default_dtype(self.dtype):
+            self.model = Qwen2_5_VLForConditionalGeneration(self.config, ctx, vision_ctx)
+        self.loaded = load_weights(self.model, model_path, progress=progress,
+                                   desc=f"rank {ctx.rank} loading weights")
+        self.model.eval().requires_grad_(False)
+        attn = self.model.model.layers[0].self_attn
+        self.cache = KVCache.allocate(self.config.text.num_hidden_layers, max_batch_size, attn.num_kv_heads,
+                                      max_seq_len, attn.head_dim, self.dtype, self.device)
+        self.model.model.attach_cache(self.cache)
+        self.buckets = batch_buckets(max_batch_size)
+        self.decode_fn = self.model.decode
+        self.last_phases = PhaseTimes()
+
+    # ----------------------------------------------------------------------------- vision encode
+    @torch.inference_mode()
+    def encode_images(self, requests: list[PreparedRequest]) -> list[torch.Tensor | None]:
+        """Embeddings (num_image_tokens, hidden) per request, None for text-only requests."""
+        unit = self.config.vision.spatial_merge_size**2
+        images: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (request index, grid (3,), patches)
+        for i, req in enumerate(requests):
+            if req.image_grid_thw is None:
+                continue
+            offset = 0
+            for grid in req.image_grid_thw:
+                n = int(grid.prod())
+                images.append((i, grid, req.pixel_values[offset:offset + n]))
+                offset += n
+        out: list[list[torch.Tensor]] = [[] for _ in requests]
+        if not images:
+            return [None] * len(requests)
+        counts = [int(g.prod()) // unit for _, g, _ in images]
+        owners = assign_images(counts, self.ctx.size) if self.vision_dp else [list(range(len(images)))]
+        mine = owners[self.ctx.rank] if self.vision_dp else owners[0]
+        hidden = self.config.text.hidden_size
+        local = torch.empty(0, hidden, dtype=self.dtype, device=self.device)
+        if mine:
+            pixels = torch.cat([images[j][2] for j in mine]).to(self.device)
+            grids = torch.stack([images[j][1] for j in mine])
+            local = self.model.visual(pixels, grids)
+        if self.vision_dp:
+            width = max(sum(counts[j] for j in o) for o in owners)
+            padded = torch.zeros(width, hidden, dtype=local.dtype, device=self.device)
+            padded[: local.shape[0]] = local
+            gathered = self.ctx.all_gather(padded, dim=0).view(self.ctx.size, width, hidden)
+            per_image: dict[int, torch.Tensor] = {}
+            for r, owned in enumerate(owners):
+                start = 0
+                for j in owned:
+                    per_image[j] = gathered[r, start:start + counts[j]]
+                    start += counts[j]
+        else:
+            per_image = dict(zip(mine, local.split([counts[j] for j in mine])))
+        for j, (i, _, _) in enumerate(images):
+            out[i].append(per_image[j])
+        return [torch.cat(o) if o else None for o in out]
+
+    # ----------------------------------------------------------------------------- prefill / decode
+    @torch.inference_mode()
+    def prefill(self, request: PreparedRequest, image_embeds: torch.Tensor | None, slot: int,
+                all_logits: bool = False) -> tuple[torch.Tensor, int]:
+        """Fill KV slot `slot` with the prompt; returns (logits of the last position, rope delta)."""
+        positions, delta = mrope_positions(request.input_ids, request.image_grid_thw,
+                                           self.config.image_token_id, self.config.vision.spatial_merge_size)
+        ids = torch.tensor(request.input_ids, dtype=torch.long, device=self.device)
+        logits = self.model.prefill(ids, positions.to(self.device), image_embeds, slot, all_logits=all_logits)
+        return logits, delta
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor) -> torch.Tensor:
+        """One step for slots 0..B-1 (B a bucket size) -> logits (B, vocab)."""
+        return self.decode_fn(tokens, positions, cache_lens)
+
+    # ----------------------------------------------------------------------------- warm-up / graphs
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """One short prefill and one decode step, so first-request latency excludes one-time costs."""
+        ids = [0] * 4
+        self.prefill(PreparedRequest("warmup", ids, None, None), None, slot=0)
+        one = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.decode(one, one + len(ids), one + len(ids))
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """Switch decode to graph mode: capture (cuda/npu) or compile (cpu) every batch bucket."""
+        if self.device.type == "cpu":
+            self.decode_fn = CompiledDecode(self.model.decode)
+            for size in self.buckets:  # compile each bucket now, not on the first request
+                zeros = torch.zeros(size, dtype=torch.long)
+                self.decode_fn(zeros, zeros, zeros)
+        else:
+            self.decode_fn = GraphDecode(self.model.decode, self.buckets, self.device)
+
+    # ----------------------------------------------------------------------------- whole batch
+    def check_fits(self, request: PreparedRequest, params: SamplingParams) -> str | None:
+        """Why a request cannot run on this runner, or None."""
+        need = len(request.input_ids) + params.max_new_tokens
+        if not request.input_ids:
+            return f"request {request.request_id!r} has an empty prompt"
+        if need > self.max_seq_len:
+            return (f"request {request.request_id!r}: prompt of {len(request.input_ids)} tokens + max_new_tokens="
+                    f"{params.max_new_tokens} needs {need} KV slots, more than max_seq_len={self.max_seq_len}")
+        return None
+
+    def generate(self, requests: list[PreparedRequest], params: list[SamplingParams],
+                 eos_token_ids: list[int] | None = None) -> list[GenerationResult]:
+        """Run requests to completion, max_batch_size at a time; results in request order."""
+        if len(params) != len(requests):
+            raise ValueError(f"got {len(requests)} requests but {len(params)} sampling params")
+        eos = set(self.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        start = time.perf_counter()
+        results = [GenerationResult(r.request_id, prompt_tokens=len(r.input_ids)) for r in requests]
+        runnable = []
+        for i, (req, p) in enumerate(zip(requests, params)):
+            results[i].error = self.check_fits(req, p)
+            if results[i].error is None:
+                runnable.append(i)
+        self.last_phases = PhaseTimes()
+        for first in range(0, len(runnable), self.max_batch_size):
+            chunk = runnable[first:first + self.max_batch_size]
+            self._run_batch([requests[i] for i in chunk], [params[i] for i in chunk],
+                            [results[i] for i in chunk], eos, start)
+        return results
+
+    @torch.inference_mode()
+    def _run_batch(self, requests: list[PreparedRequest], params: list[SamplingParams],
+                   results: list[GenerationResult], eos: set[int], start: float) -> None:
+        phases = PhaseTimes()
+        t = time.perf_counter()
+        embeds = self.encode_images(requests)
+        phases.vision_encode_s = time.perf_counter() - t
+
+        gens = [make_generator(p, self.device) for p in params]
+        n = len(requests)
+        cache_lens = [0] * n
+        deltas = [0] * n
+        last = [0] * n
+        active = [True] * n
+        t = time.perf_counter()
+        for slot, (req, emb) in enumerate(zip(requests, embeds)):
+            logits, deltas[slot] = self.prefill(req, emb, slot)
+            token = int(sample(logits[None], [params[slot]], [gens[slot]])[0])
+            cache_lens[slot] = len(req.input_ids)
+            active[slot] = self._append(results[slot], params[slot], token, eos, start)
+            last[slot] = token
+        phases.prefill_s = time.perf_counter() - t
+
+        t = time.perf_counter()
+        bucket = next(b for b in self.buckets if b >= n)
+        pad = bucket - n
+        while any(active):
+            tokens = torch.tensor(last + [0] * pad, dtype=torch.long, device=self.device)
+            lens = torch.tensor(cache_lens + [0] * pad, dtype=torch.long, device=self.device)
+            positions = lens + torch.tensor(deltas + [0] * pad, dtype=torch.long, device=self.device)
+            logits = self.decode(tokens, positions, lens)
+            chosen = sample(logits, params, gens).tolist()
+            phases.decode_steps += 1
+            for slot in range(n):
+                if active[slot]:
+                    cache_lens[slot] += 1
+                    last[slot] = chosen[slot]
+                    active[slot] = self._append(results[slot], params[slot], chosen[slot], eos, start)
+        phases.decode_s = time.perf_counter() - t
+        self.last_phases.add(phases)
+
+    @staticmethod
+    def _append(result: GenerationResult, params: SamplingParams, token: int, eos: set[int],
+                start: float) -> bool:
+        """Record a token; returns whether the request goes on."""
+        result.output_token_ids.append(token)
+        result.token_times_s.append(time.perf_counter() - start)
+        if token in eos and not params.ignore_eos:
+            result.finish_reason = "stop"
+            return False
+        if len(result.output_token_ids) >= params.max_new_tokens:
+            result.finish_reason = "length"
+            return False
+        return True

@@ -1,0 +1,129 @@
+"""The Qwen2 text decoder with M-RoPE, reading and writing a static KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import TextConfig
+from model.kv_cache import KVCache
+from model.layers import RMSNorm
+from model.parallel import (
+    MergedColumnParallelLinear,
+    ParallelContext,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from model.rotary import MRotaryEmbedding, apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_attention_heads,
+                                          config.num_key_value_heads, bias=True, ctx=ctx)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size,
+                                        bias=False, ctx=ctx)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        n = x.shape[0]
+        return (q.view(n, self.num_heads, self.head_dim), k.view(n, self.num_kv_heads, self.head_dim),
+                v.view(n, self.num_kv_heads, self.head_dim))
+
+    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, slot: int) -> torch.Tensor:
+        """x (L, hidden) of one prompt starting at cache index 0 of `slot`."""
+        length = x.shape[0]
+        q, k, v = self._qkv(x)
+        q = apply_rotary(q.transpose(0, 1), cos, sin)  # (H, L, D)
+        k = apply_rotary(k.transpose(0, 1), cos, sin)  # (KVH, L, D)
+        v = v.transpose(0, 1)
+        k_cache[slot, :, :length] = k
+        v_cache[slot, :, :length] = v
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)
+        return self.o_proj(out[0].transpose(0, 1).reshape(length, -1))
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, cache_lens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (B, hidden): one new token per slot 0..B-1, written at index cache_lens[b]."""
+        batch = x.shape[0]
+        q, k, v = self._qkv(x)
+        q = apply_rotary(q, cos[:, None], sin[:, None])
+        k = apply_rotary(k, cos[:, None], sin[:, None])
+        slots = torch.arange(batch, device=x.device)
+        k_cache[slots, :, cache_lens] = k
+        v_cache[slots, :, cache_lens] = v
+        keys, values = k_cache[:batch], v_cache[:batch]  # (B, KVH, S, D)
+        group = self.num_heads // self.num_kv_heads
+        q = q.view(batch, self.num_kv_heads, group, self.head_dim)
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.head_dim**-0.5  # (B, KVH, G, S)
+        scores = scores.float().masked_fill(~mask[:, None, None, :], float("-inf"))
+        probs = scores.softmax(-1).to(values.dtype)
+        out = torch.matmul(probs, values)  # (B, KVH, G, D)
+        return self.o_proj(out.reshape(batch, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TextConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=False, ctx=ctx)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False, ctx=ctx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, ctx)
+        self.mlp = MLP(config, ctx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen2Model(nn.Module):
+    """Embedding, decoder layers and final norm; the KV cache is attached with `attach_cache`."""
+
+    def __init__(self, config: TextConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx)
+        self.layers = nn.ModuleList(DecoderLayer(config, ctx) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = MRotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section)
+        self.cache: KVCache | None = None
+
+    def attach_cache(self, cache: KVCache) -> None:
+        self.cache = cache
+
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
+        """embeds (L, hidden), positions (3, L) -> final hidden states (L, hidden)."""
+        assert self.cache is not None, "attach_cache() before prefill"
+        cos, sin = self.rotary(positions, embeds.dtype)
+        x = embeds
+        for layer, k_cache, v_cache in zip(self.layers, self.cache.keys, self.cache.values):
+            x = x + layer.self_attn.prefill(layer.input_layernorm(x), cos, sin, k_cache, v_cache, slot)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
+
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions, cache_lens: (B,) -> final hidden states (B, hidden). Static shapes only."""
+        assert self.cache is not None, "attach_cache() before decode"
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.text_only(positions, x.dtype)
+        span = torch.arange(self.cache.max_seq_len, device=x.device)
+        mask = span[None, :] <= cache_lens[:, None]  # (B, S)
+        for layer, k_cache, v_cache in zip(self.layers, self.cache.keys, self.cache.values):
+            x = x + layer.self_attn.decode(layer.input_layernorm(x), cos, sin, k_cache, v_cache, cache_lens, mask)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
