@@ -9,6 +9,7 @@ hangs has its in-flight requests failed with the rank named, and the others go o
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,25 @@ from model.sampling import SamplingParams
 logger = logging.getLogger(__name__)
 
 REQUEST_OVERRIDES = ("max_new_tokens", "temperature", "top_p", "seed")
+_MAX_SEED = 2**63 - 1
+
+
+def check_override(key: str, value: Any) -> str | None:
+    """Why a per-request sampling override cannot be used, or None (bools are not numbers here)."""
+    if key in ("max_new_tokens", "seed"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"'{key}' must be an integer, got {value!r}"
+        lowest = 1 if key == "max_new_tokens" else 0
+        if not lowest <= value <= _MAX_SEED:
+            return f"'{key}'={value!r} must be >= {lowest}"
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"'{key}' must be a finite number, got {value!r}"
+    if key == "temperature" and value < 0:
+        return f"'temperature'={value!r} must be >= 0"
+    if key == "top_p" and not 0 < value <= 1:
+        return f"'top_p'={value!r} must be in (0, 1]"
+    return None
 
 
 class RendezvousError(RuntimeError):
@@ -148,14 +168,24 @@ class Coordinator:
             raise RendezvousError(f"process group of dp group {group.dp_rank} at tcp://{ip}:{port} "
                                   f"failed to form: {e}") from e
 
-    def _kill_group(self, group: DPGroup) -> None:
+    def _kill_group(self, group: DPGroup, timeout_s: float = 30.0) -> None:
+        """Kill the group's workers and wait (bounded) until their names are free for a rebuild."""
         group.alive = False
         for w in group.workers:
             try:
                 ray.kill(w, no_restart=True)
             except Exception:  # already dead
                 pass
+        names = [worker_actor_name(group.dp_rank * self.cfg.tp_size + t) for t in range(len(group.workers))]
         group.workers = []
+        deadline = time.monotonic() + timeout_s
+        for name in names:
+            while time.monotonic() < deadline:
+                try:
+                    ray.get_actor(name, namespace=self.cfg.ray.namespace)
+                except ValueError:
+                    break
+                time.sleep(0.05)
 
     def _get(self, refs: list, timeout: float, what: str) -> list:
         try:
@@ -204,8 +234,10 @@ class Coordinator:
 
         A request may carry `max_new_tokens`, `temperature`, `top_p` and `seed` of its own.
         """
+        if not isinstance(requests, (list, tuple)):
+            raise TypeError(f"generate() takes a list of request dicts, got {type(requests).__name__}")
         with self.lock:
-            return self._generate(requests)
+            return self._generate(list(requests))
 
     def _generate(self, requests: list[dict]) -> list[dict]:
         start = time.perf_counter()
@@ -217,6 +249,8 @@ class Coordinator:
                 queue.append(self._prepare(request, i))
             except (ValueError, TypeError) as e:
                 records[i] = self._failed(request, str(e))
+            except Exception as e:  # a processor bug must fail this request, not the call
+                records[i] = self._failed(request, f"cannot prepare request {i}: {type(e).__name__}: {e}")
         in_flight: dict[int, tuple[list, list[Pending], float]] = {}
         deadline_s = self.cfg.ray.worker_timeout_s
         while queue or in_flight:
@@ -255,7 +289,11 @@ class Coordinator:
                     self.phase_totals[key] += out["phases"][key]
                 self.metrics.record_phases(out["phases"], dp_rank)
             self.done = sum(r is not None for r in records)
-        return [r for r in records if r is not None]
+        for i, record in enumerate(records):
+            if record is None:  # cannot happen; never drop a request silently
+                records[i] = self._failed(requests[i], "internal error: request was never scheduled")
+        self.done = len(records)
+        return records
 
     def _prepare(self, request: dict, index: int) -> Pending:
         if not isinstance(request, dict):
@@ -265,6 +303,9 @@ class Coordinator:
                   "top_p": data.top_p, "seed": data.seed}
         for key in REQUEST_OVERRIDES:
             if request.get(key) is not None:
+                problem = check_override(key, request[key])
+                if problem is not None:
+                    raise ValueError(f"request {request.get('id')!r}: {problem}")
                 values[key] = request[key]
         try:
             params = SamplingParams(ignore_eos=data.ignore_eos, **values)
@@ -290,20 +331,49 @@ class Coordinator:
         return bool(ready)
 
     def _failure(self, group: DPGroup, refs: list, dispatched: float, deadline_s: float) -> str | None:
-        """Why a group's batch failed (a dead or hung rank), or None while it is healthy."""
+        """Why a group's batch failed (a dead or hung rank), or None while it is healthy.
+
+        When one rank dies, its peers fail too (their collective breaks), possibly first: the dead
+        ranks are found by pinging every rank, so the message names the rank that died.
+        """
+        errors: dict[int, RayError] = {}
         for info, ref in zip(group.infos, refs):
             if not self._ready(ref):
                 continue
             try:
                 ray.get(ref)
-            except RayActorError as e:
-                return f"shard-worker-{info['rank']} (dp group {group.dp_rank}) died: {type(e).__name__}"
             except RayError as e:
-                return f"shard-worker-{info['rank']} (dp group {group.dp_rank}) failed: {e}"
+                errors[info["rank"]] = e
+        if errors:
+            dead = self._dead_ranks(group)
+            if dead:
+                names = ", ".join(f"shard-worker-{r} (rank {r})" for r in dead)
+                return f"{names} of dp group {group.dp_rank} died (RayActorError)"
+            rank, error = next(iter(errors.items()))
+            died = isinstance(error, RayActorError)
+            return f"shard-worker-{rank} (rank {rank}) of dp group {group.dp_rank} " + (
+                f"died ({type(error).__name__})" if died else f"failed: {error}")
         if time.perf_counter() - dispatched > deadline_s:
+            late = [info["rank"] for info, ref in zip(group.infos, refs) if not self._ready(ref)]
             return (f"dp group {group.dp_rank} did not finish its batch within {deadline_s:g}s "
-                    "(ray.worker_timeout_s)")
+                    f"(ray.worker_timeout_s); rank(s) {late} still running")
         return None
+
+    def _dead_ranks(self, group: DPGroup, timeout_s: float = 5.0) -> list[int]:
+        """Ranks of the group whose actor is dead (a ping fails with RayActorError)."""
+        refs = [w.health.remote() for w in group.workers]
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        dead = []
+        for info, ref in zip(group.infos, refs):
+            if not self._ready(ref):
+                continue  # alive but busy (or hung): not known dead
+            try:
+                ray.get(ref)
+            except RayActorError:
+                dead.append(info["rank"])
+            except RayError:
+                pass
+        return dead
 
     def _record(self, result: dict, offset: float, dp_rank: int) -> dict:
         times = [offset + t for t in result["token_times_s"]]

@@ -55,7 +55,7 @@ class DataConfig:
     max_new_tokens: tokens generated per request.
     batch_size: requests per DP group per step.
     temperature: 0 means greedy decoding.
-    max_images_per_prompt: images beyond this many are dropped from a request.
+    max_images_per_prompt: a request with more images than this gets an error record.
     ignore_eos: keep generating past the end-of-sequence token up to max_new_tokens.
     """
 

@@ -175,13 +175,16 @@ def run(cfg: RunConfig) -> int:
 
 
 def _progress(coordinator: Any, total: int, done_event: threading.Event) -> None:
+    """Poll the Coordinator's progress until `done_event`; the bar ends full, since generate returned them all."""
     with tqdm(total=total, desc="requests", unit="req", file=sys.stderr) as bar:
         while not done_event.wait(0.5):
             try:
                 done, _ = ray.get(coordinator.progress.remote(), timeout=5)
             except Exception:
-                return
+                break
             bar.update(done - bar.n)
+        done_event.wait()
+        bar.update(total - bar.n)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,12 +77,16 @@ def load_weights(model: nn.Module, model_path: str | Path, progress: bool = Fals
                             continue
                         if shard_id in parts_done[target]:
                             raise CheckpointError(f"checkpoint tensor {key!r} loads {target} a second time")
-                        param.weight_loader(param, f.get_slice(key), shard_id)
+                        try:
+                            param.weight_loader(param, f.get_slice(key), shard_id)
+                        except ValueError as e:
+                            raise CheckpointError(f"checkpoint tensor {key!r} in {file.name}: {e}") from e
                         parts_done[target].append(shard_id)
     if unexpected:
         raise CheckpointError(f"checkpoint has {len(unexpected)} tensor(s) the model does not use: "
                               f"{', '.join(sorted(unexpected)[:10])}")
-    missing = sorted(n for n in params if not _complete(n, parts_done.get(n), packed))
+    missing = [key for n in sorted(params) if not _complete(n, parts_done.get(n), packed)
+               for key in _missing_keys(n, parts_done.get(n, []), packed)]
     if missing:
         raise CheckpointError(f"checkpoint at {str(model_path)!r} lacks {len(missing)} weight(s): "
                               f"{', '.join(missing[:10])}")
@@ -95,6 +99,16 @@ def _packed_target(name: str, packed: dict[str, tuple[str, object]], shard_id: o
         if marker in name:
             return name.replace(marker, f".{fused}."), part
     return name, shard_id
+
+
+def _missing_keys(name: str, done: list[object], packed: dict[str, tuple[str, object]]) -> list[str]:
+    """The checkpoint names (released layout) that would complete parameter `name`."""
+    module, leaf = name.rsplit(".", 1)
+    prefix, _, fused = module.rpartition(".")
+    parts = [(ckpt_part, part) for ckpt_part, (f, part) in packed.items() if f == fused]
+    if not parts:
+        return [name]
+    return [f"{prefix}.{ckpt_part}.{leaf}" for ckpt_part, part in parts if part not in done]
 
 
 def _complete(name: str, done: list[object] | None, packed: dict[str, tuple[str, object]]) -> bool:

@@ -153,13 +153,15 @@ class Qwen2_5_VisionTransformer(nn.Module):
         unit = c.spatial_merge_size**2
         x = self.patch_embed(pixel_values)
         n = x.shape[0]
+        grid_thw = grid_thw.cpu()
         order, window_ids = window_index(grid_thw, c.spatial_merge_size, c.window_size, c.patch_size)
         # Move whole merge units into window order; the patch rotary angles move with them.
-        x = x.view(n // unit, unit, -1)[order].reshape(n, -1)
         cos, sin = vision_rotary(vision_position_ids(grid_thw, c.spatial_merge_size), c.head_dim, c.rope_theta)
-        cos = cos.view(n // unit, unit, -1)[order].reshape(n, -1)
-        sin = sin.view(n // unit, unit, -1)[order].reshape(n, -1)
-        window_segment = window_ids.repeat_interleave(unit)
+        cos = cos.view(n // unit, unit, -1)[order].reshape(n, -1).to(x.device)
+        sin = sin.view(n // unit, unit, -1)[order].reshape(n, -1).to(x.device)
+        window_segment = window_ids.repeat_interleave(unit).to(x.device)
+        order = order.to(x.device)
+        x = x.view(n // unit, unit, -1)[order].reshape(n, -1)
         sizes = (grid_thw.prod(-1)).tolist()
         ends = torch.tensor(sizes).cumsum(0).tolist()
         spans = [(end - size, end) for size, end in zip(sizes, ends)]

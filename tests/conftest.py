@@ -74,7 +74,7 @@ def tiny_checkpoint(checkpoint: Callable[[str], Path]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def test_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def sample_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Seeded random RGB images of different sizes, saved as PNG: name -> path."""
     root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
@@ -90,7 +90,7 @@ def test_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def prepared(test_images: dict[str, Path]) -> Callable[[Path], dict[str, PreparedRequest]]:
+def prepared(sample_images: dict[str, Path]) -> Callable[[Path], dict[str, PreparedRequest]]:
     """prepared(checkpoint path) -> PROMPTS built with that checkpoint's tokenizer and processor."""
     cache: dict[Path, dict[str, PreparedRequest]] = {}
 
@@ -98,7 +98,7 @@ def prepared(test_images: dict[str, Path]) -> Callable[[Path], dict[str, Prepare
         if path not in cache:
             builder = PromptBuilder.from_pretrained(path)
             cache[path] = {
-                name: builder.build({"id": name, "prompt": prompt, "images": [str(test_images[i]) for i in images]})
+                name: builder.build({"id": name, "prompt": prompt, "images": [str(sample_images[i]) for i in images]})
                 for name, (prompt, images) in PROMPTS.items()
             }
         return cache[path]

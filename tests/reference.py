@@ -18,6 +18,7 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from model.processor import PreparedRequest
+from model.runner import ModelRunner
 
 NEAR_TIE_TOP_K = 5
 LOGITS_ATOL = 1e-4
@@ -86,11 +87,32 @@ class HFReference:
         return self._logits[key]
 
 
-def our_logits(runner, request: PreparedRequest, continuation: Sequence[int] = ()) -> torch.Tensor:
-    """Teacher-forced logits (prompt + continuation length, vocab) from a ModelRunner (KV slot 0)."""
+def our_logits(runner: ModelRunner, request: PreparedRequest, continuation: Sequence[int] = ()) -> torch.Tensor:
+    """Teacher-forced prefill logits (prompt + continuation length, vocab) from a ModelRunner (KV slot 0)."""
     embeds = runner.encode_images([request])[0]
     logits, _ = runner.prefill(extend(request, continuation), embeds, 0, all_logits=True)
     return logits.float()
+
+
+def our_step_logits(runner: ModelRunner, request: PreparedRequest, continuation: Sequence[int]) -> torch.Tensor:
+    """Logits (len(continuation), vocab) of each generation step, teacher-forced through the decode path.
+
+    Row 0 comes from prefilling the prompt, row i from the decode step fed continuation[i - 1]: the
+    same code that picks generated tokens, so the near-tie rule judges the logits that chose them.
+    """
+    embeds = runner.encode_images([request])[0]
+    logits, delta = runner.prefill(request, embeds, 0)
+    rows = [logits]
+    length = len(request.input_ids)
+    for step, token in enumerate(continuation[:-1]):
+        cache_len = torch.tensor([length + step])
+        rows.append(runner.decode(torch.tensor([token]), cache_len + delta, cache_len)[0])
+    return torch.stack(rows).float()
+
+
+def step_rows(full_logits: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Teacher-forced logits over prompt + continuation -> one row per continuation token (its step)."""
+    return full_logits[prompt_len - 1:-1]
 
 
 @dataclass
@@ -137,7 +159,6 @@ def assert_greedy_match(ours: Sequence[int], ref: Sequence[int],
         warnings.warn(message, NearTieWarning, stacklevel=2)
 
 
-def teacher_forced_steps(ours_full: torch.Tensor, ref_full: torch.Tensor,
-                         prompt_len: int) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
-    """step_logits for compare_greedy from teacher-forced logits over prompt + reference tokens."""
-    return lambda step: (ours_full[prompt_len - 1 + step], ref_full[prompt_len - 1 + step])
+def paired_steps(ours: torch.Tensor, ref: torch.Tensor) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """step_logits for compare_greedy from per-step logits of both sides (teacher-forced on the reference)."""
+    return lambda step: (ours[step], ref[step])

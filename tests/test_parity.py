@@ -16,7 +16,15 @@ import torch
 from model.processor import PreparedRequest
 from model.runner import GenerationResult, ModelRunner
 from model.sampling import SamplingParams
-from tests.reference import LOGITS_ATOL, HFReference, assert_greedy_match, our_logits, teacher_forced_steps
+from tests.reference import (
+    LOGITS_ATOL,
+    HFReference,
+    assert_greedy_match,
+    our_logits,
+    our_step_logits,
+    paired_steps,
+    step_rows,
+)
 
 MAX_NEW_TOKENS = 10
 
@@ -40,11 +48,11 @@ def check_result(case: Case, hf: HFReference, request: PreparedRequest, result: 
                  max_new_tokens: int, eos: list[int]) -> None:
     """One result against transformers' generate with the same limit and EOS ids."""
     ref = hf.generate(case.path, request, max_new_tokens, eos)
-    prompt_len = len(request.input_ids)
 
     def step_logits(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ours = our_logits(case.runner, request, ref)
-        return teacher_forced_steps(ours, hf.logits(case.path, request, ref), prompt_len)(step)
+        ours = our_step_logits(case.runner, request, ref)
+        theirs = step_rows(hf.logits(case.path, request, ref), len(request.input_ids))
+        return paired_steps(ours, theirs)(step)
 
     what = f"{case.name}/{request.request_id}"
     assert result.error is None, f"{what}: {result.error}"
@@ -124,14 +132,8 @@ def test_teacher_forced_logits(case: Case, hf_reference: HFReference, name: str)
 def test_decode_step_logits(case: Case, hf_reference: HFReference, name: str) -> None:
     """Decode steps fed the reference tokens give transformers' teacher-forced logits (KV cache, rope delta)."""
     request = case.requests[name]
-    runner = case.runner
     ref = hf_reference.generate(case.path, request, MAX_NEW_TOKENS, [])
-    theirs = hf_reference.logits(case.path, request, ref)
-    length = len(request.input_ids)
-    logits, delta = runner.prefill(request, runner.encode_images([request])[0], 0)
-    diffs = [(logits - theirs[length - 1]).abs().max().item()]
-    for step, token in enumerate(ref[:-1]):
-        cache_len = torch.tensor([length + step])
-        logits = runner.decode(torch.tensor([token]), cache_len + delta, cache_len)[0]
-        diffs.append((logits - theirs[length + step]).abs().max().item())
+    ours = our_step_logits(case.runner, request, ref)
+    theirs = step_rows(hf_reference.logits(case.path, request, ref), len(request.input_ids))
+    diffs = (ours - theirs).abs().amax(dim=-1).tolist()
     assert max(diffs) <= LOGITS_ATOL, f"{case.name}/{name}: max |logit diff| per step {diffs}"
