@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
-from model.graph import CompiledDecode, GraphDecode
+from model.graph import CompiledDecode, GraphDecode, pick_bucket
 from model.kv_cache import KVCache
 from model.loader import load_weights
 from model.parallel import SINGLE, ParallelContext
@@ -191,15 +191,25 @@ class ModelRunner:
         self.decode(one, one + len(ids), one + len(ids))
 
     @torch.inference_mode()
-    def capture_graphs(self) -> None:
-        """Switch decode to graph mode: capture (cuda/npu) or compile (cpu) every batch bucket."""
+    def capture_graphs(self, buckets: list[int] | None = None) -> None:
+        """Switch decode to graph mode: capture (cuda/npu) or compile (cpu) each batch bucket.
+
+        `buckets` (default: all of `self.buckets`) limits which sizes are prepared now; on cpu any
+        other bucket compiles on first use, on cuda/npu only the prepared ones can run. The dummy
+        steps write KV entries at index 0 of each slot, which the next prefill overwrites.
+        """
+        sizes = self.buckets if buckets is None else sorted(buckets)
+        unknown = [b for b in sizes if b not in self.buckets]
+        if unknown:
+            raise ValueError(f"buckets {unknown} are not decode buckets of this runner ({self.buckets})")
         if self.device.type == "cpu":
             self.decode_fn = CompiledDecode(self.model.decode)
-            for size in self.buckets:  # compile each bucket now, not on the first request
-                zeros = torch.zeros(size, dtype=torch.long)
-                self.decode_fn(zeros, zeros, zeros)
+            for size in sizes:  # compile each bucket now, not on the first request
+                # Three distinct tensors: passing one tensor thrice would make dynamo guard on the
+                # aliasing and recompile on the first real step.
+                self.decode_fn(*(torch.zeros(size, dtype=torch.long) for _ in range(3)))
         else:
-            self.decode_fn = GraphDecode(self.model.decode, self.buckets, self.device)
+            self.decode_fn = GraphDecode(self.model.decode, sizes, self.device)
 
     # ----------------------------------------------------------------------------- whole batch
     def check_fits(self, request: PreparedRequest, params: SamplingParams) -> str | None:
@@ -256,20 +266,26 @@ class ModelRunner:
         phases.prefill_s = time.perf_counter() - t
 
         t = time.perf_counter()
-        bucket = next(b for b in self.buckets if b >= n)
-        pad = bucket - n
+        pad = pick_bucket(self.buckets, n) - n
+        # Step inputs live on the device for the whole batch and are updated in place: the next
+        # tokens are the sampled ones, and lengths/positions advance by 1 for slots still active
+        # (finished and padding slots keep rewriting one KV entry past their own data).
+        tokens = torch.tensor(last + [0] * pad, dtype=torch.long, device=self.device)
+        lens = torch.tensor(cache_lens + [0] * pad, dtype=torch.long, device=self.device)
+        positions = lens + torch.tensor(deltas + [0] * pad, dtype=torch.long, device=self.device)
+        advance = torch.tensor([int(a) for a in active] + [0] * pad, dtype=torch.long, device=self.device)
         while any(active):
-            tokens = torch.tensor(last + [0] * pad, dtype=torch.long, device=self.device)
-            lens = torch.tensor(cache_lens + [0] * pad, dtype=torch.long, device=self.device)
-            positions = lens + torch.tensor(deltas + [0] * pad, dtype=torch.long, device=self.device)
-            logits = self.decode(tokens, positions, lens)
-            chosen = sample(logits, params, gens).tolist()
+            chosen = sample(self.decode(tokens, positions, lens), params, gens)
+            tokens.copy_(chosen)
+            lens.add_(advance)
+            positions.add_(advance)
+            chosen_ids = chosen.tolist()  # the one host sync per step: EOS checks and token times
             phases.decode_steps += 1
             for slot in range(n):
                 if active[slot]:
-                    cache_lens[slot] += 1
-                    last[slot] = chosen[slot]
-                    active[slot] = self._append(results[slot], params[slot], chosen[slot], eos, start)
+                    active[slot] = self._append(results[slot], params[slot], chosen_ids[slot], eos, start)
+                    if not active[slot]:
+                        advance[slot] = 0
         phases.decode_s = time.perf_counter() - t
         self.last_phases.add(phases)
 

@@ -1,0 +1,182 @@
+"""Graph-mode decode: the same greedy tokens as eager at tp 1 and tp 2 (gloo), and GraphDecode's logic.
+
+On cpu graph mode is torch.compile; cuda/npu graph capture cannot run here, so GraphDecode is
+exercised with a stand-in backend that records the captured call and re-runs it on replay.
+Compiles are the slow part (about 10-20 s each): each process compiles only the bucket it uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from model.graph import GraphDecode, pick_bucket
+from model.parallel import ParallelContext
+from model.processor import PreparedRequest
+from model.runner import ModelRunner
+from model.sampling import SamplingParams
+
+NAMES = ["text_long", "one_image", "text"]  # a batch of 3: text and image prompts of different lengths
+LIMITS = [8, 10, 6]
+BUCKET = 3  # max_batch_size 3 -> buckets [1, 2, 3]; a batch of 3 uses the bucket of 3
+
+
+def eager_then_graph(runner: ModelRunner, requests: list[PreparedRequest]) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy tokens of the batch in eager mode, then after capture_graphs of the batch's bucket."""
+    params = [SamplingParams(max_new_tokens=n) for n in LIMITS]
+    eager = [r.output_token_ids for r in runner.generate(requests, params, eos_token_ids=[])]
+    runner.capture_graphs([BUCKET])
+    graph = [r.output_token_ids for r in runner.generate(requests, params, eos_token_ids=[])]
+    return eager, graph
+
+
+def test_graph_matches_eager_tp1(tiny_checkpoint: Path,
+                                 prepared: Callable[[Path], dict[str, PreparedRequest]]) -> None:
+    requests = [prepared(tiny_checkpoint)[n] for n in NAMES]
+    runner = ModelRunner(tiny_checkpoint, max_batch_size=BUCKET, max_seq_len=256)
+    eager, graph = eager_then_graph(runner, requests)
+    assert [len(t) for t in eager] == LIMITS
+    assert graph == eager
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tp_rank(rank: int, world: int, port: int, path: str, requests: list[PreparedRequest], out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ctx = ParallelContext(rank=rank, size=world, group=dist.group.WORLD)
+        runner = ModelRunner(path, ctx=ctx, max_batch_size=BUCKET, max_seq_len=256)
+        eager, graph = eager_then_graph(runner, requests)
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"eager": eager, "graph": graph}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_graph_matches_eager_tp2(tiny_checkpoint: Path, prepared: Callable[[Path], dict[str, PreparedRequest]],
+                                 tmp_path: Path) -> None:
+    """Two gloo ranks in separate processes; the compiled step breaks its graph at each collective."""
+    requests = [prepared(tiny_checkpoint)[n] for n in NAMES]
+    mp.start_processes(_tp_rank, args=(2, _free_port(), str(tiny_checkpoint), requests, str(tmp_path)),
+                       nprocs=2, join=True, start_method="spawn")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [len(t) for t in ranks[0]["eager"]] == LIMITS
+    assert ranks[0]["graph"] == ranks[0]["eager"]
+    assert ranks[1] == ranks[0]  # every rank samples the same tokens
+
+
+# --------------------------------------------------------------------------------- GraphDecode logic
+def test_pick_bucket() -> None:
+    assert pick_bucket([1, 2, 4, 6], 1) == 1
+    assert pick_bucket([1, 2, 4, 6], 3) == 4
+    assert pick_bucket([6, 1, 2, 4], 5) == 6
+    with pytest.raises(ValueError, match="exceeds the largest decode bucket 6"):
+        pick_bucket([1, 2, 4, 6], 7)
+
+
+class FakeGraph:
+    """Records the call made while capturing; replay re-runs it and writes into the captured output."""
+
+    def __init__(self) -> None:
+        self.call: tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...], torch.Tensor] | None = None
+        self.replays = 0
+        self.shared_pool: object = None
+
+    def pool(self) -> object:
+        """Like a real graph: the pool it was captured into, else its own."""
+        return self.shared_pool if self.shared_pool is not None else ("pool", id(self))
+
+    def replay(self) -> None:
+        assert self.call is not None, "replay before capture"
+        fn, args, output = self.call
+        output.copy_(fn(*args))
+        self.replays += 1
+
+
+class FakeStream:
+    def wait_stream(self, other: FakeStream) -> None:
+        pass
+
+
+class FakeBackend:
+    """The surface of torch.cuda / torch.npu that GraphDecode uses."""
+
+    CUDAGraph = FakeGraph
+    NPUGraph = FakeGraph
+
+    def __init__(self) -> None:
+        self.capturing: FakeGraph | None = None
+        self.pools: list[object] = []
+        self.synchronized = False
+
+    def Stream(self) -> FakeStream:  # noqa: N802 - mirrors torch.cuda.Stream
+        return FakeStream()
+
+    def current_stream(self) -> FakeStream:
+        return FakeStream()
+
+    @contextlib.contextmanager
+    def stream(self, stream: FakeStream) -> Iterator[None]:
+        yield
+
+    @contextlib.contextmanager
+    def graph(self, graph: FakeGraph, pool: object = None) -> Iterator[None]:
+        self.pools.append(pool)
+        graph.shared_pool = pool
+        self.capturing = graph
+        yield
+        self.capturing = None
+
+    def synchronize(self) -> None:
+        self.synchronized = True
+
+
+def test_graph_decode_with_fake_backend() -> None:
+    backend = FakeBackend()
+    calls: list[tuple[int, bool]] = []  # (batch, captured)
+
+    def step(tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor) -> torch.Tensor:
+        return (tokens * 100 + positions * 10 + cache_lens)[:, None].float()  # (B, 1)
+
+    def decode(tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor) -> torch.Tensor:
+        out = step(tokens, positions, cache_lens)
+        calls.append((tokens.shape[0], backend.capturing is not None))
+        if backend.capturing is not None:
+            backend.capturing.call = (step, (tokens, positions, cache_lens), out)
+        return out
+
+    # A cpu device with the stand-in backend takes the NPUGraph path.
+    graphs = GraphDecode(decode, [1, 2, 4], torch.device("cpu"), backend=backend)
+    # Largest bucket first, two warm-up steps then one captured step each; smaller graphs share its pool.
+    assert calls == [(4, False), (4, False), (4, True), (2, False), (2, False), (2, True),
+                     (1, False), (1, False), (1, True)]
+    assert backend.pools[0] is None and backend.pools[1] == backend.pools[2] == ("pool", id(graphs.graphs[4][0]))
+    assert backend.synchronized and graphs.buckets == [1, 2, 4]
+
+    out = graphs(torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([5, 6]))
+    assert out.flatten().tolist() == [135.0, 246.0]
+    graph, inputs, output = graphs.graphs[2]
+    assert out is output and graph.replays == 1 and inputs[0].tolist() == [1, 2]
+    # A later step reuses the same buffers with new values.
+    again = graphs(torch.tensor([7, 8]), torch.tensor([0, 1]), torch.tensor([2, 3]))
+    assert again is output and again.flatten().tolist() == [702.0, 813.0]
+    with pytest.raises(ValueError, match="no graph captured for batch 3"):
+        graphs(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+
+
+def test_capture_graphs_rejects_unknown_bucket(tiny_checkpoint: Path) -> None:
+    runner = ModelRunner(tiny_checkpoint, max_batch_size=4, max_seq_len=64)
+    with pytest.raises(ValueError, match=r"buckets \[3\] are not decode buckets"):
+        runner.capture_graphs([3])
