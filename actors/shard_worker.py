@@ -137,6 +137,10 @@ class ShardWorker:
             out["device_bytes"] = int(getattr(torch, self.spec.name).memory_allocated())
         return out
 
+    def environment(self, names: list[str]) -> dict[str, str | None]:
+        """The values this worker sees for `names` (to check that dist_env reached it)."""
+        return {name: os.environ.get(name) for name in names}
+
     def health(self) -> bool:
         return True
 

@@ -8,9 +8,8 @@ from torch import nn
 
 from model.config import TextConfig
 from model.kv_cache import KVCache
-from model.layers import RMSNorm
+from model.layers import GatedMLP, RMSNorm
 from model.parallel import (
-    MergedColumnParallelLinear,
     ParallelContext,
     QKVParallelLinear,
     RowParallelLinear,
@@ -70,23 +69,11 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(batch, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, config: TextConfig, ctx: ParallelContext) -> None:
-        super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [config.intermediate_size] * 2, bias=False, ctx=ctx)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False, ctx=ctx)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, config: TextConfig, ctx: ParallelContext) -> None:
         super().__init__()
         self.self_attn = Attention(config, ctx)
-        self.mlp = MLP(config, ctx)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=False, ctx=ctx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import VisionConfig
-from model.layers import RMSNorm
+from model.layers import GatedMLP, RMSNorm
 from model.parallel import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -78,25 +78,13 @@ class VisionAttention(nn.Module):
         return self.proj(out.transpose(0, 1).reshape(n, -1))
 
 
-class VisionMLP(nn.Module):
-    def __init__(self, config: VisionConfig, ctx: ParallelContext) -> None:
-        super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [config.intermediate_size] * 2, bias=True, ctx=ctx)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=True, ctx=ctx)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
 class VisionBlock(nn.Module):
     def __init__(self, config: VisionConfig, ctx: ParallelContext) -> None:
         super().__init__()
         self.norm1 = RMSNorm(config.hidden_size, 1e-6)
         self.norm2 = RMSNorm(config.hidden_size, 1e-6)
         self.attn = VisionAttention(config, ctx)
-        self.mlp = VisionMLP(config, ctx)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=True, ctx=ctx)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 spans: list[tuple[int, int]], segment: torch.Tensor | None) -> torch.Tensor:

@@ -14,10 +14,9 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from cluster import start, stop
-from model.processor import PreparedRequest, PromptBuilder
+from model.processor import PromptBuilder
 from tests.ray_helpers import CONTRACT_FIELDS, init_local_ray, make_images, tiny_config, tiny_model
-
-NEAR_TIE_TOP_K = 5
+from tests.reference import NEAR_TIE_TOP_K, extend, hf_inputs
 
 MAX_NEW_TOKENS = 6
 NAMESPACE = "test-e2e"
@@ -41,15 +40,6 @@ def tiny_checkpoint() -> Path:
 @pytest.fixture(scope="module")
 def test_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_images(tmp_path_factory.mktemp("e2e-images"))
-
-
-def _hf_inputs(request: PreparedRequest, image_token_id: int) -> dict[str, torch.Tensor]:
-    ids = torch.tensor([request.input_ids])
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if request.pixel_values is not None:
-        inputs.update(pixel_values=request.pixel_values, image_grid_thw=request.image_grid_thw,
-                      mm_token_type_ids=(ids == image_token_id).int())
-    return inputs
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +78,7 @@ def test_greedy_tokens_match_transformers(engine, tiny_checkpoint, test_images):
     for record, raw in zip(records, requests):
         request = builder.build(raw)
         with torch.inference_mode():
-            out = hf.generate(**_hf_inputs(request, image_token_id), max_new_tokens=MAX_NEW_TOKENS,
+            out = hf.generate(**hf_inputs(request, image_token_id), max_new_tokens=MAX_NEW_TOKENS,
                               do_sample=False, eos_token_id=builder.eos_token_ids, pad_token_id=0)
         ref = out[0, len(request.input_ids):].tolist()
         ours = record["output_token_ids"]
@@ -99,10 +89,9 @@ def test_greedy_tokens_match_transformers(engine, tiny_checkpoint, test_images):
         # tokens must be among the reference's top-k under teacher forcing; the comparison stops there.
         step = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
         assert step is not None, f"{record['id']}: same prefix, lengths differ: {ours} vs {ref}"
-        forced = PreparedRequest(request.request_id, request.input_ids + ref, request.pixel_values,
-                                 request.image_grid_thw)
+        forced = extend(request, ref)
         with torch.inference_mode():
-            logits = hf(**_hf_inputs(forced, image_token_id)).logits[0, len(request.input_ids) - 1 + step]
+            logits = hf(**hf_inputs(forced, image_token_id)).logits[0, len(request.input_ids) - 1 + step]
         top = logits.topk(NEAR_TIE_TOP_K).indices.tolist()
         assert ours[step] in top and ref[step] in top, f"{record['id']} step {step}: {ours} vs {ref}"
         near_ties.append(record["id"])

@@ -24,6 +24,7 @@ import pytest
 from tests.ray_helpers import CONTRACT_FIELDS, REPO, free_port, tiny_model, wait_for
 
 VENV_BIN = Path(sys.executable).parent
+AGENT_WAIT_S = 120  # the job agent can start well after the dashboard answers on a loaded machine
 
 
 def _ours(marker: str) -> list[int]:
@@ -80,9 +81,15 @@ def job_cluster(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _submit(cluster: dict, *entrypoint: str) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried (bounded) while the head's job agent is still starting."""
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster["address"], "--working-dir", str(REPO),
            "--", *entrypoint]
-    return subprocess.run(cmd, env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=420)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        proc = subprocess.run(cmd, env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=420)
+        if "No available agent" not in proc.stderr + proc.stdout or time.monotonic() > deadline:
+            return proc
+        time.sleep(2)
 
 
 def _records(path: Path) -> list[dict]:
