@@ -11,7 +11,6 @@ when every row passes.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import ray
 import torch
 
+from actors.shard_worker import free_port
 from cluster.bench import CACHE_DIR, CHECKPOINTS, bench_image, bench_requests
 from cluster.devices import DeviceSpec, get_device_spec
 from model.processor import PromptBuilder
@@ -44,12 +44,6 @@ class Row:
 
 def log(message: str) -> None:
     print(f"[selfcheck {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def collective_probe(rank: int, world: int, address: str, device: str, timeout_s: float) -> dict:
@@ -89,7 +83,7 @@ def check_collectives(spec: DeviceSpec, tp: int, timeout_s: float) -> tuple[Row,
         options["num_gpus"] = 1
     elif spec.name != "cpu":
         options["resources"] = {spec.ray_resource: 1}
-    address = f"tcp://{ray.util.get_node_ip_address()}:{_free_port()}"
+    address = f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
     task = ray.remote(collective_probe).options(**options)
     refs = [task.remote(r, tp, address, spec.name, timeout_s) for r in range(tp)]
     try:
