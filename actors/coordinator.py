@@ -51,6 +51,14 @@ def check_override(key: str, value: Any) -> str | None:
     return None
 
 
+def failed_record(request: Any, error: str, dp_rank: int | None = None) -> dict:
+    """The record of a request that produced no tokens: every result field empty, `error` set."""
+    request_id = request.get("id") if isinstance(request, dict) else None
+    return {"id": None if request_id is None else str(request_id), "output_token_ids": [], "output_text": "",
+            "prompt_tokens": 0, "ttft_s": None, "tpot_s": None, "e2e_s": None, "error": error,
+            "finish_reason": None, "dp_rank": dp_rank, "itl_s": []}
+
+
 class RendezvousError(RuntimeError):
     """A TP group's process group did not form in time."""
 
@@ -392,9 +400,6 @@ class Coordinator:
         return record
 
     def _failed(self, request: Any, error: str, dp_rank: int | None = None) -> dict:
-        request_id = request.get("id") if isinstance(request, dict) else None
-        record = {"id": None if request_id is None else str(request_id), "output_token_ids": [],
-                  "output_text": "", "prompt_tokens": 0, "ttft_s": None, "tpot_s": None, "e2e_s": None,
-                  "error": error, "finish_reason": None, "dp_rank": dp_rank, "itl_s": []}
+        record = failed_record(request, error, dp_rank)
         self.metrics.record_request(record, dp_rank)
         return record

@@ -21,7 +21,7 @@ import ray
 from ray.exceptions import RayTaskError
 from tqdm import tqdm
 
-from actors.coordinator import Coordinator
+from actors.coordinator import Coordinator, failed_record
 from cluster.config import ConfigError, RunConfig, load_config
 from cluster.datasets import DatasetError, load_requests
 from cluster.devices import get_device_spec
@@ -129,11 +129,6 @@ def unwrap(error: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else error
 
 
-def _failed_records(requests: list[dict], error: str) -> list[dict]:
-    return [{"id": r.get("id"), "output_token_ids": [], "output_text": "", "prompt_tokens": 0, "ttft_s": None,
-             "tpot_s": None, "e2e_s": None, "error": error} for r in requests]
-
-
 def run(cfg: RunConfig) -> int:
     """The whole job: returns the process exit status (0 when every request succeeded)."""
     requests = load_requests(cfg.data_config.dataset, cfg.data_config.dataset_dir, cfg.data_config.batch_size,
@@ -148,7 +143,7 @@ def run(cfg: RunConfig) -> int:
         try:
             records = ray.get(ref)
         except Exception as e:  # the coordinator died: every request still gets a record
-            records = _failed_records(requests, f"run failed: {unwrap(e)}")
+            records = [failed_record(r, f"run failed: {unwrap(e)}") for r in requests]
         finally:
             stop_progress.set()
             watcher.join(timeout=5)

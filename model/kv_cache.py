@@ -30,6 +30,3 @@ class KVCache:
     @property
     def max_seq_len(self) -> int:
         return self.keys[0].shape[2]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)

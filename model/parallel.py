@@ -25,19 +25,6 @@ class TensorSource(Protocol):
     def __getitem__(self, index: Any) -> torch.Tensor: ...
 
 
-class TensorAsSource:
-    """Wrap an in-memory tensor so it looks like a safetensors slice."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-
-    def get_shape(self) -> list[int]:
-        return list(self.tensor.shape)
-
-    def __getitem__(self, index: Any) -> torch.Tensor:
-        return self.tensor[index]
-
-
 @dataclass
 class ParallelContext:
     """One tensor-parallel group: this rank's index and the group size (group None means tp = 1)."""

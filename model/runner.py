@@ -43,10 +43,6 @@ class GenerationResult:
     finish_reason: str | None = None  # "stop" (EOS), "length", or None on error
     error: str | None = None
 
-    @property
-    def ttft_s(self) -> float | None:
-        return self.token_times_s[0] if self.token_times_s else None
-
 
 @dataclass
 class PhaseTimes:
