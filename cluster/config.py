@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 EXE_MODES = ("eager", "graph")
 VISION_MODES = ("tp", "dp")
 KNOWN_DATASETS = ("default", "vision-arena-bench-v0.1")
+POLICIES = ("continuous", "static")
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -57,6 +58,8 @@ class DataConfig:
     temperature: 0 means greedy decoding.
     max_images_per_prompt: a request with more images than this gets an error record.
     ignore_eos: keep generating past the end-of-sequence token up to max_new_tokens.
+    request_rate: arrivals per second for `cluster.launch` (Poisson, seeded by `seed`); inf sends
+        every request at once.
     """
 
     dataset: str = "default"
@@ -70,6 +73,39 @@ class DataConfig:
     seed: int = 0
     max_images_per_prompt: int = 8
     ignore_eos: bool = False
+    request_rate: float = float("inf")
+
+
+@dataclass
+class SchedulerConfig:
+    """How the Coordinator schedules the phases on each DP group.
+
+    policy: "continuous" admits waiting requests into free KV slots between decode steps;
+        "static" runs batches of batch_size to completion, one batch per group at a time.
+    prefill_chunk_tokens: most prompt tokens prefilled per scheduling step; longer prompts are
+        split into chunks, and running requests decode between chunks.
+    decode_steps_per_call: decode steps per call to the workers; waiting requests are admitted
+        after at most this many steps.
+    """
+
+    policy: str = "continuous"
+    prefill_chunk_tokens: int = 2048
+    decode_steps_per_call: int = 4
+
+
+@dataclass
+class ServeConfig:
+    """The OpenAI-compatible HTTP server (`python -m cluster.serve`).
+
+    host, port: where Ray Serve's HTTP proxy listens.
+    api_key: when set, requests must carry `Authorization: Bearer <api_key>`.
+    model_name: the model id clients use (default: the checkpoint directory's name).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    model_name: str | None = None
 
 
 @dataclass
@@ -82,6 +118,7 @@ class RayConfig:
     placement_timeout_s: how long to wait for placement groups before failing.
     rendezvous_timeout_s: how long workers wait for the process group to form.
     worker_timeout_s: bound on each phase call to the workers (load, prefill, decode, ...).
+    max_group_restarts: how many times a DP group whose worker died is rebuilt in the background.
     num_cpus_per_worker: CPUs each worker holds; on npu/cuda a worker also holds one accelerator.
     log_to_driver: forward worker logs to the driver's output.
     """
@@ -91,6 +128,7 @@ class RayConfig:
     placement_timeout_s: float = 120.0
     rendezvous_timeout_s: float = 300.0
     worker_timeout_s: float = 600.0
+    max_group_restarts: int = 3
     num_cpus_per_worker: float = 1.0
     log_to_driver: bool = True
 
@@ -108,6 +146,14 @@ class RunConfig:
     dist_env: environment variables set in every worker (HCCL_SOCKET_IFNAME, HCCL_IF_IP,
         HCCL_CONNECT_TIMEOUT, GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME, ...).
     profile: write a torch profiler trace per worker for one batch into profile_dir.
+    vision_cache_mb: bytes (in MiB) of image embeddings each DP group keeps to reuse for an image
+        sent again; 0 turns the cache off.
+    fused_ops: use the device's fused kernels (RMSNorm, rotary, SwiGLU, decode attention); null
+        takes the device table's default (on for npu, off elsewhere).
+    resume: skip requests whose ids already have a successful record in output_path.
+    resume_failed: with resume, run again the requests whose earlier record failed.
+    interrupt_grace_s: on Ctrl-C or SIGTERM, how long running requests may finish before they are
+        aborted.
     """
 
     model_path: str = MISSING
@@ -122,6 +168,13 @@ class RunConfig:
     dist_env: dict[str, str] = field(default_factory=dict)
     profile: bool = False
     profile_dir: str = "outputs/profile"
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    vision_cache_mb: int = 512
+    fused_ops: bool | None = None
+    resume: bool = False
+    resume_failed: bool = True
+    interrupt_grace_s: float = 30.0
 
     @property
     def tp_size(self) -> int:
@@ -252,6 +305,23 @@ def _validate(cfg: RunConfig) -> None:
     _check_min("data_config.max_images_per_prompt", data.max_images_per_prompt, 0)
     _check_min("data_config.seed", data.seed, 0)
     _check_min("data_config.temperature", data.temperature, 0.0)
+    if not data.request_rate > 0:
+        _fail("data_config.request_rate", data.request_rate, "must be > 0 (inf sends every request at once)")
+
+    sched = cfg.scheduler
+    _check_choice("scheduler.policy", sched.policy, POLICIES)
+    _check_min("scheduler.prefill_chunk_tokens", sched.prefill_chunk_tokens, 1)
+    _check_min("scheduler.decode_steps_per_call", sched.decode_steps_per_call, 1)
+
+    serve = cfg.serve
+    if not serve.host:
+        _fail("serve.host", serve.host, "must not be empty")
+    if not 0 < serve.port < 65536:
+        _fail("serve.port", serve.port, "must be in 1..65535")
+    if serve.api_key is not None and not serve.api_key:
+        _fail("serve.api_key", serve.api_key, "must be null or a non-empty string")
+    _check_min("vision_cache_mb", cfg.vision_cache_mb, 0)
+    _check_min("interrupt_grace_s", cfg.interrupt_grace_s, 0.0)
     if not 0.0 < data.top_p <= 1.0:
         _fail("data_config.top_p", data.top_p, "must be in (0, 1]")
 
@@ -264,6 +334,7 @@ def _validate(cfg: RunConfig) -> None:
         value = getattr(ray_cfg, name)
         if value <= 0:
             _fail(f"ray.{name}", value, "must be > 0")
+    _check_min("ray.max_group_restarts", ray_cfg.max_group_restarts, 0)
     if cfg.device == "cpu" and ray_cfg.num_cpus_per_worker <= 0:
         _fail("ray.num_cpus_per_worker", ray_cfg.num_cpus_per_worker, "must be > 0 on device 'cpu'")
     _check_min("ray.num_cpus_per_worker", ray_cfg.num_cpus_per_worker, 0.0)

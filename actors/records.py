@@ -1,0 +1,64 @@
+"""The request record: one dict per request, the same for the Coordinator, the report and the tests.
+
+Latencies are seconds from the request's arrival at the Coordinator. The `*_time` fields are Unix
+timestamps (seconds), so that records from several processes line up on one wall clock: the report
+draws its request timeline from them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+# Field -> meaning. Every record has every field; fields that do not apply are None (or empty).
+RECORD_FIELDS: dict[str, str] = {
+    "id": "request id (str)",
+    "output_token_ids": "generated token ids, EOS included when it ended the request",
+    "output_text": "the generated text (a stop string that ended the request is cut off)",
+    "prompt_tokens": "prompt length in tokens, image tokens included",
+    "ttft_s": "arrival to first token",
+    "tpot_s": "(e2e - ttft) / (output tokens - 1)",
+    "e2e_s": "arrival to last token",
+    "queue_s": "arrival to first scheduling on a DP group",
+    "itl_s": "gaps between successive tokens",
+    "error": "why the request failed, or None",
+    "finish_reason": "'stop' (EOS or a stop string), 'length', 'abort', or None on error",
+    "dp_rank": "the DP group that served it",
+    "arrival_time": "Unix time the Coordinator received it",
+    "scheduled_time": "Unix time it was first scheduled (vision encode / prefill began)",
+    "first_token_time": "Unix time of its first token",
+    "end_time": "Unix time it finished (last token, abort or failure)",
+}
+
+
+def new_record(request_id: str | None, arrival_time: float | None = None) -> dict[str, Any]:
+    """A record with every field present and nothing measured yet."""
+    record: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
+    record.update(id=request_id, output_token_ids=[], output_text="", prompt_tokens=0, itl_s=[],
+                  arrival_time=arrival_time)
+    return record
+
+
+def failed_record(request: Any, error: str, dp_rank: int | None = None, arrival_time: float | None = None,
+                  end_time: float | None = None) -> dict[str, Any]:
+    """The record of a request that produced no tokens: every result field empty, `error` set."""
+    request_id = request.get("id") if isinstance(request, dict) else request if isinstance(request, str) else None
+    record = new_record(None if request_id is None else str(request_id), arrival_time)
+    record.update(error=error, dp_rank=dp_rank, end_time=end_time)
+    return record
+
+
+def fill_latencies(record: dict[str, Any], token_times: list[float]) -> dict[str, Any]:
+    """Set ttft/tpot/e2e/itl/queue from the record's timestamps and its tokens' Unix times."""
+    arrival = record["arrival_time"]
+    if record.get("scheduled_time") is not None and arrival is not None:
+        record["queue_s"] = record["scheduled_time"] - arrival
+    if token_times and arrival is not None:
+        record["first_token_time"] = token_times[0]
+        record["ttft_s"] = token_times[0] - arrival
+        record["e2e_s"] = token_times[-1] - arrival
+        n = len(token_times)
+        record["tpot_s"] = (token_times[-1] - token_times[0]) / (n - 1) if n > 1 else None
+        record["itl_s"] = [b - a for a, b in zip(token_times, token_times[1:])]
+    return record
