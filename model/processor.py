@@ -1,13 +1,21 @@
-"""Turning a request (prompt text plus image paths) into model inputs, as Qwen2_5_VLProcessor does.
+"""Turning a request (prompt text plus images, or chat messages) into model inputs, as Qwen2_5_VLProcessor does.
 
 Uses the checkpoint's tokenizer and chat template and the PIL image processor only, so that
 neither torchvision nor a video processor is needed.
+
+Text a user sent is tokenized as text: control tokens typed in it (``<|im_start|>``,
+``<|im_end|>``, ...) stay plain characters and cannot open a new turn or role. The template is
+rendered around numbered slots that stand for the user's texts; the template's own special
+tokens become control tokens, and each run of text between them (template text and user text
+together) is tokenized with ``split_special_tokens=True``. Without typed control tokens this
+gives exactly the ids of tokenizing the rendered template, as transformers does.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,15 +24,29 @@ import torch
 from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from model.images import ImageLoadError, load_image
+from model.images import ImageLoadError, ImageSource, load_image
 
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
 VISION_START_TOKEN = "<|vision_start|>"
+ROLES = ("system", "user", "assistant")
+MM_PROCESSOR_KWARGS = ("min_pixels", "max_pixels")
+
+# A user text's place in the rendered template: private-use characters around its index.
+_SLOT = "\ue000{}\ue001"
+_SLOT_RE = re.compile("\ue000(\\d+)\ue001")
 
 
 class InvalidRequestError(ValueError):
-    """A request that cannot be turned into model inputs; the message names the request id."""
+    """A request that cannot be turned into model inputs; the message names the request id.
+
+    `param` is the request field at fault (``messages[1].content``, ``mm_processor_kwargs.max_pixels``)
+    when there is one.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -39,6 +61,15 @@ class PreparedRequest:
     @property
     def num_images(self) -> int:
         return 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
+
+
+@dataclass
+class _Chat:
+    """A request's conversation: template messages with slots for texts and bare image parts."""
+
+    messages: list[dict[str, Any]]
+    texts: list[str]
+    images: list[ImageSource]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -72,6 +103,12 @@ class PromptBuilder:
         self.merge_size: int = int(image_processor.merge_size)
         self.image_token_id: int = self._token_id(IMAGE_TOKEN)
         self.vision_start_token_id: int = self._token_id(VISION_START_TOKEN)
+        # The checkpoint's pixel budget per image; mm_processor_kwargs may narrow it per request.
+        self.min_pixels = int(image_processor.size["shortest_edge"])
+        self.max_pixels = int(image_processor.size["longest_edge"])
+        self._added_ids = {t.content: int(i) for i, t in tokenizer.added_tokens_decoder.items()}
+        added = sorted(self._added_ids, key=len, reverse=True)
+        self._added_re = re.compile("(" + "|".join(re.escape(t) for t in added) + ")")
 
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -107,85 +144,226 @@ class PromptBuilder:
                 raise ValueError(f"{path}: config.json {key}={config[key]} but the tokenizer says {token_id}")
         return builder
 
-    def _validate(self, request: Any) -> tuple[str, str, list[str | os.PathLike[str]]]:
+    # ------------------------------------------------------------------------------ validation
+    def _request_id(self, request: Any) -> str:
         if not isinstance(request, dict):
             raise InvalidRequestError(f"request must be a dict, got {type(request).__name__}")
         request_id = request.get("id")
         if request_id is None:
-            raise InvalidRequestError(f"request has no 'id' (keys: {sorted(request)})")
+            raise InvalidRequestError(f"request has no 'id' (keys: {sorted(request)})", "id")
         if not isinstance(request_id, str) or not request_id:
-            raise InvalidRequestError(f"request 'id' must be a non-empty string, got {request_id!r}")
-        prompt = request.get("prompt")
-        if not isinstance(prompt, str):
-            raise InvalidRequestError(f"request {request_id}: 'prompt' must be a string, got {prompt!r}")
-        if not prompt.strip():
-            raise InvalidRequestError(f"request {request_id}: 'prompt' is empty or whitespace")
+            raise InvalidRequestError(f"request 'id' must be a non-empty string, got {request_id!r}", "id")
+        return request_id
+
+    def _check_text(self, request_id: str, text: Any, field: str) -> str:
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"request {request_id}: '{field}' must be a string, got {text!r}", field)
         for token in (IMAGE_TOKEN, VIDEO_TOKEN):
-            if token in prompt:
+            if token in text:
                 raise InvalidRequestError(
-                    f"request {request_id}: 'prompt' must not contain the placeholder token {token}"
+                    f"request {request_id}: '{field}' must not contain the placeholder token {token}", field
                 )
+        return text
+
+    def _check_image(self, request_id: str, image: Any, field: str) -> ImageSource:
+        if not isinstance(image, (str, bytes, os.PathLike)):
+            raise InvalidRequestError(
+                f"request {request_id}: {field} must be a path, URL or bytes, got {image!r}", field
+            )
+        return image
+
+    def _prompt_chat(self, request_id: str, request: dict[str, Any]) -> _Chat:
+        """A {"prompt", "images"} request as one user message: the images, in order, then the prompt."""
+        prompt = self._check_text(request_id, request.get("prompt"), "prompt")
+        if not prompt.strip():
+            raise InvalidRequestError(f"request {request_id}: 'prompt' is empty or whitespace", "prompt")
         images = request.get("images")
         if images is None:
             images = []
         if not isinstance(images, list):
             raise InvalidRequestError(
-                f"request {request_id}: 'images' must be a list of paths, got {type(images).__name__}"
+                f"request {request_id}: 'images' must be a list of paths, got {type(images).__name__}", "images"
             )
-        for i, image in enumerate(images):
-            if not isinstance(image, (str, os.PathLike)):
-                raise InvalidRequestError(f"request {request_id}: images[{i}] must be a path, got {image!r}")
-        if self.max_images is not None and len(images) > self.max_images:
+        images = [self._check_image(request_id, image, f"images[{i}]") for i, image in enumerate(images)]
+        content: list[dict[str, str]] = [{"type": "image"} for _ in images]
+        content.append({"type": "text", "text": _SLOT.format(0)})
+        return _Chat([{"role": "user", "content": content}], [prompt], images)
+
+    def _messages_chat(self, request_id: str, request: dict[str, Any]) -> _Chat:
+        """OpenAI-style chat messages: system/user/assistant turns, content a string or a list of parts.
+
+        Parts: {"type": "text", "text"}, {"type": "image_url", "image_url": {"url"} or url} and
+        {"type": "image", "image": source}; images only in user turns.
+        """
+        for key in ("prompt", "images"):
+            if request.get(key) is not None:
+                raise InvalidRequestError(f"request {request_id}: give 'messages' or '{key}', not both", key)
+        messages = request["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequestError(f"request {request_id}: 'messages' must be a non-empty list", "messages")
+        chat = _Chat([], [], [])
+        for i, message in enumerate(messages):
+            field = f"messages[{i}]"
+            if not isinstance(message, dict):
+                raise InvalidRequestError(f"request {request_id}: {field} must be an object, got {message!r}", field)
+            role = message.get("role")
+            if role not in ROLES:
+                raise InvalidRequestError(
+                    f"request {request_id}: {field}.role must be one of {list(ROLES)}, got {role!r}", f"{field}.role"
+                )
+            content = message.get("content")
+            if isinstance(content, str):
+                chat.texts.append(self._check_text(request_id, content, f"{field}.content"))
+                chat.messages.append({"role": role, "content": _SLOT.format(len(chat.texts) - 1)})
+                continue
+            if not isinstance(content, list):
+                raise InvalidRequestError(
+                    f"request {request_id}: {field}.content must be a string or a list of parts, got {content!r}",
+                    f"{field}.content",
+                )
+            parts = []
+            for j, part in enumerate(content):
+                parts.append(self._part(request_id, role, part, f"{field}.content[{j}]", chat))
+            chat.messages.append({"role": role, "content": parts})
+        if not any(text.strip() for text in chat.texts) and not chat.images:
+            raise InvalidRequestError(f"request {request_id}: 'messages' have no text and no image", "messages")
+        return chat
+
+    def _part(self, request_id: str, role: str, part: Any, field: str, chat: _Chat) -> dict[str, str]:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            chat.texts.append(self._check_text(request_id, part.get("text"), f"{field}.text"))
+            return {"type": "text", "text": _SLOT.format(len(chat.texts) - 1)}
+        if kind in ("image_url", "image"):
+            if role != "user":
+                raise InvalidRequestError(f"request {request_id}: {field}: images are allowed in user messages only",
+                                          field)
+            source = part.get(kind)
+            if kind == "image_url" and isinstance(source, dict):
+                source = source.get("url")
+            chat.images.append(self._check_image(request_id, source, f"{field}.{kind}"))
+            return {"type": "image"}
+        raise InvalidRequestError(
+            f"request {request_id}: {field} must be a text, image_url or image part, got type {kind!r}", f"{field}.type"
+        )
+
+    def _image_size(self, request_id: str, kwargs: Any) -> dict[str, int] | None:
+        """The image processor's `size` for a request's mm_processor_kwargs, within the checkpoint's limits."""
+        if kwargs is None:
+            return None
+        if not isinstance(kwargs, dict):
             raise InvalidRequestError(
-                f"request {request_id}: {len(images)} images, more than max_images={self.max_images}"
+                f"request {request_id}: 'mm_processor_kwargs' must be an object, got {kwargs!r}", "mm_processor_kwargs"
             )
-        return request_id, prompt, images
+        unknown = sorted(set(kwargs) - set(MM_PROCESSOR_KWARGS))
+        if unknown:
+            raise InvalidRequestError(
+                f"request {request_id}: unknown 'mm_processor_kwargs.{unknown[0]}' "
+                f"(known: {list(MM_PROCESSOR_KWARGS)})",
+                f"mm_processor_kwargs.{unknown[0]}",
+            )
+        values = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+        for key in MM_PROCESSOR_KWARGS:
+            value = kwargs.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not self.min_pixels <= value <= self.max_pixels:
+                raise InvalidRequestError(
+                    f"request {request_id}: 'mm_processor_kwargs.{key}'={value!r} must be an integer in "
+                    f"[{self.min_pixels}, {self.max_pixels}] (the checkpoint's limits)",
+                    f"mm_processor_kwargs.{key}",
+                )
+            values[key] = value
+        if values["min_pixels"] > values["max_pixels"]:
+            raise InvalidRequestError(
+                f"request {request_id}: 'mm_processor_kwargs.min_pixels'={values['min_pixels']} exceeds "
+                f"max_pixels={values['max_pixels']}",
+                "mm_processor_kwargs.min_pixels",
+            )
+        return {"shortest_edge": values["min_pixels"], "longest_edge": values["max_pixels"]}
 
-    def render(self, prompt: str, num_images: int) -> str:
-        """The chat-template text of one user message: the images, in order, then the prompt."""
-        content: list[dict[str, str]] = [{"type": "image"} for _ in range(num_images)]
-        content.append({"type": "text", "text": prompt})
-        messages = [{"role": "user", "content": content}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
+    # ------------------------------------------------------------------------------ building
     def build(self, request: dict[str, Any]) -> PreparedRequest:
-        """Prepare ``{"id": str, "prompt": str, "images": [paths]}`` for the model.
+        """Prepare a request for the model.
 
-        Each ``<|image_pad|>`` of the rendered template is expanded to its image's token count
-        ``t * h * w // merge_size**2``, as Qwen2_5_VLProcessor does, before tokenizing.
+        A request is ``{"id", "prompt", "images": [sources]}`` (one user turn: the images, then the
+        prompt) or ``{"id", "messages": [...]}`` (OpenAI-style chat turns, see `_messages_chat`),
+        optionally with ``mm_processor_kwargs: {"min_pixels", "max_pixels"}``. An image source is a
+        path, a file://, data: or http(s):// URL, or bytes. Each ``<|image_pad|>`` of the template
+        becomes its image's token count ``t * h * w // merge_size**2``, as Qwen2_5_VLProcessor does.
 
         Raises:
-            InvalidRequestError: for a missing id, a bad prompt or images value, an image that
-                fails to load, or more images than max_images.
+            InvalidRequestError: for a missing id, a bad prompt, messages or images value, an
+                image that fails to load, more images than max_images, or mm_processor_kwargs
+                outside the checkpoint's limits.
         """
-        request_id, prompt, image_paths = self._validate(request)
+        request_id = self._request_id(request)
+        if request.get("messages") is not None:
+            chat = self._messages_chat(request_id, request)
+        else:
+            chat = self._prompt_chat(request_id, request)
+        if self.max_images is not None and len(chat.images) > self.max_images:
+            raise InvalidRequestError(
+                f"request {request_id}: {len(chat.images)} images, more than max_images={self.max_images}", "images"
+            )
+        size = self._image_size(request_id, request.get("mm_processor_kwargs"))
         images = []
-        for i, image_path in enumerate(image_paths):
+        for i, source in enumerate(chat.images):
             try:
-                images.append(load_image(image_path))
+                images.append(load_image(source))
             except ImageLoadError as exc:
-                raise InvalidRequestError(f"request {request_id}: images[{i}]: {exc}") from exc
+                raise InvalidRequestError(f"request {request_id}: images[{i}]: {exc}", "images") from exc
 
-        text = self.render(prompt, len(images))
         pixel_values = image_grid_thw = None
+        counts: list[int] = []
         if images:
-            processed = self.image_processor(images=images, return_tensors="pt")
+            kwargs = {"size": size} if size is not None else {}
+            processed = self.image_processor(images=images, return_tensors="pt", **kwargs)
             pixel_values = processed["pixel_values"].to(torch.float32)
             image_grid_thw = processed["image_grid_thw"].to(torch.int64)
-            pieces = text.split(IMAGE_TOKEN)
-            if len(pieces) != len(images) + 1:
-                raise InvalidRequestError(
-                    f"request {request_id}: rendered prompt has {len(pieces) - 1} {IMAGE_TOKEN} tokens "
-                    f"for {len(images)} images"
-                )
             counts = (image_grid_thw.prod(dim=-1) // self.merge_size**2).tolist()
-            expanded = [pieces[0]]
-            for count, piece in zip(counts, pieces[1:], strict=True):
-                expanded.append(IMAGE_TOKEN * count + piece)
-            text = "".join(expanded)
-        input_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return PreparedRequest(request_id, list(input_ids), pixel_values, image_grid_thw)
+        rendered = self.tokenizer.apply_chat_template(chat.messages, tokenize=False, add_generation_prompt=True)
+        input_ids = self._tokenize(request_id, rendered, chat.texts, counts)
+        return PreparedRequest(request_id, input_ids, pixel_values, image_grid_thw)
+
+    def _tokenize(self, request_id: str, rendered: str, texts: list[str], image_counts: list[int]) -> list[int]:
+        """Token ids of a template rendered with slots: its special tokens as control tokens, every
+        text run between them (template text with the user texts filled in) as plain text."""
+        items: list[str | list[str]] = []  # a special token of the template, or a run of text pieces
+        run: list[str] = []
+        for k, piece in enumerate(_SLOT_RE.split(rendered)):
+            if k % 2:  # a slot index
+                run.append(texts[int(piece)])
+                continue
+            for m, sub in enumerate(self._added_re.split(piece)):
+                if m % 2:
+                    items.extend([run, sub])
+                    run = []
+                elif sub:
+                    run.append(sub)
+        items.append(run)
+        runs = ["".join(item) for item in items if isinstance(item, list) and "".join(item)]
+        encoded = iter(self.tokenizer(runs, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        ids: list[int] = []
+        images = iter(image_counts)
+        for item in items:
+            if isinstance(item, list):
+                if "".join(item):
+                    ids.extend(next(encoded))
+            elif item == IMAGE_TOKEN:
+                count = next(images, None)
+                if count is None:
+                    raise InvalidRequestError(f"request {request_id}: the chat template has more {IMAGE_TOKEN} "
+                                              f"tokens than the {len(image_counts)} images")
+                ids.extend([self.image_token_id] * count)
+            else:
+                ids.append(self._added_ids[item])
+        if next(images, None) is not None:
+            raise InvalidRequestError(f"request {request_id}: the chat template has fewer {IMAGE_TOKEN} tokens "
+                                      f"than the {len(image_counts)} images")
+        return ids
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of generated token ids, without special tokens."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
