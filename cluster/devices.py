@@ -1,13 +1,15 @@
-"""What differs between backends (cpu, cuda, npu), kept in one table.
+"""What differs between backends (cpu, cuda, npu), kept in one table, and checks made before actors start.
 
-``torch_npu`` is imported only by :func:`import_backend` for the npu backend: on a machine without
-CANN its mere presence breaks ``import torch``, so nothing else may import it.
+The runtime side (importing torch_npu, the device index a worker binds) lives in `model.device`,
+which workers use without this package; the facts shared by both come from there.
 """
 
-import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+
+from model import device as runtime
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,9 @@ class DeviceSpec:
     graph_mode: how exe_mode=graph runs decode ("torch.compile", "cuda_graph", "acl_graph").
     interface_envs: the network-interface and timeout variables that matter to this backend's
         collectives; users pin them through the config's dist_env.
+    fused_ops: whether decode uses the backend's fused kernels by default (model/npu_ops.py; the
+        config key `fused_ops` overrides).
+    graph_env_conflicts: variable -> value that makes graph capture fail on this backend.
     """
 
     name: str
@@ -29,6 +34,8 @@ class DeviceSpec:
     dist_backend: str
     graph_mode: str
     interface_envs: tuple[str, ...]
+    fused_ops: bool = False
+    graph_env_conflicts: tuple[tuple[str, str, str], ...] = ()  # (variable, bad value, why)
 
 
 _SPECS: dict[str, DeviceSpec] = {
@@ -36,23 +43,23 @@ _SPECS: dict[str, DeviceSpec] = {
         name="cpu",
         ray_resource="CPU",
         visible_devices_env=None,
-        dist_backend="gloo",
+        dist_backend=runtime.dist_backend("cpu"),
         graph_mode="torch.compile",
         interface_envs=("GLOO_SOCKET_IFNAME",),
     ),
     "cuda": DeviceSpec(
         name="cuda",
         ray_resource="GPU",
-        visible_devices_env="CUDA_VISIBLE_DEVICES",
-        dist_backend="nccl",
+        visible_devices_env=runtime.VISIBLE_DEVICES_ENV["cuda"],
+        dist_backend=runtime.dist_backend("cuda"),
         graph_mode="cuda_graph",
         interface_envs=("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_IB_DISABLE"),
     ),
     "npu": DeviceSpec(
         name="npu",
         ray_resource="NPU",
-        visible_devices_env="ASCEND_RT_VISIBLE_DEVICES",
-        dist_backend="hccl",
+        visible_devices_env=runtime.VISIBLE_DEVICES_ENV["npu"],
+        dist_backend=runtime.dist_backend("npu"),
         graph_mode="acl_graph",
         interface_envs=(
             "HCCL_SOCKET_IFNAME",
@@ -60,6 +67,11 @@ _SPECS: dict[str, DeviceSpec] = {
             "HCCL_CONNECT_TIMEOUT",
             "HCCL_EXEC_TIMEOUT",
             "GLOO_SOCKET_IFNAME",
+        ),
+        fused_ops=True,
+        graph_env_conflicts=(
+            ("TASK_QUEUE_ENABLE", "2", "NPU graph capture raises with the level-2 task queue; use 0 or 1"),
+            ("ASCEND_LAUNCH_BLOCKING", "1", "synchronous launches conflict with ACL graph capture"),
         ),
     ),
 }
@@ -75,22 +87,40 @@ def get_device_spec(name: str) -> DeviceSpec:
 
 def import_backend(spec: DeviceSpec) -> None:
     """Make the backend usable by torch: imports torch_npu for npu, does nothing otherwise."""
-    if spec.name != "npu":
-        return
-    try:
-        importlib.import_module("torch_npu")
-    except ImportError as e:
-        raise RuntimeError(
-            f"device 'npu' needs the torch_npu package (install the 'npu' extra on a machine with CANN): {e}"
-        ) from e
+    runtime.import_backend(spec.name)
 
 
 def torch_device(spec: DeviceSpec, local_index: int) -> torch.device:
     """The torch device for accelerator ``local_index`` among those visible to this process."""
-    if spec.name == "cpu":
-        return torch.device("cpu")
-    import_backend(spec)
-    return torch.device(spec.name, local_index)
+    return runtime.torch_device(spec.name, local_index)
+
+
+def resolve_fused_ops(spec: DeviceSpec, configured: bool | None) -> bool:
+    """Whether decode uses fused kernels: the config's `fused_ops` when set, else the device default."""
+    if configured is None:
+        return spec.fused_ops
+    if configured and spec.name != "npu":
+        raise ValueError(f"fused_ops: the fused decode kernels exist only on npu, not on {spec.name}")
+    return configured
+
+
+def check_graph_env(device: str, exe_mode: str, environ: Mapping[str, str],
+                    dist_env: Mapping[str, str] | None = None) -> None:
+    """Fail before any actor starts when a variable would break graph capture on `device`.
+
+    Checks the driver's environment (`environ`, which a local Ray cluster's workers inherit) and the
+    config's `dist_env` (set on every worker, so it wins); ValueError names the variable and where
+    it was found.
+    """
+    spec = get_device_spec(device)
+    if exe_mode != "graph":
+        return
+    for name, bad, why in spec.graph_env_conflicts:
+        for where, env in (("dist_env", dist_env or {}), ("the environment", environ)):
+            if name in env:
+                if str(env[name]).strip() == bad:
+                    raise ValueError(f"{name}={bad} in {where} breaks exe_mode=graph on {device}: {why}")
+                break  # dist_env overrides the environment for the workers
 
 
 def worker_resources(spec: DeviceSpec, num_cpus_per_worker: float) -> dict[str, float]:
