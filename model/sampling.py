@@ -1,4 +1,9 @@
-"""Token selection: greedy, or temperature with nucleus (top-p) filtering from a seeded generator."""
+"""Token selection: greedy, or temperature with nucleus (top-p) filtering from a seeded generator.
+
+The filtering follows transformers' ``TemperatureLogitsWarper`` then ``TopPLogitsWarper``
+(``min_tokens_to_keep=1``) operation for operation, so a request sees the distribution it would
+see in ``generate(do_sample=True, temperature=..., top_p=...)``.
+"""
 
 from __future__ import annotations
 
@@ -26,24 +31,36 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
 
 
+def filter_logits(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """logits (B, V) -> float32 scores (B, V): divided by temperature, tokens outside the nucleus at -inf.
+
+    The nucleus: sort ascending, drop every token whose cumulative probability is <= 1 - top_p; the
+    most probable token is always kept, so a tiny top_p keeps exactly one token (among tied maxima,
+    the one the sort puts last). top_p 1 keeps every token.
+    """
+    scores = logits.float() / temperature
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - top_p)
+        drop[..., -1:] = False
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return scores
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> torch.Tensor:
     """logits (B, V) -> token ids (B,). Rows beyond len(params) are padding and take argmax."""
     tokens = logits.argmax(dim=-1)
     for row, (p, gen) in enumerate(zip(params, generators)):
         if p.temperature > 0:
-            probs = torch.softmax(logits[row].float() / p.temperature, dim=-1)
-            if p.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-                drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
-                sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-                probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-            tokens[row] = torch.multinomial(probs, 1, generator=gen)[0]
+            probs = filter_logits(logits[row:row + 1], p.temperature, p.top_p).softmax(dim=-1)
+            tokens[row] = torch.multinomial(probs, 1, generator=gen)[0, 0]
     return tokens
 
 
 def make_generator(p: SamplingParams, device: torch.device | str) -> torch.Generator | None:
+    """A generator seeded with the request's seed, or None for greedy requests."""
     if p.temperature == 0:
         return None
     gen = torch.Generator(device=device)
