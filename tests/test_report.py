@@ -10,7 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.report import RECORD_KEY_ORDER, format_summary, summarize, write_records, write_report
+from cluster.report import (
+    RECORD_KEY_ORDER,
+    format_summary,
+    plot_timeline,
+    summarize,
+    timeline_colors,
+    timeline_rows,
+    write_records,
+    write_report,
+)
+
+T0 = 1_790_000_000.0  # a Unix time: records carry absolute timestamps
 
 
 def _record(rid: str, n_out: int, prompt: int, ttft: float | None, e2e: float | None, **kw: object) -> dict:
@@ -139,6 +150,7 @@ def test_write_report_files(records: list[dict], tmp_path: Path) -> None:
     assert paths == {
         "summary": tmp_path / "out" / "run1.summary.json",
         "plot": tmp_path / "out" / "run1.latency.png",
+        "timeline": None,  # these records carry no timestamps
     }
     loaded = json.loads(paths["summary"].read_text())
     assert loaded["ttft_ms"] == summary["ttft_ms"]
@@ -198,3 +210,137 @@ def test_write_records_failure_keeps_previous_file(records: list[dict], tmp_path
         write_records([*records, {"id": "odd", "payload": object()}], path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["results.jsonl"]
+
+
+# Queue time and the request timeline ------------------------------------------------------------------
+
+
+def _timed(rid: str, dp: int | None, arrival: float, scheduled: float | None, first: float | None, end: float,
+           n_out: int = 8, **kw: object) -> dict:
+    """A record with Unix timestamps at T0 + the given offsets (seconds)."""
+    record = _record(rid, n_out if first is not None else 0, 50,
+                     None if first is None else first - arrival, None if first is None else end - arrival)
+    record.update(dp_rank=dp, finish_reason="length", queue_s=None if scheduled is None else scheduled - arrival,
+                  arrival_time=T0 + arrival, scheduled_time=None if scheduled is None else T0 + scheduled,
+                  first_token_time=None if first is None else T0 + first, end_time=T0 + end)
+    record.update(kw)
+    return record
+
+
+def continuous_batching_records() -> list[dict]:
+    """Continuous batching on 2 DP groups: short requests slip in while a long one decodes on each group."""
+    return [
+        _timed("short-4", 0, 2.0, 2.4, 2.6, 3.5),  # queued: its group was full
+        _timed("long-0", 0, 0.0, 0.02, 0.6, 6.0, n_out=120),
+        _timed("long-1", 1, 0.1, 0.12, 0.75, 5.2, n_out=100),
+        _timed("short-0", 0, 0.5, 0.55, 0.8, 1.6),
+        _timed("short-1", 1, 0.9, 0.92, 1.1, 2.0),
+        _timed("short-2", 0, 1.2, 1.25, 1.45, 2.3),
+        _timed("short-3", 1, 1.7, 1.72, 1.9, 2.6),
+        _timed("abort-0", 1, 2.2, 2.25, 2.5, 3.0, finish_reason="abort"),
+        _timed("bad-image", None, 2.6, None, None, 2.61, error="image not found: /x.png", finish_reason=None),
+        _timed("short-5", 0, 3.0, 3.05, 3.3, 4.4),
+        _timed("short-6", 1, 3.3, 3.6, 3.8, 4.5),
+        _timed("vision-0", 0, 3.6, 3.62, 4.3, 5.0),
+        _record("old-file", 4, 10, 0.1, 0.4),  # a record from before the timestamps: not on the timeline
+    ]
+
+
+@pytest.fixture()
+def batching_records() -> list[dict]:
+    return continuous_batching_records()
+
+
+def test_summary_reports_queue_time(batching_records: list[dict]) -> None:
+    summary = summarize(batching_records, wall_s=6.0)
+    # Successful requests only (the aborted one ended without error); the old record has no queue time.
+    queue = [400.0, 20.0, 20.0, 50.0, 20.0, 50.0, 20.0, 50.0, 50.0, 300.0, 20.0]
+    assert summary["queue_ms"]["mean"] == pytest.approx(np.mean(queue))
+    assert summary["queue_ms"]["median"] == pytest.approx(np.median(queue))
+    assert summary["queue_ms"]["p99"] == pytest.approx(_p99(queue))
+    assert summary["timeline_requests"] == 12
+    text = format_summary(summary)
+    assert any(line.startswith("Mean Queue (ms):") and line.endswith(f"{np.mean(queue):.2f}")
+               for line in text.splitlines())
+    assert any(line.startswith("Requests on timeline:") and line.endswith("12 of 13") for line in text.splitlines())
+
+
+def test_queue_time_from_timestamps_when_record_omits_it(batching_records: list[dict]) -> None:
+    for r in batching_records:
+        r["queue_s"] = None
+    summary = summarize(batching_records, wall_s=6.0)
+    # Unix timestamps near 1.79e9 keep about 0.1 microsecond of precision.
+    assert summary["queue_ms"]["median"] == pytest.approx(50.0, abs=1e-3)
+    assert summary["queue_ms"]["mean"] == pytest.approx(1000.0 / 11, abs=1e-3)
+
+
+def test_timeline_rows_sorted_by_arrival_with_their_spans(batching_records: list[dict]) -> None:
+    rows, t0 = timeline_rows(batching_records)
+    assert t0 == T0
+    assert [row.id for row in rows] == ["long-0", "long-1", "short-0", "short-1", "short-2", "short-3", "short-4",
+                                        "abort-0", "bad-image", "short-5", "short-6", "vision-0"]
+    by_id = {row.id: row for row in rows}
+    long0 = by_id["long-0"]
+    assert [kind for kind, _, _ in long0.spans] == ["queue", "prefill", "decode"]
+    assert [t for _, a, b in long0.spans for t in (a, b)] == pytest.approx([0.0, 0.02, 0.02, 0.6, 0.6, 6.0], abs=1e-6)
+    assert (long0.dp_rank, long0.status, long0.end) == (0, "ok", pytest.approx(6.0))
+    short4 = by_id["short-4"]
+    assert [t for _, a, b in short4.spans for t in (a, b)] == pytest.approx([2.0, 2.4, 2.4, 2.6, 2.6, 3.5], abs=1e-6)
+    # A request that failed before scheduling only queued; an aborted one is marked as such.
+    bad = by_id["bad-image"]
+    assert (bad.dp_rank, bad.status) == (None, "failed")
+    assert [k for k, _, _ in bad.spans] == ["queue"]
+    assert [bad.spans[0][1], bad.spans[0][2]] == pytest.approx([2.6, 2.61], abs=1e-6)
+    assert by_id["abort-0"].status == "aborted"
+
+
+def test_timeline_colors_hue_per_group_shade_per_span() -> None:
+    def luminance(hex_color: str) -> float:
+        r, g, b = (int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+        return 0.299 * r + 0.587 * g + 0.114 * b
+
+    groups = [timeline_colors(d) for d in (0, 1, 2, None)]
+    assert len({c for group in groups for c in group.values()}) == 12  # no colour shared between groups
+    for group in groups:
+        assert luminance(group["queue"]) > luminance(group["prefill"]) > luminance(group["decode"])
+
+
+def test_timeline_png_draws_every_row_in_its_group_colours(batching_records: list[dict], tmp_path: Path) -> None:
+    info = plot_timeline(batching_records, tmp_path / "t.png")
+    assert info is not None
+    assert (info["rows"], info["skipped"]) == (12, 1)
+    assert info["rows_per_dp"] == {0: 6, 1: 5, None: 1}
+    assert info["marked"] == {"failed": 1, "aborted": 1}
+    with Image.open(tmp_path / "t.png") as im:
+        assert im.size == info["size_px"]
+        pixels = {tuple(int(v) for v in p) for p in np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)}
+    for dp in (0, 1):
+        for span, hex_color in info["colors"][dp].items():
+            rgb = tuple(int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+            assert rgb in pixels, f"DP {dp} {span} colour {hex_color} not drawn"
+    assert (0xD6, 0x27, 0x28) in pixels  # the failed-request marker
+
+
+def test_timeline_height_grows_with_rows(tmp_path: Path) -> None:
+    few = plot_timeline([_timed(f"r{i}", i % 2, i * 0.1, i * 0.1 + 0.01, i * 0.1 + 0.1, i * 0.1 + 0.5)
+                         for i in range(10)], tmp_path / "few.png")
+    many = plot_timeline([_timed(f"r{i}", i % 2, i * 0.1, i * 0.1 + 0.01, i * 0.1 + 0.1, i * 0.1 + 0.5)
+                          for i in range(40)], tmp_path / "many.png")
+    assert few is not None and many is not None
+    assert few["size_px"][0] == many["size_px"][0] and many["size_px"][1] > few["size_px"][1]
+
+
+def test_write_report_writes_the_timeline(batching_records: list[dict], tmp_path: Path) -> None:
+    stale = tmp_path / "run.timeline.png"
+    paths = write_report(batching_records, summarize(batching_records, wall_s=6.0), tmp_path / "run.jsonl")
+    assert paths["timeline"] == stale
+    with Image.open(stale) as im:
+        assert im.format == "PNG"
+    # A later run at the same path whose records carry no timestamps: no timeline, and no stale picture.
+    old = [_record("a", 3, 10, 0.1, 0.3)]
+    summary = summarize(old, wall_s=1.0)
+    paths = write_report(old, summary, tmp_path / "run.jsonl")
+    assert paths["timeline"] is None and not stale.exists()
+    assert summary["timeline_requests"] == 0
+    assert any(line.startswith("Requests on timeline:") and line.endswith("none")
+               for line in format_summary(summary).splitlines())
