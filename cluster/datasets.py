@@ -1,14 +1,20 @@
 """Turn the ``data_config`` dataset setting into request dicts.
 
-A request is a plain dict ``{"id": str, "prompt": str, "images": [absolute image paths]}``.
-Three dataset forms are accepted (see :func:`load_requests`):
+A request is a plain dict ``{"id": str, "prompt": str, "images": [absolute image paths]}``, plus
+``mm_processor_kwargs`` when its row has them. Three dataset forms are accepted (see
+:func:`load_requests`):
 
 - ``"default"``: the text prompts of ``dataset/default_prompt.json`` (a JSON object
   ``{"prompts": [str, ...]}``), repeated to fill the run;
-- ``"vision-arena-bench-v0.1"``: a directory holding either ``dataset.jsonl`` or the
-  Hugging Face parquet export of the dataset;
-- a path ending in ``.jsonl``: one JSON object per line,
-  ``{"id"?: str, "prompt": str, "images"?: [paths relative to the file]}``.
+- ``"vision-arena-bench-v0.1"``: a directory holding ``dataset.jsonl``, ``dataset.json`` or the
+  Hugging Face parquet export of the dataset. Without a ``dataset_dir`` of its own (unset, or the
+  default ``dataset/vision-arena-bench-v0.1`` when that does not exist), ``dataset/vision_arena_bench``
+  is used, the layout of the original sample;
+- a path ending in ``.jsonl`` (one JSON object per line) or ``.json`` (a JSON array of the same
+  objects): ``{"id"?: str, "prompt": str, "images"?: [paths relative to the file],
+  "mm_processor_kwargs"?: {"min_pixels"?, "max_pixels"?}}``. Vision-arena's own row shape is read
+  too: ``question_id`` for the id, ``turns[0][0]["content"]`` for the prompt, and image entries
+  ``{"path": ...}``.
 
 Image paths are resolved but not opened: a missing image becomes a per-request error in the
 engine, so a bad row never hides the rest of the run.
@@ -28,15 +34,19 @@ from typing import Any
 DEFAULT_DATASET = "default"
 VISION_ARENA_DATASET = "vision-arena-bench-v0.1"
 DEFAULT_PROMPT_FILE = Path("dataset") / "default_prompt.json"
-VISION_ARENA_JSONL = "dataset.jsonl"
+VISION_ARENA_FILES = ("dataset.jsonl", "dataset.json")
+# Where vision-arena is looked for when dataset_dir is unset or left at its default: the original
+# sample's folder first, then the config's default.
+VISION_ARENA_DIRS = (Path("dataset") / "vision_arena_bench", Path("dataset") / "vision-arena-bench-v0.1")
 IMAGE_DIR_NAME = ".images"
 CACHE_ENV = "QWEN2_5_VL_RAY_CACHE"
 ID_COLUMNS = ("question_id", "id")
+FILE_SUFFIXES = (".jsonl", ".json")
 
 _ACCEPTED_FORMS = (
     f"'{DEFAULT_DATASET}' (prompts from {DEFAULT_PROMPT_FILE}), "
-    f"'{VISION_ARENA_DATASET}' (dataset_dir holding {VISION_ARENA_JSONL} or *.parquet files), "
-    "or a path ending in '.jsonl'"
+    f"'{VISION_ARENA_DATASET}' (dataset_dir holding {' or '.join(VISION_ARENA_FILES)} or *.parquet files), "
+    "or a path ending in '.jsonl' or '.json'"
 )
 _PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
@@ -50,7 +60,7 @@ class DatasetError(ValueError):
 
 def load_requests(
     dataset: str,
-    dataset_dir: str,
+    dataset_dir: str | None,
     batch_size: int,
     world_dp_size: int,
     num_samples: int | None,
@@ -59,10 +69,10 @@ def load_requests(
     """Build the request list for one run.
 
     Args:
-        dataset: ``"default"``, ``"vision-arena-bench-v0.1"`` or a path ending in ``.jsonl``
-            (relative to ``base_dir`` unless absolute).
+        dataset: ``"default"``, ``"vision-arena-bench-v0.1"`` or a path ending in ``.jsonl`` or
+            ``.json`` (relative to ``base_dir`` unless absolute).
         dataset_dir: directory of the vision-arena data (relative to ``base_dir`` unless absolute);
-            unused by the other forms.
+            empty or None looks in :data:`VISION_ARENA_DIRS`; unused by the other forms.
         batch_size: requests per batch of one data-parallel group.
         world_dp_size: number of data-parallel groups.
         num_samples: number of requests wanted; ``None`` means one full batch per DP group for
@@ -70,7 +80,8 @@ def load_requests(
         base_dir: the working directory that relative paths start from.
 
     Returns:
-        Request dicts ``{"id", "prompt", "images"}`` with unique ids and absolute image paths.
+        Request dicts ``{"id", "prompt", "images"}`` (plus ``mm_processor_kwargs`` where a row has
+        them) with unique ids and absolute image paths.
 
     Raises:
         DatasetError: unknown dataset form, missing file, malformed line or row.
@@ -84,9 +95,9 @@ def load_requests(
         count = num_samples if num_samples is not None else batch_size * world_dp_size
         return _default_requests(base_dir / DEFAULT_PROMPT_FILE, count)
     if dataset == VISION_ARENA_DATASET:
-        return _vision_arena_requests(_resolve(dataset_dir, base_dir), num_samples)
-    if isinstance(dataset, str) and dataset.endswith(".jsonl"):
-        return _jsonl_requests(_resolve(dataset, base_dir), num_samples)
+        return _vision_arena_requests(_vision_arena_dir(dataset_dir, base_dir), num_samples)
+    if isinstance(dataset, str) and dataset.endswith(FILE_SUFFIXES):
+        return _file_requests(_resolve(dataset, base_dir), num_samples)
     raise DatasetError(f"data_config.dataset: unknown dataset {dataset!r}; expected {_ACCEPTED_FORMS}")
 
 
@@ -122,56 +133,82 @@ def _default_requests(prompt_file: Path, count: int) -> list[Request]:
 
 
 # ---------------------------------------------------------------------------------------------
-# JSONL
+# JSONL and JSON files
 # ---------------------------------------------------------------------------------------------
 
 
-def _jsonl_requests(path: Path, num_samples: int | None) -> list[Request]:
-    """Read ``{"id"?, "prompt", "images"?}`` lines; ids default to ``<stem>-<line number>``."""
+def _file_requests(path: Path, num_samples: int | None) -> list[Request]:
+    """Requests from a ``.jsonl`` or ``.json`` file; ids default to ``<stem>-<line or item number>``."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as e:
         raise DatasetError(f"dataset file not found: {path}") from e
     except IsADirectoryError as e:
-        raise DatasetError(f"dataset path is a directory, expected a .jsonl file: {path}") from e
+        raise DatasetError(f"dataset path is a directory, expected a {' or '.join(FILE_SUFFIXES)} file: {path}") from e
+    rows = _json_rows(path, text) if path.suffix == ".json" else _jsonl_rows(path, text)
     requests: list[Request] = []
-    seen: dict[str, int] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    seen: dict[str, str] = {}
+    for where, number, row in rows:
         if num_samples is not None and len(requests) >= num_samples:
             break
-        if not line.strip():
-            continue
-        where = f"{path}, line {lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from e
         if not isinstance(row, dict):
             raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        request = _jsonl_row(row, where, f"{path.stem}-{lineno}", path.parent)
+        request = _file_row(row, where, f"{path.stem}-{number}", path.parent)
         rid = request["id"]
         if rid in seen:
-            raise DatasetError(f"{where}: duplicate id {rid!r} (first on line {seen[rid]})")
-        seen[rid] = lineno
+            raise DatasetError(f"{where}: duplicate id {rid!r} (first at {seen[rid]})")
+        seen[rid] = where.rpartition(", ")[2]
         requests.append(request)
     if not requests:
         raise DatasetError(f"{path}: no requests (empty file)")
     return requests
 
 
-def _jsonl_row(row: dict[str, Any], where: str, default_id: str, image_root: Path) -> Request:
-    rid = row.get("id", default_id)
+def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[str, int, Any]]:
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        try:
+            yield where, lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from e
+
+
+def _json_rows(path: Path, text: str) -> Iterator[tuple[str, int, Any]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    if not isinstance(data, list):
+        raise DatasetError(f"{path}: expected a JSON array of request objects, got {type(data).__name__}")
+    for index, row in enumerate(data):
+        yield f"{path}, item {index}", index, row
+
+
+def _file_row(row: dict[str, Any], where: str, default_id: str, image_root: Path) -> Request:
+    """One row as a request: ``id``/``question_id``, ``prompt`` or vision-arena ``turns``, ``images``."""
+    rid = next((row[c] for c in ("id", "question_id") if c in row), default_id)
     if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
         raise DatasetError(f"{where}: field 'id' must be a non-empty string or integer, got {rid!r}")
-    prompt = row.get("prompt")
+    prompt = _turns_prompt(row, where) if "prompt" not in row and "turns" in row else row.get("prompt")
     if not isinstance(prompt, str):
         raise DatasetError(f"{where}: field 'prompt' must be a string, got {type(prompt).__name__}")
-    images = row.get("images", [])
-    if images is None:
-        images = []
-    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        raise DatasetError(f"{where}: field 'images' must be a list of non-empty path strings")
-    return {"id": str(rid), "prompt": prompt, "images": [str(_resolve(p, image_root)) for p in images]}
+    images = row.get("images") or []
+    if not isinstance(images, list):
+        raise DatasetError(f"{where}: field 'images' must be a list of image paths")
+    paths = []
+    for k, image in enumerate(images):
+        src = image.get("path") if isinstance(image, dict) else image
+        if not isinstance(src, str) or not src:
+            raise DatasetError(f"{where}: field images[{k}] must be a non-empty path string or {{\"path\": ...}}")
+        paths.append(str(_resolve(src, image_root)))
+    request: Request = {"id": str(rid), "prompt": prompt, "images": paths}
+    if row.get("mm_processor_kwargs") is not None:
+        if not isinstance(row["mm_processor_kwargs"], dict):
+            raise DatasetError(f"{where}: field 'mm_processor_kwargs' must be an object")
+        request["mm_processor_kwargs"] = dict(row["mm_processor_kwargs"])
+    return request
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,13 +216,25 @@ def _jsonl_row(row: dict[str, Any], where: str, default_id: str, image_root: Pat
 # ---------------------------------------------------------------------------------------------
 
 
+def _vision_arena_dir(dataset_dir: str | None, base_dir: Path) -> Path:
+    """The configured directory when it exists; unset or left at the default, the first of VISION_ARENA_DIRS found."""
+    configured = _resolve(dataset_dir, base_dir) if dataset_dir else None
+    if configured is not None and configured.is_dir():
+        return configured
+    if not dataset_dir or Path(dataset_dir) in VISION_ARENA_DIRS:
+        for candidate in VISION_ARENA_DIRS:
+            if (base_dir / candidate).is_dir():
+                return (base_dir / candidate).resolve()
+        looked = ", ".join(str(base_dir / c) for c in VISION_ARENA_DIRS)
+        raise DatasetError(f"data_config.dataset_dir: no {VISION_ARENA_DATASET} directory; looked in {looked}")
+    raise DatasetError(f"data_config.dataset_dir: directory not found: {configured}")
+
+
 def _vision_arena_requests(dataset_dir: Path, num_samples: int | None) -> list[Request]:
-    """Read vision-arena from ``dataset.jsonl`` if present, else from its parquet export."""
-    if not dataset_dir.is_dir():
-        raise DatasetError(f"data_config.dataset_dir: directory not found: {dataset_dir}")
-    jsonl = dataset_dir / VISION_ARENA_JSONL
-    if jsonl.is_file():
-        return _jsonl_requests(jsonl, num_samples)
+    """Read vision-arena from ``dataset.jsonl`` or ``dataset.json`` if present, else from its parquet export."""
+    for name in VISION_ARENA_FILES:
+        if (dataset_dir / name).is_file():
+            return _file_requests(dataset_dir / name, num_samples)
     files = sorted(
         p
         for p in dataset_dir.rglob("*.parquet")
@@ -193,8 +242,8 @@ def _vision_arena_requests(dataset_dir: Path, num_samples: int | None) -> list[R
     )
     if not files:
         raise DatasetError(
-            f"{dataset_dir}: no {VISION_ARENA_JSONL} and no *.parquet files; "
-            f"expected the {VISION_ARENA_DATASET} parquet export or a {VISION_ARENA_JSONL}"
+            f"{dataset_dir}: no {' or '.join(VISION_ARENA_FILES)} and no *.parquet files; "
+            f"expected the {VISION_ARENA_DATASET} parquet export or a {' or '.join(VISION_ARENA_FILES)}"
         )
     image_dir = _image_dir(dataset_dir)
     requests: list[Request] = []
@@ -208,6 +257,17 @@ def _vision_arena_requests(dataset_dir: Path, num_samples: int | None) -> list[R
     if not requests:
         raise DatasetError(f"{dataset_dir}: the parquet files hold no rows")
     return requests
+
+
+def _turns_prompt(row: dict[str, Any], where: str) -> str:
+    """Vision-arena's prompt: the first message of the first turn."""
+    try:
+        prompt = row["turns"][0][0]["content"]
+    except (TypeError, IndexError, KeyError) as e:
+        raise DatasetError(f"{where}: field 'turns' has no turns[0][0]['content']") from e
+    if not isinstance(prompt, str):
+        raise DatasetError(f"{where}: field turns[0][0]['content'] must be a string, got {prompt!r}")
+    return prompt
 
 
 def _parquet_rows(files: list[Path], limit: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -245,12 +305,7 @@ def _parquet_row(row: dict[str, Any], index: int, where: str, dataset_dir: Path,
     rid = str(rid)
     if not rid:
         raise DatasetError(f"{where}: empty id")
-    try:
-        prompt = row["turns"][0][0]["content"]
-    except (TypeError, IndexError, KeyError) as e:
-        raise DatasetError(f"{where}: field 'turns' has no turns[0][0]['content']") from e
-    if not isinstance(prompt, str):
-        raise DatasetError(f"{where}: field turns[0][0]['content'] must be a string, got {prompt!r}")
+    prompt = _turns_prompt(row, where)
     images = row.get("images") or []
     if not isinstance(images, list):
         raise DatasetError(f"{where}: field 'images' must be a list of image structs")

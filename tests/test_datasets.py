@@ -1,7 +1,8 @@
-"""Tests for cluster.datasets: default prompts, JSONL files and the vision-arena parquet export."""
+"""Tests for cluster.datasets: default prompts, JSONL and JSON files, the vision-arena layouts, the shipped sample."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 from pathlib import Path
@@ -189,8 +190,101 @@ def test_unknown_dataset_lists_accepted_forms(tmp_path: Path) -> None:
         _load("coco", tmp_path)
     message = str(excinfo.value)
     assert "'coco'" in message
-    for form in ("default", VISION_ARENA, ".jsonl"):
+    for form in ("default", VISION_ARENA, "'.jsonl'", "'.json'"):
         assert form in message
+
+
+def test_jsonl_passes_mm_processor_kwargs_through(tmp_path: Path) -> None:
+    kwargs = {"min_pixels": 3136, "max_pixels": 12544}
+    _write_lines(tmp_path / "r.jsonl", [json.dumps({"id": "a", "prompt": "p", "images": ["x.png"],
+                                                    "mm_processor_kwargs": kwargs}),
+                                        json.dumps({"id": "b", "prompt": "q"})])
+    a, b = _load("r.jsonl", tmp_path)
+    assert a["mm_processor_kwargs"] == kwargs
+    assert "mm_processor_kwargs" not in b
+
+
+def test_jsonl_bad_mm_processor_kwargs(tmp_path: Path) -> None:
+    _write_lines(tmp_path / "r.jsonl", [json.dumps({"prompt": "p", "mm_processor_kwargs": [1]})])
+    with pytest.raises(DatasetError, match=r"line 1.*'mm_processor_kwargs'"):
+        _load("r.jsonl", tmp_path)
+
+
+def test_json_array_like_jsonl(tmp_path: Path) -> None:
+    rows = [{"id": "first", "prompt": "p0", "images": ["img/a.png"], "mm_processor_kwargs": {"max_pixels": 12544}},
+            {"prompt": "p1"}, {"prompt": "p2", "images": []}]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "reqs.json").write_text(json.dumps(rows, indent=2))
+    requests = _load("data/reqs.json", tmp_path)
+    assert requests == [
+        {"id": "first", "prompt": "p0", "images": [str(tmp_path / "data" / "img" / "a.png")],
+         "mm_processor_kwargs": {"max_pixels": 12544}},
+        {"id": "reqs-1", "prompt": "p1", "images": []},
+        {"id": "reqs-2", "prompt": "p2", "images": []},
+    ]
+    assert [r["id"] for r in _load("data/reqs.json", tmp_path, num_samples=2)] == ["first", "reqs-1"]
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ('{"prompt": "an object, not an array"}', "expected a JSON array"),
+    ('[{"prompt": "ok"},', "malformed JSON at line 1"),
+    ('[{"prompt": "ok"}, "text"]', "item 1: expected a JSON object"),
+    ('[{"id": "x", "prompt": "a"}, {"id": "x", "prompt": "b"}]', "item 1: duplicate id 'x' \\(first at item 0\\)"),
+    ("[]", "no requests"),
+])
+def test_json_errors_name_file_and_item(tmp_path: Path, content: str, expected: str) -> None:
+    (tmp_path / "bad.json").write_text(content)
+    with pytest.raises(DatasetError, match=expected) as excinfo:
+        _load("bad.json", tmp_path)
+    assert str(tmp_path / "bad.json") in str(excinfo.value)
+
+
+def test_rows_in_vision_arena_shape(tmp_path: Path) -> None:
+    row = {"question_id": "q1", "turns": _turns("What is this?"), "images": [{"path": "imgs/1.png"}, "imgs/2.png"]}
+    _write_lines(tmp_path / "arena.jsonl", [json.dumps(row)])
+    assert _load("arena.jsonl", tmp_path) == [
+        {"id": "q1", "prompt": "What is this?", "images": [str(tmp_path / "imgs" / n) for n in ("1.png", "2.png")]}
+    ]
+    _write_lines(tmp_path / "bad.jsonl", [json.dumps({"question_id": 7, "turns": []})])
+    with pytest.raises(DatasetError, match=r"line 1.*turns"):
+        _load("bad.jsonl", tmp_path)
+    _write_lines(tmp_path / "bad.jsonl", [json.dumps({"prompt": "p", "images": [{"bytes": "..."}]})])
+    with pytest.raises(DatasetError, match=r"images\[0\]"):
+        _load("bad.jsonl", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the shipped sample
+# ---------------------------------------------------------------------------------------------
+
+
+def test_shipped_sample_mixes_images_and_text() -> None:
+    requests = load_requests("dataset/sample_vl.jsonl", "", batch_size=4, world_dp_size=1, num_samples=None,
+                             base_dir=REPO_ROOT)
+    with_images = [r for r in requests if r["images"]]
+    assert len(with_images) >= 4 and len(requests) - len(with_images) >= 2
+    assert any(len(r["images"]) > 1 for r in requests)
+    assert any("mm_processor_kwargs" in r for r in requests)
+    for path in {p for r in with_images for p in r["images"]}:
+        assert Path(path).is_relative_to(REPO_ROOT / "dataset" / "images")
+        with Image.open(path) as im:
+            im.verify()
+        assert Path(path).stat().st_size < 8192
+
+
+def test_sample_images_are_what_the_script_draws(tmp_path: Path) -> None:
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("make_sample_images", REPO_ROOT / "dataset" / "make_sample_images.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    names = sorted(script.IMAGES)
+    script.main(tmp_path)
+    shipped = sorted(p.name for p in (REPO_ROOT / "dataset" / "images").iterdir())
+    assert shipped == names
+    for name in names:
+        with Image.open(tmp_path / name) as drawn, Image.open(REPO_ROOT / "dataset" / "images" / name) as ours:
+            assert np.array_equal(np.asarray(drawn), np.asarray(ours)), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,3 +388,38 @@ def test_arena_missing_or_empty_dir(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match=r"\*\.parquet"):
         _load(VISION_ARENA, tmp_path, dataset_dir="empty")
+
+
+def test_arena_json_layout(tmp_path: Path) -> None:
+    root = tmp_path / "arena"
+    root.mkdir()
+    (root / "dataset.json").write_text(json.dumps([{"id": "a", "prompt": "p", "images": ["imgs/1.png"]}]))
+    assert _load(VISION_ARENA, tmp_path, dataset_dir="arena") == [
+        {"id": "a", "prompt": "p", "images": [str(root / "imgs" / "1.png")]}
+    ]
+
+
+@pytest.mark.parametrize("dataset_dir", ["", None, "dataset/vision-arena-bench-v0.1"])
+def test_arena_falls_back_to_the_sample_folder(tmp_path: Path, dataset_dir: str | None) -> None:
+    """Unset or left at the (absent) default, dataset_dir becomes dataset/vision_arena_bench, the sample's layout."""
+    root = tmp_path / "dataset" / "vision_arena_bench"
+    _write_lines(root / "dataset.jsonl", [json.dumps({"id": "a", "prompt": "p", "images": ["1.png"]})])
+    requests = load_requests(VISION_ARENA, dataset_dir, 2, 1, None, tmp_path)
+    assert requests == [{"id": "a", "prompt": "p", "images": [str(root / "1.png")]}]
+
+
+def test_arena_configured_dir_wins_and_a_wrong_one_is_an_error(tmp_path: Path) -> None:
+    _write_lines(tmp_path / "dataset" / "vision_arena_bench" / "dataset.jsonl", [json.dumps({"prompt": "sample"})])
+    _write_lines(tmp_path / "dataset" / "vision-arena-bench-v0.1" / "dataset.jsonl", [json.dumps({"prompt": "v0.1"})])
+    _write_lines(tmp_path / "mine" / "dataset.jsonl", [json.dumps({"prompt": "mine"})])
+    assert _load(VISION_ARENA, tmp_path, dataset_dir="dataset/vision-arena-bench-v0.1")[0]["prompt"] == "v0.1"
+    assert _load(VISION_ARENA, tmp_path, dataset_dir="mine")[0]["prompt"] == "mine"
+    assert _load(VISION_ARENA, tmp_path, dataset_dir="")[0]["prompt"] == "sample"
+    with pytest.raises(DatasetError, match="directory not found.*typo"):
+        _load(VISION_ARENA, tmp_path, dataset_dir="typo")
+
+
+def test_arena_neither_default_folder_names_both(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError) as excinfo:
+        _load(VISION_ARENA, tmp_path, dataset_dir="dataset/vision-arena-bench-v0.1")
+    assert "vision_arena_bench" in str(excinfo.value) and "vision-arena-bench-v0.1" in str(excinfo.value)
