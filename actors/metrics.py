@@ -1,46 +1,133 @@
-"""Metrics exported through `ray.util.metrics` (Prometheus names get Ray's `ray_` prefix)."""
+"""Metrics exported through `ray.util.metrics` (Prometheus names get Ray's `ray_` prefix).
+
+:data:`METRICS` is the one list of what the engine exports: `EngineMetrics` builds its metrics from it,
+and the Grafana board in conf/grafana/ is tested to query only names found there.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ray.util.metrics import Counter, Gauge, Histogram
 
-_LATENCY_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+_LATENCY_BOUNDARIES_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                         120.0)
+PHASES = ("vision_encode", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exported metric: its kind (`counter`, `gauge` or `histogram`), help text and tag keys."""
+
+    kind: str
+    description: str
+    tag_keys: tuple[str, ...]
+
+
+METRICS: dict[str, MetricSpec] = {
+    "qwen_vl_ttft_seconds": MetricSpec("histogram", "Time to first token per request", ("dp_rank",)),
+    "qwen_vl_tpot_seconds": MetricSpec("histogram", "Time per output token (after the first) per request",
+                                       ("dp_rank",)),
+    "qwen_vl_e2e_seconds": MetricSpec("histogram", "Request latency from arrival to last token", ("dp_rank",)),
+    "qwen_vl_queue_seconds": MetricSpec("histogram", "Request wait from arrival to first scheduling", ("dp_rank",)),
+    "qwen_vl_generated_tokens": MetricSpec("counter", "Output tokens generated", ("dp_rank",)),
+    "qwen_vl_prompt_tokens": MetricSpec("counter", "Prompt tokens processed", ("dp_rank",)),
+    "qwen_vl_requests": MetricSpec("counter", "Requests finished, by status", ("status",)),
+    "qwen_vl_requests_waiting": MetricSpec("gauge", "Requests waiting to be scheduled", ("dp_rank",)),
+    "qwen_vl_requests_running": MetricSpec("gauge", "Requests being served (prefill or decode)", ("dp_rank",)),
+    "qwen_vl_phase_seconds": MetricSpec("histogram", "Duration of one vision-encode, prefill or decode call",
+                                        ("phase", "dp_rank")),
+    "qwen_vl_vision_cache_hits": MetricSpec("counter", "Images whose embeddings came from the vision cache",
+                                            ("dp_rank",)),
+    "qwen_vl_vision_cache_misses": MetricSpec("counter", "Images the vision tower had to encode", ("dp_rank",)),
+    "qwen_vl_worker_memory_bytes": MetricSpec("gauge", "Worker memory (host RSS, device allocated)",
+                                              ("rank", "kind")),
+}
+
+
+def prometheus_series(name: str) -> tuple[str, ...]:
+    """The Prometheus series Ray exports for one of :data:`METRICS`.
+
+    Ray prefixes `ray_`; a histogram becomes `_bucket`, `_sum` and `_count` series, a counter gets
+    `_total`, a gauge keeps its name.
+    """
+    kind = METRICS[name].kind
+    suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",), "gauge": ("",)}[kind]
+    return tuple(f"ray_{name}{suffix}" for suffix in suffixes)
+
+
+def _make(name: str, spec: MetricSpec) -> Counter | Gauge | Histogram:
+    if spec.kind == "histogram":
+        return Histogram(name, spec.description, boundaries=list(_LATENCY_BOUNDARIES_S), tag_keys=spec.tag_keys)
+    if spec.kind == "counter":
+        return Counter(name, spec.description, tag_keys=spec.tag_keys)
+    if spec.kind == "gauge":
+        return Gauge(name, spec.description, tag_keys=spec.tag_keys)
+    raise ValueError(f"metric {name}: unknown kind {spec.kind!r}")
 
 
 class EngineMetrics:
-    """The Coordinator's metrics: per-request latency, token counts, phase durations, worker memory."""
+    """The Coordinator's metrics: per-request latency and tokens, queue depth, phases, vision cache, memory."""
 
     def __init__(self) -> None:
-        self.ttft = Histogram("qwen_vl_ttft_seconds", "Time to first token per request",
-                              boundaries=_LATENCY_BOUNDARIES_S, tag_keys=("dp_rank",))
-        self.tpot = Histogram("qwen_vl_tpot_seconds", "Time per output token (after the first) per request",
-                              boundaries=_LATENCY_BOUNDARIES_S, tag_keys=("dp_rank",))
-        self.e2e = Histogram("qwen_vl_e2e_seconds", "Request latency from start to last token",
-                             boundaries=_LATENCY_BOUNDARIES_S, tag_keys=("dp_rank",))
-        self.tokens = Counter("qwen_vl_generated_tokens", "Output tokens generated", tag_keys=("dp_rank",))
-        self.prompt_tokens = Counter("qwen_vl_prompt_tokens", "Prompt tokens processed", tag_keys=("dp_rank",))
-        self.requests = Counter("qwen_vl_requests", "Requests finished, by status", tag_keys=("status",))
-        self.phase = Histogram("qwen_vl_phase_seconds", "Duration of each phase of a batch",
-                               boundaries=_LATENCY_BOUNDARIES_S, tag_keys=("phase", "dp_rank"))
-        self.memory = Gauge("qwen_vl_worker_memory_bytes", "Worker memory (host RSS, device allocated)",
-                            tag_keys=("rank", "kind"))
+        self.metrics = {name: _make(name, spec) for name, spec in METRICS.items()}
+        # Last cumulative vision-cache counts per DP group, to turn them into counter increments.
+        self._vision_cache_seen: dict[str, tuple[int, int]] = {}
 
     def record_request(self, record: dict, dp_rank: int | None) -> None:
-        tags = {"dp_rank": str(dp_rank)}
+        """Count a finished request; for a successful one, its tokens and TTFT/TPOT/E2E."""
+        m, tags = self.metrics, {"dp_rank": str(dp_rank)}
         status = "ok" if record.get("error") is None else "failed"
-        self.requests.inc(1, {"status": status})
+        m["qwen_vl_requests"].inc(1, {"status": status})
         if status != "ok":
             return
-        self.tokens.inc(len(record["output_token_ids"]), tags)
-        self.prompt_tokens.inc(record["prompt_tokens"], tags)
-        for histogram, key in ((self.ttft, "ttft_s"), (self.tpot, "tpot_s"), (self.e2e, "e2e_s")):
+        m["qwen_vl_generated_tokens"].inc(len(record["output_token_ids"]), tags)
+        m["qwen_vl_prompt_tokens"].inc(record["prompt_tokens"], tags)
+        for name, key in (("qwen_vl_ttft_seconds", "ttft_s"), ("qwen_vl_tpot_seconds", "tpot_s"),
+                          ("qwen_vl_e2e_seconds", "e2e_s")):
             if record.get(key) is not None:
-                histogram.observe(record[key], tags)
+                m[name].observe(record[key], tags)
+
+    def record_queue(self, seconds: float, dp_rank: int) -> None:
+        """One request's wait from arrival to its first scheduling on `dp_rank`."""
+        self.metrics["qwen_vl_queue_seconds"].observe(seconds, {"dp_rank": str(dp_rank)})
+
+    def set_queue_depth(self, dp_rank: int, waiting: int, running: int) -> None:
+        """Current number of waiting and running requests of one DP group."""
+        tags = {"dp_rank": str(dp_rank)}
+        self.metrics["qwen_vl_requests_waiting"].set(waiting, tags)
+        self.metrics["qwen_vl_requests_running"].set(running, tags)
+
+    def record_phase(self, name: str, seconds: float, dp_rank: int) -> None:
+        """One call of a phase (`vision_encode`, `prefill` or `decode`; a trailing `_s` is dropped)."""
+        phase = name.removesuffix("_s")
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {name!r}; expected one of {PHASES}")
+        self.metrics["qwen_vl_phase_seconds"].observe(seconds, {"phase": phase, "dp_rank": str(dp_rank)})
 
     def record_phases(self, phases: dict, dp_rank: int) -> None:
-        for name in ("vision_encode_s", "prefill_s", "decode_s"):
-            self.phase.observe(phases[name], {"phase": name.removesuffix("_s"), "dp_rank": str(dp_rank)})
+        """The three phase durations of one batch (`vision_encode_s`, `prefill_s`, `decode_s`)."""
+        for phase in PHASES:
+            self.record_phase(phase, phases[f"{phase}_s"], dp_rank)
+
+    def record_vision_cache(self, dp_rank: int, hits: int, misses: int) -> None:
+        """The vision cache's cumulative hit and miss counts of one DP group (as `vision_cache_stats()` gives).
+
+        Counters take increments: the difference to the previous call is added. A count below the previous
+        one means the cache started over (the group was rebuilt) and is added whole.
+        """
+        key = str(dp_rank)
+        prev_hits, prev_misses = self._vision_cache_seen.get(key, (0, 0))
+        self._vision_cache_seen[key] = (hits, misses)
+        tags = {"dp_rank": key}
+        for name, now, prev in (("qwen_vl_vision_cache_hits", hits, prev_hits),
+                                ("qwen_vl_vision_cache_misses", misses, prev_misses)):
+            increment = now - prev if now >= prev else now
+            if increment > 0:
+                self.metrics[name].inc(increment, tags)
 
     def record_memory(self, rank: int, memory: dict) -> None:
-        self.memory.set(memory["rss_bytes"], {"rank": str(rank), "kind": "host_rss"})
-        self.memory.set(memory["device_bytes"], {"rank": str(rank), "kind": "device"})
+        """A worker's host RSS and device-allocated bytes."""
+        gauge = self.metrics["qwen_vl_worker_memory_bytes"]
+        gauge.set(memory["rss_bytes"], {"rank": str(rank), "kind": "host_rss"})
+        gauge.set(memory["device_bytes"], {"rank": str(rank), "kind": "device"})
