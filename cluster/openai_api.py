@@ -1,0 +1,319 @@
+"""OpenAI chat-completions schema and its translation to and from the Coordinator's request and record.
+
+Only what the server needs: the request body (validated with pydantic; an error names the
+field), the engine request built from it, the response and SSE chunk bodies, the error body,
+and the stop-string guard that keeps a stop string (or its start) out of streamed text.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+
+MAX_STOP_STRINGS = 4
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_ or _ERROR_TYPES.get(status, "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                503: "service_unavailable"}
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# ----------------------------------------------------------------------------------------- request
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # e.g. "name"
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class MMProcessorKwargs(_Strict):
+    """vLLM's per-request image budget; the checkpoint's limits are checked by the engine."""
+
+    min_pixels: StrictInt | None = Field(default=None, ge=1)
+    max_pixels: StrictInt | None = Field(default=None, ge=1)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The body of POST /v1/chat/completions. Fields we do not implement are refused, not ignored."""
+
+    model_config = ConfigDict(extra="ignore")  # user, metadata, store, ...
+
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    mm_processor_kwargs: MMProcessorKwargs | None = None
+    # Refused unless left at their defaults.
+    n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops or None
+
+    def check_supported(self) -> None:
+        """Raise a 400 for a parameter we do not implement."""
+        unsupported = {
+            "n": self.n not in (None, 1),
+            "logprobs": bool(self.logprobs) or self.top_logprobs is not None,
+            "tools": bool(self.tools) or self.tool_choice not in (None, "none"),
+            "functions": bool(self.functions) or self.function_call not in (None, "none"),
+            "frequency_penalty": self.frequency_penalty not in (None, 0),
+            "presence_penalty": self.presence_penalty not in (None, 0),
+            "response_format": self.response_format not in (None, {"type": "text"}),
+        }
+        for field, refused in unsupported.items():
+            if refused:
+                what = "only n=1 is supported" if field == "n" else f"'{field}' is not supported by this server"
+                raise APIError(400, what, param=field, code="unsupported_parameter")
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    """The validated request, or a 400 naming the field (``messages[0].content``)."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}")
+    try:
+        request = ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        error = max(e.errors(), key=lambda err: len(err["loc"]))  # the deepest: the most specific
+        param = _field_path(error["loc"])
+        raise APIError(400, f"{param}: {error['msg']}" if param else error["msg"], param=param) from None
+    request.check_supported()
+    return request
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    """pydantic's error location as a field path (``messages[0].content[1].text``).
+
+    Union branch names (``str``, ``list[...]``) are dropped, and so is the tag pydantic adds after
+    the index of a tagged-union item.
+    """
+    out, tag_next = "", 0
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            tag_next = max(tag_next - 1, 0)
+            continue
+        if part.startswith("list[tagged-union"):
+            tag_next = 2  # the index, then the tag
+        elif tag_next == 1:
+            tag_next = 0
+        elif "[" not in part and part not in ("str", "int", "bool"):
+            out += f".{part}" if out else part
+    return out
+
+
+def engine_request(request: ChatCompletionRequest, request_id: str,
+                   images: dict[str, bytes] | None = None) -> dict[str, Any]:
+    """The Coordinator's request dict for a chat request; `images` maps fetched http(s) URLs to bytes."""
+    images = images or {}
+    messages = []
+    for message in request.messages:
+        if isinstance(message.content, str):
+            messages.append({"role": message.role, "content": message.content})
+            continue
+        parts: list[dict[str, Any]] = []
+        for part in message.content:
+            if isinstance(part, TextPart):
+                parts.append({"type": "text", "text": part.text})
+            elif part.image_url.url in images:
+                parts.append({"type": "image", "image": images[part.image_url.url]})
+            else:
+                parts.append({"type": "image_url", "image_url": {"url": part.image_url.url}})
+        messages.append({"role": message.role, "content": parts})
+    out: dict[str, Any] = {"id": request_id, "messages": messages}
+    max_tokens = request.max_completion_tokens or request.max_tokens
+    for key, value in (("max_new_tokens", max_tokens), ("temperature", request.temperature),
+                       ("top_p", request.top_p), ("seed", request.seed), ("stop", request.stop),
+                       ("mm_processor_kwargs", request.mm_processor_kwargs
+                        and request.mm_processor_kwargs.model_dump(exclude_none=True))):
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def http_image_urls(request: ChatCompletionRequest) -> list[str]:
+    """The distinct http(s) image URLs of a request, in order (the server fetches them)."""
+    urls: list[str] = []
+    for message in request.messages:
+        if isinstance(message.content, list):
+            for part in message.content:
+                if isinstance(part, ImagePart) and part.image_url.url.startswith(("http://", "https://")):
+                    if part.image_url.url not in urls:
+                        urls.append(part.image_url.url)
+    return urls
+
+
+# ---------------------------------------------------------------------------------------- response
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage(record: dict[str, Any]) -> dict[str, int]:
+    prompt, completion = int(record.get("prompt_tokens") or 0), len(record.get("output_token_ids") or ())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def finish_reason(record: dict[str, Any], stopped: bool) -> str:
+    """OpenAI's finish_reason: "stop" for EOS or a stop string, else "length"."""
+    return "stop" if stopped or record.get("finish_reason") == "stop" else "length"
+
+
+def completion_body(completion_id: str, model: str, created: int, content: str, reason: str,
+                    record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
+                     "finish_reason": reason}],
+        "usage": usage(record),
+    }
+
+
+def chunk_body(completion_id: str, model: str, created: int, delta: dict[str, Any] | None,
+               reason: str | None = None, usage_: dict[str, int] | None = None,
+               include_usage: bool = False) -> dict[str, Any]:
+    """A chat.completion.chunk; with delta None, the usage-only chunk (no choices)."""
+    body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                            "model": model}
+    body["choices"] = [] if delta is None else [
+        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
+    if include_usage:
+        body["usage"] = usage_
+    return body
+
+
+def sse(body: dict[str, Any] | str) -> bytes:
+    data = body if isinstance(body, str) else json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+def now() -> int:
+    return int(time.time())
+
+
+# ------------------------------------------------------------------------------------ stop strings
+class StopGuard:
+    """Turns the engine's text deltas into text safe to send: never a stop string, nor what follows it.
+
+    Text that could be the start of a stop string is held back until the next delta shows it is
+    not; once a stop string appears, the text is cut before it and `stopped` is set.
+    """
+
+    def __init__(self, stop: list[str] | None) -> None:
+        self.stop = list(stop or ())
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def cut(self, text: str) -> tuple[str, bool]:
+        """`text` up to its first stop string, and whether it had one."""
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        return (text[: min(hits)], True) if hits else (text, False)
+
+    def feed(self, delta: str) -> str:
+        """The new text that can be sent after `delta`."""
+        if self.stopped:
+            return ""
+        self.text += delta
+        safe, self.stopped = self.cut(self.text)
+        if not self.stopped:
+            safe = safe[: len(safe) - self._held(safe)]
+        return self._send(safe)
+
+    def finish(self, final_text: str) -> str:
+        """What remains to send once the request ended with `final_text` (the record's output_text)."""
+        text, stopped = self.cut(final_text)
+        self.stopped = self.stopped or stopped
+        if not text.startswith(self.text[: self.sent]):
+            return ""  # cannot unsend; the streamed text already agrees with the deltas
+        return self._send(text)
+
+    def _held(self, text: str) -> int:
+        """Length of the longest end of `text` that is a proper start of a stop string."""
+        longest = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), longest, -1):
+                if text.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def _send(self, safe: str) -> str:
+        out = safe[self.sent:] if len(safe) > self.sent else ""
+        self.sent = max(self.sent, len(safe))
+        return out

@@ -1,0 +1,275 @@
+"""OpenAI-compatible chat server: `python -m cluster.serve CONF [key=value ...]`.
+
+Starts the engine (as `cluster.launch` does) and a Ray Serve application whose FastAPI ingress
+answers POST /v1/chat/completions (streaming or not), GET /v1/models and GET /health by calling
+the Coordinator's `stream` / `abort` / `status`. Runs until Ctrl-C (or SIGTERM, as `ray job stop`
+sends), then shuts Serve and the engine down.
+"""
+
+import argparse
+import asyncio
+import hmac
+import logging
+import re
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cluster.config import RunConfig, load_config
+from cluster.launch import USER_ERRORS, start, stop
+from cluster.openai_api import (
+    APIError,
+    ChatCompletionRequest,
+    StopGuard,
+    chunk_body,
+    completion_body,
+    engine_request,
+    error_body,
+    finish_reason,
+    http_image_urls,
+    new_completion_id,
+    now,
+    parse_request,
+    sse,
+    usage,
+)
+from cluster.placement import COORDINATOR_NAME
+from model.images import ImageLoadError, fetch_image_bytes
+
+logger = logging.getLogger("cluster.serve")
+
+APP_NAME = "qwen2_5_vl"
+NO_LIVE_GROUP = "no live DP group"
+# The field an engine error message names, e.g. "'mm_processor_kwargs.max_pixels'=..." or "messages[0].content".
+_PARAM_RE = re.compile(r"'?((?:mm_processor_kwargs|messages|max_new_tokens|temperature|top_p|seed|stop)"
+                       r"(?:\.\w+|\[\d+\])*)'?")
+
+app = FastAPI(title="Qwen2.5-VL OpenAI-compatible server", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(str(error.detail), kind), status_code=error.status_code)
+
+
+def model_name(cfg: RunConfig) -> str:
+    """The model id clients use: serve.model_name, else the checkpoint directory's name."""
+    return cfg.serve.model_name or Path(cfg.model_path).name
+
+
+def _cause(error: BaseException) -> BaseException:
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error
+
+
+def _engine_error(error: BaseException) -> APIError:
+    """The HTTP error for an exception from the Coordinator's stream."""
+    cause = _cause(error)
+    message = str(cause)
+    if NO_LIVE_GROUP in message or isinstance(cause, ray.exceptions.RayActorError):
+        return APIError(503, message)
+    if isinstance(cause, ValueError):  # the request cannot be prepared (contract: raised before any item)
+        param = getattr(cause, "param", None)
+        if param is None and (match := _PARAM_RE.search(message)):
+            param = match.group(1)
+        return APIError(400, message, param=param)
+    return APIError(500, f"engine error: {type(cause).__name__}: {message}")
+
+
+def _record_error(record: dict[str, Any]) -> APIError:
+    error = str(record["error"])
+    return APIError(503 if NO_LIVE_GROUP in error else 500, error)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.ingress(app)
+class OpenAIServer:
+    """The HTTP front of the engine; one replica forwards every request to the named Coordinator."""
+
+    def __init__(self, namespace: str, model: str, api_key: str | None) -> None:
+        self.coordinator = ray.get_actor(COORDINATOR_NAME, namespace=namespace)
+        self.model = model
+        self.api_key = api_key
+        self.created = now()
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    @app.get("/health")
+    async def health(self) -> dict[str, Any]:
+        status = await self.coordinator.status.remote()
+        if status.get("live_groups", 0) < 1:
+            raise APIError(503, f"{NO_LIVE_GROUP}: {status}")
+        return {"status": "ok", **status}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return {"object": "list", "data": [
+            {"id": self.model, "object": "model", "created": self.created, "owned_by": "qwen2_5_vl_ray"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        self._authorize(request)
+        body = parse_request(await request.body())
+        if body.model is not None and body.model != self.model:
+            raise APIError(404, f"the model '{body.model}' does not exist (this server has '{self.model}')",
+                           param="model", code="model_not_found")
+        images = await self._fetch_images(body)
+        completion_id = new_completion_id()
+        stream = self.coordinator.stream.options(num_returns="streaming").remote(
+            engine_request(body, completion_id, images))
+        finished = False
+        try:
+            first = await self._next(stream)
+            if body.stream:
+                finished = True  # the event generator owns the request from here
+                return StreamingResponse(self._events(stream, first, completion_id, body),
+                                         media_type="text/event-stream")
+            response = await self._complete(stream, first, completion_id, body)
+            finished = True
+            return response
+        finally:
+            if not finished:  # an error, or the client went away (the task was cancelled)
+                self.coordinator.abort.remote(completion_id)
+
+    async def _fetch_images(self, body: ChatCompletionRequest) -> dict[str, bytes]:
+        urls = http_image_urls(body)
+        try:
+            data = await asyncio.gather(*(asyncio.to_thread(fetch_image_bytes, url) for url in urls))
+        except ImageLoadError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return dict(zip(urls, data, strict=True))
+
+    @staticmethod
+    async def _next(stream: Any) -> dict[str, Any]:
+        """The stream's next item; an engine exception becomes an APIError."""
+        try:
+            return await (await stream.__anext__())
+        except StopAsyncIteration:
+            raise APIError(500, "the engine ended the stream without a final record") from None
+        except (ValueError, ray.exceptions.RayError) as e:
+            raise _engine_error(e) from None
+
+    async def _complete(self, stream: Any, item: dict[str, Any], completion_id: str,
+                        body: ChatCompletionRequest) -> JSONResponse:
+        while not item.get("final"):
+            item = await self._next(stream)
+        if item.get("error") is not None:
+            raise _record_error(item)
+        guard = StopGuard(body.stop)
+        content, stopped = guard.cut(item.get("output_text") or "")
+        return JSONResponse(completion_body(completion_id, self.model, now(), content,
+                                            finish_reason(item, stopped), item))
+
+    async def _events(self, stream: Any, item: dict[str, Any], completion_id: str,
+                      body: ChatCompletionRequest) -> AsyncIterator[bytes]:
+        """SSE chat.completion.chunk events, then `data: [DONE]`; aborts the request if cut short."""
+        created = now()
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(delta: dict[str, Any] | None, reason: str | None = None,
+                  usage_: dict[str, int] | None = None) -> bytes:
+            return sse(chunk_body(completion_id, self.model, created, delta, reason, usage_, include_usage))
+
+        guard = StopGuard(body.stop)
+        finished = False
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while not item.get("final"):
+                text = guard.feed(item.get("text") or "")
+                if text:
+                    yield chunk({"content": text})
+                item = await self._next(stream)
+            finished = True
+            if item.get("error") is not None:
+                yield sse(_record_error(item).body())
+            else:
+                rest = guard.finish(item.get("output_text") or "")
+                if rest:
+                    yield chunk({"content": rest})
+                yield chunk({}, finish_reason(item, guard.stopped))
+                if include_usage:
+                    yield chunk(None, usage_=usage(item))
+        except APIError as e:
+            finished = True
+            yield sse(e.body())
+        finally:
+            if not finished:  # the client disconnected mid-stream
+                self.coordinator.abort.remote(completion_id)
+        yield sse("[DONE]")
+
+
+def build_app(cfg: RunConfig) -> Any:
+    """The Serve application for a run config (the Coordinator must be running in cfg.ray.namespace)."""
+    return OpenAIServer.bind(cfg.ray.namespace, model_name(cfg), cfg.serve.api_key)
+
+
+def start_server(cfg: RunConfig) -> None:
+    """Start Serve's HTTP proxy on serve.host:serve.port and deploy the application (returns when it is up)."""
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+
+
+def stop_server() -> None:
+    """Shut Serve down (the application, its replicas and the HTTP proxy)."""
+    serve.shutdown()
+
+
+def _interrupt(signum: int, _: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="YAML run config, e.g. conf/tiny_cpu.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. serve.port=8001")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        coordinator = start(cfg)
+    except (*USER_ERRORS, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    try:
+        start_server(cfg)
+        print(f"serving model '{model_name(cfg)}' at http://{cfg.serve.host}:{cfg.serve.port}/v1 "
+              "(Ctrl-C to stop)", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping: Serve and the engine are shut down", file=sys.stderr)
+    finally:
+        try:
+            stop_server()
+        finally:
+            stop(coordinator)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The chat-completions schema and its translation, without a server: request errors, stop strings, chunks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from cluster.openai_api import (
+    APIError,
+    StopGuard,
+    chunk_body,
+    completion_body,
+    engine_request,
+    http_image_urls,
+    parse_request,
+)
+
+USER = {"role": "user", "content": "hi"}
+
+
+def _body(**fields) -> bytes:
+    return json.dumps({"messages": [USER], **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        (b"{not json", None, "not valid JSON"),
+        (b"[1, 2]", None, "must be a JSON object"),
+        (json.dumps({"messages": []}).encode(), "messages", "at least 1"),
+        (json.dumps({"model": "m"}).encode(), "messages", "Field required"),
+        (json.dumps({"messages": [{"role": "tool", "content": "x"}]}).encode(), "messages[0].role", "Input should be"),
+        (json.dumps({"messages": [{"role": "user", "content": [{"type": "text"}]}]}).encode(),
+         "messages[0].content[0].text", "Field required"),
+        (json.dumps({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}).encode(),
+         "messages[0].content[0]", "tag"),
+        (_body(max_tokens=0), "max_tokens", "greater than or equal to 1"),
+        (_body(temperature=-1), "temperature", "greater than or equal to 0"),
+        (_body(top_p=0), "top_p", "greater than 0"),
+        (_body(stop=["a", "b", "c", "d", "e"]), "stop", "at most 4 stop strings"),
+        (_body(stop=""), "stop", "must not be empty"),
+        (_body(n=2), "n", "only n=1"),
+        (_body(logprobs=True), "logprobs", "not supported"),
+        (_body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools", "not supported"),
+        (_body(mm_processor_kwargs={"max_pixels": "many"}), "mm_processor_kwargs.max_pixels", "valid integer"),
+        (_body(mm_processor_kwargs={"dpi": 3}), "mm_processor_kwargs.dpi", "Extra inputs"),
+        (_body(stream="yes please"), "stream", "valid boolean"),
+    ],
+)
+def test_bad_requests_name_the_field(body: bytes, param: str | None, message: str) -> None:
+    with pytest.raises(APIError) as info:
+        parse_request(body)
+    error = info.value
+    assert error.status == 400 and error.param == param and message in error.message
+    assert error.body() == {"error": {"message": error.message, "type": "invalid_request_error", "param": param,
+                                      "code": error.code}}
+
+
+def test_engine_request() -> None:
+    request = parse_request(_body(
+        messages=[{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                               {"type": "image_url", "image_url": {"url": "http://x/a.png"}},
+                                               {"type": "image_url", "image_url": {"url": "/tmp/b.png"}}]}],
+        max_completion_tokens=7, max_tokens=3, temperature=0.5, seed=3, stop="END",
+        mm_processor_kwargs={"max_pixels": 50000}, user="someone"))
+    assert http_image_urls(request) == ["http://x/a.png"]
+    assert engine_request(request, "r1", {"http://x/a.png": b"PNG"}) == {
+        "id": "r1",
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                                  {"type": "image", "image": b"PNG"},
+                                                  {"type": "image_url", "image_url": {"url": "/tmp/b.png"}}]}],
+        "max_new_tokens": 7, "temperature": 0.5, "seed": 3, "stop": ["END"],
+        "mm_processor_kwargs": {"max_pixels": 50000},
+    }
+    assert engine_request(parse_request(_body()), "r2") == {"id": "r2", "messages": [USER]}
+
+
+def _stream(guard: StopGuard, deltas: list[str], final: str) -> str:
+    return "".join(guard.feed(d) for d in deltas) + guard.finish(final)
+
+
+def test_stop_guard_never_sends_a_stop_string() -> None:
+    # The stop string arrives split over deltas: its start is held back, then dropped.
+    guard = StopGuard(["</end>"])
+    sent = [guard.feed(d) for d in ["Hello <", "/e", "nd> more"]]
+    assert sent == ["Hello ", "", ""] and guard.stopped
+    assert guard.finish("Hello ") == ""
+    # A held-back start that turns out not to be a stop string is sent with the next delta.
+    guard = StopGuard(["STOP", "xyz"])
+    assert [guard.feed(d) for d in ["aS", "Tb", "x"]] == ["a", "STb", ""]
+    assert guard.finish("aSTbx") == "x" and not guard.stopped
+    # The engine's final text (stop string cut off) completes what was held back.
+    assert _stream(StopGuard(["##"]), ["one #", "# two"], "one ") == "one "
+    assert _stream(StopGuard(None), ["a", "b"], "ab") == "ab"
+    # The earliest of several stop strings wins; the record's text is cut too if the engine did not.
+    guard = StopGuard(["c", "b"])
+    assert _stream(guard, ["abcd"], "abcd") == "a" and guard.stopped
+    assert StopGuard(["b"]).cut("abab") == ("a", True)
+
+
+def test_bodies_parse_as_openai_types() -> None:
+    record = {"output_text": "hi there", "output_token_ids": [5, 6, 7], "prompt_tokens": 11}
+    completion = ChatCompletion.model_validate(completion_body("c1", "tiny", 1, "hi there", "stop", record))
+    assert completion.choices[0].message.content == "hi there"
+    assert completion.usage.total_tokens == 14 and completion.choices[0].finish_reason == "stop"
+    chunk = ChatCompletionChunk.model_validate(chunk_body("c1", "tiny", 1, {"content": "hi"}))
+    assert chunk.choices[0].delta.content == "hi" and chunk.usage is None
+    last = ChatCompletionChunk.model_validate(
+        chunk_body("c1", "tiny", 1, None, usage_={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+                   include_usage=True))
+    assert last.choices == [] and last.usage.completion_tokens == 2
