@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TINY_MODEL ?= $(HOME)/.cache/qwen2_5_vl_ray/tiny-qwen2.5-vl
 CONF ?= conf/tiny_cpu.yaml
 
-.PHONY: setup run test lint tiny-model bench clean
+.PHONY: setup run test test-fast lint tiny-model bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,11 @@ run: tiny-model
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# Unit tests only: no Ray cluster, subprocess or process group (tests/conftest.py marks those `integration`).
+test-fast: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not integration"
 
 lint: setup
 	$(PY) -m ruff check .

@@ -1,12 +1,19 @@
-"""Session fixtures for the model tests: tiny checkpoints, generated images, prompts, a cached reference.
+"""The test suite's fixtures and its two lanes.
 
-Checkpoints are built once per session into a temporary directory; transformers' reference model
-of each is loaded once and its outputs memoized (tests/reference.py).
+Fixtures: tiny checkpoints, generated images, prompts, a cached transformers reference, and a
+private local Ray cluster per module. Checkpoints are built once per session into a temporary
+directory; transformers' reference model of each is loaded once and its outputs memoized
+(tests/reference.py).
+
+Lanes: every test that starts Ray, a subprocess or a multi-process group is marked
+``integration`` at collection (see :func:`pytest_collection_modifyitems`); ``make test-fast`` runs
+``pytest -m "not integration"``, ``make test`` runs everything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +23,47 @@ from PIL import Image
 from model.processor import PreparedRequest, PromptBuilder
 from model.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 from tests.reference import HFReference
+
+# Modules whose every test starts Ray, subprocesses or a multi-process group.
+INTEGRATION_MODULES = frozenset({
+    "test_bench", "test_e2e", "test_job_submit", "test_launch_errors", "test_launch_run", "test_metrics",
+    "test_reliability", "test_results_launch", "test_selfcheck", "test_tensor_parallel", "test_topology",
+})
+# Tests that do so inside otherwise fast modules: "<module file>::<test, class or test[param]>".
+INTEGRATION_TESTS = frozenset({
+    "test_graph.py::test_graph_matches_eager_tp2",
+    "test_loader.py::test_tp2_rank_loads_about_half_the_memory",
+    "test_placement.py::TestLocalRay",
+    "test_placement.py::test_two_node_cluster_keeps_tp_groups_on_one_node",
+})
+# Modules split test by test above; any module in neither list is integration as a whole when its
+# source starts Ray or processes, so that a new module cannot slip a Ray cluster into the fast lane.
+SPLIT_MODULES = frozenset(entry.split(".py::")[0] for entry in INTEGRATION_TESTS)
+STARTS_PROCESSES = re.compile(
+    r"ray\.init|init_local_ray|local_ray|cluster_utils|serve\.run|subprocess|multiprocessing|mp\.spawn")
+
+
+def _starts_processes(path: Path, cache: dict[Path, bool]) -> bool:
+    if path not in cache:
+        cache[path] = bool(STARTS_PROCESSES.search(path.read_text(encoding="utf-8")))
+    return cache[path]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark as ``integration`` every test that starts Ray, subprocesses or process groups."""
+    scanned: dict[Path, bool] = {}
+    for item in items:
+        module = item.path.stem
+        local_id = f"{item.path.name}::{item.nodeid.split('::', 1)[-1]}"
+        if module in INTEGRATION_MODULES:
+            integration = True
+        elif module in SPLIT_MODULES:
+            integration = any(local_id == t or local_id.startswith((t + "::", t + "[")) for t in INTEGRATION_TESTS)
+        else:
+            integration = "local_ray" in getattr(item, "fixturenames", ()) or _starts_processes(item.path, scanned)
+        if integration:
+            item.add_marker(pytest.mark.integration)
+
 
 # Checkpoints by name. "odd" has shapes unlike the default on every axis that can vary: 3 heads of
 # 32 with one KV head, an odd vocabulary, a 3-head vision tower with 2x2-unit windows and one
@@ -90,17 +138,21 @@ def sample_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def prepared(sample_images: dict[str, Path]) -> Callable[[Path], dict[str, PreparedRequest]]:
+def raw_requests(sample_images: dict[str, Path]) -> dict[str, dict]:
+    """PROMPTS as engine request dicts ``{"id", "prompt", "images"}``: name -> request."""
+    return {name: {"id": name, "prompt": prompt, "images": [str(sample_images[i]) for i in images]}
+            for name, (prompt, images) in PROMPTS.items()}
+
+
+@pytest.fixture(scope="session")
+def prepared(raw_requests: dict[str, dict]) -> Callable[[Path], dict[str, PreparedRequest]]:
     """prepared(checkpoint path) -> PROMPTS built with that checkpoint's tokenizer and processor."""
     cache: dict[Path, dict[str, PreparedRequest]] = {}
 
     def get(path: Path) -> dict[str, PreparedRequest]:
         if path not in cache:
             builder = PromptBuilder.from_pretrained(path)
-            cache[path] = {
-                name: builder.build({"id": name, "prompt": prompt, "images": [str(sample_images[i]) for i in images]})
-                for name, (prompt, images) in PROMPTS.items()
-            }
+            cache[path] = {name: builder.build(request) for name, request in raw_requests.items()}
         return cache[path]
 
     return get
@@ -110,3 +162,20 @@ def prepared(sample_images: dict[str, Path]) -> Callable[[Path], dict[str, Prepa
 def hf_reference() -> HFReference:
     """transformers' model per checkpoint, with memoized generations and logits."""
     return HFReference()
+
+
+@pytest.fixture(scope="module")
+def local_ray(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A private local Ray cluster for the module, shut down after it.
+
+    A module sets ``RAY_NUM_CPUS`` (default 4) and ``RAY_INIT_KWARGS`` (extra ``ray.init`` arguments)
+    to shape it. Ray is imported here, not at the top, so that modules without Ray never pay for it.
+    """
+    import ray
+
+    from tests.ray_helpers import init_local_ray
+
+    module = request.module
+    init_local_ray(num_cpus=getattr(module, "RAY_NUM_CPUS", 4), **getattr(module, "RAY_INIT_KWARGS", {}))
+    yield
+    ray.shutdown()

@@ -1,8 +1,9 @@
 """Helpers for tests that start Ray: a private local cluster, the tiny run config, bounded waits.
 
 Every cluster these tests start is private (address="local", or an explicit address), so that they
-never join a cluster another process on this machine has started, and token authentication is off
-(RAY_AUTH_MODE=disabled, FACTS.md section 3).
+never join a cluster another process on this machine has started, and token authentication is off:
+Ray 2.60 turns on token authentication for a local cluster (a token file under the home directory),
+and RAY_AUTH_MODE=disabled turns it off for these private loopback clusters.
 """
 
 from __future__ import annotations
@@ -84,19 +85,3 @@ def tiny_model() -> Path:
 
     return build_tiny_checkpoint(Path(tempfile.gettempdir()) / "qwen2_5_vl_ray-tests" / "tiny-qwen2.5-vl")
 
-
-IMAGE_SIZES = {"wide": (150, 100), "tall": (90, 200), "small": (40, 30)}
-
-
-def make_images(directory: Path) -> dict[str, Path]:
-    """Seeded random RGB PNGs of IMAGE_SIZES under `directory`: name -> path."""
-    import numpy as np
-    from PIL import Image
-
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = {}
-    for name, (width, height) in IMAGE_SIZES.items():
-        paths[name] = directory / f"{name}.png"
-        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(paths[name])
-    return paths

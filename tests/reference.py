@@ -1,7 +1,7 @@
 """transformers' Qwen2.5-VL as the reference: greedy tokens, teacher-forced logits, the near-tie rule.
 
 Random tiny models have near-tied logits, so greedy sequences are compared with the rule of vLLM's
-tests (FACTS.md section 6): at the first step where the tokens differ, the difference is accepted
+tests: at the first step where the tokens differ, the difference is accepted
 only if each side's token is among the other side's top-k logits at that step; the comparison of
 that sequence stops there. Every acceptance is reported with a warning, so a run says when the
 rule was used.

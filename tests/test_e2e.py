@@ -1,6 +1,11 @@
 """End to end through the Coordinator on CPU, tp 2 x dp 2: tokens equal transformers' generate.
 
-One local Ray cluster and one started engine serve the whole module.
+A random tiny model has near-tied logits, so a sequence may differ from the reference at a step where
+both tokens are among the reference's top-k logits under teacher forcing (the rule vLLM's tests use);
+the comparison of that sequence stops there (tests/reference.py).
+
+One local Ray cluster (conftest's local_ray) and one started engine serve the whole module; the
+requests are conftest's PROMPTS on its generated images.
 """
 
 from __future__ import annotations
@@ -11,59 +16,32 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
 
 from cluster import start, stop
 from model.processor import PromptBuilder
-from tests.ray_helpers import CONTRACT_FIELDS, init_local_ray, make_images, tiny_config, tiny_model
-from tests.reference import NEAR_TIE_TOP_K, extend, hf_inputs
+from tests.ray_helpers import CONTRACT_FIELDS, tiny_config
+from tests.reference import compare_greedy, step_rows
 
 MAX_NEW_TOKENS = 6
 NAMESPACE = "test-e2e"
 
-# Requests by name: prompt text and image names (text-only and one or two images).
-PROMPTS: dict[str, tuple[str, list[str]]] = {
-    "text": ("Hello there, tell me a story.", []),
-    "text_long": ("Describe the weather today and tomorrow, then summarize the report and explain why "
-                  "the team decided to change the design of the model.", []),
-    "one_image": ("What is in this photo?", ["wide"]),
-    "small_image": ("Describe the image in detail.", ["small"]),
-    "two_images": ("Compare the first image and the second image.", ["tall", "wide"]),
-}
-
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint() -> Path:
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def test_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return make_images(tmp_path_factory.mktemp("e2e-images"))
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint: Path):
-    init_local_ray(num_cpus=4)
+def engine(local_ray, tiny_checkpoint: Path):
     cfg = tiny_config(tiny_checkpoint, "world_size=4", "parallel_config.tp_size=2", "data_config.batch_size=2",
                       f"data_config.max_new_tokens={MAX_NEW_TOKENS}", f"ray.namespace={NAMESPACE}")
     coordinator = start(cfg)
     yield coordinator
     stop(coordinator)
-    ray.shutdown()
 
 
-def _requests(test_images: dict[str, Path]) -> list[dict]:
-    """Every PROMPTS entry, twice over (8+ requests: more than one batch for each DP group)."""
-    out = []
-    for round_ in range(2):
-        for name, (prompt, images) in PROMPTS.items():
-            out.append({"id": f"{name}-{round_}", "prompt": prompt, "images": [str(test_images[i]) for i in images]})
-    return out
+def _requests(raw_requests: dict[str, dict]) -> list[dict]:
+    """Every request of conftest's PROMPTS (text, one and two images), twice over: more than one batch per DP group."""
+    return [{**request, "id": f"{name}-{round_}"} for round_ in range(2) for name, request in raw_requests.items()]
 
 
-def test_greedy_tokens_match_transformers(engine, tiny_checkpoint, test_images):
-    requests = _requests(test_images)
+def test_greedy_tokens_match_transformers(engine, tiny_checkpoint, raw_requests, hf_reference):
+    requests = _requests(raw_requests)
     records = ray.get(engine.generate.remote(requests), timeout=300)
     assert [r["id"] for r in records] == [r["id"] for r in requests]
     assert all(r["error"] is None for r in records), [r["error"] for r in records]
@@ -72,34 +50,26 @@ def test_greedy_tokens_match_transformers(engine, tiny_checkpoint, test_images):
     assert set(served) == {0, 1} and min(served.values()) >= 2, served
 
     builder = PromptBuilder.from_pretrained(tiny_checkpoint)
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
-    image_token_id = int(hf.config.image_token_id)
     near_ties = []
     for record, raw in zip(records, requests):
         request = builder.build(raw)
-        with torch.inference_mode():
-            out = hf.generate(**hf_inputs(request, image_token_id), max_new_tokens=MAX_NEW_TOKENS,
-                              do_sample=False, eos_token_id=builder.eos_token_ids, pad_token_id=0)
-        ref = out[0, len(request.input_ids):].tolist()
-        ours = record["output_token_ids"]
+        ref = hf_reference.generate(tiny_checkpoint, request, MAX_NEW_TOKENS, builder.eos_token_ids)
         assert record["prompt_tokens"] == len(request.input_ids)
-        if ours == ref:
-            continue
-        # A random tiny model has near-tied logits (FACTS.md section 6): at the first differing step both
-        # tokens must be among the reference's top-k under teacher forcing; the comparison stops there.
-        step = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
-        assert step is not None, f"{record['id']}: same prefix, lengths differ: {ours} vs {ref}"
-        forced = extend(request, ref)
-        with torch.inference_mode():
-            logits = hf(**hf_inputs(forced, image_token_id)).logits[0, len(request.input_ids) - 1 + step]
-        top = logits.topk(NEAR_TIE_TOP_K).indices.tolist()
-        assert ours[step] in top and ref[step] in top, f"{record['id']} step {step}: {ours} vs {ref}"
-        near_ties.append(record["id"])
+
+        def reference_step(step: int, request=request, ref=ref) -> tuple[torch.Tensor, torch.Tensor]:
+            # Only the reference's logits are at hand: both tokens must be in its top-k at the first difference.
+            row = step_rows(hf_reference.logits(tiny_checkpoint, request, ref), len(request.input_ids))[step]
+            return row, row
+
+        result = compare_greedy(record["output_token_ids"], ref, reference_step)
+        assert result.accepted, f"{record['id']}: {result.detail}"
+        if result.near_tie_step is not None:
+            near_ties.append(record["id"])
     assert len(near_ties) <= len(records) // 4, f"too many near ties: {near_ties}"
 
 
-def test_records_have_contract_fields(engine, test_images):
-    requests = _requests(test_images)[:3]
+def test_records_have_contract_fields(engine, raw_requests):
+    requests = _requests(raw_requests)[:3]
     records = ray.get(engine.generate.remote(requests), timeout=300)
     for record in records:
         assert set(CONTRACT_FIELDS) <= set(record), record.keys()

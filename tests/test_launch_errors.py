@@ -14,16 +14,9 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from cluster import launch
-from tests.ray_helpers import REPO, TINY_CONF, init_local_ray, live_placement_groups, named_actors, tiny_model
+from tests.ray_helpers import REPO, TINY_CONF, live_placement_groups, named_actors, tiny_model
 
 NAMESPACE = "test-launch-errors"
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    init_local_ray(num_cpus=4)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
