@@ -11,16 +11,9 @@ import ray
 from cluster import start, stop
 from cluster.launch import run
 from cluster.placement import worker_actor_name
-from tests.ray_helpers import CONTRACT_FIELDS, init_local_ray, tiny_config, tiny_model
+from tests.ray_helpers import CONTRACT_FIELDS, tiny_config, tiny_model
 
 NAMESPACE = "test-launch-run"
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    init_local_ray(num_cpus=4)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

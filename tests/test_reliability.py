@@ -22,18 +22,12 @@ from PIL import Image
 from actors.coordinator import Coordinator, DPGroup, RendezvousError
 from cluster import launch, start, stop
 from cluster.config import ConfigError, load_config
-from tests.ray_helpers import CONTRACT_FIELDS, TINY_CONF, init_local_ray, released, tiny_config, tiny_model, wait_for
+from tests.ray_helpers import CONTRACT_FIELDS, TINY_CONF, released, tiny_config, tiny_model, wait_for
 
 NAMESPACE = "test-reliability"
+RAY_NUM_CPUS = 8  # conftest's local_ray
 ENGINE = ("world_size=4", "parallel_config.tp_size=2", "data_config.batch_size=2", "data_config.max_new_tokens=4",
           "data_config.input_max_len=128", "data_config.max_images_per_prompt=2")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    init_local_ray(num_cpus=8)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
