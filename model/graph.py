@@ -1,8 +1,9 @@
-"""Decode as a graph: captured once per batch-size bucket, replayed every step.
+"""Decode as a graph: captured once per (batch bucket, decode length), replayed every step.
 
 CUDA graphs on cuda, ACL graphs (torch.npu.NPUGraph, same API) on npu, torch.compile on cpu.
 The decode step has static shapes (preallocated KV cache, positions and lengths as tensors), so
-one graph per bucket serves every step of every batch of that size.
+one graph per bucket serves every step of every batch of that size. Attention reads the first L
+cache entries of each slot, L a decode length chosen per step from a few buckets (`decode_lengths`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from typing import Any
 
 import torch
 
-DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+SMALLEST_LENGTH = 256
 
 
 def pick_bucket(buckets: Sequence[int], batch: int) -> int:
@@ -23,56 +26,109 @@ def pick_bucket(buckets: Sequence[int], batch: int) -> int:
     return min(fitting)
 
 
-class CompiledDecode:
-    """torch.compile of the decode step (the cpu graph mode); shapes are static per bucket.
+def length_buckets(max_seq_len: int, smallest: int = SMALLEST_LENGTH) -> list[int]:
+    """Decode lengths: powers of two from `smallest` below max_seq_len, then max_seq_len itself."""
+    sizes = []
+    size = smallest
+    while size < max_seq_len:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_seq_len]
 
-    Collectives (gloo at tp > 1) may split the compiled step into several graphs; it still runs.
+
+def decode_lengths(device_type: str, graph: bool, max_seq_len: int, fused: bool = False) -> list[int]:
+    """How many cache entries a decode step may read, per device and execution mode.
+
+    - cuda (eager and CUDA graphs): length buckets; graph mode captures one graph per (batch bucket,
+      length), all in one memory pool. Attention then reads about the live length, not max_seq_len.
+    - cpu eager: length buckets (a strided view of the cache; matmul takes it as is).
+    - cpu graph (torch.compile): max_seq_len only; each shape costs a compile of 10-20 s, and at the
+      lengths CPU runs use, the KV read is small next to the weights.
+    - npu: max_seq_len only. npu_fused_infer_attention_score needs contiguous BNSD keys, which a
+      slice of the sequence axis is not, and its actual_seq_lengths_kv is a host list that an ACL
+      graph would freeze at capture; the kernel gets a (B, 1, 1, S) mask over the whole cache
+      instead. One graph per batch bucket. The same holds wherever the fused ops run (`fused`).
+    """
+    if fused or device_type == "npu" or (device_type == "cpu" and graph):
+        return [max_seq_len]
+    return length_buckets(max_seq_len)
+
+
+def pick_length(lengths: Sequence[int], max_len: int | None) -> int:
+    """The shortest decode length that covers `max_len` (None: the longest, i.e. max_seq_len)."""
+    if max_len is None:
+        return max(lengths)
+    fitting = [n for n in lengths if n >= max_len]
+    if not fitting:
+        raise ValueError(f"max_len={max_len} exceeds the longest decode length {max(lengths)}")
+    return min(fitting)
+
+
+class CompiledDecode:
+    """torch.compile of the decode step (the cpu graph mode); shapes are static per (bucket, length).
+
+    Dynamo compiles once per distinct input shape and decode length; the recompile limit is raised
+    to cover every pair, so no shape falls back to eager. Collectives (gloo at tp > 1) may split the
+    compiled step into several graphs; it still runs.
     """
 
-    def __init__(self, decode: DecodeFn) -> None:
+    def __init__(self, decode: DecodeFn, shapes: int = 8) -> None:
+        import torch._dynamo.config
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
         self.fn = torch.compile(decode, dynamic=False, fullgraph=False)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor) -> torch.Tensor:
-        return self.fn(tokens, positions, cache_lens)
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
+                 kv_len: int) -> torch.Tensor:
+        return self.fn(tokens, positions, cache_lens, kv_len)
 
 
 class GraphDecode:
-    """One captured device graph per bucket, with static input and output buffers.
+    """One captured device graph per (batch bucket, length), with static input and output buffers.
 
+    The graphs of a batch bucket share its input buffers; all graphs share one memory pool.
     `backend` is torch.cuda or torch.npu (after `import torch_npu`); tests pass a stand-in with the
     same surface (Stream, current_stream, stream, graph, CUDAGraph/NPUGraph, synchronize).
     """
 
-    def __init__(self, decode: DecodeFn, buckets: Sequence[int], device: torch.device, backend: Any = None) -> None:
+    def __init__(self, decode: DecodeFn, buckets: Sequence[int], lengths: Sequence[int], device: torch.device,
+                 backend: Any = None) -> None:
         backend = getattr(torch, device.type) if backend is None else backend
         graph_class = backend.CUDAGraph if device.type == "cuda" else backend.NPUGraph
-        self.graphs: dict[int, tuple[Any, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        self.lengths = sorted(lengths)
+        self.inputs: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         pool = None
         for size in sorted(buckets, reverse=True):  # largest first so smaller graphs reuse its pool
             inputs = tuple(torch.zeros(size, dtype=torch.long, device=device) for _ in range(3))
-            stream = backend.Stream()
-            stream.wait_stream(backend.current_stream())
-            with backend.stream(stream):
-                for _ in range(2):  # warm up kernels and collectives outside the capture
-                    decode(*inputs)
-            backend.current_stream().wait_stream(stream)
-            graph = graph_class()
-            with backend.graph(graph, pool=pool):
-                output = decode(*inputs)
-            pool = graph.pool()
-            self.graphs[size] = (graph, inputs, output)
+            self.inputs[size] = inputs
+            for length in reversed(self.lengths):
+                stream = backend.Stream()
+                stream.wait_stream(backend.current_stream())
+                with backend.stream(stream):
+                    for _ in range(2):  # warm up kernels and collectives outside the capture
+                        decode(*inputs, length)
+                backend.current_stream().wait_stream(stream)
+                graph = graph_class()
+                with backend.graph(graph, pool=pool):
+                    output = decode(*inputs, length)
+                pool = graph.pool()
+                self.graphs[size, length] = (graph, output)
         backend.synchronize()
 
     @property
     def buckets(self) -> list[int]:
-        return sorted(self.graphs)
+        return sorted(self.inputs)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
+                 kv_len: int) -> torch.Tensor:
         """Copy the step's inputs into the bucket's static buffers and replay; the output buffer is reused."""
-        if tokens.shape[0] not in self.graphs:
-            raise ValueError(f"no graph captured for batch {tokens.shape[0]}; buckets are {self.buckets}")
-        graph, inputs, output = self.graphs[tokens.shape[0]]
-        for buffer, value in zip(inputs, (tokens, positions, cache_lens)):
+        key = (tokens.shape[0], kv_len)
+        if key not in self.graphs:
+            raise ValueError(f"no graph captured for batch {key[0]} and length {kv_len}; batch buckets are "
+                             f"{self.buckets}, lengths {self.lengths}")
+        graph, output = self.graphs[key]
+        for buffer, value in zip(self.inputs[key[0]], (tokens, positions, cache_lens)):
             buffer.copy_(value, non_blocking=True)
         graph.replay()
         return output

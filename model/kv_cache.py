@@ -30,3 +30,20 @@ class KVCache:
     @property
     def max_seq_len(self) -> int:
         return self.keys[0].shape[2]
+
+    def decode_rows(self, cache_lens: torch.Tensor) -> torch.Tensor:
+        """Rows of a layer's cache viewed as (max_batch * kv_heads * max_seq_len, head_dim) that the step
+        writes: slot b, head h, index cache_lens[b]; shape (B * kv_heads,), slot-major like the new keys."""
+        _, heads, seq, _ = self.keys[0].shape
+        batch = cache_lens.shape[0]
+        base = torch.arange(batch * heads, device=cache_lens.device).view(batch, heads) * seq
+        return (base + cache_lens[:, None]).flatten()
+
+
+def write_rows(cache: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> None:
+    """cache (max_batch, heads, S, D) <- new (B, heads, D) at `rows` (KVCache.decode_rows).
+
+    One index_copy_ with indices computed on the device: no host sync, no data-dependent shape, one
+    kernel per cache, so it captures into CUDA and ACL graphs on both backends.
+    """
+    cache.view(-1, cache.shape[-1]).index_copy_(0, rows, new.reshape(-1, new.shape[-1]))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from model.npu_ops import PLAIN, rms_norm
 from model.parallel import (
     MergedColumnParallelLinear,
     ParallelContext,
@@ -24,10 +26,7 @@ class RMSNorm(nn.Module):
         self.weight = set_loader(nn.Parameter(torch.ones(hidden)), default_weight_loader)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class GatedMLP(nn.Module):
@@ -38,6 +37,7 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate] * 2, bias=bias, ctx=ctx)
         self.down_proj = RowParallelLinear(intermediate, hidden, bias=bias, ctx=ctx)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor,
+                silu_and_mul: Callable[[torch.Tensor], torch.Tensor] = PLAIN.silu_and_mul) -> torch.Tensor:
+        """`silu_and_mul` maps [gate | up] to silu(gate) * up (a fused kernel may stand in)."""
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

@@ -39,15 +39,25 @@ class ParallelContext:
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """Concatenate equally shaped tensors from every rank along `dim`, in rank order."""
+        """Concatenate equally shaped tensors from every rank along `dim`, in rank order.
+
+        One collective into one preallocated buffer (all_gather_into_tensor), which graph capture
+        takes as a single op, rather than a list of outputs and a cat.
+        """
         if self.size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim)
+        dim = dim % x.dim()
+        out = x.new_empty((self.size * x.shape[0], *x.shape[1:]))  # rank-major along dim 0
+        _all_gather_into_tensor(out, x.contiguous(), group=self.group)
+        if dim == 0:
+            return out
+        return out.view(self.size, *x.shape).movedim(0, dim).flatten(dim, dim + 1)
 
 
 SINGLE = ParallelContext()
+
+# torch 2.13 renames all_gather_into_tensor to all_gather_single (the old name warns); same collective.
+_all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _copy(param: torch.Tensor, loaded: torch.Tensor, name: str = "") -> None:

@@ -47,6 +47,7 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         hidden = self.model.prefill(self.embed_prompt(input_ids, image_embeds), positions, slot)
         return self.lm_head(hidden if all_logits else hidden[-1])
 
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor) -> torch.Tensor:
-        """One token for each of slots 0..B-1 -> logits (B, vocab)."""
-        return self.lm_head(self.model.decode(input_ids, positions, cache_lens))
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
+               kv_len: int | None = None) -> torch.Tensor:
+        """One token for each of slots 0..B-1 -> logits (B, vocab); attention reads `kv_len` cache entries."""
+        return self.lm_head(self.model.decode(input_ids, positions, cache_lens, kv_len))

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
-from model.graph import CompiledDecode, GraphDecode, pick_bucket
+from model.graph import CompiledDecode, GraphDecode, decode_lengths, pick_bucket, pick_length
 from model.kv_cache import KVCache
 from model.loader import load_weights
+from model.npu_ops import decode_ops
 from model.parallel import SINGLE, ParallelContext
 from model.processor import PreparedRequest
 from model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
@@ -90,7 +91,7 @@ class ModelRunner:
 
     def __init__(self, model_path: str | Path, ctx: ParallelContext = SINGLE, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str = torch.float32, max_batch_size: int = 4, max_seq_len: int = 2048,
-                 vision_mode: str = "dp", progress: bool = False) -> None:
+                 vision_mode: str = "dp", progress: bool = False, fused_ops: bool = False) -> None:
         if vision_mode not in ("dp", "tp"):
             raise ValueError(f"vision_mode={vision_mode!r} must be 'dp' or 'tp'")
         self.model_path = Path(model_path)
@@ -115,7 +116,10 @@ class ModelRunner:
                                       max_seq_len, attn.head_dim, self.dtype, self.device)
         self.model.model.attach_cache(self.cache)
         self.buckets = batch_buckets(max_batch_size)
+        self.model.model.decode_ops = decode_ops(fused_ops)  # npu fused kernels, or plain PyTorch
         self.decode_fn = self.model.decode
+        self.fused_ops = fused_ops
+        self.decode_lengths = decode_lengths(self.device.type, False, max_seq_len, fused_ops)
         self.last_phases = PhaseTimes()
 
     # ----------------------------------------------------------------------------- vision encode
@@ -173,9 +177,14 @@ class ModelRunner:
         return logits, delta
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor) -> torch.Tensor:
-        """One step for slots 0..B-1 (B a bucket size) -> logits (B, vocab)."""
-        return self.decode_fn(tokens, positions, cache_lens)
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
+               max_len: int | None = None) -> torch.Tensor:
+        """One step for slots 0..B-1 (B a bucket size) -> logits (B, vocab).
+
+        max_len: a host-side bound on cache_lens + 1 over the rows (None: max_seq_len). Attention reads
+        the shortest of `self.decode_lengths` that covers it (per device: model/graph.py, decode_lengths).
+        """
+        return self.decode_fn(tokens, positions, cache_lens, pick_length(self.decode_lengths, max_len))
 
     # ----------------------------------------------------------------------------- warm-up / graphs
     @torch.inference_mode()
@@ -188,24 +197,28 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_graphs(self, buckets: list[int] | None = None) -> None:
-        """Switch decode to graph mode: capture (cuda/npu) or compile (cpu) each batch bucket.
+        """Switch decode to graph mode: capture (cuda/npu) or compile (cpu) each batch bucket and length.
 
         `buckets` (default: all of `self.buckets`) limits which sizes are prepared now; on cpu any
-        other bucket compiles on first use, on cuda/npu only the prepared ones can run. The dummy
-        steps write KV entries at index 0 of each slot, which the next prefill overwrites.
+        other bucket compiles on first use, on cuda/npu only the prepared ones can run. Lengths are
+        `decode_lengths(device, graph=True)`: every length bucket on cuda, max_seq_len on cpu and npu.
+        The dummy steps write KV entries at index 0 of each slot, which the next prefill overwrites.
         """
         sizes = self.buckets if buckets is None else sorted(buckets)
         unknown = [b for b in sizes if b not in self.buckets]
         if unknown:
             raise ValueError(f"buckets {unknown} are not decode buckets of this runner ({self.buckets})")
+        lengths = decode_lengths(self.device.type, True, self.max_seq_len, self.fused_ops)
         if self.device.type == "cpu":
-            self.decode_fn = CompiledDecode(self.model.decode)
+            self.decode_fn = CompiledDecode(self.model.decode, shapes=len(self.buckets) * len(lengths) + 2)
             for size in sizes:  # compile each bucket now, not on the first request
-                # Three distinct tensors: passing one tensor thrice would make dynamo guard on the
-                # aliasing and recompile on the first real step.
-                self.decode_fn(*(torch.zeros(size, dtype=torch.long) for _ in range(3)))
+                for length in lengths:
+                    # Three distinct tensors: passing one tensor thrice would make dynamo guard on the
+                    # aliasing and recompile on the first real step.
+                    self.decode_fn(*(torch.zeros(size, dtype=torch.long) for _ in range(3)), length)
         else:
-            self.decode_fn = GraphDecode(self.model.decode, sizes, self.device)
+            self.decode_fn = GraphDecode(self.model.decode, sizes, lengths, self.device)
+        self.decode_lengths = lengths
 
     # ----------------------------------------------------------------------------- whole batch
     def check_fits(self, request: PreparedRequest, params: SamplingParams) -> str | None:

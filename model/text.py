@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import TextConfig
-from model.kv_cache import KVCache
+from model.kv_cache import KVCache, write_rows
 from model.layers import GatedMLP, RMSNorm
+from model.npu_ops import PLAIN, DecodeOps
 from model.parallel import (
     ParallelContext,
     QKVParallelLinear,
@@ -50,23 +51,18 @@ class Attention(nn.Module):
         return self.o_proj(out[0].transpose(0, 1).reshape(length, -1))
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, cache_lens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (B, hidden): one new token per slot 0..B-1, written at index cache_lens[b]."""
-        batch = x.shape[0]
+               v_cache: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, ops: DecodeOps = PLAIN) -> torch.Tensor:
+        """x (B, hidden): one new token per slot 0..B-1, written at cache `rows` (KVCache.decode_rows).
+
+        mask (B, L): which of the first L cache entries each row attends; only those L are read.
+        """
+        batch, length = mask.shape
         q, k, v = self._qkv(x)
-        q = apply_rotary(q, cos[:, None], sin[:, None])
-        k = apply_rotary(k, cos[:, None], sin[:, None])
-        slots = torch.arange(batch, device=x.device)
-        k_cache[slots, :, cache_lens] = k
-        v_cache[slots, :, cache_lens] = v
-        keys, values = k_cache[:batch], v_cache[:batch]  # (B, KVH, S, D)
-        group = self.num_heads // self.num_kv_heads
-        q = q.view(batch, self.num_kv_heads, group, self.head_dim)
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * self.head_dim**-0.5  # (B, KVH, G, S)
-        scores = scores.float().masked_fill(~mask[:, None, None, :], float("-inf"))
-        probs = scores.softmax(-1).to(values.dtype)
-        out = torch.matmul(probs, values)  # (B, KVH, G, D)
-        return self.o_proj(out.reshape(batch, -1))
+        q, k = ops.rotary(q, k, cos, sin)
+        write_rows(k_cache, rows, k)
+        write_rows(v_cache, rows, v)
+        keys, values = k_cache[:batch, :, :length], v_cache[:batch, :, :length]  # (B, KVH, L, D)
+        return self.o_proj(ops.attention(q, keys, values, mask, self.head_dim**-0.5))
 
 
 class DecoderLayer(nn.Module):
@@ -103,14 +99,30 @@ class Qwen2Model(nn.Module):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
 
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions, cache_lens: (B,) -> final hidden states (B, hidden). Static shapes only."""
+    decode_ops: DecodeOps = PLAIN  # ModelRunner(fused_ops=True) sets model/npu_ops.FusedOps
+
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
+               kv_len: int | None = None) -> torch.Tensor:
+        """input_ids, positions, cache_lens: (B,) -> final hidden states (B, hidden). Static shapes only.
+
+        kv_len: how many cache entries attention reads (> every cache_lens[b]); None reads all of
+        max_seq_len. Each residual add is fused with the norm after it (`add_rms_norm`), as the NPU
+        kernels do; on the plain path that is the same arithmetic as add, then norm.
+        """
         assert self.cache is not None, "attach_cache() before decode"
+        ops = self.decode_ops
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.text_only(positions, x.dtype)
-        span = torch.arange(self.cache.max_seq_len, device=x.device)
-        mask = span[None, :] <= cache_lens[:, None]  # (B, S)
-        for layer, k_cache, v_cache in zip(self.layers, self.cache.keys, self.cache.values):
-            x = x + layer.self_attn.decode(layer.input_layernorm(x), cos, sin, k_cache, v_cache, cache_lens, mask)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.norm(x)
+        span = torch.arange(self.cache.max_seq_len if kv_len is None else kv_len, device=x.device)
+        mask = span[None, :] <= cache_lens[:, None]  # (B, L)
+        rows = self.cache.decode_rows(cache_lens)
+        residual = x
+        h = ops.rms_norm(x, self.layers[0].input_layernorm.weight, self.layers[0].input_layernorm.eps)
+        for i, (layer, k_cache, v_cache) in enumerate(zip(self.layers, self.cache.keys, self.cache.values)):
+            if i:
+                h, residual = ops.add_rms_norm(x, residual, layer.input_layernorm.weight, layer.input_layernorm.eps)
+            x = layer.self_attn.decode(h, cos, sin, k_cache, v_cache, rows, mask, ops)
+            norm = layer.post_attention_layernorm
+            h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+            x = layer.mlp(h, ops.silu_and_mul)
+        return ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model.graph import GraphDecode, pick_bucket
+from model.graph import GraphDecode, decode_lengths, length_buckets, pick_bucket, pick_length
 from model.parallel import ParallelContext
 from model.processor import PreparedRequest
 from model.runner import ModelRunner
@@ -145,35 +145,49 @@ class FakeBackend:
 
 def test_graph_decode_with_fake_backend() -> None:
     backend = FakeBackend()
-    calls: list[tuple[int, bool]] = []  # (batch, captured)
+    calls: list[tuple[int, int, bool]] = []  # (batch, length, captured)
 
-    def step(tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor) -> torch.Tensor:
-        return (tokens * 100 + positions * 10 + cache_lens)[:, None].float()  # (B, 1)
+    def step(tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, length: int) -> torch.Tensor:
+        return (tokens * 100 + positions * 10 + cache_lens + length * 1000)[:, None].float()  # (B, 1)
 
-    def decode(tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor) -> torch.Tensor:
-        out = step(tokens, positions, cache_lens)
-        calls.append((tokens.shape[0], backend.capturing is not None))
+    def decode(tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, length: int) -> torch.Tensor:
+        out = step(tokens, positions, cache_lens, length)
+        calls.append((tokens.shape[0], length, backend.capturing is not None))
         if backend.capturing is not None:
-            backend.capturing.call = (step, (tokens, positions, cache_lens), out)
+            backend.capturing.call = (lambda *a: step(*a, length), (tokens, positions, cache_lens), out)
         return out
 
     # A cpu device with the stand-in backend takes the NPUGraph path.
-    graphs = GraphDecode(decode, [1, 2, 4], torch.device("cpu"), backend=backend)
-    # Largest bucket first, two warm-up steps then one captured step each; smaller graphs share its pool.
-    assert calls == [(4, False), (4, False), (4, True), (2, False), (2, False), (2, True),
-                     (1, False), (1, False), (1, True)]
-    assert backend.pools[0] is None and backend.pools[1] == backend.pools[2] == ("pool", id(graphs.graphs[4][0]))
-    assert backend.synchronized and graphs.buckets == [1, 2, 4]
+    graphs = GraphDecode(decode, [1, 2], [256, 512], torch.device("cpu"), backend=backend)
+    # Largest bucket and length first, two warm-up steps then one captured step each; later graphs
+    # share the first one's pool; the graphs of a bucket share its input buffers.
+    assert calls == [(b, n, captured) for b in (2, 1) for n in (512, 256) for captured in (False, False, True)]
+    first = graphs.graphs[2, 512][0]
+    assert backend.pools[0] is None and all(p == ("pool", id(first)) for p in backend.pools[1:])
+    assert backend.synchronized and graphs.buckets == [1, 2] and graphs.lengths == [256, 512]
 
-    out = graphs(torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([5, 6]))
-    assert out.flatten().tolist() == [135.0, 246.0]
-    graph, inputs, output = graphs.graphs[2]
-    assert out is output and graph.replays == 1 and inputs[0].tolist() == [1, 2]
-    # A later step reuses the same buffers with new values.
-    again = graphs(torch.tensor([7, 8]), torch.tensor([0, 1]), torch.tensor([2, 3]))
-    assert again is output and again.flatten().tolist() == [702.0, 813.0]
-    with pytest.raises(ValueError, match="no graph captured for batch 3"):
-        graphs(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+    out = graphs(torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([5, 6]), 256)
+    assert out.flatten().tolist() == [256135.0, 256246.0]
+    graph, output = graphs.graphs[2, 256]
+    assert out is output and graph.replays == 1 and graphs.inputs[2][0].tolist() == [1, 2]
+    # A later step reuses the same buffers with new values; another length replays its own graph.
+    again = graphs(torch.tensor([7, 8]), torch.tensor([0, 1]), torch.tensor([2, 3]), 512)
+    assert again is graphs.graphs[2, 512][1] and again.flatten().tolist() == [512702.0, 512813.0]
+    with pytest.raises(ValueError, match="no graph captured for batch 3 and length 256"):
+        graphs(*(torch.zeros(3, dtype=torch.long) for _ in range(3)), 256)
+
+
+def test_lengths_and_picks() -> None:
+    assert length_buckets(2048) == [256, 512, 1024, 2048]
+    assert length_buckets(3000) == [256, 512, 1024, 2048, 3000]
+    assert length_buckets(200) == [200]
+    assert decode_lengths("cuda", True, 1024) == decode_lengths("cpu", False, 1024) == [256, 512, 1024]
+    assert decode_lengths("npu", False, 1024) == decode_lengths("cpu", True, 1024) == [1024]
+    assert pick_length([256, 512, 1024], 257) == 512
+    assert pick_length([256, 512, 1024], 256) == 256
+    assert pick_length([256, 512, 1024], None) == 1024
+    with pytest.raises(ValueError, match="max_len=1025 exceeds the longest decode length 1024"):
+        pick_length([256, 512, 1024], 1025)
 
 
 def test_capture_graphs_rejects_unknown_bucket(tiny_checkpoint: Path) -> None:

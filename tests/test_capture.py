@@ -1,0 +1,232 @@
+"""The decode step keeps the contract graph capture needs, checked on cpu.
+
+- At every (batch bucket, decode length) the step runs under a dispatch mode that fails on any host
+  sync or data-dependent shape, on the plain path and on the fused path.
+- The step traced once (make_fx) and replayed with other tokens, positions and lengths gives the
+  eager logits and KV cache exactly.
+- The fused path, with a stand-in for torch_npu written from the kernels' documented semantics
+  (and asserting their documented layouts), gives the plain path's logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import model.npu_ops
+from model.processor import PreparedRequest
+from model.runner import ModelRunner
+from tests.reference import our_step_logits
+
+aten = torch.ops.aten
+MAX_SEQ_LEN = 512  # decode lengths 256 and 512 (cpu eager)
+
+# Ops whose output shape depends on data, or that read a value back to the host.
+SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+            aten.unique_consecutive.default, aten._unique2.default, aten.unique_dim.default,
+            aten.is_nonzero.default, aten.equal.default}
+
+
+class HostSyncError(AssertionError):
+    pass
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on ops that sync with the host or have data-dependent output shapes (by tag or by name)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tags = set(func.tags)
+        if (func in SYNC_OPS or torch.Tag.data_dependent_output in tags
+                or torch.Tag.dynamic_output_shape in tags):
+            raise HostSyncError(f"{func} syncs with the host or has a data-dependent shape")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def no_host_sync() -> Iterator[None]:
+    """NoHostSync, plus the reads-back that skip the dispatcher on cpu tensors (tolist, numpy, cpu)."""
+    def refuse(name: str) -> Callable[..., None]:
+        def method(*args: object, **kwargs: object) -> None:
+            raise HostSyncError(f"Tensor.{name} copies to the host")
+        return method
+
+    saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "cpu")}
+    try:
+        for name in saved:
+            setattr(torch.Tensor, name, refuse(name))
+        with NoHostSync():
+            yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def test_guard_catches_syncs() -> None:
+    x = torch.arange(4)
+    for bad in (lambda: x[0].item(), lambda: x.tolist(), lambda: x.nonzero(), lambda: x[x > 1],
+                lambda: bool(x[1]), lambda: x.cpu(), lambda: torch.unique(x)):
+        with pytest.raises(HostSyncError), no_host_sync():
+            bad()
+
+
+# ------------------------------------------------------------------------- torch_npu stand-in
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rms(x: torch.Tensor, gamma: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    assert gamma.shape == x.shape[-1:], f"gamma {tuple(gamma.shape)} must match x's last dim {x.shape[-1]}"
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + epsilon)
+    return (x.float() * rstd * gamma.float()).to(x.dtype), rstd
+
+
+class FakeTorchNpu(SimpleNamespace):
+    """torch_npu's decode kernels as their documentation defines them, asserting the documented layouts.
+
+    npu_rms_norm(x, gamma, epsilon) -> (y, rstd); npu_add_rms_norm(x1, x2, gamma, epsilon) ->
+    (y, rstd, x1 + x2); npu_rotary_mul(x, r1, r2) = x * r1 + rotate_half(x) * r2 on 4-D x;
+    npu_swiglu(x, dim) = silu(first half) * second half (vllm-ascend's SiluAndMul);
+    npu_fused_infer_attention_score(q, k, v, atten_mask=True-masks, num_heads, num_key_value_heads,
+    scale, input_layout) -> (out, lse), with BNSD = (batch, heads, seq, head_dim), contiguous inputs.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(calls={})
+
+    def _count(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def npu_rms_norm(self, x: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6):
+        self._count("npu_rms_norm")
+        return _rms(x, gamma, epsilon)
+
+    def npu_add_rms_norm(self, x1: torch.Tensor, x2: torch.Tensor, gamma: torch.Tensor,
+                         epsilon: float = 1e-6):
+        self._count("npu_add_rms_norm")
+        assert x1.shape == x2.shape and x1.dtype == x2.dtype
+        total = x1 + x2
+        return (*_rms(total, gamma, epsilon), total)
+
+    def npu_rotary_mul(self, x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+        self._count("npu_rotary_mul")
+        assert x.dim() == 4 and r1.dim() == 4 and r1.shape == r2.shape, "x, r1, r2 must be 4-D"
+        assert r1.shape[-1] == x.shape[-1] and torch.broadcast_shapes(x.shape, r1.shape) == x.shape
+        return x * r1 + _rotate_half(x) * r2
+
+    def npu_swiglu(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        self._count("npu_swiglu")
+        a, b = x.chunk(2, dim=dim)
+        return F.silu(a) * b
+
+    def npu_fused_infer_attention_score(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                                        atten_mask: torch.Tensor | None = None, num_heads: int = 1,
+                                        scale: float = 1.0, input_layout: str = "BSH",
+                                        num_key_value_heads: int = 0, **unused: object):
+        self._count("npu_fused_infer_attention_score")
+        assert not unused, f"unexpected arguments {sorted(unused)}"
+        assert input_layout == "BNSD" and query.dim() == key.dim() == 4 and key.shape == value.shape
+        assert query.is_contiguous() and key.is_contiguous() and value.is_contiguous()
+        batch, heads, q_len, dim = query.shape
+        kv_heads, kv_len = key.shape[1], key.shape[2]
+        assert (heads, kv_heads) == (num_heads, num_key_value_heads) and heads % kv_heads == 0
+        assert key.shape[0] == batch and key.shape[3] == dim and q_len == 1
+        assert atten_mask is not None and atten_mask.dtype == torch.bool
+        assert atten_mask.shape == (batch, 1, 1, kv_len)
+        k = key.repeat_interleave(heads // kv_heads, dim=1)
+        v = value.repeat_interleave(heads // kv_heads, dim=1)
+        scores = (query.float() @ k.float().transpose(-1, -2)) * scale  # (B, N, 1, S)
+        scores = scores.masked_fill(atten_mask, float("-inf"))
+        lse = scores.logsumexp(-1, keepdim=True)
+        return ((scores - lse).exp() @ v.float()).to(query.dtype), lse
+
+
+@pytest.fixture
+def fake_npu(monkeypatch: pytest.MonkeyPatch) -> FakeTorchNpu:
+    fake = FakeTorchNpu()
+    monkeypatch.setattr(model.npu_ops, "torch_npu_module", lambda: fake)
+    return fake
+
+
+# ------------------------------------------------------------------------- helpers
+def _runner(path: Path, fused: bool = False) -> ModelRunner:
+    runner = ModelRunner(path, max_batch_size=4, max_seq_len=MAX_SEQ_LEN, fused_ops=fused)
+    gen = torch.Generator().manual_seed(0)
+    for cache in runner.cache.keys + runner.cache.values:  # some history in every slot
+        cache.copy_(torch.randn(cache.shape, generator=gen))
+    return runner
+
+
+def _inputs(batch: int, seed: int, longest: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(0, longest, (batch,), generator=gen)
+    tokens = torch.randint(0, 200, (batch,), generator=gen)
+    return tokens, lens + torch.randint(0, 9, (batch,), generator=gen), lens  # positions = lens + rope delta
+
+
+def _snapshot(runner: ModelRunner) -> list[torch.Tensor]:
+    return [t.clone() for t in runner.cache.keys + runner.cache.values]
+
+
+def _restore(runner: ModelRunner, saved: list[torch.Tensor]) -> None:
+    for t, s in zip(runner.cache.keys + runner.cache.values, saved):
+        t.copy_(s)
+
+
+# ------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_decode_has_no_host_sync_at_any_bucket(tiny_checkpoint: Path, fused: bool, request) -> None:
+    if fused:
+        request.getfixturevalue("fake_npu")
+    runner = _runner(tiny_checkpoint, fused)
+    assert runner.decode_lengths == ([MAX_SEQ_LEN] if fused else [256, MAX_SEQ_LEN])
+    with torch.inference_mode():
+        for batch in runner.buckets:
+            for length in runner.decode_lengths:
+                tokens, positions, lens = _inputs(batch, seed=batch, longest=length)
+                with no_host_sync():
+                    logits = runner.decode(tokens, positions, lens, max_len=length)
+                assert logits.shape == (batch, runner.config.text.vocab_size)
+
+
+def test_traced_decode_replays_like_eager(tiny_checkpoint: Path) -> None:
+    runner = _runner(tiny_checkpoint)
+    saved = _snapshot(runner)
+    batch, length = 2, 256
+    with torch.no_grad():
+        traced = make_fx(lambda t, p, n: runner.model.decode(t, p, n, length))(*_inputs(batch, 1, length))
+        for seed in (2, 3):  # other tokens, positions and lengths than at tracing
+            inputs = _inputs(batch, seed, length)
+            _restore(runner, saved)
+            eager = runner.model.decode(*inputs, length)
+            eager_cache = _snapshot(runner)
+            _restore(runner, saved)
+            replay = traced(*inputs)
+            assert torch.equal(replay, eager)
+            assert all(torch.equal(a, b) for a, b in zip(_snapshot(runner), eager_cache))
+    # The trace baked in no host value: nothing in it reads a tensor back.
+    assert not [n for n in traced.graph.nodes if n.target in SYNC_OPS]
+
+
+def test_fused_ops_give_the_plain_logits(tiny_checkpoint: Path, fake_npu: FakeTorchNpu,
+                                         prepared: Callable[[Path], dict[str, PreparedRequest]]) -> None:
+    plain, fused = ModelRunner(tiny_checkpoint, max_seq_len=MAX_SEQ_LEN), _runner(tiny_checkpoint, fused=True)
+    continuation = [5, 17, 250, 3, 99, 42]
+    for name in ("text", "one_image"):
+        request = prepared(tiny_checkpoint)[name]
+        ours = our_step_logits(fused, request, continuation)
+        ref = our_step_logits(plain, request, continuation)
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    layers = plain.config.text.num_hidden_layers
+    steps = 2 * (len(continuation) - 1)
+    assert fake_npu.calls == {"npu_rms_norm": steps, "npu_add_rms_norm": steps * 2 * layers,
+                              "npu_rotary_mul": steps * 2 * layers, "npu_swiglu": steps * layers,
+                              "npu_fused_infer_attention_score": steps * layers}
