@@ -83,8 +83,10 @@ class EngineMetrics:
         m["qwen_vl_requests"].inc(1, {"status": status})
         if status != "ok":
             return
-        m["qwen_vl_generated_tokens"].inc(len(record["output_token_ids"]), tags)
-        m["qwen_vl_prompt_tokens"].inc(record["prompt_tokens"], tags)
+        for name, count in (("qwen_vl_generated_tokens", len(record["output_token_ids"])),
+                            ("qwen_vl_prompt_tokens", record["prompt_tokens"])):
+            if count > 0:  # Ray counters take positive increments only (an aborted request may have none)
+                m[name].inc(count, tags)
         for name, key in (("qwen_vl_ttft_seconds", "ttft_s"), ("qwen_vl_tpot_seconds", "tpot_s"),
                           ("qwen_vl_e2e_seconds", "e2e_s")):
             if record.get(key) is not None:

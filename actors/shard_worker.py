@@ -1,8 +1,11 @@
 """ShardWorker: one Ray actor per device, holding one tensor-parallel shard of the model.
 
-The Coordinator drives it through: `node_info` -> `rendezvous_address` (rank 0 of the group) ->
-`init_process_group` (every rank) -> `load` -> `warmup` -> `generate` (repeatedly). The whole decode
-loop of a batch runs inside `generate`, so Ray is crossed once per batch, not once per token.
+Set-up: `node_info` -> `rendezvous_address` (rank 0 of the group) -> `init_process_group` (every
+rank) -> `load` -> `warmup`. Then the Coordinator schedules the three phases as separate calls,
+the same calls on every rank of the group: `encode` (vision tower), `prefill` (admit requests into
+KV slots, prefill prompt chunks, release slots) and `decode` (a few decode steps of every decoding
+slot). The worker keeps the model, the KV cache, the graphs and each slot's sampling state; the
+Coordinator keeps everything else about a request.
 """
 
 from __future__ import annotations
@@ -11,15 +14,18 @@ import logging
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
 import torch.distributed as dist
 
-from cluster.devices import get_device_spec, import_backend, torch_device
+from actors.config import WorkerConfig
+from model.batch import RunningBatch, StepOutput
+from model.device import bind_device, dist_backend
 from model.parallel import ParallelContext
 from model.processor import PreparedRequest
 from model.runner import ModelRunner
@@ -27,22 +33,11 @@ from model.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What a worker needs to know; built by the Coordinator from the run config."""
-
-    model_path: str
-    device: str
-    dtype: str
-    exe_mode: str
-    vision_mode: str
-    max_batch_size: int
-    max_seq_len: int
-    profile_dir: str | None = None
+Admission = tuple[int, PreparedRequest, SamplingParams, list[int]]  # (slot, request, params, EOS ids)
 
 
 def free_port() -> int:
+    """A TCP port free on this host now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -57,28 +52,42 @@ def process_rss_bytes() -> int:
         return 0
 
 
+def worker_actor_name(rank: int) -> str:
+    """The Ray actor name of the worker holding ``rank``."""
+    return f"shard-worker-{rank}"
+
+
 class ShardWorker:
-    """Owns one device, its shard of the weights and its KV cache."""
+    """Owns one device, its shard of the weights, its KV cache and the running batch on it."""
 
     def __init__(self, rank: int, tp_rank: int, tp_size: int, dp_rank: int, config: WorkerConfig) -> None:
         self.rank, self.tp_rank, self.tp_size, self.dp_rank = rank, tp_rank, tp_size, dp_rank
         self.config = config
-        self.spec = get_device_spec(config.device)
-        import_backend(self.spec)
+        self.device = bind_device(config.device, ray.get_runtime_context().get_accelerator_ids(), os.environ)
         self.runner: ModelRunner | None = None
-        self.group_ready = False
+        self.batch: RunningBatch | None = None
+        self.embeds: dict[str, torch.Tensor | None] = {}  # request id -> image embeddings, encode -> admit
         self.graph_capture_s = 0.0
         self.warmup_s = 0.0
-        logging.basicConfig(level=logging.INFO, format=f"[shard-worker-{rank}] %(message)s")
+        self.profiler: Any = None
+        self.profiled = False
+        logging.basicConfig(level=logging.INFO, format=f"[{worker_actor_name(rank)}] %(message)s")
 
+    def __repr__(self) -> str:
+        # Ray's dashboard shows this in the Actors page's Repr column.
+        return (f"ShardWorker(rank={self.rank}, tp={self.tp_rank}/{self.tp_size}, dp={self.dp_rank}, "
+                f"device={self.device})")
+
+    # ----------------------------------------------------------------------------- set-up
     def node_info(self) -> dict:
-        """Where this worker runs: node id and IP, the device ids Ray gave it, its pid."""
+        """Where this worker runs: node id and IP, the device ids Ray gave it and the index it bound, its pid."""
         ctx = ray.get_runtime_context()
-        device_ids = ctx.get_accelerator_ids().get(self.spec.ray_resource, []) if self.spec.name != "cpu" else []
+        ids = [str(i) for ids in ctx.get_accelerator_ids().values() for i in ids] if self.config.device != "cpu" else []
         return {
             "rank": self.rank, "tp_rank": self.tp_rank, "dp_rank": self.dp_rank,
             "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-            "device_ids": [str(d) for d in device_ids], "pid": os.getpid(),
+            "device": self.config.device, "device_ids": ids, "device_index": self.device.index or 0,
+            "pid": os.getpid(),
         }
 
     def rendezvous_address(self) -> tuple[str, int]:
@@ -88,14 +97,9 @@ class ShardWorker:
     def init_process_group(self, ip: str, port: int, timeout_s: float) -> None:
         """Join this TP group's process group at tcp://ip:port (gloo, nccl or hccl)."""
         if self.tp_size == 1:
-            self.group_ready = True
             return
-        if self.spec.name != "cpu":
-            # Ray restricts the visible devices to those of this actor, so index 0 is ours.
-            getattr(torch, self.spec.name).set_device(0)
-        dist.init_process_group(self.spec.dist_backend, init_method=f"tcp://{ip}:{port}", rank=self.tp_rank,
-                                world_size=self.tp_size, timeout=timedelta(seconds=timeout_s))
-        self.group_ready = True
+        dist.init_process_group(dist_backend(self.config.device), init_method=f"tcp://{ip}:{port}",
+                                rank=self.tp_rank, world_size=self.tp_size, timeout=timedelta(seconds=timeout_s))
 
     def load(self) -> dict:
         """Build this rank's shard from the checkpoint and allocate its KV cache."""
@@ -103,13 +107,15 @@ class ShardWorker:
         cfg = self.config
         ctx = ParallelContext(rank=self.tp_rank, size=self.tp_size,
                               group=dist.group.WORLD if self.tp_size > 1 else None)
-        self.runner = ModelRunner(cfg.model_path, ctx=ctx, device=torch_device(self.spec, 0), dtype=cfg.dtype,
+        self.runner = ModelRunner(cfg.model_path, ctx=ctx, device=self.device, dtype=cfg.dtype,
                                   max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len,
-                                  vision_mode=cfg.vision_mode, progress=True)
+                                  vision_mode=cfg.vision_mode, progress=True,
+                                  vision_cache_bytes=cfg.vision_cache_bytes, fused_ops=cfg.fused_ops)
+        self.batch = RunningBatch(self.runner)
         return {"rank": self.rank, "load_s": time.perf_counter() - start, **self.memory()}
 
     def warmup(self) -> dict:
-        """Run one tiny batch eagerly, then capture/compile decode graphs when exe_mode is graph."""
+        """Run one tiny prefill and decode eagerly, then capture/compile decode graphs when exe_mode is graph."""
         runner = self._runner()
         start = time.perf_counter()
         runner.warmup()
@@ -120,21 +126,57 @@ class ShardWorker:
             self.graph_capture_s = time.perf_counter() - start
         return {"rank": self.rank, "warmup_s": self.warmup_s, "graph_capture_s": self.graph_capture_s}
 
-    def generate(self, requests: list[PreparedRequest], params: list[SamplingParams],
-                 eos_token_ids: list[int] | None, profile: bool = False) -> dict:
-        """Run one batch to completion; returns per-request results and phase times."""
-        runner = self._runner()
-        if profile and self.config.profile_dir:
-            results = self._profiled(runner, requests, params, eos_token_ids)
-        else:
-            results = runner.generate(requests, params, eos_token_ids)
-        return {"results": [asdict(r) for r in results], "phases": asdict(runner.last_phases)}
+    # ----------------------------------------------------------------------------- phases
+    def encode(self, requests: list[PreparedRequest], profile: bool = False) -> dict:
+        """Vision encode of the requests' images; the embeddings wait here for the requests' admission."""
+        self._maybe_profile(profile)
+        start = time.perf_counter()
+        embeds = self._runner().encode_images(requests)
+        for request, emb in zip(requests, embeds):
+            self.embeds[request.request_id] = emb
+        stats = self._runner().vision_cache_stats() if hasattr(self._runner(), "vision_cache_stats") else {}
+        return {"seconds": time.perf_counter() - start, "cache": stats}
 
+    def prefill(self, releases: list[int], admissions: list[Admission], chunks: list[tuple[int, int]],
+                profile: bool = False) -> dict:
+        """Release slots, admit requests into slots, prefill prompt chunks (slot, end) packed together.
+
+        Returns {"outputs": {slot: first token}, "errors": {request_id: message}, "seconds"}; a request
+        that cannot be admitted is reported and its chunks are skipped, the others go on.
+        """
+        self._maybe_profile(profile)
+        batch = self._batch()
+        start = time.perf_counter()
+        for slot in releases:
+            batch.release(slot)
+        errors: dict[str, str] = {}
+        for slot, request, params, eos in admissions:
+            embeds = self.embeds.pop(request.request_id, None)
+            try:
+                batch.admit(slot, request, params, eos, embeds)
+            except ValueError as e:
+                errors[request.request_id] = str(e)
+        chunks = [(slot, end) for slot, end in chunks if batch.slots[slot] is not None]
+        outputs = batch.prefill(chunks) if chunks else {}
+        return {"outputs": self._plain(outputs), "errors": errors, "seconds": time.perf_counter() - start}
+
+    def decode(self, steps: int, releases: list[int] | None = None) -> dict:
+        """Release slots, then up to `steps` decode steps of every decoding slot."""
+        batch = self._batch()
+        start = time.perf_counter()
+        for slot in releases or []:
+            batch.release(slot)
+        outputs = batch.decode(steps)
+        if self.profiler is not None and not batch.active:
+            self._stop_profile()
+        return {"outputs": self._plain(outputs), "seconds": time.perf_counter() - start}
+
+    # ----------------------------------------------------------------------------- queries
     def memory(self) -> dict:
         """Host RSS and, on an accelerator, allocated device memory, in bytes."""
         out = {"rss_bytes": process_rss_bytes(), "device_bytes": 0}
-        if self.spec.name != "cpu":
-            out["device_bytes"] = int(getattr(torch, self.spec.name).memory_allocated())
+        if self.config.device != "cpu":
+            out["device_bytes"] = int(getattr(torch, self.config.device).memory_allocated())
         return out
 
     def environment(self, names: list[str]) -> dict[str, str | None]:
@@ -148,23 +190,38 @@ class ShardWorker:
         if dist.is_initialized():
             dist.destroy_process_group()
 
+    # ----------------------------------------------------------------------------- helpers
     def _runner(self) -> ModelRunner:
         if self.runner is None:
-            raise RuntimeError(f"shard-worker-{self.rank}: load() has not run")
+            raise RuntimeError(f"{worker_actor_name(self.rank)}: load() has not run")
         return self.runner
 
-    def _profiled(self, runner: ModelRunner, requests: list[PreparedRequest], params: list[SamplingParams],
-                  eos_token_ids: list[int] | None) -> list:
-        from torch.profiler import ProfilerActivity, profile
+    def _batch(self) -> RunningBatch:
+        self._runner()
+        assert self.batch is not None
+        return self.batch
 
-        activities = [ProfilerActivity.CPU]
-        if self.spec.name == "cuda":
-            activities.append(ProfilerActivity.CUDA)
+    @staticmethod
+    def _plain(outputs: dict[int, StepOutput]) -> dict[int, dict]:
+        return {slot: asdict(out) for slot, out in outputs.items()}
+
+    def _maybe_profile(self, profile: bool) -> None:
+        """Start the torch profiler once, when asked; it stops when the running batch next drains."""
+        if not profile or self.profiled or not self.config.profile_dir:
+            return
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.config.device == "cuda" else [])
+        self.profiled = True
+        self.profiler = torch_profile(activities=activities)
+        self.profiler.__enter__()
+
+    def _stop_profile(self) -> None:
+        self.profiler.__exit__(None, None, None)
         out_dir = Path(self.config.profile_dir or ".")
         out_dir.mkdir(parents=True, exist_ok=True)
-        with profile(activities=activities) as prof:
-            results = runner.generate(requests, params, eos_token_ids)
-        trace = out_dir / f"shard-worker-{self.rank}.trace.json"
-        prof.export_chrome_trace(str(trace))
+        trace = out_dir / f"{worker_actor_name(self.rank)}.trace.json"
+        self.profiler.export_chrome_trace(str(trace))
+        self.profiler = None
         logger.info("profiler trace written to %s", trace)
-        return results

@@ -25,11 +25,6 @@ class PlacementError(RuntimeError):
     """The cluster cannot (or did not in time) provide the requested placement groups."""
 
 
-def worker_actor_name(rank: int) -> str:
-    """The Ray actor name of the worker holding ``rank``."""
-    return f"shard-worker-{rank}"
-
-
 @dataclass(frozen=True)
 class RankInfo:
     """Where one rank sits in the TP x DP grid."""

@@ -7,7 +7,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.parallel import ParallelContext, ParallelLMHead
-from model.text import Qwen2Model
+from model.text import Qwen2Model, Segment
 from model.vision import Qwen2_5_VisionTransformer
 
 
@@ -42,10 +42,14 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         return embeds
 
     def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, image_embeds: torch.Tensor | None,
-                slot: int, all_logits: bool = False) -> torch.Tensor:
-        """One prompt into KV slot `slot`; returns the last token's logits (vocab,), or all (L, vocab)."""
-        hidden = self.model.prefill(self.embed_prompt(input_ids, image_embeds), positions, slot)
-        return self.lm_head(hidden if all_logits else hidden[-1])
+                segments: list[Segment], logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed prompt pieces (see `Qwen2Model.prefill`) -> logits of `logits_rows` (R, vocab), or of all rows.
+
+        input_ids (T,), positions (3, T); image_embeds holds the embeddings of the pieces' image-pad
+        tokens, in order.
+        """
+        hidden = self.model.prefill(self.embed_prompt(input_ids, image_embeds), positions, segments)
+        return self.lm_head(hidden if logits_rows is None else hidden[logits_rows])
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
                kv_len: int | None = None) -> torch.Tensor:

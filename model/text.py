@@ -18,6 +18,8 @@ from model.parallel import (
 )
 from model.rotary import MRotaryEmbedding, apply_rotary
 
+Segment = tuple[int, int, int]  # (KV slot, first prompt position, length) of one packed prefill piece
+
 
 class Attention(nn.Module):
     def __init__(self, config: TextConfig, ctx: ParallelContext) -> None:
@@ -38,17 +40,34 @@ class Attention(nn.Module):
                 v.view(n, self.num_kv_heads, self.head_dim))
 
     def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, slot: int) -> torch.Tensor:
-        """x (L, hidden) of one prompt starting at cache index 0 of `slot`."""
-        length = x.shape[0]
+                v_cache: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        """x (T, hidden): prompt pieces packed back to back, one per segment (slot, start, length).
+
+        Each piece is written to its slot's cache at [start, start + length) and attends causally
+        to everything its slot holds up to there, so a prompt may arrive in several chunks.
+        """
         q, k, v = self._qkv(x)
-        q = apply_rotary(q.transpose(0, 1), cos, sin)  # (H, L, D)
-        k = apply_rotary(k.transpose(0, 1), cos, sin)  # (KVH, L, D)
+        q = apply_rotary(q.transpose(0, 1), cos, sin)  # (H, T, D)
+        k = apply_rotary(k.transpose(0, 1), cos, sin)  # (KVH, T, D)
         v = v.transpose(0, 1)
-        k_cache[slot, :, :length] = k
-        v_cache[slot, :, :length] = v
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)
-        return self.o_proj(out[0].transpose(0, 1).reshape(length, -1))
+        outs = []
+        offset = 0
+        for slot, start, length in segments:
+            rows = slice(offset, offset + length)
+            offset += length
+            end = start + length
+            k_cache[slot, :, start:end] = k[:, rows]
+            v_cache[slot, :, start:end] = v[:, rows]
+            if start == 0:
+                out = F.scaled_dot_product_attention(q[None, :, rows], k[None, :, rows], v[None, :, rows],
+                                                     is_causal=True, enable_gqa=True)
+            else:  # a later chunk: its queries see the slot's earlier tokens too
+                keys = torch.arange(end, device=x.device)
+                mask = keys[None, :] <= (start + torch.arange(length, device=x.device))[:, None]  # (length, end)
+                out = F.scaled_dot_product_attention(q[None, :, rows], k_cache[None, slot, :, :end],
+                                                     v_cache[None, slot, :, :end], attn_mask=mask, enable_gqa=True)
+            outs.append(out[0].transpose(0, 1).reshape(length, -1))  # (length, H * D)
+        return self.o_proj(torch.cat(outs))
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, ops: DecodeOps = PLAIN) -> torch.Tensor:
@@ -89,13 +108,13 @@ class Qwen2Model(nn.Module):
     def attach_cache(self, cache: KVCache) -> None:
         self.cache = cache
 
-    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
-        """embeds (L, hidden), positions (3, L) -> final hidden states (L, hidden)."""
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        """embeds (T, hidden), positions (3, T) of packed prompt pieces -> final hidden states (T, hidden)."""
         assert self.cache is not None, "attach_cache() before prefill"
         cos, sin = self.rotary(positions, embeds.dtype)
         x = embeds
         for layer, k_cache, v_cache in zip(self.layers, self.cache.keys, self.cache.values):
-            x = x + layer.self_attn.prefill(layer.input_layernorm(x), cos, sin, k_cache, v_cache, slot)
+            x = x + layer.self_attn.prefill(layer.input_layernorm(x), cos, sin, k_cache, v_cache, segments)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import ray
 
+from actors.shard_worker import worker_actor_name
 from cluster import start, stop
 from cluster.launch import run
-from cluster.placement import worker_actor_name
 from tests.ray_helpers import CONTRACT_FIELDS, tiny_config, tiny_model
 
 NAMESPACE = "test-launch-run"

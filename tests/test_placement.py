@@ -8,6 +8,7 @@ import pytest
 import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
+from actors.shard_worker import worker_actor_name
 from cluster.devices import actor_resource_options, get_device_spec, worker_resources
 from cluster.placement import (
     COORDINATOR_NAME,
@@ -17,7 +18,6 @@ from cluster.placement import (
     order_groups_by_node,
     rank_layout,
     reserve,
-    worker_actor_name,
 )
 
 CPU = get_device_spec("cpu")

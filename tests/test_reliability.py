@@ -7,6 +7,8 @@ One local Ray cluster serves the module, and one tp 2 x dp 2 engine serves the r
 from __future__ import annotations
 
 import _thread
+import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -19,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from actors.coordinator import Coordinator, DPGroup, RendezvousError
+from actors.groups import GroupFailure, WorkerGroup
 from cluster import launch, start, stop
 from cluster.config import ConfigError, load_config
 from tests.ray_helpers import CONTRACT_FIELDS, TINY_CONF, released, tiny_config, tiny_model, wait_for
@@ -125,13 +127,13 @@ class _StubWorker:
 
 
 def test_rendezvous_timeout_names_address_and_missing_ranks(local_ray):
-    coordinator = Coordinator.__new__(Coordinator)  # only _init_group is under test
-    coordinator.cfg = tiny_config(tiny_model(), "ray.rendezvous_timeout_s=1")
+    cfg = launch.engine_config(tiny_config(tiny_model(), "ray.rendezvous_timeout_s=1"))
+    group = WorkerGroup(1, dataclasses.replace(cfg, tp_size=3), strategies=[None] * 3)  # ranks 3, 4, 5
     workers = [_StubWorker.remote(True), _StubWorker.remote(False), _StubWorker.remote(False)]
-    group = DPGroup(dp_rank=1, placement_index=0, workers=workers, infos=[{"rank": r} for r in (3, 4, 5)])
+    group.workers = workers
     t0 = time.monotonic()
-    with pytest.raises(RendezvousError) as info:
-        coordinator._init_group(group, "10.1.2.3", 29500)
+    with pytest.raises(GroupFailure) as info:
+        asyncio.run(group._rendezvous("10.1.2.3", 29500))
     assert time.monotonic() - t0 < 20
     message = str(info.value)
     assert "tcp://10.1.2.3:29500" in message and "rank(s) [4, 5] did not arrive" in message, message
@@ -167,15 +169,15 @@ def _kill_when(namespace: str, ready: threading.Event, done_at_least: int, delay
 def test_worker_killed_mid_decode_then_rebuild(local_ray):
     namespace = "test-reliability-fault"
     cfg = tiny_config(tiny_model(), *ENGINE, "data_config.max_new_tokens=300", "data_config.ignore_eos=true",
-                      f"ray.namespace={namespace}")
+                      f"ray.namespace={namespace}", "ray.max_group_restarts=0")
     coordinator = start(cfg)
     try:
-        # dp group 0 finishes r0, r1 at once and takes r4, r5 (long); it is killed while decoding them.
-        requests = [{"id": f"r{i}", "prompt": f"Tell story number {i}.", "max_new_tokens": 2 if i < 2 else 300}
-                    for i in range(8)]
+        # Requests go to the least-loaded group in turn: r0, r2 run on group 0 with r4, r6 waiting there;
+        # group 0 is killed while it decodes r0 and r2, and its waiting requests move to group 1.
+        requests = [{"id": f"r{i}", "prompt": f"Tell story number {i}.", "max_new_tokens": 300} for i in range(8)]
         log: dict = {}
         ready = threading.Event()
-        killer = threading.Thread(target=_kill_when, args=(namespace, ready, 2, 0.3, log), daemon=True)
+        killer = threading.Thread(target=_kill_when, args=(namespace, ready, 0, 0.3, log), daemon=True)
         killer.start()
         ready.wait()
         t0 = time.monotonic()
@@ -186,12 +188,12 @@ def test_worker_killed_mid_decode_then_rebuild(local_ray):
         assert "killed_at" in log
         assert [r["id"] for r in records] == [r["id"] for r in requests]
         by_id = {r["id"]: r for r in records}
-        for rid in ("r4", "r5"):
+        for rid in ("r0", "r2"):
             assert by_id[rid]["error"] and "shard-worker-1 (rank 1)" in by_id[rid]["error"], by_id[rid]
             assert by_id[rid]["dp_rank"] == 0
-        for rid in ("r0", "r1", "r2", "r3", "r6", "r7"):
+        for rid in ("r1", "r3", "r4", "r5", "r6", "r7"):
             assert by_id[rid]["error"] is None, by_id[rid]
-        assert {by_id[r]["dp_rank"] for r in ("r2", "r3", "r6", "r7")} == {1}
+            assert by_id[rid]["dp_rank"] == 1, by_id[rid]
         assert log.get("detected_s") is not None and log["detected_s"] < 15, log
         alive = {t["dp_rank"]: t["alive"] for t in ray.get(coordinator.topology.remote(), timeout=30)}
         assert alive == {0: False, 1: True}
