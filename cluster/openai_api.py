@@ -98,6 +98,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     mm_processor_kwargs: MMProcessorKwargs | None = None
+    ignore_eos: bool | None = None  # vLLM's extension: generate exactly max_tokens (benchmarks)
     # Refused unless left at their defaults.
     n: int | None = None
     logprobs: bool | None = None
@@ -200,6 +201,7 @@ def engine_request(request: ChatCompletionRequest, request_id: str,
     max_tokens = request.max_completion_tokens or request.max_tokens
     for key, value in (("max_new_tokens", max_tokens), ("temperature", request.temperature),
                        ("top_p", request.top_p), ("seed", request.seed), ("stop", request.stop),
+                       ("ignore_eos", request.ignore_eos),
                        ("mm_processor_kwargs", request.mm_processor_kwargs
                         and request.mm_processor_kwargs.model_dump(exclude_none=True))):
         if value is not None:

@@ -1,0 +1,224 @@
+"""Serving benchmark: the same Poisson arrivals over HTTP and through the Ray API, compared.
+
+`python -m cluster.bench_serve CONF [key=value ...] [--num-requests N] [--request-rate R]
+[--max-tokens M] [--out PATH]` starts the engine and the OpenAI-compatible server (the config's
+serve.* keys), turns the config's dataset into chat requests, and sends them twice with the same
+seeded Poisson arrival times: first through `coordinator.stream` from this driver (the Ray API),
+then as streaming chat completions to http://serve.host:serve.port/v1 (the HTTP path). Both are
+timed by the client in the same way: TTFT to the first piece of text, ITL between pieces, E2E to
+the last, TPOT = (E2E - TTFT) / (output tokens - 1). It prints each path's summary
+(cluster.report) and the HTTP overhead, HTTP minus Ray API, per metric, and writes them as JSON.
+"""
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from actors.records import failed_record, fill_latencies, new_record
+from cluster.config import RunConfig, load_config
+from cluster.datasets import load_requests
+from cluster.launch import USER_ERRORS, start, stop
+from cluster.openai_api import ChatCompletionRequest, engine_request
+from cluster.report import format_summary, summarize
+from cluster.serve import model_name, start_server, stop_server
+
+WARMUP_REQUESTS = 2
+
+
+def chat_bodies(cfg: RunConfig, requests: list[dict], max_tokens: int) -> list[dict[str, Any]]:
+    """Streaming chat-completion bodies for dataset requests: the images (as paths), then the prompt."""
+    bodies = []
+    for request in requests:
+        content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": str(path)}}
+                                         for path in request.get("images") or []]
+        content.append({"type": "text", "text": request["prompt"]})
+        body = {"model": model_name(cfg), "messages": [{"role": "user", "content": content}],
+                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        if request.get("mm_processor_kwargs"):
+            body["mm_processor_kwargs"] = request["mm_processor_kwargs"]
+        bodies.append(body)
+    return bodies
+
+
+def arrival_offsets(count: int, rate: float, seed: int) -> list[float]:
+    """Seconds from the start at which each request is sent: Poisson arrivals at `rate` per second."""
+    if not np.isfinite(rate):
+        return [0.0] * count
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=count)
+    return np.concatenate([[0.0], np.cumsum(gaps[:-1])]).tolist()
+
+
+def _finish(record: dict[str, Any], times: list[float], tokens: int, prompt_tokens: int) -> dict[str, Any]:
+    """Latencies from the arrival and the Unix times of the text pieces; TPOT over `tokens` tokens."""
+    fill_latencies(record, times)
+    record["prompt_tokens"] = prompt_tokens
+    record["output_token_ids"] = record["output_token_ids"] or [-1] * tokens  # HTTP gives the count only
+    if tokens > 1 and record["ttft_s"] is not None:
+        record["tpot_s"] = (record["e2e_s"] - record["ttft_s"]) / (tokens - 1)
+    record["end_time"] = time.time()
+    return record
+
+
+async def ray_request(coordinator: Any, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+    """One request through coordinator.stream, timed from this driver."""
+    request = engine_request(ChatCompletionRequest.model_validate(body), request_id)
+    record = new_record(request_id, time.time())
+    times: list[float] = []
+    try:
+        async for ref in coordinator.stream.options(num_returns="streaming").remote(request):
+            item = await ref
+            if item.get("final"):
+                if item.get("error"):
+                    return failed_record(request_id, item["error"], arrival_time=record["arrival_time"])
+                record["output_token_ids"] = list(item["output_token_ids"])
+                return _finish(record, times, len(item["output_token_ids"]), item["prompt_tokens"])
+            if item.get("text"):
+                times.append(time.time())
+    except Exception as e:  # noqa: BLE001 - a failed request is a failed record, as in the engine
+        return failed_record(request_id, f"{type(e).__name__}: {e}", arrival_time=record["arrival_time"])
+    return failed_record(request_id, "stream ended without a final record", arrival_time=record["arrival_time"])
+
+
+async def http_request(session: aiohttp.ClientSession, url: str, body: dict[str, Any], request_id: str,
+                       headers: dict[str, str]) -> dict[str, Any]:
+    """One streaming chat completion over HTTP, timed by the client."""
+    record = new_record(request_id, time.time())
+    times: list[float] = []
+    counts = None
+    try:
+        async with session.post(url, json=body, headers=headers) as response:
+            if response.status != 200:
+                text = await response.text()
+                return failed_record(request_id, f"HTTP {response.status}: {text}", arrival_time=record["arrival_time"])
+            async for line in response.content:
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:].strip()
+                if data == b"[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    return failed_record(request_id, event["error"]["message"], arrival_time=record["arrival_time"])
+                if event.get("usage"):
+                    counts = event["usage"]
+                if event["choices"] and event["choices"][0]["delta"].get("content"):
+                    times.append(time.time())
+    except aiohttp.ClientError as e:
+        return failed_record(request_id, f"{type(e).__name__}: {e}", arrival_time=record["arrival_time"])
+    if counts is None:
+        return failed_record(request_id, "no usage chunk in the stream", arrival_time=record["arrival_time"])
+    return _finish(record, times, counts["completion_tokens"], counts["prompt_tokens"])
+
+
+async def _run(send: Any, bodies: list[dict[str, Any]], offsets: list[float], tag: str) -> tuple[list[dict], float]:
+    """Send every body at its offset; the records in order and the wall time."""
+    start = time.perf_counter()
+
+    async def one(i: int) -> dict[str, Any]:
+        await asyncio.sleep(max(0.0, start + offsets[i] - time.perf_counter()))
+        return await send(bodies[i], f"{tag}-{i}")
+
+    records = await asyncio.gather(*(one(i) for i in range(len(bodies))))
+    return list(records), time.perf_counter() - start
+
+
+async def benchmark(coordinator: Any, cfg: RunConfig, bodies: list[dict[str, Any]], offsets: list[float]) -> dict:
+    """Warm up both paths, then run the Ray API path and the HTTP path; their summaries and the overhead."""
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {cfg.serve.api_key}"} if cfg.serve.api_key else {}
+    timeout = aiohttp.ClientTimeout(total=cfg.ray.worker_timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def via_ray(body: dict[str, Any], request_id: str) -> dict[str, Any]:
+            return await ray_request(coordinator, body, request_id)
+
+        async def via_http(body: dict[str, Any], request_id: str) -> dict[str, Any]:
+            return await http_request(session, url, body, request_id, headers)
+
+        warm = bodies[:WARMUP_REQUESTS]
+        await _run(via_ray, warm, [0.0] * len(warm), "warmup-ray")
+        await _run(via_http, warm, [0.0] * len(warm), "warmup-http")
+        results = {}
+        for name, send in (("ray_api", via_ray), ("http", via_http)):
+            records, wall = await _run(send, bodies, offsets, name)
+            results[name] = summarize(records, wall)
+            failed = [r for r in records if r["error"]]
+            for r in failed[:5]:
+                print(f"{name} request {r['id']} failed: {r['error']}", file=sys.stderr)
+    results["http_overhead_ms"] = overhead(results["http"], results["ray_api"])
+    return results
+
+
+def overhead(http: dict[str, Any], ray_api: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """HTTP minus Ray API for each latency metric's mean, median and p99 (ms)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        out[metric] = {}
+        for stat in ("mean", "median", "p99"):
+            a, b = http[metric][stat], ray_api[metric][stat]
+            out[metric][stat] = None if a is None or b is None else a - b
+    return out
+
+
+def format_overhead(delta: dict[str, dict[str, float | None]]) -> str:
+    lines = ["{:=^50}".format(" HTTP overhead (HTTP - Ray API) "),
+             f"{'(ms)':<14}{'mean':>12}{'median':>12}{'p99':>12}"]
+    for metric, stats in delta.items():
+        cells = "".join(f"{'-' if v is None else f'{v:.2f}':>12}" for v in stats.values())
+        lines.append(f"{metric.removesuffix('_ms').upper():<14}{cells}")
+    lines.append("=" * 50)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster.bench_serve", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="YAML run config, e.g. conf/tiny_cpu.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. serve.port=8001")
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--request-rate", type=float, default=None,
+                        help="arrivals per second (default: data_config.request_rate; inf: all at once)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="default: data_config.max_new_tokens")
+    parser.add_argument("--out", default="outputs/bench_serve/bench_serve.json")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        data = cfg.data_config
+        requests = load_requests(data.dataset, data.dataset_dir, data.batch_size, cfg.dp_size,
+                                 args.num_requests, base_dir=Path.cwd())
+        coordinator = start(cfg)
+    except (*USER_ERRORS, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rate = data.request_rate if args.request_rate is None else args.request_rate
+    bodies = chat_bodies(cfg, requests, args.max_tokens or data.max_new_tokens)
+    offsets = arrival_offsets(len(bodies), rate, data.seed)
+    try:
+        start_server(cfg)
+        results = asyncio.run(benchmark(coordinator, cfg, bodies, offsets))
+    finally:
+        try:
+            stop_server()
+        finally:
+            stop(coordinator)
+    results["config"] = {"model_path": cfg.model_path, "device": cfg.device, "world_size": cfg.world_size,
+                         "tp_size": cfg.tp_size, "num_requests": len(bodies), "request_rate": rate,
+                         "max_tokens": bodies[0]["max_tokens"] if bodies else None}
+    for name, title in (("ray_api", "Ray API (coordinator.stream)"), ("http", "HTTP (OpenAI chat completions)")):
+        print(f"\n{title}\n{format_summary(results[name])}")
+    print(format_overhead(results["http_overhead_ms"]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(f"results: {out}")
+    return 0 if all(results[n]["requests_failed"] == 0 for n in ("ray_api", "http")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
