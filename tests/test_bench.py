@@ -41,13 +41,11 @@ def test_every_engine_and_field(bench: tuple[dict, str, Path]) -> None:
         assert sorted(engines[engine]["batches"]) == list(BATCHES), engine
         for batch, m in engines[engine]["batches"].items():
             assert set(FIELDS) <= set(m), (engine, batch)
-            # ours and the Ray engine serve the same greedy tokens
             assert m["output_tokens"] == NEW_TOKENS * max(int(batch), 2)
             assert f"tiny       {engine:<18} {batch:>5}" in stdout
+            # Every engine, in-process or through Ray, serves transformers' greedy tokens.
+            assert m["tokens_match_hf"] is True, (engine, batch)
     assert engines["ours_graph"]["capture_s"] > 0
-    for b in BATCHES:
-        assert engines["ray_tp1"]["batches"][b]["tokens_match_hf"] == engines["ours_eager"]["batches"][b][
-            "tokens_match_hf"]
 
 
 def test_ratios_come_from_measured_values(bench: tuple[dict, str, Path]) -> None:
