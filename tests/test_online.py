@@ -1,0 +1,216 @@
+"""The online engine through Ray: continuous batching with requests arriving over time, streaming,
+abort, stop strings, several drivers at once, and the static policy for comparison.
+
+Three engines share one local Ray cluster: continuous at tp 1, continuous at tp 2 and static at
+tp 1, each with 2 KV slots, so that later requests are admitted while earlier ones decode.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from cluster import start, stop
+from model.processor import PromptBuilder
+from tests.ray_helpers import REPO, tiny_config, wait_for
+from tests.reference import compare_greedy, step_rows
+
+RAY_NUM_CPUS = 6
+SLOTS = 2
+
+
+def _engine(checkpoint: Path, namespace: str, *overrides: str):
+    return start(tiny_config(checkpoint, f"data_config.batch_size={SLOTS}", "data_config.max_new_tokens=16",
+                             "scheduler.prefill_chunk_tokens=24", f"ray.namespace={namespace}", *overrides))
+
+
+@pytest.fixture(scope="module")
+def engines(local_ray, tiny_checkpoint: Path):
+    started = {}
+    try:
+        started["tp1"] = _engine(tiny_checkpoint, "online-tp1", "world_size=1", "parallel_config.tp_size=1")
+        started["tp2"] = _engine(tiny_checkpoint, "online-tp2", "world_size=2", "parallel_config.tp_size=2")
+        started["static"] = _engine(tiny_checkpoint, "online-static", "world_size=1", "parallel_config.tp_size=1",
+                                    "scheduler.policy=static")
+        yield started
+    finally:
+        for coordinator in started.values():
+            stop(coordinator)
+
+
+def _staggered(requests: list[dict], coordinator, gap_s: float = 0.03) -> list[dict]:
+    """Send one request every `gap_s` (each its own generate call, as separate callers would) -> records."""
+    refs = []
+    for request in requests:
+        refs.append(coordinator.generate.remote([request]))
+        time.sleep(gap_s)
+    return [r[0] for r in ray.get(refs, timeout=300)]
+
+
+def _mixed(raw_requests: dict[str, dict]) -> list[dict]:
+    lengths = [3, 12, 6, 9, 16, 4, 10, 7, 14, 5]
+    names = list(raw_requests) * 2
+    return [{**raw_requests[name], "id": f"{name}-{i}", "max_new_tokens": n} for i, (name, n) in
+            enumerate(zip(names, lengths))]
+
+
+@pytest.fixture(scope="module")
+def continuous_tp1(engines, raw_requests) -> list[dict]:
+    return _staggered(_mixed(raw_requests), engines["tp1"])
+
+
+def test_continuous_batching_matches_transformers(continuous_tp1, raw_requests, tiny_checkpoint, hf_reference):
+    requests = _mixed(raw_requests)
+    records = continuous_tp1
+    assert all(r["error"] is None for r in records), [r["error"] for r in records]
+    # Later requests were admitted while earlier ones were still decoding.
+    overlaps = sum(1 for a, b in zip(records, records[1:]) if b["scheduled_time"] < a["end_time"])
+    assert overlaps >= 3, overlaps
+    builder = PromptBuilder.from_pretrained(tiny_checkpoint)
+    near_ties = []
+    for record, raw in zip(records, requests):
+        request = builder.build(raw)
+        ref = hf_reference.generate(tiny_checkpoint, request, raw["max_new_tokens"], builder.eos_token_ids)
+
+        def reference_step(step: int, request=request, ref=ref) -> tuple[torch.Tensor, torch.Tensor]:
+            row = step_rows(hf_reference.logits(tiny_checkpoint, request, ref), len(request.input_ids))[step]
+            return row, row
+
+        result = compare_greedy(record["output_token_ids"], ref, reference_step)
+        assert result.accepted, f"{record['id']}: {result.detail}"
+        near_ties += [record["id"]] if result.near_tie_step is not None else []
+    assert len(near_ties) <= len(records) // 4, near_ties
+
+
+def test_tp2_and_static_policy_give_the_same_tokens(engines, continuous_tp1, raw_requests):
+    requests = _mixed(raw_requests)
+    tp2 = _staggered(requests, engines["tp2"])
+    static = _staggered(requests, engines["static"])
+    for a, b, c in zip(continuous_tp1, tp2, static):
+        assert a["output_token_ids"] == b["output_token_ids"] == c["output_token_ids"], a["id"]
+    # Static batching admits only into an empty group: no admission while another request of the group runs.
+    for x in static:
+        assert not any(y is not x and y["scheduled_time"] < x["scheduled_time"] < y["end_time"]
+                       and y["scheduled_time"] != x["scheduled_time"] for y in static), x["id"]
+
+
+def _collect(gen, log: list) -> None:
+    for ref in gen:
+        item = ray.get(ref)
+        log.append((time.monotonic(), item))
+
+
+def test_short_request_finishes_before_the_long_one_it_joined(engines):
+    coordinator = engines["tp1"]
+    long_log: list = []
+    short_log: list = []
+    long_gen = coordinator.stream.options(num_returns="streaming").remote(
+        {"id": "long", "prompt": "Tell me a very long story.", "max_new_tokens": 400, "ignore_eos": True})
+    reader = threading.Thread(target=_collect, args=(long_gen, long_log))
+    reader.start()
+    assert wait_for(lambda: len(long_log) >= 2, timeout_s=60, interval_s=0.01)
+    short_gen = coordinator.stream.options(num_returns="streaming").remote(
+        {"id": "short", "prompt": "Hi.", "max_new_tokens": 5, "ignore_eos": True})
+    _collect(short_gen, short_log)
+    reader.join(timeout=120)
+    long_final, short_final = long_log[-1][1], short_log[-1][1]
+    assert long_final["final"] and short_final["final"]
+    assert long_final["error"] is None and short_final["error"] is None
+    assert len(long_final["output_token_ids"]) == 400 and len(short_final["output_token_ids"]) == 5
+    # The short request's tokens streamed, and it ended, while the long one was still decoding.
+    assert short_final["end_time"] < long_final["end_time"]
+    short_tokens = [t for t, item in short_log if not item.get("final")]
+    assert short_tokens and max(short_tokens) < long_log[-1][0]
+    assert sum(len(item["token_ids"]) for _, item in short_log if not item.get("final")) == 5
+    assert sum(len(item["token_ids"]) for _, item in long_log if not item.get("final")) == 400
+
+
+def test_abort_and_a_consumer_that_goes_away_free_the_slot(engines):
+    coordinator = engines["tp1"]
+    log: list = []
+    gen = coordinator.stream.options(num_returns="streaming").remote(
+        {"id": "to-abort", "prompt": "Go on forever.", "max_new_tokens": 400, "ignore_eos": True})
+    reader = threading.Thread(target=_collect, args=(gen, log))
+    reader.start()
+    assert wait_for(lambda: len(log) >= 1, timeout_s=60, interval_s=0.01)
+    assert ray.get(coordinator.abort.remote("to-abort"), timeout=30) is True
+    reader.join(timeout=60)
+    final = log[-1][1]
+    assert final["final"] and final["finish_reason"] == "abort" and final["error"] is None
+    assert 0 < len(final["output_token_ids"]) < 400
+    assert wait_for(lambda: ray.get(coordinator.status.remote())["running"] == 0, timeout_s=30)
+
+    gone = coordinator.stream.options(num_returns="streaming").remote(
+        {"id": "walks-away", "prompt": "Go on forever.", "max_new_tokens": 400, "ignore_eos": True})
+    next(gone)  # one item, then the consumer cancels its stream
+    ray.cancel(gone)
+    assert wait_for(lambda: ray.get(coordinator.status.remote()) == {"live_groups": 1, "dp_size": 1, "waiting": 0,
+                                                                       "running": 0}, timeout_s=30)
+
+
+def test_stop_string_ends_the_request_and_is_not_returned(engines):
+    coordinator = engines["tp1"]
+    request = {"id": "stop", "prompt": "Describe the weather today.", "max_new_tokens": 16, "ignore_eos": True}
+    full = ray.get(coordinator.generate.remote([request]), timeout=120)[0]["output_text"]
+    clean = [i for i in range(4, len(full) - 2) if "\ufffd" not in full[i:i + 2]]
+    assert clean, f"no stop string candidate in {full!r}"
+    stop_at = full.find(full[clean[0]:clean[0] + 2])
+    record = ray.get(coordinator.generate.remote([{**request, "stop": [full[clean[0]:clean[0] + 2]]}]), timeout=120)[0]
+    assert record["finish_reason"] == "stop" and record["error"] is None
+    assert record["output_text"] == full[:stop_at]
+
+
+def test_requests_go_to_the_least_loaded_group(local_ray, tiny_checkpoint):
+    coordinator = _engine(tiny_checkpoint, "online-dp2", "world_size=2", "parallel_config.tp_size=1",
+                          "data_config.batch_size=4")
+    try:
+        requests = [{"id": f"b{i}", "prompt": "Hello.", "max_new_tokens": 40, "ignore_eos": True} for i in range(4)]
+        records = ray.get(coordinator.generate.remote(requests), timeout=120)
+        assert sorted(r["dp_rank"] for r in records) == [0, 0, 1, 1]
+    finally:
+        stop(coordinator)
+
+
+DRIVER = """
+import json, pathlib, sys, time, ray
+ray.init(address=sys.argv[1], namespace="online-tp1", log_to_driver=False)
+print("ready", flush=True)
+go = pathlib.Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.01)
+c = ray.get_actor("coordinator")
+reqs = [{"id": f"{sys.argv[3]}-{i}", "prompt": "Tell me a story.", "max_new_tokens": 120, "ignore_eos": True}
+        for i in range(2)]
+print(json.dumps(ray.get(c.generate.remote(reqs), timeout=120)), flush=True)
+"""
+
+
+def test_two_drivers_are_served_at_once(engines, tmp_path):
+    address = ray.get_runtime_context().gcs_address
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", DRIVER, address, str(go), name], stdout=subprocess.PIPE,
+                              text=True, cwd=REPO) for name in ("A", "B")]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            assert all(pool.map(lambda p: p.stdout.readline().strip() == "ready", procs))
+            go.touch()
+            outputs = list(pool.map(lambda p: p.communicate(timeout=180)[0], procs))
+    finally:
+        for p in procs:
+            p.kill()
+    records = {name: json.loads(out.strip().splitlines()[-1]) for name, out in zip("AB", outputs)}
+    for rs in records.values():
+        assert all(r["error"] is None and len(r["output_token_ids"]) == 120 for r in rs)
+    # Interleaved: each driver's requests ran while the other's were running.
+    a_span = (min(r["scheduled_time"] for r in records["A"]), max(r["end_time"] for r in records["A"]))
+    b_span = (min(r["scheduled_time"] for r in records["B"]), max(r["end_time"] for r in records["B"]))
+    assert a_span[0] < b_span[1] and b_span[0] < a_span[1], (a_span, b_span)
