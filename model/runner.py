@@ -27,6 +27,7 @@ from model.processor import PreparedRequest
 from model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from model.rotary import mrope_positions
 from model.sampling import SamplingParams, make_generator, sample
+from model.vision_cache import VisionCache, image_key
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ class ModelRunner:
 
     def __init__(self, model_path: str | Path, ctx: ParallelContext = SINGLE, device: str | torch.device = "cpu",
                  dtype: torch.dtype | str = torch.float32, max_batch_size: int = 4, max_seq_len: int = 2048,
-                 vision_mode: str = "dp", progress: bool = False, fused_ops: bool = False) -> None:
+                 vision_mode: str = "dp", progress: bool = False, fused_ops: bool = False,
+                 vision_cache_bytes: int = 0) -> None:
         if vision_mode not in ("dp", "tp"):
             raise ValueError(f"vision_mode={vision_mode!r} must be 'dp' or 'tp'")
         self.model_path = Path(model_path)
@@ -120,13 +122,19 @@ class ModelRunner:
         self.decode_fn = self.model.decode
         self.fused_ops = fused_ops
         self.decode_lengths = decode_lengths(self.device.type, False, max_seq_len, fused_ops)
+        self.vision_cache = VisionCache(vision_cache_bytes) if vision_cache_bytes else None
         self.last_phases = PhaseTimes()
 
     # ----------------------------------------------------------------------------- vision encode
     @torch.inference_mode()
     def encode_images(self, requests: list[PreparedRequest]) -> list[torch.Tensor | None]:
-        """Embeddings (num_image_tokens, hidden) per request, None for text-only requests."""
-        unit = self.config.vision.spatial_merge_size**2
+        """Embeddings (num_image_tokens, hidden) per request, None for text-only requests.
+
+        With a vision cache, each image is first looked up by its processed pixels and grid; an image
+        met before (in an earlier call, or earlier in this one) is not encoded again. Only the misses
+        go through the tower, split over the ranks in vision dp mode: every rank sees the same images
+        and its cache the same history, so all ranks take the same decisions and the same collectives.
+        """
         images: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (request index, grid (3,), patches)
         for i, req in enumerate(requests):
             if req.image_grid_thw is None:
@@ -136,9 +144,44 @@ class ModelRunner:
                 n = int(grid.prod())
                 images.append((i, grid, req.pixel_values[offset:offset + n]))
                 offset += n
-        out: list[list[torch.Tensor]] = [[] for _ in requests]
         if not images:
             return [None] * len(requests)
+        embeds: list[torch.Tensor | None] = [None] * len(images)
+        source = list(range(len(images)))  # the image whose embeddings image j takes
+        todo = source[:]
+        cache = self.vision_cache
+        keys: list[bytes] = []
+        if cache is not None:
+            keys = [image_key(patches, grid) for _, grid, patches in images]
+            first: dict[bytes, int] = {}
+            todo = []
+            for j, key in enumerate(keys):
+                if key in first:  # the same image earlier in this call
+                    source[j] = first[key]
+                    cache.record_hit()
+                    continue
+                first[key] = j
+                embeds[j] = cache.get(key)
+                if embeds[j] is None:
+                    todo.append(j)
+        for j, emb in zip(todo, self._encode([images[j] for j in todo])):
+            embeds[j] = emb
+            if cache is not None:
+                cache.put(keys[j], emb.clone())  # a copy: `emb` may be a view into a batch-wide buffer
+        out: list[list[torch.Tensor]] = [[] for _ in requests]
+        for j, (i, _, _) in enumerate(images):
+            out[i].append(embeds[source[j]])
+        return [torch.cat(o) if o else None for o in out]
+
+    def _encode(self, images: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """(request index, grid, patches) per image -> embeddings per image, in order.
+
+        In vision dp mode each rank encodes its share and one all_gather gives every rank all of them;
+        every rank must call this with the same images (an empty list makes no collective on any rank).
+        """
+        if not images:
+            return []
+        unit = self.config.vision.spatial_merge_size**2
         counts = [int(g.prod()) // unit for _, g, _ in images]
         owners = assign_images(counts, self.ctx.size) if self.vision_dp else [list(range(len(images)))]
         mine = owners[self.ctx.rank] if self.vision_dp else owners[0]
@@ -148,22 +191,25 @@ class ModelRunner:
             pixels = torch.cat([images[j][2] for j in mine]).to(self.device)
             grids = torch.stack([images[j][1] for j in mine])
             local = self.model.visual(pixels, grids)
-        if self.vision_dp:
-            width = max(sum(counts[j] for j in o) for o in owners)
-            padded = torch.zeros(width, hidden, dtype=local.dtype, device=self.device)
-            padded[: local.shape[0]] = local
-            gathered = self.ctx.all_gather(padded, dim=0).view(self.ctx.size, width, hidden)
-            per_image: dict[int, torch.Tensor] = {}
-            for r, owned in enumerate(owners):
-                start = 0
-                for j in owned:
-                    per_image[j] = gathered[r, start:start + counts[j]]
-                    start += counts[j]
-        else:
-            per_image = dict(zip(mine, local.split([counts[j] for j in mine])))
-        for j, (i, _, _) in enumerate(images):
-            out[i].append(per_image[j])
-        return [torch.cat(o) if o else None for o in out]
+        if not self.vision_dp:
+            return list(local.split(counts))
+        width = max(sum(counts[j] for j in o) for o in owners)
+        padded = torch.zeros(width, hidden, dtype=local.dtype, device=self.device)
+        padded[: local.shape[0]] = local
+        gathered = self.ctx.all_gather(padded, dim=0).view(self.ctx.size, width, hidden)
+        per_image: list[torch.Tensor] = [local] * len(images)
+        for r, owned in enumerate(owners):
+            start = 0
+            for j in owned:
+                per_image[j] = gathered[r, start:start + counts[j]]
+                start += counts[j]
+        return per_image
+
+    def vision_cache_stats(self) -> dict[str, int]:
+        """Cumulative vision-cache hits and misses, and the bytes and entries held (all 0 without a cache)."""
+        if self.vision_cache is None:
+            return {"hits": 0, "misses": 0, "bytes": 0, "entries": 0}
+        return self.vision_cache.stats()
 
     # ----------------------------------------------------------------------------- prefill / decode
     @torch.inference_mode()

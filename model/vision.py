@@ -2,9 +2,20 @@
 
 Attention never crosses images, so the tower can encode any subset of a batch's images and give
 the same embeddings per image: that is what data-parallel vision relies on.
+
+Attention runs as 4-D (batch, heads, seq, head_dim) scaled_dot_product_attention, the layout the
+fused kernels of every backend take (CPU flash, CUDA flash / memory-efficient, NPU fusion
+attention). Merge units are reordered once so that every attention group is a contiguous block of
+rows and groups of equal length sit next to each other (`vision_layout`): a window block then is
+one SDPA call per run of equal-size windows (at most four per frame: interior, right edge, bottom
+edge, corner), with the windows as the batch and no mask; a full-attention block is one call per
+run of equal-size frames. No score tensor is larger than one group's (64 x 64 per head for a
+112-pixel window), and a fused kernel never materializes even that for a whole frame.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +33,8 @@ from model.parallel import (
     _copy,
 )
 from model.rotary import apply_rotary, vision_position_ids, vision_rotary
+
+Run = tuple[int, int, int]  # (start row, number of groups, rows per group)
 
 
 def window_index(grid_thw: torch.Tensor, spatial_merge_size: int, window_size: int,
@@ -51,6 +64,78 @@ def window_index(grid_thw: torch.Tensor, spatial_merge_size: int, window_size: i
     return torch.cat(index), torch.cat(window_ids)
 
 
+@dataclass(frozen=True)
+class VisionLayout:
+    """The row order the tower works in, and its attention groups in that order.
+
+    `order` (num_units,) permutes the input's merge units (spatial_merge_size**2 patches each) so
+    that frames (images, or the frames of a video) follow one another in input order and, inside a
+    frame, each window is contiguous, larger windows first. `window_runs` and `frame_runs` list the
+    attention groups of the window blocks and of the full-attention blocks as runs
+    (start, count, length) in patches: `count` consecutive groups of `length` rows from `start`.
+    """
+
+    order: torch.Tensor
+    window_runs: list[Run]
+    frame_runs: list[Run]
+
+
+def _runs(lengths: torch.Tensor, unit: int) -> list[Run]:
+    """Consecutive group lengths (in merge units) -> runs of equal lengths (in patches)."""
+    values, counts = torch.unique_consecutive(lengths, return_counts=True)
+    runs, start = [], 0
+    for length, count in zip((values * unit).tolist(), counts.tolist()):
+        runs.append((start, count, length))
+        start += count * length
+    return runs
+
+
+def vision_layout(grid_thw: torch.Tensor, spatial_merge_size: int, window_size: int,
+                  patch_size: int) -> VisionLayout:
+    """Row order and attention runs for images of grids `grid_thw` (num_images, 3), on the CPU.
+
+    The windows are transformers' (`window_index`: window_size pixels square from the top-left
+    corner, cut by the image edge); only their order inside a frame differs, which attention within
+    a group does not see.
+    """
+    unit = spatial_merge_size**2
+    per_window = window_size // spatial_merge_size // patch_size
+    order, window_ids = window_index(grid_thw, spatial_merge_size, window_size, patch_size)
+    sizes = torch.unique_consecutive(window_ids, return_counts=True)[1]  # units per window
+    grid = grid_thw.long().cpu()
+    frames = grid[:, 0]
+    gh, gw = grid[:, 1] // spatial_merge_size, grid[:, 2] // spatial_merge_size
+    windows_per_frame = (-(-gh // per_window) * -(-gw // per_window)).repeat_interleave(frames)
+    window_frame = torch.arange(len(windows_per_frame)).repeat_interleave(windows_per_frame)
+    # Frame first, then larger windows first; stable, so equal windows keep transformers' order.
+    perm = torch.argsort(window_frame * (int(sizes.max()) + 1) - sizes, stable=True)
+    new_sizes = sizes[perm]
+    old_starts = (sizes.cumsum(0) - sizes)[perm]
+    new_starts = new_sizes.cumsum(0) - new_sizes
+    units = (old_starts - new_starts).repeat_interleave(new_sizes) + torch.arange(int(sizes.sum()))
+    frame_units = (gh * gw).repeat_interleave(frames)
+    return VisionLayout(order[units], _runs(new_sizes, unit), _runs(frame_units, unit))
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[Run]) -> torch.Tensor:
+    """Attention within groups of consecutive rows: q, k, v (N, H, D) -> (N, H, D).
+
+    One 4-D SDPA call per run, its groups as the batch: (count, H, length, D). The inputs may be
+    strided views (rows of a fused qkv output); only the last dimension must be contiguous.
+    """
+    n, heads, dim = q.shape
+    out = None if len(runs) == 1 else torch.empty_like(q)
+    for start, count, length in runs:
+        end = start + count * length
+        shape = (count, length, heads, dim)
+        o = F.scaled_dot_product_attention(*(t[start:end].view(shape).transpose(1, 2) for t in (q, k, v)))
+        o = o.transpose(1, 2).reshape(end - start, heads, dim)
+        if out is None:
+            return o
+        out[start:end] = o
+    return out
+
+
 class VisionAttention(nn.Module):
     def __init__(self, config: VisionConfig, ctx: ParallelContext) -> None:
         super().__init__()
@@ -61,21 +146,13 @@ class VisionAttention(nn.Module):
         self.qkv = MergedColumnParallelLinear(dim, [dim, dim, dim], bias=True, ctx=ctx)
         self.proj = RowParallelLinear(dim, dim, bias=True, ctx=ctx)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                spans: list[tuple[int, int]], segment: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: list[Run]) -> torch.Tensor:
+        """x (N, hidden); cos/sin (N, 1, 1, head_dim) float32; attention within each group of `runs`."""
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).permute(1, 2, 0, 3)  # 3 x (H, N, D)
-        q = apply_rotary(q.float(), cos, sin).to(x.dtype)
-        k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        out = torch.empty_like(q)
-        for start, end in spans:
-            mask = None
-            if segment is not None:
-                seg = segment[start:end]
-                mask = seg[:, None] == seg[None, :]
-            out[:, start:end] = F.scaled_dot_product_attention(
-                q[:, start:end], k[:, start:end], v[:, start:end], attn_mask=mask)
-        return self.proj(out.transpose(0, 1).reshape(n, -1))
+        qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
+        qk = apply_rotary(qkv[:, :2].float(), cos, sin).to(x.dtype)  # (N, 2, H, D): q and k rotated at once
+        out = grouped_attention(qk[:, 0], qk[:, 1], qkv[:, 2], runs)
+        return self.proj(out.reshape(n, -1))
 
 
 class VisionBlock(nn.Module):
@@ -86,9 +163,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(config, ctx)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=True, ctx=ctx)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                spans: list[tuple[int, int]], segment: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, spans, segment)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: list[Run]) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, runs)
         return x + self.mlp(self.norm2(x))
 
 
@@ -128,6 +204,9 @@ class PatchMerger(nn.Module):
 class Qwen2_5_VisionTransformer(nn.Module):
     """Encodes the patches of one or more images into one embedding per LLM image token."""
 
+    # Checkpoint projection name -> (our fused module, which part of it), for loading the tower alone.
+    packed_modules = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
     def __init__(self, config: VisionConfig, ctx: ParallelContext) -> None:
         super().__init__()
         self.config = config
@@ -139,22 +218,15 @@ class Qwen2_5_VisionTransformer(nn.Module):
         """pixel_values (num_patches, patch_dim), grid_thw (num_images, 3) -> (num_patches / merge**2, out)."""
         c = self.config
         unit = c.spatial_merge_size**2
+        grid_thw = grid_thw.cpu()
+        layout = vision_layout(grid_thw, c.spatial_merge_size, c.window_size, c.patch_size)
         x = self.patch_embed(pixel_values)
         n = x.shape[0]
-        grid_thw = grid_thw.cpu()
-        order, window_ids = window_index(grid_thw, c.spatial_merge_size, c.window_size, c.patch_size)
-        # Move whole merge units into window order; the patch rotary angles move with them.
+        order = layout.order.to(x.device)
+        # Whole merge units move into the layout's order; each patch's rotary angles move with it.
         cos, sin = vision_rotary(vision_position_ids(grid_thw, c.spatial_merge_size), c.head_dim, c.rope_theta)
-        cos = cos.view(n // unit, unit, -1)[order].reshape(n, -1).to(x.device)
-        sin = sin.view(n // unit, unit, -1)[order].reshape(n, -1).to(x.device)
-        window_segment = window_ids.repeat_interleave(unit).to(x.device)
-        order = order.to(x.device)
-        x = x.view(n // unit, unit, -1)[order].reshape(n, -1)
-        sizes = (grid_thw.prod(-1)).tolist()
-        ends = torch.tensor(sizes).cumsum(0).tolist()
-        spans = [(end - size, end) for size, end in zip(sizes, ends)]
+        cos, sin = (t.view(n // unit, unit, -1)[layout.order].view(n, 1, 1, -1).to(x.device) for t in (cos, sin))
+        x = x.view(n // unit, unit, -1)[order].view(n, -1)
         for i, block in enumerate(self.blocks):
-            segment = None if i in c.fullatt_block_indexes else window_segment
-            x = block(x, cos, sin, spans, segment)
-        merged = self.merger(x)
-        return merged[torch.argsort(order)]
+            x = block(x, cos, sin, layout.frame_runs if i in c.fullatt_block_indexes else layout.window_runs)
+        return self.merger(x)[torch.argsort(order)]
