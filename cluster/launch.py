@@ -3,8 +3,9 @@
 The driver checks the config and the checkpoint before anything starts, connects to Ray (an
 existing cluster or a new local one), reserves one placement group per TP group, starts the
 Coordinator (which starts the ShardWorkers), sends the dataset's requests (all at once, or as
-Poisson arrivals at `data_config.request_rate`), and writes one JSONL record per request plus a
-summary and a latency plot beside it.
+Poisson arrivals at `data_config.request_rate`), appends each request's JSONL record to
+`output_path` as it completes, and writes a summary and plots beside it at the end. A killed run
+loses only its running requests: `resume=true` runs what the file lacks.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,12 +29,21 @@ from tqdm import tqdm
 
 from actors.config import EngineConfig, SamplingDefaults, WorkerConfig
 from actors.coordinator import Coordinator
-from actors.records import failed_record
+from actors.records import failed_record, new_record
 from cluster.config import ConfigError, RunConfig, load_config
 from cluster.datasets import DatasetError, load_requests
 from cluster.devices import actor_resource_options, check_graph_env, get_device_spec, resolve_fused_ops
 from cluster.placement import COORDINATOR_NAME, PlacementError, order_groups_by_node, reserve
-from cluster.report import format_summary, summarize, write_records, write_report
+from cluster.report import format_summary, summarize, write_report
+from cluster.results import (
+    RecordWriter,
+    busy_seconds,
+    check_output_path,
+    latest_per_id,
+    pending_requests,
+    read_records,
+    resume_command,
+)
 from model.config import ModelConfig, ModelConfigError
 from model.loader import CheckpointError, checkpoint_files
 
@@ -39,6 +51,8 @@ logger = logging.getLogger("cluster.launch")
 
 # Errors a user can fix; the launch prints their message alone, without a traceback.
 USER_ERRORS = (ConfigError, ModelConfigError, CheckpointError, DatasetError, PlacementError, TimeoutError)
+# After interrupt_grace_s, how long the aborted requests' records may take to come back.
+ABORT_WAIT_S = 10.0
 
 
 def preflight(cfg: RunConfig) -> ModelConfig:
@@ -173,67 +187,189 @@ def arrival_offsets(count: int, rate: float, seed: int) -> list[float]:
     return offsets
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM where the run cannot wind down gently: during startup, or a second signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGINT and SIGTERM handlers for the driver's main thread, restored on exit.
+
+    While `serving`, the first signal only sets `requested`: the run stops sending requests, lets the
+    running ones finish for interrupt_grace_s, aborts the rest and writes every record. Before that
+    (startup: nothing to save) and at a second signal, the handler raises Interrupted at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.signum: int | None = None
+        self.serving = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        first = self.signum is None
+        if first:
+            self.signum = signum
+        if first and self.serving:
+            self.requested.set()
+            return
+        raise Interrupted(signum)
+
+
 def serve_requests(coordinator: Any, requests: list[dict], rate: float, seed: int,
-                   on_record: Any = None) -> list[dict]:
+                   on_record: Any = None, stop: StopSignals | None = None, grace_s: float = 0.0) -> list[dict]:
     """Send requests at their arrival times; records in request order.
 
-    `on_record(record)` sees each record as soon as its request completes.
+    `on_record(record)` sees each record as soon as its request completes. Once `stop` is requested
+    no request is sent any more; the running ones get `grace_s` seconds to finish, then are aborted.
+    Every request still gets a record: finish_reason 'abort' for the aborted and the never sent.
     """
     offsets = arrival_offsets(len(requests), rate, seed)
     start = time.monotonic()
     pending: dict[Any, int] = {}
     records: list[dict | None] = [None] * len(requests)
     sent = 0
+    stopping = stop.requested if stop is not None else threading.Event()
     with tqdm(total=len(requests), desc="requests", unit="req", file=sys.stderr) as bar:
-        while sent < len(requests) or pending:
+
+        def finish(i: int, record: dict) -> None:
+            records[i] = record
+            if on_record is not None:
+                on_record(record)
+            bar.update(1)
+
+        def collect(timeout_s: float) -> None:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
+            for ref in done:
+                i = pending.pop(ref)
+                try:
+                    record = ray.get(ref)[0]
+                except Exception as e:  # the coordinator died: the request still gets a record
+                    record = failed_record(requests[i], f"run failed: {unwrap(e)}")
+                finish(i, record)
+
+        while (sent < len(requests) or pending) and not stopping.is_set():
             now = time.monotonic() - start
             while sent < len(requests) and offsets[sent] <= now:
                 pending[coordinator.generate.remote([requests[sent]])] = sent
                 sent += 1
             wait_s = max(0.0, offsets[sent] - now) if sent < len(requests) else 1.0
             if not pending:
-                time.sleep(wait_s)
+                stopping.wait(wait_s)
                 continue
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=min(wait_s, 1.0))
-            for ref in done:
-                i = pending.pop(ref)
-                try:
-                    records[i] = ray.get(ref)[0]
-                except Exception as e:  # the coordinator died: the request still gets a record
-                    records[i] = failed_record(requests[i], f"run failed: {unwrap(e)}")
-                if on_record is not None:
-                    on_record(records[i])
-                bar.update(1)
+            collect(min(wait_s, 0.5))
+        if not stopping.is_set():
+            return [r for r in records if r is not None]
+
+        tqdm.write(f"stopping: {len(requests) - sent} request(s) not sent; {len(pending)} running get "
+                   f"{grace_s:g} s to finish, then are aborted (signal again to stop at once)", file=sys.stderr)
+        for i in range(sent, len(requests)):
+            finish(i, aborted_record(requests[i]))
+        deadline = time.monotonic() + grace_s
+        while pending and deadline > time.monotonic():
+            collect(min(deadline - time.monotonic(), 0.5))
+        for i in pending.values():
+            coordinator.abort.remote(str(requests[i]["id"]))
+        deadline = time.monotonic() + ABORT_WAIT_S
+        while pending and deadline > time.monotonic():
+            collect(min(deadline - time.monotonic(), 0.5))
+        for ref, i in list(pending.items()):  # the Coordinator did not answer the abort in time
+            del pending[ref]
+            finish(i, aborted_record(requests[i]))
     return [r for r in records if r is not None]
 
 
-def run(cfg: RunConfig) -> int:
-    """The whole job: returns the process exit status (0 when every request succeeded)."""
+def aborted_record(request: dict) -> dict:
+    """The record of a request ended before it produced its answer, without an error of its own."""
+    record = new_record(str(request["id"]))
+    record.update(finish_reason="abort", end_time=time.time())
+    return record
+
+
+def run(cfg: RunConfig, resume_hint: str | None = None) -> int:
+    """The whole job: returns the process exit status (0 when every request succeeded).
+
+    Each record is appended to `output_path` as its request completes. With `resume`, requests whose
+    ids already have a successful record there are skipped (failed ones too unless `resume_failed`);
+    without it, an output_path that holds records fails the run before Ray starts. On Ctrl-C or
+    SIGTERM the run winds down (see StopSignals), writes the summary of what completed and returns
+    128 + the signal number; `resume_hint` is the command printed to finish the run.
+    """
     data = cfg.data_config
     requests = load_requests(data.dataset, data.dataset_dir, data.batch_size, cfg.dp_size, data.num_samples,
                              base_dir=Path.cwd())
-    coordinator = start(cfg)
-    try:
-        start_time = time.perf_counter()
-        records = serve_requests(coordinator, requests, data.request_rate, data.seed)
-        wall = time.perf_counter() - start_time
-        try:
-            phases = ray.get(coordinator.stats.remote(), timeout=30)["phases"]
-        except Exception:
-            phases = {}
-    finally:
-        stop(coordinator)
     output = Path(cfg.output_path)
-    write_records(records, output)
-    summary = summarize(records, wall, phases=phases, extra={"config": {
-        "model_path": cfg.model_path, "device": cfg.device, "dtype": cfg.dtype, "world_size": cfg.world_size,
-        "tp_size": cfg.tp_size, "dp_size": cfg.dp_size, "exe_mode": cfg.exe_mode,
-        "vision_mode": cfg.parallel_config.vision_mode, "batch_size": data.batch_size,
-        "policy": cfg.scheduler.policy, "request_rate": data.request_rate}})
-    paths = write_report(records, summary, output)
+    preflight(cfg)
+    check_output_path(output, cfg.resume)  # before Ray starts: earlier results are never overwritten
+    earlier = read_records(output)[0] if cfg.resume else []
+    to_run, reused = pending_requests(requests, earlier, cfg.resume_failed)
+    if cfg.resume:
+        print(f"resume: {len(reused)} of {len(requests)} request(s) already done in {output}; "
+              f"running {len(to_run)}", file=sys.stderr)
+    written: set[str] = set()
+    wall, phases = 0.0, {}
+    signals = StopSignals()
+    if to_run:
+        connect(cfg)  # before the handlers: ray.init installs its own SIGTERM handler
+        with signals:
+            coordinator = start(cfg)
+            try:
+                with RecordWriter(output) as writer:
+
+                    def keep(record: dict) -> None:
+                        writer.write(record)
+                        written.add(str(record["id"]))
+
+                    signals.serving = True
+                    start_time = time.perf_counter()
+                    serve_requests(coordinator, to_run, data.request_rate, data.seed, on_record=keep,
+                                   stop=signals, grace_s=cfg.interrupt_grace_s)
+                    wall = time.perf_counter() - start_time
+                try:
+                    phases = ray.get(coordinator.stats.remote(), timeout=30)["phases"]
+                except Exception:
+                    phases = {}
+            finally:
+                stop(coordinator)
+
+    final = latest_per_id(read_records(output)[0])
+    completed = [r for r in final if r.get("finish_reason") != "abort"]
+    resumed = [r for r in completed if str(r["id"]) not in written]
+    summary = summarize(completed, wall + busy_seconds(resumed), phases=phases, extra={
+        "config": {"model_path": cfg.model_path, "device": cfg.device, "dtype": cfg.dtype,
+                   "world_size": cfg.world_size, "tp_size": cfg.tp_size, "dp_size": cfg.dp_size,
+                   "exe_mode": cfg.exe_mode, "vision_mode": cfg.parallel_config.vision_mode,
+                   "batch_size": data.batch_size, "policy": cfg.scheduler.policy, "request_rate": data.request_rate},
+        "resumed_records": len(resumed), "aborted_requests": len(final) - len(completed)})
+    paths = write_report(completed, summary, output)
     print(format_summary(summary))
+    if resumed:
+        print(f"the summary covers {len(resumed)} record(s) from an earlier run and "
+              f"{len(completed) - len(resumed)} from this one")
     print(f"results: {output}\nsummary: {paths['summary']}\nplot:    {paths['plot']}")
-    failed = [r for r in records if r.get("error")]
+    if paths.get("timeline"):
+        print(f"timeline: {paths['timeline']}")
+    if signals.signum is not None:
+        name = signal.Signals(signals.signum).name
+        print(f"interrupted by {name}: {len(written)} record(s) written, {len(final) - len(completed)} request(s) "
+              f"aborted or not started; to finish the run: {resume_hint or 'run again with resume=true'}",
+              file=sys.stderr)
+        return 128 + signals.signum
+    failed = [r for r in completed if r.get("error")]
     for r in failed[:10]:
         print(f"request {r['id']} failed: {r['error']}", file=sys.stderr)
     return 1 if failed else 0
@@ -245,17 +381,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data_config.batch_size=8")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    hint = resume_command(args.config, args.overrides)
     try:
-        return run(load_config(args.config, args.overrides))
+        return run(load_config(args.config, args.overrides), resume_hint=hint)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: workers and placement groups released", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"interrupted by {signal.Signals(signum).name}: workers and placement groups released; "
+              f"to finish the run: {hint}", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":
