@@ -4,13 +4,15 @@ Builds the tiny checkpoint (cached), computes reference tokens with an in-proces
 tp 1, then checks through Ray on the given device: that Ray sees enough devices, that a pair of
 Ray tasks forms a process group with the device's backend and gets all_reduce/all_gather right,
 that the engine serves the prompts at tp N in eager and in graph mode (`cluster.start`) with the
-reference tokens, and reports capture time and TPOT. Prints a pass/fail table; exit status 0 only
-when every row passes.
+reference tokens, and reports capture time and TPOT. Where the device has fused decode kernels (npu),
+one Ray task runs the plain and the fused decode on one device and compares their logits. Prints a
+pass/fail table; exit status 0 only when every row passes.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -32,7 +34,8 @@ from model.sampling import SamplingParams
 from model.tiny_checkpoint import build_tiny_checkpoint
 
 ROWS = ("devices visible to Ray", "process-group init", "all_reduce/all_gather", "graph capture",
-        "token parity", "TPOT")
+        "token parity", "TPOT", "fused vs plain decode")
+FUSED_RTOL = 0.05  # largest |fused - plain| logit over the largest |logit|, bf16
 
 
 @dataclass
@@ -50,13 +53,10 @@ def collective_probe(rank: int, world: int, address: str, device: str, timeout_s
     """One rank of the probe: init the process group, all_reduce and all_gather small tensors."""
     import torch.distributed as dist
 
-    from cluster.devices import import_backend, torch_device
+    from model.device import bind_device
 
     spec = get_device_spec(device)
-    import_backend(spec)
-    if spec.name != "cpu":
-        getattr(torch, spec.name).set_device(0)  # Ray restricts the visible devices to this task's one
-    dev = torch_device(spec, 0)
+    dev = bind_device(spec.name, ray.get_runtime_context().get_accelerator_ids(), os.environ)
     t = time.perf_counter()
     dist.init_process_group(spec.dist_backend, init_method=address, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
@@ -72,8 +72,8 @@ def collective_probe(rank: int, world: int, address: str, device: str, timeout_s
         dist.destroy_process_group()
 
 
-def check_collectives(spec: DeviceSpec, tp: int, timeout_s: float) -> tuple[Row, Row]:
-    """A pair (or more) of Ray tasks on the driver's node, one device each, forming a process group."""
+def device_task_options(spec: DeviceSpec) -> dict[str, Any]:
+    """Ray options for a task holding one device of the driver's node."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     options: dict[str, Any] = {"num_cpus": 1 if spec.name == "cpu" else 0,
@@ -83,8 +83,13 @@ def check_collectives(spec: DeviceSpec, tp: int, timeout_s: float) -> tuple[Row,
         options["num_gpus"] = 1
     elif spec.name != "cpu":
         options["resources"] = {spec.ray_resource: 1}
+    return options
+
+
+def check_collectives(spec: DeviceSpec, tp: int, timeout_s: float) -> tuple[Row, Row]:
+    """A pair (or more) of Ray tasks on the driver's node, one device each, forming a process group."""
     address = f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
-    task = ray.remote(collective_probe).options(**options)
+    task = ray.remote(collective_probe).options(**device_task_options(spec))
     refs = [task.remote(r, tp, address, spec.name, timeout_s) for r in range(tp)]
     try:
         out = ray.get(refs, timeout=timeout_s + 30)
@@ -98,6 +103,49 @@ def check_collectives(spec: DeviceSpec, tp: int, timeout_s: float) -> tuple[Row,
     want_gather = [float(r) for r in range(tp) for _ in range(2)]
     bad = [o["rank"] for o in out if o["all_reduce"] != want_sum or o["all_gather"] != want_gather]
     return init, Row(ROWS[2], not bad, "all ranks agree" if not bad else f"wrong results on ranks {bad}")
+
+
+def fused_probe(path: str, device: str, requests: list[dict], new_tokens: int) -> dict:
+    """On one device, in bf16: the prompts' decode-step logits with plain ops and with fused kernels.
+
+    Teacher-forced on the plain path's greedy tokens, so both sides see the same inputs at every step.
+    """
+    from model.device import bind_device
+    from model.gpu_check import decode_step_logits
+
+    dev = bind_device(device, ray.get_runtime_context().get_accelerator_ids(), os.environ)
+    builder = PromptBuilder.from_pretrained(path)
+    prepared = [builder.build(r) for r in requests]
+    params = [SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)] * len(prepared)
+    logits: dict[bool, list[torch.Tensor]] = {}
+    continuations = None
+    for fused in (False, True):
+        runner = ModelRunner(path, device=dev, dtype="bfloat16", max_batch_size=1, max_seq_len=256 + new_tokens,
+                             fused_ops=fused)
+        if continuations is None:
+            continuations = [r.output_token_ids for r in runner.generate(prepared, params, [])]
+        logits[fused] = [decode_step_logits(runner, p, c) for p, c in zip(prepared, continuations)]
+    diff = max(float((a - b).abs().max()) for a, b in zip(logits[False], logits[True]))
+    scale = max(float(a.abs().max()) for a in logits[False])
+    agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(logits[False], logits[True]))
+    return {"max_abs_diff": diff, "max_abs_logit": scale, "top1_agree": agree,
+            "steps": sum(a.shape[0] for a in logits[False])}
+
+
+def check_fused(spec: DeviceSpec, path: Path, requests: list[dict], new_tokens: int) -> Row:
+    """Fused decode kernels against the plain ops on the device (npu; elsewhere there are none to check)."""
+    if not spec.fused_ops:
+        return Row(ROWS[6], True, f"not used on {spec.name} (the fused decode kernels are npu-only)")
+    task = ray.remote(fused_probe).options(**device_task_options(spec))
+    try:
+        out = ray.get(task.remote(str(path), spec.name, requests, new_tokens), timeout=600)
+    except Exception as e:
+        log(traceback.format_exc())
+        return Row(ROWS[6], False, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    relative = out["max_abs_diff"] / max(out["max_abs_logit"], 1e-6)
+    detail = (f"bf16 logits: max |fused - plain| {out['max_abs_diff']:.3g} ({relative:.2%} of max |logit|), "
+              f"same top-1 at {out['top1_agree']}/{out['steps']} steps")
+    return Row(ROWS[6], relative <= FUSED_RTOL, detail)
 
 
 def run_engine(path: Path, spec: DeviceSpec, tp: int, mode: str, requests: list[dict], new_tokens: int,
@@ -184,6 +232,9 @@ def selfcheck(device: str, tp: int, new_tokens: int, cache: Path = CACHE_DIR) ->
         ok = ok and len(tpots) == len(requests)
         details.append(f"{mode} {1e3 * statistics.median(tpots):.2f} ms" if tpots else f"{mode} n/a")
     rows.append(Row(ROWS[5], ok, "median " + ", ".join(details)))
+
+    log(f"fused decode kernels vs plain ops on {spec.name}")
+    rows.append(check_fused(spec, path, requests, new_tokens))
     return rows
 
 
