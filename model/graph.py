@@ -80,7 +80,10 @@ class CompiledDecode:
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
                  kv_len: int) -> torch.Tensor:
-        return self.fn(tokens, positions, cache_lens, kv_len)
+        # Dynamo guards on dispatch keys, which differ between tensors made inside and outside
+        # inference mode: cloning the (B,) inputs in inference mode gives every step the same kind.
+        with torch.inference_mode():
+            return self.fn(tokens.clone(), positions.clone(), cache_lens.clone(), kv_len)
 
 
 class GraphDecode:

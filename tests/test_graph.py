@@ -190,6 +190,20 @@ def test_lengths_and_picks() -> None:
         pick_length([256, 512, 1024], 1025)
 
 
+def test_cpu_graph_mode_compiles_once_per_bucket(tiny_checkpoint: Path) -> None:
+    """Steps with other lengths, positions and max_len reuse the bucket's compiled step (no recompile)."""
+    from torch._dynamo.utils import counters
+
+    runner = ModelRunner(tiny_checkpoint, max_batch_size=2, max_seq_len=512)
+    runner.capture_graphs([1])
+    assert runner.decode_lengths == [512]
+    compiled = dict(counters["stats"])
+    for step, max_len in enumerate([12, 300, None, 511, 40]):
+        n = torch.tensor([max(0, (max_len or 512) - 1)])
+        runner.decode(torch.tensor([step + 3]), n + step, n, max_len=max_len)
+    assert dict(counters["stats"]) == compiled
+
+
 def test_capture_graphs_rejects_unknown_bucket(tiny_checkpoint: Path) -> None:
     runner = ModelRunner(tiny_checkpoint, max_batch_size=4, max_seq_len=64)
     with pytest.raises(ValueError, match=r"buckets \[3\] are not decode buckets"):
