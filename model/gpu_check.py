@@ -124,9 +124,16 @@ def hf_inputs(request: PreparedRequest, image_token_id: int, device: torch.devic
     ids = torch.tensor([request.input_ids], device=device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if request.pixel_values is not None:
-        inputs.update(pixel_values=request.pixel_values.to(device), image_grid_thw=request.image_grid_thw.to(device),
-                      mm_token_type_ids=(ids == image_token_id).int())
+        inputs.update(pixel_values=request.pixel_values.to(device), image_grid_thw=request.image_grid_thw.to(device))
+        if _transformers_major() >= 5:  # 5.x builds 3-D positions only when told which tokens are image tokens
+            inputs["mm_token_type_ids"] = (ids == image_token_id).int()
     return inputs
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
 
 
 def parity(path: Path, device: torch.device, images: dict[str, str], new_tokens: int, quick: bool) -> dict[str, Any]:
