@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
-from model.graph import CompiledDecode, GraphDecode, decode_lengths, pick_bucket, pick_length
+from model.graph import CompiledDecode, GraphDecode, decode_lengths, pick_length
 from model.kv_cache import KVCache
 from model.loader import load_weights
 from model.npu_ops import decode_ops
@@ -26,7 +26,7 @@ from model.parallel import SINGLE, ParallelContext
 from model.processor import PreparedRequest
 from model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from model.rotary import mrope_positions
-from model.sampling import SamplingParams, make_generator, sample
+from model.sampling import SamplingParams
 from model.vision_cache import VisionCache, image_key
 
 logger = logging.getLogger(__name__)
@@ -215,12 +215,18 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, request: PreparedRequest, image_embeds: torch.Tensor | None, slot: int,
                 all_logits: bool = False) -> tuple[torch.Tensor, int]:
-        """Fill KV slot `slot` with the prompt; returns (logits of the last position, rope delta)."""
-        positions, delta = mrope_positions(request.input_ids, request.image_grid_thw,
-                                           self.config.image_token_id, self.config.vision.spatial_merge_size)
+        """Fill KV slot `slot` with the whole prompt -> (logits of the last position, or of all, rope delta)."""
+        positions, delta = self.prompt_positions(request)
         ids = torch.tensor(request.input_ids, dtype=torch.long, device=self.device)
-        logits = self.model.prefill(ids, positions.to(self.device), image_embeds, slot, all_logits=all_logits)
-        return logits, delta
+        length = len(request.input_ids)
+        rows = None if all_logits else torch.tensor([length - 1], device=self.device)
+        logits = self.model.prefill(ids, positions.to(self.device), image_embeds, [(slot, 0, length)], rows)
+        return (logits if all_logits else logits[0]), delta
+
+    def prompt_positions(self, request: PreparedRequest) -> tuple[torch.Tensor, int]:
+        """M-RoPE positions (3, L) of a prompt and its rope delta (decode position = cache length + delta)."""
+        return mrope_positions(request.input_ids, request.image_grid_thw, self.config.image_token_id,
+                               self.config.vision.spatial_merge_size)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
@@ -279,11 +285,17 @@ class ModelRunner:
 
     def generate(self, requests: list[PreparedRequest], params: list[SamplingParams],
                  eos_token_ids: list[int] | None = None) -> list[GenerationResult]:
-        """Run requests to completion, max_batch_size at a time; results in request order."""
+        """Run requests to completion, max_batch_size at a time; results in request order.
+
+        Each batch: its images encoded together, its prompts prefilled together in one packed
+        forward, then decode until every request meets EOS or its max_new_tokens.
+        """
+        from model.batch import RunningBatch  # runs on this runner; imported here to avoid a cycle
+
         if len(params) != len(requests):
             raise ValueError(f"got {len(requests)} requests but {len(params)} sampling params")
-        eos = set(self.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        start = time.perf_counter()
+        eos = list(self.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        start_unix = time.time()
         results = [GenerationResult(r.request_id, prompt_tokens=len(r.input_ids)) for r in requests]
         runnable = []
         for i, (req, p) in enumerate(zip(requests, params)):
@@ -291,69 +303,27 @@ class ModelRunner:
             if results[i].error is None:
                 runnable.append(i)
         self.last_phases = PhaseTimes()
+        batch = RunningBatch(self)
         for first in range(0, len(runnable), self.max_batch_size):
             chunk = runnable[first:first + self.max_batch_size]
-            self._run_batch([requests[i] for i in chunk], [params[i] for i in chunk],
-                            [results[i] for i in chunk], eos, start)
+            t = time.perf_counter()
+            embeds = self.encode_images([requests[i] for i in chunk])
+            self.last_phases.vision_encode_s += time.perf_counter() - t
+            t = time.perf_counter()
+            for slot, (i, emb) in enumerate(zip(chunk, embeds)):
+                batch.admit(slot, requests[i], params[i], eos, emb)
+            outputs = [batch.prefill([(slot, len(requests[i].input_ids)) for slot, i in enumerate(chunk)])]
+            self.last_phases.prefill_s += time.perf_counter() - t
+            t = time.perf_counter()
+            steps = max(params[i].max_new_tokens for i in chunk)
+            while batch.active:  # one call runs every step: the step inputs stay on the device
+                outputs.append(batch.decode(steps))
+            self.last_phases.decode_steps += max((len(o.tokens) for o in outputs[-1].values()), default=0)
+            self.last_phases.decode_s += time.perf_counter() - t
+            for out in outputs:
+                for slot, step in out.items():
+                    result = results[chunk[slot]]
+                    result.output_token_ids.extend(step.tokens)
+                    result.token_times_s.extend(u - start_unix for u in step.times)
+                    result.finish_reason = step.finish_reason or result.finish_reason
         return results
-
-    @torch.inference_mode()
-    def _run_batch(self, requests: list[PreparedRequest], params: list[SamplingParams],
-                   results: list[GenerationResult], eos: set[int], start: float) -> None:
-        phases = PhaseTimes()
-        t = time.perf_counter()
-        embeds = self.encode_images(requests)
-        phases.vision_encode_s = time.perf_counter() - t
-
-        gens = [make_generator(p, self.device) for p in params]
-        n = len(requests)
-        cache_lens = [0] * n
-        deltas = [0] * n
-        last = [0] * n
-        active = [True] * n
-        t = time.perf_counter()
-        for slot, (req, emb) in enumerate(zip(requests, embeds)):
-            logits, deltas[slot] = self.prefill(req, emb, slot)
-            token = int(sample(logits[None], [params[slot]], [gens[slot]])[0])
-            cache_lens[slot] = len(req.input_ids)
-            active[slot] = self._append(results[slot], params[slot], token, eos, start)
-            last[slot] = token
-        phases.prefill_s = time.perf_counter() - t
-
-        t = time.perf_counter()
-        pad = pick_bucket(self.buckets, n) - n
-        # Step inputs live on the device for the whole batch and are updated in place: the next
-        # tokens are the sampled ones, and lengths/positions advance by 1 for slots still active
-        # (finished and padding slots keep rewriting one KV entry past their own data).
-        tokens = torch.tensor(last + [0] * pad, dtype=torch.long, device=self.device)
-        lens = torch.tensor(cache_lens + [0] * pad, dtype=torch.long, device=self.device)
-        positions = lens + torch.tensor(deltas + [0] * pad, dtype=torch.long, device=self.device)
-        advance = torch.tensor([int(a) for a in active] + [0] * pad, dtype=torch.long, device=self.device)
-        while any(active):
-            chosen = sample(self.decode(tokens, positions, lens), params, gens)
-            tokens.copy_(chosen)
-            lens.add_(advance)
-            positions.add_(advance)
-            chosen_ids = chosen.tolist()  # the one host sync per step: EOS checks and token times
-            phases.decode_steps += 1
-            for slot in range(n):
-                if active[slot]:
-                    active[slot] = self._append(results[slot], params[slot], chosen_ids[slot], eos, start)
-                    if not active[slot]:
-                        advance[slot] = 0
-        phases.decode_s = time.perf_counter() - t
-        self.last_phases.add(phases)
-
-    @staticmethod
-    def _append(result: GenerationResult, params: SamplingParams, token: int, eos: set[int],
-                start: float) -> bool:
-        """Record a token; returns whether the request goes on."""
-        result.output_token_ids.append(token)
-        result.token_times_s.append(time.perf_counter() - start)
-        if token in eos and not params.ignore_eos:
-            result.finish_reason = "stop"
-            return False
-        if len(result.output_token_ids) >= params.max_new_tokens:
-            result.finish_reason = "length"
-            return False
-        return True
