@@ -55,12 +55,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         module = item.path.stem
         local_id = f"{item.path.name}::{item.nodeid.split('::', 1)[-1]}"
-        if module in INTEGRATION_MODULES:
+        if module in INTEGRATION_MODULES or "local_ray" in getattr(item, "fixturenames", ()):
             integration = True
         elif module in SPLIT_MODULES:
             integration = any(local_id == t or local_id.startswith((t + "::", t + "[")) for t in INTEGRATION_TESTS)
         else:
-            integration = "local_ray" in getattr(item, "fixturenames", ()) or _starts_processes(item.path, scanned)
+            integration = _starts_processes(item.path, scanned)
         if integration:
             item.add_marker(pytest.mark.integration)
 
