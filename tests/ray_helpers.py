@@ -9,7 +9,6 @@ and RAY_AUTH_MODE=disabled turns it off for these private loopback clusters.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, TypeVar
 
 import ray
 
+from actors.shard_worker import free_port as free_port  # one definition, re-exported for the tests
 from cluster.config import RunConfig, load_config
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -26,13 +26,6 @@ TINY_CONF = REPO / "conf" / "tiny_cpu.yaml"
 CONTRACT_FIELDS = ("id", "output_token_ids", "output_text", "prompt_tokens", "ttft_s", "tpot_s", "e2e_s", "error")
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on this machine."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_local_ray(num_cpus: int, **kwargs: Any) -> None:
