@@ -2,11 +2,13 @@
 
 `python -m cluster.bench_serve CONF [key=value ...] [--num-requests N] [--request-rate R]
 [--max-tokens M] [--out PATH]` starts the engine and the OpenAI-compatible server (the config's
-serve.* keys), turns the config's dataset into chat requests, and sends them twice with the same
+serve.* keys), turns the config's dataset into chat requests (cycled up to --num-requests; images
+as local paths, greedy, EOS ignored), and sends them twice with the same
 seeded Poisson arrival times: first through `coordinator.stream` from this driver (the Ray API),
 then as streaming chat completions to http://serve.host:serve.port/v1 (the HTTP path). Both are
 timed by the client in the same way: TTFT to the first piece of text, ITL between pieces, E2E to
-the last, TPOT = (E2E - TTFT) / (output tokens - 1). It prints each path's summary
+the last, TPOT = (E2E - TTFT) / (output tokens - 1). Each path runs --rounds times, the order
+alternating between rounds. It prints each path's summary
 (cluster.report) and the HTTP overhead, HTTP minus Ray API, per metric, and writes them as JSON.
 """
 
@@ -130,8 +132,9 @@ async def _run(send: Any, bodies: list[dict[str, Any]], offsets: list[float], ta
     return list(records), time.perf_counter() - start
 
 
-async def benchmark(coordinator: Any, cfg: RunConfig, bodies: list[dict[str, Any]], offsets: list[float]) -> dict:
-    """Warm up both paths, then run the Ray API path and the HTTP path; their summaries and the overhead."""
+async def benchmark(coordinator: Any, cfg: RunConfig, bodies: list[dict[str, Any]], offsets: list[float],
+                    rounds: int = 2) -> dict:
+    """Warm up both paths, then run each path `rounds` times; their summaries and the HTTP overhead."""
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1/chat/completions"
     headers = {"Authorization": f"Bearer {cfg.serve.api_key}"} if cfg.serve.api_key else {}
     timeout = aiohttp.ClientTimeout(total=cfg.ray.worker_timeout_s)
@@ -145,12 +148,18 @@ async def benchmark(coordinator: Any, cfg: RunConfig, bodies: list[dict[str, Any
         warm = bodies[:WARMUP_REQUESTS]
         await _run(via_ray, warm, [0.0] * len(warm), "warmup-ray")
         await _run(via_http, warm, [0.0] * len(warm), "warmup-http")
-        results = {}
-        for name, send in (("ray_api", via_ray), ("http", via_http)):
-            records, wall = await _run(send, bodies, offsets, name)
-            results[name] = summarize(records, wall)
-            failed = [r for r in records if r["error"]]
-            for r in failed[:5]:
+        paths = {"ray_api": via_ray, "http": via_http}
+        records: dict[str, list[dict]] = {name: [] for name in paths}
+        walls = dict.fromkeys(paths, 0.0)
+        # Rounds alternate the order of the paths, so that a drift in the machine's load affects both alike.
+        for round_ in range(rounds):
+            for name in (list(paths) if round_ % 2 == 0 else list(paths)[::-1]):
+                done, wall = await _run(paths[name], bodies, offsets, f"{name}-{round_}")
+                records[name].extend(done)
+                walls[name] += wall
+        results = {name: summarize(records[name], walls[name]) for name in paths}
+        for name in paths:
+            for r in [r for r in records[name] if r["error"]][:5]:
                 print(f"{name} request {r['id']} failed: {r['error']}", file=sys.stderr)
     results["http_overhead_ms"] = overhead(results["http"], results["ray_api"])
     return results
@@ -185,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-rate", type=float, default=None,
                         help="arrivals per second (default: data_config.request_rate; inf: all at once)")
     parser.add_argument("--max-tokens", type=int, default=None, help="default: data_config.max_new_tokens")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each path, in alternating order")
     parser.add_argument("--out", default="outputs/bench_serve/bench_serve.json")
     args = parser.parse_args(argv)
     try:
@@ -197,19 +207,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rate = data.request_rate if args.request_rate is None else args.request_rate
+    requests = [requests[i % len(requests)] for i in range(args.num_requests)]  # a short file is cycled
     bodies = chat_bodies(cfg, requests, args.max_tokens or data.max_new_tokens)
     offsets = arrival_offsets(len(bodies), rate, data.seed)
     try:
         start_server(cfg)
-        results = asyncio.run(benchmark(coordinator, cfg, bodies, offsets))
+        results = asyncio.run(benchmark(coordinator, cfg, bodies, offsets, args.rounds))
     finally:
         try:
             stop_server()
         finally:
             stop(coordinator)
     results["config"] = {"model_path": cfg.model_path, "device": cfg.device, "world_size": cfg.world_size,
-                         "tp_size": cfg.tp_size, "num_requests": len(bodies), "request_rate": rate,
-                         "max_tokens": bodies[0]["max_tokens"] if bodies else None}
+                         "tp_size": cfg.tp_size, "num_requests": len(bodies), "rounds": args.rounds,
+                         "request_rate": rate, "max_tokens": bodies[0]["max_tokens"] if bodies else None}
     for name, title in (("ray_api", "Ray API (coordinator.stream)"), ("http", "HTTP (OpenAI chat completions)")):
         print(f"\n{title}\n{format_summary(results[name])}")
     print(format_overhead(results["http_overhead_ms"]))

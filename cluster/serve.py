@@ -96,7 +96,8 @@ def _record_error(record: dict[str, Any]) -> APIError:
     return APIError(503 if NO_LIVE_GROUP in error else 500, error)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024,
+                  graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=5)
 @serve.ingress(app)
 class OpenAIServer:
     """The HTTP front of the engine; one replica forwards every request to the named Coordinator."""
@@ -246,7 +247,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. serve.port=8001")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
         cfg = load_config(args.config, args.overrides)
         coordinator = start(cfg)
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own handler
     try:
         start_server(cfg)
         print(f"serving model '{model_name(cfg)}' at http://{cfg.serve.host}:{cfg.serve.port}/v1 "
@@ -262,12 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("stopping: Serve and the engine are shut down", file=sys.stderr)
+        print("stopping: shutting down Serve and the engine", file=sys.stderr)
     finally:
+        began = time.monotonic()
         try:
             stop_server()
         finally:
             stop(coordinator)
+        print(f"stopped in {time.monotonic() - began:.1f}s", file=sys.stderr)
     return 0
 
 

@@ -113,3 +113,37 @@ def test_bodies_parse_as_openai_types() -> None:
         chunk_body("c1", "tiny", 1, None, usage_={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
                    include_usage=True))
     assert last.choices == [] and last.usage.completion_tokens == 2
+
+
+def test_engine_errors_map_to_http_statuses() -> None:
+    import asyncio
+
+    from ray.exceptions import RayActorError
+
+    from cluster.serve import OpenAIServer, _engine_error, _record_error
+    from model.processor import InvalidRequestError
+
+    error = _engine_error(InvalidRequestError("request r: bad pixels", "mm_processor_kwargs.max_pixels"))
+    assert (error.status, error.param) == (400, "mm_processor_kwargs.max_pixels")
+    error = _engine_error(ValueError("request 'r': prompt has 900 tokens, more than data_config.input_max_len=512"))
+    assert error.status == 400 and "input_max_len" in error.message
+    assert _engine_error(ValueError("no live DP group to serve it")).status == 503
+    assert _engine_error(RayActorError()).status == 503
+    assert _engine_error(RuntimeError("boom")).status == 500
+    assert _record_error({"error": "no live DP group to serve it"}).status == 503
+    assert _record_error({"error": "shard-worker-0 (rank 0) of dp group 0 died"}).status == 500
+
+    class Status:
+        def __init__(self, live: int) -> None:
+            self.live = live
+
+        async def remote(self) -> dict:
+            return {"live_groups": self.live, "dp_size": 1, "waiting": 0, "running": 0}
+
+    server = object.__new__(OpenAIServer.func_or_class)
+    server.coordinator = type("Coordinator", (), {"status": Status(0)})()
+    with pytest.raises(APIError) as info:
+        asyncio.run(server.health())
+    assert info.value.status == 503 and "no live DP group" in info.value.message
+    server.coordinator.status = Status(1)
+    assert asyncio.run(server.health())["live_groups"] == 1
