@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TINY_MODEL ?= $(HOME)/.cache/qwen2_5_vl_ray/tiny-qwen2.5-vl
 CONF ?= conf/tiny_cpu.yaml
+RUN_OUTPUT ?= outputs/tiny_cpu/results.jsonl
 
 .PHONY: setup run test test-fast lint tiny-model bench clean
 
@@ -18,8 +19,10 @@ $(VENV)/.installed: pyproject.toml
 tiny-model: setup
 	$(PY) -m model.tiny_checkpoint $(TINY_MODEL)
 
+# The demo run replaces its previous results (a launch never overwrites results by itself).
 run: tiny-model
-	$(PY) -m cluster.launch $(CONF)
+	rm -f $(RUN_OUTPUT) $(basename $(RUN_OUTPUT)).summary.json $(basename $(RUN_OUTPUT)).*.png
+	$(PY) -m cluster.launch $(CONF) output_path=$(RUN_OUTPUT)
 
 test: setup
 	$(PY) -m ruff check .
@@ -33,8 +36,12 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check .
 
+# Decode (transformers vs ours, in process and through Ray), serving (continuous vs static batching
+# under Poisson arrivals), vision tower (ours vs transformers on a large image).
 bench: tiny-model
 	$(PY) -m cluster.bench
+	$(PY) -m cluster.bench_serving
+	$(PY) -m cluster.bench_vision
 
 clean:
 	rm -rf $(VENV) build outputs

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +38,10 @@ def broken_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
 
 
 def _launch(capsys: pytest.CaptureFixture, *overrides: str) -> tuple[int, str]:
-    argv = [str(TINY_CONF), f"ray.namespace={NAMESPACE}", "ray.placement_timeout_s=5", *overrides]
+    # A fresh output_path: results of an earlier run in the default one would stop the launch first.
+    output = Path(tempfile.mkdtemp()) / "results.jsonl"
+    argv = [str(TINY_CONF), f"ray.namespace={NAMESPACE}", "ray.placement_timeout_s=5", f"output_path={output}",
+            *overrides]
     rc = launch.main(argv)
     return rc, capsys.readouterr().err
 

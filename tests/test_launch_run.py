@@ -36,7 +36,8 @@ def _stats_ms(values: list[float]) -> dict:
 def test_every_request_has_a_record(launched):
     assert launched["status"] == 0
     records = launched["records"]
-    assert [r["id"] for r in records] == [f"default-{i}" for i in range(6)]
+    # Records are appended as requests complete, so the file's order is completion order.
+    assert sorted(r["id"] for r in records) == sorted(f"default-{i}" for i in range(6))
     for record in records:
         assert set(CONTRACT_FIELDS) <= set(record)
         assert record["error"] is None and 1 <= len(record["output_token_ids"]) <= 5
