@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 EXE_MODES = ("eager", "graph")
 VISION_MODES = ("tp", "dp")
 KNOWN_DATASETS = ("default", "vision-arena-bench-v0.1")
+DATASET_FILE_SUFFIXES = (".jsonl", ".json")
 POLICIES = ("continuous", "static")
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -50,7 +51,9 @@ class DataConfig:
     """Which requests to run and how to sample them.
 
     dataset: "default" (built-in prompts), "vision-arena-bench-v0.1" (read from dataset_dir), or
-        a path to a .jsonl file of requests.
+        a path to a .jsonl file of requests (or a .json file holding an array of them).
+    dataset_dir: where vision-arena-bench-v0.1 lives; when left at the default and that folder does
+        not exist, dataset/vision_arena_bench (the original sample's layout).
     num_samples: how many requests to take from the dataset (None = all).
     input_max_len: longest prompt in tokens, image tokens included.
     max_new_tokens: tokens generated per request.
@@ -252,7 +255,7 @@ def _merge_override(base: DictConfig, item: str) -> DictConfig:
 def _normalize_paths(cfg: RunConfig) -> None:
     cfg.model_path = str(Path(cfg.model_path).expanduser().resolve())
     data = cfg.data_config
-    if data.dataset.endswith(".jsonl"):
+    if data.dataset.endswith(DATASET_FILE_SUFFIXES):
         data.dataset = str(Path(data.dataset).expanduser())
     data.dataset_dir = str(Path(data.dataset_dir).expanduser())
     cfg.output_path = str(Path(cfg.output_path).expanduser())
@@ -292,12 +295,9 @@ def _validate(cfg: RunConfig) -> None:
     _check_choice("parallel_config.vision_mode", par.vision_mode, VISION_MODES)
 
     data = cfg.data_config
-    if data.dataset not in KNOWN_DATASETS and not data.dataset.endswith(".jsonl"):
-        _fail(
-            "data_config.dataset",
-            data.dataset,
-            f"must be one of {', '.join(KNOWN_DATASETS)} or a path to a .jsonl file",
-        )
+    if data.dataset not in KNOWN_DATASETS and not data.dataset.endswith(DATASET_FILE_SUFFIXES):
+        _fail("data_config.dataset", data.dataset,
+              f"must be one of {', '.join(KNOWN_DATASETS)} or a path to a .jsonl or .json file")
     if data.num_samples is not None:
         _check_min("data_config.num_samples", data.num_samples, 1)
     for name in ("input_max_len", "max_new_tokens", "batch_size"):

@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cluster.config import DATASET_FILE_SUFFIXES as FILE_SUFFIXES
+
 DEFAULT_DATASET = "default"
 VISION_ARENA_DATASET = "vision-arena-bench-v0.1"
 DEFAULT_PROMPT_FILE = Path("dataset") / "default_prompt.json"
@@ -41,7 +43,6 @@ VISION_ARENA_DIRS = (Path("dataset") / "vision_arena_bench", Path("dataset") / "
 IMAGE_DIR_NAME = ".images"
 CACHE_ENV = "QWEN2_5_VL_RAY_CACHE"
 ID_COLUMNS = ("question_id", "id")
-FILE_SUFFIXES = (".jsonl", ".json")
 
 _ACCEPTED_FORMS = (
     f"'{DEFAULT_DATASET}' (prompts from {DEFAULT_PROMPT_FILE}), "
