@@ -10,8 +10,10 @@ ours (model/vision.py, loaded by model/loader.py) and transformers'
 timed forwards after `--warmup` untimed ones, and its peak memory during the forwards: on cpu the
 peak resident set (VmHWM, reset through /proc/self/clear_refs once the weights are loaded, so it
 covers the forwards only) and its rise above the resident set before them; on cuda
-torch.cuda.max_memory_allocated and its rise above the allocation before them. The parent compares
-the two outputs and prints a table and one JSON line. No Ray is needed.
+torch.cuda.max_memory_allocated and its rise above the allocation before them. Each also reports the
+process CPU time of its fastest forward (all threads), which other processes on a shared machine
+disturb less than wall time. The parent compares the two outputs and prints a table and one JSON
+line. No Ray is needed.
 """
 
 from __future__ import annotations
@@ -139,16 +141,18 @@ def run_worker(engine: str, args: argparse.Namespace, workdir: Path) -> dict[str
         else:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
             before = _status_mb("VmRSS")
-        times = []
+        times, cpu_times = [], []
         for _ in range(args.repeats):
             out = None  # the previous output is not part of this forward's peak
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out = forward(pixels, grid)
             sync()
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _status_mb("VmHWM")
     torch.save(out.float().cpu(), workdir / f"{engine}.pt")
-    return {"engine": engine, "seconds": min(times), "all_seconds": times, "memory_before_mb": round(before, 1),
+    return {"engine": engine, "seconds": min(times), "all_seconds": times, "cpu_seconds": min(cpu_times),
+            "memory_before_mb": round(before, 1),
             "peak_mb": round(peak, 1), "peak_rise_mb": round(peak - before, 1),
             "memory_kind": "cuda_allocated" if device.type == "cuda" else "rss"}
 
@@ -180,11 +184,14 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
     }
     for engine, r in results.items():
         summary[f"{engine}_s"] = round(r["seconds"], 4)
+        summary[f"{engine}_cpu_s"] = round(r["cpu_seconds"], 3)
+        summary[f"{engine}_all_s"] = [round(t, 4) for t in r["all_seconds"]]
         summary[f"{engine}_peak_mb"] = r["peak_mb"]
         summary[f"{engine}_peak_rise_mb"] = r["peak_rise_mb"]
     if len(outputs) == 2:
         ours, theirs = outputs["ours"], outputs["transformers"]
         summary["time_ratio"] = round(results["ours"]["seconds"] / results["transformers"]["seconds"], 3)
+        summary["cpu_time_ratio"] = round(results["ours"]["cpu_seconds"] / results["transformers"]["cpu_seconds"], 3)
         summary["max_abs_diff"] = float((ours - theirs).abs().max())
         summary["max_abs_ref"] = float(theirs.abs().max())
     return summary

@@ -32,9 +32,10 @@ from model.parallel import (
     TensorSource,
     _copy,
 )
-from model.rotary import apply_rotary, vision_position_ids, vision_rotary
+from model.rotary import rotate_half, vision_position_ids, vision_rotary
 
 Run = tuple[int, int, int]  # (start row, number of groups, rows per group)
+MLP_CHUNK_ROWS = 4096
 
 
 def window_index(grid_thw: torch.Tensor, spatial_merge_size: int, window_size: int,
@@ -123,7 +124,7 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: l
     One 4-D SDPA call per run, its groups as the batch: (count, H, length, D). The inputs may be
     strided views (rows of a fused qkv output); only the last dimension must be contiguous.
     """
-    n, heads, dim = q.shape
+    _, heads, dim = q.shape
     out = None if len(runs) == 1 else torch.empty_like(q)
     for start, count, length in runs:
         end = start + count * length
@@ -134,6 +135,12 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: l
             return o
         out[start:end] = o
     return out
+
+
+def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding written into `x`: x * cos + rotate_half(x) * sin."""
+    rotated = rotate_half(x)
+    return x.mul_(cos).addcmul_(rotated, sin)
 
 
 class VisionAttention(nn.Module):
@@ -150,7 +157,9 @@ class VisionAttention(nn.Module):
         """x (N, hidden); cos/sin (N, 1, 1, head_dim) float32; attention within each group of `runs`."""
         n = x.shape[0]
         qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
-        qk = apply_rotary(qkv[:, :2].float(), cos, sin).to(x.dtype)  # (N, 2, H, D): q and k rotated at once
+        # q and k rotated together, in float32 as the reference does: in place on the float copy (on
+        # qkv itself when it is float32), so the only temporary is rotate_half's.
+        qk = _rotate_(qkv[:, :2].float(), cos, sin).to(x.dtype)  # (N, 2, H, D)
         out = grouped_attention(qk[:, 0], qk[:, 1], qkv[:, 2], runs)
         return self.proj(out.reshape(n, -1))
 
@@ -165,7 +174,12 @@ class VisionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: list[Run]) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, runs)
-        return x + self.mlp(self.norm2(x))
+        # The MLP acts on each row alone: a few thousand rows at a time bound its (rows, 2 x intermediate)
+        # temporaries whatever the image size, and its output is added in place.
+        for start in range(0, x.shape[0], MLP_CHUNK_ROWS):
+            rows = x[start:start + MLP_CHUNK_ROWS]
+            rows += self.mlp(self.norm2(rows))
+        return x
 
 
 class PatchEmbed(nn.Module):

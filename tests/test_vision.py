@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers.vision_utils import get_vision_window_index
 
+from model import vision
 from model.processor import PreparedRequest
 from model.runner import ModelRunner
 from model.vision import grouped_attention, vision_layout
@@ -77,9 +78,12 @@ def test_grouped_attention_is_attention_within_each_group(runs: list[tuple[int, 
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mlp_rows", [None, 100], ids=["mlp_whole", "mlp_in_chunks"])
 @pytest.mark.parametrize("checkpoint_name", ["default", "odd"])
-def test_tower_matches_transformers(checkpoint_name: str, checkpoint: Callable[[str], Path],
-                                    hf_reference: HFReference) -> None:
+def test_tower_matches_transformers(checkpoint_name: str, mlp_rows: int | None, checkpoint: Callable[[str], Path],
+                                    hf_reference: HFReference, monkeypatch: pytest.MonkeyPatch) -> None:
+    if mlp_rows is not None:  # the default chunk is larger than these images: cut them, at odd rows
+        monkeypatch.setattr(vision, "MLP_CHUNK_ROWS", mlp_rows)
     path = checkpoint(checkpoint_name)
     runner = ModelRunner(path, max_batch_size=1, max_seq_len=64)
     visual = hf_reference.model(path).model.visual
