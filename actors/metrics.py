@@ -109,11 +109,6 @@ class EngineMetrics:
             raise ValueError(f"unknown phase {name!r}; expected one of {PHASES}")
         self.metrics["qwen_vl_phase_seconds"].observe(seconds, {"phase": phase, "dp_rank": str(dp_rank)})
 
-    def record_phases(self, phases: dict, dp_rank: int) -> None:
-        """The three phase durations of one batch (`vision_encode_s`, `prefill_s`, `decode_s`)."""
-        for phase in PHASES:
-            self.record_phase(phase, phases[f"{phase}_s"], dp_rank)
-
     def record_vision_cache(self, dp_rank: int, hits: int, misses: int) -> None:
         """The vision cache's cumulative hit and miss counts of one DP group (as `vision_cache_stats()` gives).
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-FINISH_REASONS = ("stop", "length", "abort")
-
 # Field -> meaning. Every record has every field; fields that do not apply are None (or empty).
 RECORD_FIELDS: dict[str, str] = {
     "id": "request id (str)",

@@ -26,12 +26,12 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from cluster.config import DATASET_FILE_SUFFIXES as FILE_SUFFIXES
+from cluster.results import atomic_write_bytes
 
 DEFAULT_DATASET = "default"
 VISION_ARENA_DATASET = "vision-arena-bench-v0.1"
@@ -334,7 +334,7 @@ def _materialize_image(image: dict[str, Any], name: str, dataset_dir: Path, imag
     target = image_dir / f"{name}.{_image_ext(data, src)}"
     if target.is_file() and target.stat().st_size == len(data):
         return target
-    _atomic_write_bytes(target, data)
+    atomic_write_bytes(target, data)
     return target
 
 
@@ -371,14 +371,3 @@ def _writable_dir(path: Path) -> bool:
     except OSError:
         return False
     return os.access(path, os.W_OK | os.X_OK)
-
-
-def _atomic_write_bytes(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

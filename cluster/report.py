@@ -22,8 +22,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,19 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from cluster.results import atomic_write_bytes, json_default
+
 Record = dict[str, Any]
 Stats = dict[str, float | None]
 
-RECORD_KEY_ORDER = (
-    "id",
-    "output_token_ids",
-    "output_text",
-    "prompt_tokens",
-    "ttft_s",
-    "tpot_s",
-    "e2e_s",
-    "error",
-)
 LATENCY_METRICS = ("queue", "ttft", "tpot", "itl", "e2e")
 
 _METRIC_TITLES = {
@@ -209,7 +199,7 @@ def write_report(
     summary_path = results_path.with_name(f"{results_path.stem}.summary.json")
     plot_path = results_path.with_name(f"{results_path.stem}.latency.png")
     timeline_path: Path | None = results_path.with_name(f"{results_path.stem}.timeline.png")
-    _atomic_write_bytes(summary_path, (json.dumps(summary, indent=2, default=_json_default) + "\n").encode())
+    atomic_write_bytes(summary_path, (json.dumps(summary, indent=2, default=json_default) + "\n").encode())
     _plot_latency(records, summary, plot_path)
     if plot_timeline(records, timeline_path) is None:
         timeline_path.unlink(missing_ok=True)  # no stale picture from an earlier run
@@ -244,7 +234,7 @@ def _plot_latency(records: Sequence[Record], summary: dict[str, Any], path: Path
     )
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
-    _atomic_write_bytes(path, png.getvalue())
+    atomic_write_bytes(path, png.getvalue())
 
 
 # Request timeline ------------------------------------------------------------------------------------
@@ -377,45 +367,7 @@ def plot_timeline(records: Sequence[Record], path: Path) -> dict[str, Any] | Non
                  + (f"; {skipped} without timestamps not shown" if skipped else ""))
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
-    _atomic_write_bytes(Path(path), png.getvalue())
+    atomic_write_bytes(Path(path), png.getvalue())
     rows_per_dp = {d: sum(1 for row in rows if row.dp_rank == d) for d in dp_ranks}
     return {"rows": len(rows), "skipped": skipped, "rows_per_dp": rows_per_dp, "colors": colors,
             "marked": marked, "size_px": (round(12 * 100), round(height_in * 100))}
-
-
-def write_records(records: Sequence[Record], path: Path) -> Path:
-    """Write one JSON line per record, atomically, keys in :data:`RECORD_KEY_ORDER` then sorted."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(_ordered(r), default=_json_default, ensure_ascii=False) + "\n" for r in records]
-    _atomic_write_bytes(path, "".join(lines).encode())
-    return path
-
-
-def _ordered(record: Record) -> Record:
-    known = {k: record[k] for k in RECORD_KEY_ORDER if k in record}
-    rest = {k: record[k] for k in sorted(record) if k not in known}
-    return {**known, **rest}
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shlex
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -43,7 +44,7 @@ def record_line(record: Record) -> str:
     """One JSONL line (newline included): the record's fields in RECORD_FIELDS order, then any others sorted."""
     known = {k: record[k] for k in RECORD_FIELDS if k in record}
     rest = {k: record[k] for k in sorted(record) if k not in known}
-    return json.dumps({**known, **rest}, ensure_ascii=False, default=_json_default) + "\n"
+    return json.dumps({**known, **rest}, ensure_ascii=False, default=json_default) + "\n"
 
 
 def read_records(path: str | os.PathLike[str]) -> tuple[list[Record], list[int]]:
@@ -208,10 +209,24 @@ class RecordWriter:
         self.close()
 
 
-def _json_default(value: Any) -> Any:
-    # numpy scalars and arrays (item/tolist), paths
+def json_default(value: Any) -> Any:
+    """json.dumps's `default` for what records and summaries may hold: numpy scalars and arrays, paths."""
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all (a temporary file beside it, fsynced, then renamed over it)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

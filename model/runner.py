@@ -46,20 +46,6 @@ class GenerationResult:
     error: str | None = None
 
 
-@dataclass
-class PhaseTimes:
-    vision_encode_s: float = 0.0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    decode_steps: int = 0
-
-    def add(self, other: PhaseTimes) -> None:
-        self.vision_encode_s += other.vision_encode_s
-        self.prefill_s += other.prefill_s
-        self.decode_s += other.decode_s
-        self.decode_steps += other.decode_steps
-
-
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     old = torch.get_default_dtype()
@@ -123,7 +109,6 @@ class ModelRunner:
         self.fused_ops = fused_ops
         self.decode_lengths = decode_lengths(self.device.type, False, max_seq_len, fused_ops)
         self.vision_cache = VisionCache(vision_cache_bytes) if vision_cache_bytes else None
-        self.last_phases = PhaseTimes()
 
     # ----------------------------------------------------------------------------- vision encode
     @torch.inference_mode()
@@ -302,24 +287,16 @@ class ModelRunner:
             results[i].error = self.check_fits(req, p)
             if results[i].error is None:
                 runnable.append(i)
-        self.last_phases = PhaseTimes()
         batch = RunningBatch(self)
         for first in range(0, len(runnable), self.max_batch_size):
             chunk = runnable[first:first + self.max_batch_size]
-            t = time.perf_counter()
             embeds = self.encode_images([requests[i] for i in chunk])
-            self.last_phases.vision_encode_s += time.perf_counter() - t
-            t = time.perf_counter()
             for slot, (i, emb) in enumerate(zip(chunk, embeds)):
                 batch.admit(slot, requests[i], params[i], eos, emb)
             outputs = [batch.prefill([(slot, len(requests[i].input_ids)) for slot, i in enumerate(chunk)])]
-            self.last_phases.prefill_s += time.perf_counter() - t
-            t = time.perf_counter()
             steps = max(params[i].max_new_tokens for i in chunk)
             while batch.active:  # one call runs every step: the step inputs stay on the device
                 outputs.append(batch.decode(steps))
-            self.last_phases.decode_steps += max((len(o.tokens) for o in outputs[-1].values()), default=0)
-            self.last_phases.decode_s += time.perf_counter() - t
             for out in outputs:
                 for slot, step in out.items():
                     result = results[chunk[slot]]

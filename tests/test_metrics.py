@@ -90,7 +90,8 @@ class _MetricsProbe:
                           "e2e_s": 0.12, "error": None}, dp_rank)
         m.record_queue(0.02, dp_rank)
         m.set_queue_depth(dp_rank, waiting=3, running=2)
-        m.record_phases({"vision_encode_s": 0.01, "prefill_s": 0.02, "decode_s": 0.03}, dp_rank)
+        for phase, seconds in (("vision_encode", 0.01), ("prefill", 0.02), ("decode", 0.03)):
+            m.record_phase(phase, seconds, dp_rank)
         m.record_phase("decode", 0.04, dp_rank)
         for hits, misses in ((2, 1), (5, 1), (1, 0)):  # cumulative; the last: the group's cache started over
             m.record_vision_cache(dp_rank, hits, misses)

@@ -11,13 +11,11 @@ import pytest
 from PIL import Image
 
 from cluster.report import (
-    RECORD_KEY_ORDER,
     format_summary,
     plot_timeline,
     summarize,
     timeline_colors,
     timeline_rows,
-    write_records,
     write_report,
 )
 
@@ -172,44 +170,6 @@ def test_write_report_without_latency_data(tmp_path: Path) -> None:
     paths = write_report(failed, summarize(failed, wall_s=1.0), tmp_path / "r.jsonl")
     with Image.open(paths["plot"]) as im:
         assert im.format == "PNG"
-
-
-def test_write_records_round_trip_and_key_order(records: list[dict], tmp_path: Path) -> None:
-    records[0]["output_text"] = "héllo"
-    records[0]["zeta"] = np.float32(0.5)
-    records[0]["alpha"] = np.int64(3)
-    path = write_records(records, tmp_path / "nested" / "dir" / "results.jsonl")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == len(records)
-    loaded = [json.loads(line) for line in lines]
-    assert list(loaded[0]) == [
-        "id",
-        "output_token_ids",
-        "output_text",
-        "prompt_tokens",
-        "ttft_s",
-        "tpot_s",
-        "e2e_s",
-        "error",
-        "alpha",
-        "itl_s",
-        "zeta",
-    ]
-    assert list(loaded[4]) == [k for k in RECORD_KEY_ORDER if k != "output_text"]
-    assert loaded[0]["output_text"] == "héllo"
-    assert (loaded[0]["alpha"], loaded[0]["zeta"]) == (3, 0.5)
-    for original, back in zip(records[1:], loaded[1:], strict=True):
-        assert back == original
-    assert [p.name for p in path.parent.iterdir()] == ["results.jsonl"]
-
-
-def test_write_records_failure_keeps_previous_file(records: list[dict], tmp_path: Path) -> None:
-    path = write_records(records, tmp_path / "results.jsonl")
-    before = path.read_bytes()
-    with pytest.raises(TypeError):
-        write_records([*records, {"id": "odd", "payload": object()}], path)
-    assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["results.jsonl"]
 
 
 # Queue time and the request timeline ------------------------------------------------------------------
