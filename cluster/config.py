@@ -18,8 +18,10 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
+from model.device import DTYPES as TORCH_DTYPES
+
 DEVICES = ("cpu", "cuda", "npu")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(TORCH_DTYPES)
 EXE_MODES = ("eager", "graph")
 VISION_MODES = ("tp", "dp")
 KNOWN_DATASETS = ("default", "vision-arena-bench-v0.1")

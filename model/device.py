@@ -23,6 +23,8 @@ import torch
 VISIBLE_DEVICES_ENV = {"cuda": "CUDA_VISIBLE_DEVICES", "npu": "ASCEND_RT_VISIBLE_DEVICES"}
 ACCELERATOR_KEY = {"cuda": "GPU", "npu": "NPU"}
 DIST_BACKEND = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+# Config dtype names -> torch dtypes.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def import_torch_npu() -> ModuleType:

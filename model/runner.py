@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
+from model.device import DTYPES
 from model.graph import CompiledDecode, GraphDecode, decode_lengths, pick_length
 from model.kv_cache import KVCache
 from model.loader import load_weights
@@ -31,7 +32,6 @@ from model.vision_cache import VisionCache, image_key
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
