@@ -40,7 +40,7 @@ lint: setup
 # under Poisson arrivals), vision tower (ours vs transformers on a large image).
 bench: tiny-model
 	$(PY) -m cluster.bench
-	$(PY) -m cluster.bench_serving
+	$(PY) -m cluster.bench_scheduler
 	$(PY) -m cluster.bench_vision
 
 clean:

@@ -1,6 +1,6 @@
-"""Serving benchmark: continuous vs static batching under Poisson arrivals, and the per-step cost of Ray.
+"""Scheduler benchmark: continuous vs static batching under Poisson arrivals, and the per-step cost of Ray.
 
-`python -m cluster.bench_serving [--checkpoint small|tiny] [--requests 32] [--rate R] [--out DIR]`
+`python -m cluster.bench_scheduler [--checkpoint small|tiny] [--requests 32] [--rate R] [--out DIR]`
 
 1. Serving: `--requests` mixed requests (text prompts of different lengths, every third with an
    image, 8 to 64 output tokens, EOS ignored) arrive as a Poisson process at `--rate` requests/s
@@ -129,7 +129,7 @@ def format_table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.bench_serving", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cluster.bench_scheduler", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="small", choices=list(CHECKPOINTS))
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--rate", type=float, default=None, help="arrivals per second (default: 1.0 on small, "
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--skip-step-cost", action="store_true")
-    parser.add_argument("--out", default="outputs/bench_serving")
+    parser.add_argument("--out", default="outputs/bench_scheduler")
     args = parser.parse_args(argv)
     directory, spec = CHECKPOINTS[args.checkpoint]
     path = build_tiny_checkpoint(CACHE_DIR / directory, spec)
