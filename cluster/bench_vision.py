@@ -6,14 +6,15 @@ builds random weights for a tower at the 72B's widths (hidden 1280, 16 heads, ML
 112 px, patch 14, merge 2; `--depth` blocks of which `--fullatt` use full attention), writes them
 once as a safetensors file, then runs each engine in its own subprocess on one square image:
 ours (model/vision.py, loaded by model/loader.py) and transformers'
-(Qwen2_5_VisionTransformerPretrainedModel, sdpa). Each subprocess reports the best of `--repeats`
-timed forwards after `--warmup` untimed ones, and its peak memory during the forwards: on cpu the
-peak resident set (VmHWM, reset through /proc/self/clear_refs once the weights are loaded, so it
-covers the forwards only) and its rise above the resident set before them; on cuda
-torch.cuda.max_memory_allocated and its rise above the allocation before them. Each also reports the
-process CPU time of its fastest forward (all threads), which other processes on a shared machine
-disturb less than wall time. The parent compares the two outputs and prints a table and one JSON
-line. No Ray is needed.
+(Qwen2_5_VisionTransformerPretrainedModel, sdpa), both after one small warm-up image.
+
+Time: the best of `--repeats` timed forwards after `--warmup` untimed ones, and the process CPU
+time (all threads) of the fastest, which other processes on a shared machine disturb less than
+wall time. Memory: on cuda, torch.cuda.max_memory_allocated over the timed forwards and its rise
+above the allocation before them; on cpu, a second process per engine runs one forward with a
+fixed malloc mmap threshold (MEMORY_ENV) and reports its peak resident set (VmHWM, reset through
+/proc/self/clear_refs after loading, so it covers the forward only) and the rise above the resident
+set before it. The parent compares the two outputs and prints a table and one JSON line. No Ray.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ import torch
 
 ENGINES = ("ours", "transformers")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, so the resident set
+# of a plain process over-counts live tensors by a varying amount. With a fixed 1 MiB threshold
+# every tensor of note is its own mapping, returned on free, and VmHWM tracks the live peak; the
+# page faults this costs are why it is set only for the memory pass, not for timing.
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
 def log(message: str) -> None:
@@ -157,23 +163,35 @@ def run_worker(engine: str, args: argparse.Namespace, workdir: Path) -> dict[str
             "memory_kind": "cuda_allocated" if device.type == "cuda" else "rss"}
 
 
+def _worker(engine: str, args: argparse.Namespace, workdir: Path, repeats: int, warmup: int,
+            env: dict[str, str] | None = None) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "cluster.bench_vision", "--worker", engine, "--workdir", str(workdir),
+           "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
+           "--image", str(args.image), "--depth", str(args.depth), "--fullatt", *map(str, args.fullatt),
+           "--out-hidden", str(args.out_hidden), "--repeats", str(repeats), "--warmup", str(warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=os.environ | (env or {}))
+    if proc.returncode:
+        raise RuntimeError(f"{engine} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_parent(args: argparse.Namespace) -> dict[str, Any]:
+    """Time each engine; on cpu, measure memory in a second process per engine (see MEMORY_ENV)."""
+    cpu = args.device == "cpu"
     with tempfile.TemporaryDirectory(prefix="bench_vision_") as tmp:
         workdir = Path(tmp)
         write_inputs(args, workdir)
         results = {}
         for engine in args.engines:
-            log(f"running {engine} (load {os.getloadavg()[0]:.2f})")
-            cmd = [sys.executable, "-m", "cluster.bench_vision", "--worker", engine, "--workdir", str(workdir),
-                   "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
-                   "--image", str(args.image), "--depth", str(args.depth), "--fullatt", *map(str, args.fullatt),
-                   "--out-hidden", str(args.out_hidden), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode:
-                raise RuntimeError(f"{engine} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-            results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
-            log(f"{engine}: {results[engine]['seconds']:.3f} s, peak {results[engine]['peak_mb']:.0f} MB "
-                f"(+{results[engine]['peak_rise_mb']:.0f} MB during the forward)")
+            log(f"timing {engine} (load {os.getloadavg()[0]:.2f})")
+            results[engine] = _worker(engine, args, workdir, args.repeats, args.warmup)
+            log(f"{engine}: {results[engine]['seconds']:.3f} s")
+        for engine in args.engines if cpu else ():
+            log(f"memory pass: {engine} (load {os.getloadavg()[0]:.2f})")
+            memory = _worker(engine, args, workdir, 1, 0, MEMORY_ENV)
+            results[engine].update({k: memory[k] for k in ("memory_before_mb", "peak_mb", "peak_rise_mb")})
+        for engine, r in results.items():
+            log(f"{engine}: peak {r['peak_mb']:.0f} MB (+{r['peak_rise_mb']:.0f} MB during the forward)")
         outputs = {e: torch.load(workdir / f"{e}.pt") for e in args.engines}
     side = args.image // 14
     summary: dict[str, Any] = {

@@ -154,13 +154,13 @@ class VisionAttention(nn.Module):
         self.proj = RowParallelLinear(dim, dim, bias=True, ctx=ctx)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: list[Run]) -> torch.Tensor:
-        """x (N, hidden); cos/sin (N, 1, 1, head_dim) float32; attention within each group of `runs`."""
+        """x (N, hidden); cos/sin (N, 1, head_dim) float32; attention within each group of `runs`."""
         n = x.shape[0]
         qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
-        # q and k rotated together, in float32 as the reference does: in place on the float copy (on
-        # qkv itself when it is float32), so the only temporary is rotate_half's.
-        qk = _rotate_(qkv[:, :2].float(), cos, sin).to(x.dtype)  # (N, 2, H, D)
-        out = grouped_attention(qk[:, 0], qk[:, 1], qkv[:, 2], runs)
+        # Rotary in float32 as the reference does, in place on the float copy (on qkv itself when it is
+        # float32): the only temporary is one (N, H, D) rotate_half.
+        q, k = (_rotate_(qkv[:, i].float(), cos, sin).to(x.dtype) for i in range(2))
+        out = grouped_attention(q, k, qkv[:, 2], runs)
         return self.proj(out.reshape(n, -1))
 
 
@@ -239,7 +239,7 @@ class Qwen2_5_VisionTransformer(nn.Module):
         order = layout.order.to(x.device)
         # Whole merge units move into the layout's order; each patch's rotary angles move with it.
         cos, sin = vision_rotary(vision_position_ids(grid_thw, c.spatial_merge_size), c.head_dim, c.rope_theta)
-        cos, sin = (t.view(n // unit, unit, -1)[layout.order].view(n, 1, 1, -1).to(x.device) for t in (cos, sin))
+        cos, sin = (t.view(n // unit, unit, -1)[layout.order].view(n, 1, -1).to(x.device) for t in (cos, sin))
         x = x.view(n // unit, unit, -1)[order].view(n, -1)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, layout.frame_runs if i in c.fullatt_block_indexes else layout.window_runs)
