@@ -227,8 +227,11 @@ def build_app(cfg: RunConfig) -> Any:
 
 
 def start_server(cfg: RunConfig) -> None:
-    """Start Serve's HTTP proxy on serve.host:serve.port and deploy the application (returns when it is up)."""
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    """Start Serve's HTTP proxy on the head node at serve.host:serve.port and deploy the application.
+
+    Returns when the application is up. One proxy on the head node gives clients one fixed address.
+    """
+    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
 
 
