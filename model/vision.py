@@ -10,7 +10,8 @@ rows and groups of equal length sit next to each other (`vision_layout`): a wind
 one SDPA call per run of equal-size windows (at most four per frame: interior, right edge, bottom
 edge, corner), with the windows as the batch and no mask; a full-attention block is one call per
 run of equal-size frames. No score tensor is larger than one group's (64 x 64 per head for a
-112-pixel window), and a fused kernel never materializes even that for a whole frame.
+112-pixel window), and a fused kernel never materializes even that for a whole frame. The MLP runs
+over MLP_CHUNK_ROWS rows at a time, so its temporaries do not grow with the image either.
 """
 
 from __future__ import annotations
