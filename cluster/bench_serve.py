@@ -1,16 +1,17 @@
 """Serving benchmark: the same Poisson arrivals over HTTP and through the Ray API, compared.
 
 `python -m cluster.bench_serve CONF [key=value ...] [--num-requests N] [--request-rate R]
-[--max-tokens M] [--out PATH]` starts the engine and the OpenAI-compatible server (the config's
-serve.* keys), turns the config's dataset into chat requests (cycled up to --num-requests; images
-as local paths, greedy, EOS ignored), and sends them twice with the same
-seeded Poisson arrival times: first through `coordinator.stream` from this driver (the Ray API),
-then as streaming chat completions to http://serve.host:serve.port/v1 (the HTTP path). Both are
-timed by the client in the same way: TTFT to the first piece of text, ITL between pieces, E2E to
-the last, TPOT = (E2E - TTFT) / (output tokens - 1). Each path runs --rounds times, the order
-alternating between rounds. It prints each path's summary
-(cluster.report) and the HTTP overhead, HTTP minus Ray API, per metric, and writes them as JSON.
-"""
+[--max-tokens M] [--rounds K] [--url URL] [--out PATH]` starts the engine and the OpenAI-compatible
+server (the config's serve.* keys), turns the config's dataset into chat requests (cycled up to
+--num-requests; images as local paths, greedy, EOS ignored) and sends them at seeded Poisson
+arrival times, K passes over the list. Request by request the two paths take turns (swapped each
+pass, so every request goes once each way over two passes): a streaming chat completion to
+http://serve.host:serve.port/v1 (the HTTP path), or `coordinator.stream` from this driver (the Ray
+API). Interleaved, both paths meet the same load on the machine and in the engine. Both are timed
+by the client in the same way: TTFT to the first piece of text, ITL between pieces, E2E to the
+last, TPOT = (E2E - TTFT) / (output tokens - 1). It prints each path's summary (cluster.report; its
+requests over the shared wall time) and the HTTP overhead, HTTP minus Ray API, per metric, and
+writes them as JSON."""
 
 import argparse
 import asyncio
@@ -120,22 +121,24 @@ async def http_request(session: aiohttp.ClientSession, url: str, body: dict[str,
     return _finish(record, times, counts["completion_tokens"], counts["prompt_tokens"])
 
 
-async def _run(send: Any, bodies: list[dict[str, Any]], offsets: list[float], tag: str) -> tuple[list[dict], float]:
-    """Send every body at its offset; the records in order and the wall time."""
+async def _run(senders: list[Any], bodies: list[dict[str, Any]], offsets: list[float],
+               tag: str) -> tuple[list[dict], float]:
+    """Send body i at its offset through senders[i]; the records in order and the wall time."""
     start = time.perf_counter()
 
     async def one(i: int) -> dict[str, Any]:
         await asyncio.sleep(max(0.0, start + offsets[i] - time.perf_counter()))
-        return await send(bodies[i], f"{tag}-{i}")
+        return await senders[i](bodies[i], f"{tag}-{i}")
 
     records = await asyncio.gather(*(one(i) for i in range(len(bodies))))
     return list(records), time.perf_counter() - start
 
 
 async def benchmark(coordinator: Any, cfg: RunConfig, bodies: list[dict[str, Any]], offsets: list[float],
-                    rounds: int = 2) -> dict:
-    """Warm up both paths, then run each path `rounds` times; their summaries and the HTTP overhead."""
-    url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1/chat/completions"
+                    rounds: int = 2, base_url: str | None = None) -> dict:
+    """Warm up both paths, then send the bodies `rounds` times, the paths taking turns; each path's
+    summary (its requests over the shared wall time) and the HTTP overhead."""
+    url = f"{base_url or f'http://{cfg.serve.host}:{cfg.serve.port}/v1'}/chat/completions"
     headers = {"Authorization": f"Bearer {cfg.serve.api_key}"} if cfg.serve.api_key else {}
     timeout = aiohttp.ClientTimeout(total=cfg.ray.worker_timeout_s)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -145,18 +148,22 @@ async def benchmark(coordinator: Any, cfg: RunConfig, bodies: list[dict[str, Any
         async def via_http(body: dict[str, Any], request_id: str) -> dict[str, Any]:
             return await http_request(session, url, body, request_id, headers)
 
-        warm = bodies[:WARMUP_REQUESTS]
-        await _run(via_ray, warm, [0.0] * len(warm), "warmup-ray")
-        await _run(via_http, warm, [0.0] * len(warm), "warmup-http")
         paths = {"ray_api": via_ray, "http": via_http}
-        records: dict[str, list[dict]] = {name: [] for name in paths}
-        walls = dict.fromkeys(paths, 0.0)
-        # Rounds alternate the order of the paths, so that a drift in the machine's load affects both alike.
+        names = list(paths)
+        warm = bodies[:WARMUP_REQUESTS]
+        for name in names:
+            await _run([paths[name]] * len(warm), warm, [0.0] * len(warm), f"warmup-{name}")
+        # The paths take turns request by request (and swap turns each round), so that both meet the
+        # same load, on the machine and in the engine: the overhead is then the paths' difference alone.
+        records: dict[str, list[dict]] = {name: [] for name in names}
+        wall = 0.0
         for round_ in range(rounds):
-            for name in (list(paths) if round_ % 2 == 0 else list(paths)[::-1]):
-                done, wall = await _run(paths[name], bodies, offsets, f"{name}-{round_}")
-                records[name].extend(done)
-                walls[name] += wall
+            turn = [names[(i + round_) % 2] for i in range(len(bodies))]
+            done, seconds = await _run([paths[name] for name in turn], bodies, offsets, f"round{round_}")
+            wall += seconds
+            for name, record in zip(turn, done, strict=True):
+                records[name].append(record)
+        walls = dict.fromkeys(names, wall)
         results = {name: summarize(records[name], walls[name]) for name in paths}
         for name in paths:
             for r in [r for r in records[name] if r["error"]][:5]:
@@ -194,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-rate", type=float, default=None,
                         help="arrivals per second (default: data_config.request_rate; inf: all at once)")
     parser.add_argument("--max-tokens", type=int, default=None, help="default: data_config.max_new_tokens")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each path, in alternating order")
+    parser.add_argument("--url", default=None, help="the server's /v1 URL (default: http://serve.host:serve.port/v1)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="passes over the requests; the paths take turns request by request, swapped each pass")
     parser.add_argument("--out", default="outputs/bench_serve/bench_serve.json")
     args = parser.parse_args(argv)
     try:
@@ -212,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     offsets = arrival_offsets(len(bodies), rate, data.seed)
     try:
         start_server(cfg)
-        results = asyncio.run(benchmark(coordinator, cfg, bodies, offsets, args.rounds))
+        results = asyncio.run(benchmark(coordinator, cfg, bodies, offsets, args.rounds, args.url))
     finally:
         try:
             stop_server()
