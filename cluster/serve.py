@@ -143,6 +143,8 @@ class OpenAIServer:
         finished = False
         try:
             first = await self._next(stream)
+            if first.get("final") and first.get("error") is not None:  # e.g. no live group: before any token
+                raise _record_error(first)
             if body.stream:
                 finished = True  # the event generator owns the request from here
                 return StreamingResponse(self._events(stream, first, completion_id, body),
