@@ -26,15 +26,18 @@ run: tiny-model
 
 test: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 # Unit tests only: no Ray cluster, subprocess or process group (tests/conftest.py marks those `integration`).
 test-fast: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -m "not integration"
 
 lint: setup
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # Decode (transformers vs ours, in process and through Ray), serving (continuous vs static batching
 # under Poisson arrivals), vision tower (ours vs transformers on a large image).

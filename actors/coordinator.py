@@ -61,9 +61,12 @@ class Coordinator:
         self.builder = PromptBuilder.from_pretrained(cfg.worker.model_path, max_images=cfg.max_images_per_prompt)
         tp = cfg.tp_size
         self.engines = [
-            Engine(WorkerGroup(d, cfg, [placement.strategy(g * tp + t) for t in range(tp)]),
-                   GroupScheduler(cfg.worker.max_batch_size, cfg.policy, cfg.prefill_chunk_tokens,
-                                  cfg.decode_steps_per_call))
+            Engine(
+                WorkerGroup(d, cfg, [placement.strategy(g * tp + t) for t in range(tp)]),
+                GroupScheduler(
+                    cfg.worker.max_batch_size, cfg.policy, cfg.prefill_chunk_tokens, cfg.decode_steps_per_call
+                ),
+            )
             for d, g in enumerate(group_order)
         ]
         self.metrics = EngineMetrics()
@@ -78,8 +81,10 @@ class Coordinator:
         # Ray's dashboard shows this in the Actors page's Repr column. Ray reads it once, after
         # __init__, so it holds what does not change; live counts are in status() and the metrics.
         cfg = self.cfg
-        return (f"Coordinator(dp_size={cfg.dp_size}, tp_size={cfg.tp_size}, world_size={cfg.dp_size * cfg.tp_size}, "
-                f"device={cfg.worker.device}, policy={cfg.policy})")
+        return (
+            f"Coordinator(dp_size={cfg.dp_size}, tp_size={cfg.tp_size}, world_size={cfg.dp_size * cfg.tp_size}, "
+            f"device={cfg.worker.device}, policy={cfg.policy})"
+        )
 
     # ----------------------------------------------------------------------------- lifecycle
     async def setup(self) -> list[dict]:
@@ -136,9 +141,12 @@ class Coordinator:
 
     def status(self) -> dict:
         """Live groups, waiting and running requests (what a health check needs)."""
-        return {"live_groups": sum(e.group.alive for e in self.engines), "dp_size": len(self.engines),
-                "waiting": sum(len(e.scheduler.waiting) for e in self.engines),
-                "running": sum(len(e.scheduler.running) for e in self.engines)}
+        return {
+            "live_groups": sum(e.group.alive for e in self.engines),
+            "dp_size": len(self.engines),
+            "waiting": sum(len(e.scheduler.waiting) for e in self.engines),
+            "running": sum(len(e.scheduler.running) for e in self.engines),
+        }
 
     def progress(self) -> tuple[int, int]:
         """(requests finished, requests submitted) since the Coordinator started."""
@@ -209,13 +217,17 @@ class Coordinator:
         stop = stop_strings(request)
         prepared = await asyncio.to_thread(self.builder.build, request)
         if len(prepared.input_ids) > self.cfg.input_max_len:
-            raise ValueError(f"request {prepared.request_id!r}: prompt has {len(prepared.input_ids)} tokens, more "
-                             f"than data_config.input_max_len={self.cfg.input_max_len}")
+            raise ValueError(
+                f"request {prepared.request_id!r}: prompt has {len(prepared.input_ids)} tokens, more "
+                f"than data_config.input_max_len={self.cfg.input_max_len}"
+            )
         need = len(prepared.input_ids) + params.max_new_tokens
         if need > self.cfg.worker.max_seq_len:
-            raise ValueError(f"request {prepared.request_id!r}: prompt of {len(prepared.input_ids)} tokens + "
-                             f"max_new_tokens={params.max_new_tokens} needs {need} KV slots, more than "
-                             f"max_seq_len={self.cfg.worker.max_seq_len}")
+            raise ValueError(
+                f"request {prepared.request_id!r}: prompt of {len(prepared.input_ids)} tokens + "
+                f"max_new_tokens={params.max_new_tokens} needs {need} KV slots, more than "
+                f"max_seq_len={self.cfg.worker.max_seq_len}"
+            )
         key = f"{prepared.request_id}#{next(self.keys)}"
         state = RequestState.create(key, prepared.request_id, prepared, params, stop, self.builder.decode, arrival)
         self.submitted += 1
@@ -288,8 +300,11 @@ class Coordinator:
                 self.metrics.record_queue(now - state.record["arrival_time"], dp)
         self._gauges(engine)
         profile, self.profile_pending = self.profile_pending, False
-        images = [dataclasses.replace(seq.payload.prepared, request_id=seq.request_id)
-                  for seq in plan.admit if seq.payload.prepared.image_grid_thw is not None]
+        images = [
+            dataclasses.replace(seq.payload.prepared, request_id=seq.request_id)
+            for seq in plan.admit
+            if seq.payload.prepared.image_grid_thw is not None
+        ]
         if images:
             out = await self._call(engine, plan.admit, "encode", images, profile)
             if out is not None:
@@ -298,9 +313,15 @@ class Coordinator:
                     self.metrics.record_vision_cache(dp, out["cache"]["hits"], out["cache"]["misses"])
         if plan.releases or plan.admit or plan.chunks:
             # Workers know requests by their internal key; pixels stay behind (encode already ran).
-            admissions = [(seq.slot, dataclasses.replace(seq.payload.prepared, request_id=seq.request_id,
-                                                         pixel_values=None),
-                           seq.payload.params, list(self.builder.eos_token_ids)) for seq in plan.admit]
+            admissions = [
+                (
+                    seq.slot,
+                    dataclasses.replace(seq.payload.prepared, request_id=seq.request_id, pixel_values=None),
+                    seq.payload.params,
+                    list(self.builder.eos_token_ids),
+                )
+                for seq in plan.admit
+            ]
             chunks = [(seq.slot, end) for seq, _, end in plan.chunks]
             involved = plan.admit + [seq for seq, _, _ in plan.chunks]
             out = await self._call(engine, involved, "prefill", plan.releases, admissions, chunks, profile)
@@ -395,8 +416,9 @@ class Coordinator:
             await self._fail_group(engine, f"dp group {engine.dp_rank} could not be rebuilt: {e}")
             return
         engine.rebuilding = False
-        logger.info("dp group %d rebuilt (restart %d of %d)", engine.dp_rank, engine.restarts,
-                    self.cfg.max_group_restarts)
+        logger.info(
+            "dp group %d rebuilt (restart %d of %d)", engine.dp_rank, engine.restarts, self.cfg.max_group_restarts
+        )
         self._group_ready(engine)
 
     # ----------------------------------------------------------------------------- metrics

@@ -51,10 +51,16 @@ class WorkerGroup:
         cfg = self.cfg
         env = {"env_vars": dict(cfg.dist_env)} if cfg.dist_env else None
         self.workers = [
-            ray.remote(ShardWorker).options(
-                name=worker_actor_name(rank), namespace=cfg.namespace, max_restarts=0,
-                scheduling_strategy=strategy, runtime_env=env, **cfg.worker_options,
-            ).remote(rank, tp_rank, cfg.tp_size, self.dp_rank, cfg.worker)
+            ray.remote(ShardWorker)
+            .options(
+                name=worker_actor_name(rank),
+                namespace=cfg.namespace,
+                max_restarts=0,
+                scheduling_strategy=strategy,
+                runtime_env=env,
+                **cfg.worker_options,
+            )
+            .remote(rank, tp_rank, cfg.tp_size, self.dp_rank, cfg.worker)
             for tp_rank, (rank, strategy) in enumerate(zip(self.ranks, self.strategies))
         ]
         try:
@@ -70,8 +76,9 @@ class WorkerGroup:
             raise
         self.stats = [{**a, **b} for a, b in zip(loads, warm)]
         self.alive = True
-        logger.info("dp group %d ready on %s (rendezvous tcp://%s:%d)", self.dp_rank, self.infos[0]["node_ip"],
-                    ip, port)
+        logger.info(
+            "dp group %d ready on %s (rendezvous tcp://%s:%d)", self.dp_rank, self.infos[0]["node_ip"], ip, port
+        )
 
     async def _rendezvous(self, ip: str, port: int) -> None:
         timeout = self.cfg.rendezvous_timeout_s
@@ -80,12 +87,15 @@ class WorkerGroup:
         done, pending = await asyncio.wait(futures, timeout=timeout + 5)
         if pending:
             missing = [self.ranks[i] for i, f in enumerate(futures) if f in pending]
-            raise GroupFailure(f"process group of dp group {self.dp_rank} at tcp://{ip}:{port} did not form within "
-                               f"{timeout:g}s: rank(s) {sorted(missing)} did not arrive")
+            raise GroupFailure(
+                f"process group of dp group {self.dp_rank} at tcp://{ip}:{port} did not form within "
+                f"{timeout:g}s: rank(s) {sorted(missing)} did not arrive"
+            )
         for f in done:
             if f.exception() is not None:
-                raise GroupFailure(f"process group of dp group {self.dp_rank} at tcp://{ip}:{port} failed to form: "
-                                   f"{f.exception()}")
+                raise GroupFailure(
+                    f"process group of dp group {self.dp_rank} at tcp://{ip}:{port} failed to form: {f.exception()}"
+                )
 
     async def kill(self, timeout_s: float = 30.0) -> None:
         """Kill the workers and wait (bounded) until their names are free for a rebuild."""
@@ -136,8 +146,10 @@ class WorkerGroup:
             late = [self.ranks[i] for i, f in enumerate(futures) if f in pending]
             for f in pending:
                 f.cancel()
-            raise GroupFailure(f"dp group {self.dp_rank} did not finish '{what}' within {timeout_s:g}s "
-                               f"(ray.worker_timeout_s); rank(s) {late} still running")
+            raise GroupFailure(
+                f"dp group {self.dp_rank} did not finish '{what}' within {timeout_s:g}s "
+                f"(ray.worker_timeout_s); rank(s) {late} still running"
+            )
         return [f.result() for f in futures]
 
     async def dead_ranks(self, timeout_s: float = 5.0) -> list[int]:

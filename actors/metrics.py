@@ -12,8 +12,37 @@ from ray.util.metrics import Counter, Gauge, Histogram
 
 # Ray exports a histogram's `_sum` from bucket midpoints, not from the observed values, so means derived
 # from it are as fine as these buckets: 1.25-1.7x apart between 7.5 ms and 30 s.
-_LATENCY_BOUNDARIES_S = (0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
-                         0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
+_LATENCY_BOUNDARIES_S = (
+    0.001,
+    0.002,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+)
 PHASES = ("vision_encode", "prefill", "decode")
 
 
@@ -28,8 +57,9 @@ class MetricSpec:
 
 METRICS: dict[str, MetricSpec] = {
     "qwen_vl_ttft_seconds": MetricSpec("histogram", "Time to first token per request", ("dp_rank",)),
-    "qwen_vl_tpot_seconds": MetricSpec("histogram", "Time per output token (after the first) per request",
-                                       ("dp_rank",)),
+    "qwen_vl_tpot_seconds": MetricSpec(
+        "histogram", "Time per output token (after the first) per request", ("dp_rank",)
+    ),
     "qwen_vl_e2e_seconds": MetricSpec("histogram", "Request latency from arrival to last token", ("dp_rank",)),
     "qwen_vl_queue_seconds": MetricSpec("histogram", "Request wait from arrival to first scheduling", ("dp_rank",)),
     "qwen_vl_generated_tokens": MetricSpec("counter", "Output tokens generated", ("dp_rank",)),
@@ -37,13 +67,14 @@ METRICS: dict[str, MetricSpec] = {
     "qwen_vl_requests": MetricSpec("counter", "Requests finished, by status", ("status",)),
     "qwen_vl_requests_waiting": MetricSpec("gauge", "Requests waiting to be scheduled", ("dp_rank",)),
     "qwen_vl_requests_running": MetricSpec("gauge", "Requests being served (prefill or decode)", ("dp_rank",)),
-    "qwen_vl_phase_seconds": MetricSpec("histogram", "Duration of one vision-encode, prefill or decode call",
-                                        ("phase", "dp_rank")),
-    "qwen_vl_vision_cache_hits": MetricSpec("counter", "Images whose embeddings came from the vision cache",
-                                            ("dp_rank",)),
+    "qwen_vl_phase_seconds": MetricSpec(
+        "histogram", "Duration of one vision-encode, prefill or decode call", ("phase", "dp_rank")
+    ),
+    "qwen_vl_vision_cache_hits": MetricSpec(
+        "counter", "Images whose embeddings came from the vision cache", ("dp_rank",)
+    ),
     "qwen_vl_vision_cache_misses": MetricSpec("counter", "Images the vision tower had to encode", ("dp_rank",)),
-    "qwen_vl_worker_memory_bytes": MetricSpec("gauge", "Worker memory (host RSS, device allocated)",
-                                              ("rank", "kind")),
+    "qwen_vl_worker_memory_bytes": MetricSpec("gauge", "Worker memory (host RSS, device allocated)", ("rank", "kind")),
 }
 
 
@@ -83,12 +114,17 @@ class EngineMetrics:
         m["qwen_vl_requests"].inc(1, {"status": status})
         if status != "ok":
             return
-        for name, count in (("qwen_vl_generated_tokens", len(record["output_token_ids"])),
-                            ("qwen_vl_prompt_tokens", record["prompt_tokens"])):
+        for name, count in (
+            ("qwen_vl_generated_tokens", len(record["output_token_ids"])),
+            ("qwen_vl_prompt_tokens", record["prompt_tokens"]),
+        ):
             if count > 0:  # Ray counters take positive increments only (an aborted request may have none)
                 m[name].inc(count, tags)
-        for name, key in (("qwen_vl_ttft_seconds", "ttft_s"), ("qwen_vl_tpot_seconds", "tpot_s"),
-                          ("qwen_vl_e2e_seconds", "e2e_s")):
+        for name, key in (
+            ("qwen_vl_ttft_seconds", "ttft_s"),
+            ("qwen_vl_tpot_seconds", "tpot_s"),
+            ("qwen_vl_e2e_seconds", "e2e_s"),
+        ):
             if record.get(key) is not None:
                 m[name].observe(record[key], tags)
 
@@ -119,8 +155,10 @@ class EngineMetrics:
         prev_hits, prev_misses = self._vision_cache_seen.get(key, (0, 0))
         self._vision_cache_seen[key] = (hits, misses)
         tags = {"dp_rank": key}
-        for name, now, prev in (("qwen_vl_vision_cache_hits", hits, prev_hits),
-                                ("qwen_vl_vision_cache_misses", misses, prev_misses)):
+        for name, now, prev in (
+            ("qwen_vl_vision_cache_hits", hits, prev_hits),
+            ("qwen_vl_vision_cache_misses", misses, prev_misses),
+        ):
             increment = now - prev if now >= prev else now
             if increment > 0:
                 self.metrics[name].inc(increment, tags)

@@ -33,13 +33,19 @@ RECORD_FIELDS: dict[str, str] = {
 def new_record(request_id: str | None, arrival_time: float | None = None) -> dict[str, Any]:
     """A record with every field present and nothing measured yet."""
     record: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
-    record.update(id=request_id, output_token_ids=[], output_text="", prompt_tokens=0, itl_s=[],
-                  arrival_time=arrival_time)
+    record.update(
+        id=request_id, output_token_ids=[], output_text="", prompt_tokens=0, itl_s=[], arrival_time=arrival_time
+    )
     return record
 
 
-def failed_record(request: Any, error: str, dp_rank: int | None = None, arrival_time: float | None = None,
-                  end_time: float | None = None) -> dict[str, Any]:
+def failed_record(
+    request: Any,
+    error: str,
+    dp_rank: int | None = None,
+    arrival_time: float | None = None,
+    end_time: float | None = None,
+) -> dict[str, Any]:
     """The record of a request that produced no tokens: every result field empty, `error` set."""
     request_id = request.get("id") if isinstance(request, dict) else request if isinstance(request, str) else None
     record = new_record(None if request_id is None else str(request_id), arrival_time)

@@ -74,8 +74,16 @@ class RequestState:
     done: asyncio.Future | None = None
 
     @classmethod
-    def create(cls, key: str, request_id: str, prepared: PreparedRequest, params: SamplingParams, stop: list[str],
-               decode_text: Any, arrival_time: float) -> RequestState:
+    def create(
+        cls,
+        key: str,
+        request_id: str,
+        prepared: PreparedRequest,
+        params: SamplingParams,
+        stop: list[str],
+        decode_text: Any,
+        arrival_time: float,
+    ) -> RequestState:
         record = new_record(request_id, arrival_time)
         record["prompt_tokens"] = len(prepared.input_ids)
         return cls(key, prepared, params, stop, record, decode_text, done=asyncio.get_running_loop().create_future())
@@ -103,10 +111,10 @@ class RequestState:
                 visible -= 1
             for s in self.stop:  # hold back a tail that may still become a stop string
                 for n in range(min(len(s) - 1, visible - self.sent), 0, -1):
-                    if self.text[visible - n:visible] == s[:n]:
+                    if self.text[visible - n : visible] == s[:n]:
                         visible -= n
                         break
-        delta = self.text[self.sent:visible]
+        delta = self.text[self.sent : visible]
         self.sent = max(self.sent, visible)
         item = {"id": self.record["id"], "token_ids": list(tokens), "text": delta}
         return item, stopped
@@ -128,6 +136,6 @@ class RequestState:
         """The text still held back (a partial stop-string prefix) once the request ended without a stop."""
         if self.sent >= len(self.text):
             return None
-        item = {"id": self.record["id"], "token_ids": [], "text": self.text[self.sent:]}
+        item = {"id": self.record["id"], "token_ids": [], "text": self.text[self.sent :]}
         self.sent = len(self.text)
         return item

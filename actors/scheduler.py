@@ -50,8 +50,13 @@ class Plan:
 class GroupScheduler:
     """Slots, waiting queue and budgets of one DP group."""
 
-    def __init__(self, num_slots: int, policy: str = "continuous", prefill_chunk_tokens: int = 2048,
-                 decode_steps_per_call: int = 1) -> None:
+    def __init__(
+        self,
+        num_slots: int,
+        policy: str = "continuous",
+        prefill_chunk_tokens: int = 2048,
+        decode_steps_per_call: int = 1,
+    ) -> None:
         if policy not in ("continuous", "static"):
             raise ValueError(f"policy={policy!r} must be 'continuous' or 'static'")
         if num_slots < 1 or prefill_chunk_tokens < 1 or decode_steps_per_call < 1:

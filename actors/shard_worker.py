@@ -75,8 +75,9 @@ class ShardWorker:
 
     def __repr__(self) -> str:
         # Ray's dashboard shows this in the Actors page's Repr column.
-        return (f"ShardWorker(rank={self.rank}, tp={self.tp_rank}/{self.tp_size}, dp={self.dp_rank}, "
-                f"device={self.device})")
+        return (
+            f"ShardWorker(rank={self.rank}, tp={self.tp_rank}/{self.tp_size}, dp={self.dp_rank}, device={self.device})"
+        )
 
     # ----------------------------------------------------------------------------- set-up
     def node_info(self) -> dict:
@@ -84,9 +85,14 @@ class ShardWorker:
         ctx = ray.get_runtime_context()
         ids = [str(i) for ids in ctx.get_accelerator_ids().values() for i in ids] if self.config.device != "cpu" else []
         return {
-            "rank": self.rank, "tp_rank": self.tp_rank, "dp_rank": self.dp_rank,
-            "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-            "device": self.config.device, "device_ids": ids, "device_index": self.device.index or 0,
+            "rank": self.rank,
+            "tp_rank": self.tp_rank,
+            "dp_rank": self.dp_rank,
+            "node_id": ctx.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "device": self.config.device,
+            "device_ids": ids,
+            "device_index": self.device.index or 0,
             "pid": os.getpid(),
         }
 
@@ -98,19 +104,33 @@ class ShardWorker:
         """Join this TP group's process group at tcp://ip:port (gloo, nccl or hccl)."""
         if self.tp_size == 1:
             return
-        dist.init_process_group(dist_backend(self.config.device), init_method=f"tcp://{ip}:{port}",
-                                rank=self.tp_rank, world_size=self.tp_size, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            dist_backend(self.config.device),
+            init_method=f"tcp://{ip}:{port}",
+            rank=self.tp_rank,
+            world_size=self.tp_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
 
     def load(self) -> dict:
         """Build this rank's shard from the checkpoint and allocate its KV cache."""
         start = time.perf_counter()
         cfg = self.config
-        ctx = ParallelContext(rank=self.tp_rank, size=self.tp_size,
-                              group=dist.group.WORLD if self.tp_size > 1 else None)
-        self.runner = ModelRunner(cfg.model_path, ctx=ctx, device=self.device, dtype=cfg.dtype,
-                                  max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len,
-                                  vision_mode=cfg.vision_mode, progress=True,
-                                  vision_cache_bytes=cfg.vision_cache_bytes, fused_ops=cfg.fused_ops)
+        ctx = ParallelContext(
+            rank=self.tp_rank, size=self.tp_size, group=dist.group.WORLD if self.tp_size > 1 else None
+        )
+        self.runner = ModelRunner(
+            cfg.model_path,
+            ctx=ctx,
+            device=self.device,
+            dtype=cfg.dtype,
+            max_batch_size=cfg.max_batch_size,
+            max_seq_len=cfg.max_seq_len,
+            vision_mode=cfg.vision_mode,
+            progress=True,
+            vision_cache_bytes=cfg.vision_cache_bytes,
+            fused_ops=cfg.fused_ops,
+        )
         self.batch = RunningBatch(self.runner)
         return {"rank": self.rank, "load_s": time.perf_counter() - start, **self.memory()}
 
@@ -137,8 +157,9 @@ class ShardWorker:
         stats = self._runner().vision_cache_stats() if hasattr(self._runner(), "vision_cache_stats") else {}
         return {"seconds": time.perf_counter() - start, "cache": stats}
 
-    def prefill(self, releases: list[int], admissions: list[Admission], chunks: list[tuple[int, int]],
-                profile: bool = False) -> dict:
+    def prefill(
+        self, releases: list[int], admissions: list[Admission], chunks: list[tuple[int, int]], profile: bool = False
+    ) -> dict:
         """Release slots, admit requests into slots, prefill prompt chunks (slot, end) packed together.
 
         Returns {"outputs": {slot: first token}, "errors": {request_id: message}, "seconds"}; a request

@@ -42,10 +42,22 @@ CACHE_DIR = Path.home() / ".cache" / "qwen2_5_vl_ray"
 # and a 2-block vision tower.
 CHECKPOINTS: dict[str, tuple[str, TinySpec]] = {
     "tiny": ("tiny-qwen2.5-vl", TinySpec()),
-    "small": ("bench-small", TinySpec(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                                      num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
-                                      vision_depth=2, vision_hidden_size=128, vision_num_heads=4,
-                                      vision_intermediate_size=256, fullatt_block_indexes=[1])),
+    "small": (
+        "bench-small",
+        TinySpec(
+            hidden_size=896,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            intermediate_size=4864,
+            vocab_size=151936,
+            vision_depth=2,
+            vision_hidden_size=128,
+            vision_num_heads=4,
+            vision_intermediate_size=256,
+            fullatt_block_indexes=[1],
+        ),
+    ),
 }
 ENGINES = ("hf", "hf_static_compile", "ours_eager", "ours_graph", "ray_tp1")
 BASELINE = "hf"
@@ -64,7 +76,7 @@ def bench_image(cache: Path) -> Path:
     if not path.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(0)
-        yy, xx = np.mgrid[0:IMAGE_SIZE[1], 0:IMAGE_SIZE[0]]
+        yy, xx = np.mgrid[0 : IMAGE_SIZE[1], 0 : IMAGE_SIZE[0]]
         base = np.stack([xx, yy, (xx + yy) / 2], axis=-1) * 255 / max(IMAGE_SIZE)
         Image.fromarray(np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)).save(path)
     return path
@@ -72,12 +84,16 @@ def bench_image(cache: Path) -> Path:
 
 def bench_requests(count: int, image: Path) -> list[dict]:
     """`count` raw requests alternating text-only and one-image prompts, text first."""
-    return [{"id": f"r{i}", "prompt": TEXT_PROMPT, "images": []} if i % 2 == 0 else
-            {"id": f"r{i}", "prompt": IMAGE_PROMPT, "images": [str(image)]} for i in range(count)]
+    return [
+        {"id": f"r{i}", "prompt": TEXT_PROMPT, "images": []}
+        if i % 2 == 0
+        else {"id": f"r{i}", "prompt": IMAGE_PROMPT, "images": [str(image)]}
+        for i in range(count)
+    ]
 
 
 def chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 # --------------------------------------------------------------------------------- metrics
@@ -91,9 +107,14 @@ def summarize_runs(runs: list[tuple[float, list[list[float]]]]) -> dict[str, flo
     itls = [b - a for _, per_request in runs for times in per_request for a, b in zip(times, times[1:])]
     tokens = sum(len(times) for _, per_request in runs for times in per_request)
     wall = sum(w for w, _ in runs)
-    return {"ttft_ms_median": 1e3 * statistics.median(ttfts), "tpot_ms_median": 1e3 * statistics.median(itls),
-            "tpot_ms_p90": 1e3 * percentile(itls, 90), "output_tokens_per_s": tokens / wall,
-            "output_tokens": tokens, "wall_s": wall}
+    return {
+        "ttft_ms_median": 1e3 * statistics.median(ttfts),
+        "tpot_ms_median": 1e3 * statistics.median(itls),
+        "tpot_ms_p90": 1e3 * percentile(itls, 90),
+        "output_tokens_per_s": tokens / wall,
+        "output_tokens": tokens,
+        "wall_s": wall,
+    }
 
 
 def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict[str, float]:
@@ -115,14 +136,19 @@ def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict[str, float
 def decode_bytes(runner: ModelRunner, prompt_lens: list[int], new_tokens: int) -> dict[str, float]:
     """Bytes one decode step must read: text weights (not the embedding table) + LM head + mean KV."""
     model = runner.model
-    weights = sum(p.numel() * p.element_size() for n, p in model.model.named_parameters()
-                  if not n.startswith("embed_tokens"))
+    weights = sum(
+        p.numel() * p.element_size() for n, p in model.model.named_parameters() if not n.startswith("embed_tokens")
+    )
     lm_head = sum(p.numel() * p.element_size() for p in model.lm_head.parameters())
     cache = runner.cache
     per_token = sum(t[0, :, 0].numel() * t.element_size() for t in cache.keys + cache.values)
     mean_context = statistics.mean(n + new_tokens / 2 for n in prompt_lens)
-    return {"weights_bytes": weights, "lm_head_bytes": lm_head, "kv_bytes_per_token": per_token,
-            "mean_context": mean_context}
+    return {
+        "weights_bytes": weights,
+        "lm_head_bytes": lm_head,
+        "kv_bytes_per_token": per_token,
+        "mean_context": mean_context,
+    }
 
 
 # --------------------------------------------------------------------------------- engines
@@ -149,19 +175,22 @@ def hf_batch_inputs(batch: list[PreparedRequest], image_token_id: int) -> dict[s
     ids = torch.zeros(len(batch), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(batch):
-        ids[i, width - len(r.input_ids):] = torch.tensor(r.input_ids)
-        mask[i, width - len(r.input_ids):] = 1
+        ids[i, width - len(r.input_ids) :] = torch.tensor(r.input_ids)
+        mask[i, width - len(r.input_ids) :] = 1
     inputs: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
     images = [r for r in batch if r.pixel_values is not None]
     if images:
-        inputs.update(pixel_values=torch.cat([r.pixel_values for r in images]),
-                      image_grid_thw=torch.cat([r.image_grid_thw for r in images]),
-                      mm_token_type_ids=(ids == image_token_id).int())
+        inputs.update(
+            pixel_values=torch.cat([r.pixel_values for r in images]),
+            image_grid_thw=torch.cat([r.image_grid_thw for r in images]),
+            mm_token_type_ids=(ids == image_token_id).int(),
+        )
     return inputs
 
 
-def run_hf(model: Any, batches: list[list[PreparedRequest]], new_tokens: int, **generate_kwargs: Any
-           ) -> list[TokenTimes]:
+def run_hf(
+    model: Any, batches: list[list[PreparedRequest]], new_tokens: int, **generate_kwargs: Any
+) -> list[TokenTimes]:
     """transformers generate; a logits processor stamps the time each step's logits are ready."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -179,29 +208,49 @@ def run_hf(model: Any, batches: list[list[PreparedRequest]], new_tokens: int, **
         inputs = hf_batch_inputs(batch, int(model.config.image_token_id))
         t = time.perf_counter()
         with torch.inference_mode():
-            generated = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                       do_sample=False, pad_token_id=0, eos_token_id=None,
-                                       logits_processor=LogitsProcessorList([stamp]), **generate_kwargs)
+            generated = model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+                logits_processor=LogitsProcessorList([stamp]),
+                **generate_kwargs,
+            )
         wall = time.perf_counter() - t
         times = [s - t for s in stamp.times]
-        tokens = generated[:, inputs["input_ids"].shape[1]:].tolist()
+        tokens = generated[:, inputs["input_ids"].shape[1] :].tolist()
         out.append((wall, [times] * len(batch), tokens))
     return out
 
 
-def run_ray(path: Path, mode: str, max_batch: int, input_max_len: int, new_tokens: int,
-            batches: list[list[dict]]) -> tuple[list[TokenTimes], dict]:
+def run_ray(
+    path: Path, mode: str, max_batch: int, input_max_len: int, new_tokens: int, batches: list[list[dict]]
+) -> tuple[list[TokenTimes], dict]:
     """Our engine through `cluster.start` (tp 1, one worker holding every core), one call per batch."""
     import ray
 
     from cluster import load_config, start, stop
 
-    cfg = load_config(None, [
-        f"model_path={path}", "device=cpu", "world_size=1", "parallel_config.tp_size=1", f"exe_mode={mode}",
-        f"data_config.batch_size={max_batch}", f"data_config.max_new_tokens={new_tokens}",
-        "data_config.ignore_eos=true", f"data_config.input_max_len={input_max_len}",
-        f"ray.num_cpus_per_worker={os.cpu_count() or 1}", "ray.address=local", "ray.log_to_driver=false",
-        "ray.namespace=bench"])
+    cfg = load_config(
+        None,
+        [
+            f"model_path={path}",
+            "device=cpu",
+            "world_size=1",
+            "parallel_config.tp_size=1",
+            f"exe_mode={mode}",
+            f"data_config.batch_size={max_batch}",
+            f"data_config.max_new_tokens={new_tokens}",
+            "data_config.ignore_eos=true",
+            f"data_config.input_max_len={input_max_len}",
+            f"ray.num_cpus_per_worker={os.cpu_count() or 1}",
+            "ray.address=local",
+            "ray.log_to_driver=false",
+            "ray.namespace=bench",
+        ],
+    )
     coordinator = start(cfg)
     try:
         out = []
@@ -223,8 +272,16 @@ def run_ray(path: Path, mode: str, max_batch: int, input_max_len: int, new_token
 
 
 # --------------------------------------------------------------------------------- one checkpoint
-def bench_checkpoint(name: str, batch_sizes: list[int], new_tokens: int, skip_ray: bool, quick: bool,
-                     bandwidth: dict[str, float], cache: Path = CACHE_DIR, repeats: int = 1) -> dict:
+def bench_checkpoint(
+    name: str,
+    batch_sizes: list[int],
+    new_tokens: int,
+    skip_ray: bool,
+    quick: bool,
+    bandwidth: dict[str, float],
+    cache: Path = CACHE_DIR,
+    repeats: int = 1,
+) -> dict:
     """Every engine on one checkpoint: a warm-up pass, then the best (least wall time) of `repeats` passes."""
     directory, spec = CHECKPOINTS[name]
     path = cache / directory
@@ -236,8 +293,10 @@ def bench_checkpoint(name: str, batch_sizes: list[int], new_tokens: int, skip_ra
     prepared = [builder.build(r) for r in raw]
     input_max_len = -(-max(len(p.input_ids) for p in prepared) // 64) * 64
     max_batch = max(batch_sizes)
-    log(f"{name}: ready in {time.perf_counter() - t:.1f}s; prompts of {[len(p.input_ids) for p in prepared]} "
-        f"tokens, {new_tokens} new tokens each")
+    log(
+        f"{name}: ready in {time.perf_counter() - t:.1f}s; prompts of {[len(p.input_ids) for p in prepared]} "
+        f"tokens, {new_tokens} new tokens each"
+    )
     results: dict[str, Any] = {"path": str(path), "spec": asdict(spec), "engines": {}, "notes": []}
     engines: dict[str, dict] = results["engines"]
     tokens: dict[str, dict[int, list[list[int]]]] = {}
@@ -248,9 +307,11 @@ def bench_checkpoint(name: str, batch_sizes: list[int], new_tokens: int, skip_ra
         entry["passes"] = len(passes)
         engines.setdefault(engine, {"batches": {}})["batches"][str(batch)] = {**entry, **(extra or {})}
         tokens.setdefault(engine, {})[batch] = [t for _, _, ts in runs for t in ts]
-        log(f"{name}/{engine}/batch {batch}: TTFT {entry['ttft_ms_median']:.1f} ms, "
+        log(
+            f"{name}/{engine}/batch {batch}: TTFT {entry['ttft_ms_median']:.1f} ms, "
             f"TPOT {entry['tpot_ms_median']:.2f} ms (p90 {entry['tpot_ms_p90']:.2f}), "
-            f"{entry['output_tokens_per_s']:.1f} tok/s")
+            f"{entry['output_tokens_per_s']:.1f} tok/s"
+        )
 
     def timed(engine: str, fn: Callable[[int], list[TokenTimes]]) -> None:
         for b in batch_sizes:
@@ -259,9 +320,10 @@ def bench_checkpoint(name: str, batch_sizes: list[int], new_tokens: int, skip_ra
 
     # transformers, eager
     from transformers import Qwen2_5_VLForConditionalGeneration
+
     log(f"{name}: loading transformers model")
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-    timed("hf", lambda b: run_hf(hf, chunks(prepared[:max(b, 2)], b), new_tokens))
+    timed("hf", lambda b: run_hf(hf, chunks(prepared[: max(b, 2)], b), new_tokens))
     hf = None  # release its memory before the next engine loads
     gc.collect()
 
@@ -271,14 +333,14 @@ def bench_checkpoint(name: str, batch_sizes: list[int], new_tokens: int, skip_ra
     t = time.perf_counter()
     runner.warmup()
     warmup_s = time.perf_counter() - t
-    timed("ours_eager", lambda b: run_ours(runner, chunks(prepared[:max(b, 2)], b), new_tokens))
+    timed("ours_eager", lambda b: run_ours(runner, chunks(prepared[: max(b, 2)], b), new_tokens))
     engines["ours_eager"]["warmup_s"] = warmup_s
     log(f"{name}: compiling decode for buckets {batch_sizes}")
     t = time.perf_counter()
     runner.capture_graphs(sorted({next(x for x in runner.buckets if x >= b) for b in batch_sizes}))
     engines.setdefault("ours_graph", {"batches": {}})["capture_s"] = time.perf_counter() - t
     log(f"{name}: compiled in {engines['ours_graph']['capture_s']:.1f}s")
-    timed("ours_graph", lambda b: run_ours(runner, chunks(prepared[:max(b, 2)], b), new_tokens))
+    timed("ours_graph", lambda b: run_ours(runner, chunks(prepared[: max(b, 2)], b), new_tokens))
     bytes_info = decode_bytes(runner, [len(p.input_ids) for p in prepared], new_tokens)
     runner = None
     gc.collect()
@@ -289,15 +351,19 @@ def bench_checkpoint(name: str, batch_sizes: list[int], new_tokens: int, skip_ra
     else:
         log(f"{name}: starting the Ray engine (tp 1, exe_mode eager)")
         t = time.perf_counter()
-        calls = [(b, chunks(raw[:max(b, 2)], b)) for b in batch_sizes]
+        calls = [(b, chunks(raw[: max(b, 2)], b)) for b in batch_sizes]
         flat = [batch for _, batches in calls for batch in batches * (1 + repeats)]  # warm-up pass, then timed
         runs, stats = run_ray(path, "eager", max_batch, input_max_len, new_tokens, flat)
-        engines["ray_tp1"] = {"batches": {}, "start_and_run_s": time.perf_counter() - t, "exe_mode": "eager",
-                              "worker_phases": stats}
+        engines["ray_tp1"] = {
+            "batches": {},
+            "start_and_run_s": time.perf_counter() - t,
+            "exe_mode": "eager",
+            "worker_phases": stats,
+        }
         for b, batches in calls:
             n = len(batches)
-            record("ray_tp1", b, [runs[n * (1 + i):n * (2 + i)] for i in range(repeats)])
-            runs = runs[n * (1 + repeats):]
+            record("ray_tp1", b, [runs[n * (1 + i) : n * (2 + i)] for i in range(repeats)])
+            runs = runs[n * (1 + repeats) :]
 
     # transformers, static cache + torch.compile; last, so that its compiled state cannot affect ours
     if quick:
@@ -315,11 +381,15 @@ def bench_checkpoint(name: str, batch_sizes: list[int], new_tokens: int, skip_ra
             static = {"cache_implementation": "static", "compile_config": compile_config}
             t = time.perf_counter()
             for b in batch_sizes:
-                run_hf(hf, chunks(prepared[:max(b, 2)], b), new_tokens, **static)
+                run_hf(hf, chunks(prepared[: max(b, 2)], b), new_tokens, **static)
             compile_s = time.perf_counter() - t
             for b in batch_sizes:
-                record("hf_static_compile", b, [run_hf(hf, chunks(prepared[:max(b, 2)], b), new_tokens, **static)
-                                                for _ in range(repeats)], {"compile_and_first_run_s": compile_s})
+                record(
+                    "hf_static_compile",
+                    b,
+                    [run_hf(hf, chunks(prepared[: max(b, 2)], b), new_tokens, **static) for _ in range(repeats)],
+                    {"compile_and_first_run_s": compile_s},
+                )
         except Exception as e:  # transformers' compiled path does not support every model/backend
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             log(f"{name}: hf_static_compile skipped: {reason}")
@@ -328,8 +398,12 @@ def bench_checkpoint(name: str, batch_sizes: list[int], new_tokens: int, skip_ra
         gc.collect()
 
     # ratios, token agreement, roofline
-    step_bytes = {b: bytes_info["weights_bytes"] + bytes_info["lm_head_bytes"]
-                  + b * bytes_info["kv_bytes_per_token"] * bytes_info["mean_context"] for b in batch_sizes}
+    step_bytes = {
+        b: bytes_info["weights_bytes"]
+        + bytes_info["lm_head_bytes"]
+        + b * bytes_info["kv_bytes_per_token"] * bytes_info["mean_context"]
+        for b in batch_sizes
+    }
     results["decode_bytes"] = {**bytes_info, "per_step": {str(b): v for b, v in step_bytes.items()}}
     for engine, entry in engines.items():
         for b_text, m in entry.get("batches", {}).items():
@@ -344,15 +418,18 @@ def bench_checkpoint(name: str, batch_sizes: list[int], new_tokens: int, skip_ra
             m["tokens_match_hf"] = tokens[engine][b] == tokens[BASELINE][b]
     if "ray_tp1" in tokens:
         for b_text, m in engines["ray_tp1"]["batches"].items():
-            m["tpot_ratio_vs_in_process"] = m["tpot_ms_median"] / engines["ours_eager"]["batches"][b_text][
-                "tpot_ms_median"]
+            m["tpot_ratio_vs_in_process"] = (
+                m["tpot_ms_median"] / engines["ours_eager"]["batches"][b_text]["tpot_ms_median"]
+            )
     return results
 
 
 # --------------------------------------------------------------------------------- output
 def format_table(report: dict) -> str:
-    header = (f"{'checkpoint':<10} {'engine':<18} {'batch':>5} {'TTFT ms':>9} {'TPOT ms':>9} {'p90 ms':>9} "
-              f"{'tok/s':>8} {'TPOT/hf':>8} {'roofline':>8} {'=hf':>4}")
+    header = (
+        f"{'checkpoint':<10} {'engine':<18} {'batch':>5} {'TTFT ms':>9} {'TPOT ms':>9} {'p90 ms':>9} "
+        f"{'tok/s':>8} {'TPOT/hf':>8} {'roofline':>8} {'=hf':>4}"
+    )
     lines = [header, "-" * len(header)]
     for name, ckpt in report["checkpoints"].items():
         for engine, entry in ckpt["engines"].items():
@@ -360,13 +437,17 @@ def format_table(report: dict) -> str:
                 lines.append(f"{name:<10} {engine:<18} skipped: {entry['skipped'][:80]}")
                 continue
             for b, m in entry["batches"].items():
-                lines.append(f"{name:<10} {engine:<18} {b:>5} {m['ttft_ms_median']:>9.1f} {m['tpot_ms_median']:>9.2f} "
-                             f"{m['tpot_ms_p90']:>9.2f} {m['output_tokens_per_s']:>8.1f} "
-                             f"{m['tpot_ratio_vs_hf']:>8.2f} {m['roofline_fraction']:>8.1%} "
-                             f"{'yes' if m['tokens_match_hf'] else 'no':>4}")
+                lines.append(
+                    f"{name:<10} {engine:<18} {b:>5} {m['ttft_ms_median']:>9.1f} {m['tpot_ms_median']:>9.2f} "
+                    f"{m['tpot_ms_p90']:>9.2f} {m['output_tokens_per_s']:>8.1f} "
+                    f"{m['tpot_ratio_vs_hf']:>8.2f} {m['roofline_fraction']:>8.1%} "
+                    f"{'yes' if m['tokens_match_hf'] else 'no':>4}"
+                )
     bw = report["bandwidth"]
-    lines.append(f"copy bandwidth {bw['copy_gb_s']:.1f} GB/s (read+write), read {bw['read_gb_s']:.1f} GB/s; "
-                 f"roofline = decode bytes / copy bandwidth, as a fraction of the measured TPOT")
+    lines.append(
+        f"copy bandwidth {bw['copy_gb_s']:.1f} GB/s (read+write), read {bw['read_gb_s']:.1f} GB/s; "
+        f"roofline = decode bytes / copy bandwidth, as a fraction of the measured TPOT"
+    )
     return "\n".join(lines)
 
 
@@ -398,16 +479,19 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoints", default=None, help="comma-separated: tiny,small (default both; tiny "
-                                                            "with --quick)")
+    parser.add_argument(
+        "--checkpoints", default=None, help="comma-separated: tiny,small (default both; tiny with --quick)"
+    )
     parser.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,4; 1,2 with --quick)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="output tokens per request (default 32; "
-                                                                      "4 with --quick)")
+    parser.add_argument(
+        "--new-tokens", type=int, default=None, help="output tokens per request (default 32; 4 with --quick)"
+    )
     parser.add_argument("--out", default="outputs/bench", help="output directory")
     parser.add_argument("--cache-dir", default=str(CACHE_DIR), help="where checkpoints are built and reused")
     parser.add_argument("--skip-ray", action="store_true", help="skip the Ray engine")
-    parser.add_argument("--repeats", type=int, default=None, help="timed passes per engine, best kept (default 3 "
-                                                                   "on tiny, 1 on small)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed passes per engine, best kept (default 3 on tiny, 1 on small)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny defaults; skip transformers+torch.compile")
     args = parser.parse_args(argv)
     names = (args.checkpoints or ("tiny" if args.quick else "tiny,small")).split(",")
@@ -425,17 +509,35 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = measure_bandwidth()
     log(f"copy {bandwidth['copy_gb_s']:.1f} GB/s, read {bandwidth['read_gb_s']:.1f} GB/s")
     report: dict[str, Any] = {
-        "machine": {"description": f"{os.cpu_count()}-core CPU, torch {torch.__version__}, "
-                                   f"{torch.get_num_threads()} threads", "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads()},
-        "settings": {"batch_sizes": batch_sizes, "new_tokens": new_tokens, "quick": args.quick, "repeats": args.repeats,
-                     "dtype": "float32", "greedy": True, "ignore_eos": True},
-        "bandwidth": bandwidth, "engines": list(ENGINES), "checkpoints": {},
+        "machine": {
+            "description": f"{os.cpu_count()}-core CPU, torch {torch.__version__}, {torch.get_num_threads()} threads",
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "settings": {
+            "batch_sizes": batch_sizes,
+            "new_tokens": new_tokens,
+            "quick": args.quick,
+            "repeats": args.repeats,
+            "dtype": "float32",
+            "greedy": True,
+            "ignore_eos": True,
+        },
+        "bandwidth": bandwidth,
+        "engines": list(ENGINES),
+        "checkpoints": {},
     }
     for name in names:
-        report["checkpoints"][name] = bench_checkpoint(name, batch_sizes, new_tokens, args.skip_ray, args.quick,
-                                                       bandwidth, Path(args.cache_dir).expanduser(),
-                                                       args.repeats or (3 if name == "tiny" else 1))
+        report["checkpoints"][name] = bench_checkpoint(
+            name,
+            batch_sizes,
+            new_tokens,
+            args.skip_ray,
+            args.quick,
+            bandwidth,
+            Path(args.cache_dir).expanduser(),
+            args.repeats or (3 if name == "tiny" else 1),
+        )
         (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")  # after each checkpoint
     plot(report, out / "bench.png")
     print(format_table(report))

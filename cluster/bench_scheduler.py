@@ -45,17 +45,36 @@ def serving_requests(count: int, image: Path, seed: int = 0) -> list[dict]:
     out = []
     for i in range(count):
         prompt = "Describe: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 80)))
-        out.append({"id": f"s{i}", "prompt": prompt, "images": [str(image)] if i % 3 == 2 else [],
-                    "max_new_tokens": rng.choice((8, 16, 32, 48, 64)), "ignore_eos": True})
+        out.append(
+            {
+                "id": f"s{i}",
+                "prompt": prompt,
+                "images": [str(image)] if i % 3 == 2 else [],
+                "max_new_tokens": rng.choice((8, 16, 32, 48, 64)),
+                "ignore_eos": True,
+            }
+        )
     return out
 
 
 def engine_config(path: Path, policy: str, steps: int, slots: int) -> Any:
-    return load_config(None, [
-        f"model_path={path}", "device=cpu", "world_size=1", "parallel_config.tp_size=1",
-        f"data_config.batch_size={slots}", "data_config.max_new_tokens=64", "data_config.input_max_len=512",
-        f"scheduler.policy={policy}", f"scheduler.decode_steps_per_call={steps}",
-        f"ray.num_cpus_per_worker={os.cpu_count() or 1}", "ray.log_to_driver=false", f"ray.namespace=bench-{policy}"])
+    return load_config(
+        None,
+        [
+            f"model_path={path}",
+            "device=cpu",
+            "world_size=1",
+            "parallel_config.tp_size=1",
+            f"data_config.batch_size={slots}",
+            "data_config.max_new_tokens=64",
+            "data_config.input_max_len=512",
+            f"scheduler.policy={policy}",
+            f"scheduler.decode_steps_per_call={steps}",
+            f"ray.num_cpus_per_worker={os.cpu_count() or 1}",
+            "ray.log_to_driver=false",
+            f"ray.namespace=bench-{policy}",
+        ],
+    )
 
 
 def run_serving(path: Path, requests: list[dict], rate: float, policy: str, steps: int) -> dict:
@@ -70,8 +89,10 @@ def run_serving(path: Path, requests: list[dict], rate: float, policy: str, step
     if failed:
         raise RuntimeError(f"{policy}: {len(failed)} requests failed, e.g. {failed[0]}")
     summary = summarize(records, wall)
-    log(f"serving/{policy}: TTFT p50 {summary['ttft_ms']['median']:.0f} ms p99 {summary['ttft_ms']['p99']:.0f} ms, "
-        f"TPOT p50 {summary['tpot_ms']['median']:.1f} ms, {summary['output_throughput_tok_s']:.1f} tok/s")
+    log(
+        f"serving/{policy}: TTFT p50 {summary['ttft_ms']['median']:.0f} ms p99 {summary['ttft_ms']['p99']:.0f} ms, "
+        f"TPOT p50 {summary['tpot_ms']['median']:.1f} ms, {summary['output_throughput_tok_s']:.1f} tok/s"
+    )
     return summary
 
 
@@ -108,23 +129,32 @@ def run_step_cost(path: Path, request: dict, steps_list: list[int], repeats: int
 
 
 def format_table(report: dict) -> str:
-    lines = [f"Serving: {report['settings']['requests']} requests, Poisson {report['settings']['rate']}/s, "
-             f"{report['settings']['checkpoint']} checkpoint, 4 KV slots, tp 1"]
-    lines.append(f"{'policy':<12}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'TPOT p99':>10}{'E2E p99':>10}"
-                 f"{'queue p99':>10}{'tok/s':>8}")
+    lines = [
+        f"Serving: {report['settings']['requests']} requests, Poisson {report['settings']['rate']}/s, "
+        f"{report['settings']['checkpoint']} checkpoint, 4 KV slots, tp 1"
+    ]
+    lines.append(
+        f"{'policy':<12}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'TPOT p99':>10}{'E2E p99':>10}"
+        f"{'queue p99':>10}{'tok/s':>8}"
+    )
     for policy, s in report["serving"].items():
-        lines.append(f"{policy:<12}{s['ttft_ms']['median']:>10.0f}{s['ttft_ms']['p99']:>10.0f}"
-                     f"{s['tpot_ms']['median']:>10.1f}{s['tpot_ms']['p99']:>10.1f}{s['e2e_ms']['p99']:>10.0f}"
-                     f"{s['queue_ms']['p99']:>10.0f}{s['output_throughput_tok_s']:>8.1f}")
+        lines.append(
+            f"{policy:<12}{s['ttft_ms']['median']:>10.0f}{s['ttft_ms']['p99']:>10.0f}"
+            f"{s['tpot_ms']['median']:>10.1f}{s['tpot_ms']['p99']:>10.1f}{s['e2e_ms']['p99']:>10.0f}"
+            f"{s['queue_ms']['p99']:>10.0f}{s['output_throughput_tok_s']:>8.1f}"
+        )
     c, st = report["serving"].get("continuous"), report["serving"].get("static")
     if c and st:
-        lines.append(f"continuous/static: TTFT p99 {c['ttft_ms']['p99'] / st['ttft_ms']['p99']:.2f}x, "
-                     f"throughput {c['output_throughput_tok_s'] / st['output_throughput_tok_s']:.2f}x")
+        lines.append(
+            f"continuous/static: TTFT p99 {c['ttft_ms']['p99'] / st['ttft_ms']['p99']:.2f}x, "
+            f"throughput {c['output_throughput_tok_s'] / st['output_throughput_tok_s']:.2f}x"
+        )
     step = report.get("step_cost")
     if step:
-        lines.append(f"Per-step orchestration (one request, TPOT ms): in process {step['in_process']:.2f}; "
-                     + ", ".join(f"{k} step(s)/call {v:.2f} ({step['ratio'][k]:.3f}x)"
-                                 for k, v in step["coordinator"].items()))
+        lines.append(
+            f"Per-step orchestration (one request, TPOT ms): in process {step['in_process']:.2f}; "
+            + ", ".join(f"{k} step(s)/call {v:.2f} ({step['ratio'][k]:.3f}x)" for k, v in step["coordinator"].items())
+        )
     return "\n".join(lines)
 
 
@@ -132,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.bench_scheduler", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="small", choices=list(CHECKPOINTS))
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--rate", type=float, default=None, help="arrivals per second (default: 1.0 on small, "
-                                                                 "20 on tiny)")
+    parser.add_argument(
+        "--rate", type=float, default=None, help="arrivals per second (default: 1.0 on small, 20 on tiny)"
+    )
     parser.add_argument("--steps", default="1,4", help="decode_steps_per_call values for the per-step figure")
     parser.add_argument("--step-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
@@ -148,9 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ray.init(address="local", include_dashboard=False, log_to_driver=False, namespace="bench")
     report: dict[str, Any] = {
-        "machine": f"{os.cpu_count()}-core CPU", "serving": {},
-        "settings": {"checkpoint": args.checkpoint, "requests": args.requests, "rate": rate, "slots": 4,
-                     "decode_steps_per_call": 4},
+        "machine": f"{os.cpu_count()}-core CPU",
+        "serving": {},
+        "settings": {
+            "checkpoint": args.checkpoint,
+            "requests": args.requests,
+            "rate": rate,
+            "slots": 4,
+            "decode_steps_per_call": 4,
+        },
     }
     try:
         if not args.skip_serving:
@@ -159,8 +196,11 @@ def main(argv: list[str] | None = None) -> int:
                 report["serving"][policy] = run_serving(path, requests, rate, policy, steps=4)
                 (out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
         if not args.skip_step_cost:
-            request = {"prompt": "Describe the weather today and tomorrow.", "max_new_tokens": args.step_tokens,
-                       "ignore_eos": True}
+            request = {
+                "prompt": "Describe the weather today and tomorrow.",
+                "max_new_tokens": args.step_tokens,
+                "ignore_eos": True,
+            }
             report["step_cost"] = run_step_cost(path, request, [int(s) for s in args.steps.split(",")], args.repeats)
     finally:
         ray.shutdown()

@@ -39,12 +39,19 @@ def chat_bodies(cfg: RunConfig, requests: list[dict], max_tokens: int) -> list[d
     """Streaming chat-completion bodies for dataset requests: the images (as paths), then the prompt."""
     bodies = []
     for request in requests:
-        content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": str(path)}}
-                                         for path in request.get("images") or []]
+        content: list[dict[str, Any]] = [
+            {"type": "image_url", "image_url": {"url": str(path)}} for path in request.get("images") or []
+        ]
         content.append({"type": "text", "text": request["prompt"]})
-        body = {"model": model_name(cfg), "messages": [{"role": "user", "content": content}],
-                "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {
+            "model": model_name(cfg),
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         if request.get("mm_processor_kwargs"):
             body["mm_processor_kwargs"] = request["mm_processor_kwargs"]
         bodies.append(body)
@@ -90,8 +97,9 @@ async def ray_request(coordinator: Any, body: dict[str, Any], request_id: str) -
     return failed_record(request_id, "stream ended without a final record", arrival_time=record["arrival_time"])
 
 
-async def http_request(session: aiohttp.ClientSession, url: str, body: dict[str, Any], request_id: str,
-                       headers: dict[str, str]) -> dict[str, Any]:
+async def http_request(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], request_id: str, headers: dict[str, str]
+) -> dict[str, Any]:
     """One streaming chat completion over HTTP, timed by the client."""
     record = new_record(request_id, time.time())
     times: list[float] = []
@@ -121,8 +129,9 @@ async def http_request(session: aiohttp.ClientSession, url: str, body: dict[str,
     return _finish(record, times, counts["completion_tokens"], counts["prompt_tokens"])
 
 
-async def _run(senders: list[Any], bodies: list[dict[str, Any]], offsets: list[float],
-               tag: str) -> tuple[list[dict], float]:
+async def _run(
+    senders: list[Any], bodies: list[dict[str, Any]], offsets: list[float], tag: str
+) -> tuple[list[dict], float]:
     """Send body i at its offset through senders[i]; the records in order and the wall time."""
     start = time.perf_counter()
 
@@ -134,14 +143,21 @@ async def _run(senders: list[Any], bodies: list[dict[str, Any]], offsets: list[f
     return list(records), time.perf_counter() - start
 
 
-async def benchmark(coordinator: Any, cfg: RunConfig, bodies: list[dict[str, Any]], offsets: list[float],
-                    rounds: int = 2, base_url: str | None = None) -> dict:
+async def benchmark(
+    coordinator: Any,
+    cfg: RunConfig,
+    bodies: list[dict[str, Any]],
+    offsets: list[float],
+    rounds: int = 2,
+    base_url: str | None = None,
+) -> dict:
     """Warm up both paths, then send the bodies `rounds` times, the paths taking turns; each path's
     summary (its requests over the shared wall time) and the HTTP overhead."""
     url = f"{base_url or f'http://{cfg.serve.host}:{cfg.serve.port}/v1'}/chat/completions"
     headers = {"Authorization": f"Bearer {cfg.serve.api_key}"} if cfg.serve.api_key else {}
     timeout = aiohttp.ClientTimeout(total=cfg.ray.worker_timeout_s)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+
         async def via_ray(body: dict[str, Any], request_id: str) -> dict[str, Any]:
             return await ray_request(coordinator, body, request_id)
 
@@ -184,8 +200,7 @@ def overhead(http: dict[str, Any], ray_api: dict[str, Any]) -> dict[str, dict[st
 
 
 def format_overhead(delta: dict[str, dict[str, float | None]]) -> str:
-    lines = ["{:=^50}".format(" HTTP overhead (HTTP - Ray API) "),
-             f"{'(ms)':<14}{'mean':>12}{'median':>12}{'p99':>12}"]
+    lines = ["{:=^50}".format(" HTTP overhead (HTTP - Ray API) "), f"{'(ms)':<14}{'mean':>12}{'median':>12}{'p99':>12}"]
     for metric, stats in delta.items():
         cells = "".join(f"{'-' if v is None else f'{v:.2f}':>12}" for v in stats.values())
         lines.append(f"{metric.removesuffix('_ms').upper():<14}{cells}")
@@ -198,19 +213,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="YAML run config, e.g. conf/tiny_cpu.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. serve.port=8001")
     parser.add_argument("--num-requests", type=int, default=32)
-    parser.add_argument("--request-rate", type=float, default=None,
-                        help="arrivals per second (default: data_config.request_rate; inf: all at once)")
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        default=None,
+        help="arrivals per second (default: data_config.request_rate; inf: all at once)",
+    )
     parser.add_argument("--max-tokens", type=int, default=None, help="default: data_config.max_new_tokens")
     parser.add_argument("--url", default=None, help="the server's /v1 URL (default: http://serve.host:serve.port/v1)")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="passes over the requests; the paths take turns request by request, swapped each pass")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="passes over the requests; the paths take turns request by request, swapped each pass",
+    )
     parser.add_argument("--out", default="outputs/bench_serve/bench_serve.json")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         data = cfg.data_config
-        requests = load_requests(data.dataset, data.dataset_dir, data.batch_size, cfg.dp_size,
-                                 args.num_requests, base_dir=Path.cwd())
+        requests = load_requests(
+            data.dataset, data.dataset_dir, data.batch_size, cfg.dp_size, args.num_requests, base_dir=Path.cwd()
+        )
         coordinator = start(cfg)
     except (*USER_ERRORS, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -227,9 +251,16 @@ def main(argv: list[str] | None = None) -> int:
             stop_server()
         finally:
             stop(coordinator)
-    results["config"] = {"model_path": cfg.model_path, "device": cfg.device, "world_size": cfg.world_size,
-                         "tp_size": cfg.tp_size, "num_requests": len(bodies), "rounds": args.rounds,
-                         "request_rate": rate, "max_tokens": bodies[0]["max_tokens"] if bodies else None}
+    results["config"] = {
+        "model_path": cfg.model_path,
+        "device": cfg.device,
+        "world_size": cfg.world_size,
+        "tp_size": cfg.tp_size,
+        "num_requests": len(bodies),
+        "rounds": args.rounds,
+        "request_rate": rate,
+        "max_tokens": bodies[0]["max_tokens"] if bodies else None,
+    }
     for name, title in (("ray_api", "Ray API (coordinator.stream)"), ("http", "HTTP (OpenAI chat completions)")):
         print(f"\n{title}\n{format_summary(results[name])}")
     print(format_overhead(results["http_overhead_ms"]))

@@ -49,9 +49,19 @@ def hf_vision_config(args: argparse.Namespace) -> Any:
     from transformers import Qwen2_5_VLVisionConfig
 
     config = Qwen2_5_VLVisionConfig(
-        depth=args.depth, hidden_size=1280, num_heads=16, intermediate_size=3456, out_hidden_size=args.out_hidden,
-        patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112, in_channels=3,
-        hidden_act="silu", fullatt_block_indexes=list(args.fullatt))
+        depth=args.depth,
+        hidden_size=1280,
+        num_heads=16,
+        intermediate_size=3456,
+        out_hidden_size=args.out_hidden,
+        patch_size=14,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        window_size=112,
+        in_channels=3,
+        hidden_act="silu",
+        fullatt_block_indexes=list(args.fullatt),
+    )
     config._attn_implementation = "sdpa"
     return config
 
@@ -59,9 +69,18 @@ def hf_vision_config(args: argparse.Namespace) -> Any:
 def our_vision_config(args: argparse.Namespace) -> Any:
     from model.config import VisionConfig
 
-    return VisionConfig(depth=args.depth, hidden_size=1280, num_heads=16, intermediate_size=3456,
-                        out_hidden_size=args.out_hidden, patch_size=14, temporal_patch_size=2, spatial_merge_size=2,
-                        window_size=112, fullatt_block_indexes=tuple(args.fullatt))
+    return VisionConfig(
+        depth=args.depth,
+        hidden_size=1280,
+        num_heads=16,
+        intermediate_size=3456,
+        out_hidden_size=args.out_hidden,
+        patch_size=14,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        window_size=112,
+        fullatt_block_indexes=tuple(args.fullatt),
+    )
 
 
 def write_inputs(args: argparse.Namespace, workdir: Path) -> None:
@@ -70,8 +89,9 @@ def write_inputs(args: argparse.Namespace, workdir: Path) -> None:
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     with torch.device("meta"):
-        shapes = {n: p.shape for n, p in Qwen2_5_VisionTransformerPretrainedModel(hf_vision_config(args))
-                  .named_parameters()}
+        shapes = {
+            n: p.shape for n, p in Qwen2_5_VisionTransformerPretrainedModel(hf_vision_config(args)).named_parameters()
+        }
     gen = torch.Generator().manual_seed(0)
     weights = {}
     for name, shape in shapes.items():
@@ -85,8 +105,10 @@ def write_inputs(args: argparse.Namespace, workdir: Path) -> None:
     (workdir / "weights").mkdir()
     save_file(weights, str(workdir / "weights" / "model.safetensors"))
     side = args.image // 14
-    torch.save({"pixels": torch.randn(side * side, 3 * 2 * 14 * 14, generator=gen),
-                "grid": torch.tensor([[1, side, side]])}, workdir / "image.pt")
+    torch.save(
+        {"pixels": torch.randn(side * side, 3 * 2 * 14 * 14, generator=gen), "grid": torch.tensor([[1, side, side]])},
+        workdir / "image.pt",
+    )
 
 
 def build_engine(engine: str, args: argparse.Namespace, workdir: Path, device: torch.device) -> torch.nn.Module:
@@ -157,18 +179,48 @@ def run_worker(engine: str, args: argparse.Namespace, workdir: Path) -> dict[str
             cpu_times.append(time.process_time() - cpu_start)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _status_mb("VmHWM")
     torch.save(out.float().cpu(), workdir / f"{engine}.pt")
-    return {"engine": engine, "seconds": min(times), "all_seconds": times, "cpu_seconds": min(cpu_times),
-            "memory_before_mb": round(before, 1),
-            "peak_mb": round(peak, 1), "peak_rise_mb": round(peak - before, 1),
-            "memory_kind": "cuda_allocated" if device.type == "cuda" else "rss"}
+    return {
+        "engine": engine,
+        "seconds": min(times),
+        "all_seconds": times,
+        "cpu_seconds": min(cpu_times),
+        "memory_before_mb": round(before, 1),
+        "peak_mb": round(peak, 1),
+        "peak_rise_mb": round(peak - before, 1),
+        "memory_kind": "cuda_allocated" if device.type == "cuda" else "rss",
+    }
 
 
-def _worker(engine: str, args: argparse.Namespace, workdir: Path, repeats: int, warmup: int,
-            env: dict[str, str] | None = None) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "cluster.bench_vision", "--worker", engine, "--workdir", str(workdir),
-           "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
-           "--image", str(args.image), "--depth", str(args.depth), "--fullatt", *map(str, args.fullatt),
-           "--out-hidden", str(args.out_hidden), "--repeats", str(repeats), "--warmup", str(warmup)]
+def _worker(
+    engine: str, args: argparse.Namespace, workdir: Path, repeats: int, warmup: int, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "cluster.bench_vision",
+        "--worker",
+        engine,
+        "--workdir",
+        str(workdir),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+        "--image",
+        str(args.image),
+        "--depth",
+        str(args.depth),
+        "--fullatt",
+        *map(str, args.fullatt),
+        "--out-hidden",
+        str(args.out_hidden),
+        "--repeats",
+        str(repeats),
+        "--warmup",
+        str(warmup),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=os.environ | (env or {}))
     if proc.returncode:
         raise RuntimeError(f"{engine} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -195,9 +247,17 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
         outputs = {e: torch.load(workdir / f"{e}.pt") for e in args.engines}
     side = args.image // 14
     summary: dict[str, Any] = {
-        "bench": "vision", "device": args.device, "dtype": args.dtype, "threads": args.threads,
-        "image_px": args.image, "patches": side * side, "depth": args.depth, "fullatt": list(args.fullatt),
-        "out_hidden": args.out_hidden, "repeats": args.repeats, "warmup": args.warmup,
+        "bench": "vision",
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "image_px": args.image,
+        "patches": side * side,
+        "depth": args.depth,
+        "fullatt": list(args.fullatt),
+        "out_hidden": args.out_hidden,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     for engine, r in results.items():

@@ -298,8 +298,11 @@ def _validate(cfg: RunConfig) -> None:
 
     data = cfg.data_config
     if data.dataset not in KNOWN_DATASETS and not data.dataset.endswith(DATASET_FILE_SUFFIXES):
-        _fail("data_config.dataset", data.dataset,
-              f"must be one of {', '.join(KNOWN_DATASETS)} or a path to a .jsonl or .json file")
+        _fail(
+            "data_config.dataset",
+            data.dataset,
+            f"must be one of {', '.join(KNOWN_DATASETS)} or a path to a .jsonl or .json file",
+        )
     if data.num_samples is not None:
         _check_min("data_config.num_samples", data.num_samples, 1)
     for name in ("input_max_len", "max_new_tokens", "batch_size"):

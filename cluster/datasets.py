@@ -202,7 +202,7 @@ def _file_row(row: dict[str, Any], where: str, default_id: str, image_root: Path
     for k, image in enumerate(images):
         src = image.get("path") if isinstance(image, dict) else image
         if not isinstance(src, str) or not src:
-            raise DatasetError(f"{where}: field images[{k}] must be a non-empty path string or {{\"path\": ...}}")
+            raise DatasetError(f'{where}: field images[{k}] must be a non-empty path string or {{"path": ...}}')
         paths.append(str(_resolve(src, image_root)))
     request: Request = {"id": str(rid), "prompt": prompt, "images": paths}
     if row.get("mm_processor_kwargs") is not None:

@@ -104,8 +104,9 @@ def resolve_fused_ops(spec: DeviceSpec, configured: bool | None) -> bool:
     return configured
 
 
-def check_graph_env(device: str, exe_mode: str, environ: Mapping[str, str],
-                    dist_env: Mapping[str, str] | None = None) -> None:
+def check_graph_env(
+    device: str, exe_mode: str, environ: Mapping[str, str], dist_env: Mapping[str, str] | None = None
+) -> None:
     """Fail before any actor starts when a variable would break graph capture on `device`.
 
     Checks the driver's environment (`environ`, which a local Ray cluster's workers inherit) and the

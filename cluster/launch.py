@@ -83,20 +83,41 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
     spec = get_device_spec(cfg.device)
     data, sched = cfg.data_config, cfg.scheduler
     worker = WorkerConfig(
-        model_path=cfg.model_path, device=cfg.device, dtype=cfg.dtype, exe_mode=cfg.exe_mode,
-        vision_mode=cfg.parallel_config.vision_mode, max_batch_size=data.batch_size,
-        max_seq_len=data.input_max_len + data.max_new_tokens, vision_cache_bytes=cfg.vision_cache_mb << 20,
-        fused_ops=resolve_fused_ops(spec, cfg.fused_ops), profile_dir=cfg.profile_dir if cfg.profile else None)
+        model_path=cfg.model_path,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        exe_mode=cfg.exe_mode,
+        vision_mode=cfg.parallel_config.vision_mode,
+        max_batch_size=data.batch_size,
+        max_seq_len=data.input_max_len + data.max_new_tokens,
+        vision_cache_bytes=cfg.vision_cache_mb << 20,
+        fused_ops=resolve_fused_ops(spec, cfg.fused_ops),
+        profile_dir=cfg.profile_dir if cfg.profile else None,
+    )
     return EngineConfig(
-        worker=worker, tp_size=cfg.tp_size, dp_size=cfg.dp_size,
-        worker_options=actor_resource_options(spec, cfg.ray.num_cpus_per_worker), namespace=cfg.ray.namespace,
-        input_max_len=data.input_max_len, max_images_per_prompt=data.max_images_per_prompt,
-        sampling=SamplingDefaults(max_new_tokens=data.max_new_tokens, temperature=data.temperature,
-                                  top_p=data.top_p, seed=data.seed, ignore_eos=data.ignore_eos),
-        policy=sched.policy, prefill_chunk_tokens=sched.prefill_chunk_tokens,
-        decode_steps_per_call=sched.decode_steps_per_call, worker_timeout_s=cfg.ray.worker_timeout_s,
-        rendezvous_timeout_s=cfg.ray.rendezvous_timeout_s, max_group_restarts=cfg.ray.max_group_restarts,
-        dist_env=dict(cfg.dist_env), profile=cfg.profile)
+        worker=worker,
+        tp_size=cfg.tp_size,
+        dp_size=cfg.dp_size,
+        worker_options=actor_resource_options(spec, cfg.ray.num_cpus_per_worker),
+        namespace=cfg.ray.namespace,
+        input_max_len=data.input_max_len,
+        max_images_per_prompt=data.max_images_per_prompt,
+        sampling=SamplingDefaults(
+            max_new_tokens=data.max_new_tokens,
+            temperature=data.temperature,
+            top_p=data.top_p,
+            seed=data.seed,
+            ignore_eos=data.ignore_eos,
+        ),
+        policy=sched.policy,
+        prefill_chunk_tokens=sched.prefill_chunk_tokens,
+        decode_steps_per_call=sched.decode_steps_per_call,
+        worker_timeout_s=cfg.ray.worker_timeout_s,
+        rendezvous_timeout_s=cfg.ray.rendezvous_timeout_s,
+        max_group_restarts=cfg.ray.max_group_restarts,
+        dist_env=dict(cfg.dist_env),
+        profile=cfg.profile,
+    )
 
 
 def connect(cfg: RunConfig) -> None:
@@ -127,19 +148,31 @@ def start(cfg: RunConfig) -> Any:
     connect(cfg)
     try:
         ray.get_actor(COORDINATOR_NAME, namespace=cfg.ray.namespace)
-        raise RuntimeError(f"an actor named {COORDINATOR_NAME!r} already exists in Ray namespace "
-                           f"{cfg.ray.namespace!r}: another run is active (stop it, or set ray.namespace)")
+        raise RuntimeError(
+            f"an actor named {COORDINATOR_NAME!r} already exists in Ray namespace "
+            f"{cfg.ray.namespace!r}: another run is active (stop it, or set ray.namespace)"
+        )
     except ValueError:
         pass
     spec = get_device_spec(cfg.device)
-    placement = reserve(spec, cfg.world_size, cfg.tp_size, cfg.ray.num_cpus_per_worker,
-                        cfg.ray.placement_timeout_s, name_prefix=cfg.ray.namespace)
+    placement = reserve(
+        spec,
+        cfg.world_size,
+        cfg.tp_size,
+        cfg.ray.num_cpus_per_worker,
+        cfg.ray.placement_timeout_s,
+        name_prefix=cfg.ray.namespace,
+    )
     coordinator = None
     try:
         nodes = [str(placement_group_table(pg).get("bundles_to_node_id", {}).get(0, "")) for pg in placement.groups]
-        coordinator = ray.remote(Coordinator).options(
-            name=COORDINATOR_NAME, namespace=cfg.ray.namespace, num_cpus=0, max_concurrency=1000,
-            max_restarts=0).remote(engine_config(cfg), placement, order_groups_by_node(nodes))
+        coordinator = (
+            ray.remote(Coordinator)
+            .options(
+                name=COORDINATOR_NAME, namespace=cfg.ray.namespace, num_cpus=0, max_concurrency=1000, max_restarts=0
+            )
+            .remote(engine_config(cfg), placement, order_groups_by_node(nodes))
+        )
         setup_timeout = cfg.ray.rendezvous_timeout_s + 3 * cfg.ray.worker_timeout_s
         try:
             ray.get(coordinator.setup.remote(), timeout=setup_timeout)
@@ -230,8 +263,15 @@ class StopSignals:
         raise Interrupted(signum)
 
 
-def serve_requests(coordinator: Any, requests: list[dict], rate: float, seed: int,
-                   on_record: Any = None, stop: StopSignals | None = None, grace_s: float = 0.0) -> list[dict]:
+def serve_requests(
+    coordinator: Any,
+    requests: list[dict],
+    rate: float,
+    seed: int,
+    on_record: Any = None,
+    stop: StopSignals | None = None,
+    grace_s: float = 0.0,
+) -> list[dict]:
     """Send requests at their arrival times; records in request order.
 
     `on_record(record)` sees each record as soon as its request completes. Once `stop` is requested
@@ -275,8 +315,11 @@ def serve_requests(coordinator: Any, requests: list[dict], rate: float, seed: in
         if not stopping.is_set():
             return [r for r in records if r is not None]
 
-        tqdm.write(f"stopping: {len(requests) - sent} request(s) not sent; {len(pending)} running get "
-                   f"{grace_s:g} s to finish, then are aborted (signal again to stop at once)", file=sys.stderr)
+        tqdm.write(
+            f"stopping: {len(requests) - sent} request(s) not sent; {len(pending)} running get "
+            f"{grace_s:g} s to finish, then are aborted (signal again to stop at once)",
+            file=sys.stderr,
+        )
         for i in range(sent, len(requests)):
             finish(i, aborted_record(requests[i]))
         deadline = time.monotonic() + grace_s
@@ -310,16 +353,19 @@ def run(cfg: RunConfig, resume_hint: str | None = None) -> int:
     128 + the signal number; `resume_hint` is the command printed to finish the run.
     """
     data = cfg.data_config
-    requests = load_requests(data.dataset, data.dataset_dir, data.batch_size, cfg.dp_size, data.num_samples,
-                             base_dir=Path.cwd())
+    requests = load_requests(
+        data.dataset, data.dataset_dir, data.batch_size, cfg.dp_size, data.num_samples, base_dir=Path.cwd()
+    )
     output = Path(cfg.output_path)
     preflight(cfg)
     check_output_path(output, cfg.resume)  # before Ray starts: earlier results are never overwritten
     earlier = read_records(output)[0] if cfg.resume else []
     to_run, reused = pending_requests(requests, earlier, cfg.resume_failed)
     if cfg.resume:
-        print(f"resume: {len(reused)} of {len(requests)} request(s) already done in {output}; "
-              f"running {len(to_run)}", file=sys.stderr)
+        print(
+            f"resume: {len(reused)} of {len(requests)} request(s) already done in {output}; running {len(to_run)}",
+            file=sys.stderr,
+        )
     written: set[str] = set()
     wall, phases = 0.0, {}
     signals = StopSignals()
@@ -336,8 +382,15 @@ def run(cfg: RunConfig, resume_hint: str | None = None) -> int:
 
                     signals.serving = True
                     start_time = time.perf_counter()
-                    serve_requests(coordinator, to_run, data.request_rate, data.seed, on_record=keep,
-                                   stop=signals, grace_s=cfg.interrupt_grace_s)
+                    serve_requests(
+                        coordinator,
+                        to_run,
+                        data.request_rate,
+                        data.seed,
+                        on_record=keep,
+                        stop=signals,
+                        grace_s=cfg.interrupt_grace_s,
+                    )
                     wall = time.perf_counter() - start_time
                 try:
                     phases = ray.get(coordinator.stats.remote(), timeout=30)["phases"]
@@ -349,25 +402,45 @@ def run(cfg: RunConfig, resume_hint: str | None = None) -> int:
     final = latest_per_id(read_records(output)[0])
     completed = [r for r in final if r.get("finish_reason") != "abort"]
     resumed = [r for r in completed if str(r["id"]) not in written]
-    summary = summarize(completed, wall + busy_seconds(resumed), phases=phases, extra={
-        "config": {"model_path": cfg.model_path, "device": cfg.device, "dtype": cfg.dtype,
-                   "world_size": cfg.world_size, "tp_size": cfg.tp_size, "dp_size": cfg.dp_size,
-                   "exe_mode": cfg.exe_mode, "vision_mode": cfg.parallel_config.vision_mode,
-                   "batch_size": data.batch_size, "policy": cfg.scheduler.policy, "request_rate": data.request_rate},
-        "resumed_records": len(resumed), "aborted_requests": len(final) - len(completed)})
+    summary = summarize(
+        completed,
+        wall + busy_seconds(resumed),
+        phases=phases,
+        extra={
+            "config": {
+                "model_path": cfg.model_path,
+                "device": cfg.device,
+                "dtype": cfg.dtype,
+                "world_size": cfg.world_size,
+                "tp_size": cfg.tp_size,
+                "dp_size": cfg.dp_size,
+                "exe_mode": cfg.exe_mode,
+                "vision_mode": cfg.parallel_config.vision_mode,
+                "batch_size": data.batch_size,
+                "policy": cfg.scheduler.policy,
+                "request_rate": data.request_rate,
+            },
+            "resumed_records": len(resumed),
+            "aborted_requests": len(final) - len(completed),
+        },
+    )
     paths = write_report(completed, summary, output)
     print(format_summary(summary))
     if resumed:
-        print(f"the summary covers {len(resumed)} record(s) from an earlier run and "
-              f"{len(completed) - len(resumed)} from this one")
+        print(
+            f"the summary covers {len(resumed)} record(s) from an earlier run and "
+            f"{len(completed) - len(resumed)} from this one"
+        )
     print(f"results: {output}\nsummary: {paths['summary']}\nplot:    {paths['plot']}")
     if paths.get("timeline"):
         print(f"timeline: {paths['timeline']}")
     if signals.signum is not None:
         name = signal.Signals(signals.signum).name
-        print(f"interrupted by {name}: {len(written)} record(s) written, {len(final) - len(completed)} request(s) "
-              f"aborted or not started; to finish the run: {resume_hint or 'run again with resume=true'}",
-              file=sys.stderr)
+        print(
+            f"interrupted by {name}: {len(written)} record(s) written, {len(final) - len(completed)} request(s) "
+            f"aborted or not started; to finish the run: {resume_hint or 'run again with resume=true'}",
+            file=sys.stderr,
+        )
         return 128 + signals.signum
     failed = [r for r in completed if r.get("error")]
     for r in failed[:10]:
@@ -392,8 +465,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"interrupted by {signal.Signals(signum).name}: workers and placement groups released; "
-              f"to finish the run: {hint}", file=sys.stderr)
+        print(
+            f"interrupted by {signal.Signals(signum).name}: workers and placement groups released; "
+            f"to finish the run: {hint}",
+            file=sys.stderr,
+        )
         return 128 + signum
 
 

@@ -20,8 +20,9 @@ MAX_STOP_STRINGS = 4
 class APIError(Exception):
     """An error answered with OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, type_: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -33,8 +34,12 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                503: "service_unavailable"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    503: "service_unavailable",
+}
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -179,8 +184,9 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def engine_request(request: ChatCompletionRequest, request_id: str,
-                   images: dict[str, bytes] | None = None) -> dict[str, Any]:
+def engine_request(
+    request: ChatCompletionRequest, request_id: str, images: dict[str, bytes] | None = None
+) -> dict[str, Any]:
     """The Coordinator's request dict for a chat request; `images` maps fetched http(s) URLs to bytes."""
     images = images or {}
     messages = []
@@ -199,11 +205,18 @@ def engine_request(request: ChatCompletionRequest, request_id: str,
         messages.append({"role": message.role, "content": parts})
     out: dict[str, Any] = {"id": request_id, "messages": messages}
     max_tokens = request.max_completion_tokens or request.max_tokens
-    for key, value in (("max_new_tokens", max_tokens), ("temperature", request.temperature),
-                       ("top_p", request.top_p), ("seed", request.seed), ("stop", request.stop),
-                       ("ignore_eos", request.ignore_eos),
-                       ("mm_processor_kwargs", request.mm_processor_kwargs
-                        and request.mm_processor_kwargs.model_dump(exclude_none=True))):
+    for key, value in (
+        ("max_new_tokens", max_tokens),
+        ("temperature", request.temperature),
+        ("top_p", request.top_p),
+        ("seed", request.seed),
+        ("stop", request.stop),
+        ("ignore_eos", request.ignore_eos),
+        (
+            "mm_processor_kwargs",
+            request.mm_processor_kwargs and request.mm_processor_kwargs.model_dump(exclude_none=True),
+        ),
+    ):
         if value is not None:
             out[key] = value
     return out
@@ -236,24 +249,38 @@ def finish_reason(record: dict[str, Any], stopped: bool) -> str:
     return "stop" if stopped or record.get("finish_reason") == "stop" else "length"
 
 
-def completion_body(completion_id: str, model: str, created: int, content: str, reason: str,
-                    record: dict[str, Any]) -> dict[str, Any]:
+def completion_body(
+    completion_id: str, model: str, created: int, content: str, reason: str, record: dict[str, Any]
+) -> dict[str, Any]:
     return {
-        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
-                     "finish_reason": reason}],
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "logprobs": None,
+                "finish_reason": reason,
+            }
+        ],
         "usage": usage(record),
     }
 
 
-def chunk_body(completion_id: str, model: str, created: int, delta: dict[str, Any] | None,
-               reason: str | None = None, usage_: dict[str, int] | None = None,
-               include_usage: bool = False) -> dict[str, Any]:
+def chunk_body(
+    completion_id: str,
+    model: str,
+    created: int,
+    delta: dict[str, Any] | None,
+    reason: str | None = None,
+    usage_: dict[str, int] | None = None,
+    include_usage: bool = False,
+) -> dict[str, Any]:
     """A chat.completion.chunk; with delta None, the usage-only chunk (no choices)."""
-    body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                            "model": model}
-    body["choices"] = [] if delta is None else [
-        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
+    body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    body["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
     if include_usage:
         body["usage"] = usage_
     return body
@@ -316,6 +343,6 @@ class StopGuard:
         return longest
 
     def _send(self, safe: str) -> str:
-        out = safe[self.sent:] if len(safe) > self.sent else ""
+        out = safe[self.sent :] if len(safe) > self.sent else ""
         self.sent = max(self.sent, len(safe))
         return out

@@ -170,8 +170,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if phases:
         lines.append(header("Phases", "-"))
         lines.extend(
-            line(f"{name}:", value, ".4f" if isinstance(value, float) else "")
-            for name, value in phases.items()
+            line(f"{name}:", value, ".4f" if isinstance(value, float) else "") for name, value in phases.items()
         )
     lines.append(header("", "="))
     return "\n".join(lines)
@@ -185,9 +184,7 @@ def _timeline_line(summary: dict[str, Any], line: Any) -> list[str]:
     return [line("Requests on timeline:", "none" if placed == 0 else f"{placed} of {total}")]
 
 
-def write_report(
-    records: Sequence[Record], summary: dict[str, Any], results_path: Path
-) -> dict[str, Path | None]:
+def write_report(records: Sequence[Record], summary: dict[str, Any], results_path: Path) -> dict[str, Path | None]:
     """Write ``<stem>.summary.json``, ``<stem>.latency.png`` and ``<stem>.timeline.png`` beside ``results_path``.
 
     Returns:
@@ -278,14 +275,19 @@ def timeline_rows(records: Sequence[Record]) -> tuple[list[TimelineRow], float |
     rows = []
     for r in placed:
         arrival, end = float(r["arrival_time"]) - t0, float(r["end_time"]) - t0
-        marks = [(kind, r.get(key)) for kind, key in (("queue", "arrival_time"), ("prefill", "scheduled_time"),
-                                                      ("decode", "first_token_time"))]
+        marks = [
+            (kind, r.get(key))
+            for kind, key in (("queue", "arrival_time"), ("prefill", "scheduled_time"), ("decode", "first_token_time"))
+        ]
         starts: list[tuple[str, float]] = []
         for kind, t in marks:  # clamped into [arrival, end] and non-decreasing
             if t is not None:
                 starts.append((kind, min(max(float(t) - t0, starts[-1][1] if starts else arrival), end)))
-        spans = tuple((kind, start, next_start) for (kind, start), (_, next_start)
-                      in zip(starts, [*starts[1:], ("end", end)]) if next_start > start)
+        spans = tuple(
+            (kind, start, next_start)
+            for (kind, start), (_, next_start) in zip(starts, [*starts[1:], ("end", end)])
+            if next_start > start
+        )
         status = "failed" if r.get("error") is not None else "aborted" if r.get("finish_reason") == "abort" else "ok"
         dp_rank = r.get("dp_rank")
         rows.append(TimelineRow(str(r.get("id")), None if dp_rank is None else int(dp_rank), status, spans, end))
@@ -324,8 +326,13 @@ def plot_timeline(records: Sequence[Record], path: Path) -> dict[str, Any] | Non
     ax = fig.subplots()
     for d in dp_ranks:
         for kind in TIMELINE_SPANS:
-            bars = [(y, start, end) for y, row in enumerate(rows) if row.dp_rank == d
-                    for k, start, end in row.spans if k == kind]
+            bars = [
+                (y, start, end)
+                for y, row in enumerate(rows)
+                if row.dp_rank == d
+                for k, start, end in row.spans
+                if k == kind
+            ]
             if bars:
                 y, start, end = (np.array(v) for v in zip(*bars))
                 ax.barh(y, end - start, left=start, height=0.8, color=colors[d][kind], linewidth=0)
@@ -334,8 +341,16 @@ def plot_timeline(records: Sequence[Record], path: Path) -> dict[str, Any] | Non
         ys = [y for y, row in enumerate(rows) if row.status == status]
         marked[status] = len(ys)
         if ys:
-            ax.plot([rows[y].end for y in ys], ys, linestyle="none", marker=marker, color=color, markersize=8,
-                    markeredgecolor="white", markeredgewidth=0.6)
+            ax.plot(
+                [rows[y].end for y in ys],
+                ys,
+                linestyle="none",
+                marker=marker,
+                color=color,
+                markersize=8,
+                markeredgecolor="white",
+                markeredgewidth=0.6,
+            )
     ax.set_ylim(len(rows) - 0.5, -0.5)  # first arrival on top
     if len(rows) <= _MAX_ROW_LABELS:
         ax.set_yticks(range(len(rows)), [row.id for row in rows], fontsize=8)
@@ -357,17 +372,33 @@ def plot_timeline(records: Sequence[Record], path: Path) -> dict[str, Any] | Non
         if marked[status]:
             handles.append(Line2D([], [], linestyle="none", marker=marker, color=color, markersize=8))
             labels.append(f"{status} ({marked[status]})")
-    legend = ax.legend(handles, labels, handler_map={tuple: HandlerTuple(ndivide=None, pad=0)}, loc="upper left",
-                       bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False, alignment="left",
-                       title="shades, light to dark:\n" + "\n".join(_SPAN_LABELS[k] for k in TIMELINE_SPANS))
+    legend = ax.legend(
+        handles,
+        labels,
+        handler_map={tuple: HandlerTuple(ndivide=None, pad=0)},
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        frameon=False,
+        alignment="left",
+        title="shades, light to dark:\n" + "\n".join(_SPAN_LABELS[k] for k in TIMELINE_SPANS),
+    )
     legend.get_title().set_fontsize(8)
     skipped = len(records) - len(rows)
     groups = sum(1 for d in dp_ranks if d is not None)
-    fig.suptitle(f"Request timeline: {len(rows)} requests on {groups} DP group{'s' if groups != 1 else ''}"
-                 + (f"; {skipped} without timestamps not shown" if skipped else ""))
+    fig.suptitle(
+        f"Request timeline: {len(rows)} requests on {groups} DP group{'s' if groups != 1 else ''}"
+        + (f"; {skipped} without timestamps not shown" if skipped else "")
+    )
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
     atomic_write_bytes(Path(path), png.getvalue())
     rows_per_dp = {d: sum(1 for row in rows if row.dp_rank == d) for d in dp_ranks}
-    return {"rows": len(rows), "skipped": skipped, "rows_per_dp": rows_per_dp, "colors": colors,
-            "marked": marked, "size_px": (round(12 * 100), round(height_in * 100))}
+    return {
+        "rows": len(rows),
+        "skipped": skipped,
+        "rows_per_dp": rows_per_dp,
+        "colors": colors,
+        "marked": marked,
+        "size_px": (round(12 * 100), round(height_in * 100)),
+    }

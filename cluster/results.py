@@ -102,12 +102,14 @@ def check_output_path(path: str | os.PathLike[str], resume: bool) -> int:
     if (records or skipped) and not resume:
         raise ConfigError(
             f"output_path={str(path)!r} already holds {len(records)} record(s) of an earlier run: choose another "
-            "output_path, set resume=true to run only the requests it lacks, or remove the file")
+            "output_path, set resume=true to run only the requests it lacks, or remove the file"
+        )
     return len(records)
 
 
-def pending_requests(requests: Sequence[Record], existing: Iterable[Record],
-                     resume_failed: bool = True) -> tuple[list[Record], list[Record]]:
+def pending_requests(
+    requests: Sequence[Record], existing: Iterable[Record], resume_failed: bool = True
+) -> tuple[list[Record], list[Record]]:
     """Split a run's requests against the records of an earlier run: `(to_run, reused)`.
 
     A request is reused when the latest record of its id succeeded, or failed with an error and
@@ -132,9 +134,11 @@ def busy_seconds(records: Iterable[Record]) -> float:
     Stands in for the wall time of earlier runs, whose own wall clock was not kept (a killed run
     writes no summary) and whose gap to this run is not engine time.
     """
-    spans = sorted((r["arrival_time"], r["end_time"]) for r in records
-                   if r.get("arrival_time") is not None and r.get("end_time") is not None
-                   and r["end_time"] >= r["arrival_time"])
+    spans = sorted(
+        (r["arrival_time"], r["end_time"])
+        for r in records
+        if r.get("arrival_time") is not None and r.get("end_time") is not None and r["end_time"] >= r["arrival_time"]
+    )
     total = 0.0
     current_start = current_end = None
     for start, end in spans:
@@ -204,8 +208,9 @@ class RecordWriter:
     def __enter__(self) -> RecordWriter:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 

@@ -33,8 +33,15 @@ from model.runner import ModelRunner
 from model.sampling import SamplingParams
 from model.tiny_checkpoint import build_tiny_checkpoint
 
-ROWS = ("devices visible to Ray", "process-group init", "all_reduce/all_gather", "graph capture",
-        "token parity", "TPOT", "fused vs plain decode")
+ROWS = (
+    "devices visible to Ray",
+    "process-group init",
+    "all_reduce/all_gather",
+    "graph capture",
+    "token parity",
+    "TPOT",
+    "fused vs plain decode",
+)
 FUSED_RTOL = 0.05  # largest |fused - plain| logit over the largest |logit|, bf16
 
 
@@ -58,16 +65,21 @@ def collective_probe(rank: int, world: int, address: str, device: str, timeout_s
     spec = get_device_spec(device)
     dev = bind_device(spec.name, ray.get_runtime_context().get_accelerator_ids(), os.environ)
     t = time.perf_counter()
-    dist.init_process_group(spec.dist_backend, init_method=address, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        spec.dist_backend, init_method=address, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+    )
     init_s = time.perf_counter() - t
     try:
         x = torch.full((4,), float(rank + 1), device=dev)
         dist.all_reduce(x)
         parts = [torch.empty(2, device=dev) for _ in range(world)]
         dist.all_gather(parts, torch.full((2,), float(rank), device=dev))
-        return {"rank": rank, "init_s": init_s, "all_reduce": x.cpu().tolist(),
-                "all_gather": torch.cat(parts).cpu().tolist()}
+        return {
+            "rank": rank,
+            "init_s": init_s,
+            "all_reduce": x.cpu().tolist(),
+            "all_gather": torch.cat(parts).cpu().tolist(),
+        }
     finally:
         dist.destroy_process_group()
 
@@ -76,9 +88,10 @@ def device_task_options(spec: DeviceSpec) -> dict[str, Any]:
     """Ray options for a task holding one device of the driver's node."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    options: dict[str, Any] = {"num_cpus": 1 if spec.name == "cpu" else 0,
-                               "scheduling_strategy": NodeAffinitySchedulingStrategy(
-                                   ray.get_runtime_context().get_node_id(), soft=False)}
+    options: dict[str, Any] = {
+        "num_cpus": 1 if spec.name == "cpu" else 0,
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+    }
     if spec.name == "cuda":
         options["num_gpus"] = 1
     elif spec.name != "cpu":
@@ -120,16 +133,21 @@ def fused_probe(path: str, device: str, requests: list[dict], new_tokens: int) -
     logits: dict[bool, list[torch.Tensor]] = {}
     continuations = None
     for fused in (False, True):
-        runner = ModelRunner(path, device=dev, dtype="bfloat16", max_batch_size=1, max_seq_len=256 + new_tokens,
-                             fused_ops=fused)
+        runner = ModelRunner(
+            path, device=dev, dtype="bfloat16", max_batch_size=1, max_seq_len=256 + new_tokens, fused_ops=fused
+        )
         if continuations is None:
             continuations = [r.output_token_ids for r in runner.generate(prepared, params, [])]
         logits[fused] = [decode_step_logits(runner, p, c) for p, c in zip(prepared, continuations)]
     diff = max(float((a - b).abs().max()) for a, b in zip(logits[False], logits[True]))
     scale = max(float(a.abs().max()) for a in logits[False])
     agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(logits[False], logits[True]))
-    return {"max_abs_diff": diff, "max_abs_logit": scale, "top1_agree": agree,
-            "steps": sum(a.shape[0] for a in logits[False])}
+    return {
+        "max_abs_diff": diff,
+        "max_abs_logit": scale,
+        "top1_agree": agree,
+        "steps": sum(a.shape[0] for a in logits[False]),
+    }
 
 
 def check_fused(spec: DeviceSpec, path: Path, requests: list[dict], new_tokens: int) -> Row:
@@ -143,21 +161,37 @@ def check_fused(spec: DeviceSpec, path: Path, requests: list[dict], new_tokens: 
         log(traceback.format_exc())
         return Row(ROWS[6], False, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
     relative = out["max_abs_diff"] / max(out["max_abs_logit"], 1e-6)
-    detail = (f"bf16 logits: max |fused - plain| {out['max_abs_diff']:.3g} ({relative:.2%} of max |logit|), "
-              f"same top-1 at {out['top1_agree']}/{out['steps']} steps")
+    detail = (
+        f"bf16 logits: max |fused - plain| {out['max_abs_diff']:.3g} ({relative:.2%} of max |logit|), "
+        f"same top-1 at {out['top1_agree']}/{out['steps']} steps"
+    )
     return Row(ROWS[6], relative <= FUSED_RTOL, detail)
 
 
-def run_engine(path: Path, spec: DeviceSpec, tp: int, mode: str, requests: list[dict], new_tokens: int,
-               batch: int) -> tuple[list[dict], dict]:
+def run_engine(
+    path: Path, spec: DeviceSpec, tp: int, mode: str, requests: list[dict], new_tokens: int, batch: int
+) -> tuple[list[dict], dict]:
     """Serve `requests` through `cluster.start` at tp `tp`; returns the records and the Coordinator's stats."""
     from cluster import load_config, start, stop
 
-    cfg = load_config(None, [
-        f"model_path={path}", f"device={spec.name}", f"world_size={tp}", f"parallel_config.tp_size={tp}",
-        f"exe_mode={mode}", f"data_config.batch_size={batch}", f"data_config.max_new_tokens={new_tokens}",
-        "data_config.ignore_eos=true", "data_config.input_max_len=256", "ray.num_cpus_per_worker=1",
-        "ray.log_to_driver=false", "ray.namespace=selfcheck", "ray.worker_timeout_s=300"])
+    cfg = load_config(
+        None,
+        [
+            f"model_path={path}",
+            f"device={spec.name}",
+            f"world_size={tp}",
+            f"parallel_config.tp_size={tp}",
+            f"exe_mode={mode}",
+            f"data_config.batch_size={batch}",
+            f"data_config.max_new_tokens={new_tokens}",
+            "data_config.ignore_eos=true",
+            "data_config.input_max_len=256",
+            "ray.num_cpus_per_worker=1",
+            "ray.log_to_driver=false",
+            "ray.namespace=selfcheck",
+            "ray.worker_timeout_s=300",
+        ],
+    )
     coordinator = start(cfg)
     try:
         records = ray.get(coordinator.generate.remote(requests), timeout=300)

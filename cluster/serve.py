@@ -50,8 +50,10 @@ logger = logging.getLogger("cluster.serve")
 APP_NAME = "qwen2_5_vl"
 NO_LIVE_GROUP = "no live DP group"
 # The field an engine error message names, e.g. "'mm_processor_kwargs.max_pixels'=..." or "messages[0].content".
-_PARAM_RE = re.compile(r"'?((?:mm_processor_kwargs|messages|max_new_tokens|temperature|top_p|seed|stop)"
-                       r"(?:\.\w+|\[\d+\])*)'?")
+_PARAM_RE = re.compile(
+    r"'?((?:mm_processor_kwargs|messages|max_new_tokens|temperature|top_p|seed|stop)"
+    r"(?:\.\w+|\[\d+\])*)'?"
+)
 
 app = FastAPI(title="Qwen2.5-VL OpenAI-compatible server", docs_url=None, redoc_url=None)
 
@@ -96,8 +98,12 @@ def _record_error(record: dict[str, Any]) -> APIError:
     return APIError(503 if NO_LIVE_GROUP in error else 500, error)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024,
-                  graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=5)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=1024,
+    graceful_shutdown_wait_loop_s=0.5,
+    graceful_shutdown_timeout_s=5,
+)
 @serve.ingress(app)
 class OpenAIServer:
     """The HTTP front of the engine; one replica forwards every request to the named Coordinator."""
@@ -113,8 +119,9 @@ class OpenAIServer:
             return
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+            raise APIError(
+                401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
 
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
@@ -126,20 +133,27 @@ class OpenAIServer:
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
-        return {"object": "list", "data": [
-            {"id": self.model, "object": "model", "created": self.created, "owned_by": "qwen2_5_vl_ray"}]}
+        return {
+            "object": "list",
+            "data": [{"id": self.model, "object": "model", "created": self.created, "owned_by": "qwen2_5_vl_ray"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         self._authorize(request)
         body = parse_request(await request.body())
         if body.model is not None and body.model != self.model:
-            raise APIError(404, f"the model '{body.model}' does not exist (this server has '{self.model}')",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model '{body.model}' does not exist (this server has '{self.model}')",
+                param="model",
+                code="model_not_found",
+            )
         images = await self._fetch_images(body)
         completion_id = new_completion_id()
         stream = self.coordinator.stream.options(num_returns="streaming").remote(
-            engine_request(body, completion_id, images))
+            engine_request(body, completion_id, images)
+        )
         finished = False
         try:
             first = await self._next(stream)
@@ -147,8 +161,9 @@ class OpenAIServer:
                 raise _record_error(first)
             if body.stream:
                 finished = True  # the event generator owns the request from here
-                return StreamingResponse(self._events(stream, first, completion_id, body),
-                                         media_type="text/event-stream")
+                return StreamingResponse(
+                    self._events(stream, first, completion_id, body), media_type="text/event-stream"
+                )
             response = await self._complete(stream, first, completion_id, body)
             finished = True
             return response
@@ -174,25 +189,29 @@ class OpenAIServer:
         except (ValueError, ray.exceptions.RayError) as e:
             raise _engine_error(e) from None
 
-    async def _complete(self, stream: Any, item: dict[str, Any], completion_id: str,
-                        body: ChatCompletionRequest) -> JSONResponse:
+    async def _complete(
+        self, stream: Any, item: dict[str, Any], completion_id: str, body: ChatCompletionRequest
+    ) -> JSONResponse:
         while not item.get("final"):
             item = await self._next(stream)
         if item.get("error") is not None:
             raise _record_error(item)
         guard = StopGuard(body.stop)
         content, stopped = guard.cut(item.get("output_text") or "")
-        return JSONResponse(completion_body(completion_id, self.model, now(), content,
-                                            finish_reason(item, stopped), item))
+        return JSONResponse(
+            completion_body(completion_id, self.model, now(), content, finish_reason(item, stopped), item)
+        )
 
-    async def _events(self, stream: Any, item: dict[str, Any], completion_id: str,
-                      body: ChatCompletionRequest) -> AsyncIterator[bytes]:
+    async def _events(
+        self, stream: Any, item: dict[str, Any], completion_id: str, body: ChatCompletionRequest
+    ) -> AsyncIterator[bytes]:
         """SSE chat.completion.chunk events, then `data: [DONE]`; aborts the request if cut short."""
         created = now()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(delta: dict[str, Any] | None, reason: str | None = None,
-                  usage_: dict[str, int] | None = None) -> bytes:
+        def chunk(
+            delta: dict[str, Any] | None, reason: str | None = None, usage_: dict[str, int] | None = None
+        ) -> bytes:
             return sse(chunk_body(completion_id, self.model, created, delta, reason, usage_, include_usage))
 
         guard = StopGuard(body.stop)
@@ -263,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own handler
     try:
         start_server(cfg)
-        print(f"serving model '{model_name(cfg)}' at http://{cfg.serve.host}:{cfg.serve.port}/v1 "
-              "(Ctrl-C to stop)", flush=True)
+        print(
+            f"serving model '{model_name(cfg)}' at http://{cfg.serve.host}:{cfg.serve.port}/v1 (Ctrl-C to stop)",
+            flush=True,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

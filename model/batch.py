@@ -69,8 +69,14 @@ class RunningBatch:
         self.slots: list[SlotState | None] = [None] * runner.max_batch_size
 
     # ----------------------------------------------------------------------------- slots
-    def admit(self, slot: int, request: PreparedRequest, params: SamplingParams, eos_token_ids: list[int],
-              image_embeds: torch.Tensor | None) -> None:
+    def admit(
+        self,
+        slot: int,
+        request: PreparedRequest,
+        params: SamplingParams,
+        eos_token_ids: list[int],
+        image_embeds: torch.Tensor | None,
+    ) -> None:
         """Put a request into a free slot; ValueError when it cannot run here."""
         problem = self.runner.check_fits(request, params)
         if problem is not None:
@@ -82,11 +88,21 @@ class RunningBatch:
         image_tokens = sum(t == self.runner.config.image_token_id for t in request.input_ids)
         have = 0 if image_embeds is None else image_embeds.shape[0]
         if have != image_tokens:
-            raise ValueError(f"request {request.request_id!r}: prompt has {image_tokens} image-pad tokens but "
-                             f"its images give {have} embeddings")
+            raise ValueError(
+                f"request {request.request_id!r}: prompt has {image_tokens} image-pad tokens but "
+                f"its images give {have} embeddings"
+            )
         positions, delta = self.runner.prompt_positions(request)
-        self.slots[slot] = SlotState(request.request_id, list(request.input_ids), positions, delta, image_embeds,
-                                     params, make_generator(params, self.runner.device), frozenset(eos_token_ids))
+        self.slots[slot] = SlotState(
+            request.request_id,
+            list(request.input_ids),
+            positions,
+            delta,
+            image_embeds,
+            params,
+            make_generator(params, self.runner.device),
+            frozenset(eos_token_ids),
+        )
 
     def release(self, slot: int) -> None:
         self.slots[slot] = None
@@ -116,22 +132,25 @@ class RunningBatch:
                 before = sum(t == image_id for t in state.input_ids[:start])
                 inside = sum(t == image_id for t in piece)
                 if inside:
-                    embeds.append(state.image_embeds[before:before + inside])
+                    embeds.append(state.image_embeds[before : before + inside])
             segments.append((slot, start, end - start))
             ends.append(len(ids) - 1)
         device = runner.device
         done = [i for i, (slot, end) in enumerate(chunks) if end == len(self._slot(slot).input_ids)]
         logits = runner.model.prefill(
-            torch.tensor(ids, dtype=torch.long, device=device), torch.cat(positions, dim=1).to(device),
-            torch.cat(embeds).to(device) if embeds else None, segments,
-            torch.tensor([ends[i] for i in done], dtype=torch.long, device=device))
+            torch.tensor(ids, dtype=torch.long, device=device),
+            torch.cat(positions, dim=1).to(device),
+            torch.cat(embeds).to(device) if embeds else None,
+            segments,
+            torch.tensor([ends[i] for i in done], dtype=torch.long, device=device),
+        )
         for slot, end in chunks:
             self._slot(slot).filled = end
         out: dict[int, StepOutput] = {}
         for row, i in enumerate(done):
             slot = chunks[i][0]
             state = self._slot(slot)
-            token = int(sample(logits[row:row + 1], [state.params], [state.generator])[0])
+            token = int(sample(logits[row : row + 1], [state.params], [state.generator])[0])
             state.image_embeds = None  # in the cache now
             out[slot] = StepOutput(state.request_id)
             self._append(state, out[slot], token, time.time())

@@ -93,31 +93,67 @@ class ModelConfig:
     def validate(self) -> None:
         """Check internal consistency; errors name the offending field."""
         t, v = self.text, self.vision
-        _require(t.hidden_size % t.num_attention_heads == 0, "hidden_size", t.hidden_size,
-                 f"must be divisible by num_attention_heads={t.num_attention_heads}")
-        _require(t.num_attention_heads % t.num_key_value_heads == 0, "num_key_value_heads",
-                 t.num_key_value_heads, f"must divide num_attention_heads={t.num_attention_heads}")
-        _require(sum(t.mrope_section) * 2 == t.head_dim, "mrope_section", list(t.mrope_section),
-                 f"must sum to head_dim/2={t.head_dim // 2}")
-        _require(v.hidden_size % v.num_heads == 0, "vision_config.hidden_size", v.hidden_size,
-                 f"must be divisible by vision_config.num_heads={v.num_heads}")
-        _require(v.out_hidden_size == t.hidden_size, "vision_config.out_hidden_size", v.out_hidden_size,
-                 f"must equal hidden_size={t.hidden_size}")
+        _require(
+            t.hidden_size % t.num_attention_heads == 0,
+            "hidden_size",
+            t.hidden_size,
+            f"must be divisible by num_attention_heads={t.num_attention_heads}",
+        )
+        _require(
+            t.num_attention_heads % t.num_key_value_heads == 0,
+            "num_key_value_heads",
+            t.num_key_value_heads,
+            f"must divide num_attention_heads={t.num_attention_heads}",
+        )
+        _require(
+            sum(t.mrope_section) * 2 == t.head_dim,
+            "mrope_section",
+            list(t.mrope_section),
+            f"must sum to head_dim/2={t.head_dim // 2}",
+        )
+        _require(
+            v.hidden_size % v.num_heads == 0,
+            "vision_config.hidden_size",
+            v.hidden_size,
+            f"must be divisible by vision_config.num_heads={v.num_heads}",
+        )
+        _require(
+            v.out_hidden_size == t.hidden_size,
+            "vision_config.out_hidden_size",
+            v.out_hidden_size,
+            f"must equal hidden_size={t.hidden_size}",
+        )
         bad = [i for i in v.fullatt_block_indexes if not 0 <= i < v.depth]
-        _require(not bad, "vision_config.fullatt_block_indexes", list(v.fullatt_block_indexes),
-                 f"must all be < depth={v.depth}")
+        _require(
+            not bad,
+            "vision_config.fullatt_block_indexes",
+            list(v.fullatt_block_indexes),
+            f"must all be < depth={v.depth}",
+        )
 
     def validate_tp(self, tp_size: int) -> None:
         """Check that the text model shards over `tp_size` ranks (the vision tower may run unsharded)."""
         t = self.text
         _require(tp_size >= 1, "tp_size", tp_size, "must be >= 1")
-        _require(t.num_attention_heads % tp_size == 0, "parallel_config.tp_size", tp_size,
-                 f"must divide num_attention_heads={t.num_attention_heads}")
-        _require(t.intermediate_size % tp_size == 0, "parallel_config.tp_size", tp_size,
-                 f"must divide intermediate_size={t.intermediate_size}")
+        _require(
+            t.num_attention_heads % tp_size == 0,
+            "parallel_config.tp_size",
+            tp_size,
+            f"must divide num_attention_heads={t.num_attention_heads}",
+        )
+        _require(
+            t.intermediate_size % tp_size == 0,
+            "parallel_config.tp_size",
+            tp_size,
+            f"must divide intermediate_size={t.intermediate_size}",
+        )
         kv = t.num_key_value_heads
-        _require(kv % tp_size == 0 or tp_size % kv == 0, "parallel_config.tp_size", tp_size,
-                 f"must divide num_key_value_heads={kv} or be a multiple of it")
+        _require(
+            kv % tp_size == 0 or tp_size % kv == 0,
+            "parallel_config.tp_size",
+            tp_size,
+            f"must divide num_key_value_heads={kv} or be a multiple of it",
+        )
 
     def vision_divides(self, tp_size: int) -> bool:
         """Whether the vision tower's heads and MLP split evenly over `tp_size` ranks."""

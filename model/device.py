@@ -81,8 +81,9 @@ def local_device_index(accelerator_ids: Sequence[str | int], visible_devices: st
     try:
         return int(mine)
     except ValueError:
-        raise ValueError(f"accelerator id {mine!r} is not a device index and no visible-devices list is set "
-                         "to find it in") from None
+        raise ValueError(
+            f"accelerator id {mine!r} is not a device index and no visible-devices list is set to find it in"
+        ) from None
 
 
 def device_index(device: str, accelerator_ids: Mapping[str, Sequence[str | int]], environ: Mapping[str, str]) -> int:
@@ -94,8 +95,9 @@ def device_index(device: str, accelerator_ids: Mapping[str, Sequence[str | int]]
     return local_device_index(ids, environ.get(VISIBLE_DEVICES_ENV[device]))
 
 
-def bind_device(device: str, accelerator_ids: Mapping[str, Sequence[str | int]], environ: Mapping[str, str],
-                backend: Any = None) -> torch.device:
+def bind_device(
+    device: str, accelerator_ids: Mapping[str, Sequence[str | int]], environ: Mapping[str, str], backend: Any = None
+) -> torch.device:
     """Import the backend, set this process's current device and return it.
 
     `backend` is torch.cuda / torch.npu by default (tests pass a stand-in with `set_device`).

@@ -44,13 +44,27 @@ from model.tiny_checkpoint import TinySpec, build_tiny_checkpoint, to_layout
 
 REPO = Path(__file__).resolve().parent.parent
 NOMINAL_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s of HBM, by device name
-SEVEN_B = {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-           "intermediate_size": 18944, "vocab_size": 152064}
-QUICK_SHAPE = {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-               "intermediate_size": 512, "vocab_size": 4096}
-PROMPTS = [("text", "Describe the weather today and tomorrow, then summarize the report.", []),
-           ("one_image", "What is in this photo?", ["wide"]),
-           ("two_images", "Compare the first image and the second image.", ["tall", "wide"])]
+SEVEN_B = {
+    "hidden_size": 3584,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "intermediate_size": 18944,
+    "vocab_size": 152064,
+}
+QUICK_SHAPE = {
+    "hidden_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 512,
+    "vocab_size": 4096,
+}
+PROMPTS = [
+    ("text", "Describe the weather today and tomorrow, then summarize the report.", []),
+    ("one_image", "What is in this photo?", ["wide"]),
+    ("two_images", "Compare the first image and the second image.", ["tall", "wide"]),
+]
 NEAR_TIE_TOP_K = 5
 
 
@@ -86,14 +100,19 @@ def decode_step_logits(runner: ModelRunner, request: PreparedRequest, continuati
     length = len(request.input_ids)
     for step, token in enumerate(continuation[:-1]):
         cache_len = torch.tensor([length + step], device=device)
-        logits = runner.decode(torch.tensor([token], device=device), cache_len + delta, cache_len,
-                               max_len=length + step + 1)
+        logits = runner.decode(
+            torch.tensor([token], device=device), cache_len + delta, cache_len, max_len=length + step + 1
+        )
         rows.append(logits[0].clone())  # a graph's output buffer is overwritten by the next replay
     return torch.stack(rows).float().cpu()
 
 
-def compare_greedy(ours: list[int], ref: list[int], step_logits: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-                   k: int = NEAR_TIE_TOP_K) -> str:
+def compare_greedy(
+    ours: list[int],
+    ref: list[int],
+    step_logits: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    k: int = NEAR_TIE_TOP_K,
+) -> str:
     """'identical', 'near tie at step i', or 'DIFFERENT: ...' (the rule of tests/reference.py)."""
     step = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
     if step is None:
@@ -142,23 +161,31 @@ def parity(path: Path, device: torch.device, images: dict[str, str], new_tokens:
     from model.processor import PromptBuilder
 
     builder = PromptBuilder.from_pretrained(path)
-    requests = [builder.build({"id": name, "prompt": prompt, "images": [images[i] for i in imgs]})
-                for name, prompt, imgs in PROMPTS]
+    requests = [
+        builder.build({"id": name, "prompt": prompt, "images": [images[i] for i in imgs]})
+        for name, prompt, imgs in PROMPTS
+    ]
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device).eval()
     image_token = int(hf.config.image_token_id)
     reference = {}
     with torch.inference_mode():
         for r in requests:
-            out = hf.generate(**hf_inputs(r, image_token, device), max_new_tokens=new_tokens, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)
-            reference[r.request_id] = out[0, len(r.input_ids):].tolist()
+            out = hf.generate(
+                **hf_inputs(r, image_token, device),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            reference[r.request_id] = out[0, len(r.input_ids) :].tolist()
 
     def hf_step_logits(request: PreparedRequest, tokens: list[int]) -> torch.Tensor:
-        full = PreparedRequest(request.request_id, list(request.input_ids) + tokens, request.pixel_values,
-                               request.image_grid_thw)
+        full = PreparedRequest(
+            request.request_id, list(request.input_ids) + tokens, request.pixel_values, request.image_grid_thw
+        )
         with torch.inference_mode():
             logits = hf(**hf_inputs(full, image_token, device)).logits[0].float().cpu()
-        return logits[len(request.input_ids) - 1:]
+        return logits[len(request.input_ids) - 1 :]
 
     batch = 1 if quick else 4
     runner = ModelRunner(path, device=device, dtype=torch.float32, max_batch_size=batch, max_seq_len=512)
@@ -182,14 +209,16 @@ def parity(path: Path, device: torch.device, images: dict[str, str], new_tokens:
         for r, out in zip(requests, outs):
             ref = reference[r.request_id]
 
-            def step_logits(step: int, r: PreparedRequest = r,
-                            ref: list[int] = ref) -> tuple[torch.Tensor, torch.Tensor]:
-                return decode_step_logits(runner, r, ref[:step + 1])[step], hf_step_logits(r, ref[:step])[step]
+            def step_logits(
+                step: int, r: PreparedRequest = r, ref: list[int] = ref
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                return decode_step_logits(runner, r, ref[: step + 1])[step], hf_step_logits(r, ref[:step])[step]
 
             verdicts[r.request_id] = out.error or compare_greedy(out.output_token_ids, ref, step_logits)
         figures[mode] = verdicts
-    figures["ok"] = all(v == "identical" or v.startswith("near tie")
-                        for mode in ("eager", "graph") for v in figures[mode].values())
+    figures["ok"] = all(
+        v == "identical" or v.startswith("near tie") for mode in ("eager", "graph") for v in figures[mode].values()
+    )
     return figures
 
 
@@ -206,8 +235,13 @@ def write_random_checkpoint(out: Path, shape: dict[str, int], dtype: torch.dtype
 
     tiny = build_tiny_checkpoint(out.parent / "tiny-files", TinySpec())
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.json",
-                 "preprocessor_config.json"):
+    for name in (
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.json",
+        "preprocessor_config.json",
+    ):
         (out / name).write_bytes((tiny / name).read_bytes())
     config = json.loads((tiny / "config.json").read_text())
     config.update(shape)
@@ -254,8 +288,9 @@ def write_random_checkpoint(out: Path, shape: dict[str, int], dtype: torch.dtype
     if shard:
         flush()
     total = sum((out / s).stat().st_size for s in shards)
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+    )
     return out
 
 
@@ -326,18 +361,30 @@ def decode_speed(out: Path, device: torch.device, quick: bool, dtype: torch.dtyp
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     nominal = next((bw for key, bw in NOMINAL_BANDWIDTH.items() if key in name), None)
     floor_s = sum(read.values()) / bandwidth
-    figures.update({
-        "device_name": name, "decode_lengths": runner.decode_lengths, "steps": steps,
-        "tpot_eager_ms": round(1e3 * eager_s, 3), "tpot_graph_ms": round(1e3 * graph_s, 3),
-        "graph_same_tokens_as_eager": graph_tokens == eager_tokens,  # random bf16 weights: near ties happen
-        "graph_first_different_step": next((i for i, (x, y) in enumerate(zip(graph_tokens, eager_tokens))
-                                            if x != y), None),
-        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "floor_measured_bw_ms": round(1e3 * floor_s, 3),
-        "eager_fraction_of_floor": round(floor_s / eager_s, 3), "graph_fraction_of_floor": round(floor_s / graph_s, 3),
-    })
+    figures.update(
+        {
+            "device_name": name,
+            "decode_lengths": runner.decode_lengths,
+            "steps": steps,
+            "tpot_eager_ms": round(1e3 * eager_s, 3),
+            "tpot_graph_ms": round(1e3 * graph_s, 3),
+            "graph_same_tokens_as_eager": graph_tokens == eager_tokens,  # random bf16 weights: near ties happen
+            "graph_first_different_step": next(
+                (i for i, (x, y) in enumerate(zip(graph_tokens, eager_tokens)) if x != y), None
+            ),
+            "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+            "floor_measured_bw_ms": round(1e3 * floor_s, 3),
+            "eager_fraction_of_floor": round(floor_s / eager_s, 3),
+            "graph_fraction_of_floor": round(floor_s / graph_s, 3),
+        }
+    )
     if nominal:
-        figures.update({"nominal_bandwidth_gb_s": nominal / 1e9,
-                        "floor_nominal_bw_ms": round(1e3 * sum(read.values()) / nominal, 3)})
+        figures.update(
+            {
+                "nominal_bandwidth_gb_s": nominal / 1e9,
+                "floor_nominal_bw_ms": round(1e3 * sum(read.values()) / nominal, 3),
+            }
+        )
     return figures
 
 
@@ -345,8 +392,15 @@ def decode_speed(out: Path, device: torch.device, quick: bool, dtype: torch.dtyp
 def vision_bench(device: torch.device, dtype: torch.dtype, timeout_s: float, quick: bool) -> dict[str, Any]:
     if importlib.util.find_spec("cluster.bench_vision") is None:
         return {"skipped": "cluster/bench_vision.py is not present"}
-    cmd = [sys.executable, "-m", "cluster.bench_vision", "--device", device.type,
-           "--dtype", str(dtype).removeprefix("torch.")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cluster.bench_vision",
+        "--device",
+        device.type,
+        "--dtype",
+        str(dtype).removeprefix("torch."),
+    ]
     if quick:
         cmd += ["--image", "112", "--depth", "2", "--fullatt", "1", "--out-hidden", "256"]
     try:
@@ -378,31 +432,53 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False  # parity in float32 means float32 matmuls
         torch.backends.cudnn.allow_tf32 = False
     report = Report(args.out)
-    report.put("environment", {"torch": torch.__version__, "device": args.device, "quick": args.quick,
-                               "cuda_device": torch.cuda.get_device_name() if device.type == "cuda" else None,
-                               "python": platform.python_version()})
+    report.put(
+        "environment",
+        {
+            "torch": torch.__version__,
+            "device": args.device,
+            "quick": args.quick,
+            "cuda_device": torch.cuda.get_device_name() if device.type == "cuda" else None,
+            "python": platform.python_version(),
+        },
+    )
     started = time.perf_counter()
     failed = False
     parts: list[tuple[str, Callable[[], dict[str, Any]]]] = []
     if "a" in args.parts:
+
         def run_parity() -> dict[str, Any]:
             images = make_images(args.out / "images")
             figures = {}
-            specs = {"default": TinySpec(), "odd": TinySpec(hidden_size=96, num_attention_heads=3,
-                                                             num_key_value_heads=1, intermediate_size=160,
-                                                             vocab_size=1001, seed=1)}
-            for name, spec in list(specs.items())[:1 if args.quick else 2]:
+            specs = {
+                "default": TinySpec(),
+                "odd": TinySpec(
+                    hidden_size=96,
+                    num_attention_heads=3,
+                    num_key_value_heads=1,
+                    intermediate_size=160,
+                    vocab_size=1001,
+                    seed=1,
+                ),
+            }
+            for name, spec in list(specs.items())[: 1 if args.quick else 2]:
                 path = build_tiny_checkpoint(args.out / f"tiny-{name}", spec)
                 figures[name] = parity(path, device, images, args.new_tokens, args.quick)
             return figures
+
         parts.append(("a_parity", run_parity))
     if "b" in args.parts:
         dtype = torch.bfloat16
         parts.append(("b_decode_speed", lambda: decode_speed(args.out, device, args.quick, dtype)))
     if "c" in args.parts:
-        parts.append(("c_vision_bench", lambda: vision_bench(device, torch.bfloat16 if device.type == "cuda"
-                                                             else torch.float32, args.vision_timeout,
-                                                             args.quick)))
+        parts.append(
+            (
+                "c_vision_bench",
+                lambda: vision_bench(
+                    device, torch.bfloat16 if device.type == "cuda" else torch.float32, args.vision_timeout, args.quick
+                ),
+            )
+        )
     for name, run in parts:
         log(f"{name} ...")
         start = time.perf_counter()

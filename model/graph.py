@@ -78,8 +78,9 @@ class CompiledDecode:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
         self.fn = torch.compile(decode, dynamic=False, fullgraph=False)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
-                 kv_len: int) -> torch.Tensor:
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
         # Dynamo guards on dispatch keys, which differ between tensors made inside and outside
         # inference mode: cloning the (B,) inputs in inference mode gives every step the same kind.
         with torch.inference_mode():
@@ -94,8 +95,14 @@ class GraphDecode:
     same surface (Stream, current_stream, stream, graph, CUDAGraph/NPUGraph, synchronize).
     """
 
-    def __init__(self, decode: DecodeFn, buckets: Sequence[int], lengths: Sequence[int], device: torch.device,
-                 backend: Any = None) -> None:
+    def __init__(
+        self,
+        decode: DecodeFn,
+        buckets: Sequence[int],
+        lengths: Sequence[int],
+        device: torch.device,
+        backend: Any = None,
+    ) -> None:
         backend = getattr(torch, device.type) if backend is None else backend
         graph_class = backend.CUDAGraph if device.type == "cuda" else backend.NPUGraph
         self.lengths = sorted(lengths)
@@ -123,13 +130,16 @@ class GraphDecode:
     def buckets(self) -> list[int]:
         return sorted(self.inputs)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
-                 kv_len: int) -> torch.Tensor:
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
         """Copy the step's inputs into the bucket's static buffers and replay; the output buffer is reused."""
         key = (tokens.shape[0], kv_len)
         if key not in self.graphs:
-            raise ValueError(f"no graph captured for batch {key[0]} and length {kv_len}; batch buckets are "
-                             f"{self.buckets}, lengths {self.lengths}")
+            raise ValueError(
+                f"no graph captured for batch {key[0]} and length {kv_len}; batch buckets are "
+                f"{self.buckets}, lengths {self.lengths}"
+            )
         graph, output = self.graphs[key]
         for buffer, value in zip(self.inputs[key[0]], (tokens, positions, cache_lens)):
             buffer.copy_(value, non_blocking=True)

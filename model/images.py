@@ -43,9 +43,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         if data.size and data.max() <= 1.0:
             data = data * 255.0
         image = Image.fromarray(np.clip(np.rint(data), 0, 255).astype(np.uint8), mode="L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    )
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

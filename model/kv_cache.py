@@ -15,8 +15,16 @@ class KVCache:
     values: list[torch.Tensor]
 
     @classmethod
-    def allocate(cls, num_layers: int, max_batch: int, kv_heads: int, max_seq_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> KVCache:
+    def allocate(
+        cls,
+        num_layers: int,
+        max_batch: int,
+        kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> KVCache:
         shape = (max_batch, kv_heads, max_seq_len, head_dim)
         return cls(
             keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],

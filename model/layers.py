@@ -37,7 +37,8 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate] * 2, bias=bias, ctx=ctx)
         self.down_proj = RowParallelLinear(intermediate, hidden, bias=bias, ctx=ctx)
 
-    def forward(self, x: torch.Tensor,
-                silu_and_mul: Callable[[torch.Tensor], torch.Tensor] = PLAIN.silu_and_mul) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, silu_and_mul: Callable[[torch.Tensor], torch.Tensor] = PLAIN.silu_and_mul
+    ) -> torch.Tensor:
         """`silu_and_mul` maps [gate | up] to silu(gate) * up (a fused kernel may stand in)."""
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

@@ -40,12 +40,13 @@ def checkpoint_files(model_path: str | Path) -> list[Path]:
 def normalize_name(name: str) -> str:
     for old, new in _PREFIXES:
         if name.startswith(old):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     return name
 
 
-def load_weights(model: nn.Module, model_path: str | Path, progress: bool = False,
-                 desc: str = "loading weights") -> set[str]:
+def load_weights(
+    model: nn.Module, model_path: str | Path, progress: bool = False, desc: str = "loading weights"
+) -> set[str]:
     """Load every parameter of `model` from the checkpoint; returns the names loaded.
 
     Fails on a checkpoint tensor the model has no place for, on a parameter the checkpoint does not
@@ -83,13 +84,19 @@ def load_weights(model: nn.Module, model_path: str | Path, progress: bool = Fals
                             raise CheckpointError(f"checkpoint tensor {key!r} in {file.name}: {e}") from e
                         parts_done[target].append(shard_id)
     if unexpected:
-        raise CheckpointError(f"checkpoint has {len(unexpected)} tensor(s) the model does not use: "
-                              f"{', '.join(sorted(unexpected)[:10])}")
-    missing = [key for n in sorted(params) if not _complete(n, parts_done.get(n), packed)
-               for key in _missing_keys(n, parts_done.get(n, []), packed)]
+        raise CheckpointError(
+            f"checkpoint has {len(unexpected)} tensor(s) the model does not use: {', '.join(sorted(unexpected)[:10])}"
+        )
+    missing = [
+        key
+        for n in sorted(params)
+        if not _complete(n, parts_done.get(n), packed)
+        for key in _missing_keys(n, parts_done.get(n, []), packed)
+    ]
     if missing:
-        raise CheckpointError(f"checkpoint at {str(model_path)!r} lacks {len(missing)} weight(s): "
-                              f"{', '.join(missing[:10])}")
+        raise CheckpointError(
+            f"checkpoint at {str(model_path)!r} lacks {len(missing)} weight(s): {', '.join(missing[:10])}"
+        )
     return set(parts_done)
 
 

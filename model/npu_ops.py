@@ -37,14 +37,16 @@ class DecodeOps:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm(x, weight, eps)
 
-    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(x + residual), x + residual): the residual add fused with the next norm."""
         total = x + residual
         return rms_norm(total, weight, eps), total
 
-    def rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None], sin[:, None])
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -52,8 +54,9 @@ class DecodeOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                  scale: float) -> torch.Tensor:
+    def attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         """One query per row over its slot's keys -> (B, H * D). Grouped heads share a KV head."""
         batch, heads, dim = q.shape
         kv_heads = keys.shape[1]
@@ -80,13 +83,15 @@ class FusedOps(DecodeOps):
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self.npu.npu_rms_norm(x, weight, eps)[0]  # -> (y, rstd)
 
-    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         y, _, total = self.npu.npu_add_rms_norm(x, residual, weight, eps)  # -> (y, rstd, x1 + x2)
         return y, total
 
-    def rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # npu_rotary_mul wants 4-D x: one token per row as (B, S=1, N, D), cos/sin (B, 1, 1, D).
         cos, sin = cos[:, None, None], sin[:, None, None]
         q = self.npu.npu_rotary_mul(q.unsqueeze(1), cos, sin).squeeze(1)
@@ -96,13 +101,20 @@ class FusedOps(DecodeOps):
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self.npu.npu_swiglu(gate_up, dim=-1)
 
-    def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                  scale: float) -> torch.Tensor:
+    def attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         batch, heads, dim = q.shape
         out, _ = self.npu.npu_fused_infer_attention_score(
-            q.reshape(batch, heads, 1, dim), keys, values,
+            q.reshape(batch, heads, 1, dim),
+            keys,
+            values,
             atten_mask=~mask[:, None, None, :],  # (B, 1, 1, L), True = not attended
-            num_heads=heads, num_key_value_heads=keys.shape[1], scale=scale, input_layout="BNSD")
+            num_heads=heads,
+            num_key_value_heads=keys.shape[1],
+            scale=scale,
+            input_layout="BNSD",
+        )
         return out.reshape(batch, heads * dim)
 
 

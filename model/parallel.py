@@ -62,8 +62,10 @@ _all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_g
 
 def _copy(param: torch.Tensor, loaded: torch.Tensor, name: str = "") -> None:
     if tuple(loaded.shape) != tuple(param.shape):
-        raise ValueError(f"shape mismatch loading {name or 'weight'}: checkpoint slice {tuple(loaded.shape)} "
-                         f"vs parameter {tuple(param.shape)}")
+        raise ValueError(
+            f"shape mismatch loading {name or 'weight'}: checkpoint slice {tuple(loaded.shape)} "
+            f"vs parameter {tuple(param.shape)}"
+        )
     param.data.copy_(loaded.to(param.dtype))
 
 
@@ -120,7 +122,7 @@ class ColumnParallelLinear(nn.Module):
 
     def _load_rows(self, param: nn.Parameter, source: TensorSource, shard_id: Any = None) -> None:
         start = self.ctx.rank * self.out_per_rank
-        _copy(param, source[start:start + self.out_per_rank])
+        _copy(param, source[start : start + self.out_per_rank])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
@@ -147,14 +149,15 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             src_offset = sum(self.part_sizes[:part]) * self.ctx.size if shard_id is None else 0
             start = src_offset + self.ctx.rank * size
             dst = sum(self.part_sizes[:part])
-            _copy(param.data[dst:dst + size], source[start:start + size])
+            _copy(param.data[dst : dst + size], source[start : start + size])
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """Fused q/k/v projection split by heads; KV heads are replicated when tp > num_kv_heads."""
 
-    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-                 ctx: ParallelContext) -> None:
+    def __init__(
+        self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, ctx: ParallelContext
+    ) -> None:
         self.head_dim = head_dim
         self.num_heads = _split(num_heads, ctx.size, "num_attention_heads")
         if ctx.size >= num_kv_heads:
@@ -180,7 +183,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             src_start = self.kv_head_start * self.head_dim
             dst_start = self.q_size + (0 if shard_id == "k" else self.kv_size)
             size = self.kv_size
-        _copy(param.data[dst_start:dst_start + size], source[src_start:src_start + size])
+        _copy(param.data[dst_start : dst_start + size], source[src_start : src_start + size])
 
 
 class RowParallelLinear(nn.Module):
@@ -195,7 +198,7 @@ class RowParallelLinear(nn.Module):
 
     def _load_cols(self, param: nn.Parameter, source: TensorSource, shard_id: Any = None) -> None:
         start = self.ctx.rank * self.in_per_rank
-        _copy(param, source[:, start:start + self.in_per_rank])
+        _copy(param, source[:, start : start + self.in_per_rank])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.ctx.all_reduce(linear(x, self.weight))
@@ -218,7 +221,7 @@ class VocabParallelEmbedding(nn.Module):
         end = min(self.start + self.per_rank, self.vocab_size)
         param.data.zero_()
         if end > self.start:
-            _copy(param.data[:end - self.start], source[self.start:end])
+            _copy(param.data[: end - self.start], source[self.start : end])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.ctx.size == 1:

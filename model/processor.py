@@ -236,8 +236,9 @@ class PromptBuilder:
             return {"type": "text", "text": _SLOT.format(len(chat.texts) - 1)}
         if kind in ("image_url", "image"):
             if role != "user":
-                raise InvalidRequestError(f"request {request_id}: {field}: images are allowed in user messages only",
-                                          field)
+                raise InvalidRequestError(
+                    f"request {request_id}: {field}: images are allowed in user messages only", field
+                )
             source = part.get(kind)
             if kind == "image_url" and isinstance(source, dict):
                 source = source.get("url")
@@ -353,17 +354,20 @@ class PromptBuilder:
             elif item == IMAGE_TOKEN:
                 count = next(images, None)
                 if count is None:
-                    raise InvalidRequestError(f"request {request_id}: the chat template has more {IMAGE_TOKEN} "
-                                              f"tokens than the {len(image_counts)} images")
+                    raise InvalidRequestError(
+                        f"request {request_id}: the chat template has more {IMAGE_TOKEN} "
+                        f"tokens than the {len(image_counts)} images"
+                    )
                 ids.extend([self.image_token_id] * count)
             else:
                 ids.append(self._added_ids[item])
         if next(images, None) is not None:
-            raise InvalidRequestError(f"request {request_id}: the chat template has fewer {IMAGE_TOKEN} tokens "
-                                      f"than the {len(image_counts)} images")
+            raise InvalidRequestError(
+                f"request {request_id}: the chat template has fewer {IMAGE_TOKEN} tokens "
+                f"than the {len(image_counts)} images"
+            )
         return ids
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of generated token ids, without special tokens."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-

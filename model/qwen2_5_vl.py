@@ -41,8 +41,14 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
             embeds = embeds.masked_scatter(is_image[:, None], image_embeds.to(embeds.dtype))
         return embeds
 
-    def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, image_embeds: torch.Tensor | None,
-                segments: list[Segment], logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        image_embeds: torch.Tensor | None,
+        segments: list[Segment],
+        logits_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Packed prompt pieces (see `Qwen2Model.prefill`) -> logits of `logits_rows` (R, vocab), or of all rows.
 
         input_ids (T,), positions (3, T); image_embeds holds the embeddings of the pieces' image-pad
@@ -51,7 +57,8 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         hidden = self.model.prefill(self.embed_prompt(input_ids, image_embeds), positions, segments)
         return self.lm_head(hidden if logits_rows is None else hidden[logits_rows])
 
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
-               kv_len: int | None = None) -> torch.Tensor:
+    def decode(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, kv_len: int | None = None
+    ) -> torch.Tensor:
         """One token for each of slots 0..B-1 -> logits (B, vocab); attention reads `kv_len` cache entries."""
         return self.lm_head(self.model.decode(input_ids, positions, cache_lens, kv_len))

@@ -20,8 +20,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
-def mrope_positions(input_ids: Sequence[int], image_grid_thw: torch.Tensor | None, image_token_id: int,
-                    spatial_merge_size: int) -> tuple[torch.Tensor, int]:
+def mrope_positions(
+    input_ids: Sequence[int], image_grid_thw: torch.Tensor | None, image_token_id: int, spatial_merge_size: int
+) -> tuple[torch.Tensor, int]:
     """3-D positions (temporal, height, width) for one prompt, and the offset decode positions use.
 
     Text tokens advance all three axes together; the tokens of each image (a run of image-pad
@@ -49,10 +50,10 @@ def mrope_positions(input_ids: Sequence[int], image_grid_thw: torch.Tensor | Non
         t, h, w = grids[image]
         gh, gw = h // spatial_merge_size, w // spatial_merge_size
         n = t * gh * gw
-        if i + n > length or not all(is_image[i:i + n]):
+        if i + n > length or not all(is_image[i : i + n]):
             raise ValueError(f"image {image} needs {n} image-pad tokens at position {i}")
         tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
-        positions[:, i:i + n] = torch.stack([tt, hh, ww]).reshape(3, n) + current
+        positions[:, i : i + n] = torch.stack([tt, hh, ww]).reshape(3, n) + current
         current += max(gh, gw)
         i += n
         image += 1

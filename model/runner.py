@@ -33,7 +33,6 @@ from model.vision_cache import VisionCache, image_key
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class GenerationResult:
     """One request's outcome; times are seconds from the start of the `generate` call."""
@@ -76,10 +75,19 @@ def assign_images(token_counts: list[int], ranks: int) -> list[list[int]]:
 class ModelRunner:
     """Loads this rank's shard of a checkpoint and runs the three phases."""
 
-    def __init__(self, model_path: str | Path, ctx: ParallelContext = SINGLE, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | str = torch.float32, max_batch_size: int = 4, max_seq_len: int = 2048,
-                 vision_mode: str = "dp", progress: bool = False, fused_ops: bool = False,
-                 vision_cache_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        ctx: ParallelContext = SINGLE,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        max_batch_size: int = 4,
+        max_seq_len: int = 2048,
+        vision_mode: str = "dp",
+        progress: bool = False,
+        fused_ops: bool = False,
+        vision_cache_bytes: int = 0,
+    ) -> None:
         if vision_mode not in ("dp", "tp"):
             raise ValueError(f"vision_mode={vision_mode!r} must be 'dp' or 'tp'")
         self.model_path = Path(model_path)
@@ -96,12 +104,18 @@ class ModelRunner:
             logger.warning("vision tower sizes do not divide tp_size=%d: running it replicated", ctx.size)
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = Qwen2_5_VLForConditionalGeneration(self.config, ctx, vision_ctx)
-        self.loaded = load_weights(self.model, model_path, progress=progress,
-                                   desc=f"rank {ctx.rank} loading weights")
+        self.loaded = load_weights(self.model, model_path, progress=progress, desc=f"rank {ctx.rank} loading weights")
         self.model.eval().requires_grad_(False)
         attn = self.model.model.layers[0].self_attn
-        self.cache = KVCache.allocate(self.config.text.num_hidden_layers, max_batch_size, attn.num_kv_heads,
-                                      max_seq_len, attn.head_dim, self.dtype, self.device)
+        self.cache = KVCache.allocate(
+            self.config.text.num_hidden_layers,
+            max_batch_size,
+            attn.num_kv_heads,
+            max_seq_len,
+            attn.head_dim,
+            self.dtype,
+            self.device,
+        )
         self.model.model.attach_cache(self.cache)
         self.buckets = batch_buckets(max_batch_size)
         self.model.model.decode_ops = decode_ops(fused_ops)  # npu fused kernels, or plain PyTorch
@@ -127,7 +141,7 @@ class ModelRunner:
             offset = 0
             for grid in req.image_grid_thw:
                 n = int(grid.prod())
-                images.append((i, grid, req.pixel_values[offset:offset + n]))
+                images.append((i, grid, req.pixel_values[offset : offset + n]))
                 offset += n
         if not images:
             return [None] * len(requests)
@@ -186,7 +200,7 @@ class ModelRunner:
         for r, owned in enumerate(owners):
             start = 0
             for j in owned:
-                per_image[j] = gathered[r, start:start + counts[j]]
+                per_image[j] = gathered[r, start : start + counts[j]]
                 start += counts[j]
         return per_image
 
@@ -198,8 +212,9 @@ class ModelRunner:
 
     # ----------------------------------------------------------------------------- prefill / decode
     @torch.inference_mode()
-    def prefill(self, request: PreparedRequest, image_embeds: torch.Tensor | None, slot: int,
-                all_logits: bool = False) -> tuple[torch.Tensor, int]:
+    def prefill(
+        self, request: PreparedRequest, image_embeds: torch.Tensor | None, slot: int, all_logits: bool = False
+    ) -> tuple[torch.Tensor, int]:
         """Fill KV slot `slot` with the whole prompt -> (logits of the last position, or of all, rope delta)."""
         positions, delta = self.prompt_positions(request)
         ids = torch.tensor(request.input_ids, dtype=torch.long, device=self.device)
@@ -210,12 +225,14 @@ class ModelRunner:
 
     def prompt_positions(self, request: PreparedRequest) -> tuple[torch.Tensor, int]:
         """M-RoPE positions (3, L) of a prompt and its rope delta (decode position = cache length + delta)."""
-        return mrope_positions(request.input_ids, request.image_grid_thw, self.config.image_token_id,
-                               self.config.vision.spatial_merge_size)
+        return mrope_positions(
+            request.input_ids, request.image_grid_thw, self.config.image_token_id, self.config.vision.spatial_merge_size
+        )
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
-               max_len: int | None = None) -> torch.Tensor:
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, max_len: int | None = None
+    ) -> torch.Tensor:
         """One step for slots 0..B-1 (B a bucket size) -> logits (B, vocab).
 
         max_len: a host-side bound on cache_lens + 1 over the rows (None: max_seq_len). Attention reads
@@ -264,12 +281,15 @@ class ModelRunner:
         if not request.input_ids:
             return f"request {request.request_id!r} has an empty prompt"
         if need > self.max_seq_len:
-            return (f"request {request.request_id!r}: prompt of {len(request.input_ids)} tokens + max_new_tokens="
-                    f"{params.max_new_tokens} needs {need} KV slots, more than max_seq_len={self.max_seq_len}")
+            return (
+                f"request {request.request_id!r}: prompt of {len(request.input_ids)} tokens + max_new_tokens="
+                f"{params.max_new_tokens} needs {need} KV slots, more than max_seq_len={self.max_seq_len}"
+            )
         return None
 
-    def generate(self, requests: list[PreparedRequest], params: list[SamplingParams],
-                 eos_token_ids: list[int] | None = None) -> list[GenerationResult]:
+    def generate(
+        self, requests: list[PreparedRequest], params: list[SamplingParams], eos_token_ids: list[int] | None = None
+    ) -> list[GenerationResult]:
         """Run requests to completion, max_batch_size at a time; results in request order.
 
         Each batch: its images encoded together, its prompts prefilled together in one packed
@@ -289,7 +309,7 @@ class ModelRunner:
                 runnable.append(i)
         batch = RunningBatch(self)
         for first in range(0, len(runnable), self.max_batch_size):
-            chunk = runnable[first:first + self.max_batch_size]
+            chunk = runnable[first : first + self.max_batch_size]
             embeds = self.encode_images([requests[i] for i in chunk])
             for slot, (i, emb) in enumerate(zip(chunk, embeds)):
                 batch.admit(slot, requests[i], params[i], eos, emb)

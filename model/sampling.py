@@ -48,13 +48,14 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_p: float) -> tor
     return scores
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
     """logits (B, V) -> token ids (B,). Rows beyond len(params) are padding and take argmax."""
     tokens = logits.argmax(dim=-1)
     for row, (p, gen) in enumerate(zip(params, generators)):
         if p.temperature > 0:
-            probs = filter_logits(logits[row:row + 1], p.temperature, p.top_p).softmax(dim=-1)
+            probs = filter_logits(logits[row : row + 1], p.temperature, p.top_p).softmax(dim=-1)
             tokens[row] = torch.multinomial(probs, 1, generator=gen)[0, 0]
     return tokens
 

@@ -25,22 +25,39 @@ class Attention(nn.Module):
     def __init__(self, config: TextConfig, ctx: ParallelContext) -> None:
         super().__init__()
         self.head_dim = config.head_dim
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_attention_heads,
-                                          config.num_key_value_heads, bias=True, ctx=ctx)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            config.head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            bias=True,
+            ctx=ctx,
+        )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(config.num_attention_heads * config.head_dim, config.hidden_size,
-                                        bias=False, ctx=ctx)
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * config.head_dim, config.hidden_size, bias=False, ctx=ctx
+        )
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         n = x.shape[0]
-        return (q.view(n, self.num_heads, self.head_dim), k.view(n, self.num_kv_heads, self.head_dim),
-                v.view(n, self.num_kv_heads, self.head_dim))
+        return (
+            q.view(n, self.num_heads, self.head_dim),
+            k.view(n, self.num_kv_heads, self.head_dim),
+            v.view(n, self.num_kv_heads, self.head_dim),
+        )
 
-    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+    def prefill(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        segments: list[Segment],
+    ) -> torch.Tensor:
         """x (T, hidden): prompt pieces packed back to back, one per segment (slot, start, length).
 
         Each piece is written to its slot's cache at [start, start + length) and attends causally
@@ -59,18 +76,33 @@ class Attention(nn.Module):
             k_cache[slot, :, start:end] = k[:, rows]
             v_cache[slot, :, start:end] = v[:, rows]
             if start == 0:
-                out = F.scaled_dot_product_attention(q[None, :, rows], k[None, :, rows], v[None, :, rows],
-                                                     is_causal=True, enable_gqa=True)
+                out = F.scaled_dot_product_attention(
+                    q[None, :, rows], k[None, :, rows], v[None, :, rows], is_causal=True, enable_gqa=True
+                )
             else:  # a later chunk: its queries see the slot's earlier tokens too
                 keys = torch.arange(end, device=x.device)
                 mask = keys[None, :] <= (start + torch.arange(length, device=x.device))[:, None]  # (length, end)
-                out = F.scaled_dot_product_attention(q[None, :, rows], k_cache[None, slot, :, :end],
-                                                     v_cache[None, slot, :, :end], attn_mask=mask, enable_gqa=True)
+                out = F.scaled_dot_product_attention(
+                    q[None, :, rows],
+                    k_cache[None, slot, :, :end],
+                    v_cache[None, slot, :, :end],
+                    attn_mask=mask,
+                    enable_gqa=True,
+                )
             outs.append(out[0].transpose(0, 1).reshape(length, -1))  # (length, H * D)
         return self.o_proj(torch.cat(outs))
 
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, ops: DecodeOps = PLAIN) -> torch.Tensor:
+    def decode(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        rows: torch.Tensor,
+        mask: torch.Tensor,
+        ops: DecodeOps = PLAIN,
+    ) -> torch.Tensor:
         """x (B, hidden): one new token per slot 0..B-1, written at cache `rows` (KVCache.decode_rows).
 
         mask (B, L): which of the first L cache entries each row attends; only those L are read.
@@ -120,8 +152,9 @@ class Qwen2Model(nn.Module):
 
     decode_ops: DecodeOps = PLAIN  # ModelRunner(fused_ops=True) sets model/npu_ops.FusedOps
 
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
-               kv_len: int | None = None) -> torch.Tensor:
+    def decode(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, kv_len: int | None = None
+    ) -> torch.Tensor:
         """input_ids, positions, cache_lens: (B,) -> final hidden states (B, hidden). Static shapes only.
 
         kv_len: how many cache entries attention reads (> every cache_lens[b]); None reads all of

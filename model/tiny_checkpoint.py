@@ -148,10 +148,23 @@ class TinySpec:
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
         positive = (
-            "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "intermediate_size", "vocab_size", "vision_depth", "vision_hidden_size", "vision_num_heads",
-            "vision_intermediate_size", "window_size", "patch_size", "spatial_merge_size",
-            "temporal_patch_size", "num_shards", "min_pixels", "max_pixels",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "vocab_size",
+            "vision_depth",
+            "vision_hidden_size",
+            "vision_num_heads",
+            "vision_intermediate_size",
+            "window_size",
+            "patch_size",
+            "spatial_merge_size",
+            "temporal_patch_size",
+            "num_shards",
+            "min_pixels",
+            "max_pixels",
         )
         for name in positive:
             value = getattr(self, name)
@@ -204,13 +217,10 @@ class TinySpec:
                 f"patch_size * spatial_merge_size = {merged_patch}"
             )
         if self.min_pixels > self.max_pixels:
-            raise ValueError(
-                f"TinySpec.min_pixels ({self.min_pixels}) exceeds max_pixels ({self.max_pixels})"
-            )
+            raise ValueError(f"TinySpec.min_pixels ({self.min_pixels}) exceeds max_pixels ({self.max_pixels})")
         if self.max_pixels < merged_patch**2:
             raise ValueError(
-                f"TinySpec.max_pixels ({self.max_pixels}) is below one merged patch "
-                f"({merged_patch**2} pixels)"
+                f"TinySpec.max_pixels ({self.max_pixels}) is below one merged patch ({merged_patch**2} pixels)"
             )
         if self.layout not in LAYOUTS:
             raise ValueError(f"TinySpec.layout must be one of {LAYOUTS}, got {self.layout!r}")
@@ -261,8 +271,12 @@ def _special_ids(tokenizer: Tokenizer) -> dict[str, int]:
 def _tokenizer_config(special_ids: dict[str, int]) -> dict:
     added = {
         str(special_ids[t]): {
-            "content": t, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": True,
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
         }
         for t in SPECIAL_TOKENS
     }
@@ -477,8 +491,13 @@ def is_built(out_dir: str | Path, spec: TinySpec) -> bool:
     if marker.get("version") != MARKER_VERSION or marker.get("spec") != asdict(spec):
         return False
     required = [
-        "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-        "chat_template.json", "preprocessor_config.json", *marker.get("weight_files", []),
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.json",
+        "preprocessor_config.json",
+        *marker.get("weight_files", []),
     ]
     if spec.num_shards > 1:
         required.append("model.safetensors.index.json")
@@ -554,8 +573,13 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[Path, TinySpec, bool]:
     }
     for flag, dest in options.items():
         parser.add_argument(flag, dest=dest, type=int, default=getattr(defaults, dest))
-    parser.add_argument("--fullatt-blocks", dest="fullatt_block_indexes", type=_int_list,
-                        default=defaults.fullatt_block_indexes, help="comma-separated, e.g. 1,3")
+    parser.add_argument(
+        "--fullatt-blocks",
+        dest="fullatt_block_indexes",
+        type=_int_list,
+        default=defaults.fullatt_block_indexes,
+        help="comma-separated, e.g. 1,3",
+    )
     parser.add_argument("--layout", choices=LAYOUTS, default=defaults.layout)
     parser.add_argument("--force", action="store_true", help="rebuild even if an identical checkpoint exists")
     args = vars(parser.parse_args(argv))

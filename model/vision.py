@@ -39,8 +39,9 @@ Run = tuple[int, int, int]  # (start row, number of groups, rows per group)
 MLP_CHUNK_ROWS = 4096
 
 
-def window_index(grid_thw: torch.Tensor, spatial_merge_size: int, window_size: int,
-                 patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def window_index(
+    grid_thw: torch.Tensor, spatial_merge_size: int, window_size: int, patch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reorder merge units so each attention window is contiguous.
 
     Returns (index, window_ids): `index` (num_units,) permutes merge units (groups of
@@ -92,8 +93,7 @@ def _runs(lengths: torch.Tensor, unit: int) -> list[Run]:
     return runs
 
 
-def vision_layout(grid_thw: torch.Tensor, spatial_merge_size: int, window_size: int,
-                  patch_size: int) -> VisionLayout:
+def vision_layout(grid_thw: torch.Tensor, spatial_merge_size: int, window_size: int, patch_size: int) -> VisionLayout:
     """Row order and attention runs for images of grids `grid_thw` (num_images, 3), on the CPU.
 
     The windows are transformers' (`window_index`: window_size pixels square from the top-left
@@ -178,7 +178,7 @@ class VisionBlock(nn.Module):
         # The MLP acts on each row alone: a few thousand rows at a time bound its (rows, 2 x intermediate)
         # temporaries whatever the image size, and its output is added in place.
         for start in range(0, x.shape[0], MLP_CHUNK_ROWS):
-            rows = x[start:start + MLP_CHUNK_ROWS]
+            rows = x[start : start + MLP_CHUNK_ROWS]
             rows += self.mlp(self.norm2(rows))
         return x
 

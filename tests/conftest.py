@@ -25,22 +25,36 @@ from model.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 from tests.reference import HFReference
 
 # Modules whose every test starts Ray, subprocesses or a multi-process group.
-INTEGRATION_MODULES = frozenset({
-    "test_bench", "test_e2e", "test_job_submit", "test_launch_errors", "test_launch_run", "test_metrics",
-    "test_reliability", "test_results_launch", "test_selfcheck", "test_tensor_parallel", "test_topology",
-})
+INTEGRATION_MODULES = frozenset(
+    {
+        "test_bench",
+        "test_e2e",
+        "test_job_submit",
+        "test_launch_errors",
+        "test_launch_run",
+        "test_metrics",
+        "test_reliability",
+        "test_results_launch",
+        "test_selfcheck",
+        "test_tensor_parallel",
+        "test_topology",
+    }
+)
 # Tests that do so inside otherwise fast modules: "<module file>::<test, class or test[param]>".
-INTEGRATION_TESTS = frozenset({
-    "test_graph.py::test_graph_matches_eager_tp2",
-    "test_loader.py::test_tp2_rank_loads_about_half_the_memory",
-    "test_placement.py::TestLocalRay",
-    "test_placement.py::test_two_node_cluster_keeps_tp_groups_on_one_node",
-})
+INTEGRATION_TESTS = frozenset(
+    {
+        "test_graph.py::test_graph_matches_eager_tp2",
+        "test_loader.py::test_tp2_rank_loads_about_half_the_memory",
+        "test_placement.py::TestLocalRay",
+        "test_placement.py::test_two_node_cluster_keeps_tp_groups_on_one_node",
+    }
+)
 # Modules split test by test above; any module in neither list is integration as a whole when its
 # source starts Ray or processes, so that a new module cannot slip a Ray cluster into the fast lane.
 SPLIT_MODULES = frozenset(entry.split(".py::")[0] for entry in INTEGRATION_TESTS)
 STARTS_PROCESSES = re.compile(
-    r"ray\.init|init_local_ray|local_ray|cluster_utils|serve\.run|subprocess|multiprocessing|mp\.spawn")
+    r"ray\.init|init_local_ray|local_ray|cluster_utils|serve\.run|subprocess|multiprocessing|mp\.spawn"
+)
 
 
 def _starts_processes(path: Path, cache: dict[Path, bool]) -> bool:
@@ -73,12 +87,34 @@ CHECKPOINT_SPECS: dict[str, TinySpec] = {
     "default": TinySpec(),
     "sharded": TinySpec(num_shards=3),
     "transformers5": TinySpec(layout="transformers5"),
-    "odd": TinySpec(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, intermediate_size=160,
-                    vocab_size=1001, vision_depth=3, vision_hidden_size=48, vision_num_heads=3,
-                    vision_intermediate_size=80, fullatt_block_indexes=[0], window_size=56, seed=1),
-    "tp_odd": TinySpec(hidden_size=128, num_attention_heads=4, num_key_value_heads=1, intermediate_size=192,
-                       vocab_size=1001, vision_depth=3, vision_hidden_size=48, vision_num_heads=3,
-                       vision_intermediate_size=96, fullatt_block_indexes=[2], window_size=56, seed=2),
+    "odd": TinySpec(
+        hidden_size=96,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        intermediate_size=160,
+        vocab_size=1001,
+        vision_depth=3,
+        vision_hidden_size=48,
+        vision_num_heads=3,
+        vision_intermediate_size=80,
+        fullatt_block_indexes=[0],
+        window_size=56,
+        seed=1,
+    ),
+    "tp_odd": TinySpec(
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=192,
+        vocab_size=1001,
+        vision_depth=3,
+        vision_hidden_size=48,
+        vision_num_heads=3,
+        vision_intermediate_size=96,
+        fullatt_block_indexes=[2],
+        window_size=56,
+        seed=2,
+    ),
 }
 
 # Test images by name: (width, height). "small" is below min_pixels and gets scaled up; "large"
@@ -93,8 +129,11 @@ IMAGE_SIZES: dict[str, tuple[int, int]] = {
 # Requests by name: prompt text and image names.
 PROMPTS: dict[str, tuple[str, list[str]]] = {
     "text": ("Hello there, tell me a story.", []),
-    "text_long": ("Describe the weather today and tomorrow, then summarize the report and explain "
-                  "why the team decided to change the design of the model.", []),
+    "text_long": (
+        "Describe the weather today and tomorrow, then summarize the report and explain "
+        "why the team decided to change the design of the model.",
+        [],
+    ),
     "one_image": ("What is in this photo?", ["wide"]),
     "small_image": ("Describe the image in detail.", ["small"]),
     "two_images": ("Compare the first image and the second image.", ["tall", "large"]),
@@ -140,8 +179,10 @@ def sample_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def raw_requests(sample_images: dict[str, Path]) -> dict[str, dict]:
     """PROMPTS as engine request dicts ``{"id", "prompt", "images"}``: name -> request."""
-    return {name: {"id": name, "prompt": prompt, "images": [str(sample_images[i]) for i in images]}
-            for name, (prompt, images) in PROMPTS.items()}
+    return {
+        name: {"id": name, "prompt": prompt, "images": [str(sample_images[i]) for i in images]}
+        for name, (prompt, images) in PROMPTS.items()
+    }
 
 
 @pytest.fixture(scope="session")

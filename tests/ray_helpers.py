@@ -30,14 +30,25 @@ T = TypeVar("T")
 
 def init_local_ray(num_cpus: int, **kwargs: Any) -> None:
     """Start a private local Ray cluster for this test module (never joins an existing one)."""
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, **kwargs)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        **kwargs,
+    )
 
 
 def tiny_config(model_path: str | Path, *overrides: str) -> RunConfig:
     """conf/tiny_cpu.yaml on `model_path` with short timeouts, a private namespace and `overrides`."""
-    base = [f"model_path={model_path}", "ray.placement_timeout_s=60", "ray.rendezvous_timeout_s=60",
-            "ray.worker_timeout_s=120", "ray.log_to_driver=false"]
+    base = [
+        f"model_path={model_path}",
+        "ray.placement_timeout_s=60",
+        "ray.rendezvous_timeout_s=60",
+        "ray.worker_timeout_s=120",
+        "ray.log_to_driver=false",
+    ]
     return load_config(TINY_CONF, base + list(overrides))
 
 
@@ -77,4 +88,3 @@ def tiny_model() -> Path:
     from model.tiny_checkpoint import build_tiny_checkpoint
 
     return build_tiny_checkpoint(Path(tempfile.gettempdir()) / "qwen2_5_vl_ray-tests" / "tiny-qwen2.5-vl")
-

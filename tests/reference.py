@@ -38,8 +38,11 @@ def hf_inputs(request: PreparedRequest, image_token_id: int) -> dict[str, torch.
     ids = torch.tensor([request.input_ids])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if request.pixel_values is not None:
-        inputs.update(pixel_values=request.pixel_values, image_grid_thw=request.image_grid_thw,
-                      mm_token_type_ids=(ids == image_token_id).int())
+        inputs.update(
+            pixel_values=request.pixel_values,
+            image_grid_thw=request.image_grid_thw,
+            mm_token_type_ids=(ids == image_token_id).int(),
+        )
     return inputs
 
 
@@ -54,15 +57,15 @@ class HFReference:
     def model(self, path: str | Path) -> Qwen2_5_VLForConditionalGeneration:
         path = Path(path)
         if path not in self._models:
-            self._models[path] = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                path, dtype=torch.float32).eval()
+            self._models[path] = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
         return self._models[path]
 
     def image_token_id(self, path: str | Path) -> int:
         return int(self.model(path).config.image_token_id)
 
-    def generate(self, path: str | Path, request: PreparedRequest, max_new_tokens: int,
-                 eos_token_ids: Sequence[int]) -> list[int]:
+    def generate(
+        self, path: str | Path, request: PreparedRequest, max_new_tokens: int, eos_token_ids: Sequence[int]
+    ) -> list[int]:
         """Greedy output tokens of `generate`; stops after (and includes) any of `eos_token_ids`."""
         key = (Path(path), request.request_id, tuple(request.input_ids), max_new_tokens, tuple(eos_token_ids))
         if key not in self._tokens:
@@ -71,9 +74,10 @@ class HFReference:
             # eos_token_id=None overrides the checkpoint's generation_config: no EOS at all.
             eos = list(eos_token_ids) or None
             with torch.inference_mode():
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=eos, pad_token_id=0)
-            self._tokens[key] = out[0, len(request.input_ids):].tolist()
+                out = model.generate(
+                    **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0
+                )
+            self._tokens[key] = out[0, len(request.input_ids) :].tolist()
         return list(self._tokens[key])
 
     def logits(self, path: str | Path, request: PreparedRequest, continuation: Sequence[int] = ()) -> torch.Tensor:
@@ -112,7 +116,7 @@ def our_step_logits(runner: ModelRunner, request: PreparedRequest, continuation:
 
 def step_rows(full_logits: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """Teacher-forced logits over prompt + continuation -> one row per continuation token (its step)."""
-    return full_logits[prompt_len - 1:-1]
+    return full_logits[prompt_len - 1 : -1]
 
 
 @dataclass
@@ -124,9 +128,12 @@ class TokenComparison:
     detail: str
 
 
-def compare_greedy(ours: Sequence[int], ref: Sequence[int],
-                   step_logits: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-                   k: int = NEAR_TIE_TOP_K) -> TokenComparison:
+def compare_greedy(
+    ours: Sequence[int],
+    ref: Sequence[int],
+    step_logits: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    k: int = NEAR_TIE_TOP_K,
+) -> TokenComparison:
     """Compare greedy outputs; `step_logits(i)` gives (our, reference) logits (vocab,) at step i.
 
     Both sides share the prefix ref[:i] at the first differing step i, so the logits there are
@@ -141,15 +148,18 @@ def compare_greedy(ours: Sequence[int], ref: Sequence[int],
     our_row, ref_row = step_logits(step)
     ours_in_ref = ours[step] in ref_row.topk(k).indices.tolist()
     ref_in_ours = ref[step] in our_row.topk(k).indices.tolist()
-    detail = (f"step {step}: ours {ours[step]} (reference logit {ref_row[ours[step]]:.4f}), reference "
-              f"{ref[step]} (reference logit {ref_row[ref[step]]:.4f}); ours {ours} vs reference {ref}")
+    detail = (
+        f"step {step}: ours {ours[step]} (reference logit {ref_row[ours[step]]:.4f}), reference "
+        f"{ref[step]} (reference logit {ref_row[ref[step]]:.4f}); ours {ours} vs reference {ref}"
+    )
     if ours_in_ref and ref_in_ours:
         return TokenComparison(True, step, f"near tie accepted at {detail}")
     return TokenComparison(False, step, f"tokens differ beyond top-{k} at {detail}")
 
 
-def assert_greedy_match(ours: Sequence[int], ref: Sequence[int],
-                        step_logits: Callable[[int], tuple[torch.Tensor, torch.Tensor]], what: str) -> None:
+def assert_greedy_match(
+    ours: Sequence[int], ref: Sequence[int], step_logits: Callable[[int], tuple[torch.Tensor, torch.Tensor]], what: str
+) -> None:
     """Assert the near-tie rule holds; warn (NearTieWarning) and print when it had to be applied."""
     result = compare_greedy(ours, ref, step_logits)
     assert result.accepted, f"{what}: {result.detail}"

@@ -12,9 +12,20 @@ import pytest
 
 from cluster.bench import ENGINES
 
-FIELDS = ("ttft_ms_median", "tpot_ms_median", "tpot_ms_p90", "output_tokens_per_s", "output_tokens", "wall_s",
-          "tpot_ratio_vs_hf", "ttft_ratio_vs_hf", "throughput_ratio_vs_hf", "roofline_ms", "roofline_fraction",
-          "tokens_match_hf")
+FIELDS = (
+    "ttft_ms_median",
+    "tpot_ms_median",
+    "tpot_ms_p90",
+    "output_tokens_per_s",
+    "output_tokens",
+    "wall_s",
+    "tpot_ratio_vs_hf",
+    "ttft_ratio_vs_hf",
+    "throughput_ratio_vs_hf",
+    "roofline_ms",
+    "roofline_fraction",
+    "tokens_match_hf",
+)
 BATCHES = ("1", "2")
 NEW_TOKENS = 3
 
@@ -23,9 +34,26 @@ NEW_TOKENS = 3
 def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, Path]:
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.bench", "--quick", "--checkpoints", "tiny", "--batch-sizes", ",".join(BATCHES),
-         "--new-tokens", str(NEW_TOKENS), "--out", str(out), "--cache-dir", str(out / "cache")],
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "cluster.bench",
+            "--quick",
+            "--checkpoints",
+            "tiny",
+            "--batch-sizes",
+            ",".join(BATCHES),
+            "--new-tokens",
+            str(NEW_TOKENS),
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(out / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "bench.json").read_text()), proc.stdout, out
 
@@ -56,8 +84,9 @@ def test_ratios_come_from_measured_values(bench: tuple[dict, str, Path]) -> None
         hf = engines["hf"]["batches"][b]
         step_bytes = ckpt["decode_bytes"]["per_step"][b]
         d = ckpt["decode_bytes"]
-        assert step_bytes == pytest.approx(d["weights_bytes"] + d["lm_head_bytes"]
-                                           + int(b) * d["kv_bytes_per_token"] * d["mean_context"])
+        assert step_bytes == pytest.approx(
+            d["weights_bytes"] + d["lm_head_bytes"] + int(b) * d["kv_bytes_per_token"] * d["mean_context"]
+        )
         for engine in ("hf", "ours_eager", "ours_graph", "ray_tp1"):
             m = engines[engine]["batches"][b]
             assert m["tpot_ratio_vs_hf"] == pytest.approx(m["tpot_ms_median"] / hf["tpot_ms_median"])
@@ -68,4 +97,5 @@ def test_ratios_come_from_measured_values(bench: tuple[dict, str, Path]) -> None
             assert m["output_tokens_per_s"] == pytest.approx(m["output_tokens"] / m["wall_s"])
         ray = engines["ray_tp1"]["batches"][b]
         assert ray["tpot_ratio_vs_in_process"] == pytest.approx(
-            ray["tpot_ms_median"] / engines["ours_eager"]["batches"][b]["tpot_ms_median"])
+            ray["tpot_ms_median"] / engines["ours_eager"]["batches"][b]["tpot_ms_median"]
+        )

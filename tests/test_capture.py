@@ -30,9 +30,16 @@ aten = torch.ops.aten
 MAX_SEQ_LEN = 512  # decode lengths 256 and 512 (cpu eager)
 
 # Ops whose output shape depends on data, or that read a value back to the host.
-SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
-            aten.unique_consecutive.default, aten._unique2.default, aten.unique_dim.default,
-            aten.is_nonzero.default, aten.equal.default}
+SYNC_OPS = {
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten.unique_consecutive.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.is_nonzero.default,
+    aten.equal.default,
+}
 
 
 class HostSyncError(AssertionError):
@@ -44,8 +51,7 @@ class NoHostSync(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         tags = set(func.tags)
-        if (func in SYNC_OPS or torch.Tag.data_dependent_output in tags
-                or torch.Tag.dynamic_output_shape in tags):
+        if func in SYNC_OPS or torch.Tag.data_dependent_output in tags or torch.Tag.dynamic_output_shape in tags:
             raise HostSyncError(f"{func} syncs with the host or has a data-dependent shape")
         return func(*args, **(kwargs or {}))
 
@@ -53,9 +59,11 @@ class NoHostSync(TorchDispatchMode):
 @contextlib.contextmanager
 def no_host_sync() -> Iterator[None]:
     """NoHostSync, plus the reads-back that skip the dispatcher on cpu tensors (tolist, numpy, cpu)."""
+
     def refuse(name: str) -> Callable[..., None]:
         def method(*args: object, **kwargs: object) -> None:
             raise HostSyncError(f"Tensor.{name} copies to the host")
+
         return method
 
     saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "cpu")}
@@ -71,8 +79,15 @@ def no_host_sync() -> Iterator[None]:
 
 def test_guard_catches_syncs() -> None:
     x = torch.arange(4)
-    for bad in (lambda: x[0].item(), lambda: x.tolist(), lambda: x.nonzero(), lambda: x[x > 1],
-                lambda: bool(x[1]), lambda: x.cpu(), lambda: torch.unique(x)):
+    for bad in (
+        lambda: x[0].item(),
+        lambda: x.tolist(),
+        lambda: x.nonzero(),
+        lambda: x[x > 1],
+        lambda: bool(x[1]),
+        lambda: x.cpu(),
+        lambda: torch.unique(x),
+    ):
         with pytest.raises(HostSyncError), no_host_sync():
             bad()
 
@@ -109,8 +124,7 @@ class FakeTorchNpu(SimpleNamespace):
         self._count("npu_rms_norm")
         return _rms(x, gamma, epsilon)
 
-    def npu_add_rms_norm(self, x1: torch.Tensor, x2: torch.Tensor, gamma: torch.Tensor,
-                         epsilon: float = 1e-6):
+    def npu_add_rms_norm(self, x1: torch.Tensor, x2: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6):
         self._count("npu_add_rms_norm")
         assert x1.shape == x2.shape and x1.dtype == x2.dtype
         total = x1 + x2
@@ -127,10 +141,19 @@ class FakeTorchNpu(SimpleNamespace):
         a, b = x.chunk(2, dim=dim)
         return F.silu(a) * b
 
-    def npu_fused_infer_attention_score(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-                                        atten_mask: torch.Tensor | None = None, num_heads: int = 1,
-                                        scale: float = 1.0, input_layout: str = "BSH",
-                                        num_key_value_heads: int = 0, **unused: object):
+    def npu_fused_infer_attention_score(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        atten_mask: torch.Tensor | None = None,
+        num_heads: int = 1,
+        scale: float = 1.0,
+        input_layout: str = "BSH",
+        num_key_value_heads: int = 0,
+        **unused: object,
+    ):
         self._count("npu_fused_infer_attention_score")
         assert not unused, f"unexpected arguments {sorted(unused)}"
         assert input_layout == "BNSD" and query.dim() == key.dim() == 4 and key.shape == value.shape
@@ -216,8 +239,9 @@ def test_traced_decode_replays_like_eager(tiny_checkpoint: Path) -> None:
     assert not [n for n in traced.graph.nodes if n.target in SYNC_OPS]
 
 
-def test_fused_ops_give_the_plain_logits(tiny_checkpoint: Path, fake_npu: FakeTorchNpu,
-                                         prepared: Callable[[Path], dict[str, PreparedRequest]]) -> None:
+def test_fused_ops_give_the_plain_logits(
+    tiny_checkpoint: Path, fake_npu: FakeTorchNpu, prepared: Callable[[Path], dict[str, PreparedRequest]]
+) -> None:
     plain, fused = ModelRunner(tiny_checkpoint, max_seq_len=MAX_SEQ_LEN), _runner(tiny_checkpoint, fused=True)
     continuation = [5, 17, 250, 3, 99, 42]
     for name in ("text", "one_image"):
@@ -227,6 +251,10 @@ def test_fused_ops_give_the_plain_logits(tiny_checkpoint: Path, fake_npu: FakeTo
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     layers = plain.config.text.num_hidden_layers
     steps = 2 * (len(continuation) - 1)
-    assert fake_npu.calls == {"npu_rms_norm": steps, "npu_add_rms_norm": steps * 2 * layers,
-                              "npu_rotary_mul": steps * 2 * layers, "npu_swiglu": steps * layers,
-                              "npu_fused_infer_attention_score": steps * layers}
+    assert fake_npu.calls == {
+        "npu_rms_norm": steps,
+        "npu_add_rms_norm": steps * 2 * layers,
+        "npu_rotary_mul": steps * 2 * layers,
+        "npu_swiglu": steps * layers,
+        "npu_fused_infer_attention_score": steps * layers,
+    }

@@ -171,18 +171,12 @@ def test_float16_rejected_on_cpu_only() -> None:
 
 
 def test_jsonl_dataset_and_nullable_fields() -> None:
-    cfg = load_config(
-        None, ["model_path=/m", "data_config.dataset=data/x.jsonl", "data_config.num_samples=5"]
-    )
+    cfg = load_config(None, ["model_path=/m", "data_config.dataset=data/x.jsonl", "data_config.num_samples=5"])
     assert cfg.data_config.dataset == "data/x.jsonl" and cfg.data_config.num_samples == 5
-    assert (
-        load_config(None, ["model_path=/m", "data_config.num_samples=null"]).data_config.num_samples is None
-    )
+    assert load_config(None, ["model_path=/m", "data_config.num_samples=null"]).data_config.num_samples is None
 
 
-def test_cli_prints_yaml(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_cli_prints_yaml(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     assert main([str(REPO / "conf" / "tiny_cpu.yaml"), "data_config.max_new_tokens=7"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)

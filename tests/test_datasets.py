@@ -84,9 +84,7 @@ def _load(dataset: str, base_dir: Path, dataset_dir: str = "", num_samples: int 
 
 def test_default_fills_one_batch_per_dp_group() -> None:
     prompts = json.loads((REPO_ROOT / "dataset" / "default_prompt.json").read_text())["prompts"]
-    requests = load_requests(
-        "default", "", batch_size=4, world_dp_size=2, num_samples=None, base_dir=REPO_ROOT
-    )
+    requests = load_requests("default", "", batch_size=4, world_dp_size=2, num_samples=None, base_dir=REPO_ROOT)
     assert len(requests) == 8
     assert [r["id"] for r in requests] == [f"default-{i}" for i in range(8)]
     assert [r["prompt"] for r in requests] == prompts[:8]
@@ -113,9 +111,7 @@ def test_shipped_prompt_file_is_varied() -> None:
     assert len(set(prompts)) == len(prompts)
 
 
-@pytest.mark.parametrize(
-    ("field", "kwargs"), [("batch_size", {"batch_size": 0}), ("num_samples", {"num_samples": 0})]
-)
+@pytest.mark.parametrize(("field", "kwargs"), [("batch_size", {"batch_size": 0}), ("num_samples", {"num_samples": 0})])
 def test_rejects_non_positive_sizes(field: str, kwargs: dict[str, int]) -> None:
     args = {"batch_size": 2, "world_dp_size": 1, "num_samples": None} | kwargs
     with pytest.raises(DatasetError, match=field):
@@ -196,9 +192,13 @@ def test_unknown_dataset_lists_accepted_forms(tmp_path: Path) -> None:
 
 def test_jsonl_passes_mm_processor_kwargs_through(tmp_path: Path) -> None:
     kwargs = {"min_pixels": 3136, "max_pixels": 12544}
-    _write_lines(tmp_path / "r.jsonl", [json.dumps({"id": "a", "prompt": "p", "images": ["x.png"],
-                                                    "mm_processor_kwargs": kwargs}),
-                                        json.dumps({"id": "b", "prompt": "q"})])
+    _write_lines(
+        tmp_path / "r.jsonl",
+        [
+            json.dumps({"id": "a", "prompt": "p", "images": ["x.png"], "mm_processor_kwargs": kwargs}),
+            json.dumps({"id": "b", "prompt": "q"}),
+        ],
+    )
     a, b = _load("r.jsonl", tmp_path)
     assert a["mm_processor_kwargs"] == kwargs
     assert "mm_processor_kwargs" not in b
@@ -211,27 +211,37 @@ def test_jsonl_bad_mm_processor_kwargs(tmp_path: Path) -> None:
 
 
 def test_json_array_like_jsonl(tmp_path: Path) -> None:
-    rows = [{"id": "first", "prompt": "p0", "images": ["img/a.png"], "mm_processor_kwargs": {"max_pixels": 12544}},
-            {"prompt": "p1"}, {"prompt": "p2", "images": []}]
+    rows = [
+        {"id": "first", "prompt": "p0", "images": ["img/a.png"], "mm_processor_kwargs": {"max_pixels": 12544}},
+        {"prompt": "p1"},
+        {"prompt": "p2", "images": []},
+    ]
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "reqs.json").write_text(json.dumps(rows, indent=2))
     requests = _load("data/reqs.json", tmp_path)
     assert requests == [
-        {"id": "first", "prompt": "p0", "images": [str(tmp_path / "data" / "img" / "a.png")],
-         "mm_processor_kwargs": {"max_pixels": 12544}},
+        {
+            "id": "first",
+            "prompt": "p0",
+            "images": [str(tmp_path / "data" / "img" / "a.png")],
+            "mm_processor_kwargs": {"max_pixels": 12544},
+        },
         {"id": "reqs-1", "prompt": "p1", "images": []},
         {"id": "reqs-2", "prompt": "p2", "images": []},
     ]
     assert [r["id"] for r in _load("data/reqs.json", tmp_path, num_samples=2)] == ["first", "reqs-1"]
 
 
-@pytest.mark.parametrize(("content", "expected"), [
-    ('{"prompt": "an object, not an array"}', "expected a JSON array"),
-    ('[{"prompt": "ok"},', "malformed JSON at line 1"),
-    ('[{"prompt": "ok"}, "text"]', "item 1: expected a JSON object"),
-    ('[{"id": "x", "prompt": "a"}, {"id": "x", "prompt": "b"}]', "item 1: duplicate id 'x' \\(first at item 0\\)"),
-    ("[]", "no requests"),
-])
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"prompt": "an object, not an array"}', "expected a JSON array"),
+        ('[{"prompt": "ok"},', "malformed JSON at line 1"),
+        ('[{"prompt": "ok"}, "text"]', "item 1: expected a JSON object"),
+        ('[{"id": "x", "prompt": "a"}, {"id": "x", "prompt": "b"}]', "item 1: duplicate id 'x' \\(first at item 0\\)"),
+        ("[]", "no requests"),
+    ],
+)
 def test_json_errors_name_file_and_item(tmp_path: Path, content: str, expected: str) -> None:
     (tmp_path / "bad.json").write_text(content)
     with pytest.raises(DatasetError, match=expected) as excinfo:
@@ -259,8 +269,9 @@ def test_rows_in_vision_arena_shape(tmp_path: Path) -> None:
 
 
 def test_shipped_sample_mixes_images_and_text() -> None:
-    requests = load_requests("dataset/sample_vl.jsonl", "", batch_size=4, world_dp_size=1, num_samples=None,
-                             base_dir=REPO_ROOT)
+    requests = load_requests(
+        "dataset/sample_vl.jsonl", "", batch_size=4, world_dp_size=1, num_samples=None, base_dir=REPO_ROOT
+    )
     with_images = [r for r in requests if r["images"]]
     assert len(with_images) >= 4 and len(requests) - len(with_images) >= 2
     assert any(len(r["images"]) > 1 for r in requests)
@@ -347,9 +358,7 @@ def test_arena_num_samples_limits_rows(arena_dir: Path) -> None:
     assert [r["id"] for r in requests] == ["q-one", "q-two"]
 
 
-def test_arena_multiple_files_sorted_and_row_index_ids(
-    tmp_path: Path, arena_images: dict[str, bytes]
-) -> None:
+def test_arena_multiple_files_sorted_and_row_index_ids(tmp_path: Path, arena_images: dict[str, bytes]) -> None:
     table = _arena_table(arena_images).drop_columns(["question_id"])
     root = tmp_path / "arena"
     (root / "data").mkdir(parents=True)

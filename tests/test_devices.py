@@ -9,15 +9,18 @@ from cluster.devices import check_graph_env, get_device_spec, resolve_fused_ops
 from model.device import bind_device, device_index, local_device_index
 
 
-@pytest.mark.parametrize(("ids", "visible", "index"), [
-    (["3"], "3", 0),              # narrowed to this process's device (Ray's default)
-    (["3"], "0,1,2,3", 3),        # NOSET: every device visible, in order
-    (["6"], "4,5,6,7", 2),        # NOSET with a user-narrowed list: position in it, not the id
-    (["2"], None, 2),             # nothing set: all devices visible, the id is the index
-    (["2"], "", 2),
-    ([], None, 0),                # no accelerator (cpu worker)
-    ([5, 6], "4, 5, 6", 1),       # several ids: the first; ints and spaces tolerated
-])
+@pytest.mark.parametrize(
+    ("ids", "visible", "index"),
+    [
+        (["3"], "3", 0),  # narrowed to this process's device (Ray's default)
+        (["3"], "0,1,2,3", 3),  # NOSET: every device visible, in order
+        (["6"], "4,5,6,7", 2),  # NOSET with a user-narrowed list: position in it, not the id
+        (["2"], None, 2),  # nothing set: all devices visible, the id is the index
+        (["2"], "", 2),
+        ([], None, 0),  # no accelerator (cpu worker)
+        ([5, 6], "4, 5, 6", 1),  # several ids: the first; ints and spaces tolerated
+    ],
+)
 def test_local_device_index(ids: list, visible: str | None, index: int) -> None:
     assert local_device_index(ids, visible) == index
 

@@ -15,8 +15,10 @@ import ray
 from model.device import ACCELERATOR_KEY, VISIBLE_DEVICES_ENV, device_index
 from tests.ray_helpers import init_local_ray
 
-NOSET = {"cuda": "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES",
-         "npu": "RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES"}
+NOSET = {
+    "cuda": "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES",
+    "npu": "RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES",
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,8 +32,11 @@ def ray_cluster():
 class Probe:
     def report(self, device: str) -> tuple[list[str], str | None, int]:
         ids = ray.get_runtime_context().get_accelerator_ids()
-        return ([str(i) for i in ids[ACCELERATOR_KEY[device]]], os.environ.get(VISIBLE_DEVICES_ENV[device]),
-                device_index(device, ids, os.environ))
+        return (
+            [str(i) for i in ids[ACCELERATOR_KEY[device]]],
+            os.environ.get(VISIBLE_DEVICES_ENV[device]),
+            device_index(device, ids, os.environ),
+        )
 
 
 @pytest.mark.parametrize("noset", [False, True], ids=["narrowed", "noset"])
@@ -47,7 +52,7 @@ def test_actor_device_index(device: str, noset: bool) -> None:
             ray.kill(p)
     ids = [r[0] for r in reports]
     assert all(len(i) == 1 for i in ids) and ids[0] != ids[1]
-    for (mine, visible, index) in reports:
+    for mine, visible, index in reports:
         if noset:
             assert visible is None  # nothing narrowed: every device visible, the id is the index
             assert index == int(mine[0])

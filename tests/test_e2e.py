@@ -28,8 +28,14 @@ NAMESPACE = "test-e2e"
 
 @pytest.fixture(scope="module")
 def engine(local_ray, tiny_checkpoint: Path):
-    cfg = tiny_config(tiny_checkpoint, "world_size=4", "parallel_config.tp_size=2", "data_config.batch_size=2",
-                      f"data_config.max_new_tokens={MAX_NEW_TOKENS}", f"ray.namespace={NAMESPACE}")
+    cfg = tiny_config(
+        tiny_checkpoint,
+        "world_size=4",
+        "parallel_config.tp_size=2",
+        "data_config.batch_size=2",
+        f"data_config.max_new_tokens={MAX_NEW_TOKENS}",
+        f"ray.namespace={NAMESPACE}",
+    )
     coordinator = start(cfg)
     yield coordinator
     stop(coordinator)

@@ -15,8 +15,21 @@ BOARD = Path(__file__).resolve().parent.parent / "conf" / "grafana" / "qwen_vl_d
 SESSION_FILTER = 'SessionName=~"$SessionName"'
 
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-             "offset", "inf", "nan"}
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+}
 _IDENTIFIER = re.compile(r"(?<![\w.$])([A-Za-z_:][\w:]*)\s*(\()?")
 _SELECTOR = re.compile(r"\b(ray_\w+)\s*(\{[^{}]*\})?")
 
@@ -54,8 +67,10 @@ def _variable_queries(board: dict) -> list[str]:
 
 
 def test_metric_names_parser() -> None:
-    expr = ('histogram_quantile(0.99, sum by (le, phase) (rate(ray_a_bucket{SessionName=~"$S", x="by(y)"}'
-            '[$__rate_interval]))) / on (dp_rank) group_left sum(ray_b_total offset 5m) > bool 0')
+    expr = (
+        'histogram_quantile(0.99, sum by (le, phase) (rate(ray_a_bucket{SessionName=~"$S", x="by(y)"}'
+        "[$__rate_interval]))) / on (dp_rank) group_left sum(ray_b_total offset 5m) > bool 0"
+    )
     assert metric_names(expr) == {"ray_a_bucket", "ray_b_total"}
     assert engine_metric("ray_qwen_vl_requests_total") == "qwen_vl_requests"
     assert engine_metric("ray_qwen_vl_requests_waiting") == "qwen_vl_requests_waiting"
@@ -100,7 +115,7 @@ def _calls(expr: str, function: str) -> list[str]:
         while depth:
             depth += {"(": 1, ")": -1}.get(expr[i], 0)
             i += 1
-        out.append(expr[m.end():i - 1])
+        out.append(expr[m.end() : i - 1])
     return out
 
 
@@ -123,8 +138,13 @@ def test_latency_percentiles_come_from_bucket_series(board: dict) -> None:
 
 
 def test_per_group_panels_split_by_dp_rank(board: dict) -> None:
-    for series in ("ray_qwen_vl_requests_waiting", "ray_qwen_vl_requests_running", "ray_qwen_vl_generated_tokens_total",
-                   "ray_qwen_vl_vision_cache_hits_total", "ray_qwen_vl_vision_cache_misses_total"):
+    for series in (
+        "ray_qwen_vl_requests_waiting",
+        "ray_qwen_vl_requests_running",
+        "ray_qwen_vl_generated_tokens_total",
+        "ray_qwen_vl_vision_cache_hits_total",
+        "ray_qwen_vl_vision_cache_misses_total",
+    ):
         exprs = [expr for _, expr in _exprs(board) if series in expr]
         assert any(re.search(r"by \([^)]*\bdp_rank\b", expr) for expr in exprs), series
 

@@ -38,8 +38,7 @@ def eager_then_graph(runner: ModelRunner, requests: list[PreparedRequest]) -> tu
     return eager, graph
 
 
-def test_graph_matches_eager_tp1(tiny_checkpoint: Path,
-                                 prepared: Callable[[Path], dict[str, PreparedRequest]]) -> None:
+def test_graph_matches_eager_tp1(tiny_checkpoint: Path, prepared: Callable[[Path], dict[str, PreparedRequest]]) -> None:
     requests = [prepared(tiny_checkpoint)[n] for n in NAMES]
     runner = ModelRunner(tiny_checkpoint, max_batch_size=BUCKET, max_seq_len=256)
     eager, graph = eager_then_graph(runner, requests)
@@ -65,12 +64,18 @@ def _tp_rank(rank: int, world: int, port: int, path: str, requests: list[Prepare
         dist.destroy_process_group()
 
 
-def test_graph_matches_eager_tp2(tiny_checkpoint: Path, prepared: Callable[[Path], dict[str, PreparedRequest]],
-                                 tmp_path: Path) -> None:
+def test_graph_matches_eager_tp2(
+    tiny_checkpoint: Path, prepared: Callable[[Path], dict[str, PreparedRequest]], tmp_path: Path
+) -> None:
     """Two gloo ranks in separate processes; the compiled step breaks its graph at each collective."""
     requests = [prepared(tiny_checkpoint)[n] for n in NAMES]
-    mp.start_processes(_tp_rank, args=(2, _free_port(), str(tiny_checkpoint), requests, str(tmp_path)),
-                       nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        _tp_rank,
+        args=(2, _free_port(), str(tiny_checkpoint), requests, str(tmp_path)),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [len(t) for t in ranks[0]["eager"]] == LIMITS
     assert ranks[0]["graph"] == ranks[0]["eager"]

@@ -49,11 +49,27 @@ def job_cluster(tmp_path_factory: pytest.TempPathFactory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="disabled", HOME=str(home), PATH=f"{VENV_BIN}:{env.get('PATH', '')}")
     head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=4",
-         "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}",
-         "--disable-usage-stats"],
-        env=env, cwd=home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={free_port()}",
+            "--num-cpus=4",
+            "--node-ip-address=127.0.0.1",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={free_port()}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        cwd=home,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dashboard}"
 
     def up() -> bool:
@@ -82,8 +98,17 @@ def job_cluster(tmp_path_factory: pytest.TempPathFactory):
 
 def _submit(cluster: dict, *entrypoint: str) -> subprocess.CompletedProcess:
     """`ray job submit`, retried (bounded) while the head's job agent is still starting."""
-    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", cluster["address"], "--working-dir", str(REPO),
-           "--", *entrypoint]
+    cmd = [
+        str(VENV_BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        cluster["address"],
+        "--working-dir",
+        str(REPO),
+        "--",
+        *entrypoint,
+    ]
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         proc = subprocess.run(cmd, env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=420)
@@ -97,8 +122,10 @@ def _records(path: Path) -> list[dict]:
 
 
 def test_working_dir_leaves_out_ignored_paths_and_uses_the_venv(job_cluster):
-    probe = ("import os, sys; print('PROBE', os.path.exists('.venv'), os.path.exists('outputs'), "
-             "os.path.exists('cluster/launch.py'), sys.prefix)")
+    probe = (
+        "import os, sys; print('PROBE', os.path.exists('.venv'), os.path.exists('outputs'), "
+        "os.path.exists('cluster/launch.py'), sys.prefix)"
+    )
     proc = _submit(job_cluster, "python", "-c", probe)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("PROBE"))
@@ -108,8 +135,15 @@ def test_working_dir_leaves_out_ignored_paths_and_uses_the_venv(job_cluster):
 
 def test_job_with_overrides(job_cluster, tmp_path):
     output = tmp_path / "results.jsonl"
-    proc = _submit(job_cluster, "python", "-m", "cluster.launch", "conf/tiny_cpu.yaml", f"output_path={output}",
-                   "data_config.max_new_tokens=4")
+    proc = _submit(
+        job_cluster,
+        "python",
+        "-m",
+        "cluster.launch",
+        "conf/tiny_cpu.yaml",
+        f"output_path={output}",
+        "data_config.max_new_tokens=4",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = _records(output)
     assert records and all(set(CONTRACT_FIELDS) <= set(r) and r["error"] is None for r in records)

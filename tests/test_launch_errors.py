@@ -27,8 +27,10 @@ def broken_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     good = tiny_model()
     missing_shard = root / "missing-shard"
     shutil.copytree(good, missing_shard)
-    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors",
-                                            "model.norm.weight": "model.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors", "model.norm.weight": "model.safetensors"},
+    }
     (missing_shard / "model.safetensors.index.json").write_text(json.dumps(index))
     no_tokenizer = root / "no-tokenizer"
     shutil.copytree(good, no_tokenizer)
@@ -40,8 +42,13 @@ def broken_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
 def _launch(capsys: pytest.CaptureFixture, *overrides: str) -> tuple[int, str]:
     # A fresh output_path: results of an earlier run in the default one would stop the launch first.
     output = Path(tempfile.mkdtemp()) / "results.jsonl"
-    argv = [str(TINY_CONF), f"ray.namespace={NAMESPACE}", "ray.placement_timeout_s=5", f"output_path={output}",
-            *overrides]
+    argv = [
+        str(TINY_CONF),
+        f"ray.namespace={NAMESPACE}",
+        "ray.placement_timeout_s=5",
+        f"output_path={output}",
+        *overrides,
+    ]
     rc = launch.main(argv)
     return rc, capsys.readouterr().err
 
@@ -51,13 +58,16 @@ def _assert_nothing_left() -> None:
     assert live_placement_groups(NAMESPACE) == []
 
 
-@pytest.mark.parametrize(("overrides", "expected"), [
-    (["bogus_key=1"], ["unknown config key 'bogus_key'"]),
-    (["data_config.batch_size=many"], ["data_config.batch_size", "many"]),
-    (["world_size=8"], ["cannot place 4 group(s) x 2 bundle(s) x {CPU: 1}", "CPU: 4"]),
-    (["device=cuda"], ["GPU", "absent on every node"]),
-    (["world_size=3", "parallel_config.tp_size=3"], ["parallel_config.tp_size=3", "num_attention_heads=4"]),
-])
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["bogus_key=1"], ["unknown config key 'bogus_key'"]),
+        (["data_config.batch_size=many"], ["data_config.batch_size", "many"]),
+        (["world_size=8"], ["cannot place 4 group(s) x 2 bundle(s) x {CPU: 1}", "CPU: 4"]),
+        (["device=cuda"], ["GPU", "absent on every node"]),
+        (["world_size=3", "parallel_config.tp_size=3"], ["parallel_config.tp_size=3", "num_attention_heads=4"]),
+    ],
+)
 def test_config_and_placement_errors(local_ray, capsys, overrides, expected):
     rc, err = _launch(capsys, f"model_path={tiny_model()}", *overrides)
     assert rc != 0
@@ -66,11 +76,14 @@ def test_config_and_placement_errors(local_ray, capsys, overrides, expected):
     _assert_nothing_left()
 
 
-@pytest.mark.parametrize(("which", "expected"), [
-    ("no_dir", "no such directory"),
-    ("missing_shard", "model-00002-of-00002.safetensors"),
-    ("no_tokenizer", "has no tokenizer"),
-])
+@pytest.mark.parametrize(
+    ("which", "expected"),
+    [
+        ("no_dir", "no such directory"),
+        ("missing_shard", "model-00002-of-00002.safetensors"),
+        ("no_tokenizer", "has no tokenizer"),
+    ],
+)
 def test_model_file_errors(local_ray, capsys, broken_checkpoints, which, expected):
     path = broken_checkpoints[which]
     rc, err = _launch(capsys, f"model_path={path}")
@@ -93,11 +106,19 @@ def test_placement_timeout_names_the_request(local_ray, capsys):
     _assert_nothing_left()
 
 
-@pytest.mark.parametrize(("overrides", "expected"), [
-    (["bogus_key=1"], "unknown config key 'bogus_key'"),
-    (["model_path=/nonexistent/tiny"], "model_path='/nonexistent/tiny': no such directory"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["bogus_key=1"], "unknown config key 'bogus_key'"),
+        (["model_path=/nonexistent/tiny"], "model_path='/nonexistent/tiny': no such directory"),
+    ],
+)
 def test_exit_status_of_the_command(overrides, expected):
-    proc = subprocess.run([sys.executable, "-m", "cluster.launch", str(TINY_CONF), *overrides], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.launch", str(TINY_CONF), *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]

@@ -19,9 +19,16 @@ NAMESPACE = "test-launch-run"
 @pytest.fixture(scope="module")
 def launched(local_ray, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("launch-run")
-    cfg = tiny_config(tiny_model(), f"output_path={out / 'results.jsonl'}", "data_config.num_samples=6",
-                      "data_config.batch_size=2", "data_config.max_new_tokens=5", "profile=true",
-                      f"profile_dir={out / 'profile'}", f"ray.namespace={NAMESPACE}")
+    cfg = tiny_config(
+        tiny_model(),
+        f"output_path={out / 'results.jsonl'}",
+        "data_config.num_samples=6",
+        "data_config.batch_size=2",
+        "data_config.max_new_tokens=5",
+        "profile=true",
+        f"profile_dir={out / 'profile'}",
+        f"ray.namespace={NAMESPACE}",
+    )
     status = run(cfg)
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     summary = json.loads((out / "results.summary.json").read_text())
@@ -66,8 +73,12 @@ def test_profile_writes_one_trace_per_worker(launched):
 
 
 def test_dist_env_reaches_every_worker(local_ray):
-    cfg = tiny_config(tiny_model(), "dist_env.GLOO_SOCKET_IFNAME=lo", "dist_env.QWEN_VL_TEST_MARKER=42",
-                      f"ray.namespace={NAMESPACE}-env")
+    cfg = tiny_config(
+        tiny_model(),
+        "dist_env.GLOO_SOCKET_IFNAME=lo",
+        "dist_env.QWEN_VL_TEST_MARKER=42",
+        f"ray.namespace={NAMESPACE}-env",
+    )
     coordinator = start(cfg)
     try:
         for rank in range(cfg.world_size):

@@ -87,10 +87,10 @@ def test_tp2_rank_holds_its_slices(checkpoint: Callable[[str], Path], rank: int)
     layer = "model.layers.0"
     q, k, v = (ckpt[f"{layer}.self_attn.{p}_proj.weight"] for p in "qkv")
     # qkv rows: this rank's 2 query heads, then the single KV head, replicated.
-    expected_qkv = torch.cat([q[rank * 64:(rank + 1) * 64], k, v])
+    expected_qkv = torch.cat([q[rank * 64 : (rank + 1) * 64], k, v])
     assert torch.equal(params[f"{layer}.self_attn.qkv_proj.weight"], expected_qkv)
     o = ckpt[f"{layer}.self_attn.o_proj.weight"]
-    assert torch.equal(params[f"{layer}.self_attn.o_proj.weight"], o[:, rank * 64:(rank + 1) * 64])
+    assert torch.equal(params[f"{layer}.self_attn.o_proj.weight"], o[:, rank * 64 : (rank + 1) * 64])
     gate, up = ckpt[f"{layer}.mlp.gate_proj.weight"], ckpt[f"{layer}.mlp.up_proj.weight"]
     rows = slice(rank * 96, (rank + 1) * 96)
     assert torch.equal(params[f"{layer}.mlp.gate_up_proj.weight"], torch.cat([gate[rows], up[rows]]))
@@ -98,9 +98,9 @@ def test_tp2_rank_holds_its_slices(checkpoint: Callable[[str], Path], rank: int)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         mine = params[name]
         assert mine.shape == (501, 128)
-        real = ckpt[name][rank * 501:(rank + 1) * 501]
-        assert torch.equal(mine[:len(real)], real)
-        assert not mine[len(real):].any()
+        real = ckpt[name][rank * 501 : (rank + 1) * 501]
+        assert torch.equal(mine[: len(real)], real)
+        assert not mine[len(real) :].any()
 
 
 # ------------------------------------------------------------------------------------------------ peak RSS
@@ -123,13 +123,22 @@ print(json.dumps({"peak_kib": int(status["VmHWM"].split()[0]), "anon_kib": int(s
 """
 
 # About 210 MB of fp32 weights, 95% of them in the two decoder layers; the vision tower is tiny.
-BIG_SPEC = TinySpec(hidden_size=2048, num_attention_heads=16, num_key_value_heads=8, intermediate_size=2048,
-                    num_hidden_layers=2, vocab_size=1000, vision_depth=1, fullatt_block_indexes=[0])
+BIG_SPEC = TinySpec(
+    hidden_size=2048,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    intermediate_size=2048,
+    num_hidden_layers=2,
+    vocab_size=1000,
+    vision_depth=1,
+    fullatt_block_indexes=[0],
+)
 
 
 def _memory_kib(path: Path, mode: str) -> dict[str, int]:
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), mode], cwd=REPO, check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(path), mode], cwd=REPO, check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -145,9 +154,11 @@ def test_tp2_rank_loads_about_half_the_memory(tmp_path_factory: pytest.TempPathF
     base, tp1, tp2 = (_memory_kib(path, mode) for mode in ("imports", "tp1", "tp2"))
     peak1, peak2 = tp1["peak_kib"] - base["peak_kib"], tp2["peak_kib"] - base["peak_kib"]
     held1, held2 = tp1["anon_kib"] - base["anon_kib"], tp2["anon_kib"] - base["anon_kib"]
-    print(f"\ncheckpoint {size_mib:.0f} MiB; imports-only peak RSS {base['peak_kib'] / 1024:.0f} MiB; "
-          f"load peak RSS delta: tp1 {peak1 / 1024:.0f} MiB, tp2 rank 0 {peak2 / 1024:.0f} MiB "
-          f"(ratio {peak2 / peak1:.2f}); anonymous memory held after load: tp1 {held1 / 1024:.0f} MiB, "
-          f"tp2 rank 0 {held2 / 1024:.0f} MiB (ratio {held2 / held1:.2f})")
+    print(
+        f"\ncheckpoint {size_mib:.0f} MiB; imports-only peak RSS {base['peak_kib'] / 1024:.0f} MiB; "
+        f"load peak RSS delta: tp1 {peak1 / 1024:.0f} MiB, tp2 rank 0 {peak2 / 1024:.0f} MiB "
+        f"(ratio {peak2 / peak1:.2f}); anonymous memory held after load: tp1 {held1 / 1024:.0f} MiB, "
+        f"tp2 rank 0 {held2 / 1024:.0f} MiB (ratio {held2 / held1:.2f})"
+    )
     assert peak2 <= 0.65 * peak1
     assert held2 <= 0.6 * held1

@@ -53,21 +53,34 @@ def metrics_port():
 def test_generated_tokens_exported(metrics_port):
     # Counts are compared as increments, so that other tests' series on this node do not matter.
     before = _scrape(metrics_port)
-    base = {name: _total(before, name) for name in
-            ("ray_qwen_vl_generated_tokens", "ray_qwen_vl_requests", "ray_qwen_vl_ttft_seconds_count")}
-    coordinator = start(tiny_config(tiny_model(), "world_size=1", "parallel_config.tp_size=1",
-                                    "ray.namespace=test-metrics"))
+    base = {
+        name: _total(before, name)
+        for name in ("ray_qwen_vl_generated_tokens", "ray_qwen_vl_requests", "ray_qwen_vl_ttft_seconds_count")
+    }
+    coordinator = start(
+        tiny_config(tiny_model(), "world_size=1", "parallel_config.tp_size=1", "ray.namespace=test-metrics")
+    )
     try:
-        records = ray.get(coordinator.generate.remote(
-            [{"id": "a", "prompt": "Hello there.", "max_new_tokens": 4},
-             {"id": "b", "prompt": "Tell me a story.", "max_new_tokens": 3}]), timeout=120)
+        records = ray.get(
+            coordinator.generate.remote(
+                [
+                    {"id": "a", "prompt": "Hello there.", "max_new_tokens": 4},
+                    {"id": "b", "prompt": "Tell me a story.", "max_new_tokens": 3},
+                ]
+            ),
+            timeout=120,
+        )
         generated = sum(len(r["output_token_ids"]) for r in records)
         assert generated > 0 and all(r["error"] is None for r in records)
+
         # Export is periodic: poll with a bounded wait.
         def exported() -> str:
             text = _scrape(metrics_port)
-            return text if _total(text, "ray_qwen_vl_generated_tokens") >= base["ray_qwen_vl_generated_tokens"] \
-                + generated else ""
+            return (
+                text
+                if _total(text, "ray_qwen_vl_generated_tokens") >= base["ray_qwen_vl_generated_tokens"] + generated
+                else ""
+            )
 
         text = wait_for(exported, timeout_s=60, interval_s=1.0) or _scrape(metrics_port)
         increments = {name: _total(text, name) - value for name, value in base.items()}
@@ -86,8 +99,17 @@ class _MetricsProbe:
         from actors.metrics import EngineMetrics
 
         self.metrics = m = EngineMetrics()  # kept alive: its series stay exported
-        m.record_request({"output_token_ids": [1, 2, 3], "prompt_tokens": 7, "ttft_s": 0.1, "tpot_s": 0.01,
-                          "e2e_s": 0.12, "error": None}, dp_rank)
+        m.record_request(
+            {
+                "output_token_ids": [1, 2, 3],
+                "prompt_tokens": 7,
+                "ttft_s": 0.1,
+                "tpot_s": 0.01,
+                "e2e_s": 0.12,
+                "error": None,
+            },
+            dp_rank,
+        )
         m.record_queue(0.02, dp_rank)
         m.set_queue_depth(dp_rank, waiting=3, running=2)
         for phase, seconds in (("vision_encode", 0.01), ("prefill", 0.02), ("decode", 0.03)):
@@ -105,16 +127,19 @@ def test_exported_series_match_the_metrics_table(metrics_port):
 
     def exported() -> str:
         text = _scrape(metrics_port)
-        done = (_samples(text, "ray_qwen_vl_vision_cache_hits_total", dp_rank=dp) == 6
-                and _samples(text, "ray_qwen_vl_worker_memory_bytes", rank=dp, kind="host_rss") == 1000)
+        done = (
+            _samples(text, "ray_qwen_vl_vision_cache_hits_total", dp_rank=dp) == 6
+            and _samples(text, "ray_qwen_vl_worker_memory_bytes", rank=dp, kind="host_rss") == 1000
+        )
         return text if done else ""
 
     text = wait_for(exported, timeout_s=60, interval_s=1.0) or _scrape(metrics_port)
     series = {name for name, _, _ in _SAMPLE.findall(text) if name.startswith("ray_qwen_vl_")}
     assert series == {s for name in METRICS for s in prometheus_series(name)}
     types = dict(re.findall(r"^# TYPE (ray_qwen_vl_\w+) (\w+)$", text, re.MULTILINE))
-    assert {re.sub(r"_total$", "", name).removeprefix("ray_"): kind for name, kind in types.items()} == \
-        {name: spec.kind for name, spec in METRICS.items()}
+    assert {re.sub(r"_total$", "", name).removeprefix("ray_"): kind for name, kind in types.items()} == {
+        name: spec.kind for name, spec in METRICS.items()
+    }
 
     # The values: counters take the increments of the cumulative vision-cache counts (2 + 3 + 1 after the reset).
     assert _samples(text, "ray_qwen_vl_vision_cache_hits_total", dp_rank=dp) == 6

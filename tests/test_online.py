@@ -29,8 +29,16 @@ SLOTS = 2
 
 
 def _engine(checkpoint: Path, namespace: str, *overrides: str):
-    return start(tiny_config(checkpoint, f"data_config.batch_size={SLOTS}", "data_config.max_new_tokens=16",
-                             "scheduler.prefill_chunk_tokens=24", f"ray.namespace={namespace}", *overrides))
+    return start(
+        tiny_config(
+            checkpoint,
+            f"data_config.batch_size={SLOTS}",
+            "data_config.max_new_tokens=16",
+            "scheduler.prefill_chunk_tokens=24",
+            f"ray.namespace={namespace}",
+            *overrides,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +47,9 @@ def engines(local_ray, tiny_checkpoint: Path):
     try:
         started["tp1"] = _engine(tiny_checkpoint, "online-tp1", "world_size=1", "parallel_config.tp_size=1")
         started["tp2"] = _engine(tiny_checkpoint, "online-tp2", "world_size=2", "parallel_config.tp_size=2")
-        started["static"] = _engine(tiny_checkpoint, "online-static", "world_size=1", "parallel_config.tp_size=1",
-                                    "scheduler.policy=static")
+        started["static"] = _engine(
+            tiny_checkpoint, "online-static", "world_size=1", "parallel_config.tp_size=1", "scheduler.policy=static"
+        )
         yield started
     finally:
         for coordinator in started.values():
@@ -59,8 +68,10 @@ def _staggered(requests: list[dict], coordinator, gap_s: float = 0.03) -> list[d
 def _mixed(raw_requests: dict[str, dict]) -> list[dict]:
     lengths = [3, 12, 6, 9, 16, 4, 10, 7, 14, 5]
     names = list(raw_requests) * 2
-    return [{**raw_requests[name], "id": f"{name}-{i}", "max_new_tokens": n} for i, (name, n) in
-            enumerate(zip(names, lengths))]
+    return [
+        {**raw_requests[name], "id": f"{name}-{i}", "max_new_tokens": n}
+        for i, (name, n) in enumerate(zip(names, lengths))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +110,12 @@ def test_tp2_and_static_policy_give_the_same_tokens(engines, continuous_tp1, raw
         assert a["output_token_ids"] == b["output_token_ids"] == c["output_token_ids"], a["id"]
     # Static batching admits only into an empty group: no admission while another request of the group runs.
     for x in static:
-        assert not any(y is not x and y["scheduled_time"] < x["scheduled_time"] < y["end_time"]
-                       and y["scheduled_time"] != x["scheduled_time"] for y in static), x["id"]
+        assert not any(
+            y is not x
+            and y["scheduled_time"] < x["scheduled_time"] < y["end_time"]
+            and y["scheduled_time"] != x["scheduled_time"]
+            for y in static
+        ), x["id"]
 
 
 def _collect(gen, log: list) -> None:
@@ -114,12 +129,14 @@ def test_short_request_finishes_before_the_long_one_it_joined(engines):
     long_log: list = []
     short_log: list = []
     long_gen = coordinator.stream.options(num_returns="streaming").remote(
-        {"id": "long", "prompt": "Tell me a very long story.", "max_new_tokens": 400, "ignore_eos": True})
+        {"id": "long", "prompt": "Tell me a very long story.", "max_new_tokens": 400, "ignore_eos": True}
+    )
     reader = threading.Thread(target=_collect, args=(long_gen, long_log))
     reader.start()
     assert wait_for(lambda: len(long_log) >= 2, timeout_s=60, interval_s=0.01)
     short_gen = coordinator.stream.options(num_returns="streaming").remote(
-        {"id": "short", "prompt": "Hi.", "max_new_tokens": 5, "ignore_eos": True})
+        {"id": "short", "prompt": "Hi.", "max_new_tokens": 5, "ignore_eos": True}
+    )
     _collect(short_gen, short_log)
     reader.join(timeout=120)
     long_final, short_final = long_log[-1][1], short_log[-1][1]
@@ -138,7 +155,8 @@ def test_abort_and_a_consumer_that_goes_away_free_the_slot(engines):
     coordinator = engines["tp1"]
     log: list = []
     gen = coordinator.stream.options(num_returns="streaming").remote(
-        {"id": "to-abort", "prompt": "Go on forever.", "max_new_tokens": 400, "ignore_eos": True})
+        {"id": "to-abort", "prompt": "Go on forever.", "max_new_tokens": 400, "ignore_eos": True}
+    )
     reader = threading.Thread(target=_collect, args=(gen, log))
     reader.start()
     assert wait_for(lambda: len(log) >= 1, timeout_s=60, interval_s=0.01)
@@ -150,28 +168,34 @@ def test_abort_and_a_consumer_that_goes_away_free_the_slot(engines):
     assert wait_for(lambda: ray.get(coordinator.status.remote())["running"] == 0, timeout_s=30)
 
     gone = coordinator.stream.options(num_returns="streaming").remote(
-        {"id": "walks-away", "prompt": "Go on forever.", "max_new_tokens": 400, "ignore_eos": True})
+        {"id": "walks-away", "prompt": "Go on forever.", "max_new_tokens": 400, "ignore_eos": True}
+    )
     next(gone)  # one item, then the consumer cancels its stream
     ray.cancel(gone)
-    assert wait_for(lambda: ray.get(coordinator.status.remote()) == {"live_groups": 1, "dp_size": 1, "waiting": 0,
-                                                                       "running": 0}, timeout_s=30)
+    assert wait_for(
+        lambda: ray.get(coordinator.status.remote()) == {"live_groups": 1, "dp_size": 1, "waiting": 0, "running": 0},
+        timeout_s=30,
+    )
 
 
 def test_stop_string_ends_the_request_and_is_not_returned(engines):
     coordinator = engines["tp1"]
     request = {"id": "stop", "prompt": "Describe the weather today.", "max_new_tokens": 16, "ignore_eos": True}
     full = ray.get(coordinator.generate.remote([request]), timeout=120)[0]["output_text"]
-    clean = [i for i in range(4, len(full) - 2) if "\ufffd" not in full[i:i + 2]]
+    clean = [i for i in range(4, len(full) - 2) if "\ufffd" not in full[i : i + 2]]
     assert clean, f"no stop string candidate in {full!r}"
-    stop_at = full.find(full[clean[0]:clean[0] + 2])
-    record = ray.get(coordinator.generate.remote([{**request, "stop": [full[clean[0]:clean[0] + 2]]}]), timeout=120)[0]
+    stop_at = full.find(full[clean[0] : clean[0] + 2])
+    record = ray.get(coordinator.generate.remote([{**request, "stop": [full[clean[0] : clean[0] + 2]]}]), timeout=120)[
+        0
+    ]
     assert record["finish_reason"] == "stop" and record["error"] is None
     assert record["output_text"] == full[:stop_at]
 
 
 def test_requests_go_to_the_least_loaded_group(local_ray, tiny_checkpoint):
-    coordinator = _engine(tiny_checkpoint, "online-dp2", "world_size=2", "parallel_config.tp_size=1",
-                          "data_config.batch_size=4")
+    coordinator = _engine(
+        tiny_checkpoint, "online-dp2", "world_size=2", "parallel_config.tp_size=1", "data_config.batch_size=4"
+    )
     try:
         requests = [{"id": f"b{i}", "prompt": "Hello.", "max_new_tokens": 40, "ignore_eos": True} for i in range(4)]
         records = ray.get(coordinator.generate.remote(requests), timeout=120)
@@ -197,8 +221,12 @@ print(json.dumps(ray.get(c.generate.remote(reqs), timeout=120)), flush=True)
 def test_two_drivers_are_served_at_once(engines, tmp_path):
     address = ray.get_runtime_context().gcs_address
     go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", DRIVER, address, str(go), name], stdout=subprocess.PIPE,
-                              text=True, cwd=REPO) for name in ("A", "B")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", DRIVER, address, str(go), name], stdout=subprocess.PIPE, text=True, cwd=REPO
+        )
+        for name in ("A", "B")
+    ]
     try:
         with ThreadPoolExecutor(2) as pool:
             assert all(pool.map(lambda p: p.stdout.readline().strip() == "ready", procs))

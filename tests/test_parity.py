@@ -38,14 +38,18 @@ class Case:
 
 
 @pytest.fixture(scope="module", params=["default", "sharded", "transformers5", "odd"])
-def case(request: pytest.FixtureRequest, checkpoint: Callable[[str], Path],
-         prepared: Callable[[Path], dict[str, PreparedRequest]]) -> Case:
+def case(
+    request: pytest.FixtureRequest,
+    checkpoint: Callable[[str], Path],
+    prepared: Callable[[Path], dict[str, PreparedRequest]],
+) -> Case:
     path = checkpoint(request.param)
     return Case(request.param, path, ModelRunner(path, max_batch_size=4, max_seq_len=512), prepared(path))
 
 
-def check_result(case: Case, hf: HFReference, request: PreparedRequest, result: GenerationResult,
-                 max_new_tokens: int, eos: list[int]) -> None:
+def check_result(
+    case: Case, hf: HFReference, request: PreparedRequest, result: GenerationResult, max_new_tokens: int, eos: list[int]
+) -> None:
     """One result against transformers' generate with the same limit and EOS ids."""
     ref = hf.generate(case.path, request, max_new_tokens, eos)
 
@@ -97,7 +101,7 @@ def test_eos_stops_like_reference(case: Case, hf_reference: HFReference) -> None
     free_run = hf_reference.generate(case.path, request, MAX_NEW_TOKENS, [])
     eos, step = pick_eos(free_run)
     ref = hf_reference.generate(case.path, request, MAX_NEW_TOKENS, [eos])
-    assert ref == free_run[:step + 1], "transformers did not stop at the chosen EOS"
+    assert ref == free_run[: step + 1], "transformers did not stop at the chosen EOS"
 
     [result] = case.runner.generate([request], [SamplingParams(max_new_tokens=MAX_NEW_TOKENS)], eos_token_ids=[eos])
     assert result.output_token_ids == ref

@@ -113,8 +113,7 @@ class _NodeProbe:
 def _place_probes(placement: Placement, world_size: int) -> list[str]:
     options = actor_resource_options(CPU, placement.bundle_resources["CPU"])
     probes = [
-        _NodeProbe.options(scheduling_strategy=placement.strategy(r), **options).remote()
-        for r in range(world_size)
+        _NodeProbe.options(scheduling_strategy=placement.strategy(r), **options).remote() for r in range(world_size)
     ]
     node_ids = ray.get([p.node_id.remote() for p in probes], timeout=60)
     for probe in probes:
@@ -150,9 +149,7 @@ def local_ray() -> Iterator[None]:
 @pytest.mark.usefixtures("local_ray")
 class TestLocalRay:
     def test_reserve_and_place_one_actor_per_rank(self) -> None:
-        placement = reserve(
-            CPU, world_size=4, tp_size=2, num_cpus_per_worker=1, timeout_s=30, name_prefix="t-ok"
-        )
+        placement = reserve(CPU, world_size=4, tp_size=2, num_cpus_per_worker=1, timeout_s=30, name_prefix="t-ok")
         try:
             assert len(placement.groups) == 2 and placement.world_size == 4
             node_ids = _place_probes(placement, 4)
@@ -199,9 +196,7 @@ def test_two_node_cluster_keeps_tp_groups_on_one_node(no_ray_auth: None) -> None
         cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
-        placement = reserve(
-            CPU, world_size=4, tp_size=2, num_cpus_per_worker=1, timeout_s=30, name_prefix="t-2n"
-        )
+        placement = reserve(CPU, world_size=4, tp_size=2, num_cpus_per_worker=1, timeout_s=30, name_prefix="t-2n")
         try:
             node_ids = _place_probes(placement, 4)
             assert node_ids[0] == node_ids[1] and node_ids[2] == node_ids[3]

@@ -120,9 +120,7 @@ def test_inputs_run_in_reference_model(builder: PromptBuilder, checkpoint: Path,
     request = builder.build({"id": "r4", "prompt": "Describe.", "images": [images["a.png"], images["b.jpg"]]})
     ids = torch.tensor([request.input_ids])
     with torch.no_grad():
-        logits = model(
-            input_ids=ids, pixel_values=request.pixel_values, image_grid_thw=request.image_grid_thw
-        ).logits
+        logits = model(input_ids=ids, pixel_values=request.pixel_values, image_grid_thw=request.image_grid_thw).logits
     assert logits.shape == (1, ids.shape[1], model.config.text_config.vocab_size)
     assert torch.isfinite(logits).all()
 
@@ -281,17 +279,32 @@ def test_multi_turn_messages_match_the_template(builder: PromptBuilder, images: 
     a, b = images["a.png"], images["b.jpg"]
     messages = [
         {"role": "system", "content": "You answer briefly.\n"},
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(a)}},
-                                     {"type": "text", "text": "  What is this?"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": str(a)}},
+                {"type": "text", "text": "  What is this?"},
+            ],
+        },
         {"role": "assistant", "content": "A picture\n\nof noise."},
-        {"role": "user", "content": [{"type": "text", "text": "And this one"}, {"type": "image", "image": str(b)},
-                                     {"type": "text", "text": "?\n"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "And this one"},
+                {"type": "image", "image": str(b)},
+                {"type": "text", "text": "?\n"},
+            ],
+        },
     ]
     request = builder.build({"id": "chat", "messages": messages})
     template = [
-        messages[0], {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "  What is this?"}]},
-        messages[2], {"role": "user", "content": [{"type": "text", "text": "And this one"}, {"type": "image"},
-                                                  {"type": "text", "text": "?\n"}]},
+        messages[0],
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "  What is this?"}]},
+        messages[2],
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "And this one"}, {"type": "image"}, {"type": "text", "text": "?\n"}],
+        },
     ]
     assert request.input_ids == _official_ids(builder, template, [a, b])
     assert request.num_images == 2
@@ -300,8 +313,17 @@ def test_multi_turn_messages_match_the_template(builder: PromptBuilder, images: 
     assert "<|im_start|>assistant\nA picture\n\nof noise.<|im_end|>\n" in text
     # The {"prompt", "images"} form is one user message with the images first.
     prompt_form = builder.build({"id": "p", "prompt": "Look.", "images": [str(a)]})
-    message_form = builder.build({"id": "m", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": str(a)}, {"type": "text", "text": "Look."}]}]})
+    message_form = builder.build(
+        {
+            "id": "m",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": str(a)}, {"type": "text", "text": "Look."}],
+                }
+            ],
+        }
+    )
     assert prompt_form.input_ids == message_form.input_ids
 
 
@@ -313,15 +335,21 @@ def test_typed_control_tokens_stay_text(builder: PromptBuilder, form: str) -> No
     if form == "prompt":
         request = {"id": "inj", "prompt": INJECTION}
     else:
-        request = {"id": "inj", "messages": [{"role": "system", "content": "Be careful."},
-                                             {"role": "user", "content": [{"type": "text", "text": INJECTION}]}]}
+        request = {
+            "id": "inj",
+            "messages": [
+                {"role": "system", "content": "Be careful."},
+                {"role": "user", "content": [{"type": "text", "text": INJECTION}]},
+            ],
+        }
     ids = builder.build(request).input_ids
     specials = set(builder.tokenizer.added_tokens_decoder)
     im_start = builder.tokenizer.convert_tokens_to_ids("<|im_start|>")
     # The user's span is everything between "<|im_start|>user\n" and the next control token.
     user = builder.tokenizer("user\n", add_special_tokens=False)["input_ids"]
-    begin = next(i + 1 + len(user) for i, t in enumerate(ids)
-                 if t == im_start and ids[i + 1 : i + 1 + len(user)] == user)
+    begin = next(
+        i + 1 + len(user) for i, t in enumerate(ids) if t == im_start and ids[i + 1 : i + 1 + len(user)] == user
+    )
     end = next(i for i in range(begin, len(ids)) if ids[i] in specials)
     span = ids[begin:end]
     assert builder.tokenizer.decode(span) == INJECTION
@@ -338,17 +366,20 @@ def test_mm_processor_kwargs_set_the_pixel_budget(builder: PromptBuilder, images
     small = builder.build({**base, "mm_processor_kwargs": {"max_pixels": lo}})
     t, h, w = small.image_grid_thw[0].tolist()
     assert h * w * 14 * 14 <= lo < default.image_grid_thw[0].prod().item() * 14 * 14
-    expected = builder.image_processor(images=[load_image(images["big.png"])], return_tensors="pt",
-                                       size={"shortest_edge": lo, "longest_edge": lo})
+    expected = builder.image_processor(
+        images=[load_image(images["big.png"])], return_tensors="pt", size={"shortest_edge": lo, "longest_edge": lo}
+    )
     assert torch.equal(small.image_grid_thw, expected["image_grid_thw"])
     assert small.input_ids.count(builder.image_token_id) == t * h * w // 4
     same = builder.build({**base, "mm_processor_kwargs": {"min_pixels": lo, "max_pixels": hi}})
     assert same.input_ids == default.input_ids
-    for kwargs, param in (({"max_pixels": hi + 1}, "mm_processor_kwargs.max_pixels"),
-                          ({"min_pixels": lo - 1}, "mm_processor_kwargs.min_pixels"),
-                          ({"min_pixels": hi, "max_pixels": lo}, "mm_processor_kwargs.min_pixels"),
-                          ({"max_pixels": "big"}, "mm_processor_kwargs.max_pixels"),
-                          ({"dpi": 3}, "mm_processor_kwargs.dpi")):
+    for kwargs, param in (
+        ({"max_pixels": hi + 1}, "mm_processor_kwargs.max_pixels"),
+        ({"min_pixels": lo - 1}, "mm_processor_kwargs.min_pixels"),
+        ({"min_pixels": hi, "max_pixels": lo}, "mm_processor_kwargs.min_pixels"),
+        ({"max_pixels": "big"}, "mm_processor_kwargs.max_pixels"),
+        ({"dpi": 3}, "mm_processor_kwargs.dpi"),
+    ):
         with pytest.raises(InvalidRequestError, match=param.replace(".", r"\.")) as info:
             builder.build({**base, "mm_processor_kwargs": kwargs})
         assert info.value.param == param
@@ -370,8 +401,12 @@ def test_image_sources(builder: PromptBuilder, images: dict[str, Path], tmp_path
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        sources = [path.as_uri(), f"data:image/png;base64,{base64.b64encode(data).decode()}", data,
-                   f"{url}/{path.name}"]
+        sources = [
+            path.as_uri(),
+            f"data:image/png;base64,{base64.b64encode(data).decode()}",
+            data,
+            f"{url}/{path.name}",
+        ]
         for source in sources:
             built = builder.build({"id": "s", "prompt": "hi", "images": [source]})
             assert built.input_ids == expected.input_ids
@@ -394,14 +429,26 @@ def test_image_sources(builder: PromptBuilder, images: dict[str, Path], tmp_path
     [
         ({"messages": []}, r"'messages' must be a non-empty list", "messages"),
         ({"messages": [{"role": "tool", "content": "x"}]}, r"messages\[0\]\.role must be one of", "messages[0].role"),
-        ({"messages": [{"role": "user", "content": 3}]}, r"messages\[0\]\.content must be a string",
-         "messages[0].content"),
-        ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, r"content\[0\] must be a text",
-         "messages[0].content[0].type"),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "<|image_pad|>"}]}]},
-         r"content\[0\]\.text' must not contain", "messages[0].content[0].text"),
-        ({"messages": [{"role": "assistant", "content": [{"type": "image", "image": "x.png"}]}]},
-         "user messages only", "messages[0].content[0]"),
+        (
+            {"messages": [{"role": "user", "content": 3}]},
+            r"messages\[0\]\.content must be a string",
+            "messages[0].content",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "audio"}]}]},
+            r"content\[0\] must be a text",
+            "messages[0].content[0].type",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "<|image_pad|>"}]}]},
+            r"content\[0\]\.text' must not contain",
+            "messages[0].content[0].text",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": [{"type": "image", "image": "x.png"}]}]},
+            "user messages only",
+            "messages[0].content[0]",
+        ),
         ({"messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}, "not both", "prompt"),
         ({"messages": [{"role": "user", "content": " "}]}, "no text and no image", "messages"),
     ],

@@ -28,8 +28,14 @@ from tests.ray_helpers import CONTRACT_FIELDS, TINY_CONF, released, tiny_config,
 
 NAMESPACE = "test-reliability"
 RAY_NUM_CPUS = 8  # conftest's local_ray
-ENGINE = ("world_size=4", "parallel_config.tp_size=2", "data_config.batch_size=2", "data_config.max_new_tokens=4",
-          "data_config.input_max_len=128", "data_config.max_images_per_prompt=2")
+ENGINE = (
+    "world_size=4",
+    "parallel_config.tp_size=2",
+    "data_config.batch_size=2",
+    "data_config.max_new_tokens=4",
+    "data_config.input_max_len=128",
+    "data_config.max_images_per_prompt=2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +58,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     truncated.write_bytes(truncated.read_bytes()[:3000])
     not_image = root / "notes.png"
     not_image.write_text("this is not a picture\n")
-    return {"good": good, "huge": huge, "truncated": truncated, "not_image": not_image,
-            "missing": root / "missing.png"}
+    return {"good": good, "huge": huge, "truncated": truncated, "not_image": not_image, "missing": root / "missing.png"}
 
 
 def _generate(coordinator, requests: list, timeout_s: float = 180) -> list[dict]:
@@ -96,15 +101,22 @@ def test_bad_requests_get_error_records(engine, images):
 
 
 # ----------------------------------------------------------------------------- bad configs
-@pytest.mark.parametrize(("overrides", "error", "expected"), [
-    (["bogus=1"], ConfigError, "unknown config key 'bogus'"),
-    (["world_size=two"], ConfigError, "world_size"),
-    (["world_size=3", "parallel_config.tp_size=2"], ConfigError, "parallel_config.tp_size=2: must divide world_size=3"),
-    (["world_size=3", "parallel_config.tp_size=3"], ConfigError, "parallel_config.tp_size=3"),
-    (["dtype=float16"], ConfigError, "dtype='float16'"),
-    (["device=npu"], launch.PlacementError, "NPU"),
-    (["model_path=/nonexistent/model"], ConfigError, "model_path='/nonexistent/model'"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "error", "expected"),
+    [
+        (["bogus=1"], ConfigError, "unknown config key 'bogus'"),
+        (["world_size=two"], ConfigError, "world_size"),
+        (
+            ["world_size=3", "parallel_config.tp_size=2"],
+            ConfigError,
+            "parallel_config.tp_size=2: must divide world_size=3",
+        ),
+        (["world_size=3", "parallel_config.tp_size=3"], ConfigError, "parallel_config.tp_size=3"),
+        (["dtype=float16"], ConfigError, "dtype='float16'"),
+        (["device=npu"], launch.PlacementError, "NPU"),
+        (["model_path=/nonexistent/model"], ConfigError, "model_path='/nonexistent/model'"),
+    ],
+)
 def test_bad_config_fails_before_any_actor(local_ray, overrides, error, expected):
     namespace = "test-reliability-config"
     with pytest.raises(error) as info:
@@ -144,6 +156,7 @@ def test_rendezvous_timeout_names_address_and_missing_ranks(local_ray):
 # ----------------------------------------------------------------------------- faults
 def _kill_when(namespace: str, ready: threading.Event, done_at_least: int, delay_s: float, log: dict) -> None:
     """Once the run's coordinator reports `done_at_least` finished requests, wait `delay_s` and kill rank 1."""
+
     def progressed() -> bool:
         try:
             coordinator = ray.get_actor("coordinator", namespace=namespace)
@@ -161,15 +174,22 @@ def _kill_when(namespace: str, ready: threading.Event, done_at_least: int, delay
     log["killed_at"] = time.monotonic()
     ray.kill(ray.get_actor("shard-worker-1", namespace=namespace), no_restart=True)
     # Time until the coordinator has failed the killed group's batch (its requests count as done).
-    if wait_for(lambda: ray.get(coordinator.progress.remote(), timeout=5)[0] >= before + 2, timeout_s=120,
-                interval_s=0.02):
+    if wait_for(
+        lambda: ray.get(coordinator.progress.remote(), timeout=5)[0] >= before + 2, timeout_s=120, interval_s=0.02
+    ):
         log["detected_s"] = time.monotonic() - log["killed_at"]
 
 
 def test_worker_killed_mid_decode_then_rebuild(local_ray):
     namespace = "test-reliability-fault"
-    cfg = tiny_config(tiny_model(), *ENGINE, "data_config.max_new_tokens=300", "data_config.ignore_eos=true",
-                      f"ray.namespace={namespace}", "ray.max_group_restarts=0")
+    cfg = tiny_config(
+        tiny_model(),
+        *ENGINE,
+        "data_config.max_new_tokens=300",
+        "data_config.ignore_eos=true",
+        f"ray.namespace={namespace}",
+        "ray.max_group_restarts=0",
+    )
     coordinator = start(cfg)
     try:
         # Requests go to the least-loaded group in turn: r0, r2 run on group 0 with r4, r6 waiting there;
@@ -182,8 +202,10 @@ def test_worker_killed_mid_decode_then_rebuild(local_ray):
         ready.wait()
         t0 = time.monotonic()
         records = _generate(coordinator, requests, timeout_s=300)
-        print(f"generate returned {time.monotonic() - t0:.1f}s after start; "
-              f"failure detected {log.get('detected_s')}s after the kill")
+        print(
+            f"generate returned {time.monotonic() - t0:.1f}s after start; "
+            f"failure detected {log.get('detected_s')}s after the kill"
+        )
         killer.join(timeout=10)
         assert "killed_at" in log
         assert [r["id"] for r in records] == [r["id"] for r in requests]
@@ -209,9 +231,18 @@ def test_worker_killed_mid_decode_then_rebuild(local_ray):
 
 
 def _launch_args(namespace: str, output: Path, *extra: str) -> list[str]:
-    return [str(TINY_CONF), f"model_path={tiny_model()}", f"ray.namespace={namespace}", f"output_path={output}",
-            "world_size=4", "data_config.batch_size=2", "data_config.num_samples=6", "data_config.ignore_eos=true",
-            "data_config.input_max_len=256", *extra]
+    return [
+        str(TINY_CONF),
+        f"model_path={tiny_model()}",
+        f"ray.namespace={namespace}",
+        f"output_path={output}",
+        "world_size=4",
+        "data_config.batch_size=2",
+        "data_config.num_samples=6",
+        "data_config.ignore_eos=true",
+        "data_config.input_max_len=256",
+        *extra,
+    ]
 
 
 def test_launch_records_every_request_when_a_worker_dies(local_ray, tmp_path):
@@ -262,19 +293,32 @@ def test_keyboard_interrupt_releases_everything_and_start_works_again(local_ray,
 
 
 # ----------------------------------------------------------------------------- determinism
-DETERMINISM_REQUESTS = [{"id": f"d{i}", "prompt": p, "max_new_tokens": 4} for i, p in enumerate(
-    ["Hello there, tell me a story.", "Describe the weather today.", "Why is the sky blue?", "Count to ten."])]
+DETERMINISM_REQUESTS = [
+    {"id": f"d{i}", "prompt": p, "max_new_tokens": 4}
+    for i, p in enumerate(
+        ["Hello there, tell me a story.", "Describe the weather today.", "Why is the sky blue?", "Count to ten."]
+    )
+]
 
 
 def test_greedy_is_deterministic_and_tp1_equals_tp2(engine, images):
-    requests = DETERMINISM_REQUESTS + [{"id": "img", "prompt": "What is this?", "images": [str(images["good"])],
-                                        "max_new_tokens": 4}]
+    requests = DETERMINISM_REQUESTS + [
+        {"id": "img", "prompt": "What is this?", "images": [str(images["good"])], "max_new_tokens": 4}
+    ]
     first = _generate(engine, requests)
     second = _generate(engine, requests)
     assert [r["output_token_ids"] for r in first] == [r["output_token_ids"] for r in second]
     assert all(r["error"] is None for r in first)
-    single = start(tiny_config(tiny_model(), "world_size=1", "parallel_config.tp_size=1", "data_config.batch_size=2",
-                               "data_config.input_max_len=128", "ray.namespace=test-reliability-tp1"))
+    single = start(
+        tiny_config(
+            tiny_model(),
+            "world_size=1",
+            "parallel_config.tp_size=1",
+            "data_config.batch_size=2",
+            "data_config.input_max_len=128",
+            "ray.namespace=test-reliability-tp1",
+        )
+    )
     try:
         tp1 = _generate(single, requests)
     finally:
@@ -283,18 +327,32 @@ def test_greedy_is_deterministic_and_tp1_equals_tp2(engine, images):
 
 
 # ----------------------------------------------------------------------------- fuzz
-_values = st.one_of(st.none(), st.booleans(), st.integers(-3, 2**70), st.floats(allow_nan=True),
-                    st.text(max_size=12), st.lists(st.integers(0, 3), max_size=2),
-                    st.dictionaries(st.text(max_size=3), st.none(), max_size=2))
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+    st.lists(st.integers(0, 3), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.none(), max_size=2),
+)
 _prompts = st.one_of(st.text(max_size=40), _values, st.just("Hello there."), st.just("x " * 200))
-_images = st.one_of(st.none(), _values, st.lists(st.one_of(st.text(max_size=8), st.integers(), st.just("good")),
-                                                 max_size=3))
+_images = st.one_of(
+    st.none(), _values, st.lists(st.one_of(st.text(max_size=8), st.integers(), st.just("good")), max_size=3)
+)
 _requests = st.one_of(
-    st.fixed_dictionaries({"id": st.one_of(st.text(min_size=1, max_size=8), _values), "prompt": _prompts},
-                          optional={"images": _images, "max_new_tokens": st.one_of(st.integers(-2, 6), _values),
-                                    "temperature": st.one_of(st.floats(0, 2), _values),
-                                    "top_p": _values, "seed": _values}),
-    _values)
+    st.fixed_dictionaries(
+        {"id": st.one_of(st.text(min_size=1, max_size=8), _values), "prompt": _prompts},
+        optional={
+            "images": _images,
+            "max_new_tokens": st.one_of(st.integers(-2, 6), _values),
+            "temperature": st.one_of(st.floats(0, 2), _values),
+            "top_p": _values,
+            "seed": _values,
+        },
+    ),
+    _values,
+)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
@@ -313,16 +371,49 @@ def test_fuzz_requests_never_hang_or_raise(engine, images, requests):
     assert all(t["alive"] for t in ray.get(engine.topology.remote(), timeout=30))
 
 
-_keys = ["world_size", "parallel_config.tp_size", "dtype", "device", "data_config.batch_size", "exe_mode",
-         "data_config.max_new_tokens", "ray.num_cpus_per_worker", "data_config.temperature", "bogus", "ray.bogus",
-         "parallel_config", "data_config.top_p", "dist_env.GLOO_SOCKET_IFNAME", "model_path"]
-_override_values = ["1", "2", "3", "0", "-1", "two", "float16", "cpu", "cuda", "graph", "null", "", "[1]", "{a: 1}",
-                    "1.5", "true", "/nonexistent"]
+_keys = [
+    "world_size",
+    "parallel_config.tp_size",
+    "dtype",
+    "device",
+    "data_config.batch_size",
+    "exe_mode",
+    "data_config.max_new_tokens",
+    "ray.num_cpus_per_worker",
+    "data_config.temperature",
+    "bogus",
+    "ray.bogus",
+    "parallel_config",
+    "data_config.top_p",
+    "dist_env.GLOO_SOCKET_IFNAME",
+    "model_path",
+]
+_override_values = [
+    "1",
+    "2",
+    "3",
+    "0",
+    "-1",
+    "two",
+    "float16",
+    "cpu",
+    "cuda",
+    "graph",
+    "null",
+    "",
+    "[1]",
+    "{a: 1}",
+    "1.5",
+    "true",
+    "/nonexistent",
+]
 
 
 @settings(max_examples=25, deadline=None)
-@given(overrides=st.lists(st.tuples(st.sampled_from(_keys), st.sampled_from(_override_values)), max_size=4),
-       malformed=st.booleans())
+@given(
+    overrides=st.lists(st.tuples(st.sampled_from(_keys), st.sampled_from(_override_values)), max_size=4),
+    malformed=st.booleans(),
+)
 def test_fuzz_config_overrides_fail_as_user_errors(overrides, malformed):
     items = [f"{k}={v}" for k, v in overrides] + (["no-equals-sign"] if malformed else [])
     try:

@@ -135,9 +135,7 @@ def test_format_summary_block(records: list[dict]) -> None:
     assert all(len(line) == 50 for line in lines)
     assert "Successful requests:" in text and "Failed requests:" in text
     assert any(line.startswith("Mean TTFT (ms):") and line.endswith("187.50") for line in lines)
-    assert any(
-        line.startswith("Output token throughput (tok/s):") and line.endswith("10.00") for line in lines
-    )
+    assert any(line.startswith("Output token throughput (tok/s):") and line.endswith("10.00") for line in lines)
     assert any(line.startswith("warmup_s:") and line.endswith("1.2500") for line in lines)
 
 
@@ -175,14 +173,33 @@ def test_write_report_without_latency_data(tmp_path: Path) -> None:
 # Queue time and the request timeline ------------------------------------------------------------------
 
 
-def _timed(rid: str, dp: int | None, arrival: float, scheduled: float | None, first: float | None, end: float,
-           n_out: int = 8, **kw: object) -> dict:
+def _timed(
+    rid: str,
+    dp: int | None,
+    arrival: float,
+    scheduled: float | None,
+    first: float | None,
+    end: float,
+    n_out: int = 8,
+    **kw: object,
+) -> dict:
     """A record with Unix timestamps at T0 + the given offsets (seconds)."""
-    record = _record(rid, n_out if first is not None else 0, 50,
-                     None if first is None else first - arrival, None if first is None else end - arrival)
-    record.update(dp_rank=dp, finish_reason="length", queue_s=None if scheduled is None else scheduled - arrival,
-                  arrival_time=T0 + arrival, scheduled_time=None if scheduled is None else T0 + scheduled,
-                  first_token_time=None if first is None else T0 + first, end_time=T0 + end)
+    record = _record(
+        rid,
+        n_out if first is not None else 0,
+        50,
+        None if first is None else first - arrival,
+        None if first is None else end - arrival,
+    )
+    record.update(
+        dp_rank=dp,
+        finish_reason="length",
+        queue_s=None if scheduled is None else scheduled - arrival,
+        arrival_time=T0 + arrival,
+        scheduled_time=None if scheduled is None else T0 + scheduled,
+        first_token_time=None if first is None else T0 + first,
+        end_time=T0 + end,
+    )
     record.update(kw)
     return record
 
@@ -220,8 +237,9 @@ def test_summary_reports_queue_time(batching_records: list[dict]) -> None:
     assert summary["queue_ms"]["p99"] == pytest.approx(_p99(queue))
     assert summary["timeline_requests"] == 12
     text = format_summary(summary)
-    assert any(line.startswith("Mean Queue (ms):") and line.endswith(f"{np.mean(queue):.2f}")
-               for line in text.splitlines())
+    assert any(
+        line.startswith("Mean Queue (ms):") and line.endswith(f"{np.mean(queue):.2f}") for line in text.splitlines()
+    )
     assert any(line.startswith("Requests on timeline:") and line.endswith("12 of 13") for line in text.splitlines())
 
 
@@ -237,8 +255,20 @@ def test_queue_time_from_timestamps_when_record_omits_it(batching_records: list[
 def test_timeline_rows_sorted_by_arrival_with_their_spans(batching_records: list[dict]) -> None:
     rows, t0 = timeline_rows(batching_records)
     assert t0 == T0
-    assert [row.id for row in rows] == ["long-0", "long-1", "short-0", "short-1", "short-2", "short-3", "short-4",
-                                        "abort-0", "bad-image", "short-5", "short-6", "vision-0"]
+    assert [row.id for row in rows] == [
+        "long-0",
+        "long-1",
+        "short-0",
+        "short-1",
+        "short-2",
+        "short-3",
+        "short-4",
+        "abort-0",
+        "bad-image",
+        "short-5",
+        "short-6",
+        "vision-0",
+    ]
     by_id = {row.id: row for row in rows}
     long0 = by_id["long-0"]
     assert [kind for kind, _, _ in long0.spans] == ["queue", "prefill", "decode"]
@@ -256,7 +286,7 @@ def test_timeline_rows_sorted_by_arrival_with_their_spans(batching_records: list
 
 def test_timeline_colors_hue_per_group_shade_per_span() -> None:
     def luminance(hex_color: str) -> float:
-        r, g, b = (int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+        r, g, b = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
         return 0.299 * r + 0.587 * g + 0.114 * b
 
     groups = [timeline_colors(d) for d in (0, 1, 2, None)]
@@ -276,16 +306,20 @@ def test_timeline_png_draws_every_row_in_its_group_colours(batching_records: lis
         pixels = {tuple(int(v) for v in p) for p in np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)}
     for dp in (0, 1):
         for span, hex_color in info["colors"][dp].items():
-            rgb = tuple(int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+            rgb = tuple(int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
             assert rgb in pixels, f"DP {dp} {span} colour {hex_color} not drawn"
     assert (0xD6, 0x27, 0x28) in pixels  # the failed-request marker
 
 
 def test_timeline_height_grows_with_rows(tmp_path: Path) -> None:
-    few = plot_timeline([_timed(f"r{i}", i % 2, i * 0.1, i * 0.1 + 0.01, i * 0.1 + 0.1, i * 0.1 + 0.5)
-                         for i in range(10)], tmp_path / "few.png")
-    many = plot_timeline([_timed(f"r{i}", i % 2, i * 0.1, i * 0.1 + 0.01, i * 0.1 + 0.1, i * 0.1 + 0.5)
-                          for i in range(40)], tmp_path / "many.png")
+    few = plot_timeline(
+        [_timed(f"r{i}", i % 2, i * 0.1, i * 0.1 + 0.01, i * 0.1 + 0.1, i * 0.1 + 0.5) for i in range(10)],
+        tmp_path / "few.png",
+    )
+    many = plot_timeline(
+        [_timed(f"r{i}", i % 2, i * 0.1, i * 0.1 + 0.01, i * 0.1 + 0.1, i * 0.1 + 0.5) for i in range(40)],
+        tmp_path / "many.png",
+    )
     assert few is not None and many is not None
     assert few["size_px"][0] == many["size_px"][0] and many["size_px"][1] > few["size_px"][1]
 
@@ -302,5 +336,7 @@ def test_write_report_writes_the_timeline(batching_records: list[dict], tmp_path
     paths = write_report(old, summary, tmp_path / "run.jsonl")
     assert paths["timeline"] is None and not stale.exists()
     assert summary["timeline_requests"] == 0
-    assert any(line.startswith("Requests on timeline:") and line.endswith("none")
-               for line in format_summary(summary).splitlines())
+    assert any(
+        line.startswith("Requests on timeline:") and line.endswith("none")
+        for line in format_summary(summary).splitlines()
+    )

@@ -177,8 +177,12 @@ def test_a_file_holding_only_a_partial_line_still_needs_resume(tmp_path: Path):
 
 
 def test_busy_seconds_is_the_union_of_request_spans():
-    records = [ok("a", arrival=0.0, end=2.0), ok("b", arrival=1.0, end=3.0), ok("c", arrival=10.0, end=11.5),
-               failed("d")]  # d has no times
+    records = [
+        ok("a", arrival=0.0, end=2.0),
+        ok("b", arrival=1.0, end=3.0),
+        ok("c", arrival=10.0, end=11.5),
+        failed("d"),
+    ]  # d has no times
     assert busy_seconds(records) == pytest.approx(4.5)
     assert busy_seconds([]) == 0.0
 
@@ -186,5 +190,12 @@ def test_busy_seconds_is_the_union_of_request_spans():
 def test_resume_command_sets_resume_once():
     overrides = ["output_path=/tmp/my results.jsonl", "resume=false", "world_size=1"]
     command = resume_command("conf/tiny_cpu.yaml", overrides)
-    assert shlex.split(command) == ["python", "-m", "cluster.launch", "conf/tiny_cpu.yaml",
-                                    "output_path=/tmp/my results.jsonl", "world_size=1", "resume=true"]
+    assert shlex.split(command) == [
+        "python",
+        "-m",
+        "cluster.launch",
+        "conf/tiny_cpu.yaml",
+        "output_path=/tmp/my results.jsonl",
+        "world_size=1",
+        "resume=true",
+    ]

@@ -39,12 +39,24 @@ def _dataset(path: Path, count: int) -> Path:
 
 def _args(model: Path, dataset: Path, output: Path, namespace: str, *overrides: str) -> list[str]:
     """`python -m cluster.launch` arguments: the tiny checkpoint at TP 1 on this module's Ray cluster."""
-    return [str(TINY_CONF), f"model_path={model}", "world_size=1", "parallel_config.tp_size=1",
-            f"data_config.dataset={dataset}", "data_config.batch_size=2",
-            f"data_config.max_new_tokens={MAX_NEW_TOKENS}", "data_config.ignore_eos=true", f"output_path={output}",
-            f"ray.address={ray.get_runtime_context().gcs_address}", f"ray.namespace={namespace}",
-            "ray.log_to_driver=false", "ray.placement_timeout_s=60", "ray.rendezvous_timeout_s=60",
-            "ray.worker_timeout_s=120", *overrides]
+    return [
+        str(TINY_CONF),
+        f"model_path={model}",
+        "world_size=1",
+        "parallel_config.tp_size=1",
+        f"data_config.dataset={dataset}",
+        "data_config.batch_size=2",
+        f"data_config.max_new_tokens={MAX_NEW_TOKENS}",
+        "data_config.ignore_eos=true",
+        f"output_path={output}",
+        f"ray.address={ray.get_runtime_context().gcs_address}",
+        f"ray.namespace={namespace}",
+        "ray.log_to_driver=false",
+        "ray.placement_timeout_s=60",
+        "ray.rendezvous_timeout_s=60",
+        "ray.worker_timeout_s=120",
+        *overrides,
+    ]
 
 
 def _complete_lines(path: Path) -> int:
@@ -59,19 +71,23 @@ def _assert_released(namespace: str) -> None:
     assert actors == [] and groups == [], (actors, groups)
 
 
-def test_a_killed_driver_keeps_its_records_and_a_resume_completes_them(local_ray, tiny_checkpoint: Path,
-                                                                        tmp_path: Path, capsys):
+def test_a_killed_driver_keeps_its_records_and_a_resume_completes_them(
+    local_ray, tiny_checkpoint: Path, tmp_path: Path, capsys
+):
     count, namespace = 10, "test-results-killed"
     dataset = _dataset(tmp_path / "prompts.jsonl", count)
     output = tmp_path / "results.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="disabled")
-    argv = [sys.executable, "-m", "cluster.launch",
-            *_args(tiny_checkpoint, dataset, output, namespace, "data_config.request_rate=2")]
+    argv = [
+        sys.executable,
+        "-m",
+        "cluster.launch",
+        *_args(tiny_checkpoint, dataset, output, namespace, "data_config.request_rate=2"),
+    ]
     log = tmp_path / "killed.log"
     with log.open("wb") as out:
-        driver = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        driver = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         assert wait_for(lambda: _complete_lines(output) >= 1 or driver.poll() is not None, 180)
         assert driver.poll() is None, log.read_text()[-3000:]
@@ -106,13 +122,21 @@ def test_a_killed_driver_keeps_its_records_and_a_resume_completes_them(local_ray
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_an_interrupted_run_records_every_request_and_says_how_to_resume(local_ray, tiny_checkpoint: Path,
-                                                                         tmp_path: Path, capsys, signum: int):
+def test_an_interrupted_run_records_every_request_and_says_how_to_resume(
+    local_ray, tiny_checkpoint: Path, tmp_path: Path, capsys, signum: int
+):
     count, max_new_tokens, namespace = 8, 400, f"test-results-{signal.Signals(signum).name.lower()}"
     dataset = _dataset(tmp_path / "prompts.jsonl", count)
     output = tmp_path / "results.jsonl"
-    args = _args(tiny_checkpoint, dataset, output, namespace, "data_config.request_rate=4",
-                 f"data_config.max_new_tokens={max_new_tokens}", "interrupt_grace_s=0.5")
+    args = _args(
+        tiny_checkpoint,
+        dataset,
+        output,
+        namespace,
+        "data_config.request_rate=4",
+        f"data_config.max_new_tokens={max_new_tokens}",
+        "interrupt_grace_s=0.5",
+    )
     sent_at: list[float] = []
 
     def interrupt() -> None:  # once the first record is on disk, like a user watching the file
@@ -146,8 +170,9 @@ def test_an_interrupted_run_records_every_request_and_says_how_to_resume(local_r
     assert f"python -m cluster.launch {TINY_CONF}" in resume_line and f"output_path={output}" in resume_line
 
 
-def test_a_second_run_into_the_same_output_path_fails_and_keeps_the_file(local_ray, tiny_checkpoint: Path,
-                                                                         tmp_path: Path, capsys, monkeypatch):
+def test_a_second_run_into_the_same_output_path_fails_and_keeps_the_file(
+    local_ray, tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch
+):
     dataset = _dataset(tmp_path / "prompts.jsonl", 2)
     output = tmp_path / "results.jsonl"
     output.write_text(json.dumps({"id": "q00", "output_token_ids": [1], "error": None}) + "\n")

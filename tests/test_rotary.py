@@ -19,13 +19,13 @@ MERGE = 2
 def hf_rope_index(ids: list[int], grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor, int]:
     """transformers' get_rope_index for one prompt, without building a model."""
     config = SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=MERGE, tokens_per_second=2))
-    fake_model = SimpleNamespace(config=config,
-                                 get_vision_position_ids=lambda *a, **k: Qwen2_5_VLModel.get_vision_position_ids(
-                                     None, *a, **k))
+    fake_model = SimpleNamespace(
+        config=config, get_vision_position_ids=lambda *a, **k: Qwen2_5_VLModel.get_vision_position_ids(None, *a, **k)
+    )
     input_ids = torch.tensor([ids])
     positions, deltas = Qwen2_5_VLModel.get_rope_index(
-        fake_model, input_ids, (input_ids == IMAGE).int(),
-        image_grid_thw=torch.tensor(grids) if grids else None)
+        fake_model, input_ids, (input_ids == IMAGE).int(), image_grid_thw=torch.tensor(grids) if grids else None
+    )
     return positions[:, 0], int(deltas[0, 0])
 
 

@@ -51,11 +51,13 @@ def test_random_logits_match_transformers(temperature: float, top_p: float) -> N
 @pytest.mark.parametrize("top_p", [1e-9, 0.2, 0.5, 0.7, 0.9, 1.0])
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_ties_match_transformers(temperature: float, top_p: float) -> None:
-    logits = torch.tensor([
-        [2.0, 2.0, 2.0, 0.0, 0.0, -1.0, -1.0, -1.0],  # a tied top group the nucleus may cut through
-        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # all equal
-        [0.0, 3.0, 0.0, 3.0, 0.0, 1.0, 1.0, 0.5],  # tied maxima apart, tied tail
-    ])
+    logits = torch.tensor(
+        [
+            [2.0, 2.0, 2.0, 0.0, 0.0, -1.0, -1.0, -1.0],  # a tied top group the nucleus may cut through
+            [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # all equal
+            [0.0, 3.0, 0.0, 3.0, 0.0, 1.0, 1.0, 0.5],  # tied maxima apart, tied tail
+        ]
+    )
     _assert_same_distribution(logits, temperature, top_p)
 
 
@@ -127,9 +129,15 @@ def test_seeded_sampling_repeats_and_seeds_differ() -> None:
     assert draw(3) != draw(4)
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("max_new_tokens", 0),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", -0.1),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("max_new_tokens", 0),
+    ],
+)
 def test_params_reject_out_of_range_values(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})

@@ -31,8 +31,12 @@ class FakeExecutor:
         for seq in plan.admit:
             assert seq.slot not in self.slots, "a slot was given twice"
             self.slots[seq.slot] = seq.request_id
-        log = {"admit": [s.request_id for s in plan.admit], "releases": list(plan.releases),
-               "chunks": [(s.request_id, a, b) for s, a, b in plan.chunks], "decoded": []}
+        log = {
+            "admit": [s.request_id for s in plan.admit],
+            "releases": list(plan.releases),
+            "chunks": [(s.request_id, a, b) for s, a, b in plan.chunks],
+            "decoded": [],
+        }
         for seq, _, end in plan.chunks:
             sched.prefilled(seq, end)
             if end == seq.prompt_len:

@@ -10,11 +10,25 @@ from cluster.selfcheck import ROWS
 
 
 def test_selfcheck_cpu_passes(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "cluster.selfcheck", "--device", "cpu", "--new-tokens", "4",
-                           "--cache-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.selfcheck",
+            "--device",
+            "cpu",
+            "--new-tokens",
+            "4",
+            "--cache-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     for row in ROWS:
         [line] = [line for line in lines if line.startswith(row)]
-        assert line[len(row):].split()[0] == "PASS", line
+        assert line[len(row) :].split()[0] == "PASS", line
     assert "selfcheck PASSED on cpu" in proc.stdout

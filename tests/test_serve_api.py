@@ -32,10 +32,16 @@ def _body(**fields) -> bytes:
         (json.dumps({"messages": []}).encode(), "messages", "at least 1"),
         (json.dumps({"model": "m"}).encode(), "messages", "Field required"),
         (json.dumps({"messages": [{"role": "tool", "content": "x"}]}).encode(), "messages[0].role", "Input should be"),
-        (json.dumps({"messages": [{"role": "user", "content": [{"type": "text"}]}]}).encode(),
-         "messages[0].content[0].text", "Field required"),
-        (json.dumps({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}).encode(),
-         "messages[0].content[0]", "tag"),
+        (
+            json.dumps({"messages": [{"role": "user", "content": [{"type": "text"}]}]}).encode(),
+            "messages[0].content[0].text",
+            "Field required",
+        ),
+        (
+            json.dumps({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}).encode(),
+            "messages[0].content[0]",
+            "tag",
+        ),
         (_body(max_tokens=0), "max_tokens", "greater than or equal to 1"),
         (_body(temperature=-1), "temperature", "greater than or equal to 0"),
         (_body(top_p=0), "top_p", "greater than 0"),
@@ -54,26 +60,52 @@ def test_bad_requests_name_the_field(body: bytes, param: str | None, message: st
         parse_request(body)
     error = info.value
     assert error.status == 400 and error.param == param and message in error.message
-    assert error.body() == {"error": {"message": error.message, "type": "invalid_request_error", "param": param,
-                                      "code": error.code}}
+    assert error.body() == {
+        "error": {"message": error.message, "type": "invalid_request_error", "param": param, "code": error.code}
+    }
 
 
 def test_engine_request() -> None:
-    request = parse_request(_body(
-        messages=[{"role": "system", "content": "Be brief."},
-                  {"role": "user", "content": [{"type": "text", "text": "What is it?"},
-                                               {"type": "image_url", "image_url": {"url": "http://x/a.png"}},
-                                               {"type": "image_url", "image_url": {"url": "/tmp/b.png"}}]}],
-        max_completion_tokens=7, max_tokens=3, temperature=0.5, seed=3, stop="END",
-        mm_processor_kwargs={"max_pixels": 50000}, user="someone"))
+    request = parse_request(
+        _body(
+            messages=[
+                {"role": "system", "content": "Be brief."},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is it?"},
+                        {"type": "image_url", "image_url": {"url": "http://x/a.png"}},
+                        {"type": "image_url", "image_url": {"url": "/tmp/b.png"}},
+                    ],
+                },
+            ],
+            max_completion_tokens=7,
+            max_tokens=3,
+            temperature=0.5,
+            seed=3,
+            stop="END",
+            mm_processor_kwargs={"max_pixels": 50000},
+            user="someone",
+        )
+    )
     assert http_image_urls(request) == ["http://x/a.png"]
     assert engine_request(request, "r1", {"http://x/a.png": b"PNG"}) == {
         "id": "r1",
-        "messages": [{"role": "system", "content": "Be brief."},
-                     {"role": "user", "content": [{"type": "text", "text": "What is it?"},
-                                                  {"type": "image", "image": b"PNG"},
-                                                  {"type": "image_url", "image_url": {"url": "/tmp/b.png"}}]}],
-        "max_new_tokens": 7, "temperature": 0.5, "seed": 3, "stop": ["END"],
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is it?"},
+                    {"type": "image", "image": b"PNG"},
+                    {"type": "image_url", "image_url": {"url": "/tmp/b.png"}},
+                ],
+            },
+        ],
+        "max_new_tokens": 7,
+        "temperature": 0.5,
+        "seed": 3,
+        "stop": ["END"],
         "mm_processor_kwargs": {"max_pixels": 50000},
     }
     assert engine_request(parse_request(_body()), "r2") == {"id": "r2", "messages": [USER]}
@@ -110,8 +142,15 @@ def test_bodies_parse_as_openai_types() -> None:
     chunk = ChatCompletionChunk.model_validate(chunk_body("c1", "tiny", 1, {"content": "hi"}))
     assert chunk.choices[0].delta.content == "hi" and chunk.usage is None
     last = ChatCompletionChunk.model_validate(
-        chunk_body("c1", "tiny", 1, None, usage_={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
-                   include_usage=True))
+        chunk_body(
+            "c1",
+            "tiny",
+            1,
+            None,
+            usage_={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+            include_usage=True,
+        )
+    )
     assert last.choices == [] and last.usage.completion_tokens == 2
 
 

@@ -57,8 +57,9 @@ class Job:
 def _run_jobs(rank: int, size: int, port: int, jobs: list[Job], out_dir: Path) -> None:
     """Entry point of each spawned rank: run every job, save what the parent checks."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                            timeout=timedelta(seconds=TIMEOUT_S))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=timedelta(seconds=TIMEOUT_S)
+    )
     ctx = ParallelContext(rank, size, dist.group.WORLD)
     params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS)
     results: dict[str, dict[str, Any]] = {}
@@ -92,8 +93,9 @@ def _free_port() -> int:
 
 def run_tp(size: int, jobs: list[Job], out_dir: Path) -> list[dict[str, dict[str, Any]]]:
     """Run the jobs on `size` spawned ranks; returns each rank's results."""
-    context = mp.start_processes(_run_jobs, args=(size, _free_port(), jobs, out_dir), nprocs=size, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(
+        _run_jobs, args=(size, _free_port(), jobs, out_dir), nprocs=size, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=2):
         if time.monotonic() > deadline:
@@ -117,8 +119,9 @@ class Baseline:
 
 
 @pytest.fixture(scope="module")
-def baselines(checkpoint: Callable[[str], Path], prepared: Callable[[Path], dict[str, PreparedRequest]],
-              hf_reference: HFReference) -> dict[str, Baseline]:
+def baselines(
+    checkpoint: Callable[[str], Path], prepared: Callable[[Path], dict[str, PreparedRequest]], hf_reference: HFReference
+) -> dict[str, Baseline]:
     out = {}
     params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS)
     for name in CHECKPOINTS:
@@ -131,18 +134,24 @@ def baselines(checkpoint: Callable[[str], Path], prepared: Callable[[Path], dict
         tp1.update({f"batch:{n}": r.output_token_ids for n, r in zip(SINGLES, batch)})
         logits = {n: our_logits(runner, requests[n], hf_tokens[n]) for n in SINGLES}
         steps = {n: our_step_logits(runner, requests[n], hf_tokens[n]) for n in SINGLES}
-        hf_steps = {n: step_rows(hf_reference.logits(path, requests[n], hf_tokens[n]), len(requests[n].input_ids))
-                    for n in SINGLES}
+        hf_steps = {
+            n: step_rows(hf_reference.logits(path, requests[n], hf_tokens[n]), len(requests[n].input_ids))
+            for n in SINGLES
+        }
         out[name] = Baseline(path, requests, hf_tokens, tp1, logits, steps, hf_steps)
     return out
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda size: f"tp{size}")
-def tp_results(request: pytest.FixtureRequest, baselines: dict[str, Baseline],
-               tmp_path_factory: pytest.TempPathFactory) -> tuple[int, list[dict[str, dict[str, Any]]]]:
+def tp_results(
+    request: pytest.FixtureRequest, baselines: dict[str, Baseline], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[int, list[dict[str, dict[str, Any]]]]:
     size = request.param
-    jobs = [Job(f"{name}-{mode}", b.path, mode, b.requests, b.hf_tokens)
-            for name, b in baselines.items() for mode in VISION_MODES]
+    jobs = [
+        Job(f"{name}-{mode}", b.path, mode, b.requests, b.hf_tokens)
+        for name, b in baselines.items()
+        for mode in VISION_MODES
+    ]
     start = time.perf_counter()
     ranks = run_tp(size, jobs, tmp_path_factory.mktemp(f"tp{size}"))
     print(f"tp={size}: {len(jobs)} scenarios on {size} ranks in {time.perf_counter() - start:.1f} s")
@@ -159,7 +168,8 @@ def test_every_rank_loads_all_its_parameters(tp_results, name: str, mode: str) -
         out = results[f"{name}-{mode}"]
         assert out["loaded"] == out["parameters"], (
             f"rank {rank}: loaded but not a parameter {sorted(out['loaded'] - out['parameters'])}, "
-            f"parameter not loaded {sorted(out['parameters'] - out['loaded'])}")
+            f"parameter not loaded {sorted(out['parameters'] - out['loaded'])}"
+        )
 
 
 @pytest.mark.parametrize(("name", "mode"), SCENARIOS, ids=[f"{n}-{m}" for n, m in SCENARIOS])

@@ -41,9 +41,7 @@ def _checkpoint_keys(path: Path) -> dict[str, str]:
 def test_all_layouts_load_with_identical_weights(checkpoints: dict[str, Path], reference) -> None:
     expected = reference.state_dict()
     for name in ("transformers5", "sharded"):
-        model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            checkpoints[name], output_loading_info=True
-        )
+        model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoints[name], output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], name
         loaded = model.state_dict()
         assert loaded.keys() == expected.keys()
@@ -53,9 +51,7 @@ def test_all_layouts_load_with_identical_weights(checkpoints: dict[str, Path], r
 
 
 def test_reference_loads_without_missing_keys(checkpoints: dict[str, Path]) -> None:
-    _, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        checkpoints["released"], output_loading_info=True
-    )
+    _, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoints["released"], output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
 
 

@@ -51,8 +51,12 @@ def test_groups_on_one_node_and_ranks_contiguous(two_nodes):
         _check_layout(topology, tp)
         assert len({t["node_id"] for t in topology}) == 2  # 2 CPUs a node: the workers fill both nodes
         assert {t["node_ip"] for t in topology} <= {n["NodeManagerAddress"] for n in ray.nodes()}
-        records = ray.get(coordinator.generate.remote(
-            [{"id": str(i), "prompt": f"Count to {i}.", "max_new_tokens": 3} for i in range(4)]), timeout=120)
+        records = ray.get(
+            coordinator.generate.remote(
+                [{"id": str(i), "prompt": f"Count to {i}.", "max_new_tokens": 3} for i in range(4)]
+            ),
+            timeout=120,
+        )
         assert all(r["error"] is None for r in records)
     finally:
         stop(coordinator)

@@ -80,8 +80,13 @@ def test_grouped_attention_is_attention_within_each_group(runs: list[tuple[int, 
 
 @pytest.mark.parametrize("mlp_rows", [None, 100], ids=["mlp_whole", "mlp_in_chunks"])
 @pytest.mark.parametrize("checkpoint_name", ["default", "odd"])
-def test_tower_matches_transformers(checkpoint_name: str, mlp_rows: int | None, checkpoint: Callable[[str], Path],
-                                    hf_reference: HFReference, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tower_matches_transformers(
+    checkpoint_name: str,
+    mlp_rows: int | None,
+    checkpoint: Callable[[str], Path],
+    hf_reference: HFReference,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     if mlp_rows is not None:  # the default chunk is larger than these images: cut them, at odd rows
         monkeypatch.setattr(vision, "MLP_CHUNK_ROWS", mlp_rows)
     path = checkpoint(checkpoint_name)
@@ -99,9 +104,12 @@ def test_tower_matches_transformers(checkpoint_name: str, mlp_rows: int | None, 
 
 
 @pytest.mark.parametrize("checkpoint_name", ["default", "odd"])
-def test_encode_images_matches_get_image_features(checkpoint_name: str, checkpoint: Callable[[str], Path],
-                                                  prepared: Callable[[Path], dict[str, PreparedRequest]],
-                                                  hf_reference: HFReference) -> None:
+def test_encode_images_matches_get_image_features(
+    checkpoint_name: str,
+    checkpoint: Callable[[str], Path],
+    prepared: Callable[[Path], dict[str, PreparedRequest]],
+    hf_reference: HFReference,
+) -> None:
     """A batch with a text request and requests of one and two images, as the processor prepares them."""
     path = checkpoint(checkpoint_name)
     requests = [prepared(path)[n] for n in ("two_images", "text", "one_image", "small_image")]
@@ -124,10 +132,13 @@ def test_no_allocation_grows_with_the_square_of_a_frame(tiny_checkpoint: Path) -
     runner = ModelRunner(tiny_checkpoint, max_batch_size=1, max_seq_len=64)
     grid = torch.tensor([[1, 64, 64]])
     pixels = torch.randn(64 * 64, runner.config.vision.patch_dim)
-    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                        profile_memory=True) as prof:
+    with (
+        torch.inference_mode(),
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         runner.model.visual(pixels, grid)
     largest = max(prof.events(), key=lambda e: e.cpu_memory_usage)  # bytes allocated inside one op, children included
     one_head_scores = 4096 * 4096 * 4
-    assert 0 < largest.cpu_memory_usage < one_head_scores // 8, \
+    assert 0 < largest.cpu_memory_usage < one_head_scores // 8, (
         f"{largest.name} allocates {largest.cpu_memory_usage / 2**20:.1f} MiB"
+    )

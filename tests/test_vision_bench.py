@@ -11,8 +11,10 @@ from cluster import bench_vision
 
 
 def test_bench_runs_both_engines_and_prints_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert bench_vision.main(["--image", "56", "--depth", "1", "--fullatt", "0", "--out-hidden", "64",
-                              "--threads", "1"]) == 0
+    assert (
+        bench_vision.main(["--image", "56", "--depth", "1", "--fullatt", "0", "--out-hidden", "64", "--threads", "1"])
+        == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["patches"] == 16 and result["device"] == "cpu"
     for engine in ("ours", "transformers"):

@@ -52,13 +52,15 @@ def _image(request: PreparedRequest, index: int, request_id: str) -> PreparedReq
     """Request `request_id` holding only image `index` of `request` (for encode_images, ids do not matter)."""
     sizes = request.image_grid_thw.prod(-1).tolist()
     start = sum(sizes[:index])
-    return PreparedRequest(request_id, [], request.pixel_values[start:start + sizes[index]],
-                           request.image_grid_thw[index:index + 1])
+    return PreparedRequest(
+        request_id, [], request.pixel_values[start : start + sizes[index]], request.image_grid_thw[index : index + 1]
+    )
 
 
 @pytest.fixture(scope="module")
-def requests(tiny_checkpoint: Path, prepared: Callable[[Path], dict[str, PreparedRequest]]
-             ) -> dict[str, PreparedRequest]:
+def requests(
+    tiny_checkpoint: Path, prepared: Callable[[Path], dict[str, PreparedRequest]]
+) -> dict[str, PreparedRequest]:
     return prepared(tiny_checkpoint)
 
 
@@ -68,7 +70,8 @@ def plain(tiny_checkpoint: Path) -> ModelRunner:
 
 
 def test_same_image_again_hits_with_identical_embeddings_and_tokens(
-        tiny_checkpoint: Path, requests: dict[str, PreparedRequest], plain: ModelRunner) -> None:
+    tiny_checkpoint: Path, requests: dict[str, PreparedRequest], plain: ModelRunner
+) -> None:
     runner = ModelRunner(tiny_checkpoint, max_batch_size=4, max_seq_len=256, vision_cache_bytes=16 << 20)
     request = requests["one_image"]
     [expected] = plain.encode_images([request])
@@ -87,7 +90,8 @@ def test_same_image_again_hits_with_identical_embeddings_and_tokens(
 
 
 def test_repeats_inside_one_batch_and_across_requests(
-        tiny_checkpoint: Path, requests: dict[str, PreparedRequest], plain: ModelRunner) -> None:
+    tiny_checkpoint: Path, requests: dict[str, PreparedRequest], plain: ModelRunner
+) -> None:
     """The second image of a two-image request sent alone, and one image twice in one batch."""
     runner = ModelRunner(tiny_checkpoint, max_batch_size=4, max_seq_len=256, vision_cache_bytes=16 << 20)
     two, one = requests["two_images"], requests["one_image"]

@@ -30,20 +30,29 @@ CACHE_BYTES = 16 << 20
 def _calls(requests: dict[str, PreparedRequest]) -> list[list[PreparedRequest]]:
     """Three encode calls: all misses; one hit and one miss; only hits (one of them a repeat in the call)."""
     two, one, small = requests["two_images"], requests["one_image"], requests["small_image"]
-    return [[two, requests["text"], one], [replace(one, request_id="again"), small],
-            [two, replace(small, request_id="small_again"), small]]
+    return [
+        [two, requests["text"], one],
+        [replace(one, request_id="again"), small],
+        [two, replace(small, request_id="small_again"), small],
+    ]
 
 
 def _rank(rank: int, size: int, port: int, path: Path, calls: list[list[PreparedRequest]], out_dir: Path) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                            timeout=timedelta(seconds=TIMEOUT_S // 2))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=size,
+        timeout=timedelta(seconds=TIMEOUT_S // 2),
+    )
     ctx = ParallelContext(rank, size, dist.group.WORLD)
     out: dict[str, Any] = {}
     try:
         for mode in ("dp", "tp"):
-            runner = ModelRunner(path, ctx, max_batch_size=4, max_seq_len=256, vision_mode=mode,
-                                 vision_cache_bytes=CACHE_BYTES)
+            runner = ModelRunner(
+                path, ctx, max_batch_size=4, max_seq_len=256, vision_mode=mode, vision_cache_bytes=CACHE_BYTES
+            )
             out[mode] = [(runner.encode_images(batch), runner.vision_cache_stats()) for batch in calls]
     finally:
         dist.destroy_process_group()
@@ -56,15 +65,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ranks_take_the_same_cache_decisions(tiny_checkpoint: Path,
-                                             prepared: Callable[[Path], dict[str, PreparedRequest]],
-                                             tmp_path: Path) -> None:
+def test_ranks_take_the_same_cache_decisions(
+    tiny_checkpoint: Path, prepared: Callable[[Path], dict[str, PreparedRequest]], tmp_path: Path
+) -> None:
     calls = _calls(prepared(tiny_checkpoint))
     single = ModelRunner(tiny_checkpoint, max_batch_size=4, max_seq_len=256)
     expected = [single.encode_images(batch) for batch in calls]
 
-    context = mp.start_processes(_rank, args=(2, _free_port(), tiny_checkpoint, calls, tmp_path), nprocs=2,
-                                 join=False, start_method="spawn")
+    context = mp.start_processes(
+        _rank, args=(2, _free_port(), tiny_checkpoint, calls, tmp_path), nprocs=2, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=2):
         if time.monotonic() > deadline:
