@@ -24,6 +24,7 @@ import torch
 from transformers import AutoTokenizer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from model.config import ModelConfig
 from model.images import ImageLoadError, ImageSource, load_image
 
 IMAGE_TOKEN = "<|image_pad|>"
@@ -78,14 +79,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _as_id_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
-
-
 class PromptBuilder:
     """Builds token ids and pixel values for requests with the checkpoint's own template and processors."""
 
@@ -130,9 +123,7 @@ class PromptBuilder:
             raise ValueError(f"{path}: tokenizer has no chat template")
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
         config = _read_json(path / "config.json")
-        eos = _as_id_list(_read_json(path / "generation_config.json").get("eos_token_id"))
-        if not eos:
-            eos = _as_id_list(config.get("eos_token_id", config.get("text_config", {}).get("eos_token_id")))
+        eos = list(ModelConfig.from_pretrained(path).eos_token_ids)
         if not eos:
             raise ValueError(f"{path}: no eos_token_id in generation_config.json or config.json")
         builder = cls(tokenizer, image_processor, eos, max_images=max_images)

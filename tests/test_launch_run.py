@@ -10,8 +10,9 @@ import ray
 
 from actors.shard_worker import worker_actor_name
 from cluster import start, stop
+from cluster.datasets import load_requests
 from cluster.launch import run
-from tests.ray_helpers import CONTRACT_FIELDS, tiny_config, tiny_model
+from tests.ray_helpers import CONTRACT_FIELDS, REPO, tiny_config, tiny_model
 
 NAMESPACE = "test-launch-run"
 
@@ -29,10 +30,14 @@ def launched(local_ray, tmp_path_factory: pytest.TempPathFactory) -> dict:
         f"profile_dir={out / 'profile'}",
         f"ray.namespace={NAMESPACE}",
     )
+    data = cfg.data_config
+    requests = load_requests(
+        data.dataset, data.dataset_dir, data.batch_size, cfg.dp_size, data.num_samples, base_dir=REPO
+    )
     status = run(cfg)
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     summary = json.loads((out / "results.summary.json").read_text())
-    return {"status": status, "records": records, "summary": summary, "out": out}
+    return {"status": status, "records": records, "summary": summary, "out": out, "ids": [r["id"] for r in requests]}
 
 
 def _stats_ms(values: list[float]) -> dict:
@@ -44,7 +49,8 @@ def test_every_request_has_a_record(launched):
     assert launched["status"] == 0
     records = launched["records"]
     # Records are appended as requests complete, so the file's order is completion order.
-    assert sorted(r["id"] for r in records) == sorted(f"default-{i}" for i in range(6))
+    assert len(launched["ids"]) == 6
+    assert sorted(r["id"] for r in records) == sorted(launched["ids"])
     for record in records:
         assert set(CONTRACT_FIELDS) <= set(record)
         assert record["error"] is None and 1 <= len(record["output_token_ids"]) <= 5
