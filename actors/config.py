@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.sampling import SamplingParams
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -23,17 +25,6 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
-class SamplingDefaults:
-    """Sampling settings of requests that do not carry their own."""
-
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    ignore_eos: bool = False
-
-
-@dataclass(frozen=True)
 class EngineConfig:
     """The Coordinator: its workers, its scheduler, its limits and its timeouts."""
 
@@ -44,7 +35,7 @@ class EngineConfig:
     namespace: str
     input_max_len: int
     max_images_per_prompt: int
-    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # of requests that carry none
     policy: str = "continuous"
     prefill_chunk_tokens: int = 2048
     decode_steps_per_call: int = 4

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.config import SamplingDefaults
 from actors.records import fill_latencies, new_record
 from model.processor import PreparedRequest
 from model.sampling import SamplingParams
@@ -23,7 +22,7 @@ MAX_STOP_STRINGS = 4
 _MAX_SEED = 2**63 - 1
 
 
-def sampling_params(request: dict, defaults: SamplingDefaults) -> SamplingParams:
+def sampling_params(request: dict, defaults: SamplingParams) -> SamplingParams:
     """The request's SamplingParams: its own overrides on top of the run's defaults (ValueError names the key)."""
     values = {key: getattr(defaults, key) for key in REQUEST_OVERRIDES}
     for key in REQUEST_OVERRIDES:

@@ -27,7 +27,7 @@ from ray.exceptions import RayTaskError
 from ray.util.placement_group import placement_group_table
 from tqdm import tqdm
 
-from actors.config import EngineConfig, SamplingDefaults, WorkerConfig
+from actors.config import EngineConfig, WorkerConfig
 from actors.coordinator import Coordinator
 from actors.records import failed_record, new_record
 from cluster.config import ConfigError, RunConfig, load_config
@@ -46,6 +46,7 @@ from cluster.results import (
 )
 from model.config import ModelConfig, ModelConfigError
 from model.loader import CheckpointError, checkpoint_files
+from model.sampling import SamplingParams
 
 logger = logging.getLogger("cluster.launch")
 
@@ -102,7 +103,7 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
         namespace=cfg.ray.namespace,
         input_max_len=data.input_max_len,
         max_images_per_prompt=data.max_images_per_prompt,
-        sampling=SamplingDefaults(
+        sampling=SamplingParams(
             max_new_tokens=data.max_new_tokens,
             temperature=data.temperature,
             top_p=data.top_p,

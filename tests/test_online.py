@@ -242,3 +242,17 @@ def test_two_drivers_are_served_at_once(engines, tmp_path):
     a_span = (min(r["scheduled_time"] for r in records["A"]), max(r["end_time"] for r in records["A"]))
     b_span = (min(r["scheduled_time"] for r in records["B"]), max(r["end_time"] for r in records["B"]))
     assert a_span[0] < b_span[1] and b_span[0] < a_span[1], (a_span, b_span)
+
+
+def _actor_repr(handle) -> str:
+    """The actor's repr, evaluated in its own process (what Ray records for the dashboard)."""
+    return ray.get(handle.__ray_call__.remote(lambda self: repr(self)), timeout=30)
+
+
+def test_actor_reprs_name_rank_tp_dp_and_device(engines):
+    assert _actor_repr(engines["tp2"]) == (
+        "Coordinator(dp_size=1, tp_size=2, world_size=2, device=cpu, policy=continuous)"
+    )
+    for rank in (0, 1):
+        worker = ray.get_actor(f"shard-worker-{rank}", namespace="online-tp2")
+        assert _actor_repr(worker) == f"ShardWorker(rank={rank}, tp={rank}/2, dp=0, device=cpu)"
