@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from dataclasses import asdict
 from datetime import timedelta
@@ -26,7 +25,7 @@ import torch.distributed as dist
 from actors.config import WorkerConfig
 from model.batch import RunningBatch, StepOutput
 from model.device import bind_device, dist_backend
-from model.parallel import ParallelContext
+from model.parallel import ParallelContext, free_port
 from model.processor import PreparedRequest
 from model.runner import ModelRunner
 from model.sampling import SamplingParams
@@ -34,13 +33,6 @@ from model.sampling import SamplingParams
 logger = logging.getLogger(__name__)
 
 Admission = tuple[int, PreparedRequest, SamplingParams, list[int]]  # (slot, request, params, EOS ids)
-
-
-def free_port() -> int:
-    """A TCP port free on this host now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def process_rss_bytes() -> int:

@@ -45,22 +45,28 @@ def log(message: str) -> None:
     print(f"[bench_vision {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+# The 72B's vision tower, one field set for both engines' configs.
+TOWER_72B = dict(
+    hidden_size=1280,
+    num_heads=16,
+    intermediate_size=3456,
+    patch_size=14,
+    temporal_patch_size=2,
+    spatial_merge_size=2,
+    window_size=112,
+)
+
+
 def hf_vision_config(args: argparse.Namespace) -> Any:
     from transformers import Qwen2_5_VLVisionConfig
 
     config = Qwen2_5_VLVisionConfig(
         depth=args.depth,
-        hidden_size=1280,
-        num_heads=16,
-        intermediate_size=3456,
         out_hidden_size=args.out_hidden,
-        patch_size=14,
-        temporal_patch_size=2,
-        spatial_merge_size=2,
-        window_size=112,
         in_channels=3,
         hidden_act="silu",
         fullatt_block_indexes=list(args.fullatt),
+        **TOWER_72B,
     )
     config._attn_implementation = "sdpa"
     return config
@@ -70,16 +76,7 @@ def our_vision_config(args: argparse.Namespace) -> Any:
     from model.config import VisionConfig
 
     return VisionConfig(
-        depth=args.depth,
-        hidden_size=1280,
-        num_heads=16,
-        intermediate_size=3456,
-        out_hidden_size=args.out_hidden,
-        patch_size=14,
-        temporal_patch_size=2,
-        spatial_merge_size=2,
-        window_size=112,
-        fullatt_block_indexes=tuple(args.fullatt),
+        depth=args.depth, out_hidden_size=args.out_hidden, fullatt_block_indexes=tuple(args.fullatt), **TOWER_72B
     )
 
 

@@ -25,9 +25,9 @@ from typing import Any
 import ray
 import torch
 
-from actors.shard_worker import free_port
 from cluster.bench import CACHE_DIR, CHECKPOINTS, bench_image, bench_requests
 from cluster.devices import DeviceSpec, get_device_spec
+from model.parallel import free_port
 from model.processor import PromptBuilder
 from model.runner import ModelRunner
 from model.sampling import SamplingParams

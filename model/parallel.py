@@ -7,6 +7,7 @@ only the rows or columns this rank keeps, so a rank never holds the whole model.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -55,6 +56,14 @@ class ParallelContext:
 
 
 SINGLE = ParallelContext()
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a process group's rendezvous address)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
 
 # torch 2.13 renames all_gather_into_tensor to all_gather_single (the old name warns); same collective.
 _all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

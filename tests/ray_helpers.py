@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import ray
 
-from actors.shard_worker import free_port as free_port  # one definition, re-exported for the tests
 from cluster.config import RunConfig, load_config
+from model.parallel import free_port as free_port  # one definition, re-exported for the tests
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
 

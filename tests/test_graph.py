@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from model.graph import GraphDecode, decode_lengths, length_buckets, pick_bucket, pick_length
-from model.parallel import ParallelContext
+from model.parallel import ParallelContext, free_port
 from model.processor import PreparedRequest
 from model.runner import ModelRunner
 from model.sampling import SamplingParams
@@ -46,12 +45,6 @@ def test_graph_matches_eager_tp1(tiny_checkpoint: Path, prepared: Callable[[Path
     assert graph == eager
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tp_rank(rank: int, world: int, port: int, path: str, requests: list[PreparedRequest], out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -71,7 +64,7 @@ def test_graph_matches_eager_tp2(
     requests = [prepared(tiny_checkpoint)[n] for n in NAMES]
     mp.start_processes(
         _tp_rank,
-        args=(2, _free_port(), str(tiny_checkpoint), requests, str(tmp_path)),
+        args=(2, free_port(), str(tiny_checkpoint), requests, str(tmp_path)),
         nprocs=2,
         join=True,
         start_method="spawn",

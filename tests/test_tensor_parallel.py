@@ -9,7 +9,6 @@ two-image prompt and the three together as one batch. The "tp_odd" checkpoint ha
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model.parallel import ParallelContext
+from model.parallel import ParallelContext, free_port
 from model.processor import PreparedRequest
 from model.runner import ModelRunner
 from model.sampling import SamplingParams
@@ -85,16 +84,10 @@ def _run_jobs(rank: int, size: int, port: int, jobs: list[Job], out_dir: Path) -
     torch.save(results, out_dir / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_tp(size: int, jobs: list[Job], out_dir: Path) -> list[dict[str, dict[str, Any]]]:
     """Run the jobs on `size` spawned ranks; returns each rank's results."""
     context = mp.start_processes(
-        _run_jobs, args=(size, _free_port(), jobs, out_dir), nprocs=size, join=False, start_method="spawn"
+        _run_jobs, args=(size, free_port(), jobs, out_dir), nprocs=size, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=2):

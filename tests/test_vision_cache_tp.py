@@ -6,7 +6,6 @@ group's timeout and the parent's deadline turn that into a failure.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model.parallel import ParallelContext
+from model.parallel import ParallelContext, free_port
 from model.processor import PreparedRequest
 from model.runner import ModelRunner
 
@@ -59,12 +58,6 @@ def _rank(rank: int, size: int, port: int, path: Path, calls: list[list[Prepared
     torch.save(out, out_dir / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ranks_take_the_same_cache_decisions(
     tiny_checkpoint: Path, prepared: Callable[[Path], dict[str, PreparedRequest]], tmp_path: Path
 ) -> None:
@@ -73,7 +66,7 @@ def test_ranks_take_the_same_cache_decisions(
     expected = [single.encode_images(batch) for batch in calls]
 
     context = mp.start_processes(
-        _rank, args=(2, _free_port(), tiny_checkpoint, calls, tmp_path), nprocs=2, join=False, start_method="spawn"
+        _rank, args=(2, free_port(), tiny_checkpoint, calls, tmp_path), nprocs=2, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=2):
