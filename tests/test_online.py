@@ -207,13 +207,13 @@ def test_requests_go_to_the_least_loaded_group(local_ray, tiny_checkpoint):
 DRIVER = """
 import json, pathlib, sys, time, ray
 ray.init(address=sys.argv[1], namespace="online-tp1", log_to_driver=False)
+c = ray.get_actor("coordinator")  # looked up before the start signal, so both drivers submit at once
+reqs = [{"id": f"{sys.argv[3]}-{i}", "prompt": "Tell me a story.", "max_new_tokens": 300, "ignore_eos": True}
+        for i in range(2)]
 print("ready", flush=True)
 go = pathlib.Path(sys.argv[2])
 while not go.exists():
     time.sleep(0.01)
-c = ray.get_actor("coordinator")
-reqs = [{"id": f"{sys.argv[3]}-{i}", "prompt": "Tell me a story.", "max_new_tokens": 120, "ignore_eos": True}
-        for i in range(2)]
 print(json.dumps(ray.get(c.generate.remote(reqs), timeout=120)), flush=True)
 """
 
@@ -237,7 +237,7 @@ def test_two_drivers_are_served_at_once(engines, tmp_path):
             p.kill()
     records = {name: json.loads(out.strip().splitlines()[-1]) for name, out in zip("AB", outputs)}
     for rs in records.values():
-        assert all(r["error"] is None and len(r["output_token_ids"]) == 120 for r in rs)
+        assert all(r["error"] is None and len(r["output_token_ids"]) == 300 for r in rs)
     # Interleaved: each driver's requests ran while the other's were running.
     a_span = (min(r["scheduled_time"] for r in records["A"]), max(r["end_time"] for r in records["A"]))
     b_span = (min(r["scheduled_time"] for r in records["B"]), max(r["end_time"] for r in records["B"]))
