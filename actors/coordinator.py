@@ -184,14 +184,18 @@ class Coordinator:
                 states.append(self._rejected(request, f"cannot prepare request {i}: {type(e).__name__}: {e}"))
         return [s if isinstance(s, dict) else await asyncio.shield(s.done) for s in states]
 
-    async def stream(self, request: dict) -> AsyncIterator[dict]:
+    async def stream(self, request: dict, ack: bool = False) -> AsyncIterator[dict]:
         """Yield {"id", "token_ids", "text"} as tokens come, then the record with "final": True.
 
-        Raises ValueError before yielding when the request cannot be prepared. When the consumer goes
+        Raises ValueError before yielding when the request cannot be prepared. With `ack`, the first
+        item is {"id", "token_ids": [], "text": "", "accepted": True} as soon as the request is
+        queued (an HTTP server can then answer 200 before the first token). When the consumer goes
         away (the generator is cancelled or closed), the request is aborted and its slot freed.
         """
         state = await self._submit(request)
         try:
+            if ack and not state.finished:
+                yield {"id": state.record["id"], "token_ids": [], "text": "", "accepted": True}
             while True:
                 item = await state.queue.get()
                 yield item

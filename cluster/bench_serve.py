@@ -1,16 +1,23 @@
-"""Serving benchmark: the same Poisson arrivals over HTTP and through the Ray API, compared.
+"""Serving benchmark: the same requests over HTTP and through the Ray API, idle and under Poisson arrivals.
 
 `python -m cluster.bench_serve CONF [key=value ...] [--num-requests N] [--request-rate R]
-[--max-tokens M] [--rounds K] [--url URL] [--out PATH]` starts the engine and the OpenAI-compatible
-server (the config's serve.* keys), turns the config's dataset into chat requests (cycled up to
---num-requests; images as local paths, greedy, EOS ignored) and sends them at seeded Poisson
-arrival times, K passes over the list. Request by request the two paths take turns (swapped each
-pass, so every request goes once each way over two passes): a streaming chat completion to
-http://serve.host:serve.port/v1 (the HTTP path), or `coordinator.stream` from this driver (the Ray
-API). Interleaved, both paths meet the same load on the machine and in the engine. Both are timed
-by the client in the same way: TTFT to the first piece of text, ITL between pieces, E2E to the
-last, TPOT = (E2E - TTFT) / (output tokens - 1). It prints each path's summary (cluster.report; its
-requests over the shared wall time) and the HTTP overhead, HTTP minus Ray API, per metric, and
+[--max-tokens M] [--rounds K] [--idle-pairs P] [--url URL] [--out PATH]` starts the engine and the
+OpenAI-compatible server (the config's serve.* keys) and turns the config's dataset into chat
+requests (cycled up to --num-requests; images as local paths, greedy, EOS ignored).
+
+Idle engine: P pairs, one request at a time, the same body once over each path (alternating which
+goes first); the per-pair differences, HTTP minus Ray API, are the cost of the HTTP path alone,
+free of queueing and batching noise.
+
+Under load: the requests go at seeded Poisson arrival times, K passes over the list. Request by
+request the two paths take turns (swapped each pass, so every request goes once each way over two
+passes): a streaming chat completion to http://serve.host:serve.port/v1 (the HTTP path), or
+`coordinator.stream` from this driver (the Ray API). Interleaved, both paths meet the same load
+on the machine and in the engine. Both are timed by the client in the same way: TTFT to the first
+piece of text, ITL between pieces, E2E to the last, TPOT = (E2E - TTFT) / (output tokens - 1).
+
+It prints the idle per-pair overhead, each loaded path's summary (cluster.report; its requests
+over the shared wall time) and the loaded HTTP overhead, HTTP minus Ray API, per metric, and
 writes them as JSON."""
 
 import argparse
@@ -33,6 +40,7 @@ from cluster.report import format_summary, summarize
 from cluster.serve import model_name, start_server, stop_server
 
 WARMUP_REQUESTS = 2
+IDLE_PAIRS = 20
 
 
 def chat_bodies(cfg: RunConfig, requests: list[dict], max_tokens: int) -> list[dict[str, Any]]:
@@ -143,6 +151,22 @@ async def _run(
     return list(records), time.perf_counter() - start
 
 
+async def idle_overhead(paths: dict[str, Any], bodies: list[dict[str, Any]], pairs: int) -> dict[str, Any]:
+    """One request at a time on an idle engine, each body once per path (alternating which goes
+    first): per-pair HTTP minus Ray API TTFT and E2E, {"mean", "median", "p99"} in ms."""
+    deltas: dict[str, list[float]] = {"ttft_ms": [], "e2e_ms": []}
+    failed = 0
+    for i in range(pairs):
+        order = ["http", "ray_api"] if i % 2 == 0 else ["ray_api", "http"]
+        got = {name: await paths[name](bodies[i % len(bodies)], f"idle-{name}-{i}") for name in order}
+        if any(r["error"] is not None or r["ttft_s"] is None for r in got.values()):
+            failed += 1
+            continue
+        for metric, key in (("ttft_ms", "ttft_s"), ("e2e_ms", "e2e_s")):
+            deltas[metric].append((got["http"][key] - got["ray_api"][key]) * 1e3)
+    return {"pairs": pairs, "pairs_failed": failed, **{metric: _stats(values) for metric, values in deltas.items()}}
+
+
 async def benchmark(
     coordinator: Any,
     cfg: RunConfig,
@@ -150,9 +174,11 @@ async def benchmark(
     offsets: list[float],
     rounds: int = 2,
     base_url: str | None = None,
+    idle_pairs: int = IDLE_PAIRS,
 ) -> dict:
-    """Warm up both paths, then send the bodies `rounds` times, the paths taking turns; each path's
-    summary (its requests over the shared wall time) and the HTTP overhead."""
+    """Warm up both paths; `idle_pairs` pairs one at a time; then the bodies `rounds` times at their
+    arrival offsets, the paths taking turns. The idle overhead, each loaded path's summary (its
+    requests over the shared wall time) and the loaded HTTP overhead."""
     url = f"{base_url or f'http://{cfg.serve.host}:{cfg.serve.port}/v1'}/chat/completions"
     headers = {"Authorization": f"Bearer {cfg.serve.api_key}"} if cfg.serve.api_key else {}
     timeout = aiohttp.ClientTimeout(total=cfg.ray.worker_timeout_s)
@@ -169,23 +195,49 @@ async def benchmark(
         warm = bodies[:WARMUP_REQUESTS]
         for name in names:
             await _run([paths[name]] * len(warm), warm, [0.0] * len(warm), f"warmup-{name}")
+        idle = await idle_overhead(paths, bodies, idle_pairs)
         # The paths take turns request by request (and swap turns each round), so that both meet the
         # same load, on the machine and in the engine: the overhead is then the paths' difference alone.
         records: dict[str, list[dict]] = {name: [] for name in names}
+        by_body: dict[str, list[list[dict]]] = {name: [[] for _ in bodies] for name in names}
         wall = 0.0
         for round_ in range(rounds):
             turn = [names[(i + round_) % 2] for i in range(len(bodies))]
             done, seconds = await _run([paths[name] for name in turn], bodies, offsets, f"round{round_}")
             wall += seconds
-            for name, record in zip(turn, done, strict=True):
+            for i, (name, record) in enumerate(zip(turn, done, strict=True)):
                 records[name].append(record)
+                by_body[name][i].append(record)
         walls = dict.fromkeys(names, wall)
         results = {name: summarize(records[name], walls[name]) for name in paths}
         for name in paths:
             for r in [r for r in records[name] if r["error"]][:5]:
                 print(f"{name} request {r['id']} failed: {r['error']}", file=sys.stderr)
     results["http_overhead_ms"] = overhead(results["http"], results["ray_api"])
+    results["paired_http_overhead_ms"] = paired_overhead(by_body["http"], by_body["ray_api"])
+    results["idle_http_overhead_ms"] = idle
     return results
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    stats = (np.mean(values), np.median(values), np.percentile(values, 99)) if values else (None,) * 3
+    return {k: None if v is None else float(v) for k, v in zip(("mean", "median", "p99"), stats, strict=True)}
+
+
+def paired_overhead(http: list[list[dict]], ray_api: list[list[dict]]) -> dict[str, Any]:
+    """Per request body, its mean TTFT (and E2E) over HTTP minus its mean through the Ray API (ms).
+
+    Taken body by body, the differences are free of the spread between bodies (text or image,
+    short or long prompts) that makes a difference of two medians noisy.
+    """
+    deltas: dict[str, list[float]] = {"ttft_ms": [], "e2e_ms": []}
+    for a, b in zip(http, ray_api, strict=True):
+        for metric, key in (("ttft_ms", "ttft_s"), ("e2e_ms", "e2e_s")):
+            x = [r[key] for r in a if r["error"] is None and r[key] is not None]
+            y = [r[key] for r in b if r["error"] is None and r[key] is not None]
+            if x and y:
+                deltas[metric].append((float(np.mean(x)) - float(np.mean(y))) * 1e3)
+    return {"requests": len(deltas["ttft_ms"]), **{metric: _stats(values) for metric, values in deltas.items()}}
 
 
 def overhead(http: dict[str, Any], ray_api: dict[str, Any]) -> dict[str, dict[str, float | None]]:
@@ -199,9 +251,11 @@ def overhead(http: dict[str, Any], ray_api: dict[str, Any]) -> dict[str, dict[st
     return out
 
 
-def format_overhead(delta: dict[str, dict[str, float | None]]) -> str:
-    lines = ["{:=^50}".format(" HTTP overhead (HTTP - Ray API) "), f"{'(ms)':<14}{'mean':>12}{'median':>12}{'p99':>12}"]
+def format_overhead(delta: dict[str, Any], title: str = "HTTP overhead (HTTP - Ray API)") -> str:
+    lines = ["{:=^50}".format(f" {title} "), f"{'(ms)':<14}{'mean':>12}{'median':>12}{'p99':>12}"]
     for metric, stats in delta.items():
+        if not metric.endswith("_ms"):
+            continue
         cells = "".join(f"{'-' if v is None else f'{v:.2f}':>12}" for v in stats.values())
         lines.append(f"{metric.removesuffix('_ms').upper():<14}{cells}")
     lines.append("=" * 50)
@@ -227,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         default=2,
         help="passes over the requests; the paths take turns request by request, swapped each pass",
     )
+    parser.add_argument(
+        "--idle-pairs",
+        type=int,
+        default=IDLE_PAIRS,
+        help="requests sent one at a time over each path before the loaded run (0: none)",
+    )
     parser.add_argument("--out", default="outputs/bench_serve/bench_serve.json")
     args = parser.parse_args(argv)
     try:
@@ -244,14 +304,17 @@ def main(argv: list[str] | None = None) -> int:
     bodies = chat_bodies(cfg, requests, args.max_tokens or data.max_new_tokens)
     offsets = arrival_offsets(len(bodies), rate, data.seed)
     try:
-        start_server(cfg)
-        results = asyncio.run(benchmark(coordinator, cfg, bodies, offsets, args.rounds, args.url))
+        ingress = start_server(cfg)
+        results = asyncio.run(
+            benchmark(coordinator, cfg, bodies, offsets, args.rounds, args.url, max(args.idle_pairs, 0))
+        )
     finally:
         try:
             stop_server()
         finally:
             stop(coordinator)
     results["config"] = {
+        "ingress": ingress,
         "model_path": cfg.model_path,
         "device": cfg.device,
         "world_size": cfg.world_size,
@@ -263,7 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name, title in (("ray_api", "Ray API (coordinator.stream)"), ("http", "HTTP (OpenAI chat completions)")):
         print(f"\n{title}\n{format_summary(results[name])}")
-    print(format_overhead(results["http_overhead_ms"]))
+    idle = results["idle_http_overhead_ms"]
+    print(format_overhead(idle, f"Idle engine, {idle['pairs']} pairs: HTTP - Ray API"))
+    print(format_overhead(results["http_overhead_ms"], "Under load: HTTP - Ray API"))
+    paired = results["paired_http_overhead_ms"]
+    print(format_overhead(paired, f"Under load, per request ({paired['requests']}): HTTP - Ray API"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

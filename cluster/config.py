@@ -27,6 +27,7 @@ VISION_MODES = ("tp", "dp")
 KNOWN_DATASETS = ("default", "vision-arena-bench-v0.1")
 DATASET_FILE_SUFFIXES = (".jsonl", ".json")
 POLICIES = ("continuous", "static")
+SERVE_INGRESSES = ("auto", "haproxy", "proxy")
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -102,15 +103,26 @@ class SchedulerConfig:
 class ServeConfig:
     """The OpenAI-compatible HTTP server (`python -m cluster.serve`).
 
-    host, port: where Ray Serve's HTTP proxy listens.
+    host, port: where the server listens.
     api_key: when set, requests must carry `Authorization: Bearer <api_key>`.
     model_name: the model id clients use (default: the checkpoint directory's name).
+    ingress: what receives the HTTP requests: "haproxy" (Serve's HAProxy ingress, which forwards
+        each connection straight to the replica's own HTTP server), "proxy" (Serve's Python HTTP
+        proxy, which relays every request and streamed chunk through Ray calls) or "auto" (haproxy
+        where its binary is installed, else proxy).
+    allowed_local_media_path: a directory: image parts given as a local path or file:// URL must be
+        absolute and resolve (symlinks followed) inside it, else 400. null: any file the server's
+        processes can read (keep serve.api_key set when the server is reachable beyond loopback).
+    allowed_media_domains: host names that http(s) image URLs may point at, else 400; null: any.
     """
 
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
     model_name: str | None = None
+    ingress: str = "auto"
+    allowed_local_media_path: str | None = None
+    allowed_media_domains: list[str] | None = None
 
 
 @dataclass
@@ -325,6 +337,18 @@ def _validate(cfg: RunConfig) -> None:
         _fail("serve.port", serve.port, "must be in 1..65535")
     if serve.api_key is not None and not serve.api_key:
         _fail("serve.api_key", serve.api_key, "must be null or a non-empty string")
+    _check_choice("serve.ingress", serve.ingress, SERVE_INGRESSES)
+    if serve.allowed_local_media_path is not None:
+        media_dir = Path(serve.allowed_local_media_path).expanduser()
+        if not media_dir.is_absolute() or not media_dir.is_dir():
+            why = "must be an existing absolute directory"
+            _fail("serve.allowed_local_media_path", serve.allowed_local_media_path, why)
+        serve.allowed_local_media_path = str(media_dir.resolve())
+    if serve.allowed_media_domains is not None:
+        for i, domain in enumerate(serve.allowed_media_domains):
+            if not domain or "/" in domain or ":" in domain:
+                _fail(f"serve.allowed_media_domains[{i}]", domain, "must be a host name such as images.example.com")
+        serve.allowed_media_domains = [d.lower() for d in serve.allowed_media_domains]
     _check_min("vision_cache_mb", cfg.vision_cache_mb, 0)
     _check_min("interrupt_grace_s", cfg.interrupt_grace_s, 0.0)
     if not 0.0 < data.top_p <= 1.0:

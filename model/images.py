@@ -97,7 +97,8 @@ def _data_url_bytes(url: str) -> bytes:
         raise ImageLoadError(f"data URL is not valid base64: {describe_source(url)}") from exc
 
 
-def _local_path(source: str | os.PathLike[str]) -> Path:
+def local_image_path(source: str | os.PathLike[str]) -> Path:
+    """The file a local path or file:// URL names (ImageLoadError for a file URL of another host)."""
     text = os.fspath(source)
     if text.startswith("file://"):
         parsed = urlparse(text)
@@ -127,7 +128,7 @@ def load_image(
         return _decode(io.BytesIO(_data_url_bytes(source)), name)
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         return _decode(io.BytesIO(fetch_image_bytes(source, timeout_s, max_bytes)), name)
-    file = _local_path(source)
+    file = local_image_path(source)
     if not file.exists():
         raise ImageLoadError(f"image file not found: {file}")
     if not file.is_file():

@@ -156,6 +156,10 @@ def test_wrong_type_names_key_and_value(tmp_path: Path) -> None:
         (["ray.placement_timeout_s=0"], r"ray\.placement_timeout_s=0"),
         (["dist_env.1BAD=x"], r"dist_env\.1BAD"),
         (["dist_env.HCCL.X=1"], r"dist_env\.HCCL"),
+        (["serve.ingress=nginx"], r"serve\.ingress='nginx': must be one of auto, haproxy, proxy"),
+        (["serve.allowed_local_media_path=media"], r"serve\.allowed_local_media_path='media': must be an existing"),
+        (["serve.allowed_local_media_path=/no/such/dir"], r"serve\.allowed_local_media_path='/no/such/dir'"),
+        (["serve.allowed_media_domains=[a.com,'http://b.com']"], r"serve\.allowed_media_domains\[1\]='http://b\.com'"),
     ],
 )
 def test_bad_values(overrides: list[str], pattern: str) -> None:
@@ -184,3 +188,17 @@ def test_cli_prints_yaml(capsys: pytest.CaptureFixture[str], monkeypatch: pytest
     assert printed["parallel_config"]["tp_size"] == 2
     assert main([str(REPO / "conf" / "tiny_cpu.yaml"), "world_size=abc"]) == 2
     assert "world_size" in capsys.readouterr().err
+
+
+def test_serve_media_policy_is_normalized(tmp_path: Path) -> None:
+    cfg = load_config(
+        None,
+        [
+            "model_path=/m",
+            f"serve.allowed_local_media_path={tmp_path}",
+            "serve.allowed_media_domains=[IMG.Example.com]",
+        ],
+    )
+    assert cfg.serve.allowed_local_media_path == str(tmp_path.resolve())
+    assert cfg.serve.allowed_media_domains == ["img.example.com"]
+    assert load_config(None, ["model_path=/m"]).serve.allowed_media_domains is None

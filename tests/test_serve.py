@@ -7,6 +7,7 @@ shuts both down, also when a test or the start fails.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import threading
@@ -25,7 +26,7 @@ from PIL import Image
 
 from cluster import start, stop
 from cluster.openai_api import engine_request, parse_request
-from cluster.serve import model_name, start_server, stop_server
+from cluster.serve import KEEPALIVE, model_name, start_server, stop_server
 from model.processor import PromptBuilder
 from tests.ray_helpers import free_port, tiny_config, tiny_model, wait_for
 from tests.reference import assert_greedy_match
@@ -55,7 +56,15 @@ def checkpoint() -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(local_ray: None, checkpoint: Path) -> Iterator[Server]:
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The only directory the server reads local images from (serve.allowed_local_media_path)."""
+    path = tmp_path_factory.mktemp("media")
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(path / "in.png")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(local_ray: None, checkpoint: Path, media_dir: Path) -> Iterator[Server]:
     port = free_port()
     cfg = tiny_config(
         checkpoint,
@@ -66,6 +75,8 @@ def server(local_ray: None, checkpoint: Path) -> Iterator[Server]:
         f"data_config.max_new_tokens={LONG_TOKENS}",
         f"serve.port={port}",
         f"serve.api_key={API_KEY}",
+        f"serve.allowed_local_media_path={media_dir}",
+        "serve.allowed_media_domains=[images.example.com]",
         f"ray.namespace={NAMESPACE}",
     )
     coordinator = start(cfg)
@@ -245,6 +256,20 @@ def test_api_key_models_and_health(server: Server) -> None:
         ),
         ({"messages": [{"role": "user", "content": "look <|image_pad|>"}]}, "messages[0].content", "placeholder token"),
         ({"model": "gpt-4"}, "model", "does not exist"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/hostname"}}]}]},
+            "messages[0].content[0].image_url.url",
+            "inside serve.allowed_local_media_path",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://10.0.0.1/a.png"}}]}
+                ]
+            },
+            "messages[0].content[0].image_url.url",
+            "not in serve.allowed_media_domains",
+        ),
     ],
 )
 def test_bad_requests(server: Server, fields: dict, param: str | None, message: str) -> None:
@@ -256,6 +281,15 @@ def test_bad_requests(server: Server, fields: dict, param: str | None, message: 
     assert message in body["message"] and set(body) == {"message", "type", "param", "code"}
     if param is not None:
         assert body["param"] == param
+
+
+def test_local_image_inside_the_allowed_directory(server: Server, media_dir: Path) -> None:
+    for url in (str(media_dir / "in.png"), f"file://{media_dir / 'in.png'}"):
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]
+        reply = server.client.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": content}], max_tokens=2
+        )
+        assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 10
 
 
 def test_bad_json_and_unknown_route(server: Server) -> None:
@@ -307,6 +341,42 @@ def test_disconnect_mid_stream_frees_the_slot(server: Server) -> None:
         model=server.model, messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
     assert reply.usage.completion_tokens >= 1
+
+
+def test_disconnect_before_the_first_token_drops_the_request(server: Server) -> None:
+    """A streaming client that leaves while its request still waits for a KV slot."""
+    slots = server.cfg.data_config.batch_size
+    fillers = [
+        {"id": f"filler-{i}", "prompt": "Tell me a long story.", "max_new_tokens": LONG_TOKENS, "ignore_eos": True}
+        for i in range(slots)
+    ]
+    done = server.coordinator.generate.remote(fillers)
+    try:
+        assert wait_for(lambda: _status(server)["running"] == slots, timeout_s=60)
+        body = {
+            "model": server.model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": MAX_NEW_TOKENS,
+            "stream": True,
+        }
+        port = int(server.url.rsplit(":", 1)[1])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=headers)
+        # Answered as soon as it is queued: the role chunk, then SSE comments while no token comes.
+        response = connection.getresponse()
+        assert response.status == 200 and _status(server)["waiting"] == 1
+        lines = [response.readline() for _ in range(3)]
+        assert lines[0].startswith(b"data: ") and b'"role":"assistant"' in lines[0]
+        assert lines[1:] == [b"\n", KEEPALIVE.splitlines(keepends=True)[0]]
+        connection.close()
+        assert wait_for(lambda: _status(server)["waiting"] == 0, timeout_s=30)
+        assert _status(server)["running"] == slots  # it left the queue without being served
+    finally:
+        for filler in fillers:
+            server.coordinator.abort.remote(filler["id"])
+        records = ray.get(done, timeout=120)
+    assert all(r["finish_reason"] == "abort" for r in records), [r["finish_reason"] for r in records]
 
 
 def test_eight_concurrent_streams_complete(server: Server) -> None:

@@ -10,6 +10,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from cluster.openai_api import (
     APIError,
     StopGuard,
+    check_media,
     chunk_body,
     completion_body,
     engine_request,
@@ -186,3 +187,49 @@ def test_engine_errors_map_to_http_statuses() -> None:
     assert info.value.status == 503 and "no live DP group" in info.value.message
     server.coordinator.status = Status(1)
     assert asyncio.run(server.health())["live_groups"] == 1
+
+
+def test_ingress_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster import serve
+
+    monkeypatch.setattr(serve, "haproxy_binary", lambda: "/usr/sbin/haproxy")
+    assert [serve.resolve_ingress(i) for i in ("auto", "haproxy", "proxy")] == ["haproxy", "haproxy", "proxy"]
+    monkeypatch.setattr(serve, "haproxy_binary", lambda: None)
+    assert [serve.resolve_ingress(i) for i in ("auto", "proxy")] == ["proxy", "proxy"]
+    with pytest.raises(RuntimeError, match="serve.ingress=haproxy but no HAProxy binary"):
+        serve.resolve_ingress("haproxy")
+
+
+def test_media_policy(tmp_path) -> None:
+    allowed = tmp_path / "media"
+    (allowed / "sub").mkdir(parents=True)
+    (allowed / "sub" / "a.png").write_bytes(b"x")
+    (tmp_path / "secret.png").write_bytes(b"x")
+    (allowed / "escape.png").symlink_to(tmp_path / "secret.png")
+    root = str(allowed.resolve())
+
+    def request(*urls: str):
+        parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+        return parse_request(_body(messages=[{"role": "system", "content": "s"}, {"role": "user", "content": parts}]))
+
+    ok = request(
+        f"{allowed}/sub/a.png",
+        f"file://{allowed}/sub/a.png",
+        "data:image/png;base64,AAAA",
+        "https://img.example.com/x.png",
+    )
+    check_media(ok, root, ["img.example.com"])
+    check_media(request(str(tmp_path / "secret.png"), "http://anywhere/x.png"), None, None)  # no policy: anything
+    refused = [
+        (str(tmp_path / "secret.png"), "allowed_local_media_path"),
+        (f"{allowed}/../secret.png", "allowed_local_media_path"),
+        (str(allowed / "escape.png"), "allowed_local_media_path"),  # a symlink out of the directory
+        ("media/sub/a.png", "absolute path"),
+        ("file://otherhost/etc/passwd", "another host"),
+        ("https://evil.example.org/x.png", "'evil.example.org' is not in serve.allowed_media_domains"),
+    ]
+    for url, message in refused:
+        with pytest.raises(APIError) as info:
+            check_media(request(f"{allowed}/sub/a.png", url), root, ["img.example.com"])
+        assert info.value.status == 400 and message in info.value.message, (url, info.value.message)
+        assert info.value.param == "messages[1].content[1].image_url.url"
