@@ -6,7 +6,7 @@ TINY_MODEL ?= $(HOME)/.cache/qwen2_5_vl_ray/tiny-qwen2.5-vl
 CONF ?= conf/tiny_cpu.yaml
 RUN_OUTPUT ?= outputs/tiny_cpu/results.jsonl
 
-.PHONY: setup run test test-fast lint tiny-model bench clean
+.PHONY: setup run test test-fast test-slow test-all lint tiny-model bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,10 +24,11 @@ run: tiny-model
 	rm -f $(RUN_OUTPUT) $(basename $(RUN_OUTPUT)).summary.json $(basename $(RUN_OUTPUT)).*.png
 	$(PY) -m cluster.launch $(CONF) output_path=$(RUN_OUTPUT)
 
+# Everything but the slowest restart-and-kill tests (tests/conftest.py SLOW_TESTS; `make test-slow`).
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
 
 # Unit tests only: no Ray cluster, subprocess or process group (tests/conftest.py marks those `integration`).
 test-fast: setup
@@ -35,16 +36,25 @@ test-fast: setup
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -m "not integration"
 
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+test-all: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q
+
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
 # Decode (transformers vs ours, in process and through Ray), serving (continuous vs static batching
-# under Poisson arrivals), vision tower (ours vs transformers on a large image).
+# under Poisson arrivals), vision tower (ours vs transformers on a large image), HTTP vs Ray API.
 bench: tiny-model
 	$(PY) -m cluster.bench
 	$(PY) -m cluster.bench_scheduler
 	$(PY) -m cluster.bench_vision
+	$(PY) -m cluster.bench_serve $(CONF) --num-requests 32 --request-rate 2 --max-tokens 32 --rounds 4
 
 clean:
 	rm -rf $(VENV) build outputs

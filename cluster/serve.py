@@ -82,6 +82,7 @@ HAPROXY_PORT_VARS = (
     "RAY_SERVE_HAPROXY_METRICS_PORT",  # its Prometheus endpoint (all interfaces)
     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",  # Serve's Python proxy, HAProxy's backup when no replica is up
 )
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node one of these
 KEEPALIVE_S = 1.0
 KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients skip it
 
@@ -352,7 +353,8 @@ def haproxy_env() -> dict[str, str]:
 def build_app(cfg: RunConfig, env: dict[str, str] | None = None) -> Any:
     """The Serve application for a run config (the Coordinator must be running in cfg.ray.namespace);
     `env` goes into the replica's environment."""
-    options: dict[str, Any] = {"num_cpus": 0}
+    # On the head node, next to the ingress (HAProxy forwards to the replica's own server there).
+    options: dict[str, Any] = {"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}}
     if env:
         options["runtime_env"] = {"env_vars": dict(env)}
     server = OpenAIServer.options(ray_actor_options=options)

@@ -6,8 +6,10 @@ directory; transformers' reference model of each is loaded once and its outputs 
 (tests/reference.py).
 
 Lanes: every test that starts Ray, a subprocess or a multi-process group is marked
-``integration`` at collection (see :func:`pytest_collection_modifyitems`); ``make test-fast`` runs
-``pytest -m "not integration"``, ``make test`` runs everything.
+``integration`` at collection (see :func:`pytest_collection_modifyitems`), and the slowest of them
+(SLOW_TESTS, each half a minute or more of restarts and kills) also ``slow``. ``make test-fast``
+runs ``pytest -m "not integration"``, ``make test`` runs ``-m "not slow"``, ``make test-slow`` the
+slow ones and ``make test-all`` everything.
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ INTEGRATION_TESTS = frozenset(
         "test_placement.py::test_two_node_cluster_keeps_tp_groups_on_one_node",
     }
 )
+# The slowest integration tests (each restarts engines or kills processes for 25-45 s on 2 cores),
+# kept out of `make test` so that it stays within its time budget; `make test-slow` runs them.
+SLOW_TESTS = frozenset(
+    {
+        "test_selfcheck.py::test_selfcheck_cpu_passes",
+        "test_reliability.py::test_keyboard_interrupt_releases_everything_and_start_works_again",
+        "test_reliability.py::test_worker_killed_mid_decode_then_rebuild",
+        "test_job_submit.py::test_job_with_overrides",
+    }
+)
 # Modules split test by test above; any module in neither list is integration as a whole when its
 # source starts Ray or processes, so that a new module cannot slip a Ray cluster into the fast lane.
 SPLIT_MODULES = frozenset(entry.split(".py::")[0] for entry in INTEGRATION_TESTS)
@@ -64,7 +76,8 @@ def _starts_processes(path: Path, cache: dict[Path, bool]) -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark as ``integration`` every test that starts Ray, subprocesses or process groups."""
+    """Mark as ``integration`` every test that starts Ray, subprocesses or process groups, and as
+    ``slow`` those in SLOW_TESTS."""
     scanned: dict[Path, bool] = {}
     for item in items:
         module = item.path.stem
@@ -77,6 +90,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             integration = _starts_processes(item.path, scanned)
         if integration:
             item.add_marker(pytest.mark.integration)
+        if any(local_id == t or local_id.startswith(t + "[") for t in SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
 
 
 # Checkpoints by name. "odd" has shapes unlike the default on every axis that can vary: 3 heads of

@@ -168,9 +168,10 @@ def test_abort_and_a_consumer_that_goes_away_free_the_slot(engines):
     assert wait_for(lambda: ray.get(coordinator.status.remote())["running"] == 0, timeout_s=30)
 
     gone = coordinator.stream.options(num_returns="streaming").remote(
-        {"id": "walks-away", "prompt": "Go on forever.", "max_new_tokens": 400, "ignore_eos": True}
+        {"id": "walks-away", "prompt": "Go on forever.", "max_new_tokens": 400, "ignore_eos": True}, ack=True
     )
-    next(gone)  # one item, then the consumer cancels its stream
+    # With ack, the first item says the request is queued; then the consumer cancels its stream.
+    assert ray.get(next(gone), timeout=60) == {"id": "walks-away", "token_ids": [], "text": "", "accepted": True}
     ray.cancel(gone)
     assert wait_for(
         lambda: ray.get(coordinator.status.remote()) == {"live_groups": 1, "dp_size": 1, "waiting": 0, "running": 0},
