@@ -7,7 +7,7 @@ directory; transformers' reference model of each is loaded once and its outputs 
 
 Lanes: every test that starts Ray, a subprocess or a multi-process group is marked
 ``integration`` at collection (see :func:`pytest_collection_modifyitems`), and the slowest of them
-(SLOW_TESTS, each half a minute or more of restarts and kills) also ``slow``. ``make test-fast``
+(SLOW_TESTS: restarts, kills and a second server, half a minute or more each) also ``slow``. ``make test-fast``
 runs ``pytest -m "not integration"``, ``make test`` runs ``-m "not slow"``, ``make test-slow`` the
 slow ones and ``make test-all`` everything.
 """
@@ -59,6 +59,7 @@ SLOW_TESTS = frozenset(
         "test_reliability.py::test_keyboard_interrupt_releases_everything_and_start_works_again",
         "test_reliability.py::test_worker_killed_mid_decode_then_rebuild",
         "test_job_submit.py::test_job_with_overrides",
+        "test_serve_proxy.py::test_auto_falls_back_to_the_python_proxy",
     }
 )
 # Modules split test by test above; any module in neither list is integration as a whole when its
