@@ -124,7 +124,7 @@ def fused_probe(path: str, device: str, requests: list[dict], new_tokens: int) -
     Teacher-forced on the plain path's greedy tokens, so both sides see the same inputs at every step.
     """
     from model.device import bind_device
-    from model.gpu_check import decode_step_logits
+    from model.greedy_check import decode_step_logits
 
     dev = bind_device(device, ray.get_runtime_context().get_accelerator_ids(), os.environ)
     builder = PromptBuilder.from_pretrained(path)

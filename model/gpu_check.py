@@ -31,12 +31,13 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from model.greedy_check import TokenComparison, compare_greedy, decode_step_logits
 from model.processor import PreparedRequest
 from model.runner import ModelRunner
 from model.sampling import SamplingParams
@@ -65,7 +66,6 @@ PROMPTS = [
     ("one_image", "What is in this photo?", ["wide"]),
     ("two_images", "Compare the first image and the second image.", ["tall", "wide"]),
 ]
-NEAR_TIE_TOP_K = 5
 
 
 def log(message: str) -> None:
@@ -91,36 +91,11 @@ def sync(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- (a) parity
-def decode_step_logits(runner: ModelRunner, request: PreparedRequest, continuation: Sequence[int]) -> torch.Tensor:
-    """Logits (len(continuation), vocab) of each generation step, teacher-forced through prefill then decode."""
-    device = runner.device
-    embeds = runner.encode_images([request])[0]
-    logits, delta = runner.prefill(request, embeds, 0)
-    rows = [logits]
-    length = len(request.input_ids)
-    for step, token in enumerate(continuation[:-1]):
-        cache_len = torch.tensor([length + step], device=device)
-        logits = runner.decode(
-            torch.tensor([token], device=device), cache_len + delta, cache_len, max_len=length + step + 1
-        )
-        rows.append(logits[0].clone())  # a graph's output buffer is overwritten by the next replay
-    return torch.stack(rows).float().cpu()
-
-
-def compare_greedy(
-    ours: list[int],
-    ref: list[int],
-    step_logits: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-    k: int = NEAR_TIE_TOP_K,
-) -> str:
-    """'identical', 'near tie at step i', or 'DIFFERENT: ...' (the rule of tests/reference.py)."""
-    step = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
-    if step is None:
-        return "identical" if len(ours) == len(ref) else f"DIFFERENT: lengths {len(ours)} vs {len(ref)}"
-    our_row, ref_row = step_logits(step)
-    if ours[step] in ref_row.topk(k).indices.tolist() and ref[step] in our_row.topk(k).indices.tolist():
-        return f"near tie at step {step}"
-    return f"DIFFERENT at step {step}: ours {ours} vs reference {ref}"
+def verdict(result: TokenComparison) -> str:
+    """'identical', 'near tie at step i', or 'DIFFERENT: ...'."""
+    if not result.accepted:
+        return f"DIFFERENT: {result.detail}"
+    return "identical" if result.near_tie_step is None else f"near tie at step {result.near_tie_step}"
 
 
 def make_images(directory: Path) -> dict[str, str]:
@@ -214,7 +189,7 @@ def parity(path: Path, device: torch.device, images: dict[str, str], new_tokens:
             ) -> tuple[torch.Tensor, torch.Tensor]:
                 return decode_step_logits(runner, r, ref[: step + 1])[step], hf_step_logits(r, ref[:step])[step]
 
-            verdicts[r.request_id] = out.error or compare_greedy(out.output_token_ids, ref, step_logits)
+            verdicts[r.request_id] = out.error or verdict(compare_greedy(out.output_token_ids, ref, step_logits))
         figures[mode] = verdicts
     figures["ok"] = all(
         v == "identical" or v.startswith("near tie") for mode in ("eager", "graph") for v in figures[mode].values()

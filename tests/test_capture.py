@@ -22,9 +22,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import model.npu_ops
+from model.greedy_check import decode_step_logits
 from model.processor import PreparedRequest
 from model.runner import ModelRunner
-from tests.reference import our_step_logits
 
 aten = torch.ops.aten
 MAX_SEQ_LEN = 512  # decode lengths 256 and 512 (cpu eager)
@@ -246,8 +246,8 @@ def test_fused_ops_give_the_plain_logits(
     continuation = [5, 17, 250, 3, 99, 42]
     for name in ("text", "one_image"):
         request = prepared(tiny_checkpoint)[name]
-        ours = our_step_logits(fused, request, continuation)
-        ref = our_step_logits(plain, request, continuation)
+        ours = decode_step_logits(fused, request, continuation)
+        ref = decode_step_logits(plain, request, continuation)
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     layers = plain.config.text.num_hidden_layers
     steps = 2 * (len(continuation) - 1)

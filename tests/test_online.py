@@ -20,9 +20,10 @@ import ray
 import torch
 
 from cluster import start, stop
+from model.greedy_check import compare_greedy
 from model.processor import PromptBuilder
 from tests.ray_helpers import REPO, tiny_config, wait_for
-from tests.reference import compare_greedy, step_rows
+from tests.reference import step_rows
 
 RAY_NUM_CPUS = 6
 SLOTS = 2

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.greedy_check import decode_step_logits
 from model.processor import PreparedRequest
 from model.runner import GenerationResult, ModelRunner
 from model.sampling import SamplingParams
@@ -21,7 +22,6 @@ from tests.reference import (
     HFReference,
     assert_greedy_match,
     our_logits,
-    our_step_logits,
     paired_steps,
     step_rows,
 )
@@ -54,7 +54,7 @@ def check_result(
     ref = hf.generate(case.path, request, max_new_tokens, eos)
 
     def step_logits(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ours = our_step_logits(case.runner, request, ref)
+        ours = decode_step_logits(case.runner, request, ref)
         theirs = step_rows(hf.logits(case.path, request, ref), len(request.input_ids))
         return paired_steps(ours, theirs)(step)
 
@@ -137,7 +137,7 @@ def test_decode_step_logits(case: Case, hf_reference: HFReference, name: str) ->
     """Decode steps fed the reference tokens give transformers' teacher-forced logits (KV cache, rope delta)."""
     request = case.requests[name]
     ref = hf_reference.generate(case.path, request, MAX_NEW_TOKENS, [])
-    ours = our_step_logits(case.runner, request, ref)
+    ours = decode_step_logits(case.runner, request, ref)
     theirs = step_rows(hf_reference.logits(case.path, request, ref), len(request.input_ids))
     diffs = (ours - theirs).abs().amax(dim=-1).tolist()
     assert max(diffs) <= LOGITS_ATOL, f"{case.name}/{name}: max |logit diff| per step {diffs}"

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from model.greedy_check import decode_step_logits
 from model.parallel import ParallelContext, free_port
 from model.processor import PreparedRequest
 from model.runner import ModelRunner
@@ -30,7 +31,6 @@ from tests.reference import (
     HFReference,
     assert_greedy_match,
     our_logits,
-    our_step_logits,
     paired_steps,
     step_rows,
 )
@@ -77,7 +77,7 @@ def _run_jobs(rank: int, size: int, port: int, jobs: list[Job], out_dir: Path) -
             batch = runner.generate([job.requests[n] for n in SINGLES], [params] * len(SINGLES), eos_token_ids=[])
             out["batch"] = [r.output_token_ids for r in batch]
             out["logits"] = {n: our_logits(runner, job.requests[n], job.continuations[n]) for n in SINGLES}
-            out["step_logits"] = {n: our_step_logits(runner, job.requests[n], job.continuations[n]) for n in SINGLES}
+            out["step_logits"] = {n: decode_step_logits(runner, job.requests[n], job.continuations[n]) for n in SINGLES}
             results[job.name] = out
     finally:
         dist.destroy_process_group()
@@ -126,7 +126,7 @@ def baselines(
         batch = runner.generate([requests[n] for n in SINGLES], [params] * len(SINGLES), eos_token_ids=[])
         tp1.update({f"batch:{n}": r.output_token_ids for n, r in zip(SINGLES, batch)})
         logits = {n: our_logits(runner, requests[n], hf_tokens[n]) for n in SINGLES}
-        steps = {n: our_step_logits(runner, requests[n], hf_tokens[n]) for n in SINGLES}
+        steps = {n: decode_step_logits(runner, requests[n], hf_tokens[n]) for n in SINGLES}
         hf_steps = {
             n: step_rows(hf_reference.logits(path, requests[n], hf_tokens[n]), len(requests[n].input_ids))
             for n in SINGLES
