@@ -36,7 +36,7 @@ from cluster.config import RunConfig, load_config
 from cluster.datasets import load_requests
 from cluster.launch import USER_ERRORS, start, stop
 from cluster.openai_api import ChatCompletionRequest, engine_request
-from cluster.report import format_summary, summarize
+from cluster.report import format_summary, latency_stats, summarize
 from cluster.serve import model_name, start_server, stop_server
 
 WARMUP_REQUESTS = 2
@@ -154,17 +154,12 @@ async def _run(
 async def idle_overhead(paths: dict[str, Any], bodies: list[dict[str, Any]], pairs: int) -> dict[str, Any]:
     """One request at a time on an idle engine, each body once per path (alternating which goes
     first): per-pair HTTP minus Ray API TTFT and E2E, {"mean", "median", "p99"} in ms."""
-    deltas: dict[str, list[float]] = {"ttft_ms": [], "e2e_ms": []}
-    failed = 0
+    got: dict[str, list[list[dict]]] = {"http": [], "ray_api": []}
     for i in range(pairs):
-        order = ["http", "ray_api"] if i % 2 == 0 else ["ray_api", "http"]
-        got = {name: await paths[name](bodies[i % len(bodies)], f"idle-{name}-{i}") for name in order}
-        if any(r["error"] is not None or r["ttft_s"] is None for r in got.values()):
-            failed += 1
-            continue
-        for metric, key in (("ttft_ms", "ttft_s"), ("e2e_ms", "e2e_s")):
-            deltas[metric].append((got["http"][key] - got["ray_api"][key]) * 1e3)
-    return {"pairs": pairs, "pairs_failed": failed, **{metric: _stats(values) for metric, values in deltas.items()}}
+        for name in ["http", "ray_api"] if i % 2 == 0 else ["ray_api", "http"]:
+            got[name].append([await paths[name](bodies[i % len(bodies)], f"idle-{name}-{i}")])
+    deltas = paired_overhead(got["http"], got["ray_api"])
+    return {"pairs": pairs, "pairs_failed": pairs - deltas.pop("requests"), **deltas}
 
 
 async def benchmark(
@@ -219,11 +214,6 @@ async def benchmark(
     return results
 
 
-def _stats(values: list[float]) -> dict[str, float | None]:
-    stats = (np.mean(values), np.median(values), np.percentile(values, 99)) if values else (None,) * 3
-    return {k: None if v is None else float(v) for k, v in zip(("mean", "median", "p99"), stats, strict=True)}
-
-
 def paired_overhead(http: list[list[dict]], ray_api: list[list[dict]]) -> dict[str, Any]:
     """Per request body, its mean TTFT (and E2E) over HTTP minus its mean through the Ray API (ms).
 
@@ -237,7 +227,7 @@ def paired_overhead(http: list[list[dict]], ray_api: list[list[dict]]) -> dict[s
             y = [r[key] for r in b if r["error"] is None and r[key] is not None]
             if x and y:
                 deltas[metric].append((float(np.mean(x)) - float(np.mean(y))) * 1e3)
-    return {"requests": len(deltas["ttft_ms"]), **{metric: _stats(values) for metric, values in deltas.items()}}
+    return {"requests": len(deltas["ttft_ms"]), **{metric: latency_stats(values) for metric, values in deltas.items()}}
 
 
 def overhead(http: dict[str, Any], ray_api: dict[str, Any]) -> dict[str, dict[str, float | None]]:

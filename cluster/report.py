@@ -87,7 +87,7 @@ def summarize(
         "requests_total": len(records),
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
-        **{f"{m}_ms": _stats(samples[m]) for m in LATENCY_METRICS},
+        **{f"{m}_ms": latency_stats(samples[m]) for m in LATENCY_METRICS},
         "output_throughput_tok_s": per_second(output_tokens),
         "total_token_throughput_tok_s": per_second(input_tokens + output_tokens),
         "request_throughput": per_second(len(ok)),
@@ -126,7 +126,8 @@ def latency_samples_ms(records: Sequence[Record]) -> dict[str, list[float]]:
     return out
 
 
-def _stats(values_ms: Sequence[float]) -> Stats:
+def latency_stats(values_ms: Sequence[float]) -> Stats:
+    """{"mean", "median", "p99"} of millisecond samples (numpy's linear percentile); None without data."""
     if not values_ms:
         return {"mean": None, "median": None, "p99": None}
     a = np.asarray(values_ms, dtype=np.float64)
@@ -219,7 +220,7 @@ def _plot_latency(records: Sequence[Record], summary: dict[str, Any], path: Path
         if not values:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
             continue
-        stats = _stats(values)
+        stats = latency_stats(values)
         ax.hist(values, bins=min(30, max(5, len(values))), color="tab:blue", alpha=0.75)
         ax.axvline(stats["median"], color="black", linestyle="--", label=f"median {stats['median']:.2f} ms")
         ax.axvline(stats["p99"], color="tab:red", linestyle=":", label=f"p99 {stats['p99']:.2f} ms")
