@@ -11,6 +11,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
@@ -226,16 +227,21 @@ def engine_request(
     return out
 
 
+HTTP_SCHEMES = ("http://", "https://")
+
+
+def image_urls(request: ChatCompletionRequest) -> Iterator[tuple[str, str]]:
+    """(field path, url) of every image part, in order: ("messages[1].content[0].image_url.url", url)."""
+    for i, message in enumerate(request.messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if isinstance(part, ImagePart):
+                    yield f"messages[{i}].content[{j}].image_url.url", part.image_url.url
+
+
 def http_image_urls(request: ChatCompletionRequest) -> list[str]:
     """The distinct http(s) image URLs of a request, in order (the server fetches them)."""
-    urls: list[str] = []
-    for message in request.messages:
-        if isinstance(message.content, list):
-            for part in message.content:
-                if isinstance(part, ImagePart) and part.image_url.url.startswith(("http://", "https://")):
-                    if part.image_url.url not in urls:
-                        urls.append(part.image_url.url)
-    return urls
+    return list(dict.fromkeys(url for _, url in image_urls(request) if url.startswith(HTTP_SCHEMES)))
 
 
 def check_media(
@@ -244,34 +250,28 @@ def check_media(
     """Refuse, with a 400 naming the part, an image URL outside the server's media policy: a local
     path or file:// URL not inside `allowed_local_path`, an http(s) URL whose host is not in
     `allowed_domains` (None: no limit)."""
-    for i, message in enumerate(request.messages):
-        if isinstance(message.content, str):
+    for field, url in image_urls(request):
+        if url.startswith("data:"):
             continue
-        for j, part in enumerate(message.content):
-            if not isinstance(part, ImagePart) or part.image_url.url.startswith("data:"):
-                continue
-            url, field = part.image_url.url, f"messages[{i}].content[{j}].image_url.url"
-            if url.startswith(("http://", "https://")):
-                host = urlparse(url).hostname or ""
-                if allowed_domains is not None and host not in allowed_domains:
-                    raise APIError(
-                        400, f"{field}: image host {host!r} is not in serve.allowed_media_domains", param=field
-                    )
-                continue
-            if allowed_local_path is None:
-                continue
-            try:
-                path = local_image_path(url)
-            except ImageLoadError as e:
-                raise APIError(400, f"{field}: {e}", param=field) from None
-            real = os.path.realpath(path)
-            if not path.is_absolute() or os.path.commonpath([real, allowed_local_path]) != allowed_local_path:
-                raise APIError(
-                    400,
-                    f"{field}: a local image must be an absolute path inside "
-                    f"serve.allowed_local_media_path={allowed_local_path}",
-                    param=field,
-                )
+        if url.startswith(HTTP_SCHEMES):
+            host = urlparse(url).hostname or ""
+            if allowed_domains is not None and host not in allowed_domains:
+                raise APIError(400, f"{field}: image host {host!r} is not in serve.allowed_media_domains", param=field)
+            continue
+        if allowed_local_path is None:
+            continue
+        try:
+            path = local_image_path(url)
+        except ImageLoadError as e:
+            raise APIError(400, f"{field}: {e}", param=field) from None
+        real = os.path.realpath(path)
+        if not path.is_absolute() or os.path.commonpath([real, allowed_local_path]) != allowed_local_path:
+            raise APIError(
+                400,
+                f"{field}: a local image must be an absolute path inside "
+                f"serve.allowed_local_media_path={allowed_local_path}",
+                param=field,
+            )
 
 
 # ---------------------------------------------------------------------------------------- response
