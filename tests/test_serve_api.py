@@ -200,6 +200,15 @@ def test_ingress_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         serve.resolve_ingress("haproxy")
 
 
+def test_haproxy_binary_follows_serves_override(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from cluster.serve import haproxy_binary
+
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", "/bin/true")
+    assert haproxy_binary() == "/bin/true"
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "missing"))
+    assert haproxy_binary() is None
+
+
 def test_media_policy(tmp_path) -> None:
     allowed = tmp_path / "media"
     (allowed / "sub").mkdir(parents=True)
