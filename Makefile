@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 tiny-model: setup
-	$(PY) -m model.tiny_checkpoint $(TINY_MODEL)
+	$(PY) -m cluster.tools.tiny_checkpoint $(TINY_MODEL)
 
 # The demo run replaces its previous results (a launch never overwrites results by itself).
 run: tiny-model
@@ -51,10 +51,10 @@ lint: setup
 # Decode (transformers vs ours, in process and through Ray), serving (continuous vs static batching
 # under Poisson arrivals), vision tower (ours vs transformers on a large image), HTTP vs Ray API.
 bench: tiny-model
-	$(PY) -m cluster.bench
-	$(PY) -m cluster.bench_scheduler
-	$(PY) -m cluster.bench_vision
-	$(PY) -m cluster.bench_serve $(CONF) --num-requests 32 --request-rate 2 --max-tokens 32 --rounds 4
+	$(PY) -m cluster.tools.bench
+	$(PY) -m cluster.tools.bench_scheduler
+	$(PY) -m cluster.tools.bench_vision
+	$(PY) -m cluster.tools.bench_serve $(CONF) --num-requests 32 --request-rate 2 --max-tokens 32 --rounds 4
 
 clean:
 	rm -rf $(VENV) build outputs

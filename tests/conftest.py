@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cluster.tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 from model.processor import PreparedRequest, PromptBuilder
-from model.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 from tests.reference import HFReference
 
 # Modules whose every test starts Ray, subprocesses or a multi-process group.

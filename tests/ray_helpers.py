@@ -85,6 +85,6 @@ def tiny_model() -> Path:
     """The default tiny checkpoint, built once into the system temp dir and reused while its spec matches."""
     import tempfile
 
-    from model.tiny_checkpoint import build_tiny_checkpoint
+    from cluster.tools.tiny_checkpoint import build_tiny_checkpoint
 
     return build_tiny_checkpoint(Path(tempfile.gettempdir()) / "qwen2_5_vl_ray-tests" / "tiny-qwen2.5-vl")

@@ -1,6 +1,6 @@
 """transformers' Qwen2.5-VL as the reference: greedy tokens, teacher-forced logits, the near-tie rule.
 
-Greedy sequences are compared with the near-tie rule of model.greedy_check; every acceptance is
+Greedy sequences are compared with the near-tie rule of cluster.tools.greedy_check; every acceptance is
 reported with a warning, so a run says when the rule was used.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from model.greedy_check import compare_greedy
+from cluster.tools.greedy_check import compare_greedy
 from model.processor import PreparedRequest
 from model.runner import ModelRunner
 

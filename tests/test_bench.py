@@ -1,4 +1,4 @@
-"""`python -m cluster.bench --quick` on the tiny checkpoint: every engine and field is in bench.json, and the
+"""`python -m cluster.tools.bench --quick` on the tiny checkpoint: every engine and field is in bench.json, and the
 ratios and roofline fractions are computed from the measured values. No timing thresholds."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.bench import ENGINES
+from cluster.tools.bench import ENGINES
 
 FIELDS = (
     "ttft_ms_median",
@@ -37,7 +37,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, Path]:
         [
             sys.executable,
             "-m",
-            "cluster.bench",
+            "cluster.tools.bench",
             "--quick",
             "--checkpoints",
             "tiny",

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from cluster.bench_serve import idle_overhead, paired_overhead
+from cluster.tools.bench_serve import idle_overhead, paired_overhead
 
 
 def _record(ttft_s: float | None, e2e_s: float | None, error: str | None = None) -> dict:

@@ -22,7 +22,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import model.npu_ops
-from model.greedy_check import decode_step_logits
+from cluster.tools.greedy_check import decode_step_logits
 from model.processor import PreparedRequest
 from model.runner import ModelRunner
 

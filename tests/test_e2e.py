@@ -2,7 +2,7 @@
 
 A random tiny model has near-tied logits, so a sequence may differ from the reference at a step where
 both tokens are among the reference's top-k logits under teacher forcing (the rule vLLM's tests use);
-the comparison of that sequence stops there (model/greedy_check.py).
+the comparison of that sequence stops there (cluster/tools/greedy_check.py).
 
 One local Ray cluster (conftest's local_ray) and one started engine serve the whole module; the
 requests are conftest's PROMPTS on its generated images.
@@ -18,7 +18,7 @@ import ray
 import torch
 
 from cluster import start, stop
-from model.greedy_check import compare_greedy
+from cluster.tools.greedy_check import compare_greedy
 from model.processor import PromptBuilder
 from tests.ray_helpers import CONTRACT_FIELDS, tiny_config
 from tests.reference import step_rows

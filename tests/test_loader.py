@@ -14,10 +14,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from cluster.tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 from model.loader import CheckpointError
 from model.parallel import ParallelContext
 from model.runner import ModelRunner
-from model.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

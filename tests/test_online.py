@@ -20,7 +20,7 @@ import ray
 import torch
 
 from cluster import start, stop
-from model.greedy_check import compare_greedy
+from cluster.tools.greedy_check import compare_greedy
 from model.processor import PromptBuilder
 from tests.ray_helpers import REPO, tiny_config, wait_for
 from tests.reference import step_rows

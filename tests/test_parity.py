@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.greedy_check import decode_step_logits
+from cluster.tools.greedy_check import decode_step_logits
 from model.processor import PreparedRequest
 from model.runner import GenerationResult, ModelRunner
 from model.sampling import SamplingParams

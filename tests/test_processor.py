@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
+from cluster.tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 from model.images import ImageLoadError, load_image
 from model.processor import IMAGE_TOKEN, InvalidRequestError, PreparedRequest, PromptBuilder
-from model.tiny_checkpoint import TinySpec, build_tiny_checkpoint
 
 MAX_PIXELS = TinySpec().max_pixels
 

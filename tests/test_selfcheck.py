@@ -1,4 +1,4 @@
-"""`python -m cluster.selfcheck --device cpu`: tp 2 through Ray (eager and graph) against a cpu reference."""
+"""`python -m cluster.tools.selfcheck --device cpu`: tp 2 through Ray (eager and graph) against a cpu reference."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster.selfcheck import ROWS
+from cluster.tools.selfcheck import ROWS
 
 
 def test_selfcheck_cpu_passes(tmp_path: Path) -> None:
@@ -14,7 +14,7 @@ def test_selfcheck_cpu_passes(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "cluster.selfcheck",
+            "cluster.tools.selfcheck",
             "--device",
             "cpu",
             "--new-tokens",

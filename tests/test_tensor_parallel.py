@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model.greedy_check import decode_step_logits
+from cluster.tools.greedy_check import decode_step_logits
 from model.parallel import ParallelContext, free_port
 from model.processor import PreparedRequest
 from model.runner import ModelRunner

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from model.tiny_checkpoint import SPECIAL_TOKENS, TinySpec, build_tiny_checkpoint, is_built, main
+from cluster.tools.tiny_checkpoint import SPECIAL_TOKENS, TinySpec, build_tiny_checkpoint, is_built, main
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""cluster/bench_vision.py end to end on a small image and one block: both engines run in subprocesses,
+"""cluster/tools/bench_vision.py end to end on a small image and one block: both engines run in subprocesses,
 agree with each other, and the JSON line carries the figures the README quotes."""
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Random tiny models have near-tied logits, so greedy sequences are compared with the rule of vLLM's
 tests: at the first step where the tokens differ, the difference is accepted only if each side's
 token is among the other side's top-k logits at that step; the comparison of that sequence stops
-there. Used by the test suite (tests/reference.py), the accelerator check (model.gpu_check) and the
-self-check (cluster.selfcheck).
+there. Used by the test suite (tests/reference.py), the accelerator check (cluster.tools.gpu_check) and the
+self-check (cluster.tools.selfcheck).
 """
 
 from __future__ import annotations
