@@ -45,7 +45,6 @@ class SeqState(str, Enum):
 
 
 WAITING, PREFILLING, DECODING, FINISHED = SeqState.WAITING, SeqState.PREFILLING, SeqState.DECODING, SeqState.FINISHED
-RUNNING_STATES = (PREFILLING, DECODING)
 
 
 @dataclass
@@ -197,7 +196,7 @@ class GroupScheduler:
 
     def prefilled(self, seq: Sequence, end: int) -> None:
         """A chunk of `seq.tokens` ending at `end` ran; a chunk ending at len(tokens) makes it decode."""
-        self._check_running(seq, "prefilled")
+        self._check_state(seq, "prefilled", PREFILLING)
         if not seq.num_computed < end <= len(seq.tokens):
             raise ValueError(
                 f"request {seq.request_id!r}: chunk end {end} outside ({seq.num_computed}, {len(seq.tokens)}]"
@@ -208,8 +207,9 @@ class GroupScheduler:
         self._register(seq)
 
     def append(self, seq: Sequence, tokens: list[int]) -> None:
-        """New sampled tokens: the one after a final chunk, or a decode call's; the last has no KV yet."""
-        self._check_running(seq, "append")
+        """New sampled tokens: the one after a final chunk (reported by `prefilled` first), or a decode
+        call's; the last one has no KV yet."""
+        self._check_state(seq, "append", DECODING)
         if len(seq.output_ids) + len(tokens) > seq.max_new_tokens:
             raise ValueError(
                 f"request {seq.request_id!r}: {len(seq.output_ids)} + {len(tokens)} tokens exceed "
@@ -358,6 +358,8 @@ class GroupScheduler:
             full = seq.num_computed // self.block_size
             self.pool.cache(seq.request_id, self._keys(seq)[:full])
 
-    def _check_running(self, seq: Sequence, event: str) -> None:
-        if self.by_id.get(seq.request_id) is not seq or seq.state not in RUNNING_STATES:
-            raise ValueError(f"{event}: request {seq.request_id!r} is not running here (state {seq.state.value})")
+    def _check_state(self, seq: Sequence, event: str, state: SeqState) -> None:
+        if self.by_id.get(seq.request_id) is not seq or seq.state != state:
+            raise ValueError(
+                f"{event}: request {seq.request_id!r} is not {state.value} here (state {SeqState(seq.state).value})"
+            )

@@ -456,9 +456,9 @@ def test_finish_of_an_ended_request_is_a_no_op_and_reports_after_ending_are_refu
     sched.abort("a")
     sched.finish(seq, "length")
     assert seq.finish_reason == "abort"
-    with pytest.raises(ValueError, match="not running"):
+    with pytest.raises(ValueError, match="'a' is not decoding here"):
         sched.append(seq, [1])
-    with pytest.raises(ValueError, match="not running"):
+    with pytest.raises(ValueError, match="'a' is not prefilling here"):
         sched.prefilled(seq, 3)
 
 
@@ -469,7 +469,15 @@ def test_reports_that_do_not_match_the_plan_are_refused():
     sched.schedule()  # chunk (0, 4)
     with pytest.raises(ValueError, match="chunk end 11"):
         sched.prefilled(seq, 11)
+    with pytest.raises(ValueError, match="append: request 'a' is not decoding"):
+        sched.append(seq, [1])  # before its final chunk ran
     sched.prefilled(seq, 4)
+    sched.schedule()
+    sched.prefilled(seq, 8)
+    sched.schedule()
+    sched.prefilled(seq, 10)
+    with pytest.raises(ValueError, match="prefilled: request 'a' is not prefilling"):
+        sched.prefilled(seq, 10)
     with pytest.raises(ValueError, match="exceed max_new_tokens=2"):
         sched.append(seq, [1, 2, 3])
 
