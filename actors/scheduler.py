@@ -215,14 +215,14 @@ class GroupScheduler:
                 f"request {seq.request_id!r}: {len(seq.output_ids)} + {len(tokens)} tokens exceed "
                 f"max_new_tokens={seq.max_new_tokens}"
             )
-        seq.output_ids.extend(tokens)
-        seq.num_computed = len(seq.tokens) - 1
-        if seq.num_computed > self.pool.held(seq.request_id) * self.block_size:
+        computed = len(seq.tokens) + len(tokens) - 1
+        if computed > self.pool.held(seq.request_id) * self.block_size:
             raise ValueError(
-                f"request {seq.request_id!r}: {seq.num_computed} tokens computed but blocks were planned "
+                f"request {seq.request_id!r}: {computed} tokens computed but blocks were planned "
                 f"for {self.pool.held(seq.request_id) * self.block_size}"
             )
-        seq.state = DECODING
+        seq.output_ids.extend(tokens)
+        seq.num_computed = computed
         self._register(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:

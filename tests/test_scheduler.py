@@ -649,3 +649,16 @@ def test_random_traffic_keeps_the_pool_consistent_and_leaks_nothing(
             assert w.ended[rid] == (expected, reason), rid
         else:  # aborted, stopped or failed: what it got is a prefix of what it would have got
             assert seq.output_ids == expected[: len(seq.output_ids)], rid
+
+
+def test_more_tokens_than_the_plan_gave_blocks_for_are_refused_and_change_nothing():
+    sched = _sched(block_size=4, decode_steps_per_call=1)
+    seq = _seq("a", 3, max_new=20)
+    sched.add(seq)
+    sched.schedule()
+    sched.prefilled(seq, 3)
+    sched.append(seq, [1])
+    sched.schedule()  # one decode step: blocks for 4 positions
+    with pytest.raises(ValueError, match="5 tokens computed but blocks were planned for 4"):
+        sched.append(seq, [2, 3])
+    assert seq.output_ids == [1] and seq.num_computed == 3
