@@ -60,8 +60,8 @@ class DataConfig:
     num_samples: how many requests to take from the dataset (None = all).
     input_max_len: longest prompt in tokens, image tokens included.
     max_new_tokens: tokens generated per request.
-    batch_size: requests per DP group per step.
     temperature: 0 means greedy decoding.
+    batch_size: the most requests running at once per DP group (KV memory is set by kv_cache).
     max_images_per_prompt: a request with more images than this gets an error record.
     ignore_eos: keep generating past the end-of-sequence token up to max_new_tokens.
     request_rate: arrivals per second for `cluster.launch` (Poisson, seeded by `seed`); inf sends
@@ -88,8 +88,8 @@ class SchedulerConfig:
 
     policy: "continuous" admits waiting requests into free KV slots between decode steps;
         "static" runs batches of batch_size to completion, one batch per group at a time.
-    prefill_chunk_tokens: most prompt tokens prefilled per scheduling step; longer prompts are
-        split into chunks, and running requests decode between chunks.
+    prefill_chunk_tokens: the token budget of one round: decode tokens of the running requests
+        plus prompt chunks, computed in one forward; longer prompts are split over rounds.
     decode_steps_per_call: decode steps per call to the workers; waiting requests are admitted
         after at most this many steps.
     """
@@ -97,6 +97,24 @@ class SchedulerConfig:
     policy: str = "continuous"
     prefill_chunk_tokens: int = 2048
     decode_steps_per_call: int = 4
+
+
+@dataclass
+class KVCacheConfig:
+    """The paged KV cache of each rank: a pool of fixed-size blocks shared by a DP group's requests.
+
+    block_size: tokens per block; null takes the device's default (npu 128, what its paged attention
+        kernel is used with; cuda and cpu 16).
+    num_blocks: blocks in the pool (one of them reserved as the null block); null sizes it by
+        memory_gb, or, with both null, to hold batch_size sequences of input_max_len +
+        max_new_tokens (the memory of one worst-case slot per running request).
+    memory_gb: the pool's size per rank in GiB (keys and values of every layer of that rank),
+        turned into a block count; ignored when num_blocks is set.
+    """
+
+    block_size: int | None = None
+    num_blocks: int | None = None
+    memory_gb: float | None = None
 
 
 @dataclass
@@ -165,6 +183,9 @@ class RunConfig:
     profile: write a torch profiler trace per worker for one batch into profile_dir.
     vision_cache_mb: bytes (in MiB) of image embeddings each DP group keeps to reuse for an image
         sent again; 0 turns the cache off.
+    prefix_caching: keep the KV blocks of finished requests, keyed by their tokens and the images
+        behind them, and reuse the longest cached prefix of a new request instead of computing it.
+    kv_cache: the paged KV pool (KVCacheConfig).
     fused_ops: use the device's fused kernels (RMSNorm, rotary, SwiGLU, decode attention); null
         takes the device table's default (on for npu, off elsewhere).
     resume: skip requests whose ids already have a successful record in output_path.
@@ -188,6 +209,8 @@ class RunConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     vision_cache_mb: int = 512
+    prefix_caching: bool = True
+    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     fused_ops: bool | None = None
     resume: bool = False
     resume_failed: bool = True
@@ -329,6 +352,14 @@ def _validate(cfg: RunConfig) -> None:
     _check_choice("scheduler.policy", sched.policy, POLICIES)
     _check_min("scheduler.prefill_chunk_tokens", sched.prefill_chunk_tokens, 1)
     _check_min("scheduler.decode_steps_per_call", sched.decode_steps_per_call, 1)
+
+    kv = cfg.kv_cache
+    if kv.block_size is not None and not 1 <= kv.block_size <= 1024:
+        _fail("kv_cache.block_size", kv.block_size, "must be null or in 1..1024")
+    if kv.num_blocks is not None:
+        _check_min("kv_cache.num_blocks", kv.num_blocks, 2)
+    if kv.memory_gb is not None and not kv.memory_gb > 0:
+        _fail("kv_cache.memory_gb", kv.memory_gb, "must be null or > 0")
 
     serve = cfg.serve
     if not serve.host:

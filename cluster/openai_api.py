@@ -279,9 +279,16 @@ def new_completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def usage(record: dict[str, Any]) -> dict[str, int]:
+def usage(record: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens` counts the prompt tokens served from the
+    prefix cache."""
     prompt, completion = int(record.get("prompt_tokens") or 0), len(record.get("output_token_ids") or ())
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": int(record.get("cached_tokens") or 0)},
+    }
 
 
 def finish_reason(record: dict[str, Any], stopped: bool) -> str:
