@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from actors.config import EngineConfig
+from actors.errors import NO_LIVE_GROUP, NoLiveGroupError, RequestError
 from actors.groups import CallError, GroupFailure, WorkerGroup
 from actors.metrics import EngineMetrics
 from actors.records import failed_record
@@ -30,8 +31,6 @@ from actors.scheduler import GroupScheduler, Sequence
 from model.processor import PromptBuilder
 
 logger = logging.getLogger(__name__)
-
-NO_LIVE_GROUP = "no live DP group to serve it"
 
 
 class Engine:
@@ -213,30 +212,36 @@ class Coordinator:
         return bool(states)
 
     async def _submit(self, request: Any) -> RequestState:
-        """Prepare a request and queue it on the least-loaded live group (ValueError if it cannot run)."""
+        """Prepare a request and queue it on the least-loaded live group.
+
+        Raises RequestError (or InvalidRequestError) naming the field when it cannot run as given,
+        NoLiveGroupError when no group is alive.
+        """
         arrival = time.time()
         if not isinstance(request, dict):
-            raise ValueError(f"request is not a dict: {request!r}")
+            raise RequestError(f"request is not a dict: {request!r}")
         params = sampling_params(request, self.cfg.sampling)
         stop = stop_strings(request)
         prepared = await asyncio.to_thread(self.builder.build, request)
         if len(prepared.input_ids) > self.cfg.input_max_len:
-            raise ValueError(
+            raise RequestError(
                 f"request {prepared.request_id!r}: prompt has {len(prepared.input_ids)} tokens, more "
-                f"than data_config.input_max_len={self.cfg.input_max_len}"
+                f"than data_config.input_max_len={self.cfg.input_max_len}",
+                "messages" if request.get("messages") is not None else "prompt",
             )
         need = len(prepared.input_ids) + params.max_new_tokens
         if need > self.cfg.worker.max_seq_len:
-            raise ValueError(
+            raise RequestError(
                 f"request {prepared.request_id!r}: prompt of {len(prepared.input_ids)} tokens + "
                 f"max_new_tokens={params.max_new_tokens} needs {need} KV slots, more than "
-                f"max_seq_len={self.cfg.worker.max_seq_len}"
+                f"max_seq_len={self.cfg.worker.max_seq_len}",
+                "max_new_tokens",
             )
         key = f"{prepared.request_id}#{next(self.keys)}"
         state = RequestState.create(key, prepared.request_id, prepared, params, stop, self.builder.decode, arrival)
+        self._enqueue(state)
         self.submitted += 1
         self.requests[key] = state
-        self._enqueue(state)
         return state
 
     def _rejected(self, request: Any, error: str) -> dict:
@@ -247,10 +252,10 @@ class Coordinator:
         return record
 
     def _enqueue(self, state: RequestState) -> None:
+        """Queue a request on the least-loaded live group (NoLiveGroupError when none is alive)."""
         live = [e for e in self.engines if e.group.alive]
         if not live:
-            self._end(state, None, NO_LIVE_GROUP)
-            return
+            raise NoLiveGroupError()
         engine = min(live, key=lambda e: (e.scheduler.load, e.dp_rank))
         engine.scheduler.add(Sequence(state.key, len(state.prepared.input_ids), payload=state))
         self._gauges(engine)
@@ -404,7 +409,7 @@ class Coordinator:
             asyncio.get_running_loop().create_task(self._rebuild(engine, orphans))
         elif rebuild:
             for seq in orphans:
-                self._end(seq.payload, None, f"{NO_LIVE_GROUP} ({message})")
+                self._end(seq.payload, None, NoLiveGroupError(f"{NO_LIVE_GROUP} ({message})"))
         return orphans
 
     async def _rebuild(self, engine: Engine, orphans: list[Sequence]) -> None:
