@@ -41,8 +41,9 @@ def sampling_params(request: dict, defaults: SamplingParams) -> SamplingParams:
         elif key in ("max_new_tokens", "seed"):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise RequestError(f"'{key}' must be an integer, got {value!r}", key)
-            if not (1 if key == "max_new_tokens" else 0) <= value <= _MAX_SEED:
-                raise RequestError(f"'{key}'={value!r} must be >= {1 if key == 'max_new_tokens' else 0}", key)
+            low = 1 if key == "max_new_tokens" else 0
+            if not low <= value <= _MAX_SEED:
+                raise RequestError(f"'{key}'={value!r} must be in [{low}, {_MAX_SEED}]", key)
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise RequestError(f"'{key}' must be a finite number, got {value!r}", key)
         try:
