@@ -226,7 +226,7 @@ class OpenAIServer:
                 return StreamingResponse(
                     self._events(stream, first, completion_id, body), media_type="text/event-stream"
                 )
-            response = await until_disconnect(request, self._complete(stream, first, completion_id, body))
+            response = await until_disconnect(request, self._complete(stream, first, completion_id))
             finished = True
             return response
         except ClientGone:
@@ -253,9 +253,7 @@ class OpenAIServer:
         except (ValueError, ray.exceptions.RayError) as e:
             raise _engine_error(e) from None
 
-    async def _complete(
-        self, stream: Any, item: dict[str, Any], completion_id: str, body: ChatCompletionRequest
-    ) -> JSONResponse:
+    async def _complete(self, stream: Any, item: dict[str, Any], completion_id: str) -> JSONResponse:
         while not item.get("final"):
             item = await self._next(stream)
         if item.get("error") is not None:

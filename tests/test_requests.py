@@ -164,6 +164,14 @@ def test_stop_prefix_held_back_then_released_at_the_end(builder: PromptBuilder) 
     assert record["finish_reason"] == "length"
 
 
+def test_held_tail_is_streamed_when_eos_ends_the_request(builder: PromptBuilder) -> None:
+    state = _state(builder, ["</answer>"])
+    item, _ = state.add_tokens([*_ids(builder, "Yes </ans"), *builder.eos_token_ids[:1]], [1.0, 2.0])
+    record = state.finish("stop")  # EOS: the Coordinator ends it without asking for the tail
+    streamed = item["text"] + "".join(i["text"] for i in _drain(state) if not i.get("final"))
+    assert streamed == record["output_text"] == "Yes </ans" and record["finish_reason"] == "stop"
+
+
 def test_stop_string_completed_by_the_last_character_cuts_the_text(builder: PromptBuilder) -> None:
     euro = _ids(builder, "€")
     assert len(euro) > 1
