@@ -4,7 +4,8 @@ As vLLM's incremental detokenizer does, only a window of ids is decoded at each 
 `prefix` (the ids of the previous settled delivery, as context) to the end. Ids before `read` are
 settled: the window's text up to there (`done_len` characters) was delivered before, and the text
 of the ids that follow begins after it. This holds for a byte-level BPE tokenizer such as Qwen's,
-whose text is the UTF-8 decoding of its tokens' bytes, cut at a character boundary.
+whose text is the UTF-8 decoding of its tokens' bytes (with no clean-up of tokenization spaces,
+as Qwen's tokenizer_config sets), cut at a character boundary.
 
 A decoded text that ends in U+FFFD may end in a multi-byte character split over tokens: that last
 character is held back until the next tokens complete it, or until the request ends (`flush`).

@@ -122,6 +122,25 @@ def test_work_per_delivery_does_not_grow_with_output_length(builder: PromptBuild
     assert sum(per_delivery[-100:]) <= 2 * sum(per_delivery[:100])
 
 
+def test_stop_matcher_agrees_with_cutting_the_whole_text() -> None:
+    """Fed in random pieces, the released text is the whole text cut before its first stop string."""
+    rng = random.Random(2)
+    for _ in range(500):
+        stops = ["".join(rng.choice("abx") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choice("abxy") for _ in range(rng.randint(0, 30)))
+        hits = [at for at in (text.find(s) for s in stops) if at >= 0]
+        expected = text[: min(hits)] if hits else text
+        matcher, released, i = StopMatcher(stops), "", 0
+        while i < len(text):
+            n = rng.randint(1, 4)
+            released += matcher.feed(text[i : i + n])
+            i += n
+            assert expected.startswith(released) and len(matcher.held) < max(map(len, stops))
+        if not matcher.stopped:
+            released += matcher.release()
+        assert (released, matcher.stopped) == (expected, bool(hits)), (stops, text)
+
+
 def _state(builder: PromptBuilder, stop: list[str]) -> RequestState:
     prepared = PreparedRequest("r", [1, 2, 3], None, None)
     return RequestState("r#0", prepared, SamplingParams(), stop, new_record("r", 0.0), builder.decode)
