@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from actors.config import EngineConfig
+from actors.errors import NO_LIVE_GROUP, NoLiveGroupError, RequestError
 from actors.group_loop import GroupLoop
 from actors.groups import GroupFailure, WorkerGroup
 from actors.metrics import EngineMetrics
@@ -34,8 +35,6 @@ from model.processor import PreparedRequest, PromptBuilder
 from model.vision_cache import image_key
 
 logger = logging.getLogger(__name__)
-
-NO_LIVE_GROUP = "no live DP group to serve it"
 
 
 class Coordinator:
@@ -216,24 +215,30 @@ class Coordinator:
         return bool(states)
 
     async def _submit(self, request: Any) -> RequestState:
-        """Prepare a request and queue it on the least-loaded live group (ValueError if it cannot run)."""
+        """Prepare a request and queue it on the least-loaded live group.
+
+        Raises RequestError (or InvalidRequestError) naming the field when it cannot run as given,
+        NoLiveGroupError when no group is alive.
+        """
         arrival = time.time()
         if not isinstance(request, dict):
-            raise ValueError(f"request is not a dict: {request!r}")
+            raise RequestError(f"request is not a dict: {request!r}")
         params = sampling_params(request, self.cfg.sampling)
         stop = stop_strings(request)
         prepared, images = await asyncio.to_thread(self._prepare, request)
         if len(prepared.input_ids) > self.cfg.input_max_len:
-            raise ValueError(
+            raise RequestError(
                 f"request {prepared.request_id!r}: prompt has {len(prepared.input_ids)} tokens, more "
-                f"than data_config.input_max_len={self.cfg.input_max_len}"
+                f"than data_config.input_max_len={self.cfg.input_max_len}",
+                "messages" if request.get("messages") is not None else "prompt",
             )
         need = len(prepared.input_ids) + params.max_new_tokens
         if need > self.cfg.worker.max_seq_len:
-            raise ValueError(
+            raise RequestError(
                 f"request {prepared.request_id!r}: prompt of {len(prepared.input_ids)} tokens + "
                 f"max_new_tokens={params.max_new_tokens} needs {need} KV slots, more than "
-                f"max_seq_len={self.cfg.worker.max_seq_len}"
+                f"max_seq_len={self.cfg.worker.max_seq_len}",
+                "max_new_tokens",
             )
         key = f"{prepared.request_id}#{next(self.keys)}"
         seq = Sequence(prepared.request_id, list(prepared.input_ids), params.max_new_tokens, images)
@@ -241,9 +246,9 @@ class Coordinator:
         seq.request_id = key
         state = RequestState.create(key, prepared.request_id, prepared, params, stop, self.builder.decode, arrival)
         seq.payload = state
+        self._enqueue(seq)
         self.submitted += 1
         self.requests[key] = state
-        self._enqueue(seq)
         return state
 
     def _prepare(self, request: dict) -> tuple[PreparedRequest, list[tuple[int, int, bytes]]]:
@@ -260,16 +265,17 @@ class Coordinator:
         return prepared, images
 
     def _check_fits(self, seq: Sequence) -> None:
-        """ValueError naming the limit when the request could never fit a group's KV pool (it would wait forever)."""
+        """RequestError naming the limit when the request could never fit a group's KV pool (it would wait forever)."""
         num_blocks, block_size = self.cfg.worker.kv_pool()
         tokens = len(seq.prompt_ids) + seq.max_new_tokens
         need = -(-tokens // block_size)
         if need > num_blocks - 1:
-            raise ValueError(
+            raise RequestError(
                 f"request {seq.payload.record['id'] if seq.payload else seq.request_id!r}: prompt of "
                 f"{len(seq.prompt_ids)} tokens + max_new_tokens={seq.max_new_tokens} needs {need} KV blocks of "
                 f"{block_size} tokens, more than the KV pool holds ({num_blocks - 1} blocks; kv_cache.num_blocks "
-                "or kv_cache.memory_gb sets it)"
+                "or kv_cache.memory_gb sets it)",
+                "max_new_tokens",
             )
 
     def _rejected(self, request: Any, error: str) -> dict:
@@ -281,11 +287,11 @@ class Coordinator:
 
     def _enqueue(self, seq: Sequence) -> None:
         """Queue on the least-loaded live group; among groups within `route_slack` requests of it, the one
-        whose prefix cache holds the most of the prompt (ties: the less loaded, then the lower rank)."""
+        whose prefix cache holds the most of the prompt (ties: the less loaded, then the lower rank).
+        NoLiveGroupError when no group is alive."""
         live = [e for e in self.engines if e.group.alive]
         if not live:
-            self._end(seq.payload, None, NO_LIVE_GROUP)
-            return
+            raise NoLiveGroupError()
         least = min(e.scheduler.load for e in live)
         close = [e for e in live if e.scheduler.load <= least + self.route_slack]
         engine = max(close, key=lambda e: (e.scheduler.prefix_hit(seq), -e.scheduler.load, -e.dp_rank))
@@ -293,17 +299,14 @@ class Coordinator:
         self._gauges(engine)
         engine.wake.set()
 
-    def _end(self, state: RequestState, finish_reason: str | None, error: str | None = None) -> None:
-        """Finish a request once: leave its scheduler, close its record, count it."""
+    def _end(self, state: RequestState, finish_reason: str | None, error: str | BaseException | None = None) -> None:
+        """Finish a request once: leave its scheduler (its blocks free now), close its record, count it."""
         if state.finished:
             return
         for engine in self.engines:
             if engine.scheduler.abort(state.key, finish_reason or "abort") is not None:
                 engine.wake.set()  # its blocks are free now; the workers forget it at the next step
                 self._gauges(engine)
-        tail = state.tail() if error is None and finish_reason != "stop" else None
-        if tail is not None:
-            state.queue.put_nowait(tail)
         record = state.finish(finish_reason, error)
         self.requests.pop(state.key, None)
         self.completed += 1
@@ -401,7 +404,7 @@ class Coordinator:
             asyncio.get_running_loop().create_task(self._rebuild(engine, orphans))
         elif rebuild:
             for seq in orphans:
-                self._end(seq.payload, None, f"{NO_LIVE_GROUP} ({message})")
+                self._end(seq.payload, None, NoLiveGroupError(f"{NO_LIVE_GROUP} ({message})"))
         return orphans
 
     async def _rebuild(self, engine: GroupLoop, orphans: list[Sequence]) -> None:

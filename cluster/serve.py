@@ -24,7 +24,6 @@ import asyncio
 import hmac
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
@@ -39,12 +38,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from actors.errors import NO_LIVE_GROUP
 from cluster.config import RunConfig, load_config
 from cluster.launch import USER_ERRORS, start, stop
 from cluster.openai_api import (
     APIError,
     ChatCompletionRequest,
-    StopGuard,
     check_media,
     chunk_body,
     completion_body,
@@ -65,12 +64,6 @@ from model.parallel import free_port
 logger = logging.getLogger("cluster.serve")
 
 APP_NAME = "qwen2_5_vl"
-NO_LIVE_GROUP = "no live DP group"
-# The field an engine error message names, e.g. "'mm_processor_kwargs.max_pixels'=..." or "messages[0].content".
-_PARAM_RE = re.compile(
-    r"'?((?:mm_processor_kwargs|messages|max_new_tokens|temperature|top_p|seed|stop)"
-    r"(?:\.\w+|\[\d+\])*)'?"
-)
 
 # Serve's environment for the HAProxy ingress. A replica behind HAProxy normally keeps serving 30 s
 # after it is told to stop so that an outside load balancer can deregister it; nothing else sits
@@ -112,22 +105,23 @@ def _cause(error: BaseException) -> BaseException:
 
 
 def _engine_error(error: BaseException) -> APIError:
-    """The HTTP error for an exception from the Coordinator's stream."""
+    """The HTTP error for an exception from the Coordinator's stream.
+
+    A request the engine refuses is a ValueError (contract: raised before any item): its `status`
+    (actors.errors.RequestError: 400, NoLiveGroupError: 503; default 400) and `param` are read as
+    attributes, so model.processor.InvalidRequestError maps the same way. A dead Coordinator is a 503.
+    """
     cause = _cause(error)
-    message = str(cause)
-    if NO_LIVE_GROUP in message or isinstance(cause, ray.exceptions.RayActorError):
-        return APIError(503, message)
-    if isinstance(cause, ValueError):  # the request cannot be prepared (contract: raised before any item)
-        param = getattr(cause, "param", None)
-        if param is None and (match := _PARAM_RE.search(message)):
-            param = match.group(1)
-        return APIError(400, message, param=param)
-    return APIError(500, f"engine error: {type(cause).__name__}: {message}")
+    if isinstance(cause, ray.exceptions.RayActorError):
+        return APIError(503, str(cause))
+    if isinstance(cause, ValueError):
+        return APIError(getattr(cause, "status", 400), str(cause), param=getattr(cause, "param", None))
+    return APIError(500, f"engine error: {type(cause).__name__}: {cause}")
 
 
 def _record_error(record: dict[str, Any]) -> APIError:
-    error = str(record["error"])
-    return APIError(503 if NO_LIVE_GROUP in error else 500, error)
+    """The HTTP error for a failed request's final stream item, whose `error_status` the engine sets."""
+    return APIError(int(record.get("error_status") or 500), str(record["error"]))
 
 
 class ClientGone(Exception):
@@ -232,7 +226,7 @@ class OpenAIServer:
                 return StreamingResponse(
                     self._events(stream, first, completion_id, body), media_type="text/event-stream"
                 )
-            response = await until_disconnect(request, self._complete(stream, first, completion_id, body))
+            response = await until_disconnect(request, self._complete(stream, first, completion_id))
             finished = True
             return response
         except ClientGone:
@@ -259,18 +253,13 @@ class OpenAIServer:
         except (ValueError, ray.exceptions.RayError) as e:
             raise _engine_error(e) from None
 
-    async def _complete(
-        self, stream: Any, item: dict[str, Any], completion_id: str, body: ChatCompletionRequest
-    ) -> JSONResponse:
+    async def _complete(self, stream: Any, item: dict[str, Any], completion_id: str) -> JSONResponse:
         while not item.get("final"):
             item = await self._next(stream)
         if item.get("error") is not None:
             raise _record_error(item)
-        guard = StopGuard(body.stop)
-        content, stopped = guard.cut(item.get("output_text") or "")
-        return JSONResponse(
-            completion_body(completion_id, self.model, now(), content, finish_reason(item, stopped), item)
-        )
+        content = item.get("output_text") or ""
+        return JSONResponse(completion_body(completion_id, self.model, now(), content, finish_reason(item), item))
 
     async def _events(
         self, stream: Any, item: dict[str, Any], completion_id: str, body: ChatCompletionRequest
@@ -284,13 +273,12 @@ class OpenAIServer:
         ) -> bytes:
             return sse(chunk_body(completion_id, self.model, created, delta, reason, usage_, include_usage))
 
-        guard = StopGuard(body.stop)
         finished = False
         pending: asyncio.Future | None = None
         try:
             yield chunk({"role": "assistant", "content": ""})
             while not item.get("final"):
-                text = guard.feed(item.get("text") or "")
+                text = item.get("text")  # the engine's deltas: stop strings already cut, held back and released
                 if text:
                     yield chunk({"content": text})
                 pending = asyncio.ensure_future(self._next(stream))
@@ -301,10 +289,7 @@ class OpenAIServer:
             if item.get("error") is not None:
                 yield sse(_record_error(item).body())
             else:
-                rest = guard.finish(item.get("output_text") or "")
-                if rest:
-                    yield chunk({"content": rest})
-                yield chunk({}, finish_reason(item, guard.stopped))
+                yield chunk({}, finish_reason(item))
                 if include_usage:
                     yield chunk(None, usage_=usage(item))
         except APIError as e:

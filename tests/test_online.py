@@ -197,6 +197,40 @@ def test_stop_string_ends_the_request_and_is_not_returned(engines):
     assert record["output_text"] == full[:stop_at]
 
 
+@ray.remote(num_cpus=0)
+def _raise(error: BaseException) -> None:
+    raise error
+
+
+def test_typed_errors_keep_type_param_and_status_through_ray(engines):
+    from actors.errors import NoLiveGroupError, RequestError
+    from cluster.serve import _engine_error
+    from model.processor import InvalidRequestError
+
+    coordinator = engines["tp1"]
+    cases = [
+        ({"id": "e1", "prompt": "hi", "stop": ["a"] * 5}, RequestError, "stop"),
+        ({"id": "e2", "prompt": "hi", "temperature": -1}, RequestError, "temperature"),
+        (
+            {"id": "e3", "prompt": "hi", "mm_processor_kwargs": {"dpi": 3}},
+            InvalidRequestError,
+            "mm_processor_kwargs.dpi",
+        ),
+    ]
+    for request, kind, param in cases:
+        stream = coordinator.stream.options(num_returns="streaming").remote(request)
+        with pytest.raises(ValueError) as info:  # Ray's RayTaskError is also an instance of the cause's class
+            ray.get(next(stream), timeout=60)
+        cause = info.value.cause
+        assert type(cause) is kind and (cause.param, cause.status) == (param, 400), cause
+        assert (_engine_error(info.value).status, _engine_error(info.value).param) == (400, param)
+    with pytest.raises(NoLiveGroupError) as info:
+        ray.get(_raise.remote(NoLiveGroupError("no live DP group to serve it (dp group 0 died)")), timeout=60)
+    cause = info.value.cause
+    assert (str(cause), cause.status, cause.param) == ("no live DP group to serve it (dp group 0 died)", 503, None)
+    assert _engine_error(info.value).status == 503
+
+
 def test_requests_go_to_the_least_loaded_group(local_ray, tiny_checkpoint):
     coordinator = _engine(
         tiny_checkpoint, "online-dp2", "world_size=2", "parallel_config.tp_size=1", "data_config.batch_size=4"

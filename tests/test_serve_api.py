@@ -1,4 +1,4 @@
-"""The chat-completions schema and its translation, without a server: request errors, stop strings, chunks."""
+"""The chat-completions schema and its translation, without a server: request errors, chunks, error statuses."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from cluster.openai_api import (
     APIError,
-    StopGuard,
     check_media,
     chunk_body,
     completion_body,
@@ -112,29 +111,6 @@ def test_engine_request() -> None:
     assert engine_request(parse_request(_body()), "r2") == {"id": "r2", "messages": [USER]}
 
 
-def _stream(guard: StopGuard, deltas: list[str], final: str) -> str:
-    return "".join(guard.feed(d) for d in deltas) + guard.finish(final)
-
-
-def test_stop_guard_never_sends_a_stop_string() -> None:
-    # The stop string arrives split over deltas: its start is held back, then dropped.
-    guard = StopGuard(["</end>"])
-    sent = [guard.feed(d) for d in ["Hello <", "/e", "nd> more"]]
-    assert sent == ["Hello ", "", ""] and guard.stopped
-    assert guard.finish("Hello ") == ""
-    # A held-back start that turns out not to be a stop string is sent with the next delta.
-    guard = StopGuard(["STOP", "xyz"])
-    assert [guard.feed(d) for d in ["aS", "Tb", "x"]] == ["a", "STb", ""]
-    assert guard.finish("aSTbx") == "x" and not guard.stopped
-    # The engine's final text (stop string cut off) completes what was held back.
-    assert _stream(StopGuard(["##"]), ["one #", "# two"], "one ") == "one "
-    assert _stream(StopGuard(None), ["a", "b"], "ab") == "ab"
-    # The earliest of several stop strings wins; the record's text is cut too if the engine did not.
-    guard = StopGuard(["c", "b"])
-    assert _stream(guard, ["abcd"], "abcd") == "a" and guard.stopped
-    assert StopGuard(["b"]).cut("abab") == ("a", True)
-
-
 def test_bodies_parse_as_openai_types() -> None:
     record = {"output_text": "hi there", "output_token_ids": [5, 6, 7], "prompt_tokens": 11}
     completion = ChatCompletion.model_validate(completion_body("c1", "tiny", 1, "hi there", "stop", record))
@@ -160,18 +136,24 @@ def test_engine_errors_map_to_http_statuses() -> None:
 
     from ray.exceptions import RayActorError
 
+    from actors.errors import NoLiveGroupError, RequestError
     from cluster.serve import OpenAIServer, _engine_error, _record_error
     from model.processor import InvalidRequestError
 
+    # By type and attribute: a message that merely mentions a field or "no live DP group" maps to nothing.
     error = _engine_error(InvalidRequestError("request r: bad pixels", "mm_processor_kwargs.max_pixels"))
     assert (error.status, error.param) == (400, "mm_processor_kwargs.max_pixels")
-    error = _engine_error(ValueError("request 'r': prompt has 900 tokens, more than data_config.input_max_len=512"))
-    assert error.status == 400 and "input_max_len" in error.message
-    assert _engine_error(ValueError("no live DP group to serve it")).status == 503
+    error = _engine_error(RequestError("request 'r': prompt has 900 tokens, more than input_max_len=512", "messages"))
+    assert (error.status, error.param) == (400, "messages") and "input_max_len" in error.message
+    error = _engine_error(NoLiveGroupError())
+    assert (error.status, error.param, error.type) == (503, None, "service_unavailable")
+    error = _engine_error(ValueError("no live DP group to serve it; 'temperature' is fine"))
+    assert (error.status, error.param) == (400, None)
     assert _engine_error(RayActorError()).status == 503
     assert _engine_error(RuntimeError("boom")).status == 500
-    assert _record_error({"error": "no live DP group to serve it"}).status == 503
-    assert _record_error({"error": "shard-worker-0 (rank 0) of dp group 0 died"}).status == 500
+    assert _record_error({"error": "no live DP group to serve it (dp group 0 died)", "error_status": 503}).status == 503
+    assert _record_error({"error": "shard-worker-0 (rank 0) of dp group 0 died", "error_status": 500}).status == 500
+    assert _record_error({"error": "no live DP group to serve it"}).status == 500  # no status: not guessed from text
 
     class Status:
         def __init__(self, live: int) -> None:
