@@ -148,7 +148,10 @@ def _get(url: str, policy: MediaFetchPolicy, resolver: Resolver) -> tuple[int, s
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise MediaFetchError(f"not an http(s) URL with a host: {describe_source(url)}")
     host = parts.hostname.lower()
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:
+        raise MediaFetchError(f"bad port in image URL {describe_source(url)}: {e}") from None
     kind = _PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     errors = []

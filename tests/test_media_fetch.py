@@ -98,6 +98,8 @@ def test_every_resolved_address_is_checked_before_connecting() -> None:
     assert checked_addresses("mixed.test", 80, widened, resolver) == ["8.8.8.8", "10.0.0.1"]
     with pytest.raises(MediaFetchError, match="not an http"):
         fetch_media("ftp://public.test/a.png", policy, resolver)
+    with pytest.raises(MediaFetchError, match="bad port"):
+        fetch_media("http://public.test:99999/a.png", policy, resolver)
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.1", "2130706433", "0x7f.0.0.1", "localhost", "[::ffff:127.0.0.1]"])
