@@ -82,7 +82,7 @@ def server(local_ray: None, checkpoint: Path, media_dir: Path) -> Iterator[Serve
         f"serve.allowed_local_media_path={media_dir}",
         "serve.allowed_media_domains=[images.example.com,127.0.0.1]",
         "serve.allow_private_media_urls=true",
-        "serve.media_read_timeout_s=1",
+        "serve.media_read_timeout_s=2",
         f"serve.max_request_pixels={MAX_PIXELS}",
         f"ray.namespace={NAMESPACE}",
     )
@@ -329,7 +329,7 @@ def test_widened_media_policy_fetches_from_loopback(server: Server, media: Media
     field = "messages[0].content[0].image_url.url"
     for url, message in [
         (media.url(f"/redirect?to={trap}"), "'localhost' is not in serve.allowed_media_domains"),
-        (media.url("/drip"), "not received within serve.media_read_timeout_s=1.0"),
+        (media.url("/drip"), "not received within serve.media_read_timeout_s=2.0"),
     ]:
         with pytest.raises(openai.BadRequestError) as info:
             server.client.chat.completions.create(messages=_image_message(url), **fields)
