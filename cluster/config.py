@@ -129,9 +129,24 @@ class ServeConfig:
         proxy, which relays every request and streamed chunk through Ray calls) or "auto" (haproxy
         where its binary is installed, else proxy).
     allowed_local_media_path: a directory: image parts given as a local path or file:// URL must be
-        absolute and resolve (symlinks followed) inside it, else 400. null: any file the server's
-        processes can read (keep serve.api_key set when the server is reachable beyond loopback).
-    allowed_media_domains: host names that http(s) image URLs may point at, else 400; null: any.
+        absolute and resolve (symlinks followed) inside it, else 400. null (default): no local paths
+        nor file:// URLs at all (400). Datasets run by cluster.launch read local images regardless.
+    allowed_media_domains: host names that http(s) image URLs may point at, on every redirect hop,
+        else 400; null: any public host.
+    allow_private_media_urls: let image URLs reach loopback, private, link-local, multicast and
+        other non-public addresses (default false: refused with 400 before any connection; see
+        docs/SECURITY.md).
+    media_connect_timeout_s, media_read_timeout_s: bounds on each fetch hop's connect and on its
+        whole answer (a source that sends slower is cut, 400).
+    max_media_bytes: largest image body fetched (400 beyond); max_media_redirects: most redirects
+        followed for one image URL, each hop checked again.
+    max_request_bytes: largest request body (413 before it is parsed); sized for a few large
+        base64 images.
+    max_request_pixels: total width x height of a request's images, read from their headers (400).
+    max_queued_requests: chat requests that may wait for a KV slot beyond those the engine runs
+        (data_config.batch_size per DP group); more get 503 with Retry-After: retry_after_s.
+    queue_timeout_s: a request that gets no token within this many seconds is dropped with 503
+        (a stream gets the error as its last event); null: no limit.
     """
 
     host: str = "127.0.0.1"
@@ -141,6 +156,16 @@ class ServeConfig:
     ingress: str = "auto"
     allowed_local_media_path: str | None = None
     allowed_media_domains: list[str] | None = None
+    allow_private_media_urls: bool = False
+    media_connect_timeout_s: float = 5.0
+    media_read_timeout_s: float = 10.0
+    max_media_bytes: int = 32 * 1024 * 1024
+    max_media_redirects: int = 3
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_request_pixels: int = 100_000_000
+    max_queued_requests: int = 256
+    queue_timeout_s: float | None = None
+    retry_after_s: float = 5.0
 
 
 @dataclass
@@ -380,6 +405,15 @@ def _validate(cfg: RunConfig) -> None:
             if not domain or "/" in domain or ":" in domain:
                 _fail(f"serve.allowed_media_domains[{i}]", domain, "must be a host name such as images.example.com")
         serve.allowed_media_domains = [d.lower() for d in serve.allowed_media_domains]
+    for name in ("media_connect_timeout_s", "media_read_timeout_s", "retry_after_s"):
+        if not getattr(serve, name) > 0:
+            _fail(f"serve.{name}", getattr(serve, name), "must be > 0")
+    for name in ("max_media_bytes", "max_request_bytes", "max_request_pixels"):
+        _check_min(f"serve.{name}", getattr(serve, name), 1)
+    _check_min("serve.max_media_redirects", serve.max_media_redirects, 0)
+    _check_min("serve.max_queued_requests", serve.max_queued_requests, 0)
+    if serve.queue_timeout_s is not None and not serve.queue_timeout_s > 0:
+        _fail("serve.queue_timeout_s", serve.queue_timeout_s, "must be null or > 0")
     _check_min("vision_cache_mb", cfg.vision_cache_mb, 0)
     _check_min("interrupt_grace_s", cfg.interrupt_grace_s, 0.0)
     if not 0.0 < data.top_p <= 1.0:

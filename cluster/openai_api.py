@@ -241,8 +241,8 @@ def check_media(
     request: ChatCompletionRequest, allowed_local_path: str | None, allowed_domains: list[str] | None
 ) -> None:
     """Refuse, with a 400 naming the part, an image URL outside the server's media policy: a local
-    path or file:// URL not inside `allowed_local_path`, an http(s) URL whose host is not in
-    `allowed_domains` (None: no limit)."""
+    path or file:// URL when `allowed_local_path` is None or outside it, an http(s) URL whose host
+    is not in `allowed_domains` (None: no limit; the addresses are checked when fetched)."""
     for field, url in image_urls(request):
         if url.startswith("data:"):
             continue
@@ -252,7 +252,12 @@ def check_media(
                 raise APIError(400, f"{field}: image host {host!r} is not in serve.allowed_media_domains", param=field)
             continue
         if allowed_local_path is None:
-            continue
+            raise APIError(
+                400,
+                f"{field}: local image paths and file:// URLs are not allowed; send a data: or http(s) URL "
+                "(the server's operator can allow a directory with serve.allowed_local_media_path)",
+                param=field,
+            )
         try:
             path = local_image_path(url)
         except ImageLoadError as e:
