@@ -34,6 +34,7 @@ from cluster.config import ConfigError, RunConfig, load_config
 from cluster.datasets import DatasetError, load_requests
 from cluster.devices import actor_resource_options, check_graph_env, get_device_spec, resolve_fused_ops
 from cluster.placement import COORDINATOR_NAME, PlacementError, order_groups_by_node, reserve
+from cluster.preflight import PreflightError, check_nodes
 from cluster.report import format_summary, summarize, write_report
 from cluster.results import (
     RecordWriter,
@@ -51,7 +52,15 @@ from model.sampling import SamplingParams
 logger = logging.getLogger("cluster.launch")
 
 # Errors a user can fix; the launch prints their message alone, without a traceback.
-USER_ERRORS = (ConfigError, ModelConfigError, CheckpointError, DatasetError, PlacementError, TimeoutError)
+USER_ERRORS = (
+    ConfigError,
+    ModelConfigError,
+    CheckpointError,
+    DatasetError,
+    PlacementError,
+    PreflightError,
+    TimeoutError,
+)
 # After interrupt_grace_s, how long the aborted requests' records may take to come back.
 ABORT_WAIT_S = 10.0
 
@@ -140,7 +149,10 @@ def connect(cfg: RunConfig) -> None:
 
 
 def start(cfg: RunConfig) -> Any:
-    """Reserve devices, start the Coordinator and its workers; returns the Coordinator's handle.
+    """Reserve devices, check each node that will host workers, start the Coordinator and its workers.
+
+    Returns the Coordinator's handle. The node checks (cluster/preflight.py) run before any worker
+    exists; a failing node ends the start with a PreflightError naming it and the fix.
 
     Uses the driver's Ray connection when it already has one. `ray.get(handle.generate.remote(requests))`
     then serves requests; `stop(handle)` releases everything.
@@ -167,6 +179,16 @@ def start(cfg: RunConfig) -> Any:
     coordinator = None
     try:
         nodes = [str(placement_group_table(pg).get("bundles_to_node_id", {}).get(0, "")) for pg in placement.groups]
+        # One preflight task per node that will host workers, in its first worker bundle, before any worker.
+        first_group = {node: g for g, node in reversed(list(enumerate(nodes)))}
+        check_nodes(
+            cfg.device,
+            cfg.exe_mode,
+            cfg.dist_env,
+            [placement.strategy(g * cfg.tp_size) for g in sorted(first_group.values())],
+            actor_resource_options(spec, cfg.ray.num_cpus_per_worker),
+            cfg.ray.worker_timeout_s,
+        )
         coordinator = (
             ray.remote(Coordinator)
             .options(
