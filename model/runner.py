@@ -274,6 +274,10 @@ class ModelRunner:
             self.decode_fn = GraphDecode(self.model.decode, sizes, lengths, self.device)
         self.decode_lengths = lengths
 
+    def eager_buckets(self) -> list[dict]:
+        """The decode (batch, length) pairs that run eager in graph mode because their capture failed."""
+        return self.decode_fn.eager_buckets() if isinstance(self.decode_fn, GraphDecode) else []
+
     # ----------------------------------------------------------------------------- whole batch
     def check_fits(self, request: PreparedRequest, params: SamplingParams) -> str | None:
         """Why a request cannot run on this runner, or None."""
