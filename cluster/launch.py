@@ -231,6 +231,20 @@ def unwrap(error: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else error
 
 
+def eager_decode_buckets(workers: list[dict]) -> list[dict]:
+    """Per worker stats (as the Coordinator's stats() lists them) -> the decode buckets that run eager.
+
+    One {"rank", "batch", "length", "error"} per (rank, bucket) whose graph capture failed; empty in eager
+    mode, on cpu, and where every capture succeeded.
+    """
+    return [{"rank": w.get("rank"), **b} for w in workers for b in w.get("eager_buckets") or []]
+
+
+def format_eager(eager: list[dict]) -> str:
+    """'rank 0: batch 8 x 4224 (RuntimeError: ...); ...' for the log and the self-check."""
+    return "; ".join(f"rank {e['rank']}: batch {e['batch']} x {e['length']} ({e['error']})" for e in eager)
+
+
 def arrival_offsets(count: int, rate: float, seed: int) -> list[float]:
     """Seconds from the start at which each request is sent: Poisson arrivals at `rate`/s (all 0 for inf)."""
     if math.isinf(rate):
@@ -390,7 +404,7 @@ def run(cfg: RunConfig, resume_hint: str | None = None) -> int:
             file=sys.stderr,
         )
     written: set[str] = set()
-    wall, phases = 0.0, {}
+    wall, phases, eager = 0.0, {}, []
     signals = StopSignals()
     if to_run:
         connect(cfg)  # before the handlers: ray.init installs its own SIGTERM handler
@@ -416,7 +430,8 @@ def run(cfg: RunConfig, resume_hint: str | None = None) -> int:
                     )
                     wall = time.perf_counter() - start_time
                 try:
-                    phases = ray.get(coordinator.stats.remote(), timeout=30)["phases"]
+                    stats = ray.get(coordinator.stats.remote(), timeout=30)
+                    phases, eager = stats["phases"], eager_decode_buckets(stats["workers"])
                 except Exception:
                     phases = {}
             finally:
@@ -445,10 +460,13 @@ def run(cfg: RunConfig, resume_hint: str | None = None) -> int:
             },
             "resumed_records": len(resumed),
             "aborted_requests": len(final) - len(completed),
+            "eager_decode_buckets": eager,
         },
     )
     paths = write_report(completed, summary, output)
     print(format_summary(summary))
+    if eager:
+        print(f"decode graph capture failed, these run eager: {format_eager(eager)}", file=sys.stderr)
     if resumed:
         print(
             f"the summary covers {len(resumed)} record(s) from an earlier run and "

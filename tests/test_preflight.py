@@ -95,3 +95,18 @@ def test_repr_of_a_half_initialised_actor(actor: type) -> None:
     worker = ShardWorker.__new__(ShardWorker)
     worker.rank, worker.tp_rank, worker.tp_size, worker.dp_rank = 3, 1, 2, 1  # __init__ failed at binding
     assert repr(worker) == "ShardWorker(rank=3, tp=1/2, dp=1, device=unbound)"
+
+
+def test_eager_buckets_in_the_summary_and_the_selfcheck() -> None:
+    """Worker stats -> the summary's eager_decode_buckets and the line the launch and the self-check print."""
+    from cluster.launch import eager_decode_buckets, format_eager
+
+    workers = [
+        {"rank": 0, "warmup_s": 1.0, "eager_buckets": [{"batch": 8, "length": 4224, "error": "RuntimeError: 507009"}]},
+        {"rank": 1, "warmup_s": 1.0, "eager_buckets": []},
+        {"rank": 2, "warmup_s": 1.0},  # a worker that reports no capture (eager mode, cpu)
+    ]
+    eager = eager_decode_buckets(workers)
+    assert eager == [{"rank": 0, "batch": 8, "length": 4224, "error": "RuntimeError: 507009"}]
+    assert format_eager(eager) == "rank 0: batch 8 x 4224 (RuntimeError: 507009)"
+    assert eager_decode_buckets(workers[1:]) == []

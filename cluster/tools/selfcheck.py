@@ -26,6 +26,7 @@ import ray
 import torch
 
 from cluster.devices import DeviceSpec, get_device_spec
+from cluster.launch import eager_decode_buckets, format_eager
 from cluster.tools.bench import CACHE_DIR, CHECKPOINTS, bench_image, bench_requests
 from cluster.tools.tiny_checkpoint import build_tiny_checkpoint
 from model.parallel import free_port
@@ -251,7 +252,11 @@ def selfcheck(device: str, tp: int, new_tokens: int, cache: Path = CACHE_DIR) ->
         rows.append(Row(ROWS[3], False, f"exe_mode graph failed: {graph}"))
     else:
         capture = graph[1]["phases"]["graph_capture_s"]
-        rows.append(Row(ROWS[3], capture > 0, f"{spec.graph_mode}, capture {capture:.1f}s"))
+        eager = eager_decode_buckets(graph[1]["workers"])
+        detail = f"{spec.graph_mode}, capture {capture:.1f}s"
+        if eager:  # the run went on with those buckets eager; the row says which
+            detail += f"; capture failed, these run eager: {format_eager(eager)}"
+        rows.append(Row(ROWS[3], capture > 0 and not eager, detail))
 
     details, ok = [], True
     for mode, run in runs.items():
