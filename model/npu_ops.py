@@ -92,10 +92,11 @@ class FusedOps(DecodeOps):
     def rotary(
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # npu_rotary_mul wants 4-D x: one token per row as (B, S=1, N, D), cos/sin (B, 1, 1, D).
-        cos, sin = cos[:, None, None], sin[:, None, None]
-        q = self.npu.npu_rotary_mul(q.unsqueeze(1), cos, sin).squeeze(1)
-        k = self.npu.npu_rotary_mul(k.unsqueeze(1), cos, sin).squeeze(1)
+        # npu_rotary_mul infers its layout from the shapes, and (B, 1, N, D) with (B, 1, 1, D) is ambiguous.
+        # vllm-ascend's form: the B tokens as one sequence, x (1, T, N, D) with cos/sin (1, T, 1, D).
+        cos, sin = cos[None, :, None], sin[None, :, None]  # (1, B, 1, D)
+        q = self.npu.npu_rotary_mul(q.unsqueeze(0), cos, sin).squeeze(0)  # (1, B, H, D) -> (B, H, D)
+        k = self.npu.npu_rotary_mul(k.unsqueeze(0), cos, sin).squeeze(0)
         return q, k
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:

@@ -108,14 +108,14 @@ class FakeTorchNpu(SimpleNamespace):
     """torch_npu's decode kernels as their documentation defines them, asserting the documented layouts.
 
     npu_rms_norm(x, gamma, epsilon) -> (y, rstd); npu_add_rms_norm(x1, x2, gamma, epsilon) ->
-    (y, rstd, x1 + x2); npu_rotary_mul(x, r1, r2) = x * r1 + rotate_half(x) * r2 on 4-D x;
+    (y, rstd, x1 + x2); npu_rotary_mul(x, r1, r2) = x * r1 + rotate_half(x) * r2 on x (1, T, N, D), r1/r2 (1, T, 1, D);
     npu_swiglu(x, dim) = silu(first half) * second half (vllm-ascend's SiluAndMul);
     npu_fused_infer_attention_score(q, k, v, atten_mask=True-masks, num_heads, num_key_value_heads,
     scale, input_layout) -> (out, lse), with BNSD = (batch, heads, seq, head_dim), contiguous inputs.
     """
 
     def __init__(self) -> None:
-        super().__init__(calls={})
+        super().__init__(calls={}, rotary_shapes=[])
 
     def _count(self, name: str) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
@@ -133,7 +133,10 @@ class FakeTorchNpu(SimpleNamespace):
     def npu_rotary_mul(self, x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
         self._count("npu_rotary_mul")
         assert x.dim() == 4 and r1.dim() == 4 and r1.shape == r2.shape, "x, r1, r2 must be 4-D"
-        assert r1.shape[-1] == x.shape[-1] and torch.broadcast_shapes(x.shape, r1.shape) == x.shape
+        # vllm-ascend's unambiguous form: the tokens as one sequence, x (1, T, N, D), r1/r2 (1, T, 1, D).
+        tokens, dim = x.shape[1], x.shape[3]
+        assert x.shape[0] == 1 and r1.shape == (1, tokens, 1, dim), f"x {tuple(x.shape)}, r1 {tuple(r1.shape)}"
+        self.rotary_shapes.append((tuple(x.shape), tuple(r1.shape)))
         return x * r1 + _rotate_half(x) * r2
 
     def npu_swiglu(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -258,3 +261,18 @@ def test_fused_ops_give_the_plain_logits(
         "npu_swiglu": steps * layers,
         "npu_fused_infer_attention_score": steps * layers,
     }
+
+
+def test_rotary_layout_is_one_sequence_of_tokens(fake_npu: FakeTorchNpu) -> None:
+    """FusedOps.rotary hands npu_rotary_mul x (1, T, N, D) and cos/sin (1, T, 1, D), and gives the plain result."""
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, dim = 3, 4, 2, 8
+    q, k = torch.randn(batch, heads, dim, generator=gen), torch.randn(batch, kv_heads, dim, generator=gen)
+    cos, sin = torch.randn(batch, dim, generator=gen), torch.randn(batch, dim, generator=gen)
+    fused = model.npu_ops.decode_ops(fused=True).rotary(q, k, cos, sin)
+    plain = model.npu_ops.PLAIN.rotary(q, k, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(fused, plain))
+    assert fake_npu.rotary_shapes == [
+        ((1, batch, heads, dim), (1, batch, 1, dim)),
+        ((1, batch, kv_heads, dim), (1, batch, 1, dim)),
+    ]
