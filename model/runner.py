@@ -119,6 +119,7 @@ class ModelRunner:
         self.model.model.attach_cache(self.cache)
         self.buckets = batch_buckets(max_batch_size)
         self.model.model.decode_ops = decode_ops(fused_ops)  # npu fused kernels, or plain PyTorch
+        self.model.visual.attention_ops = self.model.model.decode_ops if fused_ops else None  # varlen vision attention
         self.decode_fn = self.model.decode
         self.fused_ops = fused_ops
         self.decode_lengths = decode_lengths(self.device.type, False, max_seq_len, fused_ops)

@@ -5,7 +5,8 @@
 - The step traced once (make_fx) and replayed with other tokens, positions and lengths gives the
   eager logits and KV cache exactly.
 - The fused path, with a stand-in for torch_npu written from the kernels' documented semantics
-  (and asserting their documented layouts), gives the plain path's logits.
+  (and asserting their documented layouts), gives the plain path's logits; that includes the vision
+  tower's fused varlen attention (npu_fusion_attention, TND) for image prompts.
 """
 
 from __future__ import annotations
@@ -174,6 +175,52 @@ class FakeTorchNpu(SimpleNamespace):
         lse = scores.logsumexp(-1, keepdim=True)
         return ((scores - lse).exp() @ v.float()).to(query.dtype), lse
 
+    def npu_fusion_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        head_num: int,
+        input_layout: str,
+        *,
+        atten_mask: torch.Tensor | None = None,
+        scale: float = 1.0,
+        actual_seq_qlen: list[int] | None = None,
+        actual_seq_kvlen: list[int] | None = None,
+        sparse_mode: int = 0,
+        **unused: object,
+    ):
+        """TND: query (T1, N1, D), key/value (T2, N2, D), sequences ending at actual_seq_qlen / actual_seq_kvlen
+        (host lists of cumulative ends). sparse_mode 0 without a mask: full attention in each sequence;
+        sparse_mode 3 with the 2048 x 2048 upper-triangular mask (True = masked): causal, bottom-right aligned.
+        Returns (attention_out, softmax_max, softmax_sum, softmax_out, seed, offset, mask numel)."""
+        self._count("npu_fusion_attention")
+        assert not unused, f"unexpected arguments {sorted(unused)}"
+        assert input_layout == "TND" and query.dim() == key.dim() == 3 and key.shape == value.shape
+        assert query.is_contiguous() and key.is_contiguous() and value.is_contiguous()
+        assert head_num == query.shape[1] and head_num % key.shape[1] == 0 and query.shape[2] == key.shape[2]
+        assert isinstance(actual_seq_qlen, list) and isinstance(actual_seq_kvlen, list)
+        assert len(actual_seq_qlen) == len(actual_seq_kvlen) and all(isinstance(n, int) for n in actual_seq_qlen)
+        assert actual_seq_qlen[-1] == query.shape[0] and actual_seq_kvlen[-1] == key.shape[0]
+        if sparse_mode == 3:
+            assert atten_mask is not None and atten_mask.dtype == torch.bool and atten_mask.shape == (2048, 2048)
+            assert torch.equal(atten_mask, torch.ones(2048, 2048, dtype=torch.bool).triu(1))
+        else:
+            assert sparse_mode == 0 and atten_mask is None
+        groups = head_num // key.shape[1]
+        out = torch.zeros_like(query)
+        for qs, qe, ks, ke in zip([0] + actual_seq_qlen, actual_seq_qlen, [0] + actual_seq_kvlen, actual_seq_kvlen):
+            q = query[qs:qe].float().transpose(0, 1)  # (N1, Lq, D)
+            k = key[ks:ke].float().transpose(0, 1).repeat_interleave(groups, dim=0)  # (N1, Lk, D)
+            v = value[ks:ke].float().transpose(0, 1).repeat_interleave(groups, dim=0)
+            scores = (q @ k.transpose(-1, -2)) * scale  # (N1, Lq, Lk)
+            if sparse_mode == 3:  # query i sees keys up to i + (Lk - Lq)
+                lq, lk = qe - qs, ke - ks
+                hidden = torch.arange(lk)[None, :] > torch.arange(lq)[:, None] + (lk - lq)  # (Lq, Lk)
+                scores = scores.masked_fill(hidden, float("-inf"))
+            out[qs:qe] = (scores.softmax(-1) @ v).transpose(0, 1).to(query.dtype)
+        return out, None, None, None, 0, 0, 0
+
 
 @pytest.fixture
 def fake_npu(monkeypatch: pytest.MonkeyPatch) -> FakeTorchNpu:
@@ -260,6 +307,7 @@ def test_fused_ops_give_the_plain_logits(
         "npu_rotary_mul": steps * 2 * layers,
         "npu_swiglu": steps * layers,
         "npu_fused_infer_attention_score": steps * layers,
+        "npu_fusion_attention": plain.config.vision.depth,  # the image's encode: one varlen call per block
     }
 
 
