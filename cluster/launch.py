@@ -151,8 +151,8 @@ def connect(cfg: RunConfig) -> None:
 def start(cfg: RunConfig) -> Any:
     """Reserve devices, check each node that will host workers, start the Coordinator and its workers.
 
-    Returns the Coordinator's handle. The node checks (cluster/preflight.py) run before any worker
-    exists; a failing node ends the start with a PreflightError naming it and the fix.
+    Returns the Coordinator's handle. On npu and cuda the node checks (cluster/preflight.py) run before
+    any worker exists; a failing node ends the start with a PreflightError naming it and the fix.
 
     Uses the driver's Ray connection when it already has one. `ray.get(handle.generate.remote(requests))`
     then serves requests; `stop(handle)` releases everything.
@@ -179,16 +179,17 @@ def start(cfg: RunConfig) -> Any:
     coordinator = None
     try:
         nodes = [str(placement_group_table(pg).get("bundles_to_node_id", {}).get(0, "")) for pg in placement.groups]
-        # One preflight task per node that will host workers, in its first worker bundle, before any worker.
-        first_group = {node: g for g, node in reversed(list(enumerate(nodes)))}
-        check_nodes(
-            cfg.device,
-            cfg.exe_mode,
-            cfg.dist_env,
-            [placement.strategy(g * cfg.tp_size) for g in sorted(first_group.values())],
-            actor_resource_options(spec, cfg.ray.num_cpus_per_worker),
-            cfg.ray.worker_timeout_s,
-        )
+        if spec.name != "cpu":  # a cpu worker needs nothing the driver's checks did not cover
+            # One preflight task per node that will host workers, in its first worker bundle, before any worker.
+            first_group = {node: g for g, node in reversed(list(enumerate(nodes)))}
+            check_nodes(
+                cfg.device,
+                cfg.exe_mode,
+                cfg.dist_env,
+                [placement.strategy(g * cfg.tp_size) for g in sorted(first_group.values())],
+                actor_resource_options(spec, cfg.ray.num_cpus_per_worker),
+                cfg.ray.worker_timeout_s,
+            )
         coordinator = (
             ray.remote(Coordinator)
             .options(
