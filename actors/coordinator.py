@@ -76,8 +76,11 @@ class Coordinator:
 
     def __repr__(self) -> str:
         # Ray's dashboard shows this in the Actors page's Repr column. Ray reads it once, after
-        # __init__, so it holds what does not change; live counts are in status() and the metrics.
-        cfg = self.cfg
+        # __init__, so it holds what does not change; live counts are in status() and the metrics. It
+        # must not fail on a half-initialised actor: Ray labels an error raised in __init__ with it.
+        cfg = self.__dict__.get("cfg")
+        if cfg is None:
+            return "Coordinator(not initialised)"
         return (
             f"Coordinator(dp_size={cfg.dp_size}, tp_size={cfg.tp_size}, world_size={cfg.dp_size * cfg.tp_size}, "
             f"device={cfg.worker.device}, policy={cfg.policy})"

@@ -67,9 +67,13 @@ class ShardWorker:
         logging.basicConfig(level=logging.INFO, format=f"[{worker_actor_name(rank)}] %(message)s")
 
     def __repr__(self) -> str:
-        # Ray's dashboard shows this in the Actors page's Repr column.
+        # Ray's dashboard shows this in the Actors page's Repr column, and Ray labels an error raised in
+        # __init__ with it: it must not fail on a half-initialised worker, or its AttributeError would
+        # replace the real error.
+        get = self.__dict__.get
         return (
-            f"ShardWorker(rank={self.rank}, tp={self.tp_rank}/{self.tp_size}, dp={self.dp_rank}, device={self.device})"
+            f"ShardWorker(rank={get('rank', '?')}, tp={get('tp_rank', '?')}/{get('tp_size', '?')}, "
+            f"dp={get('dp_rank', '?')}, device={get('device', 'unbound')})"
         )
 
     # ----------------------------------------------------------------------------- set-up
@@ -145,7 +149,12 @@ class ShardWorker:
             start = time.perf_counter()
             runner.capture_graphs()
             self.graph_capture_s = time.perf_counter() - start
-        return {"rank": self.rank, "warmup_s": self.warmup_s, "graph_capture_s": self.graph_capture_s}
+        return {
+            "rank": self.rank,
+            "warmup_s": self.warmup_s,
+            "graph_capture_s": self.graph_capture_s,
+            "eager_buckets": runner.eager_buckets(),
+        }
 
     # ----------------------------------------------------------------------------- phases
     def encode(self, requests: list[PreparedRequest], profile: bool = False) -> dict:

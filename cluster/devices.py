@@ -23,8 +23,9 @@ class DeviceSpec:
     graph_mode: how exe_mode=graph runs decode ("torch.compile", "cuda_graph", "acl_graph").
     interface_envs: the network-interface and timeout variables that matter to this backend's
         collectives; users pin them through the config's dist_env.
-    fused_ops: whether decode uses the backend's fused kernels by default (model/npu_ops.py; the
-        config key `fused_ops` overrides).
+    fused_ops: whether the backend's fused kernels run by default (model/npu_ops.py): in decode, and
+        as the vision tower's varlen attention (npu_fusion_attention over TND windows and frames); the
+        config key `fused_ops` overrides.
     graph_env_conflicts: variable -> value that makes graph capture fail on this backend.
     """
 

@@ -34,6 +34,7 @@ from cluster.config import ConfigError, RunConfig, load_config
 from cluster.datasets import DatasetError, load_requests
 from cluster.devices import actor_resource_options, check_graph_env, get_device_spec, resolve_fused_ops
 from cluster.placement import COORDINATOR_NAME, PlacementError, order_groups_by_node, reserve
+from cluster.preflight import PreflightError, check_nodes
 from cluster.report import format_summary, summarize, write_report
 from cluster.results import (
     RecordWriter,
@@ -54,7 +55,15 @@ from model.sampling import SamplingParams
 logger = logging.getLogger("cluster.launch")
 
 # Errors a user can fix; the launch prints their message alone, without a traceback.
-USER_ERRORS = (ConfigError, ModelConfigError, CheckpointError, DatasetError, PlacementError, TimeoutError)
+USER_ERRORS = (
+    ConfigError,
+    ModelConfigError,
+    CheckpointError,
+    DatasetError,
+    PlacementError,
+    PreflightError,
+    TimeoutError,
+)
 # After interrupt_grace_s, how long the aborted requests' records may take to come back.
 ABORT_WAIT_S = 10.0
 
@@ -167,7 +176,10 @@ def connect(cfg: RunConfig) -> None:
 
 
 def start(cfg: RunConfig) -> Any:
-    """Reserve devices, start the Coordinator and its workers; returns the Coordinator's handle.
+    """Reserve devices, check each node that will host workers, start the Coordinator and its workers.
+
+    Returns the Coordinator's handle. On npu and cuda the node checks (cluster/preflight.py) run before
+    any worker exists; a failing node ends the start with a PreflightError naming it and the fix.
 
     Uses the driver's Ray connection when it already has one. `ray.get(handle.generate.remote(requests))`
     then serves requests; `stop(handle)` releases everything.
@@ -194,6 +206,17 @@ def start(cfg: RunConfig) -> Any:
     coordinator = None
     try:
         nodes = [str(placement_group_table(pg).get("bundles_to_node_id", {}).get(0, "")) for pg in placement.groups]
+        if spec.name != "cpu":  # a cpu worker needs nothing the driver's checks did not cover
+            # One preflight task per node that will host workers, in its first worker bundle, before any worker.
+            first_group = {node: g for g, node in reversed(list(enumerate(nodes)))}
+            check_nodes(
+                cfg.device,
+                cfg.exe_mode,
+                cfg.dist_env,
+                [placement.strategy(g * cfg.tp_size) for g in sorted(first_group.values())],
+                actor_resource_options(spec, cfg.ray.num_cpus_per_worker),
+                cfg.ray.worker_timeout_s,
+            )
         coordinator = (
             ray.remote(Coordinator)
             .options(
@@ -234,6 +257,20 @@ def unwrap(error: BaseException) -> BaseException:
     """The user-facing cause inside a Ray task error."""
     cause = getattr(error, "cause", None)
     return cause if isinstance(cause, BaseException) else error
+
+
+def eager_decode_buckets(workers: list[dict]) -> list[dict]:
+    """Per worker stats (as the Coordinator's stats() lists them) -> the decode buckets that run eager.
+
+    One {"rank", "batch", "length", "error"} per (rank, bucket) whose graph capture failed; empty in eager
+    mode, on cpu, and where every capture succeeded.
+    """
+    return [{"rank": w.get("rank"), **b} for w in workers for b in w.get("eager_buckets") or []]
+
+
+def format_eager(eager: list[dict]) -> str:
+    """'rank 0: batch 8 x 4224 (RuntimeError: ...); ...' for the log and the self-check."""
+    return "; ".join(f"rank {e['rank']}: batch {e['batch']} x {e['length']} ({e['error']})" for e in eager)
 
 
 def arrival_offsets(count: int, rate: float, seed: int) -> list[float]:
@@ -395,7 +432,7 @@ def run(cfg: RunConfig, resume_hint: str | None = None) -> int:
             file=sys.stderr,
         )
     written: set[str] = set()
-    wall, phases = 0.0, {}
+    wall, phases, eager = 0.0, {}, []
     signals = StopSignals()
     if to_run:
         connect(cfg)  # before the handlers: ray.init installs its own SIGTERM handler
@@ -421,7 +458,8 @@ def run(cfg: RunConfig, resume_hint: str | None = None) -> int:
                     )
                     wall = time.perf_counter() - start_time
                 try:
-                    phases = ray.get(coordinator.stats.remote(), timeout=30)["phases"]
+                    stats = ray.get(coordinator.stats.remote(), timeout=30)
+                    phases, eager = stats["phases"], eager_decode_buckets(stats["workers"])
                 except Exception:
                     phases = {}
             finally:
@@ -450,10 +488,13 @@ def run(cfg: RunConfig, resume_hint: str | None = None) -> int:
             },
             "resumed_records": len(resumed),
             "aborted_requests": len(final) - len(completed),
+            "eager_decode_buckets": eager,
         },
     )
     paths = write_report(completed, summary, output)
     print(format_summary(summary))
+    if eager:
+        print(f"decode graph capture failed, these run eager: {format_eager(eager)}", file=sys.stderr)
     if resumed:
         print(
             f"the summary covers {len(resumed)} record(s) from an earlier run and "

@@ -5,14 +5,23 @@ The decode step has static shapes (a preallocated paged KV cache, positions, len
 as tensors), so one graph per bucket serves every step of every batch of that size. Attention reads
 the first L positions of each row through its block table, L a decode length chosen per step from a
 few buckets (`decode_lengths`).
+
+A capture that fails (ACL graph capture errors such as 107033 / 507009, or "Cannot run aclop operators
+during NPU graph capture") costs only its bucket: that (batch, length) runs eager, with a log line,
+and `GraphDecode.eager` says which ones do. Where torch.npu.graph takes `auto_dispatch_capture`
+(torch_npu 2.13), capture uses it: FIA is then recorded in its `.out` form with a fixed workspace.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # (tokens (B,), positions (B,), cache lengths (B,), block tables (B, M), decode length) -> logits (B, vocab)
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -93,12 +102,22 @@ class CompiledDecode:
             return self.fn(tokens.clone(), positions.clone(), cache_lens.clone(), block_tables.clone(), kv_len)
 
 
+def capture_options(backend: Any) -> dict[str, Any]:
+    """Keywords for `backend.graph(...)`: auto_dispatch_capture=True where the backend takes it (torch_npu 2.13)."""
+    try:
+        parameters = inspect.signature(backend.graph).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return {}
+    return {"auto_dispatch_capture": True} if "auto_dispatch_capture" in parameters else {}
+
+
 class GraphDecode:
     """One captured device graph per (batch bucket, length), with static input and output buffers.
 
     The graphs of a batch bucket share its input buffers; all graphs share one memory pool.
     `backend` is torch.cuda or torch.npu (after `import torch_npu`); tests pass a stand-in with the
     same surface (Stream, current_stream, stream, graph, CUDAGraph/NPUGraph, synchronize).
+    A (batch, length) whose capture raises runs `decode` eagerly instead; `eager` maps it to the error.
     """
 
     def __init__(
@@ -112,9 +131,12 @@ class GraphDecode:
     ) -> None:
         backend = getattr(torch, device.type) if backend is None else backend
         graph_class = backend.CUDAGraph if device.type == "cuda" else backend.NPUGraph
+        options = capture_options(backend)
+        self.decode = decode
         self.lengths = sorted(lengths)
         self.inputs: dict[int, tuple[torch.Tensor, ...]] = {}
         self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self.eager: dict[tuple[int, int], str] = {}
         pool = None
         for size in sorted(buckets, reverse=True):  # largest first so smaller graphs reuse its pool
             steps = tuple(torch.zeros(size, dtype=torch.long, device=device) for _ in range(3))
@@ -128,8 +150,19 @@ class GraphDecode:
                         decode(*inputs, length)
                 backend.current_stream().wait_stream(stream)
                 graph = graph_class()
-                with backend.graph(graph, pool=pool):
-                    output = decode(*inputs, length)
+                try:
+                    with backend.graph(graph, pool=pool, **options):
+                        output = decode(*inputs, length)
+                except RuntimeError as e:  # what torch raises for a capture the device refuses
+                    self.eager[size, length] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+                    logger.warning(
+                        "decode graph capture failed for batch bucket %d, length %d; that bucket runs eager: %s",
+                        size,
+                        length,
+                        self.eager[size, length],
+                    )
+                    backend.synchronize()
+                    continue
                 pool = graph.pool()
                 self.graphs[size, length] = (graph, output)
         backend.synchronize()
@@ -137,6 +170,10 @@ class GraphDecode:
     @property
     def buckets(self) -> list[int]:
         return sorted(self.inputs)
+
+    def eager_buckets(self) -> list[dict[str, Any]]:
+        """The (batch, length) pairs that run eager because their capture failed, with the error."""
+        return [{"batch": b, "length": n, "error": error} for (b, n), error in sorted(self.eager.items())]
 
     def __call__(
         self,
@@ -146,8 +183,13 @@ class GraphDecode:
         block_tables: torch.Tensor,
         kv_len: int,
     ) -> torch.Tensor:
-        """Copy the step's inputs into the bucket's static buffers and replay; the output buffer is reused."""
+        """Copy the step's inputs into the bucket's static buffers and replay; the output buffer is reused.
+
+        A bucket whose capture failed runs the decode step eagerly on the inputs as given.
+        """
         key = (tokens.shape[0], kv_len)
+        if key in self.eager:
+            return self.decode(tokens, positions, cache_lens, block_tables, kv_len)
         if key not in self.graphs:
             raise ValueError(
                 f"no graph captured for batch {key[0]} and length {kv_len}; batch buckets are "

@@ -8,10 +8,16 @@ written once (model/text.py) and `ModelRunner(fused_ops=True)` swaps the impleme
 Shapes: x (B, hidden); q (B, H, D), k (B, KVH, D); cos/sin (B, D); keys/values (B, L, KVH, D) (BSND,
 gathered from the paged cache through the step's block tables) with L the decode length; mask (B, L)
 bool, True where a key is attended.
+
+`varlen_attention` is attention over sequences packed back to back in TND layout (tokens, heads,
+head_dim), delimited by cumulative lengths: the vision tower's windows and full-attention frames,
+and packed prefill. The plain path runs one SDPA per sequence; FusedOps calls npu_fusion_attention
+with input_layout "TND" and actual_seq_qlen / actual_seq_kvlen, as vllm-ascend's encoder attention does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
@@ -28,6 +34,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(dtype)
+
+
+def check_cu_seqlens(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: Sequence[int], cu_seqlens_k: Sequence[int], causal: bool
+) -> list[tuple[int, int, int, int]]:
+    """(q start, q end, k start, k end) of each packed sequence; ValueError naming the bad list otherwise.
+
+    cu_seqlens_*: host lists [0, end of sequence 0, end of sequence 1, ...] ending at the row count of
+    q / k. With `causal`, no sequence may have more queries than keys (its queries are its last keys).
+    """
+    for name, cu, rows in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if len(cu) < 2 or cu[0] != 0 or cu[-1] != rows or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"{name}={list(cu)} must rise from 0 to the {rows} packed rows")
+    if len(cu_seqlens_q) != len(cu_seqlens_k):
+        raise ValueError(f"cu_seqlens_q={list(cu_seqlens_q)} and cu_seqlens_k={list(cu_seqlens_k)} differ in length")
+    spans = [(qs, qe, ks, ke) for qs, qe, ks, ke in zip(cu_seqlens_q, cu_seqlens_q[1:], cu_seqlens_k, cu_seqlens_k[1:])]
+    if causal and any(qe - qs > ke - ks for qs, qe, ks, ke in spans):
+        raise ValueError(
+            f"causal: a sequence has more queries than keys ({list(cu_seqlens_q)} vs {list(cu_seqlens_k)})"
+        )
+    return spans
 
 
 class DecodeOps:
@@ -68,6 +95,41 @@ class DecodeOps:
         probs = scores.softmax(-1).to(values.dtype)
         return torch.matmul(probs, values).reshape(batch, heads * dim)  # (B, KVH, G, D) -> (B, H * D)
 
+    def varlen_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: Sequence[int],
+        cu_seqlens_k: Sequence[int],
+        scale: float,
+        causal: bool,
+    ) -> torch.Tensor:
+        """Attention within each packed sequence: q (Tq, H, D), k/v (Tk, KVH, D) -> (Tq, H, D).
+
+        Sequence i has queries cu_seqlens_q[i]:cu_seqlens_q[i + 1] and keys cu_seqlens_k[i]:cu_seqlens_k[i + 1].
+        `causal` aligns the mask bottom right: query j of a sequence with Lq queries and Lk keys sees keys
+        up to Lk - Lq + j (a prompt chunk that follows cached tokens). Grouped heads share a KV head.
+        """
+        out = torch.empty_like(q)
+        for qs, qe, ks, ke in check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, causal):
+            if qe == qs:
+                continue
+            q_len, k_len = qe - qs, ke - ks
+            mask = None
+            if causal and q_len != k_len:
+                keys = torch.arange(k_len, device=q.device)
+                mask = keys[None, :] <= (k_len - q_len + torch.arange(q_len, device=q.device))[:, None]  # (Lq, Lk)
+            o = F.scaled_dot_product_attention(
+                *(t[a:b].transpose(0, 1)[None] for t, a, b in ((q, qs, qe), (k, ks, ke), (v, ks, ke))),  # (1, N, L, D)
+                attn_mask=mask,
+                is_causal=causal and q_len == k_len,
+                scale=scale,
+                enable_gqa=True,
+            )
+            out[qs:qe] = o[0].transpose(0, 1)
+        return out
+
 
 class FusedOps(DecodeOps):
     """torch_npu's fused kernels, with argument layouts as documented by torch_npu (op-plugin).
@@ -79,8 +141,15 @@ class FusedOps(DecodeOps):
 
     name = "fused"
 
+    # npu_fusion_attention's compressed causal mask (sparse_mode 3, bottom-right aligned): 2048 x 2048, True = masked.
+    CAUSAL_MASK_SIZE = 2048
+    # Head sizes strictly between these are zero-padded to the larger, as vllm-ascend's encoder attention does
+    # (the vision tower's 80); zeros change neither the scores nor, after slicing, the output.
+    PAD_HEAD_DIM = (64, 128)
+
     def __init__(self, npu: ModuleType | Any) -> None:
         self.npu = npu
+        self.causal_masks: dict[torch.device, torch.Tensor] = {}
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self.npu.npu_rms_norm(x, weight, eps)[0]  # -> (y, rstd)
@@ -94,10 +163,11 @@ class FusedOps(DecodeOps):
     def rotary(
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # npu_rotary_mul wants 4-D x: one token per row as (B, S=1, N, D), cos/sin (B, 1, 1, D).
-        cos, sin = cos[:, None, None], sin[:, None, None]
-        q = self.npu.npu_rotary_mul(q.unsqueeze(1), cos, sin).squeeze(1)
-        k = self.npu.npu_rotary_mul(k.unsqueeze(1), cos, sin).squeeze(1)
+        # npu_rotary_mul infers its layout from the shapes, and (B, 1, N, D) with (B, 1, 1, D) is ambiguous.
+        # vllm-ascend's form: the B tokens as one sequence, x (1, T, N, D) with cos/sin (1, T, 1, D).
+        cos, sin = cos[None, :, None], sin[None, :, None]  # (1, B, 1, D)
+        q = self.npu.npu_rotary_mul(q.unsqueeze(0), cos, sin).squeeze(0)  # (1, B, H, D) -> (B, H, D)
+        k = self.npu.npu_rotary_mul(k.unsqueeze(0), cos, sin).squeeze(0)
         return q, k
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -118,6 +188,44 @@ class FusedOps(DecodeOps):
             input_layout="BSND",
         )
         return out.reshape(batch, heads * dim)
+
+    def varlen_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: Sequence[int],
+        cu_seqlens_k: Sequence[int],
+        scale: float,
+        causal: bool,
+    ) -> torch.Tensor:
+        """npu_fusion_attention in TND layout; actual_seq_qlen / actual_seq_kvlen are the cumulative ends."""
+        check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, causal)
+        dim = q.shape[-1]
+        low, high = self.PAD_HEAD_DIM
+        pad = high - dim if low < dim < high else 0
+        q, k, v = (F.pad(t, (0, pad)) if pad else t.contiguous() for t in (q, k, v))
+        masking: dict[str, Any] = {}
+        if causal:
+            masking = {"atten_mask": self._causal_mask(q.device), "sparse_mode": 3}
+        out = self.npu.npu_fusion_attention(
+            q,
+            k,
+            v,
+            head_num=q.shape[1],
+            input_layout="TND",
+            scale=scale,
+            actual_seq_qlen=list(cu_seqlens_q[1:]),
+            actual_seq_kvlen=list(cu_seqlens_k[1:]),
+            **masking,
+        )[0]
+        return out[..., :dim] if pad else out
+
+    def _causal_mask(self, device: torch.device) -> torch.Tensor:
+        if device not in self.causal_masks:
+            size = self.CAUSAL_MASK_SIZE
+            self.causal_masks[device] = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
+        return self.causal_masks[device]
 
 
 PLAIN = DecodeOps()

@@ -117,6 +117,7 @@ class ModelRunner:
         self._slot_rows: dict[int, torch.Tensor] = {}  # batch size -> fixed slot tables (see `decode`)
         self.buckets = batch_buckets(max_batch_size)
         self.model.model.decode_ops = decode_ops(fused_ops)  # npu fused kernels, or plain PyTorch
+        self.model.visual.attention_ops = self.model.model.decode_ops if fused_ops else None  # varlen vision attention
         self.decode_fn = self.model.decode
         self.fused_ops = fused_ops
         self.decode_lengths = decode_lengths(self.device.type, False, max_seq_len, fused_ops)
@@ -300,6 +301,10 @@ class ModelRunner:
         else:
             self.decode_fn = GraphDecode(self.model.decode, sizes, lengths, self.device, self.max_blocks_per_seq)
         self.decode_lengths = lengths
+
+    def eager_buckets(self) -> list[dict]:
+        """The decode (batch, length) pairs that run eager in graph mode because their capture failed."""
+        return self.decode_fn.eager_buckets() if isinstance(self.decode_fn, GraphDecode) else []
 
     # ----------------------------------------------------------------------------- whole batch
     def check_fits(self, request: PreparedRequest, params: SamplingParams) -> str | None:

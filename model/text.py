@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.config import TextConfig
@@ -25,40 +24,39 @@ from model.rotary import MRotaryEmbedding, apply_rotary
 class Piece:
     """One sequence's tokens in a packed forward: `length` tokens after its first `start` ones.
 
-    table: the sequence's blocks covering its first start + length tokens (device, long); mask
-    (length, start + length): which keys each query attends (None when start == 0, causal then).
+    table: the sequence's blocks covering its first start + length tokens (device, long).
     """
 
     start: int
     length: int
     table: torch.Tensor
-    mask: torch.Tensor | None
 
 
 @dataclass
 class PackedBatch:
-    """Where a packed forward's tokens go: their pieces in order, and the cache row of every token (T,)."""
+    """Where a packed forward's tokens go: their pieces in order, the cache row of every token (T,), and the
+    cumulative query and key lengths of the pieces (host lists, for varlen attention)."""
 
     pieces: list[Piece]
     rows: torch.Tensor
+    cu_q: list[int]
+    cu_k: list[int]
 
     @classmethod
     def build(
         cls, pieces: list[tuple[int, int, list[int]]], block_size: int, device: torch.device | str
     ) -> PackedBatch:
         """From (start, length, block table) per piece, the table covering at least start + length tokens."""
-        out, rows = [], []
+        out, rows, cu_q, cu_k = [], [], [0], [0]
         for start, length, table in pieces:
             end = start + length
             blocks = torch.tensor(table[: -(-end // block_size)], dtype=torch.long)
             index = torch.arange(start, end)
             rows.append(blocks[index // block_size] * block_size + index % block_size)
-            mask = None
-            if start:
-                mask = torch.arange(end)[None, :] <= index[:, None]  # (length, end)
-                mask = mask.to(device)
-            out.append(Piece(start, length, blocks.to(device), mask))
-        return cls(out, torch.cat(rows).to(device))
+            out.append(Piece(start, length, blocks.to(device)))
+            cu_q.append(cu_q[-1] + length)
+            cu_k.append(cu_k[-1] + end)
+        return cls(out, torch.cat(rows).to(device), cu_q, cu_k)
 
 
 class Attention(nn.Module):
@@ -97,37 +95,34 @@ class Attention(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         packed: PackedBatch,
+        ops: DecodeOps = PLAIN,
     ) -> torch.Tensor:
         """x (T, hidden): pieces of several sequences packed back to back (see `PackedBatch`).
 
         Each piece's keys and values are written to its blocks; each piece attends causally to its
-        sequence up to there (earlier chunks and cached prefix blocks included). A decode token in a
-        mixed round is a piece of length 1.
+        sequence up to there (earlier chunks and cached prefix blocks included), through one varlen
+        attention over all pieces (`ops.varlen_attention`: per-piece SDPA, or the NPU's fused kernel).
+        A decode token in a mixed round is a piece of length 1.
         """
         q, k, v = self._qkv(x)
-        q = apply_rotary(q.transpose(0, 1), cos, sin)  # (H, T, D)
-        k = apply_rotary(k.transpose(0, 1), cos, sin)  # (KVH, T, D)
-        write_rows(k_cache, packed.rows, k.transpose(0, 1))
+        q = apply_rotary(q.transpose(0, 1), cos, sin).transpose(0, 1)  # (T, H, D)
+        k = apply_rotary(k.transpose(0, 1), cos, sin).transpose(0, 1)  # (T, KVH, D)
+        write_rows(k_cache, packed.rows, k)
         write_rows(v_cache, packed.rows, v)
-        v = v.transpose(0, 1)
-        outs = []
+        keys, values = [], []
         offset = 0
         for piece in packed.pieces:
-            rows = slice(offset, offset + piece.length)
-            offset += piece.length
             if piece.start == 0:  # the whole sequence so far is in this piece: no cache read
-                out = F.scaled_dot_product_attention(
-                    q[None, :, rows], k[None, :, rows], v[None, :, rows], is_causal=True, enable_gqa=True
-                )
-            else:  # its queries see the sequence's earlier tokens too, read through its blocks
+                keys.append(k[offset : offset + piece.length])
+                values.append(v[offset : offset + piece.length])
+            else:  # earlier tokens too, read through its blocks
                 end = piece.start + piece.length
-                keys = gather_blocks(k_cache, piece.table[None])[:, :end].transpose(1, 2)  # (1, KVH, end, D)
-                values = gather_blocks(v_cache, piece.table[None])[:, :end].transpose(1, 2)
-                out = F.scaled_dot_product_attention(
-                    q[None, :, rows], keys, values, attn_mask=piece.mask, enable_gqa=True
-                )
-            outs.append(out[0].transpose(0, 1).reshape(piece.length, -1))  # (length, H * D)
-        return self.o_proj(torch.cat(outs))
+                keys.append(gather_blocks(k_cache, piece.table[None])[0, :end])  # (end, KVH, D)
+                values.append(gather_blocks(v_cache, piece.table[None])[0, :end])
+            offset += piece.length
+        scale = self.head_dim**-0.5
+        out = ops.varlen_attention(q, torch.cat(keys), torch.cat(values), packed.cu_q, packed.cu_k, scale, True)
+        return self.o_proj(out.reshape(x.shape[0], -1))  # (T, H * D)
 
     def decode(
         self,
@@ -174,6 +169,7 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = MRotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section)
         self.cache: PagedKVCache | None = None
+        self.decode_ops: DecodeOps = PLAIN  # ModelRunner(fused_ops=True) sets model/npu_ops.FusedOps
 
     def attach_cache(self, cache: PagedKVCache) -> None:
         self.cache = cache
@@ -183,12 +179,11 @@ class Qwen2Model(nn.Module):
         assert self.cache is not None, "attach_cache() before prefill"
         cos, sin = self.rotary(positions, embeds.dtype)
         x = embeds
+        ops = self.decode_ops
         for layer, k_cache, v_cache in zip(self.layers, self.cache.keys, self.cache.values):
-            x = x + layer.self_attn.prefill(layer.input_layernorm(x), cos, sin, k_cache, v_cache, packed)
+            x = x + layer.self_attn.prefill(layer.input_layernorm(x), cos, sin, k_cache, v_cache, packed, ops)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
-
-    decode_ops: DecodeOps = PLAIN  # ModelRunner(fused_ops=True) sets model/npu_ops.FusedOps
 
     def decode(
         self,

@@ -12,6 +12,11 @@ edge, corner), with the windows as the batch and no mask; a full-attention block
 run of equal-size frames. No score tensor is larger than one group's (64 x 64 per head for a
 112-pixel window), and a fused kernel never materializes even that for a whole frame. The MLP runs
 over MLP_CHUNK_ROWS rows at a time, so its temporaries do not grow with the image either.
+
+Where the fused kernels are on (`fused_ops`, on by default on npu in the device table), attention is
+instead one fused varlen call per block over every group at once (`npu_ops.FusedOps.varlen_attention`:
+TND layout with cumulative group lengths, as vllm-ascend's encoder attention runs): SDPA on npu may
+take its math path for a shape, and one 16,384-patch frame would then materialize ~8.6 GB of scores.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch import nn
 
 from model.config import VisionConfig
 from model.layers import GatedMLP, RMSNorm
+from model.npu_ops import DecodeOps
 from model.parallel import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -119,13 +125,27 @@ def vision_layout(grid_thw: torch.Tensor, spatial_merge_size: int, window_size: 
     return VisionLayout(order[units], _runs(new_sizes, unit), _runs(frame_units, unit))
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[Run]) -> torch.Tensor:
+def run_offsets(runs: list[Run]) -> list[int]:
+    """Cumulative row ends of the groups of consecutive `runs`: [0, end of group 0, end of group 1, ...]."""
+    offsets = [0]
+    for start, count, length in runs:
+        offsets.extend(start + length * (i + 1) for i in range(count))
+    return offsets
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[Run], ops: DecodeOps | None = None
+) -> torch.Tensor:
     """Attention within groups of consecutive rows: q, k, v (N, H, D) -> (N, H, D).
 
-    One 4-D SDPA call per run, its groups as the batch: (count, H, length, D). The inputs may be
-    strided views (rows of a fused qkv output); only the last dimension must be contiguous.
+    Without `ops`: one 4-D SDPA call per run, its groups as the batch: (count, H, length, D). With
+    `ops` (the fused kernels): one varlen call over all groups, each group a sequence. The inputs may
+    be strided views (rows of a fused qkv output); only the last dimension must be contiguous.
     """
     _, heads, dim = q.shape
+    if ops is not None:
+        offsets = run_offsets(runs)
+        return ops.varlen_attention(q, k, v, offsets, offsets, dim**-0.5, causal=False)
     out = None if len(runs) == 1 else torch.empty_like(q)
     for start, count, length in runs:
         end = start + count * length
@@ -154,14 +174,16 @@ class VisionAttention(nn.Module):
         self.qkv = MergedColumnParallelLinear(dim, [dim, dim, dim], bias=True, ctx=ctx)
         self.proj = RowParallelLinear(dim, dim, bias=True, ctx=ctx)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: list[Run]) -> torch.Tensor:
-        """x (N, hidden); cos/sin (N, 1, head_dim) float32; attention within each group of `runs`."""
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: list[Run], ops: DecodeOps | None = None
+    ) -> torch.Tensor:
+        """x (N, hidden); cos/sin (N, 1, head_dim) float32; attention within each group of `runs` (`ops`: fused)."""
         n = x.shape[0]
         qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
         # Rotary in float32 as the reference does, in place on the float copy (on qkv itself when it is
         # float32): the only temporary is one (N, H, D) rotate_half.
         q, k = (_rotate_(qkv[:, i].float(), cos, sin).to(x.dtype) for i in range(2))
-        out = grouped_attention(q, k, qkv[:, 2], runs)
+        out = grouped_attention(q, k, qkv[:, 2], runs, ops)
         return self.proj(out.reshape(n, -1))
 
 
@@ -173,8 +195,10 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(config, ctx)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=True, ctx=ctx)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: list[Run]) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, runs)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: list[Run], ops: DecodeOps | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, runs, ops)
         # The MLP acts on each row alone: a few thousand rows at a time bound its (rows, 2 x intermediate)
         # temporaries whatever the image size, and its output is added in place.
         for start in range(0, x.shape[0], MLP_CHUNK_ROWS):
@@ -228,6 +252,8 @@ class Qwen2_5_VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(config)
         self.blocks = nn.ModuleList(VisionBlock(config, ctx) for _ in range(config.depth))
         self.merger = PatchMerger(config, ctx)
+        # The fused kernels' varlen attention (npu_ops.FusedOps), or None for 4-D SDPA per run.
+        self.attention_ops: DecodeOps | None = None
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values (num_patches, patch_dim), grid_thw (num_images, 3) -> (num_patches / merge**2, out)."""
@@ -243,5 +269,6 @@ class Qwen2_5_VisionTransformer(nn.Module):
         cos, sin = (t.view(n // unit, unit, -1)[layout.order].view(n, 1, -1).to(x.device) for t in (cos, sin))
         x = x.view(n // unit, unit, -1)[order].view(n, -1)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, layout.frame_runs if i in c.fullatt_block_indexes else layout.window_runs)
+            runs = layout.frame_runs if i in c.fullatt_block_indexes else layout.window_runs
+            x = block(x, cos, sin, runs, self.attention_ops)
         return self.merger(x)[torch.argsort(order)]

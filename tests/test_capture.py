@@ -5,7 +5,8 @@
 - The step traced once (make_fx) and replayed with other tokens, positions and lengths gives the
   eager logits and KV cache exactly.
 - The fused path, with a stand-in for torch_npu written from the kernels' documented semantics
-  (and asserting their documented layouts), gives the plain path's logits.
+  (and asserting their documented layouts), gives the plain path's logits; that includes the vision
+  tower's fused varlen attention (npu_fusion_attention, TND) for image prompts.
 """
 
 from __future__ import annotations
@@ -108,14 +109,14 @@ class FakeTorchNpu(SimpleNamespace):
     """torch_npu's decode kernels as their documentation defines them, asserting the documented layouts.
 
     npu_rms_norm(x, gamma, epsilon) -> (y, rstd); npu_add_rms_norm(x1, x2, gamma, epsilon) ->
-    (y, rstd, x1 + x2); npu_rotary_mul(x, r1, r2) = x * r1 + rotate_half(x) * r2 on 4-D x;
+    (y, rstd, x1 + x2); npu_rotary_mul(x, r1, r2) = x * r1 + rotate_half(x) * r2 on x (1, T, N, D), r1/r2 (1, T, 1, D);
     npu_swiglu(x, dim) = silu(first half) * second half (vllm-ascend's SiluAndMul);
     npu_fused_infer_attention_score(q, k, v, atten_mask=True-masks, num_heads, num_key_value_heads,
     scale, input_layout) -> (out, lse), with BSND = (batch, seq, heads, head_dim), contiguous inputs.
     """
 
     def __init__(self) -> None:
-        super().__init__(calls={})
+        super().__init__(calls={}, rotary_shapes=[])
 
     def _count(self, name: str) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
@@ -133,7 +134,10 @@ class FakeTorchNpu(SimpleNamespace):
     def npu_rotary_mul(self, x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
         self._count("npu_rotary_mul")
         assert x.dim() == 4 and r1.dim() == 4 and r1.shape == r2.shape, "x, r1, r2 must be 4-D"
-        assert r1.shape[-1] == x.shape[-1] and torch.broadcast_shapes(x.shape, r1.shape) == x.shape
+        # vllm-ascend's unambiguous form: the tokens as one sequence, x (1, T, N, D), r1/r2 (1, T, 1, D).
+        tokens, dim = x.shape[1], x.shape[3]
+        assert x.shape[0] == 1 and r1.shape == (1, tokens, 1, dim), f"x {tuple(x.shape)}, r1 {tuple(r1.shape)}"
+        self.rotary_shapes.append((tuple(x.shape), tuple(r1.shape)))
         return x * r1 + _rotate_half(x) * r2
 
     def npu_swiglu(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -172,6 +176,52 @@ class FakeTorchNpu(SimpleNamespace):
         lse = scores.logsumexp(-1, keepdim=True)
         out = ((scores - lse).exp() @ v.float()).to(query.dtype)  # (B, N, 1, D)
         return out.transpose(1, 2).contiguous(), lse
+
+    def npu_fusion_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        head_num: int,
+        input_layout: str,
+        *,
+        atten_mask: torch.Tensor | None = None,
+        scale: float = 1.0,
+        actual_seq_qlen: list[int] | None = None,
+        actual_seq_kvlen: list[int] | None = None,
+        sparse_mode: int = 0,
+        **unused: object,
+    ):
+        """TND: query (T1, N1, D), key/value (T2, N2, D), sequences ending at actual_seq_qlen / actual_seq_kvlen
+        (host lists of cumulative ends). sparse_mode 0 without a mask: full attention in each sequence;
+        sparse_mode 3 with the 2048 x 2048 upper-triangular mask (True = masked): causal, bottom-right aligned.
+        Returns (attention_out, softmax_max, softmax_sum, softmax_out, seed, offset, mask numel)."""
+        self._count("npu_fusion_attention")
+        assert not unused, f"unexpected arguments {sorted(unused)}"
+        assert input_layout == "TND" and query.dim() == key.dim() == 3 and key.shape == value.shape
+        assert query.is_contiguous() and key.is_contiguous() and value.is_contiguous()
+        assert head_num == query.shape[1] and head_num % key.shape[1] == 0 and query.shape[2] == key.shape[2]
+        assert isinstance(actual_seq_qlen, list) and isinstance(actual_seq_kvlen, list)
+        assert len(actual_seq_qlen) == len(actual_seq_kvlen) and all(isinstance(n, int) for n in actual_seq_qlen)
+        assert actual_seq_qlen[-1] == query.shape[0] and actual_seq_kvlen[-1] == key.shape[0]
+        if sparse_mode == 3:
+            assert atten_mask is not None and atten_mask.dtype == torch.bool and atten_mask.shape == (2048, 2048)
+            assert torch.equal(atten_mask, torch.ones(2048, 2048, dtype=torch.bool).triu(1))
+        else:
+            assert sparse_mode == 0 and atten_mask is None
+        groups = head_num // key.shape[1]
+        out = torch.zeros_like(query)
+        for qs, qe, ks, ke in zip([0] + actual_seq_qlen, actual_seq_qlen, [0] + actual_seq_kvlen, actual_seq_kvlen):
+            q = query[qs:qe].float().transpose(0, 1)  # (N1, Lq, D)
+            k = key[ks:ke].float().transpose(0, 1).repeat_interleave(groups, dim=0)  # (N1, Lk, D)
+            v = value[ks:ke].float().transpose(0, 1).repeat_interleave(groups, dim=0)
+            scores = (q @ k.transpose(-1, -2)) * scale  # (N1, Lq, Lk)
+            if sparse_mode == 3:  # query i sees keys up to i + (Lk - Lq)
+                lq, lk = qe - qs, ke - ks
+                hidden = torch.arange(lk)[None, :] > torch.arange(lq)[:, None] + (lk - lq)  # (Lq, Lk)
+                scores = scores.masked_fill(hidden, float("-inf"))
+            out[qs:qe] = (scores.softmax(-1) @ v).transpose(0, 1).to(query.dtype)
+        return out, None, None, None, 0, 0, 0
 
 
 @pytest.fixture
@@ -264,4 +314,21 @@ def test_fused_ops_give_the_plain_logits(
         "npu_rotary_mul": steps * 2 * layers,
         "npu_swiglu": steps * layers,
         "npu_fused_infer_attention_score": steps * layers,
+        # The image's encode (one varlen call per vision block) and each prompt's prefill (one per layer).
+        "npu_fusion_attention": plain.config.vision.depth + 2 * layers,
     }
+
+
+def test_rotary_layout_is_one_sequence_of_tokens(fake_npu: FakeTorchNpu) -> None:
+    """FusedOps.rotary hands npu_rotary_mul x (1, T, N, D) and cos/sin (1, T, 1, D), and gives the plain result."""
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, dim = 3, 4, 2, 8
+    q, k = torch.randn(batch, heads, dim, generator=gen), torch.randn(batch, kv_heads, dim, generator=gen)
+    cos, sin = torch.randn(batch, dim, generator=gen), torch.randn(batch, dim, generator=gen)
+    fused = model.npu_ops.decode_ops(fused=True).rotary(q, k, cos, sin)
+    plain = model.npu_ops.PLAIN.rotary(q, k, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(fused, plain))
+    assert fake_npu.rotary_shapes == [
+        ((1, batch, heads, dim), (1, batch, 1, dim)),
+        ((1, batch, kv_heads, dim), (1, batch, 1, dim)),
+    ]

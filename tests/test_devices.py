@@ -75,3 +75,18 @@ def test_resolve_fused_ops() -> None:
     assert not resolve_fused_ops(npu, False)
     with pytest.raises(ValueError, match="fused_ops: the fused decode kernels exist only on npu, not on cuda"):
         resolve_fused_ops(cuda, True)
+
+
+def test_72b_preset_environment() -> None:
+    """The 72B preset carries the variables a first run on an A3 node needs, and none that breaks graph mode."""
+    from pathlib import Path
+
+    from cluster.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "conf" / "qwen2_5_vl_72b.yaml")
+    env = cfg.dist_env
+    assert env["HCCL_HOST_SOCKET_PORT_RANGE"] == env["HCCL_NPU_SOCKET_PORT_RANGE"] == "auto"
+    assert env["PYTORCH_NPU_ALLOC_CONF"] == "expandable_segments:True"
+    assert 0 < int(env["HCCL_EXEC_TIMEOUT"]) < cfg.ray.worker_timeout_s
+    assert "HCCL_IF_IP" not in env  # one node's own address; dist_env reaches every node
+    check_graph_env(cfg.device, cfg.exe_mode, {}, env)

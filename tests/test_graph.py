@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model.graph import GraphDecode, decode_lengths, length_buckets, pick_bucket, pick_length
+from model.graph import GraphDecode, capture_options, decode_lengths, length_buckets, pick_bucket, pick_length
 from model.parallel import ParallelContext, free_port
 from model.processor import PreparedRequest
 from model.runner import ModelRunner
@@ -134,8 +134,10 @@ class FakeBackend:
         self.pools.append(pool)
         graph.shared_pool = pool
         self.capturing = graph
-        yield
-        self.capturing = None
+        try:
+            yield
+        finally:  # a capture that raised is over too
+            self.capturing = None
 
     def synchronize(self) -> None:
         self.synchronized = True
@@ -180,6 +182,101 @@ def test_graph_decode_with_fake_backend() -> None:
     assert again is graphs.graphs[2, 512][1] and again.flatten().tolist() == [612702.0, 1012813.0]
     with pytest.raises(ValueError, match="no graph captured for batch 3 and length 256"):
         graphs(*(torch.zeros(3, dtype=torch.long) for _ in range(3)), torch.zeros(3, 3, dtype=torch.long), 256)
+
+
+class FakeNpuBackend(FakeBackend):
+    """torch_npu 2.13's surface: graph() also takes auto_dispatch_capture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.auto_dispatch: list[bool] = []
+
+    @contextlib.contextmanager
+    def graph(self, graph: FakeGraph, pool: object = None, auto_dispatch_capture: bool = False) -> Iterator[None]:
+        self.auto_dispatch.append(auto_dispatch_capture)
+        with super().graph(graph, pool):
+            yield
+
+
+def test_auto_dispatch_capture_where_the_backend_has_it() -> None:
+    assert capture_options(FakeBackend()) == {}
+    assert capture_options(FakeNpuBackend()) == {"auto_dispatch_capture": True}
+    backend = FakeNpuBackend()
+
+    def decode(
+        tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, tables: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        out = tokens[:, None].float() + length
+        if backend.capturing is not None:
+            backend.capturing.call = (lambda *a: a[0][:, None].float() + length, (tokens,), out)
+        return out
+
+    GraphDecode(decode, [1, 2], [256], torch.device("cpu"), table_width=1, backend=backend)
+    assert backend.auto_dispatch == [True, True]
+
+
+def capturing_decode(backend: FakeBackend, decode: Callable[..., torch.Tensor], refuse_batch: int) -> Callable:
+    """`decode` as the fake backend captures it; a capture of batch `refuse_batch` raises as ACL graph capture does."""
+
+    def step(
+        tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, tables: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        if backend.capturing is not None and tokens.shape[0] == refuse_batch:
+            raise RuntimeError("Cannot run aclop operators during NPU graph capture (error 507009)")
+        out = decode(tokens, positions, cache_lens, tables, length)
+        if backend.capturing is not None:
+            backend.capturing.call = (lambda *a: decode(*a, length), (tokens, positions, cache_lens, tables), out)
+        return out
+
+    return step
+
+
+def test_a_bucket_whose_capture_raises_runs_eager(caplog: pytest.LogCaptureFixture) -> None:
+    backend = FakeBackend()
+
+    def step(
+        tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, tables: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        return (tokens * 100 + positions * 10 + cache_lens + length * 1000)[:, None].float()
+
+    with caplog.at_level("WARNING", logger="model.graph"):
+        graphs = GraphDecode(
+            capturing_decode(backend, step, 2), [1, 2], [256, 512], torch.device("cpu"), table_width=2, backend=backend
+        )
+    assert sorted(graphs.graphs) == [(1, 256), (1, 512)] and sorted(graphs.eager) == [(2, 256), (2, 512)]
+    assert [e["batch"] for e in graphs.eager_buckets()] == [2, 2] and "507009" in graphs.eager_buckets()[0]["error"]
+    assert "capture failed for batch bucket 2, length 512; that bucket runs eager" in caplog.text
+    # The eager bucket computes the step itself; the captured one replays.
+    tables = torch.zeros(2, 2, dtype=torch.long)
+    out = graphs(torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([5, 6]), tables, 256)
+    assert out.flatten().tolist() == [256135.0, 256246.0] and out is not graphs.inputs[2][0]
+    one = graphs(torch.tensor([7]), torch.tensor([0]), torch.tensor([2]), tables[:1], 512)
+    assert one.flatten().tolist() == [512702.0]
+    assert graphs.graphs[1, 512][0].replays == 1
+
+
+def test_capture_failure_keeps_the_tokens(
+    tiny_checkpoint: Path, prepared: Callable[[Path], dict[str, PreparedRequest]]
+) -> None:
+    """Graph decode with the batch-3 bucket refused at capture: that bucket runs eager, tokens as in eager mode."""
+    runner = ModelRunner(tiny_checkpoint, max_batch_size=BUCKET, max_seq_len=512)
+    requests = [prepared(tiny_checkpoint)[n] for n in NAMES]
+    params = [SamplingParams(max_new_tokens=n) for n in LIMITS]
+    eager = [r.output_token_ids for r in runner.generate(requests, params, eos_token_ids=[])]
+    backend = FakeBackend()
+    with torch.inference_mode():
+        runner.decode_fn = GraphDecode(
+            capturing_decode(backend, runner.model.decode, BUCKET),
+            runner.buckets,
+            runner.decode_lengths,
+            torch.device("cpu"),
+            table_width=runner.max_blocks_per_seq,
+            backend=backend,
+        )
+    assert [e["batch"] for e in runner.eager_buckets()] == [BUCKET] * len(runner.decode_lengths)
+    graph = [r.output_token_ids for r in runner.generate(requests, params, eos_token_ids=[])]
+    assert graph == eager and [len(t) for t in graph] == LIMITS
+    assert not [key for key in runner.decode_fn.graphs if key[0] == BUCKET]  # the batch of 3 ran eager
 
 
 def test_lengths_and_picks() -> None:

@@ -1,7 +1,8 @@
 """Self-check of a device backend: `python -m cluster.tools.selfcheck --device npu|cuda|cpu [--tp 2]`.
 
 Builds the tiny checkpoint (cached), computes reference tokens with an in-process cpu runner at
-tp 1, then checks through Ray on the given device: that Ray sees enough devices, that a pair of
+tp 1, then checks through Ray on the given device: that Ray sees enough devices, that this node passes
+the launch's preflight (torch_npu, CANN's environment, graph-mode variables), that a pair of
 Ray tasks forms a process group with the device's backend and gets all_reduce/all_gather right,
 that the engine serves the prompts at tp N in eager and in graph mode (`cluster.start`) with the
 reference tokens, and reports capture time and TPOT. Where the device has fused decode kernels (npu),
@@ -26,6 +27,8 @@ import ray
 import torch
 
 from cluster.devices import DeviceSpec, get_device_spec
+from cluster.launch import eager_decode_buckets, format_eager
+from cluster.preflight import probe
 from cluster.tools.bench import CACHE_DIR, CHECKPOINTS, bench_image, bench_requests
 from cluster.tools.tiny_checkpoint import build_tiny_checkpoint
 from model.parallel import free_port
@@ -35,6 +38,7 @@ from model.sampling import SamplingParams
 
 ROWS = (
     "devices visible to Ray",
+    "node preflight",
     "process-group init",
     "all_reduce/all_gather",
     "graph capture",
@@ -99,6 +103,18 @@ def device_task_options(spec: DeviceSpec) -> dict[str, Any]:
     return options
 
 
+def check_preflight(spec: DeviceSpec) -> Row:
+    """The launch's node preflight (cluster/preflight.py) on the driver's node, holding one device."""
+    task = ray.remote(probe).options(**device_task_options(spec))
+    try:
+        report = ray.get(task.remote(spec.name, "graph", {}), timeout=300)
+    except Exception as e:
+        return Row(ROWS[1], False, f"the preflight task failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    if report["problems"]:
+        return Row(ROWS[1], False, " / ".join(report["problems"]))
+    return Row(ROWS[1], True, f"node {report['node_ip']}: imports, versions and environment as workers need them")
+
+
 def check_collectives(spec: DeviceSpec, tp: int, timeout_s: float) -> tuple[Row, Row]:
     """A pair (or more) of Ray tasks on the driver's node, one device each, forming a process group."""
     address = f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
@@ -110,12 +126,12 @@ def check_collectives(spec: DeviceSpec, tp: int, timeout_s: float) -> tuple[Row,
         for ref in refs:
             ray.cancel(ref, force=True)
         detail = f"{spec.dist_backend} at {address}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        return Row(ROWS[1], False, detail), Row(ROWS[2], False, "no process group")
-    init = Row(ROWS[1], True, f"{spec.dist_backend}, {tp} ranks, init {max(o['init_s'] for o in out):.2f}s")
+        return Row(ROWS[2], False, detail), Row(ROWS[3], False, "no process group")
+    init = Row(ROWS[2], True, f"{spec.dist_backend}, {tp} ranks, init {max(o['init_s'] for o in out):.2f}s")
     want_sum = [float(sum(range(1, tp + 1)))] * 4
     want_gather = [float(r) for r in range(tp) for _ in range(2)]
     bad = [o["rank"] for o in out if o["all_reduce"] != want_sum or o["all_gather"] != want_gather]
-    return init, Row(ROWS[2], not bad, "all ranks agree" if not bad else f"wrong results on ranks {bad}")
+    return init, Row(ROWS[3], not bad, "all ranks agree" if not bad else f"wrong results on ranks {bad}")
 
 
 def fused_probe(path: str, device: str, requests: list[dict], new_tokens: int) -> dict:
@@ -153,19 +169,19 @@ def fused_probe(path: str, device: str, requests: list[dict], new_tokens: int) -
 def check_fused(spec: DeviceSpec, path: Path, requests: list[dict], new_tokens: int) -> Row:
     """Fused decode kernels against the plain ops on the device (npu; elsewhere there are none to check)."""
     if not spec.fused_ops:
-        return Row(ROWS[6], True, f"not used on {spec.name} (the fused decode kernels are npu-only)")
+        return Row(ROWS[7], True, f"not used on {spec.name} (the fused decode kernels are npu-only)")
     task = ray.remote(fused_probe).options(**device_task_options(spec))
     try:
         out = ray.get(task.remote(str(path), spec.name, requests, new_tokens), timeout=600)
     except Exception as e:
         log(traceback.format_exc())
-        return Row(ROWS[6], False, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        return Row(ROWS[7], False, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
     relative = out["max_abs_diff"] / max(out["max_abs_logit"], 1e-6)
     detail = (
         f"bf16 logits: max |fused - plain| {out['max_abs_diff']:.3g} ({relative:.2%} of max |logit|), "
         f"same top-1 at {out['top1_agree']}/{out['steps']} steps"
     )
-    return Row(ROWS[6], relative <= FUSED_RTOL, detail)
+    return Row(ROWS[7], relative <= FUSED_RTOL, detail)
 
 
 def run_engine(
@@ -233,6 +249,10 @@ def selfcheck(device: str, tp: int, new_tokens: int, cache: Path = CACHE_DIR) ->
     rows.append(Row(ROWS[0], available >= tp, f"{spec.ray_resource}: {available:g} in the cluster, need {tp}"))
     if not rows[0].ok:
         return rows + [Row(name, False, "skipped: not enough devices") for name in ROWS[1:]]
+    log("node preflight: one Ray task on this node")
+    rows.append(check_preflight(spec))
+    if not rows[1].ok:
+        return rows + [Row(name, False, "skipped: the node preflight failed") for name in ROWS[2:]]
 
     log(f"collective probe: {tp} Ray tasks, backend {spec.dist_backend}")
     rows.extend(check_collectives(spec, tp, timeout_s=60))
@@ -248,24 +268,28 @@ def selfcheck(device: str, tp: int, new_tokens: int, cache: Path = CACHE_DIR) ->
 
     graph = runs["graph"]
     if isinstance(graph, str):
-        rows.append(Row(ROWS[3], False, f"exe_mode graph failed: {graph}"))
+        rows.append(Row(ROWS[4], False, f"exe_mode graph failed: {graph}"))
     else:
         capture = graph[1]["phases"]["graph_capture_s"]
-        rows.append(Row(ROWS[3], capture > 0, f"{spec.graph_mode}, capture {capture:.1f}s"))
+        eager = eager_decode_buckets(graph[1]["workers"])
+        detail = f"{spec.graph_mode}, capture {capture:.1f}s"
+        if eager:  # the run went on with those buckets eager; the row says which
+            detail += f"; capture failed, these run eager: {format_eager(eager)}"
+        rows.append(Row(ROWS[4], capture > 0 and not eager, detail))
 
     details, ok = [], True
     for mode, run in runs.items():
         problem = run if isinstance(run, str) else parity(run[0], reference)
         ok = ok and problem is None
         details.append(f"{mode}: {'same as cpu reference' if problem is None else problem}")
-    rows.append(Row(ROWS[4], ok, "; ".join(details)))
+    rows.append(Row(ROWS[5], ok, "; ".join(details)))
 
     details, ok = [], True
     for mode, run in runs.items():
         tpots = [] if isinstance(run, str) else [r["tpot_s"] for r in run[0] if r["tpot_s"] is not None]
         ok = ok and len(tpots) == len(requests)
         details.append(f"{mode} {1e3 * statistics.median(tpots):.2f} ms" if tpots else f"{mode} n/a")
-    rows.append(Row(ROWS[5], ok, "median " + ", ".join(details)))
+    rows.append(Row(ROWS[6], ok, "median " + ", ".join(details)))
 
     log(f"fused decode kernels vs plain ops on {spec.name}")
     rows.append(check_fused(spec, path, requests, new_tokens))
