@@ -21,6 +21,7 @@ class WorkerConfig:
     max_seq_len: int
     vision_cache_bytes: int = 0
     fused_ops: bool = False
+    quantization: str = "auto"  # "none" refuses a quantized checkpoint (RunConfig.quantization)
     profile_dir: str | None = None
 
 

@@ -122,6 +122,7 @@ class ShardWorker:
             progress=True,
             vision_cache_bytes=cfg.vision_cache_bytes,
             fused_ops=cfg.fused_ops,
+            quantization=cfg.quantization,
         )
         self.batch = RunningBatch(self.runner)
         return {"rank": self.rank, "load_s": time.perf_counter() - start, **self.memory()}

@@ -46,6 +46,7 @@ from cluster.results import (
 )
 from model.config import ModelConfig, ModelConfigError
 from model.loader import CheckpointError, checkpoint_files
+from model.quant import QuantizationError, check_mode
 from model.sampling import SamplingParams
 
 logger = logging.getLogger("cluster.launch")
@@ -67,6 +68,10 @@ def preflight(cfg: RunConfig) -> ModelConfig:
     except ModelConfigError as e:
         raise ConfigError(f"{e} (model {cfg.model_path})") from e
     checkpoint_files(path)
+    try:
+        check_mode(cfg.quantization, path)
+    except QuantizationError as e:
+        raise ConfigError(str(e)) from e
     if not ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()):
         raise CheckpointError(f"model_path={cfg.model_path!r} has no tokenizer (tokenizer.json or vocab.json)")
     if not (path / "preprocessor_config.json").is_file():
@@ -93,6 +98,7 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
         max_seq_len=data.input_max_len + data.max_new_tokens,
         vision_cache_bytes=cfg.vision_cache_mb << 20,
         fused_ops=resolve_fused_ops(spec, cfg.fused_ops),
+        quantization=cfg.quantization,
         profile_dir=cfg.profile_dir if cfg.profile else None,
     )
     return EngineConfig(

@@ -87,6 +87,7 @@ class ModelRunner:
         progress: bool = False,
         fused_ops: bool = False,
         vision_cache_bytes: int = 0,
+        quantization: str = "auto",
     ) -> None:
         if vision_mode not in ("dp", "tp"):
             raise ValueError(f"vision_mode={vision_mode!r} must be 'dp' or 'tp'")
@@ -104,7 +105,9 @@ class ModelRunner:
             logger.warning("vision tower sizes do not divide tp_size=%d: running it replicated", ctx.size)
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = Qwen2_5_VLForConditionalGeneration(self.config, ctx, vision_ctx)
-        self.loaded = load_weights(self.model, model_path, progress=progress, desc=f"rank {ctx.rank} loading weights")
+        self.loaded = load_weights(
+            self.model, model_path, progress, f"rank {ctx.rank} loading weights", quantization=quantization
+        )
         self.model.eval().requires_grad_(False)
         attn = self.model.model.layers[0].self_attn
         self.cache = KVCache.allocate(
