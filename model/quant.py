@@ -230,10 +230,10 @@ def _npu_deq_scale(deq_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Ten
 def dequantized_reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Float64 reference of a quantized layer: dequantized weights times quantized-then-dequantized activations.
 
-    Static: x_dq = (x_q - offset) * input_scale, W_dq = W * deq_scale / input_scale, plus the bias
-    that quant_bias encodes, (quant_bias + offset * sum_k W) * deq_scale. Dynamic: x_dq = x_q * s,
-    W_dq = W * weight_scale, plus the float bias. Row-parallel: this rank's partial sum (quant_bias on
-    rank 0), as `QuantLinear.apply` returns it.
+    Static: x_dq = (x_q - offset) * input_scale, W_dq = W * deq_scale / input_scale, plus
+    (offset * sum_k W + quant_bias) * deq_scale, which is the float bias once summed over ranks.
+    Dynamic: x_dq = x_q * s, W_dq = W * weight_scale, plus the float bias. Row-parallel: this rank's
+    partial sum (quant_bias on rank 0), as `QuantLinear.apply` returns it.
     """
     quant: QuantLinear = layer.quant
     w = layer.weight.double()
@@ -242,11 +242,10 @@ def dequantized_reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         xq = quantize_static(x, 1.0 / layer.input_scale, layer.input_offset)
         x_dq = (xq.double() - offset) * scale
         w_dq = w * (layer.deq_scale.double() / scale)[:, None]
-        y = x_dq @ w_dq.t()
+        # The offset's share of x_q @ W^T, which quant_bias (added once, on rank 0) cancels in the sum over ranks.
+        y = x_dq @ w_dq.t() + offset * w.sum(1) * layer.deq_scale.double()
         qbias = quant._quant_bias(layer)
-        if qbias is not None:
-            y = y + (qbias.double() + offset * w.sum(1)) * layer.deq_scale.double()
-        return y
+        return y + qbias.double() * layer.deq_scale.double() if qbias is not None else y
     xq, token_scale = quantize_dynamic(x)
     y = (xq.double() * token_scale.double()[:, None]) @ (w * layer.weight_scale.double()).t()
     bias = quant._float_bias(layer)
