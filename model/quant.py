@@ -206,6 +206,8 @@ class QuantLinear:
         if self.scheme == STATIC:
             derived["inv_scale"] = 1.0 / layer.input_scale
             derived["offset"] = layer.input_offset.clone()
+        if backend != "npu" and not weight.is_contiguous():  # back from the npu layout
+            weight.data = weight.data.contiguous()
         if backend == "int8pack":
             derived["ones"] = torch.ones(weight.shape[0], dtype=torch.bfloat16, device=weight.device)
         if backend == "npu":
@@ -341,7 +343,6 @@ class QuantPlan:
     layers: dict[str, nn.Module]
     ignored: set[str]  # parameter names the checkpoint may carry and the model does not keep
     optional: set[str]  # parameters the checkpoint may omit
-    schemes: dict[str, str]
 
     def finalize(self) -> None:
         """After loading: check the values, then prepare each layer's kernel for its device."""
@@ -437,7 +438,7 @@ def prepare_model(model: nn.Module, description: dict[str, str]) -> QuantPlan:
     parts_of: dict[str, list[str]] = {}
     for part, (fused, _) in packed.items():
         parts_of.setdefault(fused, []).append(part)
-    plan = QuantPlan(layers={}, ignored=set(), optional=set(), schemes={})
+    plan = QuantPlan(layers={}, ignored=set(), optional=set())
     covered: set[str] = set()
     for name, module in list(model.named_modules()):
         if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or not name.startswith("model.layers."):
@@ -451,7 +452,6 @@ def prepare_model(model: nn.Module, description: dict[str, str]) -> QuantPlan:
             continue
         _quantize_layer(module, scheme, name, plan)
         plan.layers[name] = module
-        plan.schemes[name] = scheme
     stray = sorted(k for k, v in entries.items() if v != FLOAT and not any(k.startswith(c) for c in covered))
     if stray:
         raise QuantizationError(

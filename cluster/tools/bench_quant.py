@@ -4,7 +4,7 @@ Builds the random checkpoint (`small`: the Qwen2.5-0.5B text shape, as cluster.t
 W8A8 copy with `model.quantize` (both cached), then, in process on cpu, for the float runner and the
 int8 one:
 - decode TPOT at batch 1 and 8: the median of `--steps` eager decode steps over a cache of 128
-  tokens per row;
+  tokens per row, float and int8 taking turns step by step (other load falls on both alike);
 - the bytes one step reads (text weights, scales included, LM head and the attended KV entries),
   and that step's share of the copy-bandwidth roofline (bytes / TPOT against the copy bandwidth
   measured in the same run, read + written bytes per second as FACTS 2b counts it);
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -70,28 +71,35 @@ def quant_accuracy(
 
 
 @torch.inference_mode()
-def decode_tpot_ms(runner: ModelRunner, batch: int, steps: int) -> float:
-    """Median ms of one eager decode step of `batch` rows, each attending CONTEXT cache entries."""
+def decode_tpot_ms(runners: dict[str, ModelRunner], batch: int, steps: int) -> dict[str, float]:
+    """Median ms of one eager decode step of `batch` rows attending CONTEXT cache entries, per runner.
+
+    The runners take turns step by step, so that load from other processes falls on all of them alike.
+    """
     tokens = torch.arange(batch) % 100 + 5
     lens = torch.full((batch,), CONTEXT)
-    times = []
+    times: dict[str, list[float]] = {label: [] for label in runners}
     for step in range(steps + 1):  # the first step is a warm-up
-        start = time.perf_counter()
-        runner.decode(tokens, lens, lens, max_len=CONTEXT + 1)
-        if step:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for label, runner in runners.items():
+            start = time.perf_counter()
+            runner.decode(tokens, lens, lens, max_len=CONTEXT + 1)
+            if step:
+                times[label].append((time.perf_counter() - start) * 1e3)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 @torch.inference_mode()
-def prefill_ms(runner: ModelRunner, repeats: int = 3) -> float:
+def prefill_ms(runners: dict[str, ModelRunner], repeats: int = 3) -> dict[str, float]:
+    """Median ms of prefilling a CONTEXT-token text prompt, per runner, taking turns."""
     request = PreparedRequest("prefill", [(7 * i) % 1000 + 10 for i in range(CONTEXT)], None, None)
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        runner.prefill(request, None, slot=0)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[1:])
+    times: dict[str, list[float]] = {label: [] for label in runners}
+    for repeat in range(repeats + 1):
+        for label, runner in runners.items():
+            start = time.perf_counter()
+            runner.prefill(request, None, slot=0)
+            if repeat:
+                times[label].append((time.perf_counter() - start) * 1e3)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def bench(name: str, steps: int, cache: Path) -> dict[str, Any]:
@@ -101,16 +109,25 @@ def bench(name: str, steps: int, cache: Path) -> dict[str, Any]:
     bandwidth = measure_bandwidth()
     builder = PromptBuilder.from_pretrained(path)
     prompts = [builder.build({"id": f"a{i}", "prompt": p}) for i, p in enumerate(ACCURACY_PROMPTS)]
-    report: dict[str, Any] = {"checkpoint": str(path), "quantized": str(qpath), "bandwidth": bandwidth, "runs": {}}
+    report: dict[str, Any] = {
+        "checkpoint": str(path),
+        "quantized": str(qpath),
+        "threads": torch.get_num_threads(),
+        "load_average_at_start": os.getloadavg()[0],
+        "bandwidth": bandwidth,
+        "runs": {},
+    }
     runners = {}
     for label, p in (("float", path), ("int8", qpath)):
         log(f"{name}/{label}: loading {p}")
-        runner = ModelRunner(p, max_batch_size=max(BATCHES), max_seq_len=2 * CONTEXT + 64)
-        runners[label] = runner
+        runners[label] = ModelRunner(p, max_batch_size=max(BATCHES), max_seq_len=2 * CONTEXT + 64)
+    prefill = prefill_ms(runners)
+    tpots = {batch: decode_tpot_ms(runners, batch, steps) for batch in BATCHES}
+    for label, runner in runners.items():
         size = decode_bytes(runner, [CONTEXT] * max(BATCHES), 0)
-        entry: dict[str, Any] = {"prefill_ms": prefill_ms(runner), "batches": {}}
+        entry: dict[str, Any] = {"prefill_ms": prefill[label], "batches": {}}
         for batch in BATCHES:
-            tpot = decode_tpot_ms(runner, batch, steps)
+            tpot = tpots[batch][label]
             step_bytes = size["weights_bytes"] + size["lm_head_bytes"] + batch * CONTEXT * size["kv_bytes_per_token"]
             entry["batches"][str(batch)] = {
                 "tpot_ms": tpot,
@@ -125,16 +142,18 @@ def bench(name: str, steps: int, cache: Path) -> dict[str, Any]:
     kernels = {}
     for backend in ("int8pack", "int_mm", "dequant"):
         use_backend(runners["int8"].model, backend)
-        kernels[backend] = decode_tpot_ms(runners["int8"], 1, max(2, steps // 4))
+        kernels[backend] = decode_tpot_ms({backend: runners["int8"]}, 1, max(2, steps // 4))[backend]
         log(f"{name}/int8 kernel {backend}: batch-1 TPOT {kernels[backend]:.1f} ms")
     report["cpu_kernels_batch1_tpot_ms"] = kernels
+    report["load_average_at_end"] = os.getloadavg()[0]
     return report
 
 
 def format_table(report: dict[str, Any]) -> str:
     runs = report["runs"]
     lines = [
-        f"copy bandwidth {report['bandwidth']['copy_gb_s']:.1f} GB/s (read + write)",
+        f"copy bandwidth {report['bandwidth']['copy_gb_s']:.1f} GB/s (read + write), {report['threads']} thread(s), "
+        f"load average {report['load_average_at_start']:.1f} at start, {report['load_average_at_end']:.1f} at end",
         f"{'path':<6} {'batch':>5} {'TPOT ms':>8} {'MB/step':>8} {'roofline':>8}",
     ]
     for label, entry in runs.items():
@@ -161,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12, help="timed decode steps per batch size")
     parser.add_argument("--cache-dir", default=str(CACHE_DIR))
     parser.add_argument("--out", default="outputs/bench", help="output directory")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     report = bench(args.checkpoint, args.steps, Path(args.cache_dir).expanduser())
     out = Path(args.out)
