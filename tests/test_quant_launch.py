@@ -20,7 +20,14 @@ def test_quantize_then_launch_serves_every_request(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "quantized tensors (W8A8)" in proc.stdout
     out = tmp_path / "results.jsonl"
-    common = [str(TINY_CONF), f"model_path={quantized}", f"output_path={out}", "ray.log_to_driver=false"]
+    common = [
+        str(TINY_CONF),
+        f"model_path={quantized}",
+        f"output_path={out}",
+        "ray.address=local",  # a private cluster, never one that happens to be running
+        "ray.namespace=test-quant-launch",
+        "ray.log_to_driver=false",
+    ]
     refused = _run("cluster.launch", *common, "quantization=none")
     assert refused.returncode != 0 and "quantization='none'" in refused.stdout + refused.stderr
     proc = _run("cluster.launch", *common, "data_config.num_samples=4", "data_config.max_new_tokens=4", timeout=420)
