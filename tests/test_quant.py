@@ -30,6 +30,7 @@ from model.quant import (
     DESCRIPTION_FILE,
     DYNAMIC,
     STATIC,
+    _npu_deq_scale,
     dequantized_reference,
     quantized_layers,
     use_backend,
@@ -138,6 +139,18 @@ def test_missing_extra_and_misshaped_scales_name_the_tensor(quantized: dict[str,
     floated = {k: ("FLOAT" if ".layers.2.mlp.down_proj." in k else v) for k, v in description.items()}
     with pytest.raises(CheckpointError, match=r"layers\.2\.mlp\.down_proj\.(weight|input|deq|quant)"):
         _model(_edited(src, tmp_path / "floated", good, floated))
+
+
+def test_int64_deq_scale_of_float16_checkpoints_loads_as_its_float32_bits(
+    quantized: dict[str, Path], tmp_path: Path
+) -> None:
+    """msmodelslim stores deq_scale of float16 models as int64 holding the float32 bits (npu_quant_matmul's form)."""
+    tensors = _tensors(quantized["static"])
+    name = "model.layers.0.mlp.down_proj.deq_scale"
+    as_bits = tensors[name].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    model = _model(_edited(quantized["static"], tmp_path / "int64", {**tensors, name: as_bits}))
+    assert torch.equal(model.model.layers[0].mlp.down_proj.deq_scale, tensors[name])
+    assert torch.equal(_npu_deq_scale(tensors[name], torch.float16), as_bits)
 
 
 def test_description_errors_name_the_entry(quantized: dict[str, Path], tmp_path: Path) -> None:
