@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import model.npu_ops
+import model.quant
 from cluster.tools.greedy_check import NEAR_TIE_TOP_K, decode_step_logits
 from model.config import ModelConfig
 from model.loader import CheckpointError, load_weights
@@ -33,6 +35,7 @@ from model.quant import (
     _npu_deq_scale,
     dequantized_reference,
     quantized_layers,
+    select_backend,
     use_backend,
 )
 from model.quantize import quantize_checkpoint
@@ -283,3 +286,19 @@ def test_quantized_logits_stay_close_to_the_float_source(
         assert int(ours[step].argmax()) in ref[step].topk(NEAR_TIE_TOP_K).indices
         assert int(ref[step].argmax()) in ours[step].topk(NEAR_TIE_TOP_K).indices
     assert float((ours.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.75
+
+
+def test_backend_choice_and_the_fallback_log_line(
+    quantized: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    npu = SimpleNamespace(type="npu")  # torch.device("npu") needs torch_npu
+    assert [select_backend(cpu, 128, 100), select_backend(cpu, 100, 128)] == ["int8pack", "dequant"]
+    assert [select_backend(cuda, 128, 64), select_backend(cuda, 128, 60)] == ["int_mm", "dequant"]
+    assert select_backend(npu, 100, 100) == "npu"
+    monkeypatch.setattr(model.quant, "select_backend", lambda device, n_in, n_out: "dequant")
+    with caplog.at_level("WARNING", logger="model.quant"):
+        loaded = _model(quantized["dynamic"])
+    assert {layer.quant.backend for _, layer in quantized_layers(loaded)} == {"dequant"}
+    [record] = [r for r in caplog.records if r.name == "model.quant"]
+    assert "no int8 kernel for 12 quantized layer(s)" in record.getMessage()
