@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.device import KV_BLOCK_SIZE
+from model.kv_cache import blocks_for
 from model.sampling import SamplingParams
 
 
@@ -23,6 +25,14 @@ class WorkerConfig:
     fused_ops: bool = False
     quantization: str = "auto"  # "none" refuses a quantized checkpoint (RunConfig.quantization)
     profile_dir: str | None = None
+    num_kv_blocks: int | None = None  # None: max_batch_size sequences of max_seq_len (+ the null block)
+    kv_block_size: int | None = None  # None: the device's default (model.device.KV_BLOCK_SIZE)
+
+    def kv_pool(self) -> tuple[int, int]:
+        """(blocks, tokens per block) of each rank's KV pool, block 0 (the null block) included."""
+        size = self.kv_block_size or KV_BLOCK_SIZE[self.device]
+        blocks = self.num_kv_blocks or self.max_batch_size * blocks_for(self.max_seq_len, size) + 1
+        return blocks, size
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,7 @@ class EngineConfig:
     max_images_per_prompt: int
     sampling: SamplingParams = field(default_factory=SamplingParams)  # of requests that carry none
     policy: str = "continuous"
+    prefix_caching: bool = True
     prefill_chunk_tokens: int = 2048
     decode_steps_per_call: int = 4
     worker_timeout_s: float = 600.0

@@ -2,10 +2,12 @@
 
 Requests arrive through `generate` (a list, records in order), `stream` (a Ray streaming generator
 of token deltas, then the record) or both at once from several callers. Each is turned into model
-inputs once, then queued on the least-loaded live DP group. Every group runs its own loop: ask its
-`GroupScheduler` for a plan (slots to release, requests to admit, prompt chunks to prefill), run
-vision encode for the admitted requests' images, run the packed prefill, then a few decode steps,
-and hand each request its new tokens. A finished request frees its slot at once.
+inputs once, then queued on a live DP group: the least loaded one, or, among groups whose loads are
+close, the one whose prefix cache holds the longest prefix of it. Every group runs its own loop of
+rounds (actors/group_loop.py): its `GroupScheduler` plans (releases, preemptions, admissions by free
+KV blocks, prompt chunks and decode tokens under one token budget), the workers run it, and the new
+tokens come back here, where the end of each request is decided once (EOS, length, a stop string,
+an abort) and handed back to the scheduler, whose releases reach the workers before their next step.
 
 A group whose worker dies or hangs fails its running requests (naming the rank), hands its waiting
 requests to other groups and is rebuilt in the background, up to `max_group_restarts` times.
@@ -14,7 +16,6 @@ requests to other groups and is rebuilt in the background, up to `max_group_rest
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import time
@@ -22,32 +23,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from actors.config import EngineConfig
-from actors.groups import CallError, GroupFailure, WorkerGroup
+from actors.errors import NO_LIVE_GROUP, NoLiveGroupError, RequestError
+from actors.group_loop import GroupLoop
+from actors.groups import GroupFailure, WorkerGroup
 from actors.metrics import EngineMetrics
 from actors.records import failed_record
 from actors.requests import RequestState, sampling_params, stop_strings
-from actors.scheduler import GroupScheduler, Sequence
-from model.processor import PromptBuilder
+from actors.scheduler import WAITING, GroupScheduler, Sequence
+from model.batch import image_spans
+from model.processor import PreparedRequest, PromptBuilder
+from model.vision_cache import image_key
 
 logger = logging.getLogger(__name__)
-
-NO_LIVE_GROUP = "no live DP group to serve it"
-
-
-class Engine:
-    """A DP group's workers, scheduler and serving loop."""
-
-    def __init__(self, group: WorkerGroup, scheduler: GroupScheduler) -> None:
-        self.group = group
-        self.scheduler = scheduler
-        self.wake = asyncio.Event()
-        self.task: asyncio.Task | None = None
-        self.restarts = 0
-        self.rebuilding = False
-
-    @property
-    def dp_rank(self) -> int:
-        return self.group.dp_rank
 
 
 class Coordinator:
@@ -60,15 +47,25 @@ class Coordinator:
         self.placement = placement
         self.builder = PromptBuilder.from_pretrained(cfg.worker.model_path, max_images=cfg.max_images_per_prompt)
         tp = cfg.tp_size
+        num_blocks, block_size = cfg.worker.kv_pool()
         self.engines = [
-            Engine(
+            GroupLoop(
                 WorkerGroup(d, cfg, [placement.strategy(g * tp + t) for t in range(tp)]),
                 GroupScheduler(
-                    cfg.worker.max_batch_size, cfg.policy, cfg.prefill_chunk_tokens, cfg.decode_steps_per_call
+                    cfg.worker.max_batch_size,
+                    num_blocks,
+                    block_size,
+                    cfg.policy,
+                    cfg.prefill_chunk_tokens,
+                    cfg.decode_steps_per_call,
+                    cfg.prefix_caching,
                 ),
+                self.builder.eos_token_ids,
             )
             for d, g in enumerate(group_order)
         ]
+        # Loads within this many requests of the least loaded group count as close (cache-aware routing).
+        self.route_slack = max(1, cfg.worker.max_batch_size // 4)
         self.metrics = EngineMetrics()
         self.requests: dict[str, RequestState] = {}  # in flight, by internal key
         self.keys = itertools.count()
@@ -122,7 +119,7 @@ class Coordinator:
         finally:
             self.placement.remove()
 
-    def _group_ready(self, engine: Engine) -> None:
+    def _group_ready(self, engine: GroupLoop) -> None:
         for info, stats in zip(engine.group.infos, engine.group.stats):
             self.metrics.record_memory(info["rank"], stats)
         if engine.task is None or engine.task.done():
@@ -147,6 +144,11 @@ class Coordinator:
             "waiting": sum(len(e.scheduler.waiting) for e in self.engines),
             "running": sum(len(e.scheduler.running) for e in self.engines),
         }
+
+    def kv_cache_stats(self) -> list[dict]:
+        """Per DP group: KV blocks used, free and cached, cumulative prefix-cache hit and query tokens,
+        evictions and preemptions."""
+        return [{"dp_rank": e.dp_rank, **e.scheduler.stats()} for e in self.engines]
 
     def progress(self) -> tuple[int, int]:
         """(requests finished, requests submitted) since the Coordinator started."""
@@ -213,31 +215,68 @@ class Coordinator:
         return bool(states)
 
     async def _submit(self, request: Any) -> RequestState:
-        """Prepare a request and queue it on the least-loaded live group (ValueError if it cannot run)."""
+        """Prepare a request and queue it on the least-loaded live group.
+
+        Raises RequestError (or InvalidRequestError) naming the field when it cannot run as given,
+        NoLiveGroupError when no group is alive.
+        """
         arrival = time.time()
         if not isinstance(request, dict):
-            raise ValueError(f"request is not a dict: {request!r}")
+            raise RequestError(f"request is not a dict: {request!r}")
         params = sampling_params(request, self.cfg.sampling)
         stop = stop_strings(request)
-        prepared = await asyncio.to_thread(self.builder.build, request)
+        prepared, images = await asyncio.to_thread(self._prepare, request)
         if len(prepared.input_ids) > self.cfg.input_max_len:
-            raise ValueError(
+            raise RequestError(
                 f"request {prepared.request_id!r}: prompt has {len(prepared.input_ids)} tokens, more "
-                f"than data_config.input_max_len={self.cfg.input_max_len}"
+                f"than data_config.input_max_len={self.cfg.input_max_len}",
+                "messages" if request.get("messages") is not None else "prompt",
             )
         need = len(prepared.input_ids) + params.max_new_tokens
         if need > self.cfg.worker.max_seq_len:
-            raise ValueError(
+            raise RequestError(
                 f"request {prepared.request_id!r}: prompt of {len(prepared.input_ids)} tokens + "
                 f"max_new_tokens={params.max_new_tokens} needs {need} KV slots, more than "
-                f"max_seq_len={self.cfg.worker.max_seq_len}"
+                f"max_seq_len={self.cfg.worker.max_seq_len}",
+                "max_new_tokens",
             )
         key = f"{prepared.request_id}#{next(self.keys)}"
+        seq = Sequence(prepared.request_id, list(prepared.input_ids), params.max_new_tokens, images)
+        self._check_fits(seq)
+        seq.request_id = key
         state = RequestState.create(key, prepared.request_id, prepared, params, stop, self.builder.decode, arrival)
+        seq.payload = state
+        self._enqueue(seq)
         self.submitted += 1
         self.requests[key] = state
-        self._enqueue(state)
         return state
+
+    def _prepare(self, request: dict) -> tuple[PreparedRequest, list[tuple[int, int, bytes]]]:
+        """Model inputs, and each image's token span with the hash of its processed pixels (prefix-cache keys)."""
+        prepared = self.builder.build(request)
+        images: list[tuple[int, int, bytes]] = []
+        if prepared.image_grid_thw is not None:
+            spans = image_spans(prepared.input_ids, self.builder.image_token_id)
+            offset = 0
+            for (start, end), grid in zip(spans, prepared.image_grid_thw):
+                n = int(grid.prod())
+                images.append((start, end, image_key(prepared.pixel_values[offset : offset + n], grid)))
+                offset += n
+        return prepared, images
+
+    def _check_fits(self, seq: Sequence) -> None:
+        """RequestError naming the limit when the request could never fit a group's KV pool (it would wait forever)."""
+        num_blocks, block_size = self.cfg.worker.kv_pool()
+        tokens = len(seq.prompt_ids) + seq.max_new_tokens
+        need = -(-tokens // block_size)
+        if need > num_blocks - 1:
+            raise RequestError(
+                f"request {seq.payload.record['id'] if seq.payload else seq.request_id!r}: prompt of "
+                f"{len(seq.prompt_ids)} tokens + max_new_tokens={seq.max_new_tokens} needs {need} KV blocks of "
+                f"{block_size} tokens, more than the KV pool holds ({num_blocks - 1} blocks; kv_cache.num_blocks "
+                "or kv_cache.memory_gb sets it)",
+                "max_new_tokens",
+            )
 
     def _rejected(self, request: Any, error: str) -> dict:
         record = failed_record(request, error, arrival_time=time.time(), end_time=time.time())
@@ -246,41 +285,42 @@ class Coordinator:
         self.completed += 1
         return record
 
-    def _enqueue(self, state: RequestState) -> None:
+    def _enqueue(self, seq: Sequence) -> None:
+        """Queue on the least-loaded live group; among groups within `route_slack` requests of it, the one
+        whose prefix cache holds the most of the prompt (ties: the less loaded, then the lower rank).
+        NoLiveGroupError when no group is alive."""
         live = [e for e in self.engines if e.group.alive]
         if not live:
-            self._end(state, None, NO_LIVE_GROUP)
-            return
-        engine = min(live, key=lambda e: (e.scheduler.load, e.dp_rank))
-        engine.scheduler.add(Sequence(state.key, len(state.prepared.input_ids), payload=state))
+            raise NoLiveGroupError()
+        least = min(e.scheduler.load for e in live)
+        close = [e for e in live if e.scheduler.load <= least + self.route_slack]
+        engine = max(close, key=lambda e: (e.scheduler.prefix_hit(seq), -e.scheduler.load, -e.dp_rank))
+        engine.scheduler.add(seq)
         self._gauges(engine)
         engine.wake.set()
 
-    def _end(self, state: RequestState, finish_reason: str | None, error: str | None = None) -> None:
-        """Finish a request once: leave its scheduler, close its record, count it."""
+    def _end(self, state: RequestState, finish_reason: str | None, error: str | BaseException | None = None) -> None:
+        """Finish a request once: leave its scheduler (its blocks free now), close its record, count it."""
         if state.finished:
             return
         for engine in self.engines:
             if engine.scheduler.abort(state.key, finish_reason or "abort") is not None:
-                engine.wake.set()  # its slot is released with the next plan
+                engine.wake.set()  # its blocks are free now; the workers forget it at the next step
                 self._gauges(engine)
-        tail = state.tail() if error is None and finish_reason != "stop" else None
-        if tail is not None:
-            state.queue.put_nowait(tail)
         record = state.finish(finish_reason, error)
         self.requests.pop(state.key, None)
         self.completed += 1
         self.metrics.record_request(record, record["dp_rank"])
 
     # ----------------------------------------------------------------------------- the group loop
-    async def _serve(self, engine: Engine) -> None:
+    async def _serve(self, engine: GroupLoop) -> None:
         while engine.group.alive:
             if engine.scheduler.idle:
                 engine.wake.clear()
                 await engine.wake.wait()
                 continue
             try:
-                await self._step(engine)
+                await self._round(engine)
             except GroupFailure as e:
                 await self._fail_group(engine, str(e))
                 return
@@ -291,93 +331,53 @@ class Coordinator:
                 await self._fail_group(engine, f"dp group {engine.dp_rank} failed: {type(e).__name__}: {e}")
                 return
 
-    async def _step(self, engine: Engine) -> None:
-        """One round on one group: releases + admissions + prefill chunks, then decode steps."""
-        sched, dp = engine.scheduler, engine.dp_rank
-        plan = sched.schedule()
-        now = time.time()
-        for seq in plan.admit:
-            state: RequestState = seq.payload
-            if state.record["scheduled_time"] is None:
-                state.record["scheduled_time"] = now
-                state.record["dp_rank"] = dp
-                self.metrics.record_queue(now - state.record["arrival_time"], dp)
-        self._gauges(engine)
+    async def _round(self, engine: GroupLoop) -> None:
+        """One round on one group, then its outcome: records of newly scheduled requests, failures, tokens."""
+        dp = engine.dp_rank
         profile, self.profile_pending = self.profile_pending, False
-        images = [
-            dataclasses.replace(seq.payload.prepared, request_id=seq.request_id)
-            for seq in plan.admit
-            if seq.payload.prepared.image_grid_thw is not None
-        ]
-        if images:
-            out = await self._call(engine, plan.admit, "encode", images, profile)
-            if out is not None:
-                self._phase("vision_encode_s", out["seconds"], dp)
-                if out.get("cache"):
-                    self.metrics.record_vision_cache(dp, out["cache"]["hits"], out["cache"]["misses"])
-        if plan.releases or plan.admit or plan.chunks:
-            # Workers know requests by their internal key; pixels stay behind (encode already ran).
-            admissions = [
-                (
-                    seq.slot,
-                    dataclasses.replace(seq.payload.prepared, request_id=seq.request_id, pixel_values=None),
-                    seq.payload.params,
-                    list(self.builder.eos_token_ids),
-                )
-                for seq in plan.admit
-            ]
-            chunks = [(seq.slot, end) for seq, _, end in plan.chunks]
-            involved = plan.admit + [seq for seq, _, _ in plan.chunks]
-            out = await self._call(engine, involved, "prefill", plan.releases, admissions, chunks, profile)
-            if out is not None:
-                self._phase("prefill_s", out["seconds"], dp)
-                for key, message in out["errors"].items():
-                    if key in self.requests:
-                        self._end(self.requests[key], None, message)
-                for seq, _, end in plan.chunks:
-                    if seq.request_id in sched.by_id:
-                        sched.prefilled(seq, end)
-                self._deliver(engine, out["outputs"])
-        steps = sched.decode_steps()
-        if steps:
-            decoding = [s for s in sched.running if s.state == "decoding"]
-            out = await self._call(engine, decoding, "decode", steps, [])
-            if out is not None:
-                self._phase("decode_s", out["seconds"], dp)
-                self._deliver(engine, out["outputs"])
-
-    async def _call(self, engine: Engine, involved: list[Sequence], method: str, *args: Any) -> dict | None:
-        """Rank 0's answer to a phase call on every rank; None when a live rank raised (the involved
-        requests are failed with its message, the group goes on). GroupFailure propagates."""
-        try:
-            return (await engine.group.call(method, *args))[0]
-        except CallError as e:
-            for seq in involved:
-                state = self.requests.get(seq.request_id)
-                if state is not None:
-                    self._end(state, None, str(e))
-            return None
-
-    def _deliver(self, engine: Engine, outputs: dict) -> None:
-        """New tokens per slot: stream them, end requests at EOS, length or a stop string."""
-        sched = engine.scheduler
-        for slot, out in outputs.items():
-            seq = sched.by_id.get(out["request_id"])
-            state = self.requests.get(out["request_id"])
-            if seq is None or state is None or seq.slot != int(slot):
-                continue  # aborted while the call ran
-            item, stopped = state.add_tokens(out["tokens"], out["times"])
-            if item is not None and (item["text"] or item["token_ids"]):
-                state.queue.put_nowait(item)
-            if stopped:
-                self._end(state, "stop")
-            elif out["finish_reason"] is not None:
-                sched.finish(seq, out["finish_reason"])
-                self._end(state, out["finish_reason"])
+        result = await engine.round(profile)
+        now = time.time()
+        for seq in result.plan.admit:
+            record = seq.payload.record
+            if record["scheduled_time"] is None:
+                record["scheduled_time"] = now
+                record["dp_rank"] = dp
+                record["cached_tokens"] = seq.cached_tokens
+                self.metrics.record_queue(now - record["arrival_time"], dp)
+        for request_id in result.plan.preempted:
+            state = self.requests.get(request_id)
+            if state is not None:
+                state.record["preemptions"] = (state.record["preemptions"] or 0) + 1
+        for name, seconds in result.phases.items():
+            self._phase(name, seconds, dp)
+        if result.vision_cache:
+            self.metrics.record_vision_cache(dp, result.vision_cache["hits"], result.vision_cache["misses"])
+        for seq, message in result.failed:
+            state = self.requests.get(seq.request_id)
+            if state is not None:
+                self._end(state, None, message)
+        for seq, out in result.outputs:
+            self._deliver(engine, seq, out)
+        self.metrics.record_kv_cache(dp, engine.scheduler.stats())
         self._gauges(engine)
+
+    def _deliver(self, engine: GroupLoop, seq: Sequence, out: dict) -> None:
+        """A request's new tokens: stream them, then decide here, once, whether it ended (EOS or length as
+        the workers report, or a stop string in its text)."""
+        state = self.requests.get(seq.request_id)
+        if state is None or state.finished:
+            return
+        engine.scheduler.append(seq, out["tokens"])
+        item, stopped = state.add_tokens(out["tokens"], out["times"])
+        if item is not None and (item["text"] or item["token_ids"]):
+            state.queue.put_nowait(item)
+        reason = "stop" if stopped else out["finish_reason"]
+        if reason is not None:
+            engine.scheduler.finish(seq, reason)
+            self._end(state, reason)
 
     # ----------------------------------------------------------------------------- failures
-    async def _fail_group(self, engine: Engine, message: str, rebuild: bool = True) -> list[Sequence]:
+    async def _fail_group(self, engine: GroupLoop, message: str, rebuild: bool = True) -> list[Sequence]:
         """Fail the group's running requests and move its waiting ones to other live groups.
 
         With `rebuild`, the group is rebuilt in the background (up to max_group_restarts times) and
@@ -391,10 +391,10 @@ class Coordinator:
             state: RequestState = seq.payload
             if state.finished:
                 continue
-            if seq.state != "waiting":
+            if seq.state != WAITING or seq.output_ids:  # started (a preempted one has tokens already)
                 self._end(state, None, message)
             elif others_live:
-                self._enqueue(state)
+                self._enqueue(seq)
             else:
                 orphans.append(seq)
         self._gauges(engine)
@@ -404,10 +404,10 @@ class Coordinator:
             asyncio.get_running_loop().create_task(self._rebuild(engine, orphans))
         elif rebuild:
             for seq in orphans:
-                self._end(seq.payload, None, f"{NO_LIVE_GROUP} ({message})")
+                self._end(seq.payload, None, NoLiveGroupError(f"{NO_LIVE_GROUP} ({message})"))
         return orphans
 
-    async def _rebuild(self, engine: Engine, orphans: list[Sequence]) -> None:
+    async def _rebuild(self, engine: GroupLoop, orphans: list[Sequence]) -> None:
         """Start the group's workers anew; `orphans` (requests with nowhere else to go) wait for it."""
         for seq in orphans:
             if not seq.payload.finished:
@@ -430,5 +430,5 @@ class Coordinator:
         self.phase_totals[name] += seconds
         self.metrics.record_phase(name.removesuffix("_s"), seconds, dp_rank)
 
-    def _gauges(self, engine: Engine) -> None:
+    def _gauges(self, engine: GroupLoop) -> None:
         self.metrics.set_queue_depth(engine.dp_rank, len(engine.scheduler.waiting), len(engine.scheduler.running))

@@ -75,6 +75,23 @@ METRICS: dict[str, MetricSpec] = {
     ),
     "qwen_vl_vision_cache_misses": MetricSpec("counter", "Images the vision tower had to encode", ("dp_rank",)),
     "qwen_vl_worker_memory_bytes": MetricSpec("gauge", "Worker memory (host RSS, device allocated)", ("rank", "kind")),
+    "qwen_vl_prefix_cache_hit_tokens": MetricSpec(
+        "counter", "Prompt tokens whose KV came from the prefix cache", ("dp_rank",)
+    ),
+    "qwen_vl_prefix_cache_query_tokens": MetricSpec(
+        "counter", "Prompt tokens looked up in the prefix cache (hit rate = hits / queries)", ("dp_rank",)
+    ),
+    "qwen_vl_kv_blocks": MetricSpec("gauge", "KV blocks of a DP group's pool, by state", ("dp_rank", "state")),
+    "qwen_vl_preemptions": MetricSpec(
+        "counter", "Requests preempted (KV freed, recomputed later) for lack of KV blocks", ("dp_rank",)
+    ),
+}
+
+# Cumulative scheduler counts -> the counter they feed (see EngineMetrics.record_kv_cache).
+_KV_COUNTERS = {
+    "hit_tokens": "qwen_vl_prefix_cache_hit_tokens",
+    "query_tokens": "qwen_vl_prefix_cache_query_tokens",
+    "preemptions": "qwen_vl_preemptions",
 }
 
 
@@ -106,6 +123,7 @@ class EngineMetrics:
         self.metrics = {name: _make(name, spec) for name, spec in METRICS.items()}
         # Last cumulative vision-cache counts per DP group, to turn them into counter increments.
         self._vision_cache_seen: dict[str, tuple[int, int]] = {}
+        self._kv_seen: dict[tuple[str, str], int] = {}
 
     def record_request(self, record: dict, dp_rank: int | None) -> None:
         """Count a finished request; for a successful one, its tokens and TTFT/TPOT/E2E."""
@@ -159,6 +177,20 @@ class EngineMetrics:
             ("qwen_vl_vision_cache_hits", hits, prev_hits),
             ("qwen_vl_vision_cache_misses", misses, prev_misses),
         ):
+            increment = now - prev if now >= prev else now
+            if increment > 0:
+                self.metrics[name].inc(increment, tags)
+
+    def record_kv_cache(self, dp_rank: int, stats: dict) -> None:
+        """A group scheduler's `stats()`: KV blocks used, free and cached now; cumulative prefix-cache hit and
+        query tokens and preemptions (added as increments; a count below the last one restarts the series)."""
+        tags = {"dp_rank": str(dp_rank)}
+        for state in ("used", "free", "cached"):
+            self.metrics["qwen_vl_kv_blocks"].set(stats.get(state, 0), {**tags, "state": state})
+        for key, name in _KV_COUNTERS.items():
+            now = int(stats.get(key, 0))
+            prev = self._kv_seen.get((tags["dp_rank"], key), 0)
+            self._kv_seen[tags["dp_rank"], key] = now
             increment = now - prev if now >= prev else now
             if increment > 0:
                 self.metrics[name].inc(increment, tags)

@@ -23,6 +23,8 @@ RECORD_FIELDS: dict[str, str] = {
     "error": "why the request failed, or None",
     "finish_reason": "'stop' (EOS or a stop string), 'length', 'abort', or None on error",
     "dp_rank": "the DP group that served it",
+    "cached_tokens": "prompt tokens whose KV came from the prefix cache (at its first scheduling)",
+    "preemptions": "times it was preempted (its KV freed, recomputed later) for lack of KV blocks",
     "arrival_time": "Unix time the Coordinator received it",
     "scheduled_time": "Unix time it was first scheduled (vision encode / prefill began)",
     "first_token_time": "Unix time of its first token",
@@ -34,7 +36,14 @@ def new_record(request_id: str | None, arrival_time: float | None = None) -> dic
     """A record with every field present and nothing measured yet."""
     record: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
     record.update(
-        id=request_id, output_token_ids=[], output_text="", prompt_tokens=0, itl_s=[], arrival_time=arrival_time
+        id=request_id,
+        output_token_ids=[],
+        output_text="",
+        prompt_tokens=0,
+        itl_s=[],
+        arrival_time=arrival_time,
+        cached_tokens=0,
+        preemptions=0,
     )
     return record
 

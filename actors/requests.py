@@ -1,59 +1,61 @@
 """One request inside the Coordinator: its sampling settings, its tokens, its text so far, its record.
 
-`RequestState.add_tokens` turns new token ids into a text delta that never ends in a broken UTF-8
-character and never shows a stop string (nor a prefix of one that may still complete); the
-Coordinator streams those deltas and ends the request when a stop string appears.
+`RequestState.add_tokens` is the one place a request's tokens become text: an incremental
+detokenizer turns the new ids into text that never ends in a broken UTF-8 character, and a stop
+matcher cuts it at the first stop string and holds back an end that may still become one. The
+Coordinator streams those deltas as they are; put together they are the record's output_text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.detokenizer import IncrementalDetokenizer
+from actors.errors import RequestError
 from actors.records import fill_latencies, new_record
+from actors.stop_strings import MAX_STOP_STRINGS, StopMatcher, check_stop_strings
 from model.processor import PreparedRequest
 from model.sampling import SamplingParams
 
+__all__ = ["MAX_STOP_STRINGS", "REQUEST_OVERRIDES", "RequestState", "sampling_params", "stop_strings"]
+
 REQUEST_OVERRIDES = ("max_new_tokens", "temperature", "top_p", "seed", "ignore_eos")
-MAX_STOP_STRINGS = 4
 _MAX_SEED = 2**63 - 1
 
 
 def sampling_params(request: dict, defaults: SamplingParams) -> SamplingParams:
-    """The request's SamplingParams: its own overrides on top of the run's defaults (ValueError names the key)."""
-    values = {key: getattr(defaults, key) for key in REQUEST_OVERRIDES}
+    """The request's SamplingParams: its own overrides on top of the run's defaults (RequestError names the key)."""
+    params = defaults
     for key in REQUEST_OVERRIDES:
         value = request.get(key)
         if value is None:
             continue
         if key == "ignore_eos":
             if not isinstance(value, bool):
-                raise ValueError(f"'ignore_eos' must be true or false, got {value!r}")
+                raise RequestError(f"'ignore_eos' must be true or false, got {value!r}", key)
         elif key in ("max_new_tokens", "seed"):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"'{key}' must be an integer, got {value!r}")
-            if not (1 if key == "max_new_tokens" else 0) <= value <= _MAX_SEED:
-                raise ValueError(f"'{key}'={value!r} must be >= {1 if key == 'max_new_tokens' else 0}")
+                raise RequestError(f"'{key}' must be an integer, got {value!r}", key)
+            low = 1 if key == "max_new_tokens" else 0
+            if not low <= value <= _MAX_SEED:
+                raise RequestError(f"'{key}'={value!r} must be in [{low}, {_MAX_SEED}]", key)
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"'{key}' must be a finite number, got {value!r}")
-        values[key] = value
-    return SamplingParams(**values)  # checks the ranges
+            raise RequestError(f"'{key}' must be a finite number, got {value!r}", key)
+        try:
+            params = dataclasses.replace(params, **{key: value})  # SamplingParams checks the ranges
+        except ValueError as e:
+            raise RequestError(str(e), key) from None
+    return params
 
 
 def stop_strings(request: dict) -> list[str]:
-    stop = request.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise ValueError(f"'stop' must be a non-empty string or a list of them, got {stop!r}")
-    if len(stop) > MAX_STOP_STRINGS:
-        raise ValueError(f"'stop' has {len(stop)} strings, at most {MAX_STOP_STRINGS} are allowed")
-    return stop
+    """The request's stop strings (RequestError names 'stop')."""
+    return check_stop_strings(request.get("stop"))
 
 
 @dataclass
@@ -67,10 +69,13 @@ class RequestState:
     record: dict[str, Any]
     decode_text: Any  # token ids -> text
     token_times: list[float] = field(default_factory=list)
-    text: str = ""  # decoded so far
-    sent: int = 0  # characters of `text` already streamed
+    parts: list[str] = field(default_factory=list)  # the text delivered so far, delta by delta
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: asyncio.Future | None = None
+
+    def __post_init__(self) -> None:
+        self.detokenizer = IncrementalDetokenizer(self.decode_text)
+        self.matcher = StopMatcher(self.stop)
 
     @classmethod
     def create(
@@ -92,49 +97,55 @@ class RequestState:
         return self.done is not None and self.done.done()
 
     def add_tokens(self, tokens: list[int], times: list[float]) -> tuple[dict | None, bool]:
-        """Take new tokens -> (stream item or None, whether a stop string ended the request)."""
-        ids = self.record["output_token_ids"]
-        ids.extend(tokens)
+        """Take new tokens -> (stream item with their text delta, whether a stop string ended the request)."""
+        self.record["output_token_ids"].extend(tokens)
         self.token_times.extend(times)
-        self.text = self.decode_text(ids)
-        stopped = False
-        visible = len(self.text)
-        for s in self.stop:
-            at = self.text.find(s)
-            if at != -1 and at < visible:
-                visible, stopped = at, True
-        if stopped:
-            self.text = self.text[:visible]
-        else:
-            while visible > self.sent and self.text[visible - 1] == "\ufffd":  # an incomplete UTF-8 character
-                visible -= 1
-            for s in self.stop:  # hold back a tail that may still become a stop string
-                for n in range(min(len(s) - 1, visible - self.sent), 0, -1):
-                    if self.text[visible - n : visible] == s[:n]:
-                        visible -= n
-                        break
-        delta = self.text[self.sent : visible]
-        self.sent = max(self.sent, visible)
-        item = {"id": self.record["id"], "token_ids": list(tokens), "text": delta}
-        return item, stopped
-
-    def finish(self, finish_reason: str | None, error: str | None = None) -> dict:
-        """Close the record (latencies, text, reason) and hand it to whoever waits; returns it."""
-        record = self.record
-        record["end_time"] = time.time()
-        record["finish_reason"] = None if error is not None else finish_reason
-        record["error"] = error
-        fill_latencies(record, self.token_times)
-        record["output_text"] = self.text if error is None else ""
-        if self.done is not None and not self.done.done():
-            self.done.set_result(record)
-        self.queue.put_nowait({**record, "final": True})
-        return record
+        delta = self.matcher.feed(self.detokenizer.add(tokens))
+        if delta:
+            self.parts.append(delta)
+        return {"id": self.record["id"], "token_ids": list(tokens), "text": delta}, self.matcher.stopped
 
     def tail(self) -> dict | None:
-        """The text still held back (a partial stop-string prefix) once the request ended without a stop."""
-        if self.sent >= len(self.text):
+        """The text still held back (an incomplete character, the start of a stop string) once the request
+        ended without a stop string; None when there is none. A stop string completed by it still cuts it."""
+        if self.matcher.stopped:
             return None
-        item = {"id": self.record["id"], "token_ids": [], "text": self.text[self.sent :]}
-        self.sent = len(self.text)
-        return item
+        text = self.matcher.feed(self.detokenizer.flush())
+        if not self.matcher.stopped:
+            text += self.matcher.release()
+        if not text:
+            return None
+        self.parts.append(text)
+        return {"id": self.record["id"], "token_ids": [], "text": text}
+
+    def finish(self, finish_reason: str | None, error: str | BaseException | None = None) -> dict:
+        """Close the record (latencies, text, reason) and hand it to whoever waits; returns it.
+
+        Without an error, text still held back is streamed first (`tail`), so the stream's deltas put
+        together are the record's output_text; a stop string completed by it makes a 'length' finish
+        a 'stop'. `error` is a message or an exception (RequestError and its kin carry an HTTP
+        `status`): the record's `error` is its message, and the stream's final item, and only it,
+        carries `error_status` (the HTTP status for that error, 500 when the error has none).
+        """
+        record = self.record
+        status = None
+        if error is None:
+            tail = self.tail()
+            if tail is not None:
+                self.queue.put_nowait(tail)
+            if finish_reason == "length" and self.matcher.stopped:
+                finish_reason = "stop"
+        else:
+            status = getattr(error, "status", 500)
+        record["end_time"] = time.time()
+        record["finish_reason"] = None if error is not None else finish_reason
+        record["error"] = None if error is None else str(error)
+        fill_latencies(record, self.token_times)
+        record["output_text"] = "".join(self.parts) if error is None else ""
+        if self.done is not None and not self.done.done():
+            self.done.set_result(record)
+        final = {**record, "final": True}
+        if status is not None:
+            final["error_status"] = status
+        self.queue.put_nowait(final)
+        return record

@@ -1,80 +1,148 @@
-"""The per-DP-group scheduler: a pure state machine over requests and KV slots (no Ray, no torch).
+"""The per-DP-group scheduler: a pure state machine over requests and KV blocks (no Ray, no torch).
 
-A request moves waiting -> prefilling -> decoding -> finished (or aborted at any point). Each call
-to `schedule()` returns one `Plan` for the group's workers:
+A request moves waiting -> prefilling -> decoding -> finished (or is aborted anywhere); a running
+request may be preempted back to waiting when blocks run out. Each `schedule()` returns one `Plan`
+for the group's workers, applied in this order:
 
-- `releases`: slots of aborted requests, freed before anything else runs;
-- `admit`: waiting requests given a free slot (lowest index first, so the decode batch stays a
-  short prefix of the slots), first come first served;
-- `chunks`: prompt pieces to prefill, at most `prefill_chunk_tokens` tokens in all, oldest
-  admission first, so a long prompt is split and the running requests decode between its chunks;
+- `releases`: requests that ended (EOS, length, stop, abort): the workers forget them;
+- `preempted`: requests whose KV the workers drop, keeping their sampling state;
+- `admit`: requests the workers start now, fresh or resumed after a preemption;
+- one forward under one token budget (vLLM v1 style): every decoding request one token, then
+  prompt chunks of prefilling requests in admission order with the rest of `token_budget` (a long
+  prompt is split over rounds). A round with no chunk is a pure-decode call of up to
+  `decode_steps_per_call` steps (the captured graph).
 
-after which `decode_steps()` says how many decode steps the decoding requests take before the
-next plan (asked after the chunks' results are applied, so a request whose prompt just finished
-decodes in the same round).
+Memory is the admission bound: a waiting request is admitted, first come first served, only when
+the pool gives it blocks for all of its tokens (the prefix cache may supply a block-aligned
+prefix, which its first chunk then skips). Running requests grow one block at a time; when one
+needs a block and none is free, the newest running request is preempted: its blocks are freed
+(full computed blocks stay cached), it goes to the front of the queue and is recomputed later,
+prompt and generated tokens alike, as one prompt. No request is preempted to admit another.
 
-Policy "continuous" admits whenever a slot is free. Policy "static" admits only into an empty
-group and fills it, then runs that batch to completion: the batch engine's behaviour, kept for
-comparison.
+The caller reports what ran: `prefilled` after a chunk, `append` with sampled tokens, `finish`
+when the workers ended a request (EOS, length) and `abort` for anything else. Every ending frees
+the request's blocks at once and names it in the next plan's `releases`.
+
+Policy "continuous" admits whenever blocks allow. Policy "static" admits only into an empty group,
+fills it and runs that batch to completion (the batch engine's behaviour, kept for comparison).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
-WAITING, PREFILLING, DECODING, FINISHED = "waiting", "prefilling", "decoding", "finished"
+from actors.kv_blocks import BlockPool, block_hashes
+
+
+class SeqState(str, Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+    FINISHED = "finished"
+
+
+WAITING, PREFILLING, DECODING, FINISHED = SeqState.WAITING, SeqState.PREFILLING, SeqState.DECODING, SeqState.FINISHED
 
 
 @dataclass
 class Sequence:
-    """One request as the scheduler sees it; `payload` is the caller's (never read here)."""
+    """One request as the scheduler sees it; `payload` is the caller's (never read here).
+
+    `tokens` is prompt_ids + output_ids; `output_ids` only grows (through `GroupScheduler.append`)
+    and survives preemption. `images` are (start, end, content hash) per image, the token span of
+    its image tokens in the prompt; `extra_key` the processor settings that change the pixels.
+    """
 
     request_id: str
-    prompt_len: int
+    prompt_ids: list[int]
+    max_new_tokens: int
+    images: list[tuple[int, int, bytes]] = field(default_factory=list)
+    extra_key: bytes = b""
     payload: Any = None
-    state: str = WAITING
-    slot: int | None = None
-    filled: int = 0  # prompt tokens prefilled so far
+    state: SeqState = SeqState.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens of `tokens` whose KV is in the blocks
+    num_cached: int = 0  # of those, how many the last admission took from the prefix cache
+    cached_tokens: int = 0  # the first admission's num_cached (what the record reports)
+    preemptions: int = 0
     finish_reason: str | None = None
+    _tokens: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
+    _keys: list[bytes] = field(default_factory=list, init=False, repr=False, compare=False)
+    _keys_block_size: int = field(default=0, init=False, repr=False, compare=False)
+    _on_workers: bool = field(default=False, init=False, repr=False, compare=False)
+
+    @property
+    def tokens(self) -> list[int]:
+        """prompt_ids + output_ids, extended in place (amortised O(1)); do not modify it."""
+        prompt, out = self.prompt_ids, self.output_ids
+        if not len(prompt) <= len(self._tokens) <= len(prompt) + len(out):
+            self._tokens = list(prompt)
+        if len(self._tokens) < len(prompt) + len(out):
+            self._tokens.extend(out[len(self._tokens) - len(prompt) :])
+        return self._tokens
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
 
 
 @dataclass
 class Plan:
-    releases: list[int] = field(default_factory=list)
+    """One round for a group's workers (see the module docstring for the order)."""
+
+    releases: list[str] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
     admit: list[Sequence] = field(default_factory=list)
-    chunks: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (sequence, start, end)
+    chunks: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, start, end) of seq.tokens
+    decode: list[Sequence] = field(default_factory=list)
+    decode_steps: int = 0  # 1 in a round with chunks, the pure-decode steps otherwise, 0 if nothing decodes
+    block_tables: dict[str, list[int]] = field(default_factory=dict)  # every request in chunks or decode
 
 
 class GroupScheduler:
-    """Slots, waiting queue and budgets of one DP group."""
+    """Waiting queue, running requests and the KV block pool of one DP group."""
 
     def __init__(
         self,
-        num_slots: int,
+        max_running: int,
+        num_blocks: int,
+        block_size: int,
         policy: str = "continuous",
-        prefill_chunk_tokens: int = 2048,
-        decode_steps_per_call: int = 1,
+        token_budget: int = 2048,
+        decode_steps_per_call: int = 4,
+        prefix_caching: bool = True,
     ) -> None:
         if policy not in ("continuous", "static"):
             raise ValueError(f"policy={policy!r} must be 'continuous' or 'static'")
-        if num_slots < 1 or prefill_chunk_tokens < 1 or decode_steps_per_call < 1:
-            raise ValueError("num_slots, prefill_chunk_tokens and decode_steps_per_call must be >= 1")
+        for name, value, low in (
+            ("max_running", max_running, 1),
+            ("num_blocks", num_blocks, 2),
+            ("block_size", block_size, 1),
+            ("token_budget", token_budget, 1),
+            ("decode_steps_per_call", decode_steps_per_call, 1),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+        if token_budget < max_running:
+            raise ValueError(
+                f"token_budget={token_budget} must be >= max_running={max_running} (one decode token per request)"
+            )
+        self.max_running = max_running
         self.policy = policy
-        self.chunk_tokens = prefill_chunk_tokens
-        self.steps_per_call = decode_steps_per_call
-        self.slots: list[Sequence | None] = [None] * num_slots
+        self.token_budget = token_budget
+        self.decode_steps_per_call = decode_steps_per_call
+        self.pool = BlockPool(num_blocks, block_size, prefix_caching)
+        self.block_size = block_size
         self.waiting: deque[Sequence] = deque()
-        self.pending_releases: list[int] = []
+        self.running: list[Sequence] = []  # admission order
         self.by_id: dict[str, Sequence] = {}
+        self.preemptions = 0
+        self._releases: list[str] = []
 
     # ----------------------------------------------------------------------------- queries
-    @property
-    def running(self) -> list[Sequence]:
-        """Requests holding a slot, in slot order."""
-        return [s for s in self.slots if s is not None]
-
     @property
     def load(self) -> int:
         """Waiting plus running requests: what 'least loaded' compares."""
@@ -82,76 +150,216 @@ class GroupScheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.running and not self.pending_releases
+        return not self.waiting and not self.running and not self._releases
+
+    def stats(self) -> dict[str, int]:
+        """The pool's stats plus cumulative preemptions and the running and waiting counts."""
+        return {
+            **self.pool.stats(),
+            "preemptions": self.preemptions,
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+        }
+
+    def prefix_hit(self, seq: Sequence) -> int:
+        """Tokens of `seq`'s prompt this group's prefix cache holds now (changes nothing)."""
+        if not self.pool.caching:
+            return 0
+        keys = self._keys(seq)[: seq.prompt_len // self.block_size]
+        return self.pool.cached_prefix(keys) * self.block_size
 
     # ----------------------------------------------------------------------------- events
     def add(self, seq: Sequence) -> None:
+        """Queue a request (fresh, or moved here from a failed group keeping its output_ids).
+
+        ValueError for a duplicate id or a request that could never fit the whole KV pool.
+        """
         if seq.request_id in self.by_id:
             raise ValueError(f"request id {seq.request_id!r} is already scheduled")
-        seq.state, seq.slot, seq.filled, seq.finish_reason = WAITING, None, 0, None
+        if seq.prompt_len < 1 or seq.max_new_tokens < 1:
+            raise ValueError(
+                f"request {seq.request_id!r}: prompt of {seq.prompt_len} tokens and max_new_tokens="
+                f"{seq.max_new_tokens} must both be >= 1"
+            )
+        total = seq.prompt_len + seq.max_new_tokens
+        need = -(-total // self.block_size)
+        if need > self.pool.capacity:
+            raise ValueError(
+                f"request {seq.request_id!r} can never fit: prompt ({seq.prompt_len}) + max_new_tokens "
+                f"({seq.max_new_tokens}) = {total} tokens need {need} blocks of {self.block_size} tokens, "
+                f"but the KV pool holds {self.pool.capacity} blocks ({self.pool.capacity * self.block_size} tokens)"
+            )
+        seq.state, seq.finish_reason, seq.num_computed, seq.num_cached = WAITING, None, 0, 0
+        seq._on_workers = False
         self.waiting.append(seq)
         self.by_id[seq.request_id] = seq
 
+    def prefilled(self, seq: Sequence, end: int) -> None:
+        """A chunk of `seq.tokens` ending at `end` ran; a chunk ending at len(tokens) makes it decode."""
+        self._check_state(seq, "prefilled", PREFILLING)
+        if not seq.num_computed < end <= len(seq.tokens):
+            raise ValueError(
+                f"request {seq.request_id!r}: chunk end {end} outside ({seq.num_computed}, {len(seq.tokens)}]"
+            )
+        seq.num_computed = end
+        if end == len(seq.tokens):
+            seq.state = DECODING
+        self._register(seq)
+
+    def append(self, seq: Sequence, tokens: list[int]) -> None:
+        """New sampled tokens: the one after a final chunk (reported by `prefilled` first), or a decode
+        call's; the last one has no KV yet."""
+        self._check_state(seq, "append", DECODING)
+        if len(seq.output_ids) + len(tokens) > seq.max_new_tokens:
+            raise ValueError(
+                f"request {seq.request_id!r}: {len(seq.output_ids)} + {len(tokens)} tokens exceed "
+                f"max_new_tokens={seq.max_new_tokens}"
+            )
+        computed = len(seq.tokens) + len(tokens) - 1
+        if computed > self.pool.held(seq.request_id) * self.block_size:
+            raise ValueError(
+                f"request {seq.request_id!r}: {computed} tokens computed but blocks were planned "
+                f"for {self.pool.held(seq.request_id) * self.block_size}"
+            )
+        seq.output_ids.extend(tokens)
+        seq.num_computed = computed
+        self._register(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """The workers ended `seq` (EOS or length): its blocks are freed now (no-op if it already ended)."""
+        if self.by_id.get(seq.request_id) is seq:
+            self._end(seq, reason)
+
     def abort(self, request_id: str, reason: str = "abort") -> Sequence | None:
-        """End a request wherever it is; a slot it held is released with the next plan."""
-        seq = self.by_id.pop(request_id, None)
-        if seq is None:
-            return None
-        if seq.state == WAITING:
-            self.waiting.remove(seq)
-        elif seq.slot is not None:
-            self.slots[seq.slot] = None
-            self.pending_releases.append(seq.slot)
-        seq.state, seq.finish_reason, seq.slot = FINISHED, reason, None
+        """End a request wherever it is (stop string, client gone, error); None if it is not here."""
+        seq = self.by_id.get(request_id)
+        if seq is not None:
+            self._end(seq, reason)
         return seq
 
     def take_all(self) -> list[Sequence]:
-        """Remove and return every request (waiting first, then running): the group has failed."""
+        """The group failed: every request out (waiting first, then running, states left as they
+        were), the pool emptied and reset, pending releases dropped (rebuilt workers start empty)."""
         out = list(self.waiting) + self.running
         self.waiting.clear()
-        self.slots = [None] * len(self.slots)
-        self.pending_releases.clear()
+        self.running.clear()
         self.by_id.clear()
+        self._releases.clear()
+        self.pool.reset()
+        for seq in out:
+            seq._on_workers = False
         return out
-
-    def prefilled(self, seq: Sequence, end: int) -> None:
-        """A chunk ending at prompt position `end` was prefilled; the last one yields the first token."""
-        seq.filled = end
-        if end >= seq.prompt_len:
-            seq.state = DECODING
-
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """The workers ended this request (EOS or length): its slot is free at once."""
-        if self.by_id.pop(seq.request_id, None) is None:
-            return
-        if seq.slot is not None:
-            self.slots[seq.slot] = None
-        seq.state, seq.finish_reason, seq.slot = FINISHED, reason, None
 
     # ----------------------------------------------------------------------------- planning
     def schedule(self) -> Plan:
-        plan = Plan(releases=self.pending_releases)
-        self.pending_releases = []
-        free = [i for i, s in enumerate(self.slots) if s is None]
-        may_admit = self.policy == "continuous" or not self.running
-        while may_admit and free and self.waiting:
-            seq = self.waiting.popleft()
-            seq.slot, seq.state, seq.filled = free.pop(0), PREFILLING, 0
-            self.slots[seq.slot] = seq
-            plan.admit.append(seq)
-        budget = self.chunk_tokens if self.policy == "continuous" else float("inf")
-        prefilling = sorted((s for s in self.running if s.state == PREFILLING), key=self._admission_order)
-        for seq in prefilling:
-            if budget <= 0:
-                break
-            end = int(min(seq.prompt_len, seq.filled + budget))
-            plan.chunks.append((seq, seq.filled, end))
-            budget -= end - seq.filled
+        """The next round (see the module docstring)."""
+        plan = Plan(releases=self._releases)
+        self._releases = []
+        static = self.policy == "static"
+        # Decoding requests first: each needs a block for the one token it computes in any round.
+        for seq in [s for s in self.running if s.state == DECODING]:
+            while seq.state == DECODING and not self.pool.grow(seq.request_id, seq.num_computed + 1):
+                self._preempt(self.running[-1], plan)
+        plan.decode = [s for s in self.running if s.state == DECODING]
+        budget = float("inf") if static else self.token_budget - len(plan.decode)
+        for seq in self.running:
+            if seq.state == PREFILLING and budget > 0:
+                budget -= self._chunk(seq, budget, plan)
+        if not static or not self.running:
+            self._admit(budget, plan)
+        if plan.decode:
+            plan.decode_steps = 1 if plan.chunks else self._pure_decode_steps(plan.decode)
+        for seq in [s for s, _, _ in plan.chunks] + plan.decode:
+            plan.block_tables[seq.request_id] = self.pool.table(seq.request_id)
         return plan
 
-    def decode_steps(self) -> int:
-        """Decode steps to run now: the configured count while any request decodes, else 0."""
-        return self.steps_per_call if any(s.state == DECODING for s in self.running) else 0
+    def _admit(self, budget: float, plan: Plan) -> None:
+        """First come first served while a slot, budget and blocks allow (the head waits for blocks)."""
+        while self.waiting and len(self.running) < self.max_running and budget > 0:
+            seq = self.waiting[0]
+            keys = self._keys(seq) if self.pool.caching else []
+            cached = self.pool.allocate(seq.request_id, len(seq.tokens), keys)
+            if cached is None:
+                return
+            self.waiting.popleft()
+            if seq.preemptions == 0:
+                seq.cached_tokens = cached
+            seq.num_cached = seq.num_computed = cached
+            seq.state, seq._on_workers = PREFILLING, True
+            self.running.append(seq)
+            plan.admit.append(seq)
+            budget -= self._chunk(seq, budget, plan)
 
-    def _admission_order(self, seq: Sequence) -> int:
-        return list(self.by_id).index(seq.request_id)
+    def _chunk(self, seq: Sequence, budget: float, plan: Plan) -> int:
+        end = int(min(len(seq.tokens), seq.num_computed + budget))
+        plan.chunks.append((seq, seq.num_computed, end))
+        return end - seq.num_computed
+
+    def _pure_decode_steps(self, decode: list[Sequence]) -> int:
+        """The most steps (<= decode_steps_per_call, <= the most any request still needs) whose blocks
+        fit; the blocks are taken. One step always fits (its blocks were taken first)."""
+        most = max(max(s.max_new_tokens - len(s.output_ids) for s in decode), 1)
+        for steps in range(min(self.decode_steps_per_call, most), 0, -1):
+            extra = [self._blocks_short(s, steps) for s in decode]
+            if sum(extra) <= self.pool.num_free():
+                for s, n in zip(decode, extra):
+                    if n and not self.pool.grow(s.request_id, self._kv_end(s, steps)):
+                        raise AssertionError(f"request {s.request_id!r}: counted blocks were not there")
+                return steps
+        raise AssertionError("a decode step without its blocks")
+
+    def _kv_end(self, seq: Sequence, steps: int) -> int:
+        """Positions `steps` decode steps write, capped by the most the request can ever hold (a row
+        that ends inside a multi-step call writes its later positions to the null block)."""
+        return min(seq.num_computed + steps, seq.prompt_len + seq.max_new_tokens)
+
+    def _blocks_short(self, seq: Sequence, steps: int) -> int:
+        need = -(-self._kv_end(seq, steps) // self.block_size)
+        return max(0, need - self.pool.held(seq.request_id))
+
+    # ----------------------------------------------------------------------------- helpers
+    def _preempt(self, seq: Sequence, plan: Plan) -> None:
+        """Free `seq`'s blocks (computed full blocks stay cached) and queue it first, to be recomputed."""
+        self.pool.free(seq.request_id)
+        self.running.remove(seq)
+        seq.state, seq.num_computed = WAITING, 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+        plan.preempted.append(seq.request_id)
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        """The one release path: blocks freed now, the id into the next plan's releases."""
+        del self.by_id[seq.request_id]
+        if seq.state == WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
+            self.pool.free(seq.request_id)
+        if seq._on_workers:
+            self._releases.append(seq.request_id)
+            seq._on_workers = False
+        seq.state, seq.finish_reason = FINISHED, reason
+
+    def _keys(self, seq: Sequence) -> list[bytes]:
+        """The prefix-cache keys of the full blocks of seq.tokens, extended as it grows."""
+        if seq._keys_block_size != self.block_size:
+            seq._keys, seq._keys_block_size = [], self.block_size
+        tokens, bs = seq.tokens, self.block_size
+        if len(tokens) // bs > len(seq._keys):
+            start = len(seq._keys) * bs
+            parent = seq._keys[-1] if seq._keys else None
+            seq._keys.extend(block_hashes(tokens, bs, seq.images, seq.extra_key, start, parent))
+        return seq._keys
+
+    def _register(self, seq: Sequence) -> None:
+        """Offer the newly full computed blocks of `seq` to the prefix cache."""
+        if self.pool.caching:
+            full = seq.num_computed // self.block_size
+            self.pool.cache(seq.request_id, self._keys(seq)[:full])
+
+    def _check_state(self, seq: Sequence, event: str, state: SeqState) -> None:
+        if self.by_id.get(seq.request_id) is not seq or seq.state != state:
+            raise ValueError(
+                f"{event}: request {seq.request_id!r} is not {state.value} here (state {SeqState(seq.state).value})"
+            )

@@ -1,11 +1,11 @@
 """ShardWorker: one Ray actor per device, holding one tensor-parallel shard of the model.
 
 Set-up: `node_info` -> `rendezvous_address` (rank 0 of the group) -> `init_process_group` (every
-rank) -> `load` -> `warmup`. Then the Coordinator schedules the three phases as separate calls,
-the same calls on every rank of the group: `encode` (vision tower), `prefill` (admit requests into
-KV slots, prefill prompt chunks, release slots) and `decode` (a few decode steps of every decoding
-slot). The worker keeps the model, the KV cache, the graphs and each slot's sampling state; the
-Coordinator keeps everything else about a request.
+rank) -> `load` -> `warmup`. Then the Coordinator runs rounds, the same calls on every rank of the
+group: `encode` (vision tower) and `step` (forget, preempt and start requests, set their block tables,
+then one packed forward of prompt chunks and decode tokens, or a few pure-decode steps). The worker
+keeps the model, the paged KV cache, the graphs and each request's tokens and sampling state; the
+Coordinator keeps everything else about a request, and its scheduler owns the blocks.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from model.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-Admission = tuple[int, PreparedRequest, SamplingParams, list[int]]  # (slot, request, params, EOS ids)
+# (request without pixels, params, EOS ids, prompt tokens already in its cached prefix blocks)
+Admission = tuple[PreparedRequest, SamplingParams, list[int], int]
 
 
 def process_rss_bytes() -> int:
@@ -122,10 +123,18 @@ class ShardWorker:
             progress=True,
             vision_cache_bytes=cfg.vision_cache_bytes,
             fused_ops=cfg.fused_ops,
+            num_kv_blocks=cfg.kv_pool()[0],
+            kv_block_size=cfg.kv_pool()[1],
             quantization=cfg.quantization,
         )
         self.batch = RunningBatch(self.runner)
-        return {"rank": self.rank, "load_s": time.perf_counter() - start, **self.memory()}
+        return {
+            "rank": self.rank,
+            "load_s": time.perf_counter() - start,
+            "kv_blocks": self.runner.cache.num_blocks,
+            "kv_block_size": self.runner.block_size,
+            **self.memory(),
+        }
 
     def warmup(self) -> dict:
         """Run one tiny prefill and decode eagerly, then capture/compile decode graphs when exe_mode is graph."""
@@ -150,40 +159,46 @@ class ShardWorker:
         stats = self._runner().vision_cache_stats() if hasattr(self._runner(), "vision_cache_stats") else {}
         return {"seconds": time.perf_counter() - start, "cache": stats}
 
-    def prefill(
-        self, releases: list[int], admissions: list[Admission], chunks: list[tuple[int, int]], profile: bool = False
+    def step(
+        self,
+        releases: list[str],
+        preempted: list[str],
+        admissions: list[Admission],
+        tables: dict[str, list[int]],
+        chunks: list[tuple[str, int, int]],
+        decode: list[str],
+        steps: int,
+        profile: bool = False,
     ) -> dict:
-        """Release slots, admit requests into slots, prefill prompt chunks (slot, end) packed together.
+        """One round: forget `releases`, drop the KV of `preempted`, start `admissions`, take the block
+        tables, then the chunks (request id, start, end) and one token of each `decode` request in one
+        packed forward, or, without chunks, `steps` pure-decode steps of the `decode` requests.
 
-        Returns {"outputs": {slot: first token}, "errors": {request_id: message}, "seconds"}; a request
-        that cannot be admitted is reported and its chunks are skipped, the others go on.
+        Returns {"outputs": {request id: new tokens}, "errors": {request id: message}, "seconds"}; a request
+        that cannot be started is reported and left out of the round, the others go on.
         """
         self._maybe_profile(profile)
         batch = self._batch()
         start = time.perf_counter()
-        for slot in releases:
-            batch.release(slot)
+        for request_id in releases:
+            batch.release(request_id)
+        for request_id in preempted:
+            batch.preempt(request_id)
         errors: dict[str, str] = {}
-        for slot, request, params, eos in admissions:
+        for request, params, eos, num_cached in admissions:
             embeds = self.embeds.pop(request.request_id, None)
             try:
-                batch.admit(slot, request, params, eos, embeds)
+                batch.admit(request, params, eos, embeds, num_cached)
             except ValueError as e:
                 errors[request.request_id] = str(e)
-        chunks = [(slot, end) for slot, end in chunks if batch.slots[slot] is not None]
-        outputs = batch.prefill(chunks) if chunks else {}
-        return {"outputs": self._plain(outputs), "errors": errors, "seconds": time.perf_counter() - start}
-
-    def decode(self, steps: int, releases: list[int] | None = None) -> dict:
-        """Release slots, then up to `steps` decode steps of every decoding slot."""
-        batch = self._batch()
-        start = time.perf_counter()
-        for slot in releases or []:
-            batch.release(slot)
-        outputs = batch.decode(steps)
-        if self.profiler is not None and not batch.active:
+                batch.release(request.request_id)
+        batch.set_tables({r: t for r, t in tables.items() if r not in errors and r in batch.seqs})
+        chunks = [c for c in chunks if c[0] not in errors]
+        decode = [r for r in decode if r not in errors]
+        outputs = batch.step(chunks, decode, steps) if chunks or decode else {}
+        if self.profiler is not None and not chunks and not batch.active:
             self._stop_profile()
-        return {"outputs": self._plain(outputs), "seconds": time.perf_counter() - start}
+        return {"outputs": self._plain(outputs), "errors": errors, "seconds": time.perf_counter() - start}
 
     # ----------------------------------------------------------------------------- queries
     def memory(self) -> dict:
@@ -216,8 +231,8 @@ class ShardWorker:
         return self.batch
 
     @staticmethod
-    def _plain(outputs: dict[int, StepOutput]) -> dict[int, dict]:
-        return {slot: asdict(out) for slot, out in outputs.items()}
+    def _plain(outputs: dict[str, StepOutput]) -> dict[str, dict]:
+        return {request_id: asdict(out) for request_id, out in outputs.items()}
 
     def _maybe_profile(self, profile: bool) -> None:
         """Start the torch profiler once, when asked; it stops when the running batch next drains."""

@@ -61,8 +61,8 @@ class DataConfig:
     num_samples: how many requests to take from the dataset (None = all).
     input_max_len: longest prompt in tokens, image tokens included.
     max_new_tokens: tokens generated per request.
-    batch_size: requests per DP group per step.
     temperature: 0 means greedy decoding.
+    batch_size: the most requests running at once per DP group (KV memory is set by kv_cache).
     max_images_per_prompt: a request with more images than this gets an error record.
     ignore_eos: keep generating past the end-of-sequence token up to max_new_tokens.
     request_rate: arrivals per second for `cluster.launch` (Poisson, seeded by `seed`); inf sends
@@ -89,8 +89,8 @@ class SchedulerConfig:
 
     policy: "continuous" admits waiting requests into free KV slots between decode steps;
         "static" runs batches of batch_size to completion, one batch per group at a time.
-    prefill_chunk_tokens: most prompt tokens prefilled per scheduling step; longer prompts are
-        split into chunks, and running requests decode between chunks.
+    prefill_chunk_tokens: the token budget of one round: decode tokens of the running requests
+        plus prompt chunks, computed in one forward; longer prompts are split over rounds.
     decode_steps_per_call: decode steps per call to the workers; waiting requests are admitted
         after at most this many steps.
     """
@@ -98,6 +98,24 @@ class SchedulerConfig:
     policy: str = "continuous"
     prefill_chunk_tokens: int = 2048
     decode_steps_per_call: int = 4
+
+
+@dataclass
+class KVCacheConfig:
+    """The paged KV cache of each rank: a pool of fixed-size blocks shared by a DP group's requests.
+
+    block_size: tokens per block; null takes the device's default (npu 128, what its paged attention
+        kernel is used with; cuda and cpu 16).
+    num_blocks: blocks in the pool (one of them reserved as the null block); null sizes it by
+        memory_gb, or, with both null, to hold batch_size sequences of input_max_len +
+        max_new_tokens (the memory of one worst-case slot per running request).
+    memory_gb: the pool's size per rank in GiB (keys and values of every layer of that rank),
+        turned into a block count; ignored when num_blocks is set.
+    """
+
+    block_size: int | None = None
+    num_blocks: int | None = None
+    memory_gb: float | None = None
 
 
 @dataclass
@@ -112,9 +130,24 @@ class ServeConfig:
         proxy, which relays every request and streamed chunk through Ray calls) or "auto" (haproxy
         where its binary is installed, else proxy).
     allowed_local_media_path: a directory: image parts given as a local path or file:// URL must be
-        absolute and resolve (symlinks followed) inside it, else 400. null: any file the server's
-        processes can read (keep serve.api_key set when the server is reachable beyond loopback).
-    allowed_media_domains: host names that http(s) image URLs may point at, else 400; null: any.
+        absolute and resolve (symlinks followed) inside it, else 400. null (default): no local paths
+        nor file:// URLs at all (400). Datasets run by cluster.launch read local images regardless.
+    allowed_media_domains: host names that http(s) image URLs may point at, on every redirect hop,
+        else 400; null: any public host.
+    allow_private_media_urls: let image URLs reach loopback, private, link-local, multicast and
+        other non-public addresses (default false: refused with 400 before any connection; see
+        docs/SECURITY.md).
+    media_connect_timeout_s, media_read_timeout_s: bounds on each fetch hop's connect and on its
+        whole answer (a source that sends slower is cut, 400).
+    max_media_bytes: largest image body fetched (400 beyond); max_media_redirects: most redirects
+        followed for one image URL, each hop checked again.
+    max_request_bytes: largest request body (413 before it is parsed); sized for a few large
+        base64 images.
+    max_request_pixels: total width x height of a request's images, read from their headers (400).
+    max_queued_requests: chat requests that may wait for a KV slot beyond those the engine runs
+        (data_config.batch_size per DP group); more get 503 with Retry-After: retry_after_s.
+    queue_timeout_s: a request that gets no token within this many seconds is dropped with 503
+        (a stream gets the error as its last event); null: no limit.
     """
 
     host: str = "127.0.0.1"
@@ -124,6 +157,16 @@ class ServeConfig:
     ingress: str = "auto"
     allowed_local_media_path: str | None = None
     allowed_media_domains: list[str] | None = None
+    allow_private_media_urls: bool = False
+    media_connect_timeout_s: float = 5.0
+    media_read_timeout_s: float = 10.0
+    max_media_bytes: int = 32 * 1024 * 1024
+    max_media_redirects: int = 3
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_request_pixels: int = 100_000_000
+    max_queued_requests: int = 256
+    queue_timeout_s: float | None = None
+    retry_after_s: float = 5.0
 
 
 @dataclass
@@ -166,6 +209,9 @@ class RunConfig:
     profile: write a torch profiler trace per worker for one batch into profile_dir.
     vision_cache_mb: bytes (in MiB) of image embeddings each DP group keeps to reuse for an image
         sent again; 0 turns the cache off.
+    prefix_caching: keep the KV blocks of finished requests, keyed by their tokens and the images
+        behind them, and reuse the longest cached prefix of a new request instead of computing it.
+    kv_cache: the paged KV pool (KVCacheConfig).
     fused_ops: use the device's fused kernels (RMSNorm, rotary, SwiGLU, decode attention); null
         takes the device table's default (on for npu, off elsewhere).
     quantization: "auto" loads a quantized checkpoint (one with msmodelslim's
@@ -192,6 +238,8 @@ class RunConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     vision_cache_mb: int = 512
+    prefix_caching: bool = True
+    kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     fused_ops: bool | None = None
     quantization: str = "auto"
     resume: bool = False
@@ -336,6 +384,14 @@ def _validate(cfg: RunConfig) -> None:
     _check_min("scheduler.prefill_chunk_tokens", sched.prefill_chunk_tokens, 1)
     _check_min("scheduler.decode_steps_per_call", sched.decode_steps_per_call, 1)
 
+    kv = cfg.kv_cache
+    if kv.block_size is not None and not 1 <= kv.block_size <= 1024:
+        _fail("kv_cache.block_size", kv.block_size, "must be null or in 1..1024")
+    if kv.num_blocks is not None:
+        _check_min("kv_cache.num_blocks", kv.num_blocks, 2)
+    if kv.memory_gb is not None and not kv.memory_gb > 0:
+        _fail("kv_cache.memory_gb", kv.memory_gb, "must be null or > 0")
+
     serve = cfg.serve
     if not serve.host:
         _fail("serve.host", serve.host, "must not be empty")
@@ -355,6 +411,15 @@ def _validate(cfg: RunConfig) -> None:
             if not domain or "/" in domain or ":" in domain:
                 _fail(f"serve.allowed_media_domains[{i}]", domain, "must be a host name such as images.example.com")
         serve.allowed_media_domains = [d.lower() for d in serve.allowed_media_domains]
+    for name in ("media_connect_timeout_s", "media_read_timeout_s", "retry_after_s"):
+        if not getattr(serve, name) > 0:
+            _fail(f"serve.{name}", getattr(serve, name), "must be > 0")
+    for name in ("max_media_bytes", "max_request_bytes", "max_request_pixels"):
+        _check_min(f"serve.{name}", getattr(serve, name), 1)
+    _check_min("serve.max_media_redirects", serve.max_media_redirects, 0)
+    _check_min("serve.max_queued_requests", serve.max_queued_requests, 0)
+    if serve.queue_timeout_s is not None and not serve.queue_timeout_s > 0:
+        _fail("serve.queue_timeout_s", serve.queue_timeout_s, "must be null or > 0")
     _check_min("vision_cache_mb", cfg.vision_cache_mb, 0)
     _check_min("interrupt_grace_s", cfg.interrupt_grace_s, 0.0)
     if not 0.0 < data.top_p <= 1.0:

@@ -45,6 +45,9 @@ from cluster.results import (
     resume_command,
 )
 from model.config import ModelConfig, ModelConfigError
+from model.device import DTYPES as TORCH_DTYPES
+from model.device import KV_BLOCK_SIZE
+from model.kv_cache import PagedKVCache
 from model.loader import CheckpointError, checkpoint_files
 from model.quant import QuantizationError, check_mode
 from model.sampling import SamplingParams
@@ -84,10 +87,31 @@ def preflight(cfg: RunConfig) -> ModelConfig:
     return model_config
 
 
+def kv_pool_blocks(cfg: RunConfig, block_size: int) -> int | None:
+    """Blocks of each rank's KV pool from kv_cache.num_blocks or kv_cache.memory_gb (None: the default)."""
+    kv = cfg.kv_cache
+    if kv.num_blocks is not None:
+        return kv.num_blocks
+    if kv.memory_gb is None:
+        return None
+    text = ModelConfig.from_pretrained(cfg.model_path).text
+    kv_heads = max(1, text.num_key_value_heads // cfg.tp_size)  # replicated when tp > kv heads
+    per_block = PagedKVCache.bytes_per_block(
+        text.num_hidden_layers, block_size, kv_heads, text.head_dim, TORCH_DTYPES[cfg.dtype]
+    )
+    blocks = int(kv.memory_gb * (1 << 30)) // per_block
+    if blocks < 2:
+        raise ConfigError(
+            f"kv_cache.memory_gb={kv.memory_gb!r}: holds {blocks} KV blocks of {per_block} bytes; at least 2 needed"
+        )
+    return blocks
+
+
 def engine_config(cfg: RunConfig) -> EngineConfig:
     """What the Coordinator and its workers need of the run config."""
     spec = get_device_spec(cfg.device)
     data, sched = cfg.data_config, cfg.scheduler
+    block_size = cfg.kv_cache.block_size or KV_BLOCK_SIZE[cfg.device]
     worker = WorkerConfig(
         model_path=cfg.model_path,
         device=cfg.device,
@@ -100,6 +124,8 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
         fused_ops=resolve_fused_ops(spec, cfg.fused_ops),
         quantization=cfg.quantization,
         profile_dir=cfg.profile_dir if cfg.profile else None,
+        num_kv_blocks=kv_pool_blocks(cfg, block_size),
+        kv_block_size=block_size,
     )
     return EngineConfig(
         worker=worker,
@@ -117,6 +143,7 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
             ignore_eos=data.ignore_eos,
         ),
         policy=sched.policy,
+        prefix_caching=cfg.prefix_caching,
         prefill_chunk_tokens=sched.prefill_chunk_tokens,
         decode_steps_per_call=sched.decode_steps_per_call,
         worker_timeout_s=cfg.ray.worker_timeout_s,

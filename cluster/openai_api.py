@@ -1,8 +1,8 @@
 """OpenAI chat-completions schema and its translation to and from the Coordinator's request and record.
 
 Only what the server needs: the request body (validated with pydantic; an error names the
-field), the engine request built from it, the response and SSE chunk bodies, the error body,
-and the stop-string guard that keeps a stop string (or its start) out of streamed text.
+field), the engine request built from it, the response and SSE chunk bodies and the error body.
+Stop strings are checked by the engine's own rule (actors.stop_strings); the engine cuts them.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
+from actors.stop_strings import MAX_STOP_STRINGS as MAX_STOP_STRINGS  # one definition, re-exported
+from actors.stop_strings import check_stop_strings
 from model.images import ImageLoadError, local_image_path
-
-MAX_STOP_STRINGS = 4
 
 
 class APIError(Exception):
@@ -124,14 +124,7 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, value: str | list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        stops = [value] if isinstance(value, str) else value
-        if len(stops) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
-        if any(not s for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return stops or None
+        return check_stop_strings(value) or None
 
     def check_supported(self) -> None:
         """Raise a 400 for a parameter we do not implement."""
@@ -248,8 +241,8 @@ def check_media(
     request: ChatCompletionRequest, allowed_local_path: str | None, allowed_domains: list[str] | None
 ) -> None:
     """Refuse, with a 400 naming the part, an image URL outside the server's media policy: a local
-    path or file:// URL not inside `allowed_local_path`, an http(s) URL whose host is not in
-    `allowed_domains` (None: no limit)."""
+    path or file:// URL when `allowed_local_path` is None or outside it, an http(s) URL whose host
+    is not in `allowed_domains` (None: no limit; the addresses are checked when fetched)."""
     for field, url in image_urls(request):
         if url.startswith("data:"):
             continue
@@ -259,7 +252,12 @@ def check_media(
                 raise APIError(400, f"{field}: image host {host!r} is not in serve.allowed_media_domains", param=field)
             continue
         if allowed_local_path is None:
-            continue
+            raise APIError(
+                400,
+                f"{field}: local image paths and file:// URLs are not allowed; send a data: or http(s) URL "
+                "(the server's operator can allow a directory with serve.allowed_local_media_path)",
+                param=field,
+            )
         try:
             path = local_image_path(url)
         except ImageLoadError as e:
@@ -279,14 +277,21 @@ def new_completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def usage(record: dict[str, Any]) -> dict[str, int]:
+def usage(record: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens` counts the prompt tokens served from the
+    prefix cache."""
     prompt, completion = int(record.get("prompt_tokens") or 0), len(record.get("output_token_ids") or ())
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": int(record.get("cached_tokens") or 0)},
+    }
 
 
-def finish_reason(record: dict[str, Any], stopped: bool) -> str:
+def finish_reason(record: dict[str, Any]) -> str:
     """OpenAI's finish_reason: "stop" for EOS or a stop string, else "length"."""
-    return "stop" if stopped or record.get("finish_reason") == "stop" else "length"
+    return "stop" if record.get("finish_reason") == "stop" else "length"
 
 
 def completion_body(
@@ -333,56 +338,3 @@ def sse(body: dict[str, Any] | str) -> bytes:
 
 def now() -> int:
     return int(time.time())
-
-
-# ------------------------------------------------------------------------------------ stop strings
-class StopGuard:
-    """Turns the engine's text deltas into text safe to send: never a stop string, nor what follows it.
-
-    Text that could be the start of a stop string is held back until the next delta shows it is
-    not; once a stop string appears, the text is cut before it and `stopped` is set.
-    """
-
-    def __init__(self, stop: list[str] | None) -> None:
-        self.stop = list(stop or ())
-        self.text = ""
-        self.sent = 0
-        self.stopped = False
-
-    def cut(self, text: str) -> tuple[str, bool]:
-        """`text` up to its first stop string, and whether it had one."""
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        return (text[: min(hits)], True) if hits else (text, False)
-
-    def feed(self, delta: str) -> str:
-        """The new text that can be sent after `delta`."""
-        if self.stopped:
-            return ""
-        self.text += delta
-        safe, self.stopped = self.cut(self.text)
-        if not self.stopped:
-            safe = safe[: len(safe) - self._held(safe)]
-        return self._send(safe)
-
-    def finish(self, final_text: str) -> str:
-        """What remains to send once the request ended with `final_text` (the record's output_text)."""
-        text, stopped = self.cut(final_text)
-        self.stopped = self.stopped or stopped
-        if not text.startswith(self.text[: self.sent]):
-            return ""  # cannot unsend; the streamed text already agrees with the deltas
-        return self._send(text)
-
-    def _held(self, text: str) -> int:
-        """Length of the longest end of `text` that is a proper start of a stop string."""
-        longest = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), longest, -1):
-                if text.endswith(s[:n]):
-                    longest = n
-                    break
-        return longest
-
-    def _send(self, safe: str) -> str:
-        out = safe[self.sent :] if len(safe) > self.sent else ""
-        self.sent = max(self.sent, len(safe))
-        return out

@@ -68,7 +68,9 @@ def summarize(
         A JSON-serialisable dict: ``requests_ok``, ``requests_failed``, ``requests_total``,
         ``input_tokens``, ``output_tokens``, ``queue_ms``/``ttft_ms``/``tpot_ms``/``itl_ms``/``e2e_ms``
         (each ``{"mean", "median", "p99"}``, values ``None`` without data), ``output_throughput_tok_s``,
-        ``total_token_throughput_tok_s``, ``request_throughput``, ``wall_s``, ``phases``,
+        ``total_token_throughput_tok_s``, ``request_throughput``, ``cached_tokens`` and
+        ``prefix_cache_hit_rate`` (prompt tokens served from the prefix cache, and their share of
+        ``input_tokens``), ``preemptions``, ``wall_s``, ``phases``,
         ``timeline_requests`` (records with the timestamps the timeline needs), then the ``extra`` entries.
     """
     if not math.isfinite(wall_s) or wall_s < 0:
@@ -76,6 +78,7 @@ def summarize(
     ok = [r for r in records if r.get("error") is None]
     input_tokens = sum(int(r.get("prompt_tokens") or 0) for r in ok)
     output_tokens = sum(len(r.get("output_token_ids") or ()) for r in ok)
+    cached = sum(int(r.get("cached_tokens") or 0) for r in ok)
     samples = latency_samples_ms(records)
 
     def per_second(count: int) -> float | None:
@@ -91,6 +94,9 @@ def summarize(
         "output_throughput_tok_s": per_second(output_tokens),
         "total_token_throughput_tok_s": per_second(input_tokens + output_tokens),
         "request_throughput": per_second(len(ok)),
+        "cached_tokens": cached,
+        "prefix_cache_hit_rate": cached / input_tokens if input_tokens else None,
+        "preemptions": sum(int(r.get("preemptions") or 0) for r in records),
         "wall_s": float(wall_s),
         "phases": dict(phases or {}),
         "timeline_requests": sum(1 for r in records if _on_timeline(r)),
@@ -159,6 +165,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         line("Request throughput (req/s):", summary.get("request_throughput"), ".2f"),
         line("Output token throughput (tok/s):", summary.get("output_throughput_tok_s"), ".2f"),
         line("Total token throughput (tok/s):", summary.get("total_token_throughput_tok_s"), ".2f"),
+        line("Prefix cache hit rate:", summary.get("prefix_cache_hit_rate"), ".2%"),
+        line("Preemptions:", summary.get("preemptions")),
     ]
     for metric in LATENCY_METRICS:
         title, short = _METRIC_TITLES[metric]

@@ -17,6 +17,12 @@ queued its request, and an SSE comment is sent each KEEPALIVE_S while no token c
 notices a client that went away only when it has bytes to forward, and then closes the replica's
 connection, which aborts the request. A non-streamed request is aborted when the ingress reports
 the disconnect (Serve's proxy does at once; HAProxy, not before the answer is ready).
+
+Limits (docs/SECURITY.md). Before the engine sees a chat request, the ingress bounds its body
+(serve.max_request_bytes, 413), applies the media policy (no local files unless
+serve.allowed_local_media_path; http(s) images fetched by cluster.media_fetch, never from the
+server's own networks unless serve.allow_private_media_urls), caps its images' total pixels and
+admits it only while the waiting queue has room (cluster.admission: 503 with Retry-After).
 """
 
 import argparse
@@ -24,7 +30,6 @@ import asyncio
 import hmac
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
@@ -39,19 +44,22 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.config import RunConfig, load_config
+from actors.errors import NO_LIVE_GROUP
+from cluster.admission import Admission, Overloaded, Ticket, queue_timeout
+from cluster.config import RunConfig, ServeConfig, load_config
 from cluster.launch import USER_ERRORS, start, stop
+from cluster.media_fetch import MediaFetchError, MediaFetchPolicy, fetch_media
 from cluster.openai_api import (
+    HTTP_SCHEMES,
     APIError,
     ChatCompletionRequest,
-    StopGuard,
     check_media,
     chunk_body,
     completion_body,
     engine_request,
     error_body,
     finish_reason,
-    http_image_urls,
+    image_urls,
     new_completion_id,
     now,
     parse_request,
@@ -59,18 +67,12 @@ from cluster.openai_api import (
     usage,
 )
 from cluster.placement import COORDINATOR_NAME
-from model.images import ImageLoadError, fetch_image_bytes
+from cluster.request_limits import check_pixels, image_sources, read_body, with_api_names
 from model.parallel import free_port
 
 logger = logging.getLogger("cluster.serve")
 
 APP_NAME = "qwen2_5_vl"
-NO_LIVE_GROUP = "no live DP group"
-# The field an engine error message names, e.g. "'mm_processor_kwargs.max_pixels'=..." or "messages[0].content".
-_PARAM_RE = re.compile(
-    r"'?((?:mm_processor_kwargs|messages|max_new_tokens|temperature|top_p|seed|stop)"
-    r"(?:\.\w+|\[\d+\])*)'?"
-)
 
 # Serve's environment for the HAProxy ingress. A replica behind HAProxy normally keeps serving 30 s
 # after it is told to stop so that an outside load balancer can deregister it; nothing else sits
@@ -92,7 +94,7 @@ app = FastAPI(title="Qwen2.5-VL OpenAI-compatible server", docs_url=None, redoc_
 
 @app.exception_handler(APIError)
 async def _api_error(_: Request, error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=getattr(error, "headers", None))
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -112,22 +114,23 @@ def _cause(error: BaseException) -> BaseException:
 
 
 def _engine_error(error: BaseException) -> APIError:
-    """The HTTP error for an exception from the Coordinator's stream."""
+    """The HTTP error for an exception from the Coordinator's stream.
+
+    A request the engine refuses is a ValueError (contract: raised before any item): its `status`
+    (actors.errors.RequestError: 400, NoLiveGroupError: 503; default 400) and `param` are read as
+    attributes, so model.processor.InvalidRequestError maps the same way. A dead Coordinator is a 503.
+    """
     cause = _cause(error)
-    message = str(cause)
-    if NO_LIVE_GROUP in message or isinstance(cause, ray.exceptions.RayActorError):
-        return APIError(503, message)
-    if isinstance(cause, ValueError):  # the request cannot be prepared (contract: raised before any item)
-        param = getattr(cause, "param", None)
-        if param is None and (match := _PARAM_RE.search(message)):
-            param = match.group(1)
-        return APIError(400, message, param=param)
-    return APIError(500, f"engine error: {type(cause).__name__}: {message}")
+    if isinstance(cause, ray.exceptions.RayActorError):
+        return APIError(503, str(cause))
+    if isinstance(cause, ValueError):
+        return APIError(getattr(cause, "status", 400), str(cause), param=getattr(cause, "param", None))
+    return APIError(500, f"engine error: {type(cause).__name__}: {cause}")
 
 
 def _record_error(record: dict[str, Any]) -> APIError:
-    error = str(record["error"])
-    return APIError(503 if NO_LIVE_GROUP in error else 500, error)
+    """The HTTP error for a failed request's final stream item, whose `error_status` the engine sets."""
+    return APIError(int(record.get("error_status") or 500), str(record["error"]))
 
 
 class ClientGone(Exception):
@@ -165,19 +168,21 @@ async def until_disconnect(request: Request, awaitable: Any) -> Any:
 class OpenAIServer:
     """The HTTP front of the engine; one replica forwards every request to the named Coordinator."""
 
-    def __init__(
-        self,
-        namespace: str,
-        model: str,
-        api_key: str | None,
-        allowed_local_media_path: str | None = None,
-        allowed_media_domains: list[str] | None = None,
-    ) -> None:
+    def __init__(self, namespace: str, model: str, settings: ServeConfig, slots: int) -> None:
+        """settings: the run's serve.* keys; slots: requests the engine runs at once (all DP groups)."""
         self.coordinator = ray.get_actor(COORDINATOR_NAME, namespace=namespace)
         self.model = model
-        self.api_key = api_key
-        self.allowed_local_media_path = allowed_local_media_path
-        self.allowed_media_domains = allowed_media_domains
+        self.api_key = settings.api_key
+        self.settings = settings
+        self.media = MediaFetchPolicy(
+            allowed_domains=None if settings.allowed_media_domains is None else tuple(settings.allowed_media_domains),
+            allow_private=settings.allow_private_media_urls,
+            connect_timeout_s=settings.media_connect_timeout_s,
+            read_timeout_s=settings.media_read_timeout_s,
+            max_bytes=settings.max_media_bytes,
+            max_redirects=settings.max_media_redirects,
+        )
+        self.admission = Admission(slots, settings.max_queued_requests, settings.retry_after_s)
         self.created = now()
 
     def _authorize(self, request: Request) -> None:
@@ -207,7 +212,7 @@ class OpenAIServer:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         self._authorize(request)
-        body = parse_request(await request.body())
+        body = parse_request(await read_body(request, self.settings.max_request_bytes))
         if body.model is not None and body.model != self.model:
             raise APIError(
                 404,
@@ -215,43 +220,74 @@ class OpenAIServer:
                 param="model",
                 code="model_not_found",
             )
-        check_media(body, self.allowed_local_media_path, self.allowed_media_domains)
+        check_media(body, self.settings.allowed_local_media_path, self.settings.allowed_media_domains)
+        ticket = self.admission.enter()
+        response = None
+        try:
+            response = await self._generate(request, body, ticket)
+            return response
+        finally:
+            if not isinstance(response, StreamingResponse):
+                ticket.release()  # a stream's event generator holds it until the stream ends
+
+    async def _generate(self, request: Request, body: ChatCompletionRequest, ticket: Ticket) -> Response:
+        began = time.monotonic()
         images = await self._fetch_images(body)
+        if any(True for _ in image_urls(body)):
+            await asyncio.to_thread(check_pixels, image_sources(body, images), self.settings.max_request_pixels)
         completion_id = new_completion_id()
         # A stream's first item is the engine's acknowledgement (request queued); a full answer's, the first token.
         stream = self.coordinator.stream.options(num_returns="streaming").remote(
             engine_request(body, completion_id, images), ack=body.stream
         )
+        timeout = self.settings.queue_timeout_s
+        deadline = None if timeout is None else began + timeout
         finished = False
         try:
-            first = await until_disconnect(request, self._next(stream))
+            wait_s = None if deadline is None or body.stream else max(deadline - time.monotonic(), 0.0)
+            first = await until_disconnect(request, self._next(stream, wait_s))
             if first.get("final") and first.get("error") is not None:  # e.g. no live group: before any token
                 raise _record_error(first)
             if body.stream:
                 finished = True  # the event generator owns the request from here
                 return StreamingResponse(
-                    self._events(stream, first, completion_id, body), media_type="text/event-stream"
+                    self._events(stream, first, completion_id, body, ticket, deadline), media_type="text/event-stream"
                 )
-            response = await until_disconnect(request, self._complete(stream, first, completion_id, body))
+            response = await until_disconnect(request, self._complete(stream, first, completion_id))
             finished = True
             return response
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; the request is aborted below
+        except APIError as e:
+            raise with_api_names(e, body) from None
         finally:
             if not finished:  # an error, or the client went away (the task was cancelled)
                 self.coordinator.abort.remote(completion_id)
 
     async def _fetch_images(self, body: ChatCompletionRequest) -> dict[str, bytes]:
-        urls = http_image_urls(body)
-        try:
-            data = await asyncio.gather(*(asyncio.to_thread(fetch_image_bytes, url) for url in urls))
-        except ImageLoadError as e:
-            raise APIError(400, str(e), param="messages") from None
-        return dict(zip(urls, data, strict=True))
+        """The bytes of each distinct http(s) image URL; 400 naming the first part that has a URL the
+        media policy refuses or that cannot be fetched within its bounds."""
+        fields: dict[str, str] = {}
+        for field, url in image_urls(body):
+            if url.startswith(HTTP_SCHEMES):
+                fields.setdefault(url, field)
+        fetches = [asyncio.to_thread(fetch_media, url, self.media) for url in fields]
+        results = await asyncio.gather(*fetches, return_exceptions=True)
+        for field, result in zip(fields.values(), results, strict=True):
+            if isinstance(result, MediaFetchError):
+                raise APIError(400, f"{field}: {result}", param=field) from None
+            if isinstance(result, BaseException):
+                raise result
+        return dict(zip(fields, results, strict=True))
 
-    @staticmethod
-    async def _next(stream: Any) -> dict[str, Any]:
-        """The stream's next item; an engine exception becomes an APIError."""
+    async def _next(self, stream: Any, timeout_s: float | None = None) -> dict[str, Any]:
+        """The stream's next item; an engine exception becomes an APIError, no item within
+        `timeout_s` an Overloaded naming serve.queue_timeout_s."""
+        if timeout_s is not None:
+            try:
+                return await asyncio.wait_for(self._next(stream), timeout_s)
+            except TimeoutError:
+                raise queue_timeout(self.settings.queue_timeout_s, self.settings.retry_after_s) from None
         try:
             return await (await stream.__anext__())
         except StopAsyncIteration:
@@ -259,23 +295,25 @@ class OpenAIServer:
         except (ValueError, ray.exceptions.RayError) as e:
             raise _engine_error(e) from None
 
-    async def _complete(
-        self, stream: Any, item: dict[str, Any], completion_id: str, body: ChatCompletionRequest
-    ) -> JSONResponse:
+    async def _complete(self, stream: Any, item: dict[str, Any], completion_id: str) -> JSONResponse:
         while not item.get("final"):
             item = await self._next(stream)
         if item.get("error") is not None:
             raise _record_error(item)
-        guard = StopGuard(body.stop)
-        content, stopped = guard.cut(item.get("output_text") or "")
-        return JSONResponse(
-            completion_body(completion_id, self.model, now(), content, finish_reason(item, stopped), item)
-        )
+        content = item.get("output_text") or ""
+        return JSONResponse(completion_body(completion_id, self.model, now(), content, finish_reason(item), item))
 
     async def _events(
-        self, stream: Any, item: dict[str, Any], completion_id: str, body: ChatCompletionRequest
+        self,
+        stream: Any,
+        item: dict[str, Any],
+        completion_id: str,
+        body: ChatCompletionRequest,
+        ticket: Ticket,
+        deadline: float | None,
     ) -> AsyncIterator[bytes]:
-        """SSE chat.completion.chunk events, then `data: [DONE]`; aborts the request if cut short."""
+        """SSE chat.completion.chunk events, then `data: [DONE]`; aborts the request if cut short or
+        if no token came by `deadline` (time.monotonic(); None: no limit)."""
         created = now()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -284,37 +322,39 @@ class OpenAIServer:
         ) -> bytes:
             return sse(chunk_body(completion_id, self.model, created, delta, reason, usage_, include_usage))
 
-        guard = StopGuard(body.stop)
         finished = False
         pending: asyncio.Future | None = None
         try:
             yield chunk({"role": "assistant", "content": ""})
             while not item.get("final"):
-                text = guard.feed(item.get("text") or "")
+                text = item.get("text")  # the engine's deltas: stop strings already cut, held back and released
                 if text:
                     yield chunk({"content": text})
                 pending = asyncio.ensure_future(self._next(stream))
                 while not (await asyncio.wait({pending}, timeout=KEEPALIVE_S))[0]:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise queue_timeout(self.settings.queue_timeout_s, self.settings.retry_after_s)
                     yield KEEPALIVE
                 item = pending.result()
+                deadline = None  # the first token came
             finished = True
             if item.get("error") is not None:
                 yield sse(_record_error(item).body())
             else:
-                rest = guard.finish(item.get("output_text") or "")
-                if rest:
-                    yield chunk({"content": rest})
-                yield chunk({}, finish_reason(item, guard.stopped))
+                yield chunk({}, finish_reason(item))
                 if include_usage:
                     yield chunk(None, usage_=usage(item))
+        except Overloaded as e:  # no token in time: the request is aborted below
+            yield sse(e.body())
         except APIError as e:
             finished = True
-            yield sse(e.body())
+            yield sse(with_api_names(e, body).body())
         finally:
             if pending is not None and not pending.done():
                 pending.cancel()
-            if not finished:  # the client disconnected mid-stream
+            if not finished:  # the client disconnected mid-stream, or no token came in time
                 self.coordinator.abort.remote(completion_id)
+            ticket.release()
         yield sse("[DONE]")
 
 
@@ -363,8 +403,8 @@ def build_app(cfg: RunConfig, env: dict[str, str] | None = None) -> Any:
     if env:
         options["runtime_env"] = {"env_vars": dict(env)}
     server = OpenAIServer.options(ray_actor_options=options)
-    media = cfg.serve.allowed_local_media_path, cfg.serve.allowed_media_domains
-    return server.bind(cfg.ray.namespace, model_name(cfg), cfg.serve.api_key, *media)
+    slots = cfg.data_config.batch_size * cfg.dp_size
+    return server.bind(cfg.ray.namespace, model_name(cfg), cfg.serve, slots)
 
 
 def start_server(cfg: RunConfig) -> str:

@@ -1,59 +1,117 @@
-"""The running batch of one rank: requests in KV slots, packed chunked prefill, multi-step decode.
+"""The running requests of one rank: per-request state over a paged KV cache, packed rounds, multi-step decode.
 
-The caller (the Coordinator, through a ShardWorker; or `ModelRunner.generate` in process) decides
-what runs: which request enters which slot, which prompt pieces are prefilled, how many decode
-steps run, which slots are released. Every rank of a TP group applies the same decisions, so their
-collectives match and their sampled tokens agree (same logits, same seeded generators).
+The caller (the Coordinator through a ShardWorker, or `generate` in process) decides everything: which
+requests start (with how many prompt tokens already in cached blocks), their block tables, which token
+ranges each round computes, how many decode steps run, which requests are preempted or released.
+Every rank of a TP group applies the same decisions, so their collectives match and their sampled
+tokens agree (same logits, same seeded generators).
 
-Decode runs over slots 0..B-1, B the smallest batch bucket above the highest decoding slot. Rows
-of slots that are not decoding are padding: they write one KV entry at their slot's fill length,
-a position the slot's next prompt chunk (or next request) overwrites before reading it.
+A round with prompt pieces is one packed forward: the pieces, and one token of every decoding request
+listed with them. A round without pieces is a pure-decode call of a few steps through the decode graph
+of the smallest batch bucket that holds the decoding requests. A request that meets EOS or its
+`max_new_tokens` stops taking part; it holds its blocks until the caller releases it.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from model.graph import pick_bucket
+from model.kv_cache import blocks_for, slot_tables
 from model.processor import PreparedRequest
-from model.runner import ModelRunner
 from model.sampling import SamplingParams, make_generator, sample
+from model.text import PackedBatch
+
+if TYPE_CHECKING:
+    from model.runner import ModelRunner
 
 _GREEDY = SamplingParams()
 
+Chunk = tuple[str, int, int]  # (request id, start, end): tokens[start:end] computed this round
+
+
+def image_spans(input_ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
+    """[start, end) of each run of image-pad tokens (one run per image), in prompt order."""
+    spans: list[tuple[int, int]] = []
+    for i, token in enumerate(input_ids):
+        if token != image_token_id:
+            continue
+        if spans and spans[-1][1] == i:
+            spans[-1] = (spans[-1][0], i + 1)
+        else:
+            spans.append((i, i + 1))
+    return spans
+
 
 @dataclass
-class SlotState:
-    """One request in a KV slot."""
+class SeqState:
+    """One request on this rank: its tokens, sampling state and blocks."""
 
     request_id: str
-    input_ids: list[int]
-    positions: torch.Tensor  # (3, L) M-RoPE positions of the prompt
-    delta: int  # decode position = cache length + delta
-    image_embeds: torch.Tensor | None  # (image tokens of the prompt, hidden)
+    tokens: list[int]  # prompt, then the generated tokens
+    prompt_len: int
+    positions: torch.Tensor  # (3, prompt_len) M-RoPE positions of the prompt
+    delta: int  # position of token i >= prompt_len is i + delta
+    spans: list[tuple[int, int]]  # image-pad runs of the prompt
     params: SamplingParams
     generator: torch.Generator | None
     eos: frozenset[int]
-    filled: int = 0  # prompt tokens in the cache
-    output: list[int] = field(default_factory=list)
+    embeds: dict[int, torch.Tensor] = field(default_factory=dict)  # image index -> embeddings not yet in the cache
+    num_computed: int = 0  # tokens whose keys and values are in the blocks
+    table: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
     @property
-    def decoding(self) -> bool:
-        return bool(self.output) and self.finish_reason is None
+    def output(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
 
     @property
-    def cache_len(self) -> int:
-        """Entries in the KV cache; while decoding, the last sampled token is not among them yet."""
-        return self.filled + max(len(self.output) - 1, 0)
+    def decoding(self) -> bool:
+        """Generating, with every token but the last sampled one in the cache."""
+        return self.finish_reason is None and len(self.tokens) > self.prompt_len and self.num_computed > 0
+
+    def position_ids(self, start: int, end: int) -> torch.Tensor:
+        """(3, end - start) M-RoPE positions of tokens[start:end]."""
+        head = self.positions[:, start : min(end, self.prompt_len)]
+        if end <= self.prompt_len:
+            return head
+        tail = torch.arange(max(start, self.prompt_len), end) + self.delta
+        return torch.cat([head, tail.expand(3, -1)], dim=1)
+
+    def image_rows(self, start: int, end: int) -> list[torch.Tensor]:
+        """Embeddings of the image-pad tokens among tokens[start:end], in order."""
+        out = []
+        for i, (s, e) in enumerate(self.spans):
+            lo, hi = max(s, start), min(e, end)
+            if lo < hi:
+                if i not in self.embeds:
+                    raise ValueError(
+                        f"request {self.request_id!r}: tokens {lo}..{hi} belong to image {i}, whose embeddings "
+                        "were not given (its encode was skipped as cached, but the cache does not hold them)"
+                    )
+                out.append(self.embeds[i][lo - s : hi - s])
+        return out
+
+
+@dataclass
+class GenerationResult:
+    """One request's outcome in process; times are seconds from the start of the `generate` call."""
+
+    request_id: str
+    output_token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    token_times_s: list[float] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS), "length", or None on error
+    error: str | None = None
 
 
 @dataclass
 class StepOutput:
-    """New tokens of one slot from one call, with their Unix times; finish_reason once it ended."""
+    """New tokens of one request from one call, with their Unix times; finish_reason once it ended."""
 
     request_id: str
     tokens: list[int] = field(default_factory=list)
@@ -62,155 +120,237 @@ class StepOutput:
 
 
 class RunningBatch:
-    """Per-slot request state over a `ModelRunner`'s KV cache."""
+    """The requests of one rank over a `ModelRunner`'s paged KV cache."""
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self.slots: list[SlotState | None] = [None] * runner.max_batch_size
+        self.seqs: dict[str, SeqState] = {}
 
-    # ----------------------------------------------------------------------------- slots
+    # ----------------------------------------------------------------------------- lifecycle
     def admit(
         self,
-        slot: int,
         request: PreparedRequest,
         params: SamplingParams,
         eos_token_ids: list[int],
         image_embeds: torch.Tensor | None,
+        num_cached: int = 0,
     ) -> None:
-        """Put a request into a free slot; ValueError when it cannot run here."""
-        problem = self.runner.check_fits(request, params)
+        """Start a request whose first `num_cached` tokens are already in its blocks (a cached prefix).
+
+        `image_embeds` holds the embeddings of every image that ends after `num_cached`, in order (images
+        wholly inside the cached prefix are not encoded again). A request this rank preempted earlier
+        resumes: it keeps its generated tokens and its sampler. ValueError when it cannot run here.
+        """
+        runner = self.runner
+        known = self.seqs.get(request.request_id)
+        if known is not None and known.num_computed:
+            raise ValueError(f"request {request.request_id!r} is already running")
+        problem = runner.check_fits(request, params)
         if problem is not None:
             raise ValueError(problem)
-        if not 0 <= slot < len(self.slots):
-            raise ValueError(f"slot {slot} out of range 0..{len(self.slots) - 1}")
-        if self.slots[slot] is not None:
-            raise ValueError(f"slot {slot} is held by request {self.slots[slot].request_id!r}")
-        image_tokens = sum(t == self.runner.config.image_token_id for t in request.input_ids)
-        have = 0 if image_embeds is None else image_embeds.shape[0]
-        if have != image_tokens:
-            raise ValueError(
-                f"request {request.request_id!r}: prompt has {image_tokens} image-pad tokens but "
-                f"its images give {have} embeddings"
+        if known is None:
+            spans = image_spans(request.input_ids, runner.config.image_token_id)
+            positions, delta = runner.prompt_positions(request)
+            known = SeqState(
+                request.request_id,
+                list(request.input_ids),
+                len(request.input_ids),
+                positions,
+                delta,
+                spans,
+                params,
+                make_generator(params, runner.device),
+                frozenset(eos_token_ids),
             )
-        positions, delta = self.runner.prompt_positions(request)
-        self.slots[slot] = SlotState(
-            request.request_id,
-            list(request.input_ids),
-            positions,
-            delta,
-            image_embeds,
-            params,
-            make_generator(params, self.runner.device),
-            frozenset(eos_token_ids),
-        )
+        if not 0 <= num_cached < len(known.tokens):
+            raise ValueError(
+                f"request {request.request_id!r}: num_cached={num_cached} outside [0, {len(known.tokens)})"
+            )
+        needed = [i for i, (_, end) in enumerate(known.spans) if end > num_cached]
+        have = 0 if image_embeds is None else image_embeds.shape[0]
+        want = sum(known.spans[i][1] - known.spans[i][0] for i in needed)
+        if have != want:
+            raise ValueError(
+                f"request {request.request_id!r}: its images after the {num_cached} cached tokens have {want} "
+                f"image-pad tokens but {have} embeddings were given"
+            )
+        if image_embeds is not None:
+            sizes = [known.spans[i][1] - known.spans[i][0] for i in needed]
+            known.embeds = dict(zip(needed, image_embeds.split(sizes)))
+        known.num_computed = num_cached
+        self.seqs[request.request_id] = known
 
-    def release(self, slot: int) -> None:
-        self.slots[slot] = None
+    def set_tables(self, tables: dict[str, list[int]]) -> None:
+        """The current block table of each listed request (the caller's block pool decides them)."""
+        for request_id, table in tables.items():
+            self._seq(request_id).table = list(table)
+
+    def preempt(self, request_id: str) -> None:
+        """Drop a request's KV (its blocks go back to the pool); its tokens and sampler stay for its resumption."""
+        seq = self.seqs.get(request_id)
+        if seq is not None:
+            seq.num_computed, seq.table, seq.embeds = 0, [], {}
+
+    def release(self, request_id: str) -> None:
+        """Forget a request (finished, stopped or aborted)."""
+        self.seqs.pop(request_id, None)
 
     @property
     def active(self) -> bool:
-        return any(s is not None for s in self.slots)
+        return any(s.finish_reason is None for s in self.seqs.values())
 
-    # ----------------------------------------------------------------------------- prefill
+    # ----------------------------------------------------------------------------- rounds
+    def step(self, chunks: list[Chunk], decode: list[str], steps: int = 1) -> dict[str, StepOutput]:
+        """One round: the chunks and one token of each `decode` request in one packed forward, or, with no
+        chunks, `steps` pure-decode steps of the `decode` requests. Returns new tokens per request."""
+        if chunks:
+            return self.forward(chunks, decode)
+        return self.decode(decode, steps)
+
     @torch.inference_mode()
-    def prefill(self, chunks: list[tuple[int, int]]) -> dict[int, StepOutput]:
-        """Prefill prompt pieces, packed into one forward: (slot, end) continues each slot's prompt to `end`.
-
-        Returns the first token of every slot whose prompt is now complete.
-        """
-        runner, image_id = self.runner, self.runner.config.image_token_id
-        ids, positions, embeds, segments, ends = [], [], [], [], []
-        for slot, end in chunks:
-            state = self._slot(slot)
-            start = state.filled
-            if not start < end <= len(state.input_ids):
-                raise ValueError(f"slot {slot}: chunk end {end} outside ({start}, {len(state.input_ids)}]")
-            piece = state.input_ids[start:end]
-            ids.extend(piece)
-            positions.append(state.positions[:, start:end])
-            if state.image_embeds is not None:
-                before = sum(t == image_id for t in state.input_ids[:start])
-                inside = sum(t == image_id for t in piece)
-                if inside:
-                    embeds.append(state.image_embeds[before : before + inside])
-            segments.append((slot, start, end - start))
-            ends.append(len(ids) - 1)
+    def forward(self, chunks: list[Chunk], decode: list[str]) -> dict[str, StepOutput]:
+        """Prompt pieces and decode tokens packed into one forward; samples where a piece reaches the end of its
+        sequence's known tokens (a prompt's last chunk, a resumed request, every decode token)."""
+        runner = self.runner
+        rows = [self._seq(r) for r in decode if self._seq(r).decoding]
+        pieces = list(chunks) + [(s.request_id, s.num_computed, s.num_computed + 1) for s in rows]
+        ids: list[int] = []
+        positions, embeds, layout, sample_rows = [], [], [], []
+        for request_id, start, end in pieces:
+            seq = self._seq(request_id)
+            if start != seq.num_computed or not start < end <= len(seq.tokens):
+                raise ValueError(
+                    f"request {request_id!r}: piece {start}..{end} does not continue its {seq.num_computed} "
+                    f"computed of {len(seq.tokens)} tokens"
+                )
+            if blocks_for(end, runner.block_size) > len(seq.table):
+                raise ValueError(f"request {request_id!r}: {len(seq.table)} blocks do not hold {end} tokens")
+            ids.extend(seq.tokens[start:end])
+            positions.append(seq.position_ids(start, end))
+            embeds.extend(seq.image_rows(start, end))
+            layout.append((start, end - start, seq.table))
+            if end == len(seq.tokens):
+                sample_rows.append((request_id, len(ids) - 1))
         device = runner.device
-        done = [i for i, (slot, end) in enumerate(chunks) if end == len(self._slot(slot).input_ids)]
+        packed = PackedBatch.build(layout, runner.block_size, device)
         logits = runner.model.prefill(
             torch.tensor(ids, dtype=torch.long, device=device),
             torch.cat(positions, dim=1).to(device),
             torch.cat(embeds).to(device) if embeds else None,
-            segments,
-            torch.tensor([ends[i] for i in done], dtype=torch.long, device=device),
+            packed,
+            torch.tensor([row for _, row in sample_rows], dtype=torch.long, device=device),
         )
-        for slot, end in chunks:
-            self._slot(slot).filled = end
-        out: dict[int, StepOutput] = {}
-        for row, i in enumerate(done):
-            slot = chunks[i][0]
-            state = self._slot(slot)
-            token = int(sample(logits[row : row + 1], [state.params], [state.generator])[0])
-            state.image_embeds = None  # in the cache now
-            out[slot] = StepOutput(state.request_id)
-            self._append(state, out[slot], token, time.time())
+        for request_id, _, end in pieces:
+            seq = self._seq(request_id)
+            seq.num_computed = end
+            for i, (_, image_end) in enumerate(seq.spans):  # embeddings now in the cache
+                if image_end <= end:
+                    seq.embeds.pop(i, None)
+        out: dict[str, StepOutput] = {}
+        now = time.time()
+        seqs = [self._seq(r) for r, _ in sample_rows]
+        chosen = sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+        for seq, token in zip(seqs, chosen):
+            out[seq.request_id] = StepOutput(seq.request_id)
+            self._append(seq, out[seq.request_id], token, now)
         return out
 
-    # ----------------------------------------------------------------------------- decode
     @torch.inference_mode()
-    def decode(self, steps: int) -> dict[int, StepOutput]:
-        """Up to `steps` decode steps for every decoding slot; a slot stops at EOS or max_new_tokens."""
-        live = [i for i, s in enumerate(self.slots) if s is not None and s.decoding]
+    def decode(self, decode: list[str], steps: int) -> dict[str, StepOutput]:
+        """Up to `steps` decode steps of the listed requests; a request stops at EOS or max_new_tokens."""
+        live = [self._seq(r) for r in decode if self._seq(r).decoding]
         if not live or steps < 1:
             return {}
         runner = self.runner
-        rows = pick_bucket(runner.buckets, max(live) + 1)
-        states = [self.slots[i] if i < len(self.slots) else None for i in range(rows)]
-        decoding = [s is not None and s.decoding for s in states]
-        lens_host = [0 if s is None else s.cache_len for s in states]
+        rows = pick_bucket(runner.buckets, len(live))
+        pad = rows - len(live)
         device = runner.device
-        # Step inputs stay on the device for the whole call and are updated in place: the next tokens
-        # are the sampled ones; lengths and positions advance by one for rows still decoding.
-        tokens = torch.tensor([s.output[-1] if d else 0 for s, d in zip(states, decoding)], device=device)
-        lens = torch.tensor(lens_host, dtype=torch.long, device=device)
-        positions = lens + torch.tensor([s.delta if d else 0 for s, d in zip(states, decoding)], device=device)
-        advance = torch.tensor([int(d) for d in decoding], dtype=torch.long, device=device)
-        params = [s.params if d else _GREEDY for s, d in zip(states, decoding)]
-        gens = [s.generator if d else None for s, d in zip(states, decoding)]
-        out = {i: StepOutput(self.slots[i].request_id) for i in live}
-        longest = max(lens_host[i] for i in live)
+        longest = max(s.num_computed for s in live)
+        if any(blocks_for(s.num_computed + steps, runner.block_size) > len(s.table) for s in live):
+            steps = min(steps, *(len(s.table) * runner.block_size - s.num_computed for s in live))
+            if steps < 1:
+                raise ValueError("a decoding request has no block for its next token")
+        # Step inputs stay on the device for the whole call and are updated in place: the next tokens are the
+        # sampled ones; lengths and positions advance by one for rows still decoding.
+        tokens = torch.tensor([s.tokens[-1] for s in live] + [0] * pad, device=device)
+        lens = torch.tensor([s.num_computed for s in live] + [0] * pad, dtype=torch.long, device=device)
+        positions = lens + torch.tensor([s.delta for s in live] + [0] * pad, device=device)
+        tables = runner.table_tensor([s.table for s in live] + [[]] * pad)
+        advance = torch.tensor([1] * len(live) + [0] * pad, dtype=torch.long, device=device)
+        params = [s.params for s in live] + [_GREEDY] * pad
+        gens = [s.generator for s in live] + [None] * pad
+        out = {s.request_id: StepOutput(s.request_id) for s in live}
         for step in range(steps):
-            chosen = sample(runner.decode(tokens, positions, lens, max_len=longest + step + 1), params, gens)
+            logits = runner.decode(tokens, positions, lens, max_len=longest + step + 1, block_tables=tables)
+            chosen = sample(logits, params, gens)
             tokens.copy_(chosen)
             lens.add_(advance)
             positions.add_(advance)
             chosen_ids = chosen.tolist()  # the one host sync per step: EOS checks and token times
             now = time.time()
-            for i in live:
-                state = states[i]
-                if state.decoding:
-                    self._append(state, out[i], chosen_ids[i], now)
-                    if not state.decoding:
+            for i, seq in enumerate(live):
+                if seq.finish_reason is None:
+                    seq.num_computed += 1
+                    self._append(seq, out[seq.request_id], chosen_ids[i], now)
+                    if seq.finish_reason is not None:
                         advance[i] = 0
-            if not any(states[i].decoding for i in live):
+            if all(s.finish_reason is not None for s in live):
                 break
         return out
 
     # ----------------------------------------------------------------------------- helpers
-    def _slot(self, slot: int) -> SlotState:
-        state = self.slots[slot]
-        if state is None:
-            raise ValueError(f"slot {slot} holds no request")
-        return state
+    def _seq(self, request_id: str) -> SeqState:
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            raise ValueError(f"request {request_id!r} is not running on this rank")
+        return seq
 
-    def _append(self, state: SlotState, out: StepOutput, token: int, now: float) -> None:
-        state.output.append(token)
+    def _append(self, seq: SeqState, out: StepOutput, token: int, now: float) -> None:
+        seq.tokens.append(token)
         out.tokens.append(token)
         out.times.append(now)
-        if token in state.eos and not state.params.ignore_eos:
-            state.finish_reason = "stop"
-        elif len(state.output) >= state.params.max_new_tokens:
-            state.finish_reason = "length"
-        if state.finish_reason is not None:
-            out.finish_reason = state.finish_reason
-            self.slots[self.slots.index(state)] = None  # the slot is free at once
+        if token in seq.eos and not seq.params.ignore_eos:
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= seq.params.max_new_tokens:
+            seq.finish_reason = "length"
+        out.finish_reason = seq.finish_reason
+
+
+def generate(
+    runner: ModelRunner, requests: list[PreparedRequest], params: list[SamplingParams], eos_token_ids: list[int]
+) -> list[GenerationResult]:
+    """Run requests to completion in process, max_batch_size at a time, each in a fixed slot of blocks.
+
+    Each batch: its images encoded together, its prompts prefilled in one packed forward, then decode
+    until every request meets EOS or its max_new_tokens. Results in request order.
+    """
+    if len(params) != len(requests):
+        raise ValueError(f"got {len(requests)} requests but {len(params)} sampling params")
+    start_unix = time.time()
+    results = [GenerationResult(r.request_id, prompt_tokens=len(r.input_ids)) for r in requests]
+    runnable = []
+    for i, (req, p) in enumerate(zip(requests, params)):
+        results[i].error = runner.check_fits(req, p)
+        if results[i].error is None:
+            runnable.append(i)
+    tables = slot_tables(runner.max_batch_size, runner.max_seq_len, runner.block_size)
+    for first in range(0, len(runnable), runner.max_batch_size):
+        batch = RunningBatch(runner)
+        chunk = runnable[first : first + runner.max_batch_size]
+        embeds = runner.encode_images([requests[i] for i in chunk])
+        ids = [f"#{i}" for i in chunk]  # request ids given by users may repeat
+        for slot, (i, key, emb) in enumerate(zip(chunk, ids, embeds)):
+            batch.admit(replace(requests[i], request_id=key), params[i], eos_token_ids, emb)
+            batch.set_tables({key: tables[slot]})
+        outputs = [batch.forward([(key, 0, len(requests[i].input_ids)) for key, i in zip(ids, chunk)], [])]
+        steps = max(params[i].max_new_tokens for i in chunk)
+        while batch.active:  # one call runs every step: the step inputs stay on the device
+            outputs.append(batch.decode([r for r in ids if batch.seqs[r].finish_reason is None], steps))
+        by_id = {key: results[i] for key, i in zip(ids, chunk)}
+        for out in outputs:
+            for request_id, step in out.items():
+                result = by_id[request_id]
+                result.output_token_ids.extend(step.tokens)
+                result.token_times_s.extend(u - start_unix for u in step.times)
+                result.finish_reason = step.finish_reason or result.finish_reason
+    return results

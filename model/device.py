@@ -23,6 +23,10 @@ import torch
 VISIBLE_DEVICES_ENV = {"cuda": "CUDA_VISIBLE_DEVICES", "npu": "ASCEND_RT_VISIBLE_DEVICES"}
 ACCELERATOR_KEY = {"cuda": "GPU", "npu": "NPU"}
 DIST_BACKEND = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+# Tokens per KV block by default. npu: 128, what npu_fused_infer_attention_score's paged mode is used with
+# (vllm-ascend's default; the kernel wants the block size a multiple of 16 for bf16/fp16 and at most 512);
+# cuda and cpu: 16 (vLLM's default), a fine grain for prefix-cache hits.
+KV_BLOCK_SIZE = {"cpu": 16, "cuda": 16, "npu": 128}
 # Config dtype names -> torch dtypes.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,9 +1,10 @@
 """Decode as a graph: captured once per (batch bucket, decode length), replayed every step.
 
 CUDA graphs on cuda, ACL graphs (torch.npu.NPUGraph, same API) on npu, torch.compile on cpu.
-The decode step has static shapes (preallocated KV cache, positions and lengths as tensors), so
-one graph per bucket serves every step of every batch of that size. Attention reads the first L
-cache entries of each slot, L a decode length chosen per step from a few buckets (`decode_lengths`).
+The decode step has static shapes (a preallocated paged KV cache, positions, lengths and block tables
+as tensors), so one graph per bucket serves every step of every batch of that size. Attention reads
+the first L positions of each row through its block table, L a decode length chosen per step from a
+few buckets (`decode_lengths`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 
 import torch
 
-DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (tokens (B,), positions (B,), cache lengths (B,), block tables (B, M), decode length) -> logits (B, vocab)
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 SMALLEST_LENGTH = 256
 
@@ -44,12 +46,11 @@ def decode_lengths(device_type: str, graph: bool, max_seq_len: int, fused: bool 
     - cpu eager: length buckets (a strided view of the cache; matmul takes it as is).
     - cpu graph (torch.compile): max_seq_len only; each shape costs a compile of 10-20 s, and at the
       lengths CPU runs use, the KV read is small next to the weights.
-    - npu: max_seq_len only. npu_fused_infer_attention_score needs contiguous BNSD keys, which a
-      slice of the sequence axis is not, and its actual_seq_lengths_kv is a host list that an ACL
-      graph would freeze at capture; the kernel gets a (B, 1, 1, S) mask over the whole cache
-      instead. One graph per batch bucket. The same holds wherever the fused ops run (`fused`).
+    - npu (and wherever the fused ops run): length buckets too. The step gathers the first L positions
+      of each row from its blocks into a contiguous BSND tensor for npu_fused_infer_attention_score,
+      under a (B, 1, 1, L) mask; no host-side lengths, so each (bucket, length) captures as it is.
     """
-    if fused or device_type == "npu" or (device_type == "cpu" and graph):
+    if device_type == "cpu" and graph:
         return [max_seq_len]
     return length_buckets(max_seq_len)
 
@@ -79,12 +80,17 @@ class CompiledDecode:
         self.fn = torch.compile(decode, dynamic=False, fullgraph=False)
 
     def __call__(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, kv_len: int
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        kv_len: int,
     ) -> torch.Tensor:
         # Dynamo guards on dispatch keys, which differ between tensors made inside and outside
-        # inference mode: cloning the (B,) inputs in inference mode gives every step the same kind.
+        # inference mode: cloning the inputs in inference mode gives every step the same kind.
         with torch.inference_mode():
-            return self.fn(tokens.clone(), positions.clone(), cache_lens.clone(), kv_len)
+            return self.fn(tokens.clone(), positions.clone(), cache_lens.clone(), block_tables.clone(), kv_len)
 
 
 class GraphDecode:
@@ -101,6 +107,7 @@ class GraphDecode:
         buckets: Sequence[int],
         lengths: Sequence[int],
         device: torch.device,
+        table_width: int,
         backend: Any = None,
     ) -> None:
         backend = getattr(torch, device.type) if backend is None else backend
@@ -110,7 +117,8 @@ class GraphDecode:
         self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         pool = None
         for size in sorted(buckets, reverse=True):  # largest first so smaller graphs reuse its pool
-            inputs = tuple(torch.zeros(size, dtype=torch.long, device=device) for _ in range(3))
+            steps = tuple(torch.zeros(size, dtype=torch.long, device=device) for _ in range(3))
+            inputs = (*steps, torch.zeros(size, table_width, dtype=torch.long, device=device))  # null-block tables
             self.inputs[size] = inputs
             for length in reversed(self.lengths):
                 stream = backend.Stream()
@@ -131,7 +139,12 @@ class GraphDecode:
         return sorted(self.inputs)
 
     def __call__(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, kv_len: int
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        kv_len: int,
     ) -> torch.Tensor:
         """Copy the step's inputs into the bucket's static buffers and replay; the output buffer is reused."""
         key = (tokens.shape[0], kv_len)
@@ -141,7 +154,7 @@ class GraphDecode:
                 f"{self.buckets}, lengths {self.lengths}"
             )
         graph, output = self.graphs[key]
-        for buffer, value in zip(self.inputs[key[0]], (tokens, positions, cache_lens)):
+        for buffer, value in zip(self.inputs[key[0]], (tokens, positions, cache_lens, block_tables)):
             buffer.copy_(value, non_blocking=True)
         graph.replay()
         return output

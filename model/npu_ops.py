@@ -5,8 +5,9 @@ vllm-ascend uses for decode: npu_rms_norm / npu_add_rms_norm, npu_rotary_mul, np
 npu_fused_infer_attention_score. Both take and return the same shapes, so the decode step is
 written once (model/text.py) and `ModelRunner(fused_ops=True)` swaps the implementation.
 
-Shapes: x (B, hidden); q (B, H, D), k (B, KVH, D); cos/sin (B, D); keys/values (B, KVH, L, D) with
-L the decode length; mask (B, L) bool, True where a key is attended.
+Shapes: x (B, hidden); q (B, H, D), k (B, KVH, D); cos/sin (B, D); keys/values (B, L, KVH, D) (BSND,
+gathered from the paged cache through the step's block tables) with L the decode length; mask (B, L)
+bool, True where a key is attended.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class DecodeOps:
     ) -> torch.Tensor:
         """One query per row over its slot's keys -> (B, H * D). Grouped heads share a KV head."""
         batch, heads, dim = q.shape
-        kv_heads = keys.shape[1]
+        kv_heads = keys.shape[2]
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # (B, KVH, L, D)
         q = q.view(batch, kv_heads, heads // kv_heads, dim)
         scores = torch.matmul(q, keys.transpose(-1, -2)) * scale  # (B, KVH, G, L)
         scores = scores.float().masked_fill(~mask[:, None, None, :], float("-inf"))
@@ -71,8 +73,8 @@ class FusedOps(DecodeOps):
     """torch_npu's fused kernels, with argument layouts as documented by torch_npu (op-plugin).
 
     `npu` is the torch_npu module (tests pass a stand-in written from the documented semantics).
-    Attention reads keys in BNSD layout straight from the cache, which must be contiguous there:
-    on npu the decode reads the cache at full length (see model/graph.py, decode_lengths).
+    Attention reads the keys gathered from the step's blocks in BSND layout (contiguous), under a
+    (B, 1, 1, L) mask: no host-side lengths, so the step captures as it is.
     """
 
     name = "fused"
@@ -106,14 +108,14 @@ class FusedOps(DecodeOps):
     ) -> torch.Tensor:
         batch, heads, dim = q.shape
         out, _ = self.npu.npu_fused_infer_attention_score(
-            q.reshape(batch, heads, 1, dim),
+            q.reshape(batch, 1, heads, dim),
             keys,
             values,
             atten_mask=~mask[:, None, None, :],  # (B, 1, 1, L), True = not attended
             num_heads=heads,
-            num_key_value_heads=keys.shape[1],
+            num_key_value_heads=keys.shape[2],
             scale=scale,
-            input_layout="BNSD",
+            input_layout="BSND",
         )
         return out.reshape(batch, heads * dim)
 

@@ -42,8 +42,10 @@ class InvalidRequestError(ValueError):
     """A request that cannot be turned into model inputs; the message names the request id.
 
     `param` is the request field at fault (``messages[1].content``, ``mm_processor_kwargs.max_pixels``)
-    when there is one.
+    when there is one; `status` is the HTTP status a server answers with (as on actors.errors.RequestError).
     """
+
+    status = 400
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)

@@ -7,7 +7,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.parallel import ParallelContext, ParallelLMHead
-from model.text import Qwen2Model, Segment
+from model.text import PackedBatch, Qwen2Model
 from model.vision import Qwen2_5_VisionTransformer
 
 
@@ -46,19 +46,24 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         image_embeds: torch.Tensor | None,
-        segments: list[Segment],
+        packed: PackedBatch,
         logits_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Packed prompt pieces (see `Qwen2Model.prefill`) -> logits of `logits_rows` (R, vocab), or of all rows.
+        """Packed pieces (see `Qwen2Model.prefill`) -> logits of `logits_rows` (R, vocab), or of all rows.
 
         input_ids (T,), positions (3, T); image_embeds holds the embeddings of the pieces' image-pad
         tokens, in order.
         """
-        hidden = self.model.prefill(self.embed_prompt(input_ids, image_embeds), positions, segments)
+        hidden = self.model.prefill(self.embed_prompt(input_ids, image_embeds), positions, packed)
         return self.lm_head(hidden if logits_rows is None else hidden[logits_rows])
 
     def decode(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, kv_len: int | None = None
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
-        """One token for each of slots 0..B-1 -> logits (B, vocab); attention reads `kv_len` cache entries."""
-        return self.lm_head(self.model.decode(input_ids, positions, cache_lens, kv_len))
+        """One token for each row -> logits (B, vocab); attention reads `kv_len` positions of each row."""
+        return self.lm_head(self.model.decode(input_ids, positions, cache_lens, block_tables, kv_len))

@@ -1,26 +1,25 @@
 """The model on one rank, Ray-free: vision encode, eager prefill, static-shape decode.
 
-`ModelRunner.generate` runs a batch to completion: every image is encoded once, each prompt is
-prefilled into its own KV slot, then all slots decode together, one token per step, until each
-request meets an EOS id or its `max_new_tokens`. Every rank of a tensor-parallel group calls the
-same methods with the same arguments.
+The KV cache is a pool of fixed-size blocks (model/kv_cache.py); the running requests and their block
+tables are `model.batch.RunningBatch`'s. `ModelRunner.generate` runs a batch to completion in process,
+each request in a fixed slot of blocks. Every rank of a tensor-parallel group calls the same methods
+with the same arguments.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from model.batch import GenerationResult, generate
 from model.config import ModelConfig
-from model.device import DTYPES
+from model.device import DTYPES, KV_BLOCK_SIZE
 from model.graph import CompiledDecode, GraphDecode, decode_lengths, pick_length
-from model.kv_cache import KVCache
+from model.kv_cache import NULL_BLOCK, PagedKVCache, blocks_for, slot_tables
 from model.loader import load_weights
 from model.npu_ops import decode_ops
 from model.parallel import SINGLE, ParallelContext
@@ -28,21 +27,10 @@ from model.processor import PreparedRequest
 from model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from model.rotary import mrope_positions
 from model.sampling import SamplingParams
+from model.text import PackedBatch
 from model.vision_cache import VisionCache, image_key
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerationResult:
-    """One request's outcome; times are seconds from the start of the `generate` call."""
-
-    request_id: str
-    output_token_ids: list[int] = field(default_factory=list)
-    prompt_tokens: int = 0
-    token_times_s: list[float] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (EOS), "length", or None on error
-    error: str | None = None
 
 
 @contextlib.contextmanager
@@ -87,8 +75,13 @@ class ModelRunner:
         progress: bool = False,
         fused_ops: bool = False,
         vision_cache_bytes: int = 0,
+        num_kv_blocks: int | None = None,
+        kv_block_size: int | None = None,
         quantization: str = "auto",
     ) -> None:
+        """max_seq_len: the longest sequence (prompt + new tokens) one request may reach. The KV pool holds
+        `num_kv_blocks` blocks of `kv_block_size` tokens (defaults: the device's block size, and enough
+        blocks for max_batch_size sequences of max_seq_len, plus the null block)."""
         if vision_mode not in ("dp", "tp"):
             raise ValueError(f"vision_mode={vision_mode!r} must be 'dp' or 'tp'")
         self.model_path = Path(model_path)
@@ -110,16 +103,21 @@ class ModelRunner:
         )
         self.model.eval().requires_grad_(False)
         attn = self.model.model.layers[0].self_attn
-        self.cache = KVCache.allocate(
+        self.block_size = kv_block_size or KV_BLOCK_SIZE.get(self.device.type, 16)
+        self.max_blocks_per_seq = blocks_for(max_seq_len, self.block_size)
+        if num_kv_blocks is None:
+            num_kv_blocks = max_batch_size * self.max_blocks_per_seq + 1
+        self.cache = PagedKVCache.allocate(
             self.config.text.num_hidden_layers,
-            max_batch_size,
+            num_kv_blocks,
+            self.block_size,
             attn.num_kv_heads,
-            max_seq_len,
             attn.head_dim,
             self.dtype,
             self.device,
         )
         self.model.model.attach_cache(self.cache)
+        self._slot_rows: dict[int, torch.Tensor] = {}  # batch size -> fixed slot tables (see `decode`)
         self.buckets = batch_buckets(max_batch_size)
         self.model.model.decode_ops = decode_ops(fused_ops)  # npu fused kernels, or plain PyTorch
         self.decode_fn = self.model.decode
@@ -218,13 +216,30 @@ class ModelRunner:
     def prefill(
         self, request: PreparedRequest, image_embeds: torch.Tensor | None, slot: int, all_logits: bool = False
     ) -> tuple[torch.Tensor, int]:
-        """Fill KV slot `slot` with the whole prompt -> (logits of the last position, or of all, rope delta)."""
+        """Fill slot `slot`'s blocks (`slot_table`) with the whole prompt -> (logits of the last position, or
+        of all, rope delta). For in-process checks and tools; the engine goes through RunningBatch."""
         positions, delta = self.prompt_positions(request)
         ids = torch.tensor(request.input_ids, dtype=torch.long, device=self.device)
         length = len(request.input_ids)
         rows = None if all_logits else torch.tensor([length - 1], device=self.device)
-        logits = self.model.prefill(ids, positions.to(self.device), image_embeds, [(slot, 0, length)], rows)
+        packed = PackedBatch.build([(0, length, self.slot_table(slot))], self.block_size, self.device)
+        logits = self.model.prefill(ids, positions.to(self.device), image_embeds, packed, rows)
         return (logits if all_logits else logits[0]), delta
+
+    def slot_table(self, slot: int) -> list[int]:
+        """The fixed blocks of slot `slot` (see kv_cache.slot_tables); ValueError if the pool does not hold it."""
+        table = slot_tables(slot + 1, self.max_seq_len, self.block_size)[slot]
+        if table[-1] >= self.cache.num_blocks:
+            raise ValueError(f"slot {slot} needs blocks up to {table[-1]}; the pool has {self.cache.num_blocks}")
+        return table
+
+    def table_tensor(self, tables: list[list[int]]) -> torch.Tensor:
+        """Block tables as a (B, max_blocks_per_seq) tensor on the device, padded with the null block."""
+        width = self.max_blocks_per_seq
+        rows = [t + [NULL_BLOCK] * (width - len(t)) for t in tables]
+        if any(len(r) > width for r in rows):
+            raise ValueError(f"a block table is longer than max_blocks_per_seq={width}")
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def prompt_positions(self, request: PreparedRequest) -> tuple[torch.Tensor, int]:
         """M-RoPE positions (3, L) of a prompt and its rope delta (decode position = cache length + delta)."""
@@ -234,14 +249,25 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, max_len: int | None = None
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache_lens: torch.Tensor,
+        max_len: int | None = None,
+        block_tables: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One step for slots 0..B-1 (B a bucket size) -> logits (B, vocab).
+        """One step for B rows (B a bucket size) -> logits (B, vocab).
 
+        block_tables (B, max_blocks_per_seq) (`table_tensor`); None: the fixed tables of slots 0..B-1.
         max_len: a host-side bound on cache_lens + 1 over the rows (None: max_seq_len). Attention reads
         the shortest of `self.decode_lengths` that covers it (per device: model/graph.py, decode_lengths).
         """
-        return self.decode_fn(tokens, positions, cache_lens, pick_length(self.decode_lengths, max_len))
+        if block_tables is None:
+            rows = tokens.shape[0]
+            if rows not in self._slot_rows:
+                self._slot_rows[rows] = self.table_tensor([self.slot_table(s) for s in range(rows)])
+            block_tables = self._slot_rows[rows]
+        return self.decode_fn(tokens, positions, cache_lens, block_tables, pick_length(self.decode_lengths, max_len))
 
     # ----------------------------------------------------------------------------- warm-up / graphs
     @torch.inference_mode()
@@ -250,7 +276,7 @@ class ModelRunner:
         ids = [0] * 4
         self.prefill(PreparedRequest("warmup", ids, None, None), None, slot=0)
         one = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.decode(one, one + len(ids), one + len(ids))
+        self.decode(one, one + len(ids), one + len(ids), block_tables=self.table_tensor([[]]))
 
     @torch.inference_mode()
     def capture_graphs(self, buckets: list[int] | None = None) -> None:
@@ -258,8 +284,8 @@ class ModelRunner:
 
         `buckets` (default: all of `self.buckets`) limits which sizes are prepared now; on cpu any
         other bucket compiles on first use, on cuda/npu only the prepared ones can run. Lengths are
-        `decode_lengths(device, graph=True)`: every length bucket on cuda, max_seq_len on cpu and npu.
-        The dummy steps write KV entries at index 0 of each slot, which the next prefill overwrites.
+        `decode_lengths(device, graph=True)`: every length bucket on cuda and npu, max_seq_len on cpu.
+        The dummy steps read and write the null block only.
         """
         sizes = self.buckets if buckets is None else sorted(buckets)
         unknown = [b for b in sizes if b not in self.buckets]
@@ -270,11 +296,12 @@ class ModelRunner:
             self.decode_fn = CompiledDecode(self.model.decode, shapes=len(self.buckets) * len(lengths) + 2)
             for size in sizes:  # compile each bucket now, not on the first request
                 for length in lengths:
-                    # Three distinct tensors: passing one tensor thrice would make dynamo guard on the
-                    # aliasing and recompile on the first real step.
-                    self.decode_fn(*(torch.zeros(size, dtype=torch.long) for _ in range(3)), length)
+                    # Distinct tensors: passing one tensor thrice would make dynamo guard on the aliasing
+                    # and recompile on the first real step.
+                    steps = (torch.zeros(size, dtype=torch.long) for _ in range(3))
+                    self.decode_fn(*steps, self.table_tensor([[]] * size), length)
         else:
-            self.decode_fn = GraphDecode(self.model.decode, sizes, lengths, self.device)
+            self.decode_fn = GraphDecode(self.model.decode, sizes, lengths, self.device, self.max_blocks_per_seq)
         self.decode_lengths = lengths
 
     # ----------------------------------------------------------------------------- whole batch
@@ -293,37 +320,6 @@ class ModelRunner:
     def generate(
         self, requests: list[PreparedRequest], params: list[SamplingParams], eos_token_ids: list[int] | None = None
     ) -> list[GenerationResult]:
-        """Run requests to completion, max_batch_size at a time; results in request order.
-
-        Each batch: its images encoded together, its prompts prefilled together in one packed
-        forward, then decode until every request meets EOS or its max_new_tokens.
-        """
-        from model.batch import RunningBatch  # runs on this runner; imported here to avoid a cycle
-
-        if len(params) != len(requests):
-            raise ValueError(f"got {len(requests)} requests but {len(params)} sampling params")
+        """Run requests to completion, max_batch_size at a time; results in request order (`model.batch.generate`)."""
         eos = list(self.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        start_unix = time.time()
-        results = [GenerationResult(r.request_id, prompt_tokens=len(r.input_ids)) for r in requests]
-        runnable = []
-        for i, (req, p) in enumerate(zip(requests, params)):
-            results[i].error = self.check_fits(req, p)
-            if results[i].error is None:
-                runnable.append(i)
-        batch = RunningBatch(self)
-        for first in range(0, len(runnable), self.max_batch_size):
-            chunk = runnable[first : first + self.max_batch_size]
-            embeds = self.encode_images([requests[i] for i in chunk])
-            for slot, (i, emb) in enumerate(zip(chunk, embeds)):
-                batch.admit(slot, requests[i], params[i], eos, emb)
-            outputs = [batch.prefill([(slot, len(requests[i].input_ids)) for slot, i in enumerate(chunk)])]
-            steps = max(params[i].max_new_tokens for i in chunk)
-            while batch.active:  # one call runs every step: the step inputs stay on the device
-                outputs.append(batch.decode(steps))
-            for out in outputs:
-                for slot, step in out.items():
-                    result = results[chunk[slot]]
-                    result.output_token_ids.extend(step.tokens)
-                    result.token_times_s.extend(u - start_unix for u in step.times)
-                    result.finish_reason = step.finish_reason or result.finish_reason
-        return results
+        return generate(self, requests, params, eos)

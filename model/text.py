@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.config import TextConfig
-from model.kv_cache import KVCache, write_rows
+from model.kv_cache import PagedKVCache, cache_rows, gather_blocks, write_rows
 from model.layers import GatedMLP, RMSNorm
 from model.npu_ops import PLAIN, DecodeOps
 from model.parallel import (
@@ -18,7 +20,45 @@ from model.parallel import (
 )
 from model.rotary import MRotaryEmbedding, apply_rotary
 
-Segment = tuple[int, int, int]  # (KV slot, first prompt position, length) of one packed prefill piece
+
+@dataclass
+class Piece:
+    """One sequence's tokens in a packed forward: `length` tokens after its first `start` ones.
+
+    table: the sequence's blocks covering its first start + length tokens (device, long); mask
+    (length, start + length): which keys each query attends (None when start == 0, causal then).
+    """
+
+    start: int
+    length: int
+    table: torch.Tensor
+    mask: torch.Tensor | None
+
+
+@dataclass
+class PackedBatch:
+    """Where a packed forward's tokens go: their pieces in order, and the cache row of every token (T,)."""
+
+    pieces: list[Piece]
+    rows: torch.Tensor
+
+    @classmethod
+    def build(
+        cls, pieces: list[tuple[int, int, list[int]]], block_size: int, device: torch.device | str
+    ) -> PackedBatch:
+        """From (start, length, block table) per piece, the table covering at least start + length tokens."""
+        out, rows = [], []
+        for start, length, table in pieces:
+            end = start + length
+            blocks = torch.tensor(table[: -(-end // block_size)], dtype=torch.long)
+            index = torch.arange(start, end)
+            rows.append(blocks[index // block_size] * block_size + index % block_size)
+            mask = None
+            if start:
+                mask = torch.arange(end)[None, :] <= index[:, None]  # (length, end)
+                mask = mask.to(device)
+            out.append(Piece(start, length, blocks.to(device), mask))
+        return cls(out, torch.cat(rows).to(device))
 
 
 class Attention(nn.Module):
@@ -56,40 +96,37 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        segments: list[Segment],
+        packed: PackedBatch,
     ) -> torch.Tensor:
-        """x (T, hidden): prompt pieces packed back to back, one per segment (slot, start, length).
+        """x (T, hidden): pieces of several sequences packed back to back (see `PackedBatch`).
 
-        Each piece is written to its slot's cache at [start, start + length) and attends causally
-        to everything its slot holds up to there, so a prompt may arrive in several chunks.
+        Each piece's keys and values are written to its blocks; each piece attends causally to its
+        sequence up to there (earlier chunks and cached prefix blocks included). A decode token in a
+        mixed round is a piece of length 1.
         """
         q, k, v = self._qkv(x)
         q = apply_rotary(q.transpose(0, 1), cos, sin)  # (H, T, D)
         k = apply_rotary(k.transpose(0, 1), cos, sin)  # (KVH, T, D)
+        write_rows(k_cache, packed.rows, k.transpose(0, 1))
+        write_rows(v_cache, packed.rows, v)
         v = v.transpose(0, 1)
         outs = []
         offset = 0
-        for slot, start, length in segments:
-            rows = slice(offset, offset + length)
-            offset += length
-            end = start + length
-            k_cache[slot, :, start:end] = k[:, rows]
-            v_cache[slot, :, start:end] = v[:, rows]
-            if start == 0:
+        for piece in packed.pieces:
+            rows = slice(offset, offset + piece.length)
+            offset += piece.length
+            if piece.start == 0:  # the whole sequence so far is in this piece: no cache read
                 out = F.scaled_dot_product_attention(
                     q[None, :, rows], k[None, :, rows], v[None, :, rows], is_causal=True, enable_gqa=True
                 )
-            else:  # a later chunk: its queries see the slot's earlier tokens too
-                keys = torch.arange(end, device=x.device)
-                mask = keys[None, :] <= (start + torch.arange(length, device=x.device))[:, None]  # (length, end)
+            else:  # its queries see the sequence's earlier tokens too, read through its blocks
+                end = piece.start + piece.length
+                keys = gather_blocks(k_cache, piece.table[None])[:, :end].transpose(1, 2)  # (1, KVH, end, D)
+                values = gather_blocks(v_cache, piece.table[None])[:, :end].transpose(1, 2)
                 out = F.scaled_dot_product_attention(
-                    q[None, :, rows],
-                    k_cache[None, slot, :, :end],
-                    v_cache[None, slot, :, :end],
-                    attn_mask=mask,
-                    enable_gqa=True,
+                    q[None, :, rows], keys, values, attn_mask=piece.mask, enable_gqa=True
                 )
-            outs.append(out[0].transpose(0, 1).reshape(length, -1))  # (length, H * D)
+            outs.append(out[0].transpose(0, 1).reshape(piece.length, -1))  # (length, H * D)
         return self.o_proj(torch.cat(outs))
 
     def decode(
@@ -100,19 +137,20 @@ class Attention(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         rows: torch.Tensor,
+        block_tables: torch.Tensor,
         mask: torch.Tensor,
         ops: DecodeOps = PLAIN,
     ) -> torch.Tensor:
-        """x (B, hidden): one new token per slot 0..B-1, written at cache `rows` (KVCache.decode_rows).
+        """x (B, hidden): one new token per row, written at cache `rows` (`cache_rows`).
 
-        mask (B, L): which of the first L cache entries each row attends; only those L are read.
+        block_tables (B, W): the blocks attention reads; mask (B, W * block_size): which of those
+        positions each row attends.
         """
-        batch, length = mask.shape
         q, k, v = self._qkv(x)
         q, k = ops.rotary(q, k, cos, sin)
         write_rows(k_cache, rows, k)
         write_rows(v_cache, rows, v)
-        keys, values = k_cache[:batch, :, :length], v_cache[:batch, :, :length]  # (B, KVH, L, D)
+        keys, values = gather_blocks(k_cache, block_tables), gather_blocks(v_cache, block_tables)  # (B, L, KVH, D)
         return self.o_proj(ops.attention(q, keys, values, mask, self.head_dim**-0.5))
 
 
@@ -135,45 +173,54 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, ctx) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = MRotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section)
-        self.cache: KVCache | None = None
+        self.cache: PagedKVCache | None = None
 
-    def attach_cache(self, cache: KVCache) -> None:
+    def attach_cache(self, cache: PagedKVCache) -> None:
         self.cache = cache
 
-    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
-        """embeds (T, hidden), positions (3, T) of packed prompt pieces -> final hidden states (T, hidden)."""
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
+        """embeds (T, hidden), positions (3, T) of packed pieces -> final hidden states (T, hidden)."""
         assert self.cache is not None, "attach_cache() before prefill"
         cos, sin = self.rotary(positions, embeds.dtype)
         x = embeds
         for layer, k_cache, v_cache in zip(self.layers, self.cache.keys, self.cache.values):
-            x = x + layer.self_attn.prefill(layer.input_layernorm(x), cos, sin, k_cache, v_cache, segments)
+            x = x + layer.self_attn.prefill(layer.input_layernorm(x), cos, sin, k_cache, v_cache, packed)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
 
     decode_ops: DecodeOps = PLAIN  # ModelRunner(fused_ops=True) sets model/npu_ops.FusedOps
 
     def decode(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, kv_len: int | None = None
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions, cache_lens: (B,) -> final hidden states (B, hidden). Static shapes only.
+        """input_ids, positions, cache_lens: (B,); block_tables (B, M) -> final hidden states (B, hidden).
 
-        kv_len: how many cache entries attention reads (> every cache_lens[b]); None reads all of
-        max_seq_len. Each residual add is fused with the norm after it (`add_rms_norm`), as the NPU
-        kernels do; on the plain path that is the same arithmetic as add, then norm.
+        Static shapes only. Row b's new token goes to position cache_lens[b] of its sequence. kv_len:
+        how many positions attention reads (> every cache_lens[b]; rounded up to whole blocks); None
+        reads all M blocks. Each residual add is fused with the norm after it (`add_rms_norm`), as the
+        NPU kernels do; on the plain path that is the same arithmetic as add, then norm.
         """
         assert self.cache is not None, "attach_cache() before decode"
         ops = self.decode_ops
+        size = self.cache.block_size
+        width = block_tables.shape[1] if kv_len is None else min(-(-kv_len // size), block_tables.shape[1])
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.text_only(positions, x.dtype)
-        span = torch.arange(self.cache.max_seq_len if kv_len is None else kv_len, device=x.device)
-        mask = span[None, :] <= cache_lens[:, None]  # (B, L)
-        rows = self.cache.decode_rows(cache_lens)
+        span = torch.arange(width * size, device=x.device)
+        mask = span[None, :] <= cache_lens[:, None]  # (B, W * block_size)
+        rows = cache_rows(block_tables, cache_lens, size)
+        tables = block_tables[:, :width]
         residual = x
         h = ops.rms_norm(x, self.layers[0].input_layernorm.weight, self.layers[0].input_layernorm.eps)
         for i, (layer, k_cache, v_cache) in enumerate(zip(self.layers, self.cache.keys, self.cache.values)):
             if i:
                 h, residual = ops.add_rms_norm(x, residual, layer.input_layernorm.weight, layer.input_layernorm.eps)
-            x = layer.self_attn.decode(h, cos, sin, k_cache, v_cache, rows, mask, ops)
+            x = layer.self_attn.decode(h, cos, sin, k_cache, v_cache, rows, tables, mask, ops)
             norm = layer.post_attention_layernorm
             h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
             x = layer.mlp(h, ops.silu_and_mul)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from cluster.tools.bench_serve import idle_overhead, paired_overhead
+from cluster.tools.bench_serve import idle_overhead, media_dir, paired_overhead
 
 
 def _record(ttft_s: float | None, e2e_s: float | None, error: str | None = None) -> dict:
@@ -40,3 +40,10 @@ def test_idle_overhead_pairs_each_body_once_per_path() -> None:
     ]  # fmt: skip
     assert (out["pairs"], out["pairs_failed"]) == (4, 1)
     assert out["ttft_ms"]["median"] == pytest.approx(3.0) and out["e2e_ms"]["mean"] == pytest.approx(6.0)
+
+
+def test_media_dir_holds_every_image(tmp_path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    requests = [{"images": [str(tmp_path / "a" / "x.png")]}, {"images": []}, {"images": [str(tmp_path / "a/b/y.png")]}]
+    assert media_dir(requests) == str((tmp_path / "a").resolve())
+    assert media_dir([{"images": []}]) is None

@@ -111,7 +111,7 @@ class FakeTorchNpu(SimpleNamespace):
     (y, rstd, x1 + x2); npu_rotary_mul(x, r1, r2) = x * r1 + rotate_half(x) * r2 on 4-D x;
     npu_swiglu(x, dim) = silu(first half) * second half (vllm-ascend's SiluAndMul);
     npu_fused_infer_attention_score(q, k, v, atten_mask=True-masks, num_heads, num_key_value_heads,
-    scale, input_layout) -> (out, lse), with BNSD = (batch, heads, seq, head_dim), contiguous inputs.
+    scale, input_layout) -> (out, lse), with BSND = (batch, seq, heads, head_dim), contiguous inputs.
     """
 
     def __init__(self) -> None:
@@ -156,8 +156,9 @@ class FakeTorchNpu(SimpleNamespace):
     ):
         self._count("npu_fused_infer_attention_score")
         assert not unused, f"unexpected arguments {sorted(unused)}"
-        assert input_layout == "BNSD" and query.dim() == key.dim() == 4 and key.shape == value.shape
+        assert input_layout == "BSND" and query.dim() == key.dim() == 4 and key.shape == value.shape
         assert query.is_contiguous() and key.is_contiguous() and value.is_contiguous()
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # BNSD
         batch, heads, q_len, dim = query.shape
         kv_heads, kv_len = key.shape[1], key.shape[2]
         assert (heads, kv_heads) == (num_heads, num_key_value_heads) and heads % kv_heads == 0
@@ -169,7 +170,8 @@ class FakeTorchNpu(SimpleNamespace):
         scores = (query.float() @ k.float().transpose(-1, -2)) * scale  # (B, N, 1, S)
         scores = scores.masked_fill(atten_mask, float("-inf"))
         lse = scores.logsumexp(-1, keepdim=True)
-        return ((scores - lse).exp() @ v.float()).to(query.dtype), lse
+        out = ((scores - lse).exp() @ v.float()).to(query.dtype)  # (B, N, 1, D)
+        return out.transpose(1, 2).contiguous(), lse
 
 
 @pytest.fixture
@@ -188,11 +190,16 @@ def _runner(path: Path, fused: bool = False) -> ModelRunner:
     return runner
 
 
-def _inputs(batch: int, seed: int, longest: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(runner: ModelRunner, batch: int, seed: int, longest: int) -> tuple[torch.Tensor, ...]:
+    """Tokens, positions, cache lengths and block tables of `batch` rows; each row's blocks drawn at random
+    from the pool (no block twice), so the step reads and writes through arbitrary tables."""
     gen = torch.Generator().manual_seed(seed)
     lens = torch.randint(0, longest, (batch,), generator=gen)
     tokens = torch.randint(0, 200, (batch,), generator=gen)
-    return tokens, lens + torch.randint(0, 9, (batch,), generator=gen), lens  # positions = lens + rope delta
+    width = runner.max_blocks_per_seq
+    blocks = 1 + torch.randperm(runner.cache.num_blocks - 1, generator=gen)[: batch * width]
+    tables = blocks.view(batch, width)
+    return tokens, lens + torch.randint(0, 9, (batch,), generator=gen), lens, tables  # positions = lens + delta
 
 
 def _snapshot(runner: ModelRunner) -> list[torch.Tensor]:
@@ -210,13 +217,13 @@ def test_decode_has_no_host_sync_at_any_bucket(tiny_checkpoint: Path, fused: boo
     if fused:
         request.getfixturevalue("fake_npu")
     runner = _runner(tiny_checkpoint, fused)
-    assert runner.decode_lengths == ([MAX_SEQ_LEN] if fused else [256, MAX_SEQ_LEN])
+    assert runner.decode_lengths == [256, MAX_SEQ_LEN]
     with torch.inference_mode():
         for batch in runner.buckets:
             for length in runner.decode_lengths:
-                tokens, positions, lens = _inputs(batch, seed=batch, longest=length)
+                tokens, positions, lens, tables = _inputs(runner, batch, seed=batch, longest=length)
                 with no_host_sync():
-                    logits = runner.decode(tokens, positions, lens, max_len=length)
+                    logits = runner.decode(tokens, positions, lens, max_len=length, block_tables=tables)
                 assert logits.shape == (batch, runner.config.text.vocab_size)
 
 
@@ -225,9 +232,9 @@ def test_traced_decode_replays_like_eager(tiny_checkpoint: Path) -> None:
     saved = _snapshot(runner)
     batch, length = 2, 256
     with torch.no_grad():
-        traced = make_fx(lambda t, p, n: runner.model.decode(t, p, n, length))(*_inputs(batch, 1, length))
-        for seed in (2, 3):  # other tokens, positions and lengths than at tracing
-            inputs = _inputs(batch, seed, length)
+        traced = make_fx(lambda t, p, n, b: runner.model.decode(t, p, n, b, length))(*_inputs(runner, batch, 1, length))
+        for seed in (2, 3):  # other tokens, positions, lengths and block tables than at tracing
+            inputs = _inputs(runner, batch, seed, length)
             _restore(runner, saved)
             eager = runner.model.decode(*inputs, length)
             eager_cache = _snapshot(runner)

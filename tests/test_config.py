@@ -160,6 +160,11 @@ def test_wrong_type_names_key_and_value(tmp_path: Path) -> None:
         (["serve.allowed_local_media_path=media"], r"serve\.allowed_local_media_path='media': must be an existing"),
         (["serve.allowed_local_media_path=/no/such/dir"], r"serve\.allowed_local_media_path='/no/such/dir'"),
         (["serve.allowed_media_domains=[a.com,'http://b.com']"], r"serve\.allowed_media_domains\[1\]='http://b\.com'"),
+        (["serve.media_read_timeout_s=0"], r"serve\.media_read_timeout_s=0\.0: must be > 0"),
+        (["serve.max_request_bytes=0"], r"serve\.max_request_bytes=0: must be >= 1"),
+        (["serve.max_media_redirects=-1"], r"serve\.max_media_redirects=-1"),
+        (["serve.max_queued_requests=-1"], r"serve\.max_queued_requests=-1: must be >= 0"),
+        (["serve.queue_timeout_s=0"], r"serve\.queue_timeout_s=0\.0: must be null or > 0"),
     ],
 )
 def test_bad_values(overrides: list[str], pattern: str) -> None:

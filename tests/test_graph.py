@@ -145,18 +145,23 @@ def test_graph_decode_with_fake_backend() -> None:
     backend = FakeBackend()
     calls: list[tuple[int, int, bool]] = []  # (batch, length, captured)
 
-    def step(tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, length: int) -> torch.Tensor:
-        return (tokens * 100 + positions * 10 + cache_lens + length * 1000)[:, None].float()  # (B, 1)
+    def step(
+        tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, tables: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        out = tokens * 100 + positions * 10 + cache_lens + length * 1000 + tables.sum(1) * 100000
+        return out[:, None].float()  # (B, 1)
 
-    def decode(tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, length: int) -> torch.Tensor:
-        out = step(tokens, positions, cache_lens, length)
+    def decode(
+        tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, tables: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        out = step(tokens, positions, cache_lens, tables, length)
         calls.append((tokens.shape[0], length, backend.capturing is not None))
         if backend.capturing is not None:
-            backend.capturing.call = (lambda *a: step(*a, length), (tokens, positions, cache_lens), out)
+            backend.capturing.call = (lambda *a: step(*a, length), (tokens, positions, cache_lens, tables), out)
         return out
 
     # A cpu device with the stand-in backend takes the NPUGraph path.
-    graphs = GraphDecode(decode, [1, 2], [256, 512], torch.device("cpu"), backend=backend)
+    graphs = GraphDecode(decode, [1, 2], [256, 512], torch.device("cpu"), table_width=3, backend=backend)
     # Largest bucket and length first, two warm-up steps then one captured step each; later graphs
     # share the first one's pool; the graphs of a bucket share its input buffers.
     assert calls == [(b, n, captured) for b in (2, 1) for n in (512, 256) for captured in (False, False, True)]
@@ -164,15 +169,17 @@ def test_graph_decode_with_fake_backend() -> None:
     assert backend.pools[0] is None and all(p == ("pool", id(first)) for p in backend.pools[1:])
     assert backend.synchronized and graphs.buckets == [1, 2] and graphs.lengths == [256, 512]
 
-    out = graphs(torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([5, 6]), 256)
+    no_blocks = torch.zeros(2, 3, dtype=torch.long)
+    out = graphs(torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([5, 6]), no_blocks, 256)
     assert out.flatten().tolist() == [256135.0, 256246.0]
     graph, output = graphs.graphs[2, 256]
     assert out is output and graph.replays == 1 and graphs.inputs[2][0].tolist() == [1, 2]
     # A later step reuses the same buffers with new values; another length replays its own graph.
-    again = graphs(torch.tensor([7, 8]), torch.tensor([0, 1]), torch.tensor([2, 3]), 512)
-    assert again is graphs.graphs[2, 512][1] and again.flatten().tolist() == [512702.0, 512813.0]
+    tables = torch.tensor([[1, 0, 0], [2, 3, 0]])
+    again = graphs(torch.tensor([7, 8]), torch.tensor([0, 1]), torch.tensor([2, 3]), tables, 512)
+    assert again is graphs.graphs[2, 512][1] and again.flatten().tolist() == [612702.0, 1012813.0]
     with pytest.raises(ValueError, match="no graph captured for batch 3 and length 256"):
-        graphs(*(torch.zeros(3, dtype=torch.long) for _ in range(3)), 256)
+        graphs(*(torch.zeros(3, dtype=torch.long) for _ in range(3)), torch.zeros(3, 3, dtype=torch.long), 256)
 
 
 def test_lengths_and_picks() -> None:
@@ -180,7 +187,8 @@ def test_lengths_and_picks() -> None:
     assert length_buckets(3000) == [256, 512, 1024, 2048, 3000]
     assert length_buckets(200) == [200]
     assert decode_lengths("cuda", True, 1024) == decode_lengths("cpu", False, 1024) == [256, 512, 1024]
-    assert decode_lengths("npu", False, 1024) == decode_lengths("cpu", True, 1024) == [1024]
+    assert decode_lengths("npu", True, 1024) == decode_lengths("npu", False, 1024, fused=True) == [256, 512, 1024]
+    assert decode_lengths("cpu", True, 1024) == decode_lengths("cpu", True, 1024, fused=True) == [1024]
     assert pick_length([256, 512, 1024], 257) == 512
     assert pick_length([256, 512, 1024], 256) == 256
     assert pick_length([256, 512, 1024], None) == 1024

@@ -118,6 +118,9 @@ class _MetricsProbe:
         for hits, misses in ((2, 1), (5, 1), (1, 0)):  # cumulative; the last: the group's cache started over
             m.record_vision_cache(dp_rank, hits, misses)
         m.record_memory(dp_rank, {"rss_bytes": 1000, "device_bytes": 0})
+        for hits, queries, preempted in ((32, 64, 1), (48, 80, 3), (16, 16, 2)):  # cumulative; the last: a reset
+            stats = {"used": 3, "free": 5, "cached": 2, "hit_tokens": hits, "query_tokens": queries}
+            m.record_kv_cache(dp_rank, {**stats, "preemptions": preempted})
 
 
 def test_exported_series_match_the_metrics_table(metrics_port):
@@ -144,6 +147,10 @@ def test_exported_series_match_the_metrics_table(metrics_port):
     # The values: counters take the increments of the cumulative vision-cache counts (2 + 3 + 1 after the reset).
     assert _samples(text, "ray_qwen_vl_vision_cache_hits_total", dp_rank=dp) == 6
     assert _samples(text, "ray_qwen_vl_vision_cache_misses_total", dp_rank=dp) == 1
+    assert _samples(text, "ray_qwen_vl_prefix_cache_hit_tokens_total", dp_rank=dp) == 32 + 16 + 16
+    assert _samples(text, "ray_qwen_vl_prefix_cache_query_tokens_total", dp_rank=dp) == 64 + 16 + 16
+    assert _samples(text, "ray_qwen_vl_preemptions_total", dp_rank=dp) == 1 + 2 + 2
+    assert _samples(text, "ray_qwen_vl_kv_blocks", dp_rank=dp, state="free") == 5
     assert _samples(text, "ray_qwen_vl_requests_waiting", dp_rank=dp) == 3
     assert _samples(text, "ray_qwen_vl_requests_running", dp_rank=dp) == 2
     # Ray exports a histogram's sum from bucket midpoints: it lies within the observation's bucket (0.015, 0.02].

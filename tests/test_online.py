@@ -46,7 +46,10 @@ def _engine(checkpoint: Path, namespace: str, *overrides: str):
 def engines(local_ray, tiny_checkpoint: Path):
     started = {}
     try:
-        started["tp1"] = _engine(tiny_checkpoint, "online-tp1", "world_size=1", "parallel_config.tp_size=1")
+        # Room for 8,000 new tokens: a request that outlives another driver's start (test_two_drivers...).
+        started["tp1"] = _engine(
+            tiny_checkpoint, "online-tp1", "world_size=1", "parallel_config.tp_size=1", "data_config.input_max_len=8192"
+        )
         started["tp2"] = _engine(tiny_checkpoint, "online-tp2", "world_size=2", "parallel_config.tp_size=2")
         started["static"] = _engine(
             tiny_checkpoint, "online-static", "world_size=1", "parallel_config.tp_size=1", "scheduler.policy=static"
@@ -194,6 +197,40 @@ def test_stop_string_ends_the_request_and_is_not_returned(engines):
     assert record["output_text"] == full[:stop_at]
 
 
+@ray.remote(num_cpus=0)
+def _raise(error: BaseException) -> None:
+    raise error
+
+
+def test_typed_errors_keep_type_param_and_status_through_ray(engines):
+    from actors.errors import NoLiveGroupError, RequestError
+    from cluster.serve import _engine_error
+    from model.processor import InvalidRequestError
+
+    coordinator = engines["tp1"]
+    cases = [
+        ({"id": "e1", "prompt": "hi", "stop": ["a"] * 5}, RequestError, "stop"),
+        ({"id": "e2", "prompt": "hi", "temperature": -1}, RequestError, "temperature"),
+        (
+            {"id": "e3", "prompt": "hi", "mm_processor_kwargs": {"dpi": 3}},
+            InvalidRequestError,
+            "mm_processor_kwargs.dpi",
+        ),
+    ]
+    for request, kind, param in cases:
+        stream = coordinator.stream.options(num_returns="streaming").remote(request)
+        with pytest.raises(ValueError) as info:  # Ray's RayTaskError is also an instance of the cause's class
+            ray.get(next(stream), timeout=60)
+        cause = info.value.cause
+        assert type(cause) is kind and (cause.param, cause.status) == (param, 400), cause
+        assert (_engine_error(info.value).status, _engine_error(info.value).param) == (400, param)
+    with pytest.raises(NoLiveGroupError) as info:
+        ray.get(_raise.remote(NoLiveGroupError("no live DP group to serve it (dp group 0 died)")), timeout=60)
+    cause = info.value.cause
+    assert (str(cause), cause.status, cause.param) == ("no live DP group to serve it (dp group 0 died)", 503, None)
+    assert _engine_error(info.value).status == 503
+
+
 def test_requests_go_to_the_least_loaded_group(local_ray, tiny_checkpoint):
     coordinator = _engine(
         tiny_checkpoint, "online-dp2", "world_size=2", "parallel_config.tp_size=1", "data_config.batch_size=4"
@@ -209,41 +246,51 @@ def test_requests_go_to_the_least_loaded_group(local_ray, tiny_checkpoint):
 DRIVER = """
 import json, pathlib, sys, time, ray
 ray.init(address=sys.argv[1], namespace="online-tp1", log_to_driver=False)
-c = ray.get_actor("coordinator")  # looked up before the start signal, so both drivers submit at once
-reqs = [{"id": f"{sys.argv[3]}-{i}", "prompt": "Tell me a story.", "max_new_tokens": 300, "ignore_eos": True}
-        for i in range(2)]
+c = ray.get_actor("coordinator")  # looked up before the start signal
+folder, me, other = pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+request = {"id": me, "prompt": "Tell me a story.", "max_new_tokens": 8000, "ignore_eos": True}
 print("ready", flush=True)
-go = pathlib.Path(sys.argv[2])
-while not go.exists():
+while not (folder / "go").exists():
     time.sleep(0.01)
-print(json.dumps(ray.get(c.generate.remote(reqs), timeout=120)), flush=True)
+stream = c.stream.options(num_returns="streaming").remote(request)
+ray.get(next(stream), timeout=120)  # a first token: this request runs
+(folder / me).touch()
+deadline = time.monotonic() + 120
+while not (folder / other).exists() and time.monotonic() < deadline:  # until the other one runs too
+    time.sleep(0.01)
+ray.get(c.abort.remote(me), timeout=30)
+for ref in stream:
+    item = ray.get(ref, timeout=60)
+print(json.dumps(item), flush=True)
 """
 
 
 def test_two_drivers_are_served_at_once(engines, tmp_path):
+    """Each driver's request streams tokens, and is aborted only once the other driver's request has streamed
+    its first token: both ending aborted (not by length) shows both ran at the same time, whatever the load."""
     address = ray.get_runtime_context().gcs_address
-    go = tmp_path / "go"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", DRIVER, address, str(go), name], stdout=subprocess.PIPE, text=True, cwd=REPO
+            [sys.executable, "-c", DRIVER, address, str(tmp_path), me, other],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
         )
-        for name in ("A", "B")
+        for me, other in (("A", "B"), ("B", "A"))
     ]
     try:
         with ThreadPoolExecutor(2) as pool:
             assert all(pool.map(lambda p: p.stdout.readline().strip() == "ready", procs))
-            go.touch()
-            outputs = list(pool.map(lambda p: p.communicate(timeout=180)[0], procs))
+            (tmp_path / "go").touch()
+            outputs = list(pool.map(lambda p: p.communicate(timeout=300)[0], procs))
     finally:
         for p in procs:
             p.kill()
     records = {name: json.loads(out.strip().splitlines()[-1]) for name, out in zip("AB", outputs)}
-    for rs in records.values():
-        assert all(r["error"] is None and len(r["output_token_ids"]) == 300 for r in rs)
-    # Interleaved: each driver's requests ran while the other's were running.
-    a_span = (min(r["scheduled_time"] for r in records["A"]), max(r["end_time"] for r in records["A"]))
-    b_span = (min(r["scheduled_time"] for r in records["B"]), max(r["end_time"] for r in records["B"]))
-    assert a_span[0] < b_span[1] and b_span[0] < a_span[1], (a_span, b_span)
+    for record in records.values():
+        assert record["final"] and record["error"] is None and record["finish_reason"] == "abort", record
+        assert 0 < len(record["output_token_ids"]) < 8000
+    assert (tmp_path / "A").exists() and (tmp_path / "B").exists()
 
 
 def _actor_repr(handle) -> str:

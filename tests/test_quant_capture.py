@@ -57,9 +57,9 @@ def test_quantized_decode_has_no_host_sync(quantized: dict[str, Path], scheme: s
     with torch.inference_mode():
         for batch in runner.buckets:
             for length in runner.decode_lengths:
-                tokens, positions, lens = _inputs(batch, seed=batch, longest=length)
+                tokens, positions, lens, tables = _inputs(runner, batch, seed=batch, longest=length)
                 with no_host_sync():
-                    logits = runner.decode(tokens, positions, lens, max_len=length)
+                    logits = runner.decode(tokens, positions, lens, max_len=length, block_tables=tables)
                 assert logits.shape == (batch, runner.config.text.vocab_size)
     if fake is not None:
         layers = runner.config.text.num_hidden_layers
@@ -74,9 +74,9 @@ def test_traced_quantized_decode_replays_like_eager(quantized: dict[str, Path], 
     saved = _snapshot(runner)
     batch, length = 2, MAX_SEQ_LEN
     with torch.no_grad():
-        traced = make_fx(lambda t, p, n: runner.model.decode(t, p, n, length))(*_inputs(batch, 1, length))
+        traced = make_fx(lambda t, p, n, b: runner.model.decode(t, p, n, b, length))(*_inputs(runner, batch, 1, length))
         for seed in (2, 3):
-            inputs = _inputs(batch, seed, length)
+            inputs = _inputs(runner, batch, seed, length)
             _restore(runner, saved)
             eager = runner.model.decode(*inputs, length)
             _restore(runner, saved)

@@ -1,176 +1,664 @@
-"""The per-group scheduler as a pure state machine, driven by a fake executor (no Ray, no model).
+"""The per-group scheduler as a pure state machine, driven by fake workers (no Ray, no model).
 
-The fake executor plays the workers' part: it keeps each slot's fill length, turns a plan's chunks
-into prefilled prompts (a first token when a prompt completes) and gives every decoding request one
-token per decode step until its output length is reached.
+The fake workers play the group's part with a toy model whose KV cache is the block pool: each
+position of a block holds the (token, image) it was computed from, and the next token is a hash of
+the history read back through the request's block table. A wrong table, a bad prefix-cache hit, a
+block written while another request holds it, or a lost or repeated token after a preemption all
+change the tokens, which are checked against the same toy model run on the true history.
 """
 
 from __future__ import annotations
 
+import hashlib
+import random
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from actors.scheduler import DECODING, FINISHED, PREFILLING, WAITING, GroupScheduler, Sequence
+from actors.kv_blocks import NULL_BLOCK
+from actors.scheduler import (
+    DECODING,
+    FINISHED,
+    PREFILLING,
+    WAITING,
+    GroupScheduler,
+    Plan,
+    SeqState,
+    Sequence,
+)
+
+VOCAB = 1000
+IMAGE_PAD = 7
+EOS_EVERY = 29  # a request with eos=True ends at its first token divisible by this
+
+
+def _item_bytes(token: int, image: bytes) -> bytes:
+    return token.to_bytes(4, "little") + image
+
+
+def toy_next(items: list[tuple[int, bytes]]) -> int:
+    """The toy model: the next token is a hash of the (token, image) history."""
+    digest = hashlib.sha256(b"".join(_item_bytes(t, i) for t, i in items)).digest()
+    return 1 + int.from_bytes(digest[:4], "little") % (VOCAB - 1)
+
+
+def image_at(seq: Sequence, pos: int) -> bytes:
+    return next((h for s, e, h in seq.images if s <= pos < e), b"")
+
+
+def reference(seq: Sequence, eos: bool) -> tuple[list[int], str]:
+    """The tokens and finish reason of `seq` generated alone, without any scheduler."""
+    items = [(t, image_at(seq, p)) for p, t in enumerate(seq.prompt_ids)]
+    out: list[int] = []
+    while len(out) < seq.max_new_tokens:
+        tok = toy_next(items)
+        out.append(tok)
+        if eos and tok % EOS_EVERY == 0:
+            return out, "eos"
+        items.append((tok, b""))
+    return out, "length"
 
 
 @dataclass
-class FakeExecutor:
-    """Workers that produce `lengths[id]` tokens per request; logs what each round ran."""
+class FakeWorkers:
+    """The group's workers: they follow each plan exactly and report back as the Coordinator does."""
 
-    lengths: dict[str, int]
-    slots: dict[int, str] = field(default_factory=dict)
-    produced: dict[str, int] = field(default_factory=dict)
-    rounds: list[dict] = field(default_factory=list)
-    finished: list[str] = field(default_factory=list)
+    sched: GroupScheduler
+    eos: set[str] = field(default_factory=set)  # request ids that may end at EOS
+    kv: dict[int, list] = field(default_factory=dict)  # block -> [(token, image) | None] * block_size
+    known: set[str] = field(default_factory=set)  # requests with sampling state on the workers
+    ended: dict[str, tuple[list[int], str]] = field(default_factory=dict)
+    plans: list[Plan] = field(default_factory=list)
 
-    def round(self, sched: GroupScheduler) -> None:
+    def round(self) -> Plan:
+        sched = self.sched
         plan = sched.schedule()
-        for slot in plan.releases:
-            self.slots.pop(slot, None)
+        self.plans.append(plan)
+        for rid in plan.releases:
+            assert rid in self.known, f"release of {rid!r}, unknown to the workers"
+            self.known.remove(rid)
+        for rid in plan.preempted:
+            assert rid in self.known, f"preemption of {rid!r}, unknown to the workers"
         for seq in plan.admit:
-            assert seq.slot not in self.slots, "a slot was given twice"
-            self.slots[seq.slot] = seq.request_id
-        log = {
-            "admit": [s.request_id for s in plan.admit],
-            "releases": list(plan.releases),
-            "chunks": [(s.request_id, a, b) for s, a, b in plan.chunks],
-            "decoded": [],
-        }
-        for seq, _, end in plan.chunks:
+            self.known.add(seq.request_id)
+            table = plan.block_tables[seq.request_id]
+            for pos in range(seq.num_cached):  # a prefix-cache hit holds exactly this request's history
+                assert self._read(table, pos) == (seq.tokens[pos], image_at(seq, pos)), f"bad hit at {pos}"
+        sampled: dict[str, list[int]] = {}
+        for seq, start, end in plan.chunks:
+            assert start == seq.num_computed and seq.state == PREFILLING
+            table = plan.block_tables[seq.request_id]
+            for pos in range(start, end):
+                self._write(seq, table, pos, (seq.tokens[pos], image_at(seq, pos)))
             sched.prefilled(seq, end)
-            if end == seq.prompt_len:
-                self._token(sched, seq)
-        for _ in range(sched.decode_steps()):
-            for seq in [s for s in sched.running if s.state == DECODING]:
-                log["decoded"].append(seq.request_id)
-                self._token(sched, seq)
-        self.rounds.append(log)
+            if end == len(seq.tokens):
+                sampled[seq.request_id] = [toy_next(self._history(table, end))]
+        for seq in plan.decode:
+            assert seq.state == DECODING and seq.num_computed == len(seq.tokens) - 1
+            table, toks = plan.block_tables[seq.request_id], []
+            for _ in range(plan.decode_steps):
+                pos = len(seq.tokens) + len(toks) - 1
+                last = toks[-1] if toks else seq.tokens[-1]
+                self._write(seq, table, pos, (last, b""))
+                toks.append(toy_next(self._history(table, pos + 1)))
+                if self._ends(seq, len(seq.output_ids) + len(toks), toks[-1]):
+                    break
+            sampled[seq.request_id] = toks
+        for rid, toks in sampled.items():
+            seq = sched.by_id[rid]
+            sched.append(seq, toks)
+            reason = self._ends(seq, len(seq.output_ids), toks[-1])
+            if reason:
+                sched.finish(seq, reason)
+                self.ended[rid] = (list(seq.output_ids), reason)
+        return plan
 
-    def _token(self, sched: GroupScheduler, seq: Sequence) -> None:
-        self.produced[seq.request_id] = self.produced.get(seq.request_id, 0) + 1
-        if self.produced[seq.request_id] >= self.lengths[seq.request_id]:
-            self.slots.pop(seq.slot, None)
-            sched.finish(seq, "length")
-            self.finished.append(seq.request_id)
+    def _ends(self, seq: Sequence, n_out: int, last: int) -> str | None:
+        if seq.request_id in self.eos and last % EOS_EVERY == 0:
+            return "eos"
+        return "length" if n_out >= seq.max_new_tokens else None
 
-    def run(self, sched: GroupScheduler, max_rounds: int = 1000) -> None:
+    def _write(self, seq: Sequence, table: list[int], pos: int, item: tuple[int, bytes]) -> None:
+        pool = self.sched.pool
+        assert pos // pool.block_size < len(table), f"{seq.request_id}: no block for position {pos}"
+        block = table[pos // pool.block_size]
+        assert block != NULL_BLOCK
+        assert block not in pool._key_of, f"{seq.request_id}: writes cached block {block}"
+        assert pool._ref[block] == 1, f"{seq.request_id}: writes block {block}, shared by {pool._ref[block]}"
+        self.kv.setdefault(block, [None] * pool.block_size)[pos % pool.block_size] = item
+
+    def _read(self, table: list[int], pos: int):
+        bs = self.sched.pool.block_size
+        return self.kv.get(table[pos // bs], [None] * bs)[pos % bs]
+
+    def _history(self, table: list[int], end: int) -> list[tuple[int, bytes]]:
+        return [self._read(table, p) for p in range(end)]
+
+    def run(self, max_rounds: int = 10_000) -> None:
         for _ in range(max_rounds):
-            if sched.idle:
+            if self.sched.idle:
                 return
-            self.round(sched)
+            self.round()
+            check_invariants(self.sched)
         raise AssertionError("the scheduler did not drain")
 
-
-def _sched(slots: int = 2, policy: str = "continuous", chunk: int = 100, steps: int = 1) -> GroupScheduler:
-    return GroupScheduler(slots, policy, chunk, steps)
-
-
-def test_fcfs_admission_into_lowest_free_slot_and_slot_freed_at_once():
-    sched = _sched(slots=2)
-    ex = FakeExecutor({"a": 1, "b": 5, "c": 3})
-    for rid in "abc":
-        sched.add(Sequence(rid, prompt_len=4))
-    ex.round(sched)
-    assert ex.rounds[0]["admit"] == ["a", "b"]
-    assert [s.slot for s in (sched.by_id.get("b"),)] == [1]
-    assert "a" in ex.finished  # one token: done at its prefill, slot 0 free at once
-    ex.round(sched)
-    assert ex.rounds[1]["admit"] == ["c"]
-    assert sched.by_id["c"].slot == 0  # the lowest free slot
-    ex.run(sched)
-    assert sorted(ex.finished) == ["a", "b", "c"] and sched.idle
+    def fail_group(self) -> list[Sequence]:
+        """The group failed: its workers (and their caches) are rebuilt empty."""
+        self.known.clear()
+        self.kv.clear()
+        return self.sched.take_all()
 
 
-def test_every_request_finishes_in_arrival_order_of_admission():
-    sched = _sched(slots=3, steps=2)
-    lengths = {f"r{i}": 1 + (i * 7) % 11 for i in range(20)}
-    ex = FakeExecutor(lengths)
-    for rid in lengths:
-        sched.add(Sequence(rid, prompt_len=5 + int(rid[1:])))
-    ex.run(sched)
-    admitted = [rid for r in ex.rounds for rid in r["admit"]]
-    assert admitted == list(lengths)  # first come, first served: no request starves
-    assert sorted(ex.finished) == sorted(lengths)
-    assert all(ex.produced[rid] == n for rid, n in lengths.items())
+def check_invariants(sched: GroupScheduler) -> None:
+    """The pool is consistent, and the scheduler's view of who holds what agrees with it."""
+    sched.pool.check()
+    running = {s.request_id for s in sched.running}
+    waiting = {s.request_id for s in sched.waiting}
+    assert not running & waiting and set(sched.by_id) == running | waiting
+    assert len(sched.running) <= sched.max_running
+    assert set(sched.pool._tables) == running
+    for seq in sched.waiting:
+        assert seq.state == WAITING and sched.by_id[seq.request_id] is seq
+    for seq in sched.running:
+        assert seq.state in (PREFILLING, DECODING)
+        assert sched.pool.held(seq.request_id) * sched.block_size >= seq.num_computed
+        if seq.state == PREFILLING:  # admitted with blocks for all its tokens
+            assert sched.pool.held(seq.request_id) * sched.block_size >= len(seq.tokens)
+    stats = sched.stats()
+    assert stats["used"] + stats["free"] == sched.pool.capacity
 
 
-def test_long_prompt_is_chunked_and_running_requests_decode_between_chunks():
-    sched = _sched(slots=2, chunk=16)
-    ex = FakeExecutor({"short": 50, "long": 2})
-    sched.add(Sequence("short", prompt_len=8))
-    ex.round(sched)  # short prefilled whole, decodes
-    sched.add(Sequence("long", prompt_len=40))
-    for _ in range(3):
-        ex.round(sched)
-    chunks = [c for r in ex.rounds[1:] for c in r["chunks"]]
-    assert chunks == [("long", 0, 16), ("long", 16, 32), ("long", 32, 40)]
-    # The running request decoded in every round while the long prompt was being prefilled.
-    assert all("short" in r["decoded"] for r in ex.rounds[1:4])
+def _sched(max_running=4, num_blocks=64, block_size=4, **kw) -> GroupScheduler:
+    return GroupScheduler(max_running, num_blocks, block_size, **kw)
 
 
-def test_one_admission_is_prefilled_together_within_the_budget():
-    sched = _sched(slots=4, chunk=20)
-    ex = FakeExecutor(dict.fromkeys("abcd", 3))
-    for rid, n in zip("abcd", (5, 6, 7, 30)):
-        sched.add(Sequence(rid, prompt_len=n))
-    ex.round(sched)
-    assert ex.rounds[0]["chunks"] == [("a", 0, 5), ("b", 0, 6), ("c", 0, 7), ("d", 0, 2)]
-    assert sched.by_id["d"].state == PREFILLING and sched.by_id["d"].filled == 2
+def _seq(rid: str, n: int, max_new: int = 4, base: int = 100, **kw) -> Sequence:
+    return Sequence(rid, [base + i for i in range(n)], max_new, **kw)
 
 
-def test_static_policy_admits_only_into_an_empty_group():
-    sched = _sched(slots=2, policy="static")
-    ex = FakeExecutor({"a": 1, "b": 6, "c": 1})
-    for rid in "abc":
-        sched.add(Sequence(rid, prompt_len=300))  # no chunking under static
-    ex.round(sched)
-    assert ex.rounds[0]["chunks"] == [("a", 0, 300), ("b", 0, 300)]
-    while "b" not in ex.finished:
-        ex.round(sched)
-        assert "c" not in [rid for r in ex.rounds for rid in r["admit"]], "c admitted while b ran"
-    ex.run(sched)
-    assert ex.finished == ["a", "b", "c"]
+def _chunks(plan: Plan) -> list[tuple[str, int, int]]:
+    return [(s.request_id, a, b) for s, a, b in plan.chunks]
 
 
-def test_abort_waiting_and_running():
-    sched = _sched(slots=1)
-    ex = FakeExecutor({"a": 100, "b": 100, "c": 1})
-    for rid in "abc":
-        sched.add(Sequence(rid, prompt_len=3))
-    ex.round(sched)
-    waiting = sched.abort("b")
-    assert waiting is not None and waiting.state == FINISHED and waiting.finish_reason == "abort"
-    running = sched.abort("a", reason="stop")
-    assert running is not None and running.finish_reason == "stop" and sched.slots == [None]
+def _ids(seqs) -> list[str]:
+    return [s.request_id for s in seqs]
+
+
+# ----------------------------------------------------------------------------- budget and chunks
+def test_decode_tokens_first_then_chunks_in_admission_order_within_the_budget():
+    sched = _sched(max_running=4, token_budget=20)
+    w = FakeWorkers(sched)
+    sched.add(_seq("d", 3, max_new=50))
+    w.round()  # d prefilled whole and decoding
+    for rid, n in zip("abc", (5, 6, 30)):
+        sched.add(_seq(rid, n, base=200 + 50 * ord(rid)))
+    plan = w.round()
+    assert _ids(plan.decode) == ["d"] and plan.decode_steps == 1
+    assert _chunks(plan) == [("a", 0, 5), ("b", 0, 6), ("c", 0, 8)]  # 1 decode token + 19 prompt tokens
+    assert set(plan.block_tables) == {"a", "b", "c", "d"}
+    assert sched.by_id["c"].state == PREFILLING and sched.by_id["c"].num_computed == 8
+    check_invariants(sched)
+
+
+def test_long_prompt_is_chunked_and_the_decoding_requests_ride_in_every_round():
+    sched = _sched(max_running=2, token_budget=16, num_blocks=32)
+    w = FakeWorkers(sched)
+    sched.add(_seq("short", 8, max_new=30))
+    w.round()
+    sched.add(_seq("long", 40, max_new=2, base=500))
+    plans = [w.round() for _ in range(3)]
+    assert [_chunks(p) for p in plans] == [[("long", 0, 15)], [("long", 15, 30)], [("long", 30, 40)]]
+    assert all(_ids(p.decode) == ["short"] and p.decode_steps == 1 for p in plans)
+    nxt = w.round()
+    assert not nxt.chunks and _ids(nxt.decode) == ["short", "long"] and nxt.decode_steps == 4  # pure decode
+    w.run()
+    assert w.ended == {rid: reference(sched_seq, False) for rid, sched_seq in _all(w, ["short", "long"])}
+
+
+def _all(w: FakeWorkers, rids):
+    seqs = {s.request_id: s for p in w.plans for s in p.admit}
+    return [(rid, seqs[rid]) for rid in rids]
+
+
+def test_pure_decode_rounds_take_the_steps_capped_by_what_any_request_still_needs():
+    sched = _sched(max_running=2, decode_steps_per_call=4)
+    w = FakeWorkers(sched)
+    sched.add(_seq("a", 4, max_new=3))
+    sched.add(_seq("b", 4, max_new=7, base=300))
+    w.round()  # both prefilled: one token each
+    steps = []
+    while not sched.idle:
+        steps.append(w.round().decode_steps)
+    assert steps[0] == 4  # b still needs 6; a ends inside the call
+    assert steps == [4, 2, 0]  # then b needs 2; the last round only releases
+    assert {rid: len(out) for rid, (out, _) in w.ended.items()} == {"a": 3, "b": 7}
+
+
+def test_pure_decode_steps_shrink_to_the_free_blocks_before_anything_is_preempted():
+    sched = _sched(max_running=1, num_blocks=4, block_size=4, decode_steps_per_call=8)  # 3 blocks
+    w = FakeWorkers(sched)
+    sched.add(_seq("a", 3, max_new=9))  # 12 tokens at most: all 3 blocks
+    w.round()  # 3 prompt tokens + 1 sampled
+    sched.add(_seq("b", 2, max_new=2, base=900))  # waits: one slot
+    plan = w.round()
+    assert plan.decode_steps == 8 and not plan.preempted
+    w.run()
+    assert sched.stats()["preemptions"] == 0
+    sched2 = _sched(max_running=2, num_blocks=5, block_size=4, decode_steps_per_call=8)  # 4 blocks
+    w2 = FakeWorkers(sched2)
+    sched2.add(_seq("a", 3, max_new=9))
+    sched2.add(_seq("b", 5, max_new=2, base=900))  # holds 2 blocks while it decodes
+    w2.round()
+    plan = w2.round()
+    assert plan.decode_steps == 5 and not plan.preempted  # 8 steps would need 2 more blocks for a: 1 is free
+    w2.run()
+    assert sched2.stats()["preemptions"] == 0
+    assert w2.ended["a"] == reference(_all(w2, ["a"])[0][1], False)
+
+
+# ----------------------------------------------------------------------------- admission by blocks
+def test_fcfs_admission_by_blocks_the_head_waits_and_nothing_skips_ahead():
+    sched = _sched(max_running=4, num_blocks=9, block_size=4)  # 8 blocks
+    w = FakeWorkers(sched)
+    sched.add(_seq("a", 16, max_new=8))  # 4 blocks
+    sched.add(_seq("big", 17, max_new=4, base=300))  # 5 blocks: does not fit beside a
+    sched.add(_seq("small", 2, max_new=2, base=600))  # would fit, but waits behind big
+    plan = w.round()
+    assert _ids(plan.admit) == ["a"] and _ids(sched.waiting) == ["big", "small"]
+    while "a" not in w.ended:
+        assert "big" not in _ids(w.round().admit)
+        assert _ids(sched.waiting)[0] == "big"
+    w.run()
+    assert [rid for p in w.plans for rid in _ids(p.admit)] == ["a", "big", "small"]
+
+
+def test_max_running_bounds_admission():
+    sched = _sched(max_running=2)
+    for i in range(3):
+        sched.add(_seq(f"r{i}", 3, base=10 * i))
     plan = sched.schedule()
-    assert plan.releases == [0] and [s.request_id for s in plan.admit] == ["c"]
+    assert _ids(plan.admit) == ["r0", "r1"] and sched.load == 3
+
+
+def test_admitted_together_share_nothing_then_a_later_request_hits_the_prefix_cache():
+    sched = _sched(max_running=4, block_size=4)
+    w = FakeWorkers(sched)
+    sched.add(_seq("a", 10))
+    sched.add(_seq("b", 10))  # same prompt, same round: a's blocks are not computed yet
+    w.round()
+    assert sched.by_id["b"].num_cached == 0
+    assert sched.prefix_hit(_seq("probe", 10)) == 8
+    sched.add(_seq("c", 10))
+    plan = w.round()
+    c = sched.by_id["c"]
+    assert c.num_cached == c.cached_tokens == 8 and ("c", 8, 10) in _chunks(plan)
+    assert plan.block_tables["c"][:2] == plan.block_tables["a"][:2]
+    w.run()
+    assert w.ended["c"] == w.ended["a"] == w.ended["b"]
+    stats = sched.stats()
+    assert stats["hit_tokens"] == 8 and stats["query_tokens"] == 30
+
+
+def test_a_prompt_of_whole_blocks_still_computes_its_last_block():
+    sched = _sched(block_size=4)
+    w = FakeWorkers(sched)
+    sched.add(_seq("a", 8))
+    w.run()
+    sched.add(_seq("b", 8))
+    plan = w.round()
+    assert _chunks(plan) == [("b", 4, 8)]  # 8 cached tokens, but one block is recomputed to sample from
+
+
+def test_same_text_with_another_image_never_hits():
+    sched = _sched(block_size=4)
+    w = FakeWorkers(sched)
+    prompt = [1, 2, 3] + [IMAGE_PAD] * 6 + [4, 5, 6, 8, 9]
+    img_a, img_b = hashlib.sha256(b"a").digest(), hashlib.sha256(b"b").digest()
+    sched.add(Sequence("a", prompt, 4, images=[(3, 9, img_a)]))
+    w.run()
+    assert sched.prefix_hit(Sequence("p", prompt, 4, images=[(3, 9, img_b)])) == 0  # block 0 holds image tokens
+    sched.add(Sequence("b", prompt, 4, images=[(3, 9, img_b)]))
+    sched.add(Sequence("c", list(prompt), 4, images=[(3, 9, img_a)]))
+    w.run()
+    assert sched.by_id.get("b") is None and w.plans[-1].releases  # both ended
+    b_hit = next(s for p in w.plans for s in p.admit if s.request_id == "b").cached_tokens
+    c_hit = next(s for p in w.plans for s in p.admit if s.request_id == "c").cached_tokens
+    assert (b_hit, c_hit) == (0, 12)
+    assert w.ended["c"] == w.ended["a"] and w.ended["b"] != w.ended["a"]
+
+
+def test_prefix_caching_off_recomputes_everything_with_the_same_tokens():
+    outs = {}
+    for caching in (True, False):
+        sched = _sched(block_size=4, prefix_caching=caching)
+        w = FakeWorkers(sched)
+        for rid in "ab":
+            sched.add(_seq(rid, 13, max_new=6))
+            w.run()
+        outs[caching] = w.ended
+        assert sched.stats()["hit_tokens"] == (12 if caching else 0)
+    assert outs[True] == outs[False]
+
+
+# ----------------------------------------------------------------------------- preemption
+def _preempting_pair(num_blocks: int = 7) -> tuple[GroupScheduler, FakeWorkers, Plan]:
+    """'old' and 'new' (4 blocks each at most) decode side by side in 6 blocks; 'later' waits for a slot.
+    Returns at the round that preempted."""
+    sched = _sched(max_running=2, num_blocks=num_blocks, block_size=4, decode_steps_per_call=1)
+    w = FakeWorkers(sched)
+    sched.add(_seq("old", 4, max_new=12))
+    sched.add(_seq("new", 4, max_new=12, base=300))
+    sched.add(_seq("later", 2, max_new=2, base=700))
+    for _ in range(20):
+        plan = w.round()
+        check_invariants(sched)
+        if plan.preempted:
+            return sched, w, plan
+    raise AssertionError("no preemption")
+
+
+def test_the_newest_request_is_preempted_keeps_its_tokens_and_goes_to_the_front():
+    sched, w, plan = _preempting_pair()
+    assert plan.preempted == ["new"] and _ids(plan.decode) == ["old"] and not plan.admit
+    new = sched.by_id["new"]
+    assert new.state == WAITING and new.preemptions == 1 and new.num_computed == 0
+    assert len(new.output_ids) == 9 and _ids(sched.waiting) == ["new", "later"]  # at the front
+    assert sched.stats()["preemptions"] == 1
+    w.run()
+    assert [rid for p in w.plans for rid in _ids(p.admit)] == ["old", "new", "new", "later"]
+    for rid in ("old", "new", "later"):
+        assert w.ended[rid] == reference(_all(w, [rid])[0][1], False), rid
+
+
+def test_a_preempted_request_aborted_while_waiting_is_released():
+    sched, w, _ = _preempting_pair()
+    sched.abort("new")
+    plan = w.round()
+    assert plan.releases == ["new"] and "new" not in w.known
+    w.run()
+    check_invariants(sched)
+
+
+def test_a_resumed_request_recomputes_prompt_and_outputs_with_cache_hits():
+    sched = _sched(max_running=2, num_blocks=9, block_size=4, decode_steps_per_call=1)  # 8 blocks
+    w = FakeWorkers(sched)
+    sched.add(_seq("a", 8, max_new=12))  # 5 blocks at most
+    sched.add(_seq("b", 6, max_new=10, base=300))  # 4 blocks at most
+    preempted_at = None
+    while preempted_at is None:
+        plan = w.round()
+        if plan.preempted:
+            preempted_at = len(sched.by_id["b"].tokens)
+    b = sched.by_id["b"]
+    assert plan.preempted == ["b"] and b.num_computed == 0
+    while "b" not in _ids(plan.admit):
+        plan = w.round()
+    full = (preempted_at - 1) // 4 * 4  # its computed full blocks stayed cached
+    assert b.num_cached == full and b.cached_tokens == 0  # the record keeps the first admission's hit
+    assert ("b", full, preempted_at) in _chunks(plan)  # recompute prompt + outputs, one prompt
+    w.run()
+    assert w.ended["b"] == reference(b, False)
+    assert w.ended["a"] == reference(_all(w, ["a"])[0][1], False)
+
+
+def test_a_run_forced_to_preempt_gives_the_same_tokens_as_one_that_is_not():
+    def run(num_blocks: int) -> tuple[dict, int]:
+        sched = _sched(max_running=6, num_blocks=num_blocks, block_size=2, token_budget=24, decode_steps_per_call=3)
+        w = FakeWorkers(sched, eos={"r3", "r7"})
+        rng = random.Random(5)
+        for i in range(12):
+            sched.add(_seq(f"r{i}", rng.randint(3, 20), max_new=rng.randint(1, 20), base=rng.choice([0, 0, 40])))
+            w.round()
+            check_invariants(sched)
+        w.run()
+        return w.ended, sched.stats()["preemptions"]
+
+    roomy, none = run(200)
+    tight, some = run(22)
+    assert none == 0 and some > 0
+    assert tight == roomy
+
+
+# ----------------------------------------------------------------------------- endings
+def test_every_ending_frees_blocks_at_once_and_is_released_once():
+    sched = _sched(max_running=4, num_blocks=40)
+    w = FakeWorkers(sched)
+    sched.add(_seq("len", 3, max_new=1))
+    sched.add(_seq("run", 5, max_new=30, base=200))
+    sched.add(_seq("stop", 5, max_new=30, base=300))
+    sched.add(_seq("pre", 5, max_new=30, base=400))
+    sched.add(_seq("wait", 5, max_new=30, base=500))  # never admitted (max_running)
+    plan = w.round()
+    assert "len" in w.ended and "len" not in sched.by_id and sched.pool.held("len") == 0
+    used = sched.stats()["used"]
+    sched.abort("run")  # a client gone
+    assert sched.pool.held("run") == 0 and sched.stats()["used"] < used
+    sched.abort("stop", reason="stop")
+    waiting = sched.abort("wait")
+    assert waiting is not None and waiting.state == FINISHED and waiting.finish_reason == "abort"
     assert sched.abort("nope") is None
+    plan = sched.schedule()
+    assert sorted(plan.releases) == ["len", "run", "stop"]  # 'wait' never reached the workers
+    assert sched.schedule().releases == []
+    sched.abort("pre")
+    assert sched.schedule().releases == ["pre"] and sched.idle
+    check_invariants(sched)
+    assert sched.stats()["used"] == 0
+
+
+def test_finish_of_an_ended_request_is_a_no_op_and_reports_after_ending_are_refused():
+    sched = _sched()
+    seq = _seq("a", 3)
+    sched.add(seq)
+    sched.schedule()
+    sched.abort("a")
+    sched.finish(seq, "length")
+    assert seq.finish_reason == "abort"
+    with pytest.raises(ValueError, match="'a' is not decoding here"):
+        sched.append(seq, [1])
+    with pytest.raises(ValueError, match="'a' is not prefilling here"):
+        sched.prefilled(seq, 3)
+
+
+def test_reports_that_do_not_match_the_plan_are_refused():
+    sched = _sched(block_size=4, token_budget=4)
+    seq = _seq("a", 10, max_new=2)
+    sched.add(seq)
+    sched.schedule()  # chunk (0, 4)
+    with pytest.raises(ValueError, match="chunk end 11"):
+        sched.prefilled(seq, 11)
+    with pytest.raises(ValueError, match="append: request 'a' is not decoding"):
+        sched.append(seq, [1])  # before its final chunk ran
+    sched.prefilled(seq, 4)
+    sched.schedule()
+    sched.prefilled(seq, 8)
+    sched.schedule()
+    sched.prefilled(seq, 10)
+    with pytest.raises(ValueError, match="prefilled: request 'a' is not prefilling"):
+        sched.prefilled(seq, 10)
+    with pytest.raises(ValueError, match="exceed max_new_tokens=2"):
+        sched.append(seq, [1, 2, 3])
 
 
 def test_take_all_returns_waiting_then_running_and_empties_the_group():
-    sched = _sched(slots=1)
+    sched = _sched(max_running=1)
+    w = FakeWorkers(sched)
     for rid in "ab":
-        sched.add(Sequence(rid, prompt_len=3))
-    sched.schedule()
-    taken = sched.take_all()
-    assert [(s.request_id, s.state) for s in taken] == [("b", WAITING), ("a", PREFILLING)]
-    assert sched.idle and sched.load == 0
-    sched.add(taken[1])  # moved to another group: starts over there
-    assert taken[1].state == WAITING and taken[1].filled == 0
+        sched.add(_seq(rid, 9, base=0))
+    w.round()
+    sched.abort("a")  # its release is pending
+    sched.add(_seq("c", 3))
+    w.round()
+    taken = w.fail_group()
+    assert [(s.request_id, s.state) for s in taken] == [("c", WAITING), ("b", DECODING)]
+    assert sched.idle and sched.load == 0 and sched.schedule() == Plan()
+    stats = sched.stats()
+    assert stats["used"] == stats["cached"] == 0 and stats["free"] == sched.pool.capacity
+    sched.add(taken[1])  # moved to another group: starts over there, keeping its tokens
+    b = taken[1]
+    assert b.state == WAITING and b.num_computed == 0 and len(b.output_ids) == 1
+    plan = w.round()
+    assert _chunks(plan) == [("b", 0, 10)] and not plan.releases  # rebuilt workers start empty
+    w.run()
+    assert w.ended["b"] == reference(b, False)
 
 
 def test_load_counts_waiting_and_running_and_duplicate_ids_fail():
-    sched = _sched(slots=1)
-    sched.add(Sequence("a", 3))
-    sched.add(Sequence("b", 3))
+    sched = _sched(max_running=1)
+    sched.add(_seq("a", 3))
+    sched.add(_seq("b", 3))
     sched.schedule()
-    assert sched.load == 2
+    assert sched.load == 2 and _ids(sched.running) == ["a"]
     with pytest.raises(ValueError, match="already scheduled"):
-        sched.add(Sequence("a", 3))
+        sched.add(_seq("a", 3))
 
 
-@pytest.mark.parametrize("kwargs", [{"policy": "fifo"}, {"chunk": 0}, {"steps": 0}, {"slots": 0}])
-def test_bad_settings_are_rejected(kwargs):
-    with pytest.raises(ValueError):
+# ----------------------------------------------------------------------------- static policy
+def test_static_policy_admits_only_into_an_empty_group_and_does_not_chunk():
+    sched = _sched(max_running=2, num_blocks=400, policy="static", token_budget=16)
+    w = FakeWorkers(sched)
+    for rid, n in (("a", 1), ("b", 6), ("c", 1)):
+        sched.add(_seq(rid, 300, max_new=n, base=ord(rid)))
+    plan = w.round()
+    assert _chunks(plan) == [("a", 0, 300), ("b", 0, 300)]
+    while "b" not in w.ended:
+        assert "c" not in _ids(w.round().admit), "c admitted while b ran"
+    w.run()
+    assert list(w.ended) == ["a", "b", "c"]
+
+
+# ----------------------------------------------------------------------------- settings and limits
+def test_a_request_that_could_never_fit_fails_at_add_naming_the_limit():
+    sched = _sched(num_blocks=11, block_size=16)  # 10 blocks = 160 tokens
+    with pytest.raises(ValueError) as err:
+        sched.add(_seq("huge", 150, max_new=20))
+    msg = str(err.value)
+    assert "KV pool" in msg and "170 tokens" in msg and "11 blocks" in msg and "10 blocks" in msg
+    assert "of 16 tokens" in msg and "160 tokens" in msg
+    sched.add(_seq("fits", 150, max_new=10))  # 160 tokens exactly
+
+
+def test_prefix_hit_reports_whole_cached_blocks_of_the_prompt():
+    sched = _sched(block_size=4)
+    w = FakeWorkers(sched)
+    sched.add(_seq("a", 11, max_new=6))
+    w.run()
+    assert sched.prefix_hit(_seq("p", 11)) == 8
+    a_tokens = w.plans[0].admit[0].tokens
+    assert sched.prefix_hit(Sequence("q", a_tokens[:16] + [1], 4)) == 16  # a's outputs were cached too
+    assert sched.prefix_hit(_seq("r", 5, base=900)) == 0
+    assert _sched(prefix_caching=False).prefix_hit(_seq("p", 11)) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"policy": "fifo"}, "policy"),
+        ({"token_budget": 0}, "token_budget"),
+        ({"decode_steps_per_call": 0}, "decode_steps_per_call"),
+        ({"max_running": 0}, "max_running"),
+        ({"num_blocks": 1}, "num_blocks"),
+        ({"block_size": 0}, "block_size"),
+        ({"max_running": 8, "token_budget": 4}, "token_budget=4"),
+    ],
+)
+def test_bad_settings_are_rejected_naming_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
         _sched(**kwargs)
+
+
+def test_states_are_strings_and_tokens_follow_outputs():
+    assert SeqState.DECODING == "decoding" and WAITING is SeqState.WAITING
+    seq = _seq("a", 3)
+    assert seq.tokens == [100, 101, 102] and seq.prompt_len == 3
+    seq.output_ids.extend([7, 8])
+    assert seq.tokens == [100, 101, 102, 7, 8]
+
+
+# ----------------------------------------------------------------------------- randomized
+PREFIXES = [[], [11, 12, 13, 14, 15, 16, 17, 18, 19], [11, 12, 13, 14, 20, 21]]
+IMAGES = [hashlib.sha256(bytes([i])).digest() for i in range(3)]
+
+
+def _random_request(rng: random.Random, rid: str) -> tuple[Sequence, bool]:
+    """Prompts share prefixes and images often, so the cache hits and must tell them apart."""
+    prompt = list(rng.choice(PREFIXES))
+    images = []
+    if rng.random() < 0.4:
+        start = len(prompt)
+        prompt += [IMAGE_PAD] * rng.randint(1, 6)
+        images.append((start, len(prompt), rng.choice(IMAGES)))
+    prompt += [rng.randint(30, 40) for _ in range(rng.randint(0 if prompt else 1, 12))]
+    return Sequence(rid, prompt, rng.randint(1, 16), images=images), rng.random() < 0.3
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    block_size=st.sampled_from([1, 2, 4, 8]),
+    spare_blocks=st.integers(0, 24),
+    max_running=st.integers(1, 6),
+    extra_budget=st.integers(0, 24),
+    steps=st.integers(1, 5),
+    policy=st.sampled_from(["continuous", "continuous", "static"]),
+    caching=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_random_traffic_keeps_the_pool_consistent_and_leaks_nothing(
+    block_size, spare_blocks, max_running, extra_budget, steps, policy, caching, seed
+):
+    rng = random.Random(seed)
+    biggest = 9 + 6 + 12 + 16  # the longest prompt + max_new_tokens _random_request makes
+    num_blocks = -(-biggest // block_size) + 1 + spare_blocks
+    sched = GroupScheduler(
+        max_running, num_blocks, block_size, policy, max_running + extra_budget, steps, prefix_caching=caching
+    )
+    w = FakeWorkers(sched)
+    requests: dict[str, Sequence] = {}
+    failed: set[str] = set()
+    for i in range(200):
+        seq, eos = _random_request(rng, f"r{i}")
+        requests[seq.request_id] = seq
+        if eos:
+            w.eos.add(seq.request_id)
+        sched.add(seq)
+        for _ in range(rng.choice([0, 0, 1, 1, 2, 3])):
+            event = rng.random()
+            live = list(sched.by_id)
+            if event < 0.06 and live:  # a client gone or a stop string
+                sched.abort(rng.choice(live), rng.choice(["abort", "stop"]))
+            elif event < 0.075:  # the group failed: running requests fail, waiting ones come back
+                for taken in w.fail_group():
+                    if taken.state == WAITING:
+                        sched.add(taken)
+                    else:
+                        failed.add(taken.request_id)
+            else:
+                w.round()
+            check_invariants(sched)
+    w.run()
+    check_invariants(sched)
+    stats = sched.stats()
+    assert stats["used"] == 0 and stats["free"] == sched.pool.capacity  # every block free or cached
+    assert not w.known  # every request the workers knew was released
+    for rid, seq in requests.items():
+        expected, reason = reference(seq, rid in w.eos)
+        assert seq.state == FINISHED or rid in failed, rid
+        if rid in w.ended:
+            assert w.ended[rid] == (expected, reason), rid
+        else:  # aborted, stopped or failed: what it got is a prefix of what it would have got
+            assert seq.output_ids == expected[: len(seq.output_ids)], rid
+
+
+def test_more_tokens_than_the_plan_gave_blocks_for_are_refused_and_change_nothing():
+    sched = _sched(block_size=4, decode_steps_per_call=1)
+    seq = _seq("a", 3, max_new=20)
+    sched.add(seq)
+    sched.schedule()
+    sched.prefilled(seq, 3)
+    sched.append(seq, [1])
+    sched.schedule()  # one decode step: blocks for 4 positions
+    with pytest.raises(ValueError, match="5 tokens computed but blocks were planned for 4"):
+        sched.append(seq, [2, 3])
+    assert seq.output_ids == [1] and seq.num_computed == 3

@@ -1,7 +1,9 @@
 """The OpenAI-compatible server against the real engine (tp 1, world size 1, tiny checkpoint), with the openai client.
 
 One engine and one Serve application on a free loopback port serve the whole module; the fixture
-shuts both down, also when a test or the start fails.
+shuts both down, also when a test or the start fails. The server runs with the media policy widened
+(a local media directory, private addresses allowed, a domain list of images.example.com and
+127.0.0.1); tests/test_serve_limits.py covers the defaults.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from cluster import start, stop
 from cluster.openai_api import engine_request, parse_request
 from cluster.serve import KEEPALIVE, model_name, start_server, stop_server
 from model.processor import PromptBuilder
+from tests.media_servers import IMAGE, MediaServer, media_server
 from tests.ray_helpers import free_port, tiny_config, tiny_model, wait_for
 from tests.reference import assert_greedy_match
 
@@ -38,6 +41,7 @@ API_KEY = "sk-test-key"
 NAMESPACE = "test-serve"
 MAX_NEW_TOKENS = 6
 LONG_TOKENS = 1500  # a request long enough to be cut off mid-stream
+MAX_PIXELS = 20_000  # serve.max_request_pixels: one of the test images fits, two do not
 
 
 @dataclass
@@ -76,7 +80,10 @@ def server(local_ray: None, checkpoint: Path, media_dir: Path) -> Iterator[Serve
         f"serve.port={port}",
         f"serve.api_key={API_KEY}",
         f"serve.allowed_local_media_path={media_dir}",
-        "serve.allowed_media_domains=[images.example.com]",
+        "serve.allowed_media_domains=[images.example.com,127.0.0.1]",
+        "serve.allow_private_media_urls=true",
+        "serve.media_read_timeout_s=2",
+        f"serve.max_request_pixels={MAX_PIXELS}",
         f"ray.namespace={NAMESPACE}",
     )
     coordinator = start(cfg)
@@ -90,6 +97,13 @@ def server(local_ray: None, checkpoint: Path, media_dir: Path) -> Iterator[Serve
             stop_server()
         finally:
             stop(coordinator)
+
+
+@pytest.fixture(scope="module")
+def media() -> Iterator[MediaServer]:
+    """A loopback image source (127.0.0.1 is in this server's domain list)."""
+    with media_server() as server:
+        yield server
 
 
 def _data_url(width: int, height: int, seed: int) -> str:
@@ -256,6 +270,7 @@ def test_api_key_models_and_health(server: Server) -> None:
         ),
         ({"messages": [{"role": "user", "content": "look <|image_pad|>"}]}, "messages[0].content", "placeholder token"),
         ({"model": "gpt-4"}, "model", "does not exist"),
+        ({"max_tokens": 10**9}, "max_tokens", "max_tokens=1000000000"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/hostname"}}]}]},
             "messages[0].content[0].image_url.url",
@@ -279,6 +294,7 @@ def test_bad_requests(server: Server, fields: dict, param: str | None, message: 
         server.client.chat.completions.create(**kwargs)
     body = info.value.body
     assert message in body["message"] and set(body) == {"message", "type", "param", "code"}
+    assert "max_new_tokens" not in body["message"]  # the engine's name for max_tokens
     if param is not None:
         assert body["param"] == param
 
@@ -290,6 +306,46 @@ def test_local_image_inside_the_allowed_directory(server: Server, media_dir: Pat
             model=server.model, messages=[{"role": "user", "content": content}], max_tokens=2
         )
         assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 10
+
+
+def _image_message(*urls: str) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": "What is this?"}]}]
+
+
+def test_widened_media_policy_fetches_from_loopback(server: Server, media: MediaServer) -> None:
+    """serve.allow_private_media_urls lets an image come from a loopback server; each redirect hop is
+    still checked against serve.allowed_media_domains, and a slow source is cut."""
+    data_url = "data:image/png;base64," + base64.b64encode(IMAGE).decode()
+    fields = {"model": server.model, "max_tokens": 2, "temperature": 0}
+    fetched = server.client.chat.completions.create(messages=_image_message(media.url("/image.png")), **fields)
+    inline = server.client.chat.completions.create(messages=_image_message(data_url), **fields)
+    assert fetched.usage.prompt_tokens == inline.usage.prompt_tokens > 10
+    assert fetched.choices[0].message.content == inline.choices[0].message.content
+    assert media.requests[-1] == "/image.png"
+
+    requests_before = len(media.requests)
+    trap = media.url("/trap", host="localhost")  # the same server under a name outside the list
+    field = "messages[0].content[0].image_url.url"
+    for url, message in [
+        (media.url(f"/redirect?to={trap}"), "'localhost' is not in serve.allowed_media_domains"),
+        (media.url("/drip"), "not received within serve.media_read_timeout_s=2.0"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as info:
+            server.client.chat.completions.create(messages=_image_message(url), **fields)
+        assert info.value.body["param"] == field and message in info.value.body["message"]
+    assert [p.split("?")[0] for p in media.requests[requests_before:]] == ["/redirect", "/drip"]  # never /trap
+
+
+def test_total_image_pixels_are_capped(server: Server) -> None:
+    one, two = _data_url(150, 100, 5), _data_url(150, 100, 6)  # 15,000 pixels each
+    fields = {"model": server.model, "max_tokens": 2}
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client.chat.completions.create(messages=_image_message(one, two), **fields)
+    body = info.value.body
+    assert body["param"] == "messages[0].content[1].image_url.url" and body["code"] == "too_many_pixels"
+    assert f"30000 pixels in total, more than serve.max_request_pixels={MAX_PIXELS}" in body["message"]
+    assert server.client.chat.completions.create(messages=_image_message(one), **fields).usage.completion_tokens >= 1
 
 
 def test_bad_json_and_unknown_route(server: Server) -> None:

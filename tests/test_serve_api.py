@@ -1,4 +1,4 @@
-"""The chat-completions schema and its translation, without a server: request errors, stop strings, chunks."""
+"""The chat-completions schema and its translation, without a server: request errors, chunks, error statuses."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from cluster.openai_api import (
     APIError,
-    StopGuard,
     check_media,
     chunk_body,
     completion_body,
@@ -112,29 +111,6 @@ def test_engine_request() -> None:
     assert engine_request(parse_request(_body()), "r2") == {"id": "r2", "messages": [USER]}
 
 
-def _stream(guard: StopGuard, deltas: list[str], final: str) -> str:
-    return "".join(guard.feed(d) for d in deltas) + guard.finish(final)
-
-
-def test_stop_guard_never_sends_a_stop_string() -> None:
-    # The stop string arrives split over deltas: its start is held back, then dropped.
-    guard = StopGuard(["</end>"])
-    sent = [guard.feed(d) for d in ["Hello <", "/e", "nd> more"]]
-    assert sent == ["Hello ", "", ""] and guard.stopped
-    assert guard.finish("Hello ") == ""
-    # A held-back start that turns out not to be a stop string is sent with the next delta.
-    guard = StopGuard(["STOP", "xyz"])
-    assert [guard.feed(d) for d in ["aS", "Tb", "x"]] == ["a", "STb", ""]
-    assert guard.finish("aSTbx") == "x" and not guard.stopped
-    # The engine's final text (stop string cut off) completes what was held back.
-    assert _stream(StopGuard(["##"]), ["one #", "# two"], "one ") == "one "
-    assert _stream(StopGuard(None), ["a", "b"], "ab") == "ab"
-    # The earliest of several stop strings wins; the record's text is cut too if the engine did not.
-    guard = StopGuard(["c", "b"])
-    assert _stream(guard, ["abcd"], "abcd") == "a" and guard.stopped
-    assert StopGuard(["b"]).cut("abab") == ("a", True)
-
-
 def test_bodies_parse_as_openai_types() -> None:
     record = {"output_text": "hi there", "output_token_ids": [5, 6, 7], "prompt_tokens": 11}
     completion = ChatCompletion.model_validate(completion_body("c1", "tiny", 1, "hi there", "stop", record))
@@ -160,18 +136,24 @@ def test_engine_errors_map_to_http_statuses() -> None:
 
     from ray.exceptions import RayActorError
 
+    from actors.errors import NoLiveGroupError, RequestError
     from cluster.serve import OpenAIServer, _engine_error, _record_error
     from model.processor import InvalidRequestError
 
+    # By type and attribute: a message that merely mentions a field or "no live DP group" maps to nothing.
     error = _engine_error(InvalidRequestError("request r: bad pixels", "mm_processor_kwargs.max_pixels"))
     assert (error.status, error.param) == (400, "mm_processor_kwargs.max_pixels")
-    error = _engine_error(ValueError("request 'r': prompt has 900 tokens, more than data_config.input_max_len=512"))
-    assert error.status == 400 and "input_max_len" in error.message
-    assert _engine_error(ValueError("no live DP group to serve it")).status == 503
+    error = _engine_error(RequestError("request 'r': prompt has 900 tokens, more than input_max_len=512", "messages"))
+    assert (error.status, error.param) == (400, "messages") and "input_max_len" in error.message
+    error = _engine_error(NoLiveGroupError())
+    assert (error.status, error.param, error.type) == (503, None, "service_unavailable")
+    error = _engine_error(ValueError("no live DP group to serve it; 'temperature' is fine"))
+    assert (error.status, error.param) == (400, None)
     assert _engine_error(RayActorError()).status == 503
     assert _engine_error(RuntimeError("boom")).status == 500
-    assert _record_error({"error": "no live DP group to serve it"}).status == 503
-    assert _record_error({"error": "shard-worker-0 (rank 0) of dp group 0 died"}).status == 500
+    assert _record_error({"error": "no live DP group to serve it (dp group 0 died)", "error_status": 503}).status == 503
+    assert _record_error({"error": "shard-worker-0 (rank 0) of dp group 0 died", "error_status": 500}).status == 500
+    assert _record_error({"error": "no live DP group to serve it"}).status == 500  # no status: not guessed from text
 
     class Status:
         def __init__(self, live: int) -> None:
@@ -228,7 +210,7 @@ def test_media_policy(tmp_path) -> None:
         "https://img.example.com/x.png",
     )
     check_media(ok, root, ["img.example.com"])
-    check_media(request(str(tmp_path / "secret.png"), "http://anywhere/x.png"), None, None)  # no policy: anything
+    check_media(request("http://anywhere/x.png"), None, None)  # no domain list: any host (addresses checked later)
     refused = [
         (str(tmp_path / "secret.png"), "allowed_local_media_path"),
         (f"{allowed}/../secret.png", "allowed_local_media_path"),
@@ -242,3 +224,162 @@ def test_media_policy(tmp_path) -> None:
             check_media(request(f"{allowed}/sub/a.png", url), root, ["img.example.com"])
         assert info.value.status == 400 and message in info.value.message, (url, info.value.message)
         assert info.value.param == "messages[1].content[1].image_url.url"
+
+
+def test_local_media_is_off_by_default(tmp_path) -> None:
+    (tmp_path / "a.png").write_bytes(b"x")
+    for url in (str(tmp_path / "a.png"), f"file://{tmp_path / 'a.png'}", "relative.png", "ftp://host/a.png"):
+        parts = [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": url}}]
+        with pytest.raises(APIError) as info:
+            check_media(parse_request(_body(messages=[{"role": "user", "content": parts}])), None, None)
+        error = info.value
+        assert error.status == 400 and error.param == "messages[0].content[1].image_url.url"
+        assert "not allowed" in error.message and "serve.allowed_local_media_path" in error.message
+
+
+def _request(body: bytes, chunks: int = 1, content_length: bool = True):
+    """A starlette Request whose body arrives in `chunks` pieces."""
+    from starlette.requests import Request
+
+    size = -(-len(body) // chunks)
+    pieces = [body[i : i + size] for i in range(0, len(body), size)] or [b""]
+    messages = [{"type": "http.request", "body": p, "more_body": i < len(pieces) - 1} for i, p in enumerate(pieces)]
+    headers = [(b"content-length", str(len(body)).encode())] if content_length else []
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    return Request({"type": "http", "method": "POST", "headers": headers}, receive), messages
+
+
+def test_request_body_limit() -> None:
+    import asyncio
+
+    from cluster.request_limits import read_body
+
+    body = b"x" * 1000
+    assert asyncio.run(read_body(_request(body, chunks=3)[0], 1000)) == body
+    request, unread = _request(body, chunks=3)
+    with pytest.raises(APIError) as info:  # refused on its Content-Length: nothing read
+        asyncio.run(read_body(request, 999))
+    assert info.value.status == 413 and "1000 bytes is larger than serve.max_request_bytes=999" in info.value.message
+    assert len(unread) == 3 and info.value.body()["error"]["type"] == "invalid_request_error"
+    request, unread = _request(body, chunks=4, content_length=False)  # chunked: cut once over the limit
+    with pytest.raises(APIError, match="larger than serve.max_request_bytes=300") as info:
+        asyncio.run(read_body(request, 300))
+    assert info.value.status == 413 and len(unread) == 2
+
+
+def test_total_pixels_per_request(tmp_path) -> None:
+    import base64
+
+    from cluster.request_limits import check_pixels, image_sources
+    from tests.media_servers import png_bytes
+
+    (tmp_path / "local.png").write_bytes(png_bytes(50, 40))
+    urls = [
+        "data:image/png;base64," + base64.b64encode(png_bytes(30, 20)).decode(),  # 600
+        "http://images.test/a.png",  # 100 x 10 = 1000, fetched
+        "data:image/png;base64,!!!",  # malformed: left to the engine
+        "data:image/png;base64," + base64.b64encode(b"not an image").decode(),  # idem
+        str(tmp_path / "local.png"),  # 2000
+    ]
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    request = parse_request(_body(messages=[{"role": "user", "content": parts}]))
+    fetched = {"http://images.test/a.png": png_bytes(100, 10)}
+    check_pixels(image_sources(request, fetched), 3600)
+    with pytest.raises(APIError) as info:
+        check_pixels(image_sources(request, fetched), 3599)
+    error = info.value
+    assert (error.status, error.param, error.code) == (400, "messages[0].content[4].image_url.url", "too_many_pixels")
+    assert "3600 pixels in total, more than serve.max_request_pixels=3599" in error.message
+    with pytest.raises(APIError) as info:
+        check_pixels(image_sources(request, fetched), 1000)
+    assert info.value.param == "messages[0].content[1].image_url.url"
+
+
+def test_errors_name_the_api_fields() -> None:
+    from cluster.request_limits import with_api_names
+
+    engine = APIError(400, "prompt of 9 tokens + max_new_tokens=1000000000 needs 1000000009 KV slots", "max_new_tokens")
+    error = with_api_names(engine, parse_request(_body(max_tokens=10**9)))
+    assert (error.status, error.param) == (400, "max_tokens")
+    assert "max_tokens=1000000000" in error.message and "max_new_tokens" not in error.message
+    error = with_api_names(engine, parse_request(_body(max_completion_tokens=10**9)))
+    assert error.param == "max_completion_tokens" and "max_completion_tokens=1000000000" in error.message
+    other = APIError(400, "messages[0].content: bad", param="messages[0].content")
+    assert with_api_names(other, parse_request(_body())) is other
+
+
+def test_admission_bounds_the_queue() -> None:
+    from cluster.admission import Admission, Overloaded
+
+    admission = Admission(slots=2, max_queued=1, retry_after_s=2.5)
+    tickets = [admission.enter() for _ in range(3)]
+    with pytest.raises(Overloaded) as info:
+        admission.enter()
+    error = info.value
+    assert (error.status, error.code, error.headers) == (503, "queue_full", {"Retry-After": "3"})
+    assert "serve.max_queued_requests=1" in error.message and error.body()["error"]["type"] == "service_unavailable"
+    tickets[0].release()
+    tickets[0].release()  # once only
+    assert admission.active == 2
+    admission.enter()
+    with pytest.raises(Overloaded):
+        admission.enter()
+
+
+def _server(queue_timeout_s: float | None):
+    """An OpenAIServer without Ray: a coordinator that records aborts."""
+    from cluster.admission import Admission
+    from cluster.config import ServeConfig
+    from cluster.serve import OpenAIServer
+
+    aborted: list[str] = []
+    server = object.__new__(OpenAIServer.func_or_class)
+    server.settings = ServeConfig(queue_timeout_s=queue_timeout_s, retry_after_s=1)
+    server.model = "tiny"
+    server.admission = Admission(1, 0, 1)
+    server.coordinator = type("C", (), {"abort": type("A", (), {"remote": staticmethod(aborted.append)})()})()
+    return server, aborted
+
+
+class _SilentStream:
+    """An engine stream that never yields (the request waits for a slot)."""
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        import asyncio
+
+        await asyncio.Event().wait()
+
+
+def test_queue_timeout_drops_a_request_without_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import time
+
+    from cluster import serve
+    from cluster.admission import Overloaded
+
+    server, aborted = _server(queue_timeout_s=0.05)
+    with pytest.raises(Overloaded) as info:
+        asyncio.run(server._next(_SilentStream(), 0.05))
+    assert (info.value.status, info.value.code) == (503, "queue_timeout")
+    assert "serve.queue_timeout_s=0.05" in info.value.message and info.value.headers == {"Retry-After": "1"}
+
+    # A stream, answered at once, gets the error as its last event and the request is aborted.
+    monkeypatch.setattr(serve, "KEEPALIVE_S", 0.01)
+    ticket = server.admission.enter()
+    body = parse_request(_body(stream=True))
+
+    async def events() -> list[bytes]:
+        ack = {"final": False}
+        gen = server._events(_SilentStream(), ack, "c1", body, ticket, time.monotonic() + 0.05)
+        return [event async for event in gen]
+
+    events_ = asyncio.run(events())
+    assert b'"role":"assistant"' in events_[0] and events_[-1] == b"data: [DONE]\n\n"
+    error = json.loads(events_[-2].removeprefix(b"data: "))["error"]
+    assert error["code"] == "queue_timeout" and aborted == ["c1"] and server.admission.active == 0

@@ -141,7 +141,7 @@ def decode_bytes(runner: ModelRunner, prompt_lens: list[int], new_tokens: int) -
     )
     lm_head = sum(p.numel() * p.element_size() for p in model.lm_head.parameters())
     cache = runner.cache
-    per_token = sum(t[0, :, 0].numel() * t.element_size() for t in cache.keys + cache.values)
+    per_token = sum(t[0, 0].numel() * t.element_size() for t in cache.keys + cache.values)  # one position
     mean_context = statistics.mean(n + new_tokens / 2 for n in prompt_lens)
     return {
         "weights_bytes": weights,

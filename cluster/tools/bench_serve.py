@@ -3,7 +3,8 @@
 `python -m cluster.tools.bench_serve CONF [key=value ...] [--num-requests N] [--request-rate R]
 [--max-tokens M] [--rounds K] [--idle-pairs P] [--url URL] [--out PATH]` starts the engine and the
 OpenAI-compatible server (the config's serve.* keys) and turns the config's dataset into chat
-requests (cycled up to --num-requests; images as local paths, greedy, EOS ignored).
+requests (cycled up to --num-requests; images as local paths, greedy, EOS ignored). Unless the
+config names one, the server's serve.allowed_local_media_path is the images' common directory.
 
 Idle engine: P pairs, one request at a time, the same body once over each path (alternating which
 goes first); the per-pair differences, HTTP minus Ray API, are the cost of the HTTP path alone,
@@ -23,6 +24,7 @@ writes them as JSON."""
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +43,12 @@ from cluster.serve import model_name, start_server, stop_server
 
 WARMUP_REQUESTS = 2
 IDLE_PAIRS = 20
+
+
+def media_dir(requests: list[dict]) -> str | None:
+    """The deepest directory holding every request's image files, or None without images."""
+    paths = [os.path.realpath(path) for request in requests for path in request.get("images") or []]
+    return os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else None
 
 
 def chat_bodies(cfg: RunConfig, requests: list[dict], max_tokens: int) -> list[dict[str, Any]]:
@@ -292,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     rate = data.request_rate if args.request_rate is None else args.request_rate
     requests = [requests[i % len(requests)] for i in range(args.num_requests)]  # a short file is cycled
     bodies = chat_bodies(cfg, requests, args.max_tokens or data.max_new_tokens)
+    if cfg.serve.allowed_local_media_path is None:
+        cfg.serve.allowed_local_media_path = media_dir(requests)
     offsets = arrival_offsets(len(bodies), rate, data.seed)
     try:
         ingress = start_server(cfg)

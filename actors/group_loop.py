@@ -1,0 +1,139 @@
+"""One DP group's rounds: ask the scheduler for a plan, run it on the group's workers, report what came back.
+
+A round is one plan of the group's `GroupScheduler`: vision encode of the admitted requests' images
+that their cached prefix does not cover, then one `step` call on every rank (releases, preemptions,
+admissions, block tables, then a packed forward of prompt chunks and decode tokens, or a few
+pure-decode steps). The loop applies the forward's progress to the scheduler (`prefilled`) and hands
+the new tokens and the failures to its owner, which decides how each request goes on: the end of a
+request (EOS, length, a stop string, an abort) is decided there, once, and comes back through
+`GroupScheduler.finish`/`abort`, whose releases reach the workers at the start of the next round.
+
+The worker group is anything with `dp_rank` and `async call(method, *args)` returning rank 0's answer
+first (actors/groups.WorkerGroup through Ray; tests pass a fake). Each sequence's payload must carry
+`prepared` (a PreparedRequest) and `params` (SamplingParams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.groups import CallError
+from actors.scheduler import GroupScheduler, Plan, Sequence
+from model.processor import PreparedRequest
+
+
+def images_after(prepared: PreparedRequest, spans: list[tuple[int, int]], num_cached: int) -> PreparedRequest | None:
+    """The request with only the images that end after its first `num_cached` tokens (None: no such image).
+
+    Images wholly inside a cached prefix need no encode: their tokens' keys and values are in the cache.
+    """
+    if prepared.image_grid_thw is None:
+        return None
+    sizes = [int(g.prod()) for g in prepared.image_grid_thw]
+    keep = [i for i, (_, end) in enumerate(spans) if end > num_cached]
+    if not keep:
+        return None
+    first = keep[0]  # the images after a point are a suffix of the prompt's images
+    offset = sum(sizes[:first])
+    return dataclasses.replace(
+        prepared,
+        pixel_values=prepared.pixel_values[offset:],
+        image_grid_thw=prepared.image_grid_thw[first:],
+    )
+
+
+@dataclass
+class Round:
+    """What one round did: the plan, the requests it first scheduled, new tokens, failures, phase times."""
+
+    plan: Plan
+    outputs: list[tuple[Sequence, dict]] = field(default_factory=list)  # (sequence, {"tokens", "times", ...})
+    failed: list[tuple[Sequence, str]] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # vision_encode_s / prefill_s / decode_s
+    vision_cache: dict | None = None
+
+
+class GroupLoop:
+    """A DP group's workers and scheduler, and the state of its serving task."""
+
+    def __init__(self, group: Any, scheduler: GroupScheduler, eos_token_ids: list[int]) -> None:
+        self.group = group
+        self.scheduler = scheduler
+        self.eos = list(eos_token_ids)
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        self.restarts = 0
+        self.rebuilding = False
+
+    @property
+    def dp_rank(self) -> int:
+        return self.group.dp_rank
+
+    async def round(self, profile: bool = False) -> Round:
+        """Plan and run one round. GroupFailure (a dead or hung rank) propagates; a rank that raised fails the
+        requests of that call (in `Round.failed`) and the group goes on."""
+        sched = self.scheduler
+        plan = sched.schedule()
+        result = Round(plan)
+        encode = []
+        for seq in plan.admit:
+            spans = [(start, end) for start, end, _ in seq.images]
+            sub = images_after(seq.payload.prepared, spans, seq.num_cached)
+            if sub is not None:
+                encode.append(dataclasses.replace(sub, request_id=seq.request_id))
+        if encode:
+            out = await self._call(result, plan.admit, "encode", encode, profile)
+            if out is None:
+                return result
+            result.phases["vision_encode_s"] = out["seconds"]
+            result.vision_cache = out.get("cache") or None
+        if not (plan.releases or plan.preempted or plan.admit or plan.chunks or plan.decode):
+            return result
+        admissions = [
+            (
+                dataclasses.replace(seq.payload.prepared, request_id=seq.request_id, pixel_values=None),
+                seq.payload.params,
+                self.eos,
+                seq.num_cached,
+            )
+            for seq in plan.admit
+        ]
+        chunks = [(seq.request_id, start, end) for seq, start, end in plan.chunks]
+        decode = [seq.request_id for seq in plan.decode]
+        steps = plan.decode_steps
+        involved = plan.admit + [seq for seq, _, _ in plan.chunks] + plan.decode
+        out = await self._call(
+            result, involved, "step", plan.releases, plan.preempted, admissions, plan.block_tables, chunks, decode,
+            steps, profile,
+        )  # fmt: skip
+        if out is None:
+            return result
+        result.phases["prefill_s" if chunks else "decode_s"] = out["seconds"]
+        failed = set(out["errors"])
+        for seq in involved:
+            if seq.request_id in failed:
+                result.failed.append((seq, out["errors"][seq.request_id]))
+        for seq, _, end in plan.chunks:
+            if seq.request_id not in failed and seq.request_id in sched.by_id:
+                sched.prefilled(seq, end)
+        for request_id, tokens in out["outputs"].items():
+            seq = sched.by_id.get(request_id)
+            if seq is not None:  # else it ended while the call ran
+                result.outputs.append((seq, tokens))
+        return result
+
+    async def _call(self, result: Round, involved: list[Sequence], method: str, *args: Any) -> dict | None:
+        """Rank 0's answer to a call on every rank; None when a live rank raised (every involved request is
+        then failed with its message)."""
+        try:
+            return (await self.group.call(method, *args))[0]
+        except CallError as e:
+            seen = set()
+            for seq in involved:
+                if seq.request_id not in seen:
+                    seen.add(seq.request_id)
+                    result.failed.append((seq, str(e)))
+            return None
