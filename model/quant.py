@@ -114,15 +114,26 @@ def check_mode(quantization: str, model_path: str | Path) -> dict[str, str] | No
 
 
 # ----------------------------------------------------------------------------------------------- kernels
+def _rounded_static(x: torch.Tensor, inv_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """round(x * (1 / input_scale) + input_offset), clamped to int8's range, still in float32."""
+    return torch.addcmul(offset, x.float(), inv_scale).round_().clamp_(-128, 127)
+
+
+def _rounded_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """round(x / s) per row with s = max|row| / 127, still in float32, and s (T,)."""
+    scale = x.float().abs().amax(-1).clamp_min(1e-12) / 127.0
+    return (x.float() / scale[:, None]).round_().clamp_(-128, 127), scale
+
+
 def quantize_static(x: torch.Tensor, inv_scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """Per-tensor activation quantization: round(x * (1 / input_scale) + input_offset) as int8 (npu_quantize)."""
-    return torch.round(x.float() * inv_scale + offset).clamp_(-128, 127).to(torch.int8)
+    return _rounded_static(x, inv_scale, offset).to(torch.int8)
 
 
 def quantize_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric quantization (npu_dynamic_quant): x (T, K) -> int8 (T, K), scale (T,) float32."""
-    scale = x.float().abs().amax(-1).clamp_min(1e-12) / 127.0
-    return torch.round(x.float() / scale[:, None]).clamp_(-128, 127).to(torch.int8), scale
+    rounded, scale = _rounded_dynamic(x)
+    return rounded.to(torch.int8), scale
 
 
 def _int_mm_padded(xq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -163,24 +174,23 @@ class QuantLinear:
         return layer.quant_bias if not self.row_parallel or self.rank == 0 else None
 
     def _torch(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # Few passes over the activations: quantized values stay float until the kernel's own dtype, and
+        # the output is scaled and biased in one addcmul.
         d = self.derived
         if self.scheme == STATIC:
-            xq = quantize_static(x, d["inv_scale"], d["offset"])
-            qbias, out_scale = self._quant_bias(layer), layer.deq_scale
+            xq, scale = _rounded_static(x, d["inv_scale"], d["offset"]), d["out_scale"]
         else:
-            xq, token_scale = quantize_dynamic(x)
-            qbias, out_scale = None, layer.weight_scale[:, 0] * token_scale[:, None]  # (T, out)
+            xq, token_scale = _rounded_dynamic(x)
+            scale = d["out_scale"] * token_scale[:, None]  # (T, out)
         if self.backend == "dequant":
-            acc = xq.float() @ layer.weight.float().t()  # integers below 2^24: exact in float32
+            acc = xq @ layer.weight.float().t()  # integers below 2^24: exact in float32
         elif self.backend == "int8pack":
-            acc = torch.ops.aten._weight_int8pack_mm(xq.to(torch.bfloat16), layer.weight, d["ones"]).float()
+            acc = torch.ops.aten._weight_int8pack_mm(xq.to(torch.bfloat16), layer.weight, d["ones"])
         else:
-            acc = _int_mm_padded(xq, layer.weight).float()
-        if qbias is not None:
-            acc = acc + qbias
-        y = acc * out_scale
-        bias = self._float_bias(layer)
-        return (y + bias if bias is not None else y).to(x.dtype)
+            acc = _int_mm_padded(xq.to(torch.int8), layer.weight)
+        bias = d.get("out_bias")
+        y = torch.addcmul(bias, acc, scale) if bias is not None else acc * scale
+        return y.to(x.dtype)
 
     def _npu(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         npu, d = self.npu, self.derived
@@ -206,6 +216,14 @@ class QuantLinear:
         if self.scheme == STATIC:
             derived["inv_scale"] = 1.0 / layer.input_scale
             derived["offset"] = layer.input_offset.clone()
+            derived["out_scale"] = layer.deq_scale
+            qbias = self._quant_bias(layer)
+            if qbias is not None:  # (acc + quant_bias) * deq_scale = acc * deq_scale + quant_bias * deq_scale
+                derived["out_bias"] = (qbias.double() * layer.deq_scale.double()).float()
+        else:
+            derived["out_scale"] = layer.weight_scale[:, 0].float()
+            if self._float_bias(layer) is not None:
+                derived["out_bias"] = self._float_bias(layer).float()
         if backend != "npu" and not weight.is_contiguous():  # back from the npu layout
             weight.data = weight.data.contiguous()
         if backend == "int8pack":
