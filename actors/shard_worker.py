@@ -129,6 +129,7 @@ class ShardWorker:
             fused_ops=cfg.fused_ops,
             num_kv_blocks=cfg.kv_pool()[0],
             kv_block_size=cfg.kv_pool()[1],
+            quantization=cfg.quantization,
         )
         self.batch = RunningBatch(self.runner)
         return {

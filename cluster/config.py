@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from model.device import DTYPES as TORCH_DTYPES
+from model.quant import QUANTIZATION_MODES
 
 DEVICES = ("cpu", "cuda", "npu")
 DTYPES = tuple(TORCH_DTYPES)
@@ -213,6 +214,9 @@ class RunConfig:
     kv_cache: the paged KV pool (KVCacheConfig).
     fused_ops: use the device's fused kernels (RMSNorm, rotary, SwiGLU, decode attention); null
         takes the device table's default (on for npu, off elsewhere).
+    quantization: "auto" loads a quantized checkpoint (one with msmodelslim's
+        quant_model_description.json: W8A8 / W8A8_DYNAMIC int8 layers) as it describes; "none"
+        refuses one, an error naming this key. Float checkpoints load the same under both.
     resume: skip requests whose ids already have a successful record in output_path.
     resume_failed: with resume, run again the requests whose earlier record failed.
     interrupt_grace_s: on Ctrl-C or SIGTERM, how long running requests may finish before they are
@@ -237,6 +241,7 @@ class RunConfig:
     prefix_caching: bool = True
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     fused_ops: bool | None = None
+    quantization: str = "auto"
     resume: bool = False
     resume_failed: bool = True
     interrupt_grace_s: float = 30.0
@@ -343,6 +348,7 @@ def _validate(cfg: RunConfig) -> None:
         _fail("model_path", cfg.model_path, "must not be empty")
     _check_choice("device", cfg.device, DEVICES)
     _check_choice("dtype", cfg.dtype, DTYPES)
+    _check_choice("quantization", cfg.quantization, QUANTIZATION_MODES)
     if cfg.device == "cpu" and cfg.dtype == "float16":
         _fail("dtype", cfg.dtype, "float16 is not supported with device='cpu'; use float32 or bfloat16")
     _check_choice("exe_mode", cfg.exe_mode, EXE_MODES)

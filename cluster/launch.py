@@ -50,6 +50,7 @@ from model.device import DTYPES as TORCH_DTYPES
 from model.device import KV_BLOCK_SIZE
 from model.kv_cache import PagedKVCache
 from model.loader import CheckpointError, checkpoint_files
+from model.quant import QuantizationError, check_mode
 from model.sampling import SamplingParams
 
 logger = logging.getLogger("cluster.launch")
@@ -79,6 +80,10 @@ def preflight(cfg: RunConfig) -> ModelConfig:
     except ModelConfigError as e:
         raise ConfigError(f"{e} (model {cfg.model_path})") from e
     checkpoint_files(path)
+    try:
+        check_mode(cfg.quantization, path)
+    except QuantizationError as e:
+        raise ConfigError(str(e)) from e
     if not ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()):
         raise CheckpointError(f"model_path={cfg.model_path!r} has no tokenizer (tokenizer.json or vocab.json)")
     if not (path / "preprocessor_config.json").is_file():
@@ -126,6 +131,7 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
         max_seq_len=data.input_max_len + data.max_new_tokens,
         vision_cache_bytes=cfg.vision_cache_mb << 20,
         fused_ops=resolve_fused_ops(spec, cfg.fused_ops),
+        quantization=cfg.quantization,
         profile_dir=cfg.profile_dir if cfg.profile else None,
         num_kv_blocks=kv_pool_blocks(cfg, block_size),
         kv_block_size=block_size,

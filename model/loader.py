@@ -10,6 +10,8 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from model.quant import QuantizationError, check_mode, prepare_model
+
 
 class CheckpointError(ValueError):
     """Checkpoint files are missing, incomplete or do not match the model."""
@@ -45,14 +47,24 @@ def normalize_name(name: str) -> str:
 
 
 def load_weights(
-    model: nn.Module, model_path: str | Path, progress: bool = False, desc: str = "loading weights"
+    model: nn.Module,
+    model_path: str | Path,
+    progress: bool = False,
+    desc: str = "loading weights",
+    quantization: str = "auto",
 ) -> set[str]:
     """Load every parameter of `model` from the checkpoint; returns the names loaded.
 
     Fails on a checkpoint tensor the model has no place for, on a parameter the checkpoint does not
     provide, and on any part loaded twice. Packed projections are filled part by part using the
-    model's `packed_modules` mapping.
+    model's `packed_modules` mapping. A checkpoint with a quant_model_description.json is loaded
+    into int8 layers as it describes (model/quant.py) unless `quantization` is "none", which refuses it.
     """
+    try:
+        description = check_mode(quantization, model_path)
+        plan = prepare_model(model, description) if description is not None else None
+    except QuantizationError as e:
+        raise CheckpointError(str(e)) from e
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
     tie = bool(getattr(getattr(model, "config", None), "text", None) and model.config.text.tie_word_embeddings)
@@ -74,7 +86,8 @@ def load_weights(
                         target, shard_id = _packed_target(target, packed, shard_id)
                         param = params.get(target)
                         if param is None:
-                            unexpected.append(key)
+                            if plan is None or target not in plan.ignored:
+                                unexpected.append(key)
                             continue
                         if shard_id in parts_done[target]:
                             raise CheckpointError(f"checkpoint tensor {key!r} loads {target} a second time")
@@ -90,13 +103,18 @@ def load_weights(
     missing = [
         key
         for n in sorted(params)
-        if not _complete(n, parts_done.get(n), packed)
+        if not _complete(n, parts_done.get(n), packed) and (plan is None or n not in plan.optional)
         for key in _missing_keys(n, parts_done.get(n, []), packed)
     ]
     if missing:
         raise CheckpointError(
             f"checkpoint at {str(model_path)!r} lacks {len(missing)} weight(s): {', '.join(missing[:10])}"
         )
+    if plan is not None:
+        try:
+            plan.finalize()
+        except QuantizationError as e:
+            raise CheckpointError(str(e)) from e
     return set(parts_done)
 
 

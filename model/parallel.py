@@ -75,6 +75,11 @@ def _copy(param: torch.Tensor, loaded: torch.Tensor, name: str = "") -> None:
             f"shape mismatch loading {name or 'weight'}: checkpoint slice {tuple(loaded.shape)} "
             f"vs parameter {tuple(param.shape)}"
         )
+    if loaded.dtype.is_floating_point != param.dtype.is_floating_point:
+        raise ValueError(
+            f"dtype mismatch loading {name or 'weight'}: checkpoint holds {loaded.dtype}, parameter is {param.dtype} "
+            "(int8 where float belongs or the reverse: see the checkpoint's quant_model_description.json)"
+        )
     param.data.copy_(loaded.to(param.dtype))
 
 
@@ -120,7 +125,12 @@ class ReplicatedLinear(nn.Linear):
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b with W split by output rows; the output stays sharded."""
+    """y = x W^T + b with W split by output rows; the output stays sharded.
+
+    `quant` (model/quant.py) set: the layer holds int8 weights and scales and runs their kernel.
+    """
+
+    quant: Any = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext) -> None:
         super().__init__()
@@ -134,6 +144,8 @@ class ColumnParallelLinear(nn.Module):
         _copy(param, source[start : start + self.out_per_rank])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.apply(self, x)
         return linear(x, self.weight, self.bias)
 
 
@@ -196,7 +208,12 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """y = all_reduce(x_shard W_shard^T) + b with W split by input columns; x arrives sharded."""
+    """y = all_reduce(x_shard W_shard^T) + b with W split by input columns; x arrives sharded.
+
+    `quant` (model/quant.py) set: the partial sum comes from the int8 kernel.
+    """
+
+    quant: Any = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext) -> None:
         super().__init__()
@@ -210,7 +227,7 @@ class RowParallelLinear(nn.Module):
         _copy(param, source[:, start : start + self.in_per_rank])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ctx.all_reduce(linear(x, self.weight))
+        y = self.ctx.all_reduce(self.quant.apply(self, x) if self.quant is not None else linear(x, self.weight))
         # The bias is added once, after the reduction, so every rank agrees with tp = 1.
         return y + self.bias if self.bias is not None else y
 

@@ -77,6 +77,7 @@ class ModelRunner:
         vision_cache_bytes: int = 0,
         num_kv_blocks: int | None = None,
         kv_block_size: int | None = None,
+        quantization: str = "auto",
     ) -> None:
         """max_seq_len: the longest sequence (prompt + new tokens) one request may reach. The KV pool holds
         `num_kv_blocks` blocks of `kv_block_size` tokens (defaults: the device's block size, and enough
@@ -97,7 +98,9 @@ class ModelRunner:
             logger.warning("vision tower sizes do not divide tp_size=%d: running it replicated", ctx.size)
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = Qwen2_5_VLForConditionalGeneration(self.config, ctx, vision_ctx)
-        self.loaded = load_weights(self.model, model_path, progress=progress, desc=f"rank {ctx.rank} loading weights")
+        self.loaded = load_weights(
+            self.model, model_path, progress, f"rank {ctx.rank} loading weights", quantization=quantization
+        )
         self.model.eval().requires_grad_(False)
         attn = self.model.model.layers[0].self_attn
         self.block_size = kv_block_size or KV_BLOCK_SIZE.get(self.device.type, 16)

@@ -6,8 +6,10 @@ the launch's preflight (torch_npu, CANN's environment, graph-mode variables), th
 Ray tasks forms a process group with the device's backend and gets all_reduce/all_gather right,
 that the engine serves the prompts at tp N in eager and in graph mode (`cluster.start`) with the
 reference tokens, and reports capture time and TPOT. Where the device has fused decode kernels (npu),
-one Ray task runs the plain and the fused decode on one device and compares their logits. Prints a
-pass/fail table; exit status 0 only when every row passes.
+one Ray task runs the plain and the fused decode on one device and compares their logits. Another
+quantizes the tiny checkpoint (W8A8, `model.quantize`) and compares its teacher-forced logits on the
+device with the float model's: top-1 agreement and mean KL. Prints a pass/fail table; exit status 0
+only when every row passes.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from cluster.devices import DeviceSpec, get_device_spec
 from cluster.launch import eager_decode_buckets, format_eager
 from cluster.preflight import probe
 from cluster.tools.bench import CACHE_DIR, CHECKPOINTS, bench_image, bench_requests
+from cluster.tools.bench_quant import quant_accuracy, quantized_copy
 from cluster.tools.tiny_checkpoint import build_tiny_checkpoint
 from model.parallel import free_port
 from model.processor import PromptBuilder
@@ -45,8 +48,13 @@ ROWS = (
     "token parity",
     "TPOT",
     "fused vs plain decode",
+    "int8 (W8A8) vs float",
 )
 FUSED_RTOL = 0.05  # largest |fused - plain| logit over the largest |logit|, bf16
+# Int8 against float on the tiny model: tests/test_quant.py bounds the cpu float32 KL by 0.02 (measured
+# 0.006); on an accelerator both sides run in bfloat16, whose own rounding adds to it.
+QUANT_MAX_KL = 0.05
+QUANT_MIN_TOP1 = 0.75
 
 
 @dataclass
@@ -184,6 +192,38 @@ def check_fused(spec: DeviceSpec, path: Path, requests: list[dict], new_tokens: 
     return Row(ROWS[7], relative <= FUSED_RTOL, detail)
 
 
+def quant_probe(path: str, quant_path: str, device: str, requests: list[dict], new_tokens: int) -> dict:
+    """On one device (float32 on cpu, bfloat16 elsewhere): int8 against float, teacher-forced."""
+    from model.device import bind_device
+
+    dev = bind_device(device, ray.get_runtime_context().get_accelerator_ids(), os.environ)
+    dtype = "float32" if device == "cpu" else "bfloat16"
+    builder = PromptBuilder.from_pretrained(path)
+    prepared = [builder.build(r) for r in requests]
+    runners = [
+        ModelRunner(p, device=dev, dtype=dtype, max_batch_size=1, max_seq_len=256 + new_tokens)
+        for p in (path, quant_path)
+    ]
+    return quant_accuracy(*runners, prepared, new_tokens)
+
+
+def check_quant(spec: DeviceSpec, path: Path, requests: list[dict], new_tokens: int) -> Row:
+    """The W8A8 copy of the tiny checkpoint against the float one, on the device."""
+    try:
+        quant_path = quantized_copy(path)
+        task = ray.remote(quant_probe).options(**device_task_options(spec))
+        out = ray.get(task.remote(str(path), str(quant_path), spec.name, requests, new_tokens), timeout=600)
+    except Exception as e:
+        log(traceback.format_exc())
+        return Row(ROWS[7], False, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    ok = out["mean_kl"] <= QUANT_MAX_KL and out["top1_agreement"] >= QUANT_MIN_TOP1
+    detail = (
+        f"teacher-forced: top-1 {out['top1_agreement']:.0%} of {out['steps']} steps (need {QUANT_MIN_TOP1:.0%}), "
+        f"mean KL {out['mean_kl']:.4f} (need <= {QUANT_MAX_KL})"
+    )
+    return Row(ROWS[7], ok, detail)
+
+
 def run_engine(
     path: Path, spec: DeviceSpec, tp: int, mode: str, requests: list[dict], new_tokens: int, batch: int
 ) -> tuple[list[dict], dict]:
@@ -293,6 +333,8 @@ def selfcheck(device: str, tp: int, new_tokens: int, cache: Path = CACHE_DIR) ->
 
     log(f"fused decode kernels vs plain ops on {spec.name}")
     rows.append(check_fused(spec, path, requests, new_tokens))
+    log(f"int8 (W8A8) against float on {spec.name}")
+    rows.append(check_quant(spec, path, requests, max(new_tokens, 8)))
     return rows
 
 
