@@ -1,5 +1,5 @@
 """cluster/tools/bench_vision.py end to end on a small image and one block: both engines run in subprocesses,
-agree with each other, and the JSON line carries the figures the README quotes."""
+agree with each other, and the JSON line carries the figures docs/benchmarks.md quotes."""
 
 from __future__ import annotations
 
