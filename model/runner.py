@@ -273,11 +273,19 @@ class ModelRunner:
     # ----------------------------------------------------------------------------- warm-up / graphs
     @torch.inference_mode()
     def warmup(self) -> None:
-        """One short prefill and one decode step, so first-request latency excludes one-time costs."""
-        ids = [0] * 4
-        self.prefill(PreparedRequest("warmup", ids, None, None), None, slot=0)
+        """One short prefill and one decode step, so first-request latency excludes one-time costs.
+
+        The prefill writes block 1 only (every pool has it), not slot 0's max_seq_len worth of blocks: a
+        pool sized by kv_cache.num_blocks or memory_gb may hold less than one max_seq_len sequence.
+        """
+        length = min(4, self.block_size)
+        positions, _ = self.prompt_positions(PreparedRequest("warmup", [0] * length, None, None))
+        packed = PackedBatch.build([(0, length, [NULL_BLOCK + 1])], self.block_size, self.device)
+        ids = torch.zeros(length, dtype=torch.long, device=self.device)
+        rows = torch.tensor([length - 1], device=self.device)
+        self.model.prefill(ids, positions.to(self.device), None, packed, rows)
         one = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.decode(one, one + len(ids), one + len(ids), block_tables=self.table_tensor([[]]))
+        self.decode(one, one + length, one + length, block_tables=self.table_tensor([[]]))
 
     @torch.inference_mode()
     def capture_graphs(self, buckets: list[int] | None = None) -> None:

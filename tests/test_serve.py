@@ -29,6 +29,7 @@ from PIL import Image
 from cluster import start, stop
 from cluster.openai_api import engine_request, parse_request
 from cluster.serve import KEEPALIVE, model_name, start_server, stop_server
+from model.batch import image_spans
 from model.processor import PromptBuilder
 from tests.media_servers import IMAGE, MediaServer, media_server
 from tests.ray_helpers import free_port, tiny_config, tiny_model, wait_for
@@ -194,6 +195,22 @@ def test_multi_turn(server: Server) -> None:
     assert reply.usage.prompt_tokens == len(prepared.input_ids) == record["prompt_tokens"]
     text = server.builder.tokenizer.decode(prepared.input_ids)
     assert text.count("<|im_start|>") == 5 and "<|im_start|>assistant\nA small red house" in text
+
+
+def test_second_turn_reports_cached_prompt_tokens(server: Server) -> None:
+    """A client that sends the conversation again, its answer included, is told how much of it was cached."""
+    turn_1 = MULTI_TURN[:2]
+    first = server.client.chat.completions.create(model=server.model, messages=turn_1, max_tokens=4, temperature=0)
+    turn_2 = [
+        *turn_1,
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "What else is in it?"},
+    ]
+    second = server.client.chat.completions.create(model=server.model, messages=turn_2, max_tokens=4, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < second.usage.prompt_tokens and cached >= first.usage.prompt_tokens_details.cached_tokens
+    ids = server.builder.build({"id": "turn-1", "messages": turn_1}).input_ids
+    assert cached >= image_spans(ids, server.builder.image_token_id)[0][1]  # turn 1's image is in the cached prefix
 
 
 def test_stop_strings(server: Server) -> None:
