@@ -195,7 +195,7 @@ class Coordinator:
         Raises ValueError before yielding when the request cannot be prepared. With `ack`, the first
         item is {"id", "token_ids": [], "text": "", "accepted": True} as soon as the request is
         queued (an HTTP server can then answer 200 before the first token). When the consumer goes
-        away (the generator is cancelled or closed), the request is aborted and its slot freed.
+        away (the generator is cancelled or closed), the request is aborted and its KV blocks freed.
         """
         state = await self._submit(request)
         try:
@@ -239,7 +239,7 @@ class Coordinator:
         if need > self.cfg.worker.max_seq_len:
             raise RequestError(
                 f"request {prepared.request_id!r}: prompt of {len(prepared.input_ids)} tokens + "
-                f"max_new_tokens={params.max_new_tokens} needs {need} KV slots, more than "
+                f"max_new_tokens={params.max_new_tokens} needs {need} KV positions, more than "
                 f"max_seq_len={self.cfg.worker.max_seq_len}",
                 "max_new_tokens",
             )

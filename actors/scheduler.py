@@ -274,7 +274,7 @@ class GroupScheduler:
         return plan
 
     def _admit(self, budget: float, plan: Plan) -> None:
-        """First come first served while a slot, budget and blocks allow (the head waits for blocks)."""
+        """First come first served while running room, budget and blocks allow (the head waits for blocks)."""
         while self.waiting and len(self.running) < self.max_running and budget > 0:
             seq = self.waiting[0]
             keys = self._keys(seq) if self.pool.caching else []

@@ -87,7 +87,7 @@ class DataConfig:
 class SchedulerConfig:
     """How the Coordinator schedules the phases on each DP group.
 
-    policy: "continuous" admits waiting requests into free KV slots between decode steps;
+    policy: "continuous" admits waiting requests whenever KV blocks and batch_size allow;
         "static" runs batches of batch_size to completion, one batch per group at a time.
     prefill_chunk_tokens: the token budget of one round: decode tokens of the running requests
         plus prompt chunks, computed in one forward; longer prompts are split over rounds.
@@ -144,7 +144,7 @@ class ServeConfig:
     max_request_bytes: largest request body (413 before it is parsed); sized for a few large
         base64 images.
     max_request_pixels: total width x height of a request's images, read from their headers (400).
-    max_queued_requests: chat requests that may wait for a KV slot beyond those the engine runs
+    max_queued_requests: chat requests that may wait beyond those the engine runs
         (data_config.batch_size per DP group); more get 503 with Retry-After: retry_after_s.
     queue_timeout_s: a request that gets no token within this many seconds is dropped with 503
         (a stream gets the error as its last event); null: no limit.

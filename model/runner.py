@@ -1,4 +1,4 @@
-"""The model on one rank, Ray-free: vision encode, eager prefill, static-shape decode.
+"""The model on one rank, Ray-free: vision encode, packed eager forwards, static-shape (graph) decode.
 
 The KV cache is a pool of fixed-size blocks (model/kv_cache.py); the running requests and their block
 tables are `model.batch.RunningBatch`'s. `ModelRunner.generate` runs a batch to completion in process,
@@ -326,7 +326,7 @@ class ModelRunner:
         if need > self.max_seq_len:
             return (
                 f"request {request.request_id!r}: prompt of {len(request.input_ids)} tokens + max_new_tokens="
-                f"{params.max_new_tokens} needs {need} KV slots, more than max_seq_len={self.max_seq_len}"
+                f"{params.max_new_tokens} needs {need} KV positions, more than max_seq_len={self.max_seq_len}"
             )
         return None
 

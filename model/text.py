@@ -1,4 +1,4 @@
-"""The Qwen2 text decoder with M-RoPE, reading and writing a static KV cache."""
+"""The Qwen2 text decoder with M-RoPE, reading and writing a paged KV cache through block tables."""
 
 from __future__ import annotations
 
