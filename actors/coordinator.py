@@ -16,6 +16,7 @@ requests to other groups and is rebuilt in the background, up to `max_group_rest
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import time
@@ -107,6 +108,10 @@ class Coordinator:
             raise errors[0]
         for engine in self.engines:
             self._group_ready(engine)
+        # What exists now (modules, tokenizer, config) lives as long as the actor: keep it out of the cyclic
+        # collector's full passes, which otherwise rescan it while requests stream.
+        gc.collect()
+        gc.freeze()
         return self.topology()
 
     async def rebuild_group(self, dp_rank: int) -> list[dict]:

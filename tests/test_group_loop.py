@@ -19,7 +19,7 @@ from actors.coordinator import Coordinator
 from actors.group_loop import GroupLoop
 from actors.groups import GroupFailure
 from actors.scheduler import GroupScheduler, Sequence
-from cluster.tools.fake_workers import FakeWorkerGroup, toy_token
+from cluster.tools.fake_workers import FakeWorkerGroup, prompt_seed, toy_token
 from model.processor import PreparedRequest
 from model.sampling import SamplingParams
 
@@ -34,7 +34,7 @@ def reference(prompt: list[int], max_new_tokens: int, eos: set[int]) -> tuple[li
     """The toy model's tokens and finish reason for a prompt served alone."""
     out: list[int] = []
     while len(out) < max_new_tokens:
-        out.append(toy_token(prompt, len(out)))
+        out.append(toy_token(prompt_seed(prompt), len(out)))
         if out[-1] in eos:
             return out, "stop"
     return out, "length"
@@ -79,7 +79,7 @@ class Owner:
         raise AssertionError(f"not idle after {max_rounds} rounds")
 
 
-EOS = {toy_token(make_seq("b", 9, 1).prompt_ids, 3)}  # request "b" ends at its 4th token
+EOS = {toy_token(prompt_seed(make_seq("b", 9, 1).prompt_ids), 3)}  # request "b" ends at its 4th token
 
 
 def new_loop(num_blocks: int = 64, block_size: int = 4, max_running: int = 4, budget: int = 8) -> GroupLoop:

@@ -1,12 +1,14 @@
 """A fake DP worker group: answers `encode` and `step` like ShardWorker over RunningBatch, with no model.
 
-Each request's next token is `toy_token(prompt, index)`, a hash of its prompt and the output index,
-drawn from a range of ordinary tokenizer ids; EOS (unless `ignore_eos`) and `max_new_tokens` end a
-request as `model.batch.RunningBatch` does, and a pure-decode call of `steps` steps advances every
-decoding request up to `steps` tokens. A call can take a set time per step (`step_time_s`, the
-Coordinator benchmark) and be held on events (tests). The group has the interface the Coordinator's
-group loop uses: `dp_rank`, `alive`, `infos`, `stats`, `rendezvous`, `start`, `kill` and
-`call(method, *args)` returning every rank's answer, raising `GroupFailure` when the group is dead.
+Each request's next token is `toy_token(prompt_seed(prompt), index)`: its prompt is hashed once, at
+admission, and each token is a cheap mix of that seed and the output index (the fake must cost little
+next to the Coordinator it drives), drawn from a range of ordinary tokenizer ids. EOS (unless
+`ignore_eos`) and `max_new_tokens` end a request as `model.batch.RunningBatch` does, and a
+pure-decode call of `steps` steps advances every decoding request up to `steps` tokens. A call can
+take a set time per step (`step_time_s`, the Coordinator benchmark) and be held on events (tests).
+The group has the interface the Coordinator's group loop uses: `dp_rank`, `alive`, `infos`,
+`stats`, `rendezvous`, `start`, `kill` and `call(method, *args)` returning every rank's answer,
+raising `GroupFailure` when the group is dead.
 """
 
 from __future__ import annotations
@@ -22,11 +24,16 @@ from actors.groups import CallError, GroupFailure
 TOKEN_RANGE = (300, 1000)  # ordinary BPE ids of the tiny checkpoint's tokenizer (no special token)
 
 
-def toy_token(prompt_ids: list[int], index: int, token_range: tuple[int, int] = TOKEN_RANGE) -> int:
-    """The fake model's output token number `index` (0-based) for a prompt."""
-    digest = hashlib.sha256(repr((prompt_ids, index)).encode()).digest()
+def prompt_seed(prompt_ids: list[int]) -> int:
+    """A 32-bit hash of a prompt (what the fake model's tokens depend on)."""
+    return int.from_bytes(hashlib.sha256(repr(list(prompt_ids)).encode()).digest()[:4], "little")
+
+
+def toy_token(seed: int, index: int, token_range: tuple[int, int] = TOKEN_RANGE) -> int:
+    """The fake model's output token number `index` (0-based) for the prompt of `prompt_seed` `seed`."""
+    mixed = ((seed ^ (index * 0x9E3779B1)) * 0x85EBCA6B) & 0xFFFFFFFF
     low, high = token_range
-    return low + int.from_bytes(digest[:4], "little") % (high - low)
+    return low + (mixed >> 8) % (high - low)
 
 
 @dataclass
@@ -34,6 +41,7 @@ class FakeSeq:
     """One request on the fake workers (mirrors model.batch.SeqState where the loop can see it)."""
 
     prompt: list[int]
+    seed: int
     max_new_tokens: int
     eos: frozenset[int]
     ignore_eos: bool
@@ -67,8 +75,10 @@ class FakeWorkerGroup:
     stats: list[dict] = field(default_factory=list)
     rendezvous: tuple[str, int] | None = None
     seqs: dict[str, FakeSeq] = field(default_factory=dict)
-    calls: list[tuple[str, float, float]] = field(default_factory=list)  # (method, start, end) perf_counter
+    # (kind, steps, start, end): kind "encode", "prefill" (a call with chunks) or "decode"; perf_counter seconds
+    calls: list[tuple[str, int, float, float]] = field(default_factory=list)
     starts: int = 0
+    busy_s: float = 0.0  # thread CPU time spent in `step` answers (the fake's own work, not the caller's)
     dead_rank: int | None = None
 
     @property
@@ -102,6 +112,7 @@ class FakeWorkerGroup:
         """Every rank's answer (all equal); GroupFailure when a rank is dead, CallError for an unknown method."""
         start = time.perf_counter()
         self._check_alive()
+        kind, steps = method, 0
         if method == "encode":
             answer: dict = {"seconds": 0.0, "cache": {}}
         elif method == "step":
@@ -110,14 +121,16 @@ class FakeWorkerGroup:
             if self.hold is not None:
                 await self.hold.wait()
             self._check_alive()
+            cpu = time.thread_time()
             answer = self._step(*args)
-            steps = args[6] if not args[4] else 1
+            self.busy_s += time.thread_time() - cpu
+            kind, steps = ("prefill", 1) if args[4] else ("decode", args[6])
             if self.step_time_s and steps:
                 await asyncio.sleep(self.step_time_s * steps)
             answer["seconds"] = time.perf_counter() - start
         else:
             raise CallError(f"fake dp group {self.dp_rank} has no method {method!r}")
-        self.calls.append((method, start, time.perf_counter()))
+        self.calls.append((kind, steps, start, time.perf_counter()))
         return [answer] * self.tp_size
 
     def _check_alive(self) -> None:
@@ -152,7 +165,15 @@ class FakeWorkerGroup:
             known = self.seqs.get(rid)
             if known is None:
                 prompt = list(request.input_ids)
-                known = FakeSeq(prompt, params.max_new_tokens, frozenset(eos), params.ignore_eos, list(prompt), 0)
+                known = FakeSeq(
+                    prompt,
+                    prompt_seed(prompt),
+                    params.max_new_tokens,
+                    frozenset(eos),
+                    params.ignore_eos,
+                    list(prompt),
+                    0,
+                )
                 self.seqs[rid] = known
             known.num_computed = num_cached
         missing = [r for r, _, _ in chunks if r not in errors and r not in tables] + [
@@ -187,7 +208,7 @@ class FakeWorkerGroup:
         return {"outputs": out, "errors": errors, "seconds": 0.0}
 
     def _sample(self, rid: str, seq: FakeSeq, out: dict[str, dict], now: float) -> None:
-        token = toy_token(seq.prompt, len(seq.output), self.token_range)
+        token = toy_token(seq.seed, len(seq.tokens) - len(seq.prompt), self.token_range)
         seq.tokens.append(token)
         if token in seq.eos and not seq.ignore_eos:
             seq.finish_reason = "stop"
