@@ -15,6 +15,8 @@ Reported per group count:
 - CPU seconds of the Coordinator's process per delivered token (set-up of the requests included);
 - step-time inflation: per group, the wall time of its pure-decode calls from the first one's start to
   the last one's end, over steps x step-ms; mean and worst group (goal: <= 5% at 16 x 64, 30 ms);
+- the TPOT the consumers see (mean over streams of the time per token after the first item; the groups
+  alone would give step-ms);
 - every token delivered: the tokens the consumers read, against groups x running x max-tokens.
 """
 
@@ -91,23 +93,43 @@ def requests(count: int, max_tokens: int) -> list[dict]:
     ]
 
 
-async def consume_ray(coordinator: Any, request: dict) -> tuple[int, dict]:
-    """Read one stream through Ray as the HTTP server does: (tokens read, final record)."""
+class Reader:
+    """What a consumer saw of one stream: tokens read, and when the first and the last token item came."""
+
+    def __init__(self) -> None:
+        self.tokens, self.first_tokens, self.first, self.last = 0, 0, 0.0, 0.0
+
+    def item(self, item: dict) -> None:
+        n = len(item.get("token_ids", ()))
+        if n:
+            now = time.perf_counter()
+            if not self.tokens:
+                self.first, self.first_tokens = now, n
+            self.tokens, self.last = self.tokens + n, now
+
+    def tpot_s(self) -> float | None:
+        """Seconds per token after the first item, as the consumer saw them arrive."""
+        later = self.tokens - self.first_tokens
+        return (self.last - self.first) / later if later > 0 else None
+
+
+async def consume_ray(coordinator: Any, request: dict) -> tuple[Reader, dict]:
+    """Read one stream through Ray as the HTTP server does: (what was read, final record)."""
     stream = coordinator.stream.options(num_returns="streaming").remote(request)
-    tokens = 0
+    reader = Reader()
     while True:
         item = await (await stream.__anext__())
-        tokens += len(item.get("token_ids", ()))
+        reader.item(item)
         if item.get("final"):
-            return tokens, item
+            return reader, item
 
 
-async def consume_local(coordinator: Coordinator, request: dict) -> tuple[int, dict]:
-    tokens = 0
+async def consume_local(coordinator: Coordinator, request: dict) -> tuple[Reader, dict]:
+    reader = Reader()
     async for item in coordinator.stream(request):
-        tokens += len(item.get("token_ids", ()))
+        reader.item(item)
         if item.get("final"):
-            return tokens, item
+            return reader, item
     raise RuntimeError(f"stream of {request['id']} ended without a final record")
 
 
@@ -121,7 +143,8 @@ def inflation(calls: list[tuple[int, float, float]], step_s: float) -> float:
 
 def summary(groups: int, args: argparse.Namespace, cpu_s: float, wall_s: float, results: list, calls: list) -> dict:
     want = groups * args.running * args.max_tokens
-    got = sum(tokens for tokens, _ in results)
+    got = sum(reader.tokens for reader, _ in results)
+    tpots = [t for reader, _ in results if (t := reader.tpot_s()) is not None]
     errors = [r["error"] for _, r in results if r.get("error")]
     complete = sum(len(r["output_token_ids"]) == args.max_tokens for _, r in results)
     per_group = [inflation(c, args.step_ms / 1000) for c in calls]
@@ -141,6 +164,7 @@ def summary(groups: int, args: argparse.Namespace, cpu_s: float, wall_s: float, 
         "cpu_us_per_token": round(1e6 * cpu_s / max(got, 1), 2),
         "inflation_mean": round(sum(per_group) / len(per_group), 4),
         "inflation_max": round(max(per_group), 4),
+        "stream_tpot_ms": round(1000 * sum(tpots) / max(len(tpots), 1), 2),
     }
 
 
@@ -218,12 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out / f"bench_coordinator{'_in_process' if args.in_process else ''}.json"
     out.write_text(json.dumps(rows, indent=2) + "\n")
     print(
-        f"{'groups':>6} {'tokens/s':>9} {'CPU us/token':>12} {'inflation mean':>14} {'worst':>7} {'all delivered':>13}"
+        f"{'groups':>6} {'tokens/s':>9} {'CPU us/token':>12} {'inflation mean':>14} {'worst':>7} "
+        f"{'stream TPOT ms':>14} {'all delivered':>13}"
     )
     for r in rows:
         print(
             f"{r['groups']:>6} {r['tokens_per_s']:>9.0f} {r['cpu_us_per_token']:>12.1f} "
-            f"{100 * r['inflation_mean']:>13.1f}% {100 * r['inflation_max']:>6.1f}% {str(r['all_delivered']):>13}"
+            f"{100 * r['inflation_mean']:>13.1f}% {100 * r['inflation_max']:>6.1f}% {r['stream_tpot_ms']:>14.1f} "
+            f"{str(r['all_delivered']):>13}"
         )
     print(f"written to {out}")
     worst = next((r for r in rows if r["groups"] == max(args.groups)), rows[-1])
