@@ -16,10 +16,11 @@ requests to other groups and is rebuilt in the background, up to `max_group_rest
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from actors.config import EngineConfig
@@ -40,17 +41,28 @@ logger = logging.getLogger(__name__)
 class Coordinator:
     """Schedules vision encode, prefill and decode of all requests on the DP groups."""
 
-    def __init__(self, cfg: EngineConfig, placement: Any, group_order: list[int]) -> None:
-        """`placement.strategy(i)` places bundle i; DP rank d runs in placement group `group_order[d]`."""
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        placement: Any,
+        group_order: list[int],
+        group_factory: Callable[[int, EngineConfig, list[Any]], Any] | None = None,
+    ) -> None:
+        """`placement.strategy(i)` places bundle i; DP rank d runs in placement group `group_order[d]`.
+
+        `group_factory(dp_rank, cfg, strategies)` makes each DP group's workers (default: `WorkerGroup`, Ray
+        actors); benchmarks and tests pass fake groups with the same `start`/`kill`/`call` interface.
+        """
         logging.basicConfig(level=logging.INFO, format="[coordinator] %(message)s")
         self.cfg = cfg
         self.placement = placement
         self.builder = PromptBuilder.from_pretrained(cfg.worker.model_path, max_images=cfg.max_images_per_prompt)
         tp = cfg.tp_size
         num_blocks, block_size = cfg.worker.kv_pool()
+        make_group = group_factory or WorkerGroup
         self.engines = [
             GroupLoop(
-                WorkerGroup(d, cfg, [placement.strategy(g * tp + t) for t in range(tp)]),
+                make_group(d, cfg, [placement.strategy(g * tp + t) for t in range(tp)]),
                 GroupScheduler(
                     cfg.worker.max_batch_size,
                     num_blocks,
@@ -96,6 +108,10 @@ class Coordinator:
             raise errors[0]
         for engine in self.engines:
             self._group_ready(engine)
+        # What exists now (modules, tokenizer, config) lives as long as the actor: keep it out of the cyclic
+        # collector's full passes, which otherwise rescan it while requests stream.
+        gc.collect()
+        gc.freeze()
         return self.topology()
 
     async def rebuild_group(self, dp_rank: int) -> list[dict]:

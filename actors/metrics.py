@@ -124,6 +124,9 @@ class EngineMetrics:
         # Last cumulative vision-cache counts per DP group, to turn them into counter increments.
         self._vision_cache_seen: dict[str, tuple[int, int]] = {}
         self._kv_seen: dict[tuple[str, str], int] = {}
+        # Last value set per (gauge, tags): a gauge is set only when it changes (each set costs Ray ~tens of us,
+        # and the Coordinator sets its gauges every round of every group).
+        self._gauge_seen: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
 
     def record_request(self, record: dict, dp_rank: int | None) -> None:
         """Count a finished request; for a successful one, its tokens and TTFT/TPOT/E2E."""
@@ -153,8 +156,8 @@ class EngineMetrics:
     def set_queue_depth(self, dp_rank: int, waiting: int, running: int) -> None:
         """Current number of waiting and running requests of one DP group."""
         tags = {"dp_rank": str(dp_rank)}
-        self.metrics["qwen_vl_requests_waiting"].set(waiting, tags)
-        self.metrics["qwen_vl_requests_running"].set(running, tags)
+        self._set("qwen_vl_requests_waiting", waiting, tags)
+        self._set("qwen_vl_requests_running", running, tags)
 
     def record_phase(self, name: str, seconds: float, dp_rank: int) -> None:
         """One call of a phase (`vision_encode`, `prefill` or `decode`; a trailing `_s` is dropped)."""
@@ -186,7 +189,7 @@ class EngineMetrics:
         query tokens and preemptions (added as increments; a count below the last one restarts the series)."""
         tags = {"dp_rank": str(dp_rank)}
         for state in ("used", "free", "cached"):
-            self.metrics["qwen_vl_kv_blocks"].set(stats.get(state, 0), {**tags, "state": state})
+            self._set("qwen_vl_kv_blocks", stats.get(state, 0), {**tags, "state": state})
         for key, name in _KV_COUNTERS.items():
             now = int(stats.get(key, 0))
             prev = self._kv_seen.get((tags["dp_rank"], key), 0)
@@ -194,6 +197,12 @@ class EngineMetrics:
             increment = now - prev if now >= prev else now
             if increment > 0:
                 self.metrics[name].inc(increment, tags)
+
+    def _set(self, name: str, value: float, tags: dict[str, str]) -> None:
+        key = (name, tuple(sorted(tags.items())))
+        if self._gauge_seen.get(key) != value:
+            self._gauge_seen[key] = value
+            self.metrics[name].set(value, tags)
 
     def record_memory(self, rank: int, memory: dict) -> None:
         """A worker's host RSS and device-allocated bytes."""

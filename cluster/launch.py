@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -414,6 +415,17 @@ def aborted_record(request: dict) -> dict:
     return record
 
 
+@dataclass
+class Served:
+    """What serving on the engine left for the summary: ids written this run, serving wall time, phase
+    totals and the decode buckets that run eager."""
+
+    written: set[str] = field(default_factory=set)
+    wall_s: float = 0.0
+    phases: dict = field(default_factory=dict)
+    eager: list[dict] = field(default_factory=list)
+
+
 def run(cfg: RunConfig, resume_hint: str | None = None) -> int:
     """The whole job: returns the process exit status (0 when every request succeeded).
 
@@ -423,13 +435,29 @@ def run(cfg: RunConfig, resume_hint: str | None = None) -> int:
     SIGTERM the run winds down (see StopSignals), writes the summary of what completed and returns
     128 + the signal number; `resume_hint` is the command printed to finish the run.
     """
+    output = Path(cfg.output_path)
+    to_run = requests_to_run(cfg, output)
+    signals = StopSignals()
+    served = serve_on_engine(cfg, to_run, output, signals) if to_run else Served()
+    final = latest_per_id(read_records(output)[0])
+    completed = [r for r in final if r.get("finish_reason") != "abort"]
+    resumed = [r for r in completed if str(r["id"]) not in served.written]
+    summary = run_summary(cfg, completed, resumed, len(final) - len(completed), served)
+    print_report(output, completed, resumed, summary, served.eager)
+    if signals.signum is not None:
+        return report_interrupt(signals.signum, len(served.written), len(final) - len(completed), resume_hint)
+    return exit_status(completed)
+
+
+def requests_to_run(cfg: RunConfig, output: Path) -> list[dict]:
+    """The run's requests less those `resume` finds done in `output`; checks the config and the output
+    path before Ray starts (earlier results are never overwritten)."""
     data = cfg.data_config
     requests = load_requests(
         data.dataset, data.dataset_dir, data.batch_size, cfg.dp_size, data.num_samples, base_dir=Path.cwd()
     )
-    output = Path(cfg.output_path)
     preflight(cfg)
-    check_output_path(output, cfg.resume)  # before Ray starts: earlier results are never overwritten
+    check_output_path(output, cfg.resume)
     earlier = read_records(output)[0] if cfg.resume else []
     to_run, reused = pending_requests(requests, earlier, cfg.resume_failed)
     if cfg.resume:
@@ -437,47 +465,54 @@ def run(cfg: RunConfig, resume_hint: str | None = None) -> int:
             f"resume: {len(reused)} of {len(requests)} request(s) already done in {output}; running {len(to_run)}",
             file=sys.stderr,
         )
-    written: set[str] = set()
-    wall, phases, eager = 0.0, {}, []
-    signals = StopSignals()
-    if to_run:
-        connect(cfg)  # before the handlers: ray.init installs its own SIGTERM handler
-        with signals:
-            coordinator = start(cfg)
+    return to_run
+
+
+def serve_on_engine(cfg: RunConfig, to_run: list[dict], output: Path, signals: StopSignals) -> Served:
+    """Start the engine, serve `to_run` writing each record to `output` as it completes, read the engine's
+    stats and stop it (also on errors and signals)."""
+    served = Served()
+    connect(cfg)  # before the handlers: ray.init installs its own SIGTERM handler
+    with signals:
+        coordinator = start(cfg)
+        try:
+            with RecordWriter(output) as writer:
+
+                def keep(record: dict) -> None:
+                    writer.write(record)
+                    served.written.add(str(record["id"]))
+
+                signals.serving = True
+                start_time = time.perf_counter()
+                data = cfg.data_config
+                serve_requests(
+                    coordinator,
+                    to_run,
+                    data.request_rate,
+                    data.seed,
+                    on_record=keep,
+                    stop=signals,
+                    grace_s=cfg.interrupt_grace_s,
+                )
+                served.wall_s = time.perf_counter() - start_time
             try:
-                with RecordWriter(output) as writer:
+                stats = ray.get(coordinator.stats.remote(), timeout=30)
+                served.phases, served.eager = stats["phases"], eager_decode_buckets(stats["workers"])
+            except Exception:
+                served.phases = {}
+        finally:
+            stop(coordinator)
+    return served
 
-                    def keep(record: dict) -> None:
-                        writer.write(record)
-                        written.add(str(record["id"]))
 
-                    signals.serving = True
-                    start_time = time.perf_counter()
-                    serve_requests(
-                        coordinator,
-                        to_run,
-                        data.request_rate,
-                        data.seed,
-                        on_record=keep,
-                        stop=signals,
-                        grace_s=cfg.interrupt_grace_s,
-                    )
-                    wall = time.perf_counter() - start_time
-                try:
-                    stats = ray.get(coordinator.stats.remote(), timeout=30)
-                    phases, eager = stats["phases"], eager_decode_buckets(stats["workers"])
-                except Exception:
-                    phases = {}
-            finally:
-                stop(coordinator)
-
-    final = latest_per_id(read_records(output)[0])
-    completed = [r for r in final if r.get("finish_reason") != "abort"]
-    resumed = [r for r in completed if str(r["id"]) not in written]
-    summary = summarize(
+def run_summary(cfg: RunConfig, completed: list[dict], resumed: list[dict], aborted: int, served: Served) -> dict:
+    """The run's summary: latencies and throughput of the completed records (earlier runs' busy time counted
+    for those resumed), phase totals and the config that shaped them."""
+    data = cfg.data_config
+    return summarize(
         completed,
-        wall + busy_seconds(resumed),
-        phases=phases,
+        served.wall_s + busy_seconds(resumed),
+        phases=served.phases,
         extra={
             "config": {
                 "model_path": cfg.model_path,
@@ -493,10 +528,14 @@ def run(cfg: RunConfig, resume_hint: str | None = None) -> int:
                 "request_rate": data.request_rate,
             },
             "resumed_records": len(resumed),
-            "aborted_requests": len(final) - len(completed),
-            "eager_decode_buckets": eager,
+            "aborted_requests": aborted,
+            "eager_decode_buckets": served.eager,
         },
     )
+
+
+def print_report(output: Path, completed: list[dict], resumed: list[dict], summary: dict, eager: list[dict]) -> None:
+    """Write the summary, plot and timeline beside `output` and print the summary and where they are."""
     paths = write_report(completed, summary, output)
     print(format_summary(summary))
     if eager:
@@ -509,14 +548,20 @@ def run(cfg: RunConfig, resume_hint: str | None = None) -> int:
     print(f"results: {output}\nsummary: {paths['summary']}\nplot:    {paths['plot']}")
     if paths.get("timeline"):
         print(f"timeline: {paths['timeline']}")
-    if signals.signum is not None:
-        name = signal.Signals(signals.signum).name
-        print(
-            f"interrupted by {name}: {len(written)} record(s) written, {len(final) - len(completed)} request(s) "
-            f"aborted or not started; to finish the run: {resume_hint or 'run again with resume=true'}",
-            file=sys.stderr,
-        )
-        return 128 + signals.signum
+
+
+def report_interrupt(signum: int, written: int, unfinished: int, resume_hint: str | None) -> int:
+    """Say how far an interrupted run got and how to finish it; the exit status 128 + the signal number."""
+    print(
+        f"interrupted by {signal.Signals(signum).name}: {written} record(s) written, {unfinished} request(s) "
+        f"aborted or not started; to finish the run: {resume_hint or 'run again with resume=true'}",
+        file=sys.stderr,
+    )
+    return 128 + signum
+
+
+def exit_status(completed: list[dict]) -> int:
+    """1 when a request failed (the first ten errors printed), else 0."""
     failed = [r for r in completed if r.get("error")]
     for r in failed[:10]:
         print(f"request {r['id']} failed: {r['error']}", file=sys.stderr)

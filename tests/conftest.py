@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+from cluster.tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint, preset
 from model.processor import PreparedRequest, PromptBuilder
 from tests.reference import HFReference
 
@@ -95,42 +95,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
 
 
-# Checkpoints by name. "odd" has shapes unlike the default on every axis that can vary: 3 heads of
-# 32 with one KV head, an odd vocabulary, a 3-head vision tower with 2x2-unit windows and one
-# full-attention block. "tp_odd" is the same idea with 4 text heads, so that it shards over tp 2
-# and 4 while its single KV head, vocabulary 1001 and 3 vision heads do not divide.
+# Checkpoints by name: the shapes are cluster.tools.tiny_checkpoint's presets ("odd" and "tp_odd" differ
+# from the default on every axis that can vary), and two layouts of the default.
 CHECKPOINT_SPECS: dict[str, TinySpec] = {
-    "default": TinySpec(),
-    "sharded": TinySpec(num_shards=3),
-    "transformers5": TinySpec(layout="transformers5"),
-    "odd": TinySpec(
-        hidden_size=96,
-        num_attention_heads=3,
-        num_key_value_heads=1,
-        intermediate_size=160,
-        vocab_size=1001,
-        vision_depth=3,
-        vision_hidden_size=48,
-        vision_num_heads=3,
-        vision_intermediate_size=80,
-        fullatt_block_indexes=[0],
-        window_size=56,
-        seed=1,
-    ),
-    "tp_odd": TinySpec(
-        hidden_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        intermediate_size=192,
-        vocab_size=1001,
-        vision_depth=3,
-        vision_hidden_size=48,
-        vision_num_heads=3,
-        vision_intermediate_size=96,
-        fullatt_block_indexes=[2],
-        window_size=56,
-        seed=2,
-    ),
+    "default": preset("default"),
+    "sharded": preset("default", num_shards=3),
+    "transformers5": preset("default", layout="transformers5"),
+    "odd": preset("odd"),
+    "tp_odd": preset("tp_odd"),
 }
 
 # Test images by name: (width, height). "small" is below min_pixels and gets scaled up; "large"

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cluster.tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+from cluster.tools.tiny_checkpoint import build_tiny_checkpoint, preset
 from model.loader import CheckpointError
 from model.parallel import ParallelContext
 from model.runner import ModelRunner
@@ -122,17 +122,7 @@ status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(json.dumps({"peak_kib": int(status["VmHWM"].split()[0]), "anon_kib": int(status["RssAnon"].split()[0])}))
 """
 
-# About 210 MB of fp32 weights, 95% of them in the two decoder layers; the vision tower is tiny.
-BIG_SPEC = TinySpec(
-    hidden_size=2048,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    intermediate_size=2048,
-    num_hidden_layers=2,
-    vocab_size=1000,
-    vision_depth=1,
-    fullatt_block_indexes=[0],
-)
+BIG_SPEC = preset("wide")  # about 210 MB of fp32 weights, 95% of them in the two decoder layers
 
 
 def _memory_kib(path: Path, mode: str) -> dict[str, int]:

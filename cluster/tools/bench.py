@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cluster.tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint
+from cluster.tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint, preset
 from model.processor import PreparedRequest, PromptBuilder
 from model.runner import ModelRunner
 from model.sampling import SamplingParams
@@ -41,23 +41,8 @@ CACHE_DIR = Path.home() / ".cache" / "qwen2_5_vl_ray"
 # name -> (directory under CACHE_DIR, spec). "small" has the Qwen2.5-0.5B text shape (untied LM head)
 # and a 2-block vision tower.
 CHECKPOINTS: dict[str, tuple[str, TinySpec]] = {
-    "tiny": ("tiny-qwen2.5-vl", TinySpec()),
-    "small": (
-        "bench-small",
-        TinySpec(
-            hidden_size=896,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            intermediate_size=4864,
-            vocab_size=151936,
-            vision_depth=2,
-            vision_hidden_size=128,
-            vision_num_heads=4,
-            vision_intermediate_size=256,
-            fullatt_block_indexes=[1],
-        ),
-    ),
+    "tiny": ("tiny-qwen2.5-vl", preset("default")),
+    "small": ("bench-small", preset("small")),
 }
 ENGINES = ("hf", "hf_static_compile", "ours_eager", "ours_graph", "ray_tp1")
 BASELINE = "hf"

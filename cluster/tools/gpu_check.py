@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from cluster.tools.greedy_check import TokenComparison, compare_greedy, decode_step_logits
-from cluster.tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint, to_layout
+from cluster.tools.tiny_checkpoint import TinySpec, build_tiny_checkpoint, preset, to_layout
 from model.processor import PreparedRequest
 from model.runner import ModelRunner
 from model.sampling import SamplingParams
@@ -208,7 +208,7 @@ def write_random_checkpoint(out: Path, shape: dict[str, int], dtype: torch.dtype
     from safetensors.torch import save_file
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    tiny = build_tiny_checkpoint(out.parent / "tiny-files", TinySpec())
+    tiny = build_tiny_checkpoint(out.parent / "tiny-files", preset("default"))
     out.mkdir(parents=True, exist_ok=True)
     for name in (
         "generation_config.json",
@@ -425,17 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         def run_parity() -> dict[str, Any]:
             images = make_images(args.out / "images")
             figures = {}
-            specs = {
-                "default": TinySpec(),
-                "odd": TinySpec(
-                    hidden_size=96,
-                    num_attention_heads=3,
-                    num_key_value_heads=1,
-                    intermediate_size=160,
-                    vocab_size=1001,
-                    seed=1,
-                ),
-            }
+            specs = {"default": preset("default"), "odd": preset("odd_text")}
             for name, spec in list(specs.items())[: 1 if args.quick else 2]:
                 path = build_tiny_checkpoint(args.out / f"tiny-{name}", spec)
                 figures[name] = parity(path, device, images, args.new_tokens, args.quick)

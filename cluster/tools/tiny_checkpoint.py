@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -226,6 +226,50 @@ class TinySpec:
             raise ValueError(f"TinySpec.layout must be one of {LAYOUTS}, got {self.layout!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"TinySpec.seed must be an int, got {self.seed!r}")
+
+
+# Named shapes used by the tests, benchmarks and checks. Built checkpoints are cached by their spec, so
+# a preset's values never change; a new shape gets a new name.
+_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # Qwen2.5-0.5B's text shape (untied LM head) and a 2-block vision tower.
+    "small": dict(
+        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        intermediate_size=4864, vocab_size=151936, vision_depth=2, vision_hidden_size=128, vision_num_heads=4,
+        vision_intermediate_size=256, fullatt_block_indexes=[1],
+    ),
+    # Unlike the default on every axis that can vary: 3 heads of 32 with one KV head, an odd vocabulary,
+    # a 3-head vision tower with 2x2-unit windows and one full-attention block.
+    "odd": dict(
+        hidden_size=96, num_attention_heads=3, num_key_value_heads=1, intermediate_size=160, vocab_size=1001,
+        vision_depth=3, vision_hidden_size=48, vision_num_heads=3, vision_intermediate_size=80,
+        fullatt_block_indexes=[0], window_size=56, seed=1,
+    ),
+    # The odd text model of "odd" with the default vision tower.
+    "odd_text": dict(
+        hidden_size=96, num_attention_heads=3, num_key_value_heads=1, intermediate_size=160, vocab_size=1001, seed=1
+    ),
+    # "odd" with 4 text heads, so that it shards over tp 2 and 4 while its single KV head, vocabulary 1001
+    # and 3 vision heads do not divide.
+    "tp_odd": dict(
+        hidden_size=128, num_attention_heads=4, num_key_value_heads=1, intermediate_size=192, vocab_size=1001,
+        vision_depth=3, vision_hidden_size=48, vision_num_heads=3, vision_intermediate_size=96,
+        fullatt_block_indexes=[2], window_size=56, seed=2,
+    ),
+    # About 210 MB of fp32 weights, 95% of them in two wide decoder layers; a 1-block vision tower.
+    "wide": dict(
+        hidden_size=2048, num_attention_heads=16, num_key_value_heads=8, intermediate_size=2048,
+        num_hidden_layers=2, vocab_size=1000, vision_depth=1, fullatt_block_indexes=[0],
+    ),
+}  # fmt: skip
+PRESETS = tuple(_PRESETS)
+
+
+def preset(name: str, **changes: Any) -> TinySpec:
+    """A fresh TinySpec of the named shape (one of PRESETS), with `changes` (e.g. num_shards=3) on top."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown tiny checkpoint preset {name!r}; choose from {PRESETS}")
+    return TinySpec(**copy.deepcopy(_PRESETS[name]), **changes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,264 @@
+"""Coordinator benchmark: the real Coordinator over fake DP groups that return tokens at a set step time.
+
+`python -m cluster.tools.bench_coordinator [--groups 1 4 16] [--running 64] [--step-ms 30] [--steps-per-call 4]
+[--max-tokens 64] [--in-process] [--out DIR]`
+
+Each fake group (cluster/tools/fake_workers.py) answers a `step` call after `steps x step-ms` of
+waiting, with one toy token per running request and step: no model, so the Coordinator's own work
+(scheduling, routing, detokenizing, stop strings, records, streaming) is all that is measured. Per
+group count, `running x groups` requests of `--max-tokens` tokens (EOS ignored) are submitted at
+once and every one is read as a stream by a consumer, as the HTTP server reads them. The Coordinator
+runs as in production, an async Ray actor, and the consumers sit in this driver process (`--in-process`:
+both on one asyncio loop here instead, which leaves Ray's own per-item cost out).
+
+Reported per group count:
+- CPU seconds of the Coordinator's process per delivered token (set-up of the requests included);
+- step-time inflation: per group, the wall time of its pure-decode calls from the first one's start to
+  the last one's end, over steps x step-ms; mean and worst group (goal: <= 5% at 16 x 64, 30 ms);
+- the TPOT the consumers see (mean over streams of the time per token after the first item; the groups
+  alone would give step-ms);
+- every token delivered: the tokens the consumers read, against groups x running x max-tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.config import EngineConfig, WorkerConfig
+from actors.coordinator import Coordinator
+from cluster.tools.bench import CACHE_DIR, CHECKPOINTS, log
+from cluster.tools.fake_workers import FakeWorkerGroup
+from cluster.tools.tiny_checkpoint import build_tiny_checkpoint
+
+GOAL_INFLATION = 0.05
+
+
+class NoPlacement:
+    """Fake groups need no placement group."""
+
+    def strategy(self, index: int) -> None:
+        return None
+
+    def remove(self) -> None:
+        pass
+
+
+class MeasuredCoordinator(Coordinator):
+    """The Coordinator plus what the benchmark reads from inside its process."""
+
+    def cpu_seconds(self) -> float:
+        """CPU time of this process so far (every thread: the event loop and Ray's own), less the fake
+        groups' own work."""
+        return time.process_time() - sum(e.group.busy_s for e in self.engines)
+
+    def decode_calls(self) -> list[list[tuple[int, float, float]]]:
+        """Per group, its pure-decode `step` calls as (steps, start, end) in perf_counter seconds."""
+        return [[c[1:] for c in e.group.calls if c[0] == "decode" and c[1]] for e in self.engines]
+
+
+def engine_config(model_path: Path, groups: int, running: int, max_tokens: int, steps_per_call: int) -> EngineConfig:
+    worker = WorkerConfig(str(model_path), "cpu", "float32", "graph", "tp", running, 64 + max_tokens)
+    return EngineConfig(
+        worker,
+        tp_size=1,
+        dp_size=groups,
+        worker_options={},
+        namespace="bench-coordinator",
+        input_max_len=64,
+        max_images_per_prompt=1,
+        prefill_chunk_tokens=max(2048, running),
+        decode_steps_per_call=steps_per_call,
+    )
+
+
+def requests(count: int, max_tokens: int) -> list[dict]:
+    return [
+        {
+            "id": f"r{i}",
+            "prompt": f"request {i}: describe the weather",
+            "max_new_tokens": max_tokens,
+            "ignore_eos": True,
+        }
+        for i in range(count)
+    ]
+
+
+class Reader:
+    """What a consumer saw of one stream: tokens read, and when the first and the last token item came."""
+
+    def __init__(self) -> None:
+        self.tokens, self.first_tokens, self.first, self.last = 0, 0, 0.0, 0.0
+
+    def item(self, item: dict) -> None:
+        n = len(item.get("token_ids", ()))
+        if n:
+            now = time.perf_counter()
+            if not self.tokens:
+                self.first, self.first_tokens = now, n
+            self.tokens, self.last = self.tokens + n, now
+
+    def tpot_s(self) -> float | None:
+        """Seconds per token after the first item, as the consumer saw them arrive."""
+        later = self.tokens - self.first_tokens
+        return (self.last - self.first) / later if later > 0 else None
+
+
+async def consume_ray(coordinator: Any, request: dict) -> tuple[Reader, dict]:
+    """Read one stream through Ray as the HTTP server does: (what was read, final record)."""
+    stream = coordinator.stream.options(num_returns="streaming").remote(request)
+    reader = Reader()
+    while True:
+        item = await (await stream.__anext__())
+        reader.item(item)
+        if item.get("final"):
+            return reader, item
+
+
+async def consume_local(coordinator: Coordinator, request: dict) -> tuple[Reader, dict]:
+    reader = Reader()
+    async for item in coordinator.stream(request):
+        reader.item(item)
+        if item.get("final"):
+            return reader, item
+    raise RuntimeError(f"stream of {request['id']} ended without a final record")
+
+
+def inflation(calls: list[tuple[int, float, float]], step_s: float) -> float:
+    """Wall time of a group's pure-decode calls, first start to last end, over their steps x step time, minus 1."""
+    if not calls:
+        return float("nan")
+    steps = sum(c[0] for c in calls)
+    return (calls[-1][2] - calls[0][1]) / (steps * step_s) - 1
+
+
+def summary(groups: int, args: argparse.Namespace, cpu_s: float, wall_s: float, results: list, calls: list) -> dict:
+    want = groups * args.running * args.max_tokens
+    got = sum(reader.tokens for reader, _ in results)
+    tpots = [t for reader, _ in results if (t := reader.tpot_s()) is not None]
+    errors = [r["error"] for _, r in results if r.get("error")]
+    complete = sum(len(r["output_token_ids"]) == args.max_tokens for _, r in results)
+    per_group = [inflation(c, args.step_ms / 1000) for c in calls]
+    return {
+        "groups": groups,
+        "running_per_group": args.running,
+        "step_ms": args.step_ms,
+        "steps_per_call": args.steps_per_call,
+        "mode": "in-process" if args.in_process else "ray-actor",
+        "tokens_expected": want,
+        "tokens_delivered": got,
+        "all_delivered": got == want and complete == len(results) and not errors,
+        "errors": errors[:3],
+        "wall_s": round(wall_s, 3),
+        "tokens_per_s": round(got / wall_s, 1),
+        "coordinator_cpu_s": round(cpu_s, 3),
+        "cpu_us_per_token": round(1e6 * cpu_s / max(got, 1), 2),
+        "inflation_mean": round(sum(per_group) / len(per_group), 4),
+        "inflation_max": round(max(per_group), 4),
+        "stream_tpot_ms": round(1000 * sum(tpots) / max(len(tpots), 1), 2),
+    }
+
+
+async def run_local(model_path: Path, groups: int, args: argparse.Namespace) -> dict:
+    cfg = engine_config(model_path, groups, args.running, args.max_tokens, args.steps_per_call)
+    factory = partial(FakeWorkerGroup, step_time_s=args.step_ms / 1000)
+    coordinator = MeasuredCoordinator(cfg, NoPlacement(), list(range(groups)), group_factory=factory)
+    await coordinator.setup()
+    reqs = requests(groups * args.running, args.max_tokens)
+    cpu0, start = coordinator.cpu_seconds(), time.perf_counter()
+    results = await asyncio.gather(*(consume_local(coordinator, r) for r in reqs))
+    wall, cpu = time.perf_counter() - start, coordinator.cpu_seconds() - cpu0
+    calls = coordinator.decode_calls()
+    await coordinator.shutdown()
+    return summary(groups, args, cpu, wall, results, calls)
+
+
+async def run_ray(model_path: Path, groups: int, args: argparse.Namespace) -> dict:
+    cfg = engine_config(model_path, groups, args.running, args.max_tokens, args.steps_per_call)
+    factory = partial(FakeWorkerGroup, step_time_s=args.step_ms / 1000)
+    coordinator = (
+        ray.remote(MeasuredCoordinator)
+        .options(num_cpus=0, max_concurrency=100_000, max_restarts=0)
+        .remote(cfg, NoPlacement(), list(range(groups)), factory)
+    )
+    try:
+        await coordinator.setup.remote()
+        reqs = requests(groups * args.running, args.max_tokens)
+        cpu0 = await coordinator.cpu_seconds.remote()
+        start = time.perf_counter()
+        results = await asyncio.gather(*(consume_ray(coordinator, r) for r in reqs))
+        wall = time.perf_counter() - start
+        cpu = await coordinator.cpu_seconds.remote() - cpu0
+        calls = await coordinator.decode_calls.remote()
+        await coordinator.shutdown.remote()
+    finally:
+        ray.kill(coordinator, no_restart=True)
+    return summary(groups, args, cpu, wall, results, calls)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster.tools.bench_coordinator", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--running", type=int, default=64, help="running requests per group")
+    parser.add_argument("--step-ms", type=float, default=30.0)
+    parser.add_argument("--steps-per-call", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--in-process", action="store_true", help="the Coordinator on this process's loop, no Ray")
+    parser.add_argument("--out", type=Path, default=Path("bench_results"))
+    args = parser.parse_args(argv)
+    for name, value in (("--running", args.running), ("--steps-per-call", args.steps_per_call)):
+        if value < 1:
+            parser.error(f"{name}={value} must be >= 1")
+    if args.step_ms <= 0 or args.max_tokens < 1 or any(g < 1 for g in args.groups):
+        parser.error(f"--step-ms={args.step_ms}, --max-tokens={args.max_tokens}, --groups={args.groups} must be > 0")
+    directory, spec = CHECKPOINTS["tiny"]
+    model_path = build_tiny_checkpoint(CACHE_DIR / directory, spec)  # only its tokenizer is used
+    if not args.in_process:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, namespace="bench-coordinator")
+    rows = []
+    try:
+        for groups in args.groups:
+            log(f"{groups} group(s) x {args.running} running, {args.step_ms:g} ms steps, {args.steps_per_call}/call")
+            run = run_local if args.in_process else run_ray
+            row = asyncio.run(run(model_path, groups, args))
+            log(json.dumps(row))
+            rows.append(row)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"bench_coordinator{'_in_process' if args.in_process else ''}.json"
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    print(
+        f"{'groups':>6} {'tokens/s':>9} {'CPU us/token':>12} {'inflation mean':>14} {'worst':>7} "
+        f"{'stream TPOT ms':>14} {'all delivered':>13}"
+    )
+    for r in rows:
+        print(
+            f"{r['groups']:>6} {r['tokens_per_s']:>9.0f} {r['cpu_us_per_token']:>12.1f} "
+            f"{100 * r['inflation_mean']:>13.1f}% {100 * r['inflation_max']:>6.1f}% {r['stream_tpot_ms']:>14.1f} "
+            f"{str(r['all_delivered']):>13}"
+        )
+    print(f"written to {out}")
+    worst = next((r for r in rows if r["groups"] == max(args.groups)), rows[-1])
+    if worst["inflation_max"] > GOAL_INFLATION:
+        print(
+            f"goal missed: {worst['groups']} groups inflate decode steps by {100 * worst['inflation_max']:.1f}% (> 5%)"
+        )
+    return 0 if all(r["all_delivered"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

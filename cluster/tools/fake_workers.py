@@ -1,0 +1,220 @@
+"""A fake DP worker group: answers `encode` and `step` like ShardWorker over RunningBatch, with no model.
+
+Each request's next token is `toy_token(prompt_seed(prompt), index)`: its prompt is hashed once, at
+admission, and each token is a cheap mix of that seed and the output index (the fake must cost little
+next to the Coordinator it drives), drawn from a range of ordinary tokenizer ids. EOS (unless
+`ignore_eos`) and `max_new_tokens` end a request as `model.batch.RunningBatch` does, and a
+pure-decode call of `steps` steps advances every decoding request up to `steps` tokens. A call can
+take a set time per step (`step_time_s`, the Coordinator benchmark) and be held on events (tests).
+The group has the interface the Coordinator's group loop uses: `dp_rank`, `alive`, `infos`,
+`stats`, `rendezvous`, `start`, `kill` and `call(method, *args)` returning every rank's answer,
+raising `GroupFailure` when the group is dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors.groups import CallError, GroupFailure
+
+TOKEN_RANGE = (300, 1000)  # ordinary BPE ids of the tiny checkpoint's tokenizer (no special token)
+
+
+def prompt_seed(prompt_ids: list[int]) -> int:
+    """A 32-bit hash of a prompt (what the fake model's tokens depend on)."""
+    return int.from_bytes(hashlib.sha256(repr(list(prompt_ids)).encode()).digest()[:4], "little")
+
+
+def toy_token(seed: int, index: int, token_range: tuple[int, int] = TOKEN_RANGE) -> int:
+    """The fake model's output token number `index` (0-based) for the prompt of `prompt_seed` `seed`."""
+    mixed = ((seed ^ (index * 0x9E3779B1)) * 0x85EBCA6B) & 0xFFFFFFFF
+    low, high = token_range
+    return low + (mixed >> 8) % (high - low)
+
+
+@dataclass
+class FakeSeq:
+    """One request on the fake workers (mirrors model.batch.SeqState where the loop can see it)."""
+
+    prompt: list[int]
+    seed: int
+    max_new_tokens: int
+    eos: frozenset[int]
+    ignore_eos: bool
+    tokens: list[int]
+    num_computed: int
+    finish_reason: str | None = None
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[len(self.prompt) :]
+
+    @property
+    def decoding(self) -> bool:
+        return self.finish_reason is None and self.num_computed == len(self.tokens) - 1
+
+
+@dataclass
+class FakeWorkerGroup:
+    """A DP group of `tp_size` fake ranks that all give rank 0's answer (construct as WorkerGroup is)."""
+
+    dp_rank: int
+    cfg: Any = None
+    strategies: list[Any] = field(default_factory=list)
+    step_time_s: float = 0.0
+    token_range: tuple[int, int] = TOKEN_RANGE
+    reject: dict[str, str] = field(default_factory=dict)  # request key -> admission error message
+    hold: asyncio.Event | None = None  # when set, a `step` call waits for it after `entered` is set
+    entered: asyncio.Event | None = None
+    alive: bool = False
+    infos: list[dict] = field(default_factory=list)
+    stats: list[dict] = field(default_factory=list)
+    rendezvous: tuple[str, int] | None = None
+    seqs: dict[str, FakeSeq] = field(default_factory=dict)
+    # (kind, steps, start, end): kind "encode", "prefill" (a call with chunks) or "decode"; perf_counter seconds
+    calls: list[tuple[str, int, float, float]] = field(default_factory=list)
+    starts: int = 0
+    busy_s: float = 0.0  # thread CPU time spent in `step` answers (the fake's own work, not the caller's)
+    dead_rank: int | None = None
+
+    @property
+    def tp_size(self) -> int:
+        return max(1, len(self.strategies))
+
+    async def start(self) -> None:
+        """A fresh, empty group (as after a rebuild)."""
+        self.starts += 1
+        self.seqs, self.dead_rank, self.alive = {}, None, True
+        ranks = [self.dp_rank * self.tp_size + t for t in range(self.tp_size)]
+        self.infos = [
+            {"rank": r, "tp_rank": t, "dp_rank": self.dp_rank, "node_id": "fake", "node_ip": "127.0.0.1",
+             "device": "cpu", "device_ids": [], "device_index": 0, "pid": 0}
+            for t, r in enumerate(ranks)
+        ]  # fmt: skip
+        self.stats = [
+            {"rank": r, "load_s": 0.0, "warmup_s": 0.0, "graph_capture_s": 0.0, "rss_bytes": 0, "device_bytes": 0}
+            for r in ranks
+        ]
+
+    async def kill(self) -> None:
+        self.alive = False
+        self.seqs = {}
+
+    def die(self, rank: int = 0) -> None:
+        """Make the next call (or the one held now) fail as if `rank` of this group died."""
+        self.dead_rank = rank
+
+    async def call(self, method: str, *args: Any) -> list[dict]:
+        """Every rank's answer (all equal); GroupFailure when a rank is dead, CallError for an unknown method."""
+        start = time.perf_counter()
+        self._check_alive()
+        kind, steps = method, 0
+        if method == "encode":
+            answer: dict = {"seconds": 0.0, "cache": {}}
+        elif method == "step":
+            if self.entered is not None:
+                self.entered.set()
+            if self.hold is not None:
+                await self.hold.wait()
+            self._check_alive()
+            cpu = time.thread_time()
+            answer = self._step(*args)
+            self.busy_s += time.thread_time() - cpu
+            kind, steps = ("prefill", 1) if args[4] else ("decode", args[6])
+            if self.step_time_s and steps:
+                await asyncio.sleep(self.step_time_s * steps)
+            answer["seconds"] = time.perf_counter() - start
+        else:
+            raise CallError(f"fake dp group {self.dp_rank} has no method {method!r}")
+        self.calls.append((kind, steps, start, time.perf_counter()))
+        return [answer] * self.tp_size
+
+    def _check_alive(self) -> None:
+        if self.dead_rank is not None or not self.alive:
+            self.alive = False
+            rank = self.dp_rank * self.tp_size + (self.dead_rank or 0)
+            raise GroupFailure(f"shard-worker-{rank} (rank {rank}) of dp group {self.dp_rank} died (RayActorError)")
+
+    def _step(
+        self,
+        releases: list[str],
+        preempted: list[str],
+        admissions: list[tuple],
+        tables: dict[str, list[int]],
+        chunks: list[tuple[str, int, int]],
+        decode: list[str],
+        steps: int,
+        profile: bool = False,
+    ) -> dict:
+        for rid in releases:
+            self.seqs.pop(rid, None)
+        for rid in preempted:
+            if rid in self.seqs:
+                self.seqs[rid].num_computed = 0
+        errors: dict[str, str] = {}
+        for request, params, eos, num_cached in admissions:
+            rid = request.request_id
+            if rid in self.reject:
+                errors[rid] = self.reject[rid]
+                self.seqs.pop(rid, None)
+                continue
+            known = self.seqs.get(rid)
+            if known is None:
+                prompt = list(request.input_ids)
+                known = FakeSeq(
+                    prompt,
+                    prompt_seed(prompt),
+                    params.max_new_tokens,
+                    frozenset(eos),
+                    params.ignore_eos,
+                    list(prompt),
+                    0,
+                )
+                self.seqs[rid] = known
+            known.num_computed = num_cached
+        missing = [r for r, _, _ in chunks if r not in errors and r not in tables] + [
+            r for r in decode if r not in tables
+        ]
+        if missing:
+            raise ValueError(f"fake dp group {self.dp_rank}: no block table for {missing}")
+        out: dict[str, dict] = {}
+        now = time.time()
+        if chunks:
+            for rid, start, end in chunks:
+                if rid in errors:
+                    continue
+                seq = self.seqs[rid]
+                if start != seq.num_computed or not start < end <= len(seq.tokens):
+                    raise ValueError(f"request {rid!r}: chunk {start}..{end} after {seq.num_computed} computed")
+                seq.num_computed = end
+                if end == len(seq.tokens):
+                    self._sample(rid, seq, out, now)
+            for rid in decode:
+                seq = self.seqs[rid]
+                if seq.decoding:
+                    seq.num_computed += 1
+                    self._sample(rid, seq, out, now)
+        else:
+            live = [(rid, self.seqs[rid]) for rid in decode if self.seqs[rid].decoding]
+            for _ in range(steps):
+                for rid, seq in live:
+                    if seq.finish_reason is None:
+                        seq.num_computed += 1
+                        self._sample(rid, seq, out, now)
+        return {"outputs": out, "errors": errors, "seconds": 0.0}
+
+    def _sample(self, rid: str, seq: FakeSeq, out: dict[str, dict], now: float) -> None:
+        token = toy_token(seq.seed, len(seq.tokens) - len(seq.prompt), self.token_range)
+        seq.tokens.append(token)
+        if token in seq.eos and not seq.ignore_eos:
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= seq.max_new_tokens:
+            seq.finish_reason = "length"
+        item = out.setdefault(rid, {"request_id": rid, "tokens": [], "times": [], "finish_reason": None})
+        item["tokens"].append(token)
+        item["times"].append(now)
+        item["finish_reason"] = seq.finish_reason

@@ -1,0 +1,310 @@
+"""The group loop and the Coordinator's handling of its rounds, against a fake worker group (no Ray, no model).
+
+The fake group (cluster/tools/fake_workers.py) answers `encode` and `step` like ShardWorker over
+RunningBatch, with a toy next token per request; the tokens every request gets are checked against
+the same toy model run on that request alone. Overlap (a request aborted while its call runs, a rank
+dying inside a call) is arranged with events the fake's `step` call waits on, never with sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from actors.config import EngineConfig, WorkerConfig
+from actors.coordinator import Coordinator
+from actors.group_loop import GroupLoop
+from actors.groups import GroupFailure
+from actors.scheduler import GroupScheduler, Sequence
+from cluster.tools.fake_workers import FakeWorkerGroup, prompt_seed, toy_token
+from model.processor import PreparedRequest
+from model.sampling import SamplingParams
+
+
+@dataclass
+class Payload:
+    prepared: PreparedRequest
+    params: SamplingParams
+
+
+def reference(prompt: list[int], max_new_tokens: int, eos: set[int]) -> tuple[list[int], str]:
+    """The toy model's tokens and finish reason for a prompt served alone."""
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        out.append(toy_token(prompt_seed(prompt), len(out)))
+        if out[-1] in eos:
+            return out, "stop"
+    return out, "length"
+
+
+def make_seq(name: str, prompt_len: int, max_new_tokens: int) -> Sequence:
+    prompt = [10 + (hash(name) + i) % 200 for i in range(prompt_len)]
+    prepared = PreparedRequest(name, prompt, None, None)
+    seq = Sequence(name, prompt, max_new_tokens)
+    seq.payload = Payload(prepared, SamplingParams(max_new_tokens=max_new_tokens))
+    return seq
+
+
+class Owner:
+    """The Coordinator's part in miniature: applies each round's tokens and failures to the scheduler."""
+
+    def __init__(self, loop: GroupLoop) -> None:
+        self.loop = loop
+        self.tokens: dict[str, list[int]] = {}
+        self.reasons: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
+
+    async def round(self) -> None:
+        sched = self.loop.scheduler
+        result = await self.loop.round()
+        for seq, message in result.failed:
+            self.errors[seq.request_id] = message
+            sched.abort(seq.request_id, "error")
+        for seq, out in result.outputs:
+            sched.append(seq, out["tokens"])
+            self.tokens.setdefault(seq.request_id, []).extend(out["tokens"])
+            if out["finish_reason"] is not None:
+                self.reasons[seq.request_id] = out["finish_reason"]
+                sched.finish(seq, out["finish_reason"])
+        sched.pool.check()
+
+    async def run(self, max_rounds: int = 500) -> None:
+        for _ in range(max_rounds):
+            if self.loop.scheduler.idle:
+                return
+            await self.round()
+        raise AssertionError(f"not idle after {max_rounds} rounds")
+
+
+EOS = {toy_token(prompt_seed(make_seq("b", 9, 1).prompt_ids), 3)}  # request "b" ends at its 4th token
+
+
+def new_loop(num_blocks: int = 64, block_size: int = 4, max_running: int = 4, budget: int = 8) -> GroupLoop:
+    return GroupLoop(
+        FakeWorkerGroup(0), GroupScheduler(max_running, num_blocks, block_size, "continuous", budget, 4), sorted(EOS)
+    )
+
+
+def check_against_reference(owner: Owner, seqs: list[Sequence]) -> None:
+    for seq in seqs:
+        if seq.request_id in owner.errors:
+            continue
+        want, reason = reference(seq.prompt_ids, seq.max_new_tokens, EOS)
+        assert owner.tokens[seq.request_id] == want, seq.request_id
+        assert owner.reasons[seq.request_id] == reason, seq.request_id
+
+
+def test_rounds_give_every_request_its_own_tokens_and_release_it() -> None:
+    """Chunked prompts, multi-step decode, EOS and length, preemption by a small pool: tokens as if served alone."""
+    loop = new_loop(num_blocks=14)
+    seqs = [
+        make_seq(name, n, m) for name, n, m in [("a", 13, 20), ("b", 9, 12), ("c", 5, 17), ("d", 21, 6), ("e", 3, 9)]
+    ]
+
+    async def main() -> Owner:
+        await loop.group.start()
+        owner = Owner(loop)
+        for seq in seqs:
+            loop.scheduler.add(seq)
+        await owner.run()
+        return owner
+
+    owner = asyncio.run(main())
+    assert not owner.errors
+    check_against_reference(owner, seqs)
+    assert owner.reasons["b"] == "stop" and len(owner.tokens["b"]) == 4
+    assert loop.scheduler.preemptions > 0
+    assert loop.group.seqs == {}  # every ended request was released on the workers
+    assert loop.scheduler.pool.stats()["used"] == 0
+
+
+def test_admission_error_fails_that_request_only() -> None:
+    loop = new_loop()
+    seqs = [make_seq(name, 6, 7) for name in "pqr"]
+    loop.group.reject["q"] = "request 'q' does not fit this rank"
+
+    async def main() -> Owner:
+        await loop.group.start()
+        owner = Owner(loop)
+        for seq in seqs:
+            loop.scheduler.add(seq)
+        await owner.run()
+        return owner
+
+    owner = asyncio.run(main())
+    assert owner.errors == {"q": "request 'q' does not fit this rank"}
+    assert "q" not in owner.tokens
+    check_against_reference(owner, seqs)
+    assert set(owner.tokens) == {"p", "r"}
+    assert loop.group.seqs == {} and loop.scheduler.pool.stats()["used"] == 0
+
+
+def test_abort_while_its_call_runs_drops_its_tokens_and_releases_it_next() -> None:
+    loop = new_loop()
+    seqs = [make_seq(name, 6, 30) for name in "xy"]
+
+    async def main() -> Owner:
+        group = loop.group
+        await group.start()
+        owner = Owner(loop)
+        for seq in seqs:
+            loop.scheduler.add(seq)
+        await owner.round()  # prefill: both decode from now on
+        group.hold, group.entered = asyncio.Event(), asyncio.Event()
+        call = asyncio.create_task(owner.round())
+        await group.entered.wait()  # the decode call is in flight
+        assert loop.scheduler.abort("x") is seqs[0]
+        assert loop.scheduler.pool.held("x") == 0  # its blocks are free at once
+        group.hold.set()
+        await call
+        assert len(owner.tokens["x"]) == 1  # the in-flight call's tokens for it were dropped
+        group.hold = group.entered = None
+        plan_releases = []
+        original = loop.scheduler.schedule
+
+        def schedule():
+            plan = original()
+            plan_releases.extend(plan.releases)
+            return plan
+
+        loop.scheduler.schedule = schedule
+        await owner.round()
+        assert plan_releases == ["x"] and "x" not in group.seqs
+        await owner.run()
+        return owner
+
+    owner = asyncio.run(main())
+    check_against_reference(owner, seqs[1:])
+    assert loop.group.seqs == {}
+
+
+def test_dead_rank_propagates_as_group_failure() -> None:
+    loop = new_loop(max_running=2, budget=16)
+    loop.group.strategies = [None, None]  # tp 2
+    seqs = [make_seq(name, 5, 8) for name in "ijk"]
+
+    async def main() -> None:
+        await loop.group.start()
+        owner = Owner(loop)
+        for seq in seqs:
+            loop.scheduler.add(seq)
+        await owner.round()
+        loop.group.die(1)
+        with pytest.raises(GroupFailure, match=r"shard-worker-1 \(rank 1\) of dp group 0 died"):
+            await owner.round()
+        out = loop.scheduler.take_all()
+        assert [s.request_id for s in out] == ["k", "i", "j"]  # waiting first, then running
+        assert [s.state.value for s in out] == ["waiting", "decoding", "decoding"]
+
+    asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------- through the Coordinator
+class NoPlacement:
+    def strategy(self, index: int) -> None:
+        return None
+
+    def remove(self) -> None:
+        pass
+
+
+def coordinator(model_path: Path, dp_size: int, max_batch_size: int, restarts: int) -> Coordinator:
+    worker = WorkerConfig(str(model_path), "cpu", "float32", "eager", "tp", max_batch_size, 256)
+    cfg = EngineConfig(
+        worker, tp_size=1, dp_size=dp_size, worker_options={}, namespace="test", input_max_len=200,
+        max_images_per_prompt=1, max_group_restarts=restarts,
+    )  # fmt: skip
+    return Coordinator(cfg, NoPlacement(), list(range(dp_size)), group_factory=FakeWorkerGroup)
+
+
+def requests(n: int, max_new_tokens: int) -> list[dict]:
+    return [
+        {"id": f"r{i}", "prompt": f"request {i}", "max_new_tokens": max_new_tokens, "ignore_eos": True}
+        for i in range(n)
+    ]
+
+
+def all_queued(coord: Coordinator, n: int) -> asyncio.Event:
+    """An event set once `n` requests have been queued on groups."""
+    event, enqueue, count = asyncio.Event(), coord._enqueue, [0]
+
+    def counting(seq: Sequence) -> None:
+        enqueue(seq)
+        count[0] += 1
+        if count[0] == n:
+            event.set()
+
+    coord._enqueue = counting
+    return event
+
+
+def expected(coord: Coordinator, request: dict) -> list[int]:
+    prompt = coord.builder.build(request).input_ids
+    return reference(list(prompt), request["max_new_tokens"], set())[0]
+
+
+def test_dead_group_fails_running_requests_and_moves_waiting_ones(tiny_checkpoint: Path) -> None:
+    async def main() -> None:
+        coord = coordinator(tiny_checkpoint, dp_size=2, max_batch_size=2, restarts=0)
+        await coord.setup()
+        dying, other = coord.engines[0].group, coord.engines[1].group
+        for group in (dying, other):
+            group.hold, group.entered = asyncio.Event(), asyncio.Event()
+        reqs = requests(8, 6)
+        queued = all_queued(coord, len(reqs))
+        done = asyncio.create_task(coord.generate(reqs))
+        await queued.wait()
+        await dying.entered.wait()  # its first call is in flight
+        running = {s.payload.record["id"] for s in coord.engines[0].scheduler.running}
+        waiting = {s.payload.record["id"] for s in coord.engines[0].scheduler.waiting}
+        assert running and waiting
+        dying.die(0)
+        dying.hold.set()
+        other.hold.set()
+        records = {r["id"]: r for r in await done}
+        for rid in running:
+            assert "shard-worker-0 (rank 0) of dp group 0 died" in records[rid]["error"]
+        for request in reqs:
+            if request["id"] not in running:  # waiting ones moved to group 1 and ran there
+                record = records[request["id"]]
+                assert record["error"] is None and record["dp_rank"] == 1
+                assert record["output_token_ids"] == expected(coord, request)
+        assert coord.status()["live_groups"] == 1
+        await coord.shutdown()
+
+    asyncio.run(main())
+
+
+def test_rebuilt_group_serves_the_requests_that_waited_for_it(tiny_checkpoint: Path) -> None:
+    async def main() -> None:
+        coord = coordinator(tiny_checkpoint, dp_size=1, max_batch_size=2, restarts=1)
+        await coord.setup()
+        group = coord.engines[0].group
+        hold = group.hold = asyncio.Event()
+        group.entered = asyncio.Event()
+        reqs = requests(5, 5)
+        queued = all_queued(coord, len(reqs))
+        done = asyncio.create_task(coord.generate(reqs))
+        await queued.wait()
+        await group.entered.wait()  # the first call is in flight
+        running = {s.payload.record["id"] for s in coord.engines[0].scheduler.running}
+        assert running == {"r0"} and coord.status()["waiting"] == 4
+        group.hold = None  # the rebuilt group's calls run straight through
+        group.die(0)
+        hold.set()
+        records = {r["id"]: r for r in await asyncio.wait_for(done, 60)}
+        assert group.starts == 2  # rebuilt once
+        for request in reqs:
+            record = records[request["id"]]
+            if request["id"] in running:
+                assert "died" in record["error"]
+            else:
+                assert record["error"] is None, record["error"]
+                assert record["output_token_ids"] == expected(coord, request)
+        assert coord.status() == {"live_groups": 1, "dp_size": 1, "waiting": 0, "running": 0}
+        await coord.shutdown()
+
+    asyncio.run(main())
