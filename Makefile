@@ -49,7 +49,8 @@ lint: setup
 	$(PY) -m ruff format --check .
 
 # Decode (transformers vs ours, in process and through Ray), serving (continuous vs static batching
-# under Poisson arrivals), vision tower (ours vs transformers on a large image), HTTP vs Ray API.
+# under Poisson arrivals), vision tower (ours vs transformers on a large image), int8 vs float decode,
+# the Coordinator with fake worker groups, prefix caching and the paged pool, HTTP vs Ray API.
 bench: tiny-model
 	$(PY) -m cluster.tools.bench
 	$(PY) -m cluster.tools.bench_scheduler

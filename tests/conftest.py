@@ -51,8 +51,9 @@ INTEGRATION_TESTS = frozenset(
         "test_placement.py::test_two_node_cluster_keeps_tp_groups_on_one_node",
     }
 )
-# The slowest integration tests (each restarts engines or kills processes for 25-45 s on 2 cores),
-# kept out of `make test` so that it stays within its time budget; `make test-slow` runs them.
+# The slowest integration tests (each restarts engines or kills processes for 25-45 s on 2 cores, or runs
+# a whole first-use path: quantize then launch, the 72B preset on a cluster without torch_npu), kept out
+# of `make test` so that it stays within its time budget; `make test-slow` runs them.
 SLOW_TESTS = frozenset(
     {
         "test_selfcheck.py::test_selfcheck_cpu_passes",
@@ -60,6 +61,8 @@ SLOW_TESTS = frozenset(
         "test_reliability.py::test_worker_killed_mid_decode_then_rebuild",
         "test_job_submit.py::test_job_with_overrides",
         "test_serve_proxy.py::test_auto_falls_back_to_the_python_proxy",
+        "test_quant_launch.py::test_quantize_then_launch_serves_every_request",
+        "test_preflight_ray.py::test_72b_preset_without_torch_npu_stops_at_the_preflight",
     }
 )
 # Modules split test by test above; any module in neither list is integration as a whole when its

@@ -75,6 +75,7 @@ def config(path: Path, name: str, overrides: list[str]) -> Any:
             "parallel_config.tp_size=1",
             f"ray.num_cpus_per_worker={os.cpu_count() or 1}",
             "ray.log_to_driver=false",
+            "ray.address=local",  # a private cluster: never join another one running on this machine
             "vision_cache_mb=0",  # turns 2 and 3 must not get their image from the vision cache either
             f"ray.namespace=bench-prefix-{name}",
             *overrides,

@@ -72,6 +72,7 @@ def engine_config(path: Path, policy: str, steps: int, slots: int) -> Any:
             f"scheduler.decode_steps_per_call={steps}",
             f"ray.num_cpus_per_worker={os.cpu_count() or 1}",
             "ray.log_to_driver=false",
+            "ray.address=local",  # a private cluster: never join another one running on this machine
             f"ray.namespace=bench-{policy}",
         ],
     )
