@@ -21,7 +21,6 @@ import json
 import os
 import random
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,9 @@ import ray
 from PIL import Image
 
 from cluster.config import load_config
-from cluster.launch import serve_requests, start, stop
-from cluster.report import summarize
+from cluster.launch import start, stop
 from cluster.tools.bench import CACHE_DIR, CHECKPOINTS, log
+from cluster.tools.bench_scheduler import serve_and_summarize
 from cluster.tools.tiny_checkpoint import build_tiny_checkpoint
 from model.kv_cache import blocks_for
 
@@ -149,22 +148,7 @@ def run_capacity(path: Path, requests: list[dict], rate: float, batch_size: int,
             f"kv_cache.num_blocks={blocks}",
         ],
     )
-    coordinator = start(cfg)
-    try:
-        t = time.perf_counter()
-        records = serve_requests(coordinator, requests, rate, seed=0)
-        wall = time.perf_counter() - t
-    finally:
-        stop(coordinator)
-    failed = [r["error"] for r in records if r["error"]]
-    if failed:
-        raise RuntimeError(f"{name}: {len(failed)} requests failed, e.g. {failed[0]}")
-    summary = summarize(records, wall)
-    log(
-        f"capacity/{name}: {summary['output_throughput_tok_s']:.1f} tok/s, TTFT p99 {summary['ttft_ms']['p99']:.0f} "
-        f"ms, TPOT p50 {summary['tpot_ms']['median']:.1f} ms, preemptions {summary['preemptions']}"
-    )
-    return summary
+    return serve_and_summarize(cfg, requests, rate, f"capacity/{name}")
 
 
 # ------------------------------------------------------------------------------- report

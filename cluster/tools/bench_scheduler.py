@@ -78,8 +78,12 @@ def engine_config(path: Path, policy: str, steps: int, slots: int) -> Any:
     )
 
 
-def run_serving(path: Path, requests: list[dict], rate: float, policy: str, steps: int) -> dict:
-    coordinator = start(engine_config(path, policy, steps, slots=4))
+def serve_and_summarize(cfg: Any, requests: list[dict], rate: float, label: str) -> dict:
+    """Start an engine, send `requests` as Poisson arrivals at `rate`, stop it -> the run summary.
+
+    RuntimeError when a request failed (a benchmark of failures measures nothing).
+    """
+    coordinator = start(cfg)
     try:
         t = time.perf_counter()
         records = serve_requests(coordinator, requests, rate, seed=0)
@@ -88,13 +92,18 @@ def run_serving(path: Path, requests: list[dict], rate: float, policy: str, step
         stop(coordinator)
     failed = [r["error"] for r in records if r["error"]]
     if failed:
-        raise RuntimeError(f"{policy}: {len(failed)} requests failed, e.g. {failed[0]}")
+        raise RuntimeError(f"{label}: {len(failed)} requests failed, e.g. {failed[0]}")
     summary = summarize(records, wall)
     log(
-        f"serving/{policy}: TTFT p50 {summary['ttft_ms']['median']:.0f} ms p99 {summary['ttft_ms']['p99']:.0f} ms, "
-        f"TPOT p50 {summary['tpot_ms']['median']:.1f} ms, {summary['output_throughput_tok_s']:.1f} tok/s"
+        f"{label}: TTFT p50 {summary['ttft_ms']['median']:.0f} ms p99 {summary['ttft_ms']['p99']:.0f} ms, "
+        f"TPOT p50 {summary['tpot_ms']['median']:.1f} ms, {summary['output_throughput_tok_s']:.1f} tok/s, "
+        f"preemptions {summary['preemptions']}"
     )
     return summary
+
+
+def run_serving(path: Path, requests: list[dict], rate: float, policy: str, steps: int) -> dict:
+    return serve_and_summarize(engine_config(path, policy, steps, slots=4), requests, rate, f"serving/{policy}")
 
 
 def run_step_cost(path: Path, request: dict, steps_list: list[int], repeats: int) -> dict:
