@@ -63,6 +63,16 @@ SLOW_TESTS = frozenset(
         "test_serve_proxy.py::test_auto_falls_back_to_the_python_proxy",
         "test_quant_launch.py::test_quantize_then_launch_serves_every_request",
         "test_preflight_ray.py::test_72b_preset_without_torch_npu_stops_at_the_preflight",
+        # A second server with the safe defaults (its own engine), and four engines of the prefix-cache module.
+        "test_serve_limits.py::test_local_files_are_refused_by_default",
+        "test_serve_limits.py::test_loopback_urls_are_refused_before_any_connection",
+        "test_serve_limits.py::test_a_body_over_the_limit_is_refused_before_it_is_read",
+        "test_serve_limits.py::test_a_full_queue_answers_503_while_queued_requests_complete",
+        "test_prefix_cache.py::test_greedy_tokens_are_identical_with_caching_on_and_off_and_match_transformers",
+        "test_prefix_cache.py::test_cached_tokens_show_where_the_prefix_cache_hit",
+        "test_prefix_cache.py::test_a_run_forced_to_preempt_gives_the_same_tokens",
+        "test_prefix_cache.py::test_no_block_leaks_after_hundreds_of_random_requests",
+        "test_prefix_cache.py::test_a_request_that_could_never_fit_fails_at_submit",
     }
 )
 # Modules split test by test above; any module in neither list is integration as a whole when its
