@@ -31,6 +31,7 @@ from actors.metrics import EngineMetrics
 from actors.records import failed_record
 from actors.requests import RequestState, sampling_params, stop_strings
 from actors.scheduler import WAITING, GroupScheduler, Sequence
+from actors.steps_per_call import StepsPerCall
 from model.batch import image_spans
 from model.processor import PreparedRequest, PromptBuilder
 from model.vision_cache import image_key
@@ -57,23 +58,9 @@ class Coordinator:
         self.cfg = cfg
         self.placement = placement
         self.builder = PromptBuilder.from_pretrained(cfg.worker.model_path, max_images=cfg.max_images_per_prompt)
-        tp = cfg.tp_size
-        num_blocks, block_size = cfg.worker.kv_pool()
         make_group = group_factory or WorkerGroup
         self.engines = [
-            GroupLoop(
-                make_group(d, cfg, [placement.strategy(g * tp + t) for t in range(tp)]),
-                GroupScheduler(
-                    cfg.worker.max_batch_size,
-                    num_blocks,
-                    block_size,
-                    cfg.policy,
-                    cfg.prefill_chunk_tokens,
-                    cfg.decode_steps_per_call,
-                    cfg.prefix_caching,
-                ),
-                self.builder.eos_token_ids,
-            )
+            self._group_loop(make_group(d, cfg, [placement.strategy(g * cfg.tp_size + t) for t in range(cfg.tp_size)]))
             for d, g in enumerate(group_order)
         ]
         # Loads within this many requests of the least loaded group count as close (cache-aware routing).
@@ -85,6 +72,22 @@ class Coordinator:
         self.completed = 0
         self.phase_totals = {"vision_encode_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0}
         self.profile_pending = cfg.profile
+
+    def _group_loop(self, group: Any) -> GroupLoop:
+        """A DP group's loop: its workers, its scheduler over its own KV pool, its steps per call."""
+        cfg = self.cfg
+        num_blocks, block_size = cfg.worker.kv_pool()
+        steps = StepsPerCall(cfg.decode_steps_per_call, cfg.max_decode_call_ms)
+        scheduler = GroupScheduler(
+            cfg.worker.max_batch_size,
+            num_blocks,
+            block_size,
+            cfg.policy,
+            cfg.prefill_chunk_tokens,
+            steps.steps,
+            cfg.prefix_caching,
+        )
+        return GroupLoop(group, scheduler, self.builder.eos_token_ids, steps)
 
     def __repr__(self) -> str:
         # Ray's dashboard shows this in the Actors page's Repr column. Ray reads it once, after

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from actors.groups import CallError
 from actors.scheduler import GroupScheduler, Plan, Sequence
+from actors.steps_per_call import StepsPerCall
 from model.processor import PreparedRequest
 
 
@@ -59,9 +61,17 @@ class Round:
 class GroupLoop:
     """A DP group's workers and scheduler, and the state of its serving task."""
 
-    def __init__(self, group: Any, scheduler: GroupScheduler, eos_token_ids: list[int]) -> None:
+    def __init__(
+        self,
+        group: Any,
+        scheduler: GroupScheduler,
+        eos_token_ids: list[int],
+        steps_per_call: StepsPerCall | None = None,
+    ) -> None:
         self.group = group
         self.scheduler = scheduler
+        # Pure-decode steps per call; None keeps the scheduler's own decode_steps_per_call.
+        self.steps_per_call = steps_per_call
         self.eos = list(eos_token_ids)
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
@@ -76,6 +86,8 @@ class GroupLoop:
         """Plan and run one round. GroupFailure (a dead or hung rank) propagates; a rank that raised fails the
         requests of that call (in `Round.failed`) and the group goes on."""
         sched = self.scheduler
+        if self.steps_per_call is not None:
+            sched.decode_steps_per_call = self.steps_per_call.steps
         plan = sched.schedule()
         result = Round(plan)
         encode = []
@@ -105,6 +117,7 @@ class GroupLoop:
         decode = [seq.request_id for seq in plan.decode]
         steps = plan.decode_steps
         involved = plan.admit + [seq for seq, _, _ in plan.chunks] + plan.decode
+        start = time.perf_counter()
         out = await self._call(
             result, involved, "step", plan.releases, plan.preempted, admissions, plan.block_tables, chunks, decode,
             steps, profile,
@@ -112,6 +125,9 @@ class GroupLoop:
         if out is None:
             return result
         result.phases["prefill_s" if chunks else "decode_s"] = out["seconds"]
+        if decode and not chunks and not plan.admit and self.steps_per_call is not None:
+            ran = max((len(o["tokens"]) for o in out["outputs"].values()), default=0)  # fewer when all ended early
+            self.steps_per_call.observe(ran, out["seconds"], time.perf_counter() - start)
         failed = set(out["errors"])
         for seq in involved:
             if seq.request_id in failed:

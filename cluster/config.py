@@ -13,11 +13,12 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
+from actors.steps_per_call import AUTO
 from model.device import DTYPES as TORCH_DTYPES
 from model.quant import QUANTIZATION_MODES
 
@@ -91,13 +92,17 @@ class SchedulerConfig:
         "static" runs batches of batch_size to completion, one batch per group at a time.
     prefill_chunk_tokens: the token budget of one round: decode tokens of the running requests
         plus prompt chunks, computed in one forward; longer prompts are split over rounds.
-    decode_steps_per_call: decode steps per call to the workers; waiting requests are admitted
-        after at most this many steps.
+    decode_steps_per_call: pure-decode steps per call to the workers: an integer, or "auto" (as many
+        as keep orchestration under 2% of a call, from each group's measured step time and per-call
+        overhead; actors/steps_per_call.py). Waiting requests are admitted between calls.
+    max_decode_call_ms: with "auto", the longest a pure-decode call may run: the bound on how long a
+        request that arrives mid-call waits to be admitted.
     """
 
     policy: str = "continuous"
     prefill_chunk_tokens: int = 2048
-    decode_steps_per_call: int = 4
+    decode_steps_per_call: Union[int, str] = "auto"  # noqa: UP007 (omegaconf reads typing.Union, not `|`)
+    max_decode_call_ms: float = 50.0
 
 
 @dataclass
@@ -382,7 +387,13 @@ def _validate(cfg: RunConfig) -> None:
     sched = cfg.scheduler
     _check_choice("scheduler.policy", sched.policy, POLICIES)
     _check_min("scheduler.prefill_chunk_tokens", sched.prefill_chunk_tokens, 1)
-    _check_min("scheduler.decode_steps_per_call", sched.decode_steps_per_call, 1)
+    steps = sched.decode_steps_per_call
+    if steps != AUTO:
+        if isinstance(steps, str):
+            _fail("scheduler.decode_steps_per_call", steps, f"must be an integer >= 1 or {AUTO!r}")
+        _check_min("scheduler.decode_steps_per_call", steps, 1)
+    if not sched.max_decode_call_ms > 0:
+        _fail("scheduler.max_decode_call_ms", sched.max_decode_call_ms, "must be > 0")
 
     kv = cfg.kv_cache
     if kv.block_size is not None and not 1 <= kv.block_size <= 1024:

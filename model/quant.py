@@ -30,7 +30,11 @@ Kernels, per backend (`select_backend`; `use_backend` switches, e.g. to compare 
   weights, 2-core AVX2 CPU without VNNI, ms per layer): batch 1 fp32 5.0, `_int_mm` 7.7,
   int8pack on float32 activations 12.9, int8pack on bfloat16 activations 2.2; batch 8: 17.7, 83,
   68, 5.4. `_int_mm` has no fast int8 path on this CPU; the bfloat16 int8pack path is the only one
-  faster than float.
+  faster than float. From about 48 rows on (prefill) it is slower than float (128 rows of the 0.5B
+  down projection, 4864 -> 896: float 9.4 ms, int8pack 14.8), so calls of `DEQUANT_ROWS` rows or more
+  (eager only, never inside a compiled decode step) run `_converted_mm`: the weight converted to
+  float32 into one reused scratch buffer, then one float GEMM (the dequant backend's arithmetic at
+  float speed; 128 x 896 -> 9728: float 34.5 ms, converted 35.8).
 - dequant: the float arithmetic of the same quantized values (weights dequantized at each call): the
   fallback where a kernel is missing or the sizes do not suit it (int8pack needs in_features % 8 == 0,
   `_int_mm` both sizes), announced by one log line.
@@ -60,6 +64,9 @@ DYNAMIC = "W8A8_DYNAMIC"
 SCHEMES = (STATIC, DYNAMIC)
 QUANTIZATION_MODES = ("auto", "none")
 BACKENDS = ("npu", "int_mm", "int8pack", "dequant")
+# The cpu int8pack kernel's rows at which a float GEMM on blockwise-converted weights gets faster (prefill).
+DEQUANT_ROWS = 48
+_scratch: dict[torch.device, torch.Tensor] = {}
 # Description entries that are metadata, not tensor names.
 _META_KEYS = ("model_quant_type", "version", "kv_cache_type", "fa_quant_type", "group_size", "optional")
 # Tensors of a quantized linear beside its weight: name -> (per "channel" (out,), (out, 1) or "tensor" (1,), dtype).
@@ -145,6 +152,22 @@ def _int_mm_padded(xq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(xq, weight.t())[:rows]
 
 
+def _converted_mm(xq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x_q (T, K) float (integer values) @ weight (N, K)^T int8 -> (T, N) float32: one float GEMM.
+
+    The weight is converted to float32 into one scratch buffer that every layer and call reuses (no fresh
+    allocation, so no page faults; it grows to the rank's largest quantized weight). One conversion and
+    one GEMM, not a loop over blocks: on a loaded machine every extra parallel region costs a scheduling slice.
+    """
+    n, k = weight.shape
+    buffer = _scratch.get(weight.device)
+    if buffer is None or buffer.numel() < n * k:
+        buffer = _scratch[weight.device] = torch.empty(n * k, device=weight.device)
+    converted = buffer[: n * k].view(n, k)
+    converted.copy_(weight)
+    return xq @ converted.t()
+
+
 @dataclass
 class QuantLinear:
     """The quantized forward of one parallel linear layer (its `quant`), for one scheme and one backend.
@@ -184,6 +207,8 @@ class QuantLinear:
             scale = d["out_scale"] * token_scale[:, None]  # (T, out)
         if self.backend == "dequant":
             acc = xq @ layer.weight.float().t()  # integers below 2^24: exact in float32
+        elif self.backend == "int8pack" and x.shape[0] >= DEQUANT_ROWS and not torch.compiler.is_compiling():
+            acc = _converted_mm(xq, layer.weight)
         elif self.backend == "int8pack":
             acc = torch.ops.aten._weight_int8pack_mm(xq.to(torch.bfloat16), layer.weight, d["ones"])
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from actors.coordinator import Coordinator
 from actors.group_loop import GroupLoop
 from actors.groups import GroupFailure
 from actors.scheduler import GroupScheduler, Sequence
+from actors.steps_per_call import StepsPerCall
 from cluster.tools.fake_workers import FakeWorkerGroup, prompt_seed, toy_token
 from model.processor import PreparedRequest
 from model.sampling import SamplingParams
@@ -308,3 +310,51 @@ def test_rebuilt_group_serves_the_requests_that_waited_for_it(tiny_checkpoint: P
         await coord.shutdown()
 
     asyncio.run(main())
+
+
+class ScriptedSteps(StepsPerCall):
+    """Auto steps per call whose answers follow a script; remembers what each pure-decode call reported."""
+
+    def __init__(self, script: list[int]) -> None:
+        super().__init__("auto", max_call_ms=1000)
+        self.script = list(script)
+        self.seen: list[tuple[int, float, float]] = []
+
+    @property
+    def steps(self) -> int:
+        return self.script[min(len(self.seen), len(self.script) - 1)]
+
+    def observe(self, steps: int, worker_s: float, call_s: float) -> None:
+        self.seen.append((steps, worker_s, call_s))
+
+
+class SlowCallGroup(FakeWorkerGroup):
+    """Fake workers behind a slow transport: each call costs 10 ms beyond the workers' own time."""
+
+    async def call(self, method: str, *args: Any, **kw: Any) -> list:
+        await asyncio.sleep(0.01)
+        return await super().call(method, *args, **kw)
+
+
+def test_steps_per_call_sets_each_pure_decode_call_and_hears_its_times() -> None:
+    """The loop asks its StepsPerCall before each round and reports each pure-decode call's steps and times."""
+    steps = ScriptedSteps([3, 7, 50])
+    scheduler = GroupScheduler(2, 64, 4, "continuous", 64, 1)
+    loop = GroupLoop(SlowCallGroup(0, step_time_s=0.001), scheduler, sorted(EOS), steps)
+    seqs = [make_seq("a", 5, 40), make_seq("c", 7, 40)]
+
+    async def main() -> Owner:
+        await loop.group.start()
+        owner = Owner(loop)
+        for seq in seqs:
+            loop.scheduler.add(seq)
+        await owner.run()
+        return owner
+
+    owner = asyncio.run(main())
+    check_against_reference(owner, seqs)
+    decode_calls = [n for kind, n, _, _ in loop.group.calls if kind == "decode" and n]  # (0: a release-only call)
+    # The first token comes from the prefill round; then 3, 7, and the rest (50 is more than the 29 left).
+    assert decode_calls == [3, 7, 40 - 1 - 3 - 7]
+    assert [n for n, _, _ in steps.seen] == decode_calls
+    assert all(call - worker >= 0.009 for _, worker, call in steps.seen)  # the transport's 10 ms is overhead

@@ -29,6 +29,7 @@ from model.loader import CheckpointError, load_weights
 from model.parallel import SINGLE, ParallelContext
 from model.processor import PromptBuilder
 from model.quant import (
+    DEQUANT_ROWS,
     DESCRIPTION_FILE,
     DYNAMIC,
     STATIC,
@@ -209,6 +210,8 @@ def test_mixed_description_loads_each_layer_as_described(
 # int8pack returns the int32 accumulation rounded to bfloat16 (relative 2^-8, of the accumulation: against
 # the output's range where quant_bias cancels most of it); the others are exact up to float32 rounding.
 BACKEND_TOL = {"dequant": 1e-5, "int_mm": 1e-5, "npu": 1e-5, "int8pack": 2**-7}
+# Decode-sized calls, and prefill-sized ones (int8pack then converts the weight to float for one GEMM).
+ROWS = (5, DEQUANT_ROWS + 3)
 
 
 @pytest.fixture
@@ -218,13 +221,18 @@ def fake_npu(monkeypatch: pytest.MonkeyPatch) -> FakeQuantNpu:
     return fake
 
 
+@pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("backend", list(BACKEND_TOL))
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_int8_linear_equals_the_dequantized_reference(
-    quantized: dict[str, Path], scheme: str, backend: str, fake_npu: FakeQuantNpu
+    quantized: dict[str, Path],
+    scheme: str,
+    backend: str,
+    rows: int,
+    fake_npu: FakeQuantNpu,
 ) -> None:
     gen = torch.Generator().manual_seed(0)
-    x_in = {"qkv_proj": torch.randn(5, 128, generator=gen), "down_proj": torch.randn(5, 256, generator=gen)}
+    x_in = {"qkv_proj": torch.randn(rows, 128, generator=gen), "down_proj": torch.randn(rows, 256, generator=gen)}
     tp1 = None
     for tp in (1, 2):
         partials = []
