@@ -1,11 +1,13 @@
 """The decode step keeps the contract graph capture needs, checked on cpu.
 
 - At every (batch bucket, decode length) the step runs under a dispatch mode that fails on any host
-  sync or data-dependent shape, on the plain path and on the fused path.
+  sync or data-dependent shape, on the plain path and on the fused path: decode attention through
+  block tables (FIA's paged mode, the KV lengths handed in as host ints) and the gather form.
 - The step traced once (make_fx) and replayed with other tokens, positions and lengths gives the
   eager logits and KV cache exactly.
 - The fused path, with a stand-in for torch_npu written from the kernels' documented semantics
-  (and asserting their documented layouts), gives the plain path's logits; that includes the vision
+  (and asserting their documented layouts), gives the plain path's logits (decode attention through
+  block tables by default; tests/test_npu_paged.py has the paged step's own checks); that includes the vision
   tower's fused varlen attention (npu_fusion_attention, TND) for image prompts.
 """
 
