@@ -23,6 +23,7 @@ class WorkerConfig:
     max_seq_len: int
     vision_cache_bytes: int = 0
     fused_ops: bool = False
+    decode_attention: str | None = None  # with fused_ops: "paged" (None) or "gather" (RunConfig.decode_attention)
     quantization: str = "auto"  # "none" refuses a quantized checkpoint (RunConfig.quantization)
     profile_dir: str | None = None
     num_kv_blocks: int | None = None  # None: max_batch_size sequences of max_seq_len (+ the null block)

@@ -127,6 +127,7 @@ class ShardWorker:
             progress=True,
             vision_cache_bytes=cfg.vision_cache_bytes,
             fused_ops=cfg.fused_ops,
+            decode_attention=cfg.decode_attention,
             num_kv_blocks=cfg.kv_pool()[0],
             kv_block_size=cfg.kv_pool()[1],
             quantization=cfg.quantization,

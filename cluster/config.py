@@ -20,6 +20,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from actors.steps_per_call import AUTO
 from model.device import DTYPES as TORCH_DTYPES
+from model.npu_ops import DECODE_ATTENTION
 from model.quant import QUANTIZATION_MODES
 
 DEVICES = ("cpu", "cuda", "npu")
@@ -219,6 +220,10 @@ class RunConfig:
     kv_cache: the paged KV pool (KVCacheConfig).
     fused_ops: use the device's fused kernels (RMSNorm, rotary, SwiGLU, decode attention); null
         takes the device table's default (on for npu, off elsewhere).
+    decode_attention: how decode attention reads the paged KV cache with the fused ops: "paged" (null,
+        the default) hands npu_fused_infer_attention_score the block tables and each row's KV length;
+        "gather" copies the live blocks into a contiguous tensor first (the way back if a CANN release
+        refuses the paged call; docs/npu.md). "paged" needs the fused ops (npu).
     quantization: "auto" loads a quantized checkpoint (one with msmodelslim's
         quant_model_description.json: W8A8 / W8A8_DYNAMIC int8 layers) as it describes; "none"
         refuses one, an error naming this key. Float checkpoints load the same under both.
@@ -246,6 +251,7 @@ class RunConfig:
     prefix_caching: bool = True
     kv_cache: KVCacheConfig = field(default_factory=KVCacheConfig)
     fused_ops: bool | None = None
+    decode_attention: str | None = None
     quantization: str = "auto"
     resume: bool = False
     resume_failed: bool = True
@@ -357,6 +363,10 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.device == "cpu" and cfg.dtype == "float16":
         _fail("dtype", cfg.dtype, "float16 is not supported with device='cpu'; use float32 or bfloat16")
     _check_choice("exe_mode", cfg.exe_mode, EXE_MODES)
+    if cfg.decode_attention is not None:
+        _check_choice("decode_attention", cfg.decode_attention, DECODE_ATTENTION)
+        if cfg.decode_attention == "paged" and (cfg.device != "npu" or cfg.fused_ops is False):
+            _fail("decode_attention", cfg.decode_attention, "needs the fused ops on npu (fused_ops not false)")
 
     par = cfg.parallel_config
     _check_min("world_size", cfg.world_size, 1)

@@ -132,6 +132,7 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
         max_seq_len=data.input_max_len + data.max_new_tokens,
         vision_cache_bytes=cfg.vision_cache_mb << 20,
         fused_ops=resolve_fused_ops(spec, cfg.fused_ops),
+        decode_attention=cfg.decode_attention,
         quantization=cfg.quantization,
         profile_dir=cfg.profile_dir if cfg.profile else None,
         num_kv_blocks=kv_pool_blocks(cfg, block_size),

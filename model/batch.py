@@ -281,7 +281,14 @@ class RunningBatch:
         gens = [s.generator for s in live] + [None] * pad
         out = {s.request_id: StepOutput(s.request_id) for s in live}
         for step in range(steps):
-            logits = runner.decode(tokens, positions, lens, max_len=longest + step + 1, block_tables=tables)
+            logits = runner.decode(
+                tokens,
+                positions,
+                lens,
+                max_len=longest + step + 1,
+                block_tables=tables,
+                kv_lens=[s.num_computed + 1 for s in live] + [1] * pad,  # lens + 1 on the host, for the paged kernel
+            )
             chosen = sample(logits, params, gens)
             tokens.copy_(chosen)
             lens.add_(advance)

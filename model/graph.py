@@ -4,7 +4,9 @@ CUDA graphs on cuda, ACL graphs (torch.npu.NPUGraph, same API) on npu, torch.com
 The decode step has static shapes (a preallocated paged KV cache, positions, lengths and block tables
 as tensors), so one graph per bucket serves every step of every batch of that size. Attention reads
 the first L positions of each row through its block table, L a decode length chosen per step from a
-few buckets (`decode_lengths`).
+few buckets (`decode_lengths`). With the NPU's paged kernel (FusedOps paged) attention reads each row's live
+length through its block table instead: one graph per batch bucket, and before each replay the step's KV
+lengths are written into the captured FIA calls with `NPUGraph.update` (`GraphDecode(host_lengths=True)`).
 
 A capture that fails (ACL graph capture errors such as 107033 / 507009, or "Cannot run aclop operators
 during NPU graph capture") costs only its bucket: that (batch, length) runs eager, with a log line,
@@ -23,8 +25,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# (tokens (B,), positions (B,), cache lengths (B,), block tables (B, M), decode length) -> logits (B, vocab)
-DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (tokens (B,), positions (B,), cache lengths (B,), block tables (B, M), decode length[, kv_lens: host ints (B,)])
+# -> logits (B, vocab)
+DecodeFn = Callable[..., torch.Tensor]
 
 SMALLEST_LENGTH = 256
 
@@ -47,7 +50,9 @@ def length_buckets(max_seq_len: int, smallest: int = SMALLEST_LENGTH) -> list[in
     return sizes + [max_seq_len]
 
 
-def decode_lengths(device_type: str, graph: bool, max_seq_len: int, fused: bool = False) -> list[int]:
+def decode_lengths(
+    device_type: str, graph: bool, max_seq_len: int, fused: bool = False, paged: bool = False
+) -> list[int]:
     """How many cache entries a decode step may read, per device and execution mode.
 
     - cuda (eager and CUDA graphs): length buckets; graph mode captures one graph per (batch bucket,
@@ -55,11 +60,14 @@ def decode_lengths(device_type: str, graph: bool, max_seq_len: int, fused: bool 
     - cpu eager: length buckets (a strided view of the cache; matmul takes it as is).
     - cpu graph (torch.compile): max_seq_len only; each shape costs a compile of 10-20 s, and at the
       lengths CPU runs use, the KV read is small next to the weights.
-    - npu (and wherever the fused ops run): length buckets too. The step gathers the first L positions
-      of each row from its blocks into a contiguous BSND tensor for npu_fused_infer_attention_score,
-      under a (B, 1, 1, L) mask; no host-side lengths, so each (bucket, length) captures as it is.
+    - npu with the paged kernel (`paged`, the default where the fused ops run): max_seq_len only. FIA reads
+      each row's live length through its block table, so the length buckets buy nothing; one graph per
+      batch bucket, its lengths rewritten per step (`GraphDecode(host_lengths=True)`).
+    - npu with decode_attention=gather: length buckets too. The step gathers the first L positions of
+      each row from its blocks into a contiguous BSND tensor for npu_fused_infer_attention_score, under a
+      (B, 1, 1, L) mask; no host-side lengths, so each (bucket, length) captures as it is.
     """
-    if device_type == "cpu" and graph:
+    if paged or (device_type == "cpu" and graph):
         return [max_seq_len]
     return length_buckets(max_seq_len)
 
@@ -95,11 +103,13 @@ class CompiledDecode:
         cache_lens: torch.Tensor,
         block_tables: torch.Tensor,
         kv_len: int,
+        kv_lens: Sequence[int] | None = None,
     ) -> torch.Tensor:
+        # kv_lens (the paged kernel's) stays None on cpu: a host list would make dynamo recompile per value.
         # Dynamo guards on dispatch keys, which differ between tensors made inside and outside
         # inference mode: cloning the inputs in inference mode gives every step the same kind.
         with torch.inference_mode():
-            return self.fn(tokens.clone(), positions.clone(), cache_lens.clone(), block_tables.clone(), kv_len)
+            return self.fn(tokens.clone(), positions.clone(), cache_lens.clone(), block_tables.clone(), kv_len, kv_lens)
 
 
 def capture_options(backend: Any) -> dict[str, Any]:
@@ -118,6 +128,12 @@ class GraphDecode:
     `backend` is torch.cuda or torch.npu (after `import torch_npu`); tests pass a stand-in with the
     same surface (Stream, current_stream, stream, graph, CUDAGraph/NPUGraph, synchronize).
     A (batch, length) whose capture raises runs `decode` eagerly instead; `eager` maps it to the error.
+
+    host_lengths: the decode step takes each row's KV length as host ints (the paged FIA call). Each graph
+    is captured with every row at `length` (the longest, so FIA's fixed workspace covers every later step),
+    which needs `auto_dispatch_capture` (else every bucket runs eager); each call then passes the step's
+    lengths to `graph.update` (torch_npu rewrites `actual_seq_lengths_kv` of every recorded FIA call)
+    before it copies the inputs and replays.
     """
 
     def __init__(
@@ -128,11 +144,13 @@ class GraphDecode:
         device: torch.device,
         table_width: int,
         backend: Any = None,
+        host_lengths: bool = False,
     ) -> None:
         backend = getattr(torch, device.type) if backend is None else backend
         graph_class = backend.CUDAGraph if device.type == "cuda" else backend.NPUGraph
         options = capture_options(backend)
         self.decode = decode
+        self.host_lengths = host_lengths
         self.lengths = sorted(lengths)
         self.inputs: dict[int, tuple[torch.Tensor, ...]] = {}
         self.graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
@@ -143,16 +161,23 @@ class GraphDecode:
             inputs = (*steps, torch.zeros(size, table_width, dtype=torch.long, device=device))  # null-block tables
             self.inputs[size] = inputs
             for length in reversed(self.lengths):
+                lens = ([length] * size,) if host_lengths else ()  # the longest: FIA's workspace covers any step
+                if host_lengths and "auto_dispatch_capture" not in options:
+                    self.eager[size, length] = (
+                        "graph(...) takes no auto_dispatch_capture: KV lengths cannot be updated on replay"
+                    )
+                    logger.warning("decode graph for batch bucket %d runs eager: %s", size, self.eager[size, length])
+                    continue
                 stream = backend.Stream()
                 stream.wait_stream(backend.current_stream())
                 with backend.stream(stream):
                     for _ in range(2):  # warm up kernels and collectives outside the capture
-                        decode(*inputs, length)
+                        decode(*inputs, length, *lens)
                 backend.current_stream().wait_stream(stream)
                 graph = graph_class()
                 try:
                     with backend.graph(graph, pool=pool, **options):
-                        output = decode(*inputs, length)
+                        output = decode(*inputs, length, *lens)
                 except RuntimeError as e:  # what torch raises for a capture the device refuses
                     self.eager[size, length] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
                     logger.warning(
@@ -182,20 +207,29 @@ class GraphDecode:
         cache_lens: torch.Tensor,
         block_tables: torch.Tensor,
         kv_len: int,
+        kv_lens: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Copy the step's inputs into the bucket's static buffers and replay; the output buffer is reused.
 
-        A bucket whose capture failed runs the decode step eagerly on the inputs as given.
+        With host_lengths, `kv_lens` (each row's KV length, host ints) is required and is written into the
+        graph's FIA calls first (`graph.update`). A bucket whose capture failed runs the decode step eagerly
+        on the inputs as given.
         """
         key = (tokens.shape[0], kv_len)
+        if self.host_lengths and (kv_lens is None or len(kv_lens) != key[0]):
+            raise ValueError(f"kv_lens={kv_lens} must give one host length per row of the {key[0]}-row batch")
+        lens = (list(kv_lens),) if self.host_lengths else ()
         if key in self.eager:
-            return self.decode(tokens, positions, cache_lens, block_tables, kv_len)
+            return self.decode(tokens, positions, cache_lens, block_tables, kv_len, *lens)
         if key not in self.graphs:
             raise ValueError(
                 f"no graph captured for batch {key[0]} and length {kv_len}; batch buckets are "
                 f"{self.buckets}, lengths {self.lengths}"
             )
         graph, output = self.graphs[key]
+        if self.host_lengths:
+            # One dict in a list: torch_npu applies it to every FIA call the capture recorded (one per layer).
+            graph.update([{"actual_seq_lengths_kv": lens[0]}])
         for buffer, value in zip(self.inputs[key[0]], (tokens, positions, cache_lens, block_tables)):
             buffer.copy_(value, non_blocking=True)
         graph.replay()

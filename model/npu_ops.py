@@ -9,6 +9,13 @@ Shapes: x (B, hidden); q (B, H, D), k (B, KVH, D); cos/sin (B, D); keys/values (
 gathered from the paged cache through the step's block tables) with L the decode length; mask (B, L)
 bool, True where a key is attended.
 
+Decode attention over the paged cache (`paged_attention`, with `decode_reads` built once per step) comes in
+two forms. Gather (the plain ops, and FusedOps with `paged=False`): copy the first L positions of every row
+through its block table into a contiguous BSND tensor, then attend under the (B, L) mask. Paged (FusedOps,
+the npu default): one npu_fused_infer_attention_score call per layer that reads the cache through the block
+table (int32) itself, each row exactly its live KV length (`actual_seq_lengths_kv`, a host list), as
+vllm-ascend's decode does; no copy, no mask.
+
 `varlen_attention` is attention over sequences packed back to back in TND layout (tokens, heads,
 head_dim), delimited by cumulative lengths: the vision tower's windows and full-attention frames,
 and packed prefill. The plain path runs one SDPA per sequence; FusedOps calls npu_fusion_attention
@@ -18,6 +25,7 @@ with input_layout "TND" and actual_seq_qlen / actual_seq_kvlen, as vllm-ascend's
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -25,7 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from model.device import import_torch_npu
+from model.kv_cache import gather_blocks
 from model.rotary import apply_rotary
+
+DECODE_ATTENTION = ("paged", "gather")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -57,10 +68,48 @@ def check_cu_seqlens(
     return spans
 
 
+@dataclass
+class DecodeReads:
+    """What a decode step's attention reads, built once per step (`DecodeOps.decode_reads`) for every layer.
+
+    tables: block tables, (B, W) long for the gather (the first W blocks), (B, M) int32 for the paged kernel.
+    mask: (B, W * block_size) bool, True where a gathered position is attended (gather only).
+    kv_lens: each row's KV length including this step's token, a host list (paged only).
+    """
+
+    tables: torch.Tensor
+    mask: torch.Tensor | None = None
+    kv_lens: list[int] | None = None
+
+
 class DecodeOps:
     """Plain PyTorch ops; every backend runs them."""
 
     name = "plain"
+    paged = False  # attention gathers the blocks it reads (see the module docstring)
+
+    def decode_reads(
+        self,
+        block_tables: torch.Tensor,
+        cache_lens: torch.Tensor,
+        block_size: int,
+        width: int,
+        kv_lens: Sequence[int] | None = None,
+    ) -> DecodeReads:
+        """The gather form: the first `width` blocks of each row, positions up to cache_lens[b] attended.
+
+        block_tables (B, M) long, cache_lens (B,) on the device; computed there (no host sync). kv_lens is
+        not needed here (the paged form's).
+        """
+        span = torch.arange(width * block_size, device=block_tables.device)
+        return DecodeReads(block_tables[:, :width], span[None, :] <= cache_lens[:, None])  # mask (B, W * block_size)
+
+    def paged_attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, reads: DecodeReads, scale: float
+    ) -> torch.Tensor:
+        """q (B, H, D) over each row's KV in the caches (num_blocks, block_size, KVH, D) -> (B, H * D)."""
+        keys, values = gather_blocks(k_cache, reads.tables), gather_blocks(v_cache, reads.tables)  # (B, L, KVH, D)
+        return self.attention(q, keys, values, reads.mask, scale)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm(x, weight, eps)
@@ -135,8 +184,10 @@ class FusedOps(DecodeOps):
     """torch_npu's fused kernels, with argument layouts as documented by torch_npu (op-plugin).
 
     `npu` is the torch_npu module (tests pass a stand-in written from the documented semantics).
-    Attention reads the keys gathered from the step's blocks in BSND layout (contiguous), under a
-    (B, 1, 1, L) mask: no host-side lengths, so the step captures as it is.
+    paged=True (the default): decode attention is one FIA call over the block tables with the rows' KV
+    lengths as a host list (a captured graph rewrites them with `NPUGraph.update`, model/graph.py).
+    paged=False: the gather form, FIA over the keys gathered in BSND layout (contiguous) under a
+    (B, 1, 1, L) mask, with nothing on the host; the way back if a device refuses the paged call.
     """
 
     name = "fused"
@@ -147,8 +198,9 @@ class FusedOps(DecodeOps):
     # (the vision tower's 80); zeros change neither the scores nor, after slicing, the output.
     PAD_HEAD_DIM = (64, 128)
 
-    def __init__(self, npu: ModuleType | Any) -> None:
+    def __init__(self, npu: ModuleType | Any, paged: bool = True) -> None:
         self.npu = npu
+        self.paged = paged
         self.causal_masks: dict[torch.device, torch.Tensor] = {}
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -188,6 +240,50 @@ class FusedOps(DecodeOps):
             input_layout="BSND",
         )
         return out.reshape(batch, heads * dim)
+
+    def decode_reads(
+        self,
+        block_tables: torch.Tensor,
+        cache_lens: torch.Tensor,
+        block_size: int,
+        width: int,
+        kv_lens: Sequence[int] | None = None,
+    ) -> DecodeReads:
+        """Paged: the whole (B, M) tables as int32 and `kv_lens` (B host ints >= 1; padded rows 1, over the null
+        block). Without kv_lens (a caller that has no host lengths), or with paged=False: the gather form."""
+        if not self.paged or kv_lens is None:
+            return super().decode_reads(block_tables, cache_lens, block_size, width)
+        lens = [int(n) for n in kv_lens]
+        if len(lens) != block_tables.shape[0] or min(lens) < 1:
+            raise ValueError(f"kv_lens={lens} must hold one length >= 1 per row of the {len(block_tables)}-row batch")
+        return DecodeReads(block_tables.to(torch.int32), kv_lens=lens)
+
+    def paged_attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, reads: DecodeReads, scale: float
+    ) -> torch.Tensor:
+        """Paged: FIA in TND layout as vllm-ascend's decode calls it (attention_v1.py, `_get_fia_params` and the
+        non-causal `npu_fused_infer_attention_score` call): query (B, H, D), one query per row
+        (actual_seq_lengths = cumulative ends 1..B), the caches viewed as (num_blocks, block_size, KVH * D),
+        block_table (B, M) int32, block_size, actual_seq_lengths_kv = each row's KV length, no mask (sparse_mode 0)."""
+        if reads.kv_lens is None:
+            return super().paged_attention(q, k_cache, v_cache, reads, scale)
+        batch, heads, dim = q.shape
+        num_blocks, block_size, kv_heads, _ = k_cache.shape
+        out, _ = self.npu.npu_fused_infer_attention_score(
+            q.contiguous(),
+            k_cache.view(num_blocks, block_size, kv_heads * dim),
+            v_cache.view(num_blocks, block_size, kv_heads * dim),
+            block_table=reads.tables,
+            input_layout="TND",
+            block_size=block_size,
+            actual_seq_lengths=list(range(1, batch + 1)),
+            actual_seq_lengths_kv=reads.kv_lens,
+            num_heads=heads,
+            num_key_value_heads=kv_heads,
+            scale=scale,
+            sparse_mode=0,
+        )
+        return out.reshape(batch, heads * dim)  # (B, H, D) -> (B, H * D)
 
     def varlen_attention(
         self,
@@ -236,6 +332,14 @@ def torch_npu_module() -> ModuleType:
     return import_torch_npu()
 
 
-def decode_ops(fused: bool) -> DecodeOps:
-    """The ops the decode step runs: FusedOps over torch_npu when `fused`, else the plain ones."""
-    return FusedOps(torch_npu_module()) if fused else PLAIN
+def decode_ops(fused: bool, attention: str | None = None) -> DecodeOps:
+    """The ops the decode step runs: FusedOps over torch_npu when `fused`, else the plain ones.
+
+    attention: how decode attention reads the paged cache with the fused ops, "paged" (None: the default)
+    or "gather"; the plain ops always gather, and "paged" without `fused` is a ValueError.
+    """
+    if attention is not None and attention not in DECODE_ATTENTION:
+        raise ValueError(f"decode_attention={attention!r} must be one of {', '.join(DECODE_ATTENTION)} (or null)")
+    if attention == "paged" and not fused:
+        raise ValueError("decode_attention='paged' needs fused_ops: the paged kernel is the NPU's FIA")
+    return FusedOps(torch_npu_module(), paged=attention != "gather") if fused else PLAIN

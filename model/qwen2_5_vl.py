@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -64,6 +66,8 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         cache_lens: torch.Tensor,
         block_tables: torch.Tensor,
         kv_len: int | None = None,
+        kv_lens: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """One token for each row -> logits (B, vocab); attention reads `kv_len` positions of each row."""
-        return self.lm_head(self.model.decode(input_ids, positions, cache_lens, block_tables, kv_len))
+        """One token for each row -> logits (B, vocab); attention reads `kv_len` positions of each row, or with
+        the paged kernel each row's `kv_lens` (host ints, Qwen2Model.decode)."""
+        return self.lm_head(self.model.decode(input_ids, positions, cache_lens, block_tables, kv_len, kv_lens))

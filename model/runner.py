@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -78,10 +78,13 @@ class ModelRunner:
         num_kv_blocks: int | None = None,
         kv_block_size: int | None = None,
         quantization: str = "auto",
+        decode_attention: str | None = None,
     ) -> None:
         """max_seq_len: the longest sequence (prompt + new tokens) one request may reach. The KV pool holds
         `num_kv_blocks` blocks of `kv_block_size` tokens (defaults: the device's block size, and enough
-        blocks for max_batch_size sequences of max_seq_len, plus the null block)."""
+        blocks for max_batch_size sequences of max_seq_len, plus the null block). decode_attention: with
+        fused_ops, "paged" (None: the default) reads the cache through block tables in the NPU kernel,
+        "gather" copies the live blocks first (model/npu_ops.py)."""
         if vision_mode not in ("dp", "tp"):
             raise ValueError(f"vision_mode={vision_mode!r} must be 'dp' or 'tp'")
         self.model_path = Path(model_path)
@@ -119,11 +122,12 @@ class ModelRunner:
         self.model.model.attach_cache(self.cache)
         self._slot_rows: dict[int, torch.Tensor] = {}  # batch size -> fixed slot tables (see `decode`)
         self.buckets = batch_buckets(max_batch_size)
-        self.model.model.decode_ops = decode_ops(fused_ops)  # npu fused kernels, or plain PyTorch
+        self.model.model.decode_ops = decode_ops(fused_ops, decode_attention)  # npu fused kernels, or plain PyTorch
         self.model.visual.attention_ops = self.model.model.decode_ops if fused_ops else None  # varlen vision attention
         self.decode_fn = self.model.decode
         self.fused_ops = fused_ops
-        self.decode_lengths = decode_lengths(self.device.type, False, max_seq_len, fused_ops)
+        self.paged_decode = self.model.model.decode_ops.paged  # decode takes each row's KV length on the host
+        self.decode_lengths = decode_lengths(self.device.type, False, max_seq_len, fused_ops, self.paged_decode)
         self.vision_cache = VisionCache(vision_cache_bytes) if vision_cache_bytes else None
 
     # ----------------------------------------------------------------------------- vision encode
@@ -256,19 +260,26 @@ class ModelRunner:
         cache_lens: torch.Tensor,
         max_len: int | None = None,
         block_tables: torch.Tensor | None = None,
+        kv_lens: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """One step for B rows (B a bucket size) -> logits (B, vocab).
 
         block_tables (B, max_blocks_per_seq) (`table_tensor`); None: the fixed tables of slots 0..B-1.
         max_len: a host-side bound on cache_lens + 1 over the rows (None: max_seq_len). Attention reads
         the shortest of `self.decode_lengths` that covers it (per device: model/graph.py, decode_lengths).
+        kv_lens: cache_lens + 1 as host ints (padded rows: 1), what the paged NPU kernel reads per row
+        (`paged_decode`); without them it reads cache_lens back from the device once. Unused otherwise.
         """
         if block_tables is None:
             rows = tokens.shape[0]
             if rows not in self._slot_rows:
                 self._slot_rows[rows] = self.table_tensor([self.slot_table(s) for s in range(rows)])
             block_tables = self._slot_rows[rows]
-        return self.decode_fn(tokens, positions, cache_lens, block_tables, pick_length(self.decode_lengths, max_len))
+        length = pick_length(self.decode_lengths, max_len)
+        if not self.paged_decode:
+            return self.decode_fn(tokens, positions, cache_lens, block_tables, length)
+        lens = (cache_lens + 1).tolist() if kv_lens is None else list(kv_lens)
+        return self.decode_fn(tokens, positions, cache_lens, block_tables, length, lens)
 
     # ----------------------------------------------------------------------------- warm-up / graphs
     @torch.inference_mode()
@@ -293,14 +304,15 @@ class ModelRunner:
 
         `buckets` (default: all of `self.buckets`) limits which sizes are prepared now; on cpu any
         other bucket compiles on first use, on cuda/npu only the prepared ones can run. Lengths are
-        `decode_lengths(device, graph=True)`: every length bucket on cuda and npu, max_seq_len on cpu.
-        The dummy steps read and write the null block only.
+        `decode_lengths(device, graph=True)`: every length bucket on cuda (and npu with the gather),
+        max_seq_len on cpu and with the paged kernel (one graph per batch bucket, lengths updated per
+        step). The dummy steps read and write the null block only.
         """
         sizes = self.buckets if buckets is None else sorted(buckets)
         unknown = [b for b in sizes if b not in self.buckets]
         if unknown:
             raise ValueError(f"buckets {unknown} are not decode buckets of this runner ({self.buckets})")
-        lengths = decode_lengths(self.device.type, True, self.max_seq_len, self.fused_ops)
+        lengths = decode_lengths(self.device.type, True, self.max_seq_len, self.fused_ops, self.paged_decode)
         if self.device.type == "cpu":
             self.decode_fn = CompiledDecode(self.model.decode, shapes=len(self.buckets) * len(lengths) + 2)
             for size in sizes:  # compile each bucket now, not on the first request
@@ -310,7 +322,9 @@ class ModelRunner:
                     steps = (torch.zeros(size, dtype=torch.long) for _ in range(3))
                     self.decode_fn(*steps, self.table_tensor([[]] * size), length)
         else:
-            self.decode_fn = GraphDecode(self.model.decode, sizes, lengths, self.device, self.max_blocks_per_seq)
+            self.decode_fn = GraphDecode(
+                self.model.decode, sizes, lengths, self.device, self.max_blocks_per_seq, host_lengths=self.paged_decode
+            )
         self.decode_lengths = lengths
 
     def eager_buckets(self) -> list[dict]:

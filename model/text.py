@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 from model.config import TextConfig
 from model.kv_cache import PagedKVCache, cache_rows, gather_blocks, write_rows
 from model.layers import GatedMLP, RMSNorm
-from model.npu_ops import PLAIN, DecodeOps
+from model.npu_ops import PLAIN, DecodeOps, DecodeReads
 from model.parallel import (
     ParallelContext,
     QKVParallelLinear,
@@ -132,21 +133,19 @@ class Attention(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         rows: torch.Tensor,
-        block_tables: torch.Tensor,
-        mask: torch.Tensor,
+        reads: DecodeReads,
         ops: DecodeOps = PLAIN,
     ) -> torch.Tensor:
         """x (B, hidden): one new token per row, written at cache `rows` (`cache_rows`).
 
-        block_tables (B, W): the blocks attention reads; mask (B, W * block_size): which of those
-        positions each row attends.
+        reads: the blocks and lengths attention reads (`DecodeOps.decode_reads`: gathered under a mask, or
+        through the block tables in the kernel).
         """
         q, k, v = self._qkv(x)
         q, k = ops.rotary(q, k, cos, sin)
         write_rows(k_cache, rows, k)
         write_rows(v_cache, rows, v)
-        keys, values = gather_blocks(k_cache, block_tables), gather_blocks(v_cache, block_tables)  # (B, L, KVH, D)
-        return self.o_proj(ops.attention(q, keys, values, mask, self.head_dim**-0.5))
+        return self.o_proj(ops.paged_attention(q, k_cache, v_cache, reads, self.head_dim**-0.5))
 
 
 class DecoderLayer(nn.Module):
@@ -192,13 +191,15 @@ class Qwen2Model(nn.Module):
         cache_lens: torch.Tensor,
         block_tables: torch.Tensor,
         kv_len: int | None = None,
+        kv_lens: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """input_ids, positions, cache_lens: (B,); block_tables (B, M) -> final hidden states (B, hidden).
 
         Static shapes only. Row b's new token goes to position cache_lens[b] of its sequence. kv_len:
-        how many positions attention reads (> every cache_lens[b]; rounded up to whole blocks); None
-        reads all M blocks. Each residual add is fused with the norm after it (`add_rms_norm`), as the
-        NPU kernels do; on the plain path that is the same arithmetic as add, then norm.
+        how many positions the gather form of attention reads (> every cache_lens[b]; rounded up to whole
+        blocks); None reads all M blocks. kv_lens: cache_lens + 1 as host ints, for the paged kernel (FusedOps
+        with paged=True; ignored by the gather form). Each residual add is fused with the norm after it
+        (`add_rms_norm`), as the NPU kernels do; on the plain path that is the same arithmetic as add, then norm.
         """
         assert self.cache is not None, "attach_cache() before decode"
         ops = self.decode_ops
@@ -206,16 +207,14 @@ class Qwen2Model(nn.Module):
         width = block_tables.shape[1] if kv_len is None else min(-(-kv_len // size), block_tables.shape[1])
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.text_only(positions, x.dtype)
-        span = torch.arange(width * size, device=x.device)
-        mask = span[None, :] <= cache_lens[:, None]  # (B, W * block_size)
+        reads = ops.decode_reads(block_tables, cache_lens, size, width, kv_lens)
         rows = cache_rows(block_tables, cache_lens, size)
-        tables = block_tables[:, :width]
         residual = x
         h = ops.rms_norm(x, self.layers[0].input_layernorm.weight, self.layers[0].input_layernorm.eps)
         for i, (layer, k_cache, v_cache) in enumerate(zip(self.layers, self.cache.keys, self.cache.values)):
             if i:
                 h, residual = ops.add_rms_norm(x, residual, layer.input_layernorm.weight, layer.input_layernorm.eps)
-            x = layer.self_attn.decode(h, cos, sin, k_cache, v_cache, rows, tables, mask, ops)
+            x = layer.self_attn.decode(h, cos, sin, k_cache, v_cache, rows, reads, ops)
             norm = layer.post_attention_layernorm
             h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.eps)
             x = layer.mlp(h, ops.silu_and_mul)

@@ -1,11 +1,13 @@
 """The decode step keeps the contract graph capture needs, checked on cpu.
 
 - At every (batch bucket, decode length) the step runs under a dispatch mode that fails on any host
-  sync or data-dependent shape, on the plain path and on the fused path.
+  sync or data-dependent shape, on the plain path and on the fused path: decode attention through
+  block tables (FIA's paged mode, the KV lengths handed in as host ints) and the gather form.
 - The step traced once (make_fx) and replayed with other tokens, positions and lengths gives the
   eager logits and KV cache exactly.
 - The fused path, with a stand-in for torch_npu written from the kernels' documented semantics
-  (and asserting their documented layouts), gives the plain path's logits; that includes the vision
+  (and asserting their documented layouts), gives the plain path's logits (decode attention through
+  block tables by default; tests/test_npu_paged.py has the paged step's own checks); that includes the vision
   tower's fused varlen attention (npu_fusion_attention, TND) for image prompts.
 """
 
@@ -15,6 +17,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -112,11 +115,12 @@ class FakeTorchNpu(SimpleNamespace):
     (y, rstd, x1 + x2); npu_rotary_mul(x, r1, r2) = x * r1 + rotate_half(x) * r2 on x (1, T, N, D), r1/r2 (1, T, 1, D);
     npu_swiglu(x, dim) = silu(first half) * second half (vllm-ascend's SiluAndMul);
     npu_fused_infer_attention_score(q, k, v, atten_mask=True-masks, num_heads, num_key_value_heads,
-    scale, input_layout) -> (out, lse), with BSND = (batch, seq, heads, head_dim), contiguous inputs.
+    scale, input_layout) -> (out, lse), with BSND = (batch, seq, heads, head_dim), contiguous inputs;
+    with block_table, its paged mode (`_paged_fia`).
     """
 
     def __init__(self) -> None:
-        super().__init__(calls={}, rotary_shapes=[])
+        super().__init__(calls={}, rotary_shapes=[], kv_lens_seen=[])
 
     def _count(self, name: str) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
@@ -156,10 +160,16 @@ class FakeTorchNpu(SimpleNamespace):
         scale: float = 1.0,
         input_layout: str = "BSH",
         num_key_value_heads: int = 0,
-        **unused: object,
+        block_table: torch.Tensor | None = None,
+        **paged: Any,
     ):
         self._count("npu_fused_infer_attention_score")
-        assert not unused, f"unexpected arguments {sorted(unused)}"
+        if block_table is not None:
+            assert atten_mask is None, "decode through block tables runs without a mask"
+            return self._paged_fia(
+                query, key, value, block_table, num_heads, num_key_value_heads, scale, input_layout, **paged
+            )
+        assert not paged, f"unexpected arguments {sorted(paged)}"
         assert input_layout == "BSND" and query.dim() == key.dim() == 4 and key.shape == value.shape
         assert query.is_contiguous() and key.is_contiguous() and value.is_contiguous()
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # BNSD
@@ -176,6 +186,61 @@ class FakeTorchNpu(SimpleNamespace):
         lse = scores.logsumexp(-1, keepdim=True)
         out = ((scores - lse).exp() @ v.float()).to(query.dtype)  # (B, N, 1, D)
         return out.transpose(1, 2).contiguous(), lse
+
+    def _paged_fia(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        block_table: torch.Tensor,
+        num_heads: int,
+        num_key_value_heads: int,
+        scale: float,
+        input_layout: str,
+        *,
+        block_size: int,
+        actual_seq_lengths: list[int],
+        actual_seq_lengths_kv: list[int],
+        sparse_mode: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """FIA's page-attention mode in TND layout, as op-plugin documents it and vllm-ascend calls it.
+
+        query (T, N, D) contiguous; key/value (num_blocks, block_size, KV_N * D) (the cache, BSH per block);
+        block_table (B, max_blocks) int32; actual_seq_lengths: host list of cumulative query ends (last = T);
+        actual_seq_lengths_kv: host list of each request's KV length, len B (= block_table rows), each
+        covered by its table row. Request b's KV position i is block block_table[b, i // block_size] at
+        offset i % block_size. sparse_mode 0: every query of a request sees its whole KV.
+        """
+        assert input_layout == "TND" and query.dim() == 3 and query.is_contiguous()
+        tokens, heads, dim = query.shape
+        num_blocks, size, hidden = key.shape
+        assert key.shape == value.shape and key.dtype == value.dtype == query.dtype
+        assert block_size == size and block_size % 16 == 0 and 16 <= block_size <= 512, f"block_size={block_size}"
+        assert heads == num_heads and hidden == num_key_value_heads * dim and heads % num_key_value_heads == 0
+        assert block_table.dtype == torch.int32 and block_table.dim() == 2, f"block_table {block_table.dtype}"
+        assert sparse_mode == 0
+        for name, lens in (
+            ("actual_seq_lengths", actual_seq_lengths),
+            ("actual_seq_lengths_kv", actual_seq_lengths_kv),
+        ):
+            assert isinstance(lens, list) and all(type(n) is int for n in lens), f"{name} must be a host int list"
+        batch = len(actual_seq_lengths)
+        assert actual_seq_lengths[-1] == tokens and len(actual_seq_lengths_kv) == batch == block_table.shape[0]
+        assert all(1 <= n <= block_table.shape[1] * size for n in actual_seq_lengths_kv)
+        self.kv_lens_seen.append(list(actual_seq_lengths_kv))
+        groups = heads // num_key_value_heads
+        out, lse = torch.zeros_like(query), torch.zeros(tokens, heads, 1)
+        for b, (qs, qe, kv_len) in enumerate(zip([0] + actual_seq_lengths, actual_seq_lengths, actual_seq_lengths_kv)):
+            blocks = block_table[b, : -(-kv_len // size)].long()
+            k = key.index_select(0, blocks).reshape(-1, num_key_value_heads, dim)[:kv_len]  # (L, KV_N, D)
+            v = value.index_select(0, blocks).reshape(-1, num_key_value_heads, dim)[:kv_len]
+            k = k.float().transpose(0, 1).repeat_interleave(groups, dim=0)  # (N, L, D)
+            v = v.float().transpose(0, 1).repeat_interleave(groups, dim=0)
+            scores = (query[qs:qe].float().transpose(0, 1) @ k.transpose(-1, -2)) * scale  # (N, Lq, L)
+            row_lse = scores.logsumexp(-1, keepdim=True)
+            out[qs:qe] = ((scores - row_lse).exp() @ v).transpose(0, 1).to(query.dtype)
+            lse[qs:qe] = row_lse.transpose(0, 1)
+        return out, lse
 
     def npu_fusion_attention(
         self,
@@ -232,8 +297,8 @@ def fake_npu(monkeypatch: pytest.MonkeyPatch) -> FakeTorchNpu:
 
 
 # ------------------------------------------------------------------------- helpers
-def _runner(path: Path, fused: bool = False) -> ModelRunner:
-    runner = ModelRunner(path, max_batch_size=4, max_seq_len=MAX_SEQ_LEN, fused_ops=fused)
+def _runner(path: Path, fused: bool = False, attention: str | None = None) -> ModelRunner:
+    runner = ModelRunner(path, max_batch_size=4, max_seq_len=MAX_SEQ_LEN, fused_ops=fused, decode_attention=attention)
     gen = torch.Generator().manual_seed(0)
     for cache in runner.cache.keys + runner.cache.values:  # some history in every slot
         cache.copy_(torch.randn(cache.shape, generator=gen))
@@ -262,18 +327,25 @@ def _restore(runner: ModelRunner, saved: list[torch.Tensor]) -> None:
 
 
 # ------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
-def test_decode_has_no_host_sync_at_any_bucket(tiny_checkpoint: Path, fused: bool, request) -> None:
+@pytest.mark.parametrize(
+    "fused, attention", [(False, None), (True, "paged"), (True, "gather")], ids=["plain", "fused", "fused-gather"]
+)
+def test_decode_has_no_host_sync_at_any_bucket(tiny_checkpoint: Path, fused: bool, attention: str, request) -> None:
+    """The paged step takes its KV lengths as host ints from the caller (RunningBatch knows them): no read-back."""
     if fused:
         request.getfixturevalue("fake_npu")
-    runner = _runner(tiny_checkpoint, fused)
-    assert runner.decode_lengths == [256, MAX_SEQ_LEN]
+    runner = _runner(tiny_checkpoint, fused, attention)
+    assert runner.paged_decode == (attention == "paged")
+    assert runner.decode_lengths == ([MAX_SEQ_LEN] if runner.paged_decode else [256, MAX_SEQ_LEN])
     with torch.inference_mode():
         for batch in runner.buckets:
             for length in runner.decode_lengths:
                 tokens, positions, lens, tables = _inputs(runner, batch, seed=batch, longest=length)
+                kv_lens = (lens + 1).tolist()
                 with no_host_sync():
-                    logits = runner.decode(tokens, positions, lens, max_len=length, block_tables=tables)
+                    logits = runner.decode(
+                        tokens, positions, lens, max_len=length, block_tables=tables, kv_lens=kv_lens
+                    )
                 assert logits.shape == (batch, runner.config.text.vocab_size)
 
 

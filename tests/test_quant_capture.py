@@ -58,8 +58,11 @@ def test_quantized_decode_has_no_host_sync(quantized: dict[str, Path], scheme: s
         for batch in runner.buckets:
             for length in runner.decode_lengths:
                 tokens, positions, lens, tables = _inputs(runner, batch, seed=batch, longest=length)
+                kv_lens = (lens + 1).tolist()  # host lengths, as the batch passes them (the paged kernel's)
                 with no_host_sync():
-                    logits = runner.decode(tokens, positions, lens, max_len=length, block_tables=tables)
+                    logits = runner.decode(
+                        tokens, positions, lens, max_len=length, block_tables=tables, kv_lens=kv_lens
+                    )
                 assert logits.shape == (batch, runner.config.text.vocab_size)
     if fake is not None:
         layers = runner.config.text.num_hidden_layers
