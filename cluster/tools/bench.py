@@ -44,7 +44,7 @@ CHECKPOINTS: dict[str, tuple[str, TinySpec]] = {
     "tiny": ("tiny-qwen2.5-vl", preset("default")),
     "small": ("bench-small", preset("small")),
 }
-ENGINES = ("hf", "hf_static_compile", "ours_eager", "ours_graph", "ray_tp1")
+ENGINES = ("hf", "hf_static_compile", "ours_eager", "ours_graph", "ray_tp1", "ray_tp1_graph")
 BASELINE = "hf"
 TEXT_PROMPT = "Describe the weather today and tomorrow, then summarize the report in three sentences."
 IMAGE_PROMPT = "What is in this photo? Describe it in detail."
@@ -330,24 +330,28 @@ def bench_checkpoint(
     runner = None
     gc.collect()
 
-    # our engine through the Coordinator
-    if skip_ray:
-        engines["ray_tp1"] = {"skipped": "--skip-ray"}
-    else:
-        log(f"{name}: starting the Ray engine (tp 1, exe_mode eager)")
+    # our engine through the Coordinator, eager and (except in --quick mode) graph
+    for engine, mode in (("ray_tp1", "eager"), ("ray_tp1_graph", "graph")):
+        if skip_ray:
+            engines[engine] = {"skipped": "--skip-ray"}
+            continue
+        if quick and mode == "graph":
+            engines[engine] = {"skipped": "not run in --quick mode"}
+            continue
+        log(f"{name}: starting the Ray engine (tp 1, exe_mode {mode})")
         t = time.perf_counter()
         calls = [(b, chunks(raw[: max(b, 2)], b)) for b in batch_sizes]
         flat = [batch for _, batches in calls for batch in batches * (1 + repeats)]  # warm-up pass, then timed
-        runs, stats = run_ray(path, "eager", max_batch, input_max_len, new_tokens, flat)
-        engines["ray_tp1"] = {
+        runs, stats = run_ray(path, mode, max_batch, input_max_len, new_tokens, flat)
+        engines[engine] = {
             "batches": {},
             "start_and_run_s": time.perf_counter() - t,
-            "exe_mode": "eager",
+            "exe_mode": mode,
             "worker_phases": stats,
         }
         for b, batches in calls:
             n = len(batches)
-            record("ray_tp1", b, [runs[n * (1 + i) : n * (2 + i)] for i in range(repeats)])
+            record(engine, b, [runs[n * (1 + i) : n * (2 + i)] for i in range(repeats)])
             runs = runs[n * (1 + repeats) :]
 
     # transformers, static cache + torch.compile; last, so that its compiled state cannot affect ours
@@ -401,10 +405,10 @@ def bench_checkpoint(
             m["roofline_ms"] = roofline_ms
             m["roofline_fraction"] = roofline_ms / m["tpot_ms_median"]
             m["tokens_match_hf"] = tokens[engine][b] == tokens[BASELINE][b]
-    if "ray_tp1" in tokens:
-        for b_text, m in engines["ray_tp1"]["batches"].items():
+    for engine, in_process in (("ray_tp1", "ours_eager"), ("ray_tp1_graph", "ours_graph")):
+        for b_text, m in engines[engine].get("batches", {}).items():
             m["tpot_ratio_vs_in_process"] = (
-                m["tpot_ms_median"] / engines["ours_eager"]["batches"][b_text]["tpot_ms_median"]
+                m["tpot_ms_median"] / engines[in_process]["batches"][b_text]["tpot_ms_median"]
             )
     return results
 
