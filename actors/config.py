@@ -52,7 +52,7 @@ class EngineConfig:
     prefix_caching: bool = True
     prefill_chunk_tokens: int = 2048
     decode_steps_per_call: int | str = "auto"  # an integer, or "auto" (actors/steps_per_call.py)
-    max_decode_call_ms: float = 50.0
+    max_decode_call_ms: float = 100.0
     worker_timeout_s: float = 600.0
     rendezvous_timeout_s: float = 300.0
     max_group_restarts: int = 3
