@@ -81,6 +81,20 @@ class Owner:
         raise AssertionError(f"not idle after {max_rounds} rounds")
 
 
+def serve_all(loop: GroupLoop, seqs: list[Sequence]) -> Owner:
+    """Start the fake group, queue `seqs` and run rounds until the group is idle."""
+
+    async def main() -> Owner:
+        await loop.group.start()
+        owner = Owner(loop)
+        for seq in seqs:
+            loop.scheduler.add(seq)
+        await owner.run()
+        return owner
+
+    return asyncio.run(main())
+
+
 EOS = {toy_token(prompt_seed(make_seq("b", 9, 1).prompt_ids), 3)}  # request "b" ends at its 4th token
 
 
@@ -106,15 +120,7 @@ def test_rounds_give_every_request_its_own_tokens_and_release_it() -> None:
         make_seq(name, n, m) for name, n, m in [("a", 13, 20), ("b", 9, 12), ("c", 5, 17), ("d", 21, 6), ("e", 3, 9)]
     ]
 
-    async def main() -> Owner:
-        await loop.group.start()
-        owner = Owner(loop)
-        for seq in seqs:
-            loop.scheduler.add(seq)
-        await owner.run()
-        return owner
-
-    owner = asyncio.run(main())
+    owner = serve_all(loop, seqs)
     assert not owner.errors
     check_against_reference(owner, seqs)
     assert owner.reasons["b"] == "stop" and len(owner.tokens["b"]) == 4
@@ -128,15 +134,7 @@ def test_admission_error_fails_that_request_only() -> None:
     seqs = [make_seq(name, 6, 7) for name in "pqr"]
     loop.group.reject["q"] = "request 'q' does not fit this rank"
 
-    async def main() -> Owner:
-        await loop.group.start()
-        owner = Owner(loop)
-        for seq in seqs:
-            loop.scheduler.add(seq)
-        await owner.run()
-        return owner
-
-    owner = asyncio.run(main())
+    owner = serve_all(loop, seqs)
     assert owner.errors == {"q": "request 'q' does not fit this rank"}
     assert "q" not in owner.tokens
     check_against_reference(owner, seqs)
@@ -343,15 +341,7 @@ def test_steps_per_call_sets_each_pure_decode_call_and_hears_its_times() -> None
     loop = GroupLoop(SlowCallGroup(0, step_time_s=0.001), scheduler, sorted(EOS), steps)
     seqs = [make_seq("a", 5, 40), make_seq("c", 7, 40)]
 
-    async def main() -> Owner:
-        await loop.group.start()
-        owner = Owner(loop)
-        for seq in seqs:
-            loop.scheduler.add(seq)
-        await owner.run()
-        return owner
-
-    owner = asyncio.run(main())
+    owner = serve_all(loop, seqs)
     check_against_reference(owner, seqs)
     decode_calls = [n for kind, n, _, _ in loop.group.calls if kind == "decode" and n]  # (0: a release-only call)
     # The first token comes from the prefill round; then 3, 7, and the rest (50 is more than the 29 left).

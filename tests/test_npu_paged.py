@@ -27,7 +27,7 @@ from model.processor import PreparedRequest
 from model.runner import ModelRunner
 from model.sampling import SamplingParams
 from tests.test_capture import MAX_SEQ_LEN, FakeTorchNpu, _inputs, _restore, _runner, _snapshot, no_host_sync
-from tests.test_graph import FakeStream
+from tests.test_graph import FakeBackend
 
 
 class GraphRecordingNpu(FakeTorchNpu):
@@ -82,24 +82,14 @@ class FakeNpuGraph:
             self.npu.replaying = None
 
 
-class FakeNpuBackend:
+class FakeNpuBackend(FakeBackend):
     """torch.npu's surface for GraphDecode, graph() taking auto_dispatch_capture as torch_npu 2.13 does."""
 
     NPUGraph = FakeNpuGraph
 
     def __init__(self, npu: GraphRecordingNpu) -> None:
+        super().__init__()
         self.npu = npu
-        self.capturing: FakeNpuGraph | None = None
-
-    def Stream(self) -> FakeStream:  # noqa: N802 - mirrors torch.npu.Stream
-        return FakeStream()
-
-    def current_stream(self) -> FakeStream:
-        return FakeStream()
-
-    @contextlib.contextmanager
-    def stream(self, stream: FakeStream) -> Iterator[None]:
-        yield
 
     @contextlib.contextmanager
     def graph(self, graph: FakeNpuGraph, pool: object = None, auto_dispatch_capture: bool = False) -> Iterator[None]:
@@ -109,9 +99,6 @@ class FakeNpuBackend:
             yield
         finally:
             self.capturing, self.npu.recording = None, None
-
-    def synchronize(self) -> None:
-        pass
 
 
 def captured(backend: FakeNpuBackend, decode: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
