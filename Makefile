@@ -28,7 +28,7 @@ run: tiny-model
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=20
 
 # Unit tests only: no Ray cluster, subprocess or process group (tests/conftest.py marks those `integration`).
 test-fast: setup
