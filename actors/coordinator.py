@@ -288,16 +288,11 @@ class Coordinator:
 
     def _check_fits(self, seq: Sequence) -> None:
         """RequestError naming the limit when the request could never fit a group's KV pool (it would wait forever)."""
-        num_blocks, block_size = self.cfg.worker.kv_pool()
-        tokens = len(seq.prompt_ids) + seq.max_new_tokens
-        need = -(-tokens // block_size)
-        if need > num_blocks - 1:
+        never = self.engines[0].scheduler.never_fits(len(seq.prompt_ids), seq.max_new_tokens)  # every pool is alike
+        if never is not None:
+            name = seq.payload.record["id"] if seq.payload else seq.request_id
             raise RequestError(
-                f"request {seq.payload.record['id'] if seq.payload else seq.request_id!r}: prompt of "
-                f"{len(seq.prompt_ids)} tokens + max_new_tokens={seq.max_new_tokens} needs {need} KV blocks of "
-                f"{block_size} tokens, more than the KV pool holds ({num_blocks - 1} blocks; kv_cache.num_blocks "
-                "or kv_cache.memory_gb sets it)",
-                "max_new_tokens",
+                f"request {name!r}: {never}; kv_cache.num_blocks or kv_cache.memory_gb sets the pool", "max_new_tokens"
             )
 
     def _rejected(self, request: Any, error: str) -> dict:

@@ -169,6 +169,18 @@ class GroupScheduler:
         return self.pool.cached_prefix(keys) * self.block_size
 
     # ----------------------------------------------------------------------------- events
+    def never_fits(self, prompt_len: int, max_new_tokens: int) -> str | None:
+        """Why a request of this size could never fit the whole KV pool (it would wait forever), or None."""
+        total = prompt_len + max_new_tokens
+        need = -(-total // self.block_size)
+        if need <= self.pool.capacity:
+            return None
+        return (
+            f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = {total} tokens need {need} blocks "
+            f"of {self.block_size} tokens, more than the KV pool holds ({self.pool.capacity} blocks, "
+            f"{self.pool.capacity * self.block_size} tokens)"
+        )
+
     def add(self, seq: Sequence) -> None:
         """Queue a request (fresh, or moved here from a failed group keeping its output_ids).
 
@@ -181,14 +193,9 @@ class GroupScheduler:
                 f"request {seq.request_id!r}: prompt of {seq.prompt_len} tokens and max_new_tokens="
                 f"{seq.max_new_tokens} must both be >= 1"
             )
-        total = seq.prompt_len + seq.max_new_tokens
-        need = -(-total // self.block_size)
-        if need > self.pool.capacity:
-            raise ValueError(
-                f"request {seq.request_id!r} can never fit: prompt ({seq.prompt_len}) + max_new_tokens "
-                f"({seq.max_new_tokens}) = {total} tokens need {need} blocks of {self.block_size} tokens, "
-                f"but the KV pool holds {self.pool.capacity} blocks ({self.pool.capacity * self.block_size} tokens)"
-            )
+        never = self.never_fits(seq.prompt_len, seq.max_new_tokens)
+        if never is not None:
+            raise ValueError(f"request {seq.request_id!r} can never fit: {never}")
         seq.state, seq.finish_reason, seq.num_computed, seq.num_cached = WAITING, None, 0, 0
         seq._on_workers = False
         self.waiting.append(seq)

@@ -343,7 +343,8 @@ def test_a_request_that_could_never_fit_fails_at_submit(engines):
     request = {"id": "too-big", "prompt": "Hello.", "max_new_tokens": 200}
     (record,) = ray.get(coordinator.generate.remote([request]), timeout=60)
     assert record["finish_reason"] is None and not record["output_token_ids"]
-    limit = f"more than the KV pool holds ({SMALL_BLOCKS - 1} blocks; kv_cache.num_blocks"
+    usable = SMALL_BLOCKS - 1
+    limit = f"more than the KV pool holds ({usable} blocks, {usable * BLOCK['small']} tokens); kv_cache.num_blocks"
     assert limit in record["error"] and "max_new_tokens=200" in record["error"], record["error"]
     stream = coordinator.stream.options(num_returns="streaming").remote(request)
     with pytest.raises(RequestError) as info:
