@@ -71,6 +71,7 @@ class Coordinator:
                     cfg.prefill_chunk_tokens,
                     cfg.decode_steps_per_call,
                     cfg.prefix_caching,
+                    max_decode_stall=cfg.max_decode_stall,
                 ),
                 self.builder.eos_token_ids,
             )

@@ -7,6 +7,8 @@ pure-decode steps). The loop applies the forward's progress to the scheduler (`p
 the new tokens and the failures to its owner, which decides how each request goes on: the end of a
 request (EOS, length, a stop string, an abort) is decided there, once, and comes back through
 `GroupScheduler.finish`/`abort`, whose releases reach the workers at the start of the next round.
+Each step call's time also updates the group's step-cost estimates (actors/step_costs.py), which size
+the scheduler's prompt tokens per round.
 
 The worker group is anything with `dp_rank` and `async call(method, *args)` returning rank 0's answer
 first (actors/groups.WorkerGroup through Ray; tests pass a fake). Each sequence's payload must carry
@@ -22,6 +24,7 @@ from typing import Any
 
 from actors.groups import CallError
 from actors.scheduler import GroupScheduler, Plan, Sequence
+from actors.step_costs import StepCosts
 from model.processor import PreparedRequest
 
 
@@ -67,6 +70,7 @@ class GroupLoop:
         self.task: asyncio.Task | None = None
         self.restarts = 0
         self.rebuilding = False
+        self.costs = StepCosts()  # what sizes the scheduler's budget of prompt tokens per round
 
     @property
     def dp_rank(self) -> int:
@@ -112,6 +116,8 @@ class GroupLoop:
         if out is None:
             return result
         result.phases["prefill_s" if chunks else "decode_s"] = out["seconds"]
+        self.costs.observe(out["seconds"], steps, sum(end - start for _, start, end in chunks))
+        sched.set_step_costs(self.costs.decode_step_s, self.costs.prompt_token_s)
         failed = set(out["errors"])
         for seq in involved:
             if seq.request_id in failed:

@@ -93,11 +93,16 @@ class SchedulerConfig:
         plus prompt chunks, computed in one forward; longer prompts are split over rounds.
     decode_steps_per_call: decode steps per call to the workers; waiting requests are admitted
         after at most this many steps.
+    max_decode_stall: how much longer than a pure-decode step a round that carries decode rows may
+        take because of its prompt chunks (0.5: at most 1.5x a step); the prompt tokens of such a
+        round are capped from the measured step times (at least one token per round, never more than
+        prefill_chunk_tokens). null: no cap, prompts take the whole budget.
     """
 
     policy: str = "continuous"
     prefill_chunk_tokens: int = 2048
     decode_steps_per_call: int = 4
+    max_decode_stall: float | None = 1.0
 
 
 @dataclass
@@ -383,6 +388,8 @@ def _validate(cfg: RunConfig) -> None:
     _check_choice("scheduler.policy", sched.policy, POLICIES)
     _check_min("scheduler.prefill_chunk_tokens", sched.prefill_chunk_tokens, 1)
     _check_min("scheduler.decode_steps_per_call", sched.decode_steps_per_call, 1)
+    if sched.max_decode_stall is not None:
+        _check_min("scheduler.max_decode_stall", sched.max_decode_stall, 0.0)
 
     kv = cfg.kv_cache
     if kv.block_size is not None and not 1 <= kv.block_size <= 1024:

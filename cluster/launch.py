@@ -156,6 +156,7 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
         prefix_caching=cfg.prefix_caching,
         prefill_chunk_tokens=sched.prefill_chunk_tokens,
         decode_steps_per_call=sched.decode_steps_per_call,
+        max_decode_stall=sched.max_decode_stall,
         worker_timeout_s=cfg.ray.worker_timeout_s,
         rendezvous_timeout_s=cfg.ray.rendezvous_timeout_s,
         max_group_restarts=cfg.ray.max_group_restarts,
