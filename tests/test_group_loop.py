@@ -121,6 +121,54 @@ def test_rounds_give_every_request_its_own_tokens_and_release_it() -> None:
     assert loop.scheduler.pool.stats()["used"] == 0
 
 
+class TimedGroup(FakeWorkerGroup):
+    """The fake group, its step calls timed by a linear model instead of the clock; records each step call's
+    (prompt tokens, decode rows)."""
+
+    decode_s = 0.2
+    token_s = 0.01
+
+    def __init__(self, dp_rank: int) -> None:
+        super().__init__(dp_rank)
+        self.rounds: list[tuple[int, int]] = []
+
+    async def call(self, method: str, *args):
+        answers = await super().call(method, *args)
+        if method == "step":
+            tokens, decode, steps = sum(end - start for _, start, end in args[4]), args[5], args[6]
+            answers[0]["seconds"] = self.decode_s * max(steps, 1 if tokens else 0) + self.token_s * tokens
+            self.rounds.append((tokens, len(decode)))
+        return answers
+
+
+def test_the_loop_times_its_rounds_and_caps_the_prompt_tokens_that_stall_decoding() -> None:
+    """A long prompt arriving while another request decodes rides in chunks of at most what 0.5 x a decode step
+    allows (the cost model's 10 tokens), once the loop has measured both costs; tokens as if served alone."""
+    group = TimedGroup(0)
+    loop = GroupLoop(group, GroupScheduler(4, 80, 4, "continuous", 64, 4, max_decode_stall=0.5), sorted(EOS))
+    short, long = make_seq("short", 6, 40), make_seq("long", 200, 3)
+
+    async def main() -> Owner:
+        await group.start()
+        owner = Owner(loop)
+        loop.scheduler.add(short)
+        for _ in range(3):  # a prefill, then pure-decode calls
+            await owner.round()
+        loop.scheduler.add(long)
+        await owner.run()
+        return owner
+
+    owner = asyncio.run(main())
+    assert not owner.errors
+    check_against_reference(owner, [short, long])
+    assert loop.costs.decode_step_s == pytest.approx(TimedGroup.decode_s)
+    assert loop.costs.prompt_token_s == pytest.approx(TimedGroup.token_s, rel=0.02)
+    mixed = [tokens for tokens, decode in group.rounds if tokens and decode]
+    # The first prefill's sample counts the fixed cost as tokens: smaller chunks first, growing to the model's 10
+    # (the estimate approaches the true cost from above, so the cap approaches 10 from below).
+    assert sum(mixed) == 200 and max(mixed) in (9, 10) and mixed[:-1] == sorted(mixed[:-1])
+
+
 def test_admission_error_fails_that_request_only() -> None:
     loop = new_loop()
     seqs = [make_seq(name, 6, 7) for name in "pqr"]
