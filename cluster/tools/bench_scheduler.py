@@ -5,8 +5,8 @@
 
 1. Serving: `--requests` mixed requests (text prompts of different lengths, every third with an
    image, 8 to 64 output tokens, EOS ignored) arrive as a Poisson process at `--rate` requests/s
-   (seeded) at one DP group of 4 KV slots, tp 1, in one run: the static policy once, the continuous
-   one once per `scheduler.max_decode_stall` value (default: the config's). Reported the way
+   (seeded) at one DP group of 4 KV slots, tp 1, in one run: the static policy once, then the
+   continuous one once per `scheduler.max_decode_stall` value (default: the config's). Reported the way
    `cluster.launch` summarizes a run: TTFT, TPOT, ITL, E2E, queue time and output throughput, and
    each continuous run's TTFT p99, TPOT p99 and throughput over static's.
 2. Per-step orchestration: one request decoding `--step-tokens` tokens through the Coordinator, at
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             requests = serving_requests(args.requests, bench_image(CACHE_DIR))
             stalls = args.max_decode_stall.split(",") if args.max_decode_stall else [None]
             runs = [(f"continuous stall={s}" if s is not None else "continuous", s) for s in stalls]
-            for label, stall in [*runs, ("static", None)]:
+            for label, stall in [("static", None), *runs]:
                 report["serving"][label] = run_serving(path, requests, rate, label, stall)
                 (out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
         if not args.skip_step_cost:
