@@ -102,7 +102,7 @@ class SchedulerConfig:
     policy: str = "continuous"
     prefill_chunk_tokens: int = 2048
     decode_steps_per_call: int = 4
-    max_decode_stall: float | None = 1.0
+    max_decode_stall: float | None = 0.5
 
 
 @dataclass
