@@ -84,8 +84,9 @@ class Coordinator:
             block_size,
             cfg.policy,
             cfg.prefill_chunk_tokens,
-            steps.steps,
+            steps.fixed,
             cfg.prefix_caching,
+            max_decode_stall=cfg.max_decode_stall,
         )
         return GroupLoop(group, scheduler, self.builder.eos_token_ids, steps)
 

@@ -7,6 +7,8 @@ pure-decode steps). The loop applies the forward's progress to the scheduler (`p
 the new tokens and the failures to its owner, which decides how each request goes on: the end of a
 request (EOS, length, a stop string, an abort) is decided there, once, and comes back through
 `GroupScheduler.finish`/`abort`, whose releases reach the workers at the start of the next round.
+Each step call's times also update the group's step-cost estimates (actors/step_costs.py), which size
+the scheduler's prompt tokens per round and the steps of the next pure-decode call (actors/steps_per_call.py).
 
 The worker group is anything with `dp_rank` and `async call(method, *args)` returning rank 0's answer
 first (actors/groups.WorkerGroup through Ray; tests pass a fake). Each sequence's payload must carry
@@ -23,6 +25,7 @@ from typing import Any
 
 from actors.groups import CallError
 from actors.scheduler import GroupScheduler, Plan, Sequence
+from actors.step_costs import StepCosts
 from actors.steps_per_call import StepsPerCall
 from model.processor import PreparedRequest
 
@@ -77,6 +80,7 @@ class GroupLoop:
         self.task: asyncio.Task | None = None
         self.restarts = 0
         self.rebuilding = False
+        self.costs = StepCosts()  # what sizes a round's prompt tokens and a pure-decode call's steps
 
     @property
     def dp_rank(self) -> int:
@@ -87,7 +91,7 @@ class GroupLoop:
         requests of that call (in `Round.failed`) and the group goes on."""
         sched = self.scheduler
         if self.steps_per_call is not None:
-            sched.decode_steps_per_call = self.steps_per_call.steps
+            sched.decode_steps_per_call = self.steps_per_call.steps(self.costs)
         plan = sched.schedule()
         result = Round(plan)
         encode = []
@@ -117,7 +121,7 @@ class GroupLoop:
         decode = [seq.request_id for seq in plan.decode]
         steps = plan.decode_steps
         involved = plan.admit + [seq for seq, _, _ in plan.chunks] + plan.decode
-        start = time.perf_counter()
+        called = time.perf_counter()
         out = await self._call(
             result, involved, "step", plan.releases, plan.preempted, admissions, plan.block_tables, chunks, decode,
             steps, profile,
@@ -125,9 +129,10 @@ class GroupLoop:
         if out is None:
             return result
         result.phases["prefill_s" if chunks else "decode_s"] = out["seconds"]
-        if decode and not chunks and not plan.admit and self.steps_per_call is not None:
-            ran = max((len(o["tokens"]) for o in out["outputs"].values()), default=0)  # fewer when all ended early
-            self.steps_per_call.observe(ran, out["seconds"], time.perf_counter() - start)
+        ran = max((len(o["tokens"]) for o in out["outputs"].values()), default=0) if decode else 0  # < steps: all ended
+        prompt_tokens = sum(end - start for _, start, end in chunks)
+        self.costs.observe(out["seconds"], ran, prompt_tokens, time.perf_counter() - called)
+        sched.set_step_costs(self.costs.decode_step_s, self.costs.prompt_token_s)
         failed = set(out["errors"])
         for seq in involved:
             if seq.request_id in failed:

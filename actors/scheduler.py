@@ -12,6 +12,12 @@ for the group's workers, applied in this order:
   prompt is split over rounds). A round with no chunk is a pure-decode call of up to
   `decode_steps_per_call` steps (the captured graph).
 
+The budget is sized to the device's step time: once the caller has fed estimates of a pure-decode
+step's seconds and of the seconds each prompt token adds to a round (`set_step_costs`), a round that
+carries decode rows takes at most as many prompt tokens as cost `max_decode_stall` x a decode step
+(at least one, so a prefill always progresses): a decoding request waits at most (1 + stall) x a
+step for each token. A round with no decode rows keeps the whole budget.
+
 Memory is the admission bound: a waiting request is admitted, first come first served, only when
 the pool gives it blocks for all of its tokens (the prefix cache may supply a block-aligned
 prefix, which its first chunk then skips). Running requests grow one block at a time; when one
@@ -114,6 +120,7 @@ class GroupScheduler:
         token_budget: int = 2048,
         decode_steps_per_call: int = 4,
         prefix_caching: bool = True,
+        max_decode_stall: float | None = None,
     ) -> None:
         if policy not in ("continuous", "static"):
             raise ValueError(f"policy={policy!r} must be 'continuous' or 'static'")
@@ -130,10 +137,15 @@ class GroupScheduler:
             raise ValueError(
                 f"token_budget={token_budget} must be >= max_running={max_running} (one decode token per request)"
             )
+        if max_decode_stall is not None and not (isinstance(max_decode_stall, (int, float)) and max_decode_stall >= 0):
+            raise ValueError(f"max_decode_stall={max_decode_stall!r} must be None or a number >= 0")
         self.max_running = max_running
         self.policy = policy
         self.token_budget = token_budget
         self.decode_steps_per_call = decode_steps_per_call
+        self.max_decode_stall = max_decode_stall
+        self.decode_step_s: float | None = None  # estimates fed by set_step_costs (None: not measured yet)
+        self.prompt_token_s: float | None = None
         self.pool = BlockPool(num_blocks, block_size, prefix_caching)
         self.block_size = block_size
         self.waiting: deque[Sequence] = deque()
@@ -161,6 +173,13 @@ class GroupScheduler:
             "waiting": len(self.waiting),
         }
 
+    @property
+    def prefill_cap(self) -> float:
+        """Prompt tokens a round with decode rows may carry (inf: no cap, or no estimates yet)."""
+        if self.max_decode_stall is None or self.decode_step_s is None or self.prompt_token_s is None:
+            return float("inf")
+        return max(1, int(self.max_decode_stall * self.decode_step_s / self.prompt_token_s))
+
     def prefix_hit(self, seq: Sequence) -> int:
         """Tokens of `seq`'s prompt this group's prefix cache holds now (changes nothing)."""
         if not self.pool.caching:
@@ -180,6 +199,14 @@ class GroupScheduler:
             f"of {self.block_size} tokens, more than the KV pool holds ({self.pool.capacity} blocks, "
             f"{self.pool.capacity * self.block_size} tokens)"
         )
+
+    def set_step_costs(self, decode_step_s: float | None, prompt_token_s: float | None) -> None:
+        """New estimates: seconds of a pure-decode step, seconds a prompt token adds to a round (None: not
+        measured yet). They set `prefill_cap` from the next round on."""
+        for name, value in (("decode_step_s", decode_step_s), ("prompt_token_s", prompt_token_s)):
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ValueError(f"{name}={value!r} must be None or a finite number of seconds > 0")
+        self.decode_step_s, self.prompt_token_s = decode_step_s, prompt_token_s
 
     def add(self, seq: Sequence) -> None:
         """Queue a request (fresh, or moved here from a failed group keeping its output_ids).
@@ -269,6 +296,8 @@ class GroupScheduler:
                 self._preempt(self.running[-1], plan)
         plan.decode = [s for s in self.running if s.state == DECODING]
         budget = float("inf") if static else self.token_budget - len(plan.decode)
+        if plan.decode and not static:
+            budget = min(budget, self.prefill_cap)
         for seq in self.running:
             if seq.state == PREFILLING and budget > 0:
                 budget -= self._chunk(seq, budget, plan)

@@ -98,12 +98,17 @@ class SchedulerConfig:
         overhead; actors/steps_per_call.py). Waiting requests are admitted between calls.
     max_decode_call_ms: with "auto", the longest a pure-decode call may run: the bound on how long a
         request that arrives mid-call waits to be admitted.
+    max_decode_stall: how much longer than a pure-decode step a round that carries decode rows may
+        take because of its prompt chunks (0.5: at most 1.5x a step); the prompt tokens of such a
+        round are capped from the measured step times (at least one token per round, never more than
+        prefill_chunk_tokens). null: no cap, prompts take the whole budget.
     """
 
     policy: str = "continuous"
     prefill_chunk_tokens: int = 2048
     decode_steps_per_call: Union[int, str] = "auto"  # noqa: UP007 (omegaconf reads typing.Union, not `|`)
     max_decode_call_ms: float = 100.0
+    max_decode_stall: float | None = 0.5
 
 
 @dataclass
@@ -404,6 +409,8 @@ def _validate(cfg: RunConfig) -> None:
         _check_min("scheduler.decode_steps_per_call", steps, 1)
     if not sched.max_decode_call_ms > 0:
         _fail("scheduler.max_decode_call_ms", sched.max_decode_call_ms, "must be > 0")
+    if sched.max_decode_stall is not None:
+        _check_min("scheduler.max_decode_stall", sched.max_decode_stall, 0.0)
 
     kv = cfg.kv_cache
     if kv.block_size is not None and not 1 <= kv.block_size <= 1024:

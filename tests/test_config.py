@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from cluster.config import ConfigError, RunConfig, load_config, main
+from cluster.launch import engine_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,6 +150,7 @@ def test_wrong_type_names_key_and_value(tmp_path: Path) -> None:
         (["decode_attention=ring"], r"decode_attention='ring': must be one of paged, gather"),
         (["decode_attention=paged"], r"decode_attention='paged': needs the fused ops on npu"),
         (["device=npu", "fused_ops=false", "decode_attention=paged"], r"decode_attention='paged': needs the fused"),
+        (["scheduler.max_decode_stall=-0.5"], r"scheduler\.max_decode_stall=-0\.5: must be >= 0"),
         (["parallel_config.vision_mode=pp"], r"parallel_config\.vision_mode='pp'"),
         (["data_config.dataset=prompts.csv"], r"data_config\.dataset='prompts\.csv'"),
         (["data_config.temperature=-0.1"], r"data_config\.temperature=-0\.1"),
@@ -210,3 +212,10 @@ def test_serve_media_policy_is_normalized(tmp_path: Path) -> None:
     assert cfg.serve.allowed_local_media_path == str(tmp_path.resolve())
     assert cfg.serve.allowed_media_domains == ["img.example.com"]
     assert load_config(None, ["model_path=/m"]).serve.allowed_media_domains is None
+
+
+def test_max_decode_stall_reaches_the_engine_config_and_null_turns_the_cap_off() -> None:
+    assert engine_config(load_config(None, ["model_path=/m", "scheduler.max_decode_stall=0.5"])).max_decode_stall == 0.5
+    assert (
+        engine_config(load_config(None, ["model_path=/m", "scheduler.max_decode_stall=null"])).max_decode_stall is None
+    )

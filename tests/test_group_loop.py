@@ -9,6 +9,7 @@ dying inside a call) is arranged with events the fake's `step` call waits on, ne
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from actors.coordinator import Coordinator
 from actors.group_loop import GroupLoop
 from actors.groups import GroupFailure
 from actors.scheduler import GroupScheduler, Sequence
+from actors.step_costs import StepCosts
 from actors.steps_per_call import StepsPerCall
 from cluster.tools.fake_workers import FakeWorkerGroup, prompt_seed, toy_token
 from model.processor import PreparedRequest
@@ -127,6 +129,54 @@ def test_rounds_give_every_request_its_own_tokens_and_release_it() -> None:
     assert loop.scheduler.preemptions > 0
     assert loop.group.seqs == {}  # every ended request was released on the workers
     assert loop.scheduler.pool.stats()["used"] == 0
+
+
+class TimedGroup(FakeWorkerGroup):
+    """The fake group, its step calls timed by a linear model instead of the clock; records each step call's
+    (prompt tokens, decode rows)."""
+
+    decode_s = 0.2
+    token_s = 0.01
+
+    def __init__(self, dp_rank: int) -> None:
+        super().__init__(dp_rank)
+        self.rounds: list[tuple[int, int]] = []
+
+    async def call(self, method: str, *args):
+        answers = await super().call(method, *args)
+        if method == "step":
+            tokens, decode, steps = sum(end - start for _, start, end in args[4]), args[5], args[6]
+            answers[0]["seconds"] = self.decode_s * max(steps, 1 if tokens else 0) + self.token_s * tokens
+            self.rounds.append((tokens, len(decode)))
+        return answers
+
+
+def test_the_loop_times_its_rounds_and_caps_the_prompt_tokens_that_stall_decoding() -> None:
+    """A long prompt arriving while another request decodes rides in chunks of at most what 0.5 x a decode step
+    allows (the cost model's 10 tokens), once the loop has measured both costs; tokens as if served alone."""
+    group = TimedGroup(0)
+    loop = GroupLoop(group, GroupScheduler(4, 80, 4, "continuous", 64, 4, max_decode_stall=0.5), sorted(EOS))
+    short, long = make_seq("short", 6, 40), make_seq("long", 200, 3)
+
+    async def main() -> Owner:
+        await group.start()
+        owner = Owner(loop)
+        loop.scheduler.add(short)
+        for _ in range(3):  # a prefill, then pure-decode calls
+            await owner.round()
+        loop.scheduler.add(long)
+        await owner.run()
+        return owner
+
+    owner = asyncio.run(main())
+    assert not owner.errors
+    check_against_reference(owner, [short, long])
+    assert loop.costs.decode_step_s == pytest.approx(TimedGroup.decode_s)
+    assert loop.costs.prompt_token_s == pytest.approx(TimedGroup.token_s, rel=0.02)
+    mixed = [tokens for tokens, decode in group.rounds if tokens and decode]
+    # The first prefill's sample counts the fixed cost as tokens: smaller chunks first, growing to the model's 10
+    # (the estimate approaches the true cost from above, so the cap approaches 10 from below).
+    assert sum(mixed) == 200 and max(mixed) in (9, 10) and mixed[:-1] == sorted(mixed[:-1])
 
 
 def test_admission_error_fails_that_request_only() -> None:
@@ -311,19 +361,16 @@ def test_rebuilt_group_serves_the_requests_that_waited_for_it(tiny_checkpoint: P
 
 
 class ScriptedSteps(StepsPerCall):
-    """Auto steps per call whose answers follow a script; remembers what each pure-decode call reported."""
+    """Auto steps per call whose answers follow a script; remembers the estimates it was asked with."""
 
     def __init__(self, script: list[int]) -> None:
         super().__init__("auto", max_call_ms=1000)
         self.script = list(script)
-        self.seen: list[tuple[int, float, float]] = []
+        self.asked: list[StepCosts] = []
 
-    @property
-    def steps(self) -> int:
-        return self.script[min(len(self.seen), len(self.script) - 1)]
-
-    def observe(self, steps: int, worker_s: float, call_s: float) -> None:
-        self.seen.append((steps, worker_s, call_s))
+    def steps(self, costs: StepCosts) -> int:
+        self.asked.append(dataclasses.replace(costs))
+        return self.script[min(len(self.asked) - 1, len(self.script) - 1)]
 
 
 class SlowCallGroup(FakeWorkerGroup):
@@ -334,17 +381,17 @@ class SlowCallGroup(FakeWorkerGroup):
         return await super().call(method, *args, **kw)
 
 
-def test_steps_per_call_sets_each_pure_decode_call_and_hears_its_times() -> None:
-    """The loop asks its StepsPerCall before each round and reports each pure-decode call's steps and times."""
-    steps = ScriptedSteps([3, 7, 50])
+def test_steps_per_call_sets_each_pure_decode_call_from_the_measured_costs() -> None:
+    """Before each round the loop asks its StepsPerCall, with the step costs its calls measured so far."""
+    steps = ScriptedSteps([3, 3, 7, 50])  # asked before every round: the first is the prefill round's
     scheduler = GroupScheduler(2, 64, 4, "continuous", 64, 1)
     loop = GroupLoop(SlowCallGroup(0, step_time_s=0.001), scheduler, sorted(EOS), steps)
     seqs = [make_seq("a", 5, 40), make_seq("c", 7, 40)]
-
     owner = serve_all(loop, seqs)
     check_against_reference(owner, seqs)
     decode_calls = [n for kind, n, _, _ in loop.group.calls if kind == "decode" and n]  # (0: a release-only call)
     # The first token comes from the prefill round; then 3, 7, and the rest (50 is more than the 29 left).
     assert decode_calls == [3, 7, 40 - 1 - 3 - 7]
-    assert [n for n, _, _ in steps.seen] == decode_calls
-    assert all(call - worker >= 0.009 for _, worker, call in steps.seen)  # the transport's 10 ms is overhead
+    first, after = steps.asked[1], steps.asked[2]  # before and after the first pure-decode call
+    assert first.decode_step_s is None and first.overhead_s is None
+    assert after.decode_step_s >= 0.001 and after.overhead_s >= 0.009  # the transport's 10 ms is overhead

@@ -217,6 +217,88 @@ def test_long_prompt_is_chunked_and_the_decoding_requests_ride_in_every_round():
     assert w.ended == {rid: reference(sched_seq, False) for rid, sched_seq in _all(w, ["short", "long"])}
 
 
+# ----------------------------------------------------------------------------- budget sized to the step time
+def _prompt_tokens(plan: Plan) -> int:
+    return sum(b - a for _, a, b in plan.chunks)
+
+
+def _decoding_with_a_long_prompt(stall: float | None, budget: int = 64) -> tuple[GroupScheduler, FakeWorkers]:
+    """`d` decoding, then `long` (60 tokens) waiting to be admitted next round."""
+    sched = _sched(max_running=2, token_budget=budget, num_blocks=64, max_decode_stall=stall)
+    w = FakeWorkers(sched)
+    sched.add(_seq("d", 4, max_new=60))
+    assert _prompt_tokens(w.round()) == 4  # no decode rows yet: no cap even with estimates
+    sched.add(_seq("long", 60, max_new=2, base=500))
+    return sched, w
+
+
+def test_a_round_with_decode_rows_carries_the_prompt_tokens_its_stall_allows():
+    sched, w = _decoding_with_a_long_prompt(stall=0.5)
+    sched.set_step_costs(decode_step_s=0.2, prompt_token_s=0.01)  # 0.5 x 0.2 s of prompt tokens = 10 tokens
+    assert sched.prefill_cap == 10
+    plans = [w.round() for _ in range(6)]
+    assert [_chunks(p) for p in plans] == [[("long", 10 * i, 10 * i + 10)] for i in range(6)]
+    assert all(_ids(p.decode) == ["d"] and p.decode_steps == 1 for p in plans)
+    w.run()
+    assert w.ended == {rid: reference(seq, False) for rid, seq in _all(w, ["d", "long"])}
+
+
+def test_without_decode_rows_or_estimates_or_a_stall_a_round_keeps_the_whole_budget():
+    sched = _sched(token_budget=64, max_decode_stall=0.5)
+    sched.set_step_costs(0.2, 0.01)
+    sched.add(_seq("alone", 60))
+    assert _chunks(FakeWorkers(sched).round()) == [("alone", 0, 60)]  # nothing decodes: nothing to stall
+    for stall, costs in ((0.5, (None, 0.01)), (0.5, (0.2, None)), (None, (0.2, 0.01))):
+        sched, w = _decoding_with_a_long_prompt(stall)
+        sched.set_step_costs(*costs)
+        assert sched.prefill_cap == float("inf")
+        assert _chunks(w.round()) == [("long", 0, 60)]  # 64 - 1 decode token
+
+
+def test_the_budget_stays_the_upper_bound_of_the_cap():
+    sched, w = _decoding_with_a_long_prompt(stall=10.0, budget=16)
+    sched.set_step_costs(0.2, 0.01)  # cap 200 tokens
+    assert _chunks(w.round()) == [("long", 0, 15)]
+
+
+def test_the_cap_never_starves_a_prefill():
+    sched, w = _decoding_with_a_long_prompt(stall=0.0)
+    sched.set_step_costs(0.2, 5.0)  # a prompt token costs 25 decode steps: still one token per round
+    plans = [w.round() for _ in range(3)]
+    assert [_chunks(p) for p in plans] == [[("long", 0, 1)], [("long", 1, 2)], [("long", 2, 3)]]
+    w.run()
+    assert w.ended == {rid: reference(seq, False) for rid, seq in _all(w, ["d", "long"])}
+
+
+def test_new_estimates_change_the_cap_from_the_next_round():
+    sched, w = _decoding_with_a_long_prompt(stall=1.0)
+    sched.set_step_costs(0.1, 0.01)
+    assert _chunks(w.round()) == [("long", 0, 10)]
+    sched.set_step_costs(0.2, 0.01)  # a slower decode step allows more prompt tokens per round
+    assert _chunks(w.round()) == [("long", 10, 30)]
+    sched.set_step_costs(0.2, 0.04)  # dearer prompt tokens, fewer
+    assert _chunks(w.round()) == [("long", 30, 35)]
+
+
+def test_the_static_policy_ignores_the_cap():
+    sched = _sched(max_running=2, policy="static", max_decode_stall=0.0)
+    sched.set_step_costs(0.2, 0.01)
+    sched.add(_seq("a", 30))
+    sched.add(_seq("b", 40, base=400))
+    assert _chunks(FakeWorkers(sched).round()) == [("a", 0, 30), ("b", 0, 40)]
+
+
+@pytest.mark.parametrize(
+    ("costs", "name"),
+    [((0.0, 0.01), "decode_step_s=0.0"), ((0.2, -1.0), "prompt_token_s=-1.0"), ((float("nan"), 0.1), "decode_step_s")],
+)
+def test_bad_step_costs_are_refused_naming_the_estimate(costs, name):
+    sched = _sched()
+    with pytest.raises(ValueError, match=name):
+        sched.set_step_costs(*costs)
+    assert sched.prefill_cap == float("inf")
+
+
 def _all(w: FakeWorkers, rids):
     seqs = {s.request_id: s for p in w.plans for s in p.admit}
     return [(rid, seqs[rid]) for rid in rids]
@@ -562,6 +644,7 @@ def test_prefix_hit_reports_whole_cached_blocks_of_the_prompt():
         ({"num_blocks": 1}, "num_blocks"),
         ({"block_size": 0}, "block_size"),
         ({"max_running": 8, "token_budget": 4}, "token_budget=4"),
+        ({"max_decode_stall": -0.5}, "max_decode_stall=-0.5"),
     ],
 )
 def test_bad_settings_are_rejected_naming_the_argument(kwargs, name):

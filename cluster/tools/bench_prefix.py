@@ -1,15 +1,17 @@
 """Prefix caching and the paged KV pool, measured through the engine (Coordinator + one worker, tp 1).
 
-`python -m cluster.tools.bench_prefix [--chats 2] [--capacity-requests 48] [--rate 4] [--out DIR]`
+`python -m cluster.tools.bench_prefix [--chats 2] [--capacity-requests 48] [--rate 4] [--mix chat|short] [--out DIR]`
 
 1. Multi-turn TTFT: 3-turn chats on the 0.5B-shaped text model, a 1344x1344 image in turn 1 (2,304
    image tokens); each turn sends the whole conversation again, the previous answers included.
    The same chats run with `prefix_caching` on and off, in one run; reported: TTFT per turn, the
    ratio on/off for turns 2 and 3, and the prompt tokens served from the cache.
 2. Capacity: short mixed requests under Poisson arrivals, against a KV pool holding the memory of
-   4 worst-case slots at input_max_len 4096. "slots": batch_size 4 (one slot per running request,
-   as the slot design reserved); "paged": the same pool with batch_size 16 (memory is the bound).
-   Reported: output throughput and TTFT p99 of each, and their ratios.
+   4 worst-case slots at input_max_len 4096 (+ the mix's longest output). "slots": batch_size 4 (one
+   slot per running request, as the slot design reserved); "paged": the same pool with batch_size 16
+   (memory is the bound). Mixes (`--mix`): "chat" (default), prompts of 4-40 words and 64-256 new
+   tokens, outputs longer than prompts as in chat traffic; "short", 4-40 words and 16-64 new tokens,
+   prefill-dominated. Reported: output throughput and TTFT p99 of each, and their ratios.
 
 Numbers are ratios against baselines measured in the same run: this machine is noisy.
 """
@@ -123,27 +125,33 @@ def run_chats(path: Path, image: Path, chats: int, caching: bool, new_tokens: in
 
 
 # ------------------------------------------------------------------------------- capacity
-def capacity_requests(count: int, seed: int = 0) -> list[dict]:
+MIXES = {"chat": (64, 128, 192, 256), "short": (16, 32, 48, 64)}  # new tokens per request, drawn uniformly
+
+
+def capacity_requests(count: int, mix: str, seed: int = 0) -> list[dict]:
+    """`count` requests of 4-40 words, EOS ignored, their new tokens drawn from the mix's choices."""
     rng = random.Random(seed)
     return [
         {
             "id": f"c{i}",
             "prompt": "Write about " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 40))),
-            "max_new_tokens": rng.choice((16, 32, 48, 64)),
+            "max_new_tokens": rng.choice(MIXES[mix]),
             "ignore_eos": True,
         }
         for i in range(count)
     ]
 
 
-def run_capacity(path: Path, requests: list[dict], rate: float, batch_size: int, blocks: int, name: str) -> dict:
+def run_capacity(
+    path: Path, requests: list[dict], rate: float, batch_size: int, blocks: int, new_tokens: int, name: str
+) -> dict:
     cfg = config(
         path,
         name,
         [
             "prefix_caching=false",
             "data_config.input_max_len=4096",
-            "data_config.max_new_tokens=64",
+            f"data_config.max_new_tokens={new_tokens}",
             f"data_config.batch_size={batch_size}",
             f"kv_cache.num_blocks={blocks}",
         ],
@@ -169,8 +177,9 @@ def format_report(report: dict) -> str:
     if cap:
         s, p = cap["slots"], cap["paged"]
         lines.append(
-            f"Capacity ({report['settings']['capacity_requests']} requests, Poisson {report['settings']['rate']}/s, "
-            f"pool of {cap['blocks']} blocks = 4 slots of 4096+64 tokens)"
+            f"Capacity ({report['settings']['capacity_requests']} requests of the {report['settings']['mix']} mix, "
+            f"Poisson {report['settings']['rate']}/s, pool of {cap['blocks']} blocks = 4 slots of "
+            f"4096+{max(MIXES[report['settings']['mix']])} tokens)"
         )
         for name, x in (("slots (batch 4)", s), ("paged (batch 16)", p)):
             lines.append(
@@ -190,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--capacity-requests", type=int, default=48)
     parser.add_argument("--rate", type=float, default=4.0)
+    parser.add_argument("--mix", choices=list(MIXES), default="chat", help="new tokens per capacity request")
     parser.add_argument("--skip", choices=("chats", "capacity"), action="append", default=[])
     parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
@@ -203,12 +213,13 @@ def main(argv: list[str] | None = None) -> int:
             "on": run_chats(path, image, args.chats, True, args.new_tokens),
         }
     if "capacity" not in args.skip:
-        blocks = 4 * blocks_for(4096 + 64, 16) + 1
-        requests = capacity_requests(args.capacity_requests)
+        new_tokens = max(MIXES[args.mix])
+        blocks = 4 * blocks_for(4096 + new_tokens, 16) + 1
+        requests = capacity_requests(args.capacity_requests, args.mix)
         report["capacity"] = {
             "blocks": blocks,
-            "slots": run_capacity(path, requests, args.rate, 4, blocks, "slots"),
-            "paged": run_capacity(path, requests, args.rate, 16, blocks, "paged"),
+            "slots": run_capacity(path, requests, args.rate, 4, blocks, new_tokens, "slots"),
+            "paged": run_capacity(path, requests, args.rate, 16, blocks, new_tokens, "paged"),
         }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_prefix.json").write_text(json.dumps(report, indent=2, default=str))

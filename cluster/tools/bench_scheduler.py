@@ -1,11 +1,14 @@
 """Scheduler benchmark: continuous vs static batching under Poisson arrivals, and the per-step cost of Ray.
 
-`python -m cluster.tools.bench_scheduler [--checkpoint small|tiny] [--requests 32] [--rate R] [--out DIR]`
+`python -m cluster.tools.bench_scheduler [--checkpoint small|tiny] [--requests 32] [--rate R]
+[--max-decode-stall 0.5,1,none] [--out DIR]`
 
 1. Serving: `--requests` mixed requests (text prompts of different lengths, every third with an
    image, 8 to 64 output tokens, EOS ignored) arrive as a Poisson process at `--rate` requests/s
-   (seeded) at one DP group of 4 KV slots, tp 1, once per scheduler policy, in one run. Reported the
-   way `cluster.launch` summarizes a run: TTFT, TPOT, ITL, E2E, queue time and output throughput.
+   (seeded) at one DP group of 4 KV slots, tp 1, in one run: the static policy once, then the
+   continuous one once per `scheduler.max_decode_stall` value (default: the config's). Reported the way
+   `cluster.launch` summarizes a run: TTFT, TPOT, ITL, E2E, queue time and output throughput, and
+   each continuous run's TTFT p99, TPOT p99 and throughput over static's.
 2. Per-step orchestration: one request decoding `--step-tokens` tokens through the Coordinator, at
    several `scheduler.decode_steps_per_call` values, against the same request in process
    (`ModelRunner.generate`, no Ray): TPOT medians and their ratio.
@@ -57,7 +60,8 @@ def serving_requests(count: int, image: Path, seed: int = 0) -> list[dict]:
     return out
 
 
-def engine_config(path: Path, policy: str, steps: int, slots: int) -> Any:
+def engine_config(path: Path, policy: str, steps: int, slots: int, stall: str | None = None) -> Any:
+    """The run config of one engine; `stall` overrides scheduler.max_decode_stall (a number or 'null')."""
     return load_config(
         None,
         [
@@ -74,6 +78,7 @@ def engine_config(path: Path, policy: str, steps: int, slots: int) -> Any:
             "ray.log_to_driver=false",
             "ray.address=local",  # a private cluster: never join another one running on this machine
             f"ray.namespace=bench-{policy}",
+            *([f"scheduler.max_decode_stall={stall}"] if stall is not None else []),
         ],
     )
 
@@ -102,8 +107,10 @@ def serve_and_summarize(cfg: Any, requests: list[dict], rate: float, label: str)
     return summary
 
 
-def run_serving(path: Path, requests: list[dict], rate: float, policy: str, steps: int) -> dict:
-    return serve_and_summarize(engine_config(path, policy, steps, slots=4), requests, rate, f"serving/{policy}")
+def run_serving(path: Path, requests: list[dict], rate: float, label: str, stall: str | None) -> dict:
+    """`label` is the policy, with ' stall=X' for a continuous run at max_decode_stall X."""
+    cfg = engine_config(path, label.split()[0], steps=4, slots=4, stall=stall)
+    return serve_and_summarize(cfg, requests, rate, f"serving/{label}")
 
 
 def run_step_cost(path: Path, request: dict, steps_list: list[int], repeats: int) -> dict:
@@ -144,21 +151,23 @@ def format_table(report: dict) -> str:
         f"{report['settings']['checkpoint']} checkpoint, 4 KV slots, tp 1"
     ]
     lines.append(
-        f"{'policy':<12}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'TPOT p99':>10}{'E2E p99':>10}"
-        f"{'queue p99':>10}{'tok/s':>8}"
+        f"{'policy':<24}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'TPOT p99':>10}{'ITL p99':>10}"
+        f"{'E2E p99':>10}{'queue p99':>10}{'tok/s':>8}"
     )
-    for policy, s in report["serving"].items():
+    for label, s in report["serving"].items():
         lines.append(
-            f"{policy:<12}{s['ttft_ms']['median']:>10.0f}{s['ttft_ms']['p99']:>10.0f}"
-            f"{s['tpot_ms']['median']:>10.1f}{s['tpot_ms']['p99']:>10.1f}{s['e2e_ms']['p99']:>10.0f}"
-            f"{s['queue_ms']['p99']:>10.0f}{s['output_throughput_tok_s']:>8.1f}"
+            f"{label:<24}{s['ttft_ms']['median']:>10.0f}{s['ttft_ms']['p99']:>10.0f}"
+            f"{s['tpot_ms']['median']:>10.1f}{s['tpot_ms']['p99']:>10.1f}{s['itl_ms']['p99']:>10.0f}"
+            f"{s['e2e_ms']['p99']:>10.0f}{s['queue_ms']['p99']:>10.0f}{s['output_throughput_tok_s']:>8.1f}"
         )
-    c, st = report["serving"].get("continuous"), report["serving"].get("static")
-    if c and st:
-        lines.append(
-            f"continuous/static: TTFT p99 {c['ttft_ms']['p99'] / st['ttft_ms']['p99']:.2f}x, "
-            f"throughput {c['output_throughput_tok_s'] / st['output_throughput_tok_s']:.2f}x"
-        )
+    st = report["serving"].get("static")
+    for label, c in report["serving"].items():
+        if st and label != "static":
+            lines.append(
+                f"{label} / static: TTFT p99 {c['ttft_ms']['p99'] / st['ttft_ms']['p99']:.2f}x, "
+                f"TPOT p99 {c['tpot_ms']['p99'] / st['tpot_ms']['p99']:.2f}x, "
+                f"throughput {c['output_throughput_tok_s'] / st['output_throughput_tok_s']:.2f}x"
+            )
     step = report.get("step_cost")
     if step:
         lines.append(
@@ -176,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument(
         "--rate", type=float, default=None, help="arrivals per second (default: 1.0 on small, 20 on tiny)"
+    )
+    parser.add_argument(
+        "--max-decode-stall",
+        default=None,
+        help="comma-separated scheduler.max_decode_stall values of the continuous runs ('null': no cap; "
+        "default: the config's)",
     )
     parser.add_argument("--steps", default="1,4", help="decode_steps_per_call values for the per-step figure")
     parser.add_argument("--step-tokens", type=int, default=48)
@@ -204,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.skip_serving:
             requests = serving_requests(args.requests, bench_image(CACHE_DIR))
-            for policy in ("continuous", "static"):
-                report["serving"][policy] = run_serving(path, requests, rate, policy, steps=4)
+            stalls = args.max_decode_stall.split(",") if args.max_decode_stall else [None]
+            runs = [(f"continuous stall={s}" if s is not None else "continuous", s) for s in stalls]
+            for label, stall in [("static", None), *runs]:
+                report["serving"][label] = run_serving(path, requests, rate, label, stall)
                 (out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
         if not args.skip_step_cost:
             request = {
