@@ -60,7 +60,9 @@ def serving_requests(count: int, image: Path, seed: int = 0) -> list[dict]:
     return out
 
 
-def engine_config(path: Path, policy: str, steps: int, slots: int, stall: str | None = None) -> Any:
+def engine_config(
+    path: Path, policy: str, steps: int | str, slots: int, stall: str | None = None, exe_mode: str = "eager"
+) -> Any:
     """The run config of one engine; `stall` overrides scheduler.max_decode_stall (a number or 'null')."""
     return load_config(
         None,
@@ -74,6 +76,7 @@ def engine_config(path: Path, policy: str, steps: int, slots: int, stall: str | 
             "data_config.input_max_len=512",
             f"scheduler.policy={policy}",
             f"scheduler.decode_steps_per_call={steps}",
+            f"exe_mode={exe_mode}",
             f"ray.num_cpus_per_worker={os.cpu_count() or 1}",
             "ray.log_to_driver=false",
             "ray.address=local",  # a private cluster: never join another one running on this machine
@@ -113,11 +116,11 @@ def run_serving(path: Path, requests: list[dict], rate: float, label: str, stall
     return serve_and_summarize(cfg, requests, rate, f"serving/{label}")
 
 
-def run_step_cost(path: Path, request: dict, steps_list: list[int], repeats: int) -> dict:
-    """TPOT of one request through the Coordinator per decode_steps_per_call, and in process."""
-    out: dict[str, Any] = {"coordinator": {}}
+def run_step_cost(path: Path, request: dict, steps_list: list[int | str], repeats: int, exe_mode: str) -> dict:
+    """TPOT of one request through the Coordinator per decode_steps_per_call, and in process (same exe_mode)."""
+    out: dict[str, Any] = {"coordinator": {}, "exe_mode": exe_mode}
     for steps in steps_list:
-        coordinator = start(engine_config(path, "continuous", steps, slots=1))
+        coordinator = start(engine_config(path, "continuous", steps, slots=1, exe_mode=exe_mode))
         try:
             tpots = []
             for i in range(repeats + 1):  # the first is a warm-up
@@ -131,6 +134,8 @@ def run_step_cost(path: Path, request: dict, steps_list: list[int], repeats: int
     builder = PromptBuilder.from_pretrained(path)
     runner = ModelRunner(path, max_batch_size=1, max_seq_len=512 + 64)
     runner.warmup()
+    if exe_mode == "graph":
+        runner.capture_graphs([1])
     prepared = builder.build({**request, "id": "inproc"})
     params = [SamplingParams(max_new_tokens=request["max_new_tokens"], ignore_eos=True)]
     tpots = []
@@ -192,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated scheduler.max_decode_stall values of the continuous runs ('null': no cap; "
         "default: the config's)",
     )
-    parser.add_argument("--steps", default="1,4", help="decode_steps_per_call values for the per-step figure")
+    parser.add_argument("--exe-mode", default="eager", choices=("eager", "graph"), help="for the per-step figure")
+    parser.add_argument(
+        "--steps", default="1,4,auto", help="decode_steps_per_call values (integers or auto) for the per-step figure"
+    )
     parser.add_argument("--step-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-serving", action="store_true")
@@ -230,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                 "max_new_tokens": args.step_tokens,
                 "ignore_eos": True,
             }
-            report["step_cost"] = run_step_cost(path, request, [int(s) for s in args.steps.split(",")], args.repeats)
+            steps = [s if s == "auto" else int(s) for s in args.steps.split(",")]
+            report["step_cost"] = run_step_cost(path, request, steps, args.repeats, args.exe_mode)
     finally:
         ray.shutdown()
     (out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
