@@ -52,7 +52,7 @@ class EngineConfig:
     prefix_caching: bool = True
     prefill_chunk_tokens: int = 2048
     decode_steps_per_call: int | str = "auto"  # an integer, or "auto" (actors/steps_per_call.py)
-    max_decode_call_ms: float = 100.0
+    max_decode_call_ms: float = 500.0
     max_decode_stall: float | None = 0.5  # a round's prompt chunks may add this x a decode step (None: no cap)
     worker_timeout_s: float = 600.0
     rendezvous_timeout_s: float = 300.0

@@ -107,7 +107,7 @@ class SchedulerConfig:
     policy: str = "continuous"
     prefill_chunk_tokens: int = 2048
     decode_steps_per_call: Union[int, str] = "auto"  # noqa: UP007 (omegaconf reads typing.Union, not `|`)
-    max_decode_call_ms: float = 100.0
+    max_decode_call_ms: float = 500.0
     max_decode_stall: float | None = 0.5
 
 

@@ -32,9 +32,10 @@ Kernels, per backend (`select_backend`; `use_backend` switches, e.g. to compare 
   68, 5.4. `_int_mm` has no fast int8 path on this CPU; the bfloat16 int8pack path is the only one
   faster than float. From about 48 rows on (prefill) it is slower than float (128 rows of the 0.5B
   down projection, 4864 -> 896: float 9.4 ms, int8pack 14.8), so calls of `DEQUANT_ROWS` rows or more
-  (eager only, never inside a compiled decode step) run `_converted_mm`: the weight converted to
-  float32 into one reused scratch buffer, then one float GEMM (the dequant backend's arithmetic at
-  float speed; 128 x 896 -> 9728: float 34.5 ms, converted 35.8).
+  (eager only, never inside a compiled decode step) run `_converted_mm`: float GEMMs over the weight
+  converted to float32 in a reused scratch buffer, a cache-sized block of channels at a time for wide
+  weights (128 x 896 -> 9728 on a quiet machine: float 41.6 ms, whole conversion 45.7, 2 MB blocks
+  37.5), whole for the others (128 x 4864 -> 896: float 13.1, whole 15.7, 2 MB blocks 20.3).
 - dequant: the float arithmetic of the same quantized values (weights dequantized at each call): the
   fallback where a kernel is missing or the sizes do not suit it (int8pack needs in_features % 8 == 0,
   `_int_mm` both sizes), announced by one log line.
@@ -67,6 +68,10 @@ BACKENDS = ("npu", "int_mm", "int8pack", "dequant")
 # The cpu int8pack kernel's rows at which a float GEMM on blockwise-converted weights gets faster (prefill).
 DEQUANT_ROWS = 48
 _scratch: dict[torch.device, torch.Tensor] = {}
+# `_converted_mm` blocking: weights up to this size (float32 bytes) or of longer rows are converted whole.
+_WHOLE_BYTES = 8 << 20
+_BLOCK_MAX_K = 2048
+_BLOCK_BYTES = 2 << 20  # one block of converted rows: stays in cache while it is multiplied
 # Description entries that are metadata, not tensor names.
 _META_KEYS = ("model_quant_type", "version", "kv_cache_type", "fa_quant_type", "group_size", "optional")
 # Tensors of a quantized linear beside its weight: name -> (per "channel" (out,), (out, 1) or "tensor" (1,), dtype).
@@ -153,19 +158,30 @@ def _int_mm_padded(xq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _converted_mm(xq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x_q (T, K) float (integer values) @ weight (N, K)^T int8 -> (T, N) float32: one float GEMM.
+    """x_q (T, K) float (integer values) @ weight (N, K)^T int8 -> (T, N) float32, by float GEMMs.
 
     The weight is converted to float32 into one scratch buffer that every layer and call reuses (no fresh
-    allocation, so no page faults; it grows to the rank's largest quantized weight). One conversion and
-    one GEMM, not a loop over blocks: on a loaded machine every extra parallel region costs a scheduling slice.
+    allocation, so no page faults). A wide, short weight (K <= `_BLOCK_MAX_K`, more than `_WHOLE_BYTES` as
+    float) is converted `_BLOCK_BYTES` of output channels at a time, each block multiplied while it is still
+    in cache: the GEMM then reads int8 from memory, not float32, and beats the float layer. Any other weight
+    is converted whole for one GEMM (narrow blocks of a long K make slow GEMMs).
     """
     n, k = weight.shape
+    rows = n if k > _BLOCK_MAX_K or n * k * 4 <= _WHOLE_BYTES else max(16, _BLOCK_BYTES // (4 * k))
     buffer = _scratch.get(weight.device)
-    if buffer is None or buffer.numel() < n * k:
-        buffer = _scratch[weight.device] = torch.empty(n * k, device=weight.device)
-    converted = buffer[: n * k].view(n, k)
-    converted.copy_(weight)
-    return xq @ converted.t()
+    if buffer is None or buffer.numel() < rows * k:
+        buffer = _scratch[weight.device] = torch.empty(rows * k, device=weight.device)
+    if rows == n:
+        converted = buffer[: n * k].view(n, k)
+        converted.copy_(weight)
+        return xq @ converted.t()
+    out = torch.empty(xq.shape[0], n, device=xq.device)
+    for start in range(0, n, rows):
+        end = min(n, start + rows)
+        block = buffer[: (end - start) * k].view(end - start, k)
+        block.copy_(weight[start:end])
+        torch.mm(xq, block.t(), out=out[:, start:end])
+    return out
 
 
 @dataclass

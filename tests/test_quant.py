@@ -210,8 +210,9 @@ def test_mixed_description_loads_each_layer_as_described(
 # int8pack returns the int32 accumulation rounded to bfloat16 (relative 2^-8, of the accumulation: against
 # the output's range where quant_bias cancels most of it); the others are exact up to float32 rounding.
 BACKEND_TOL = {"dequant": 1e-5, "int_mm": 1e-5, "npu": 1e-5, "int8pack": 2**-7}
-# Decode-sized calls, and prefill-sized ones (int8pack then converts the weight to float for one GEMM).
-ROWS = (5, DEQUANT_ROWS + 3)
+# Decode-sized calls, and prefill-sized ones: int8pack then converts the weight to float, whole or (the
+# tiny weights made to count as wide ones) in blocks of 16 channels.
+CALLS = {"decode": (5, False), "prefill": (DEQUANT_ROWS + 3, False), "prefill-blocks": (DEQUANT_ROWS + 3, True)}
 
 
 @pytest.fixture
@@ -221,16 +222,21 @@ def fake_npu(monkeypatch: pytest.MonkeyPatch) -> FakeQuantNpu:
     return fake
 
 
-@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("call", list(CALLS))
 @pytest.mark.parametrize("backend", list(BACKEND_TOL))
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_int8_linear_equals_the_dequantized_reference(
     quantized: dict[str, Path],
     scheme: str,
     backend: str,
-    rows: int,
+    call: str,
     fake_npu: FakeQuantNpu,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    rows, blocks = CALLS[call]
+    if blocks:
+        monkeypatch.setattr("model.quant._WHOLE_BYTES", 0)
+        monkeypatch.setattr("model.quant._BLOCK_BYTES", 1)
     gen = torch.Generator().manual_seed(0)
     x_in = {"qkv_proj": torch.randn(rows, 128, generator=gen), "down_proj": torch.randn(rows, 256, generator=gen)}
     tp1 = None
