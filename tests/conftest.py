@@ -51,9 +51,9 @@ INTEGRATION_TESTS = frozenset(
         "test_placement.py::test_two_node_cluster_keeps_tp_groups_on_one_node",
     }
 )
-# The slowest integration tests (each restarts engines or kills processes for 25-45 s on 2 cores, or runs
-# a whole first-use path: quantize then launch, the 72B preset on a cluster without torch_npu), kept out
-# of `make test` so that it stays within its time budget; `make test-slow` runs them.
+# The slowest integration tests (each restarts engines or kills processes for 25-75 s on 2 cores, runs a
+# benchmark tool, or a whole first-use path: quantize then launch, the 72B preset on a cluster without
+# torch_npu), kept out of `make test` so that it stays within its time budget; `make test-slow` runs them.
 SLOW_TESTS = frozenset(
     {
         "test_selfcheck.py::test_selfcheck_cpu_passes",
@@ -63,6 +63,13 @@ SLOW_TESTS = frozenset(
         "test_serve_proxy.py::test_auto_falls_back_to_the_python_proxy",
         "test_quant_launch.py::test_quantize_then_launch_serves_every_request",
         "test_preflight_ray.py::test_72b_preset_without_torch_npu_stops_at_the_preflight",
+        # Kills of a worker or a driver mid-run (the faster restart and signal tests stay in `make test`).
+        "test_reliability.py::test_launch_records_every_request_when_a_worker_dies",
+        "test_results_launch.py::test_a_killed_driver_keeps_its_records_and_a_resume_completes_them",
+        # The benchmark tools' own runs (a quick decode benchmark, the vision benchmark's two engines).
+        "test_bench.py::test_every_engine_and_field",
+        "test_bench.py::test_ratios_come_from_measured_values",
+        "test_vision_bench.py::test_bench_runs_both_engines_and_prints_one_json_line",
         # A second server with the safe defaults (its own engine), and four engines of the prefix-cache module.
         "test_serve_limits.py::test_local_files_are_refused_by_default",
         "test_serve_limits.py::test_loopback_urls_are_refused_before_any_connection",

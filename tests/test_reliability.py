@@ -189,6 +189,7 @@ def test_worker_killed_mid_decode_then_rebuild(local_ray):
         "data_config.ignore_eos=true",
         f"ray.namespace={namespace}",
         "ray.max_group_restarts=0",
+        "prefix_caching=false",  # routing by load alone: with it, a cached prefix may draw requests to a group
     )
     coordinator = start(cfg)
     try:
