@@ -64,7 +64,14 @@ ENGINE_OVERRIDES: dict[str, tuple[str, ...]] = {
     "off": ("world_size=1", "parallel_config.tp_size=1", "prefix_caching=false"),
     "tp2_dp": ("world_size=2", "parallel_config.tp_size=2", "parallel_config.vision_mode=dp"),
     "tp2_tp": ("world_size=2", "parallel_config.tp_size=2", "parallel_config.vision_mode=tp"),
-    "small": ("world_size=1", "parallel_config.tp_size=1", f"kv_cache.num_blocks={SMALL_BLOCKS}"),
+    # One decode step per call: the leak test's long request is still running when it is aborted (with auto
+    # steps per call, a call may run all of its tokens at once).
+    "small": (
+        "world_size=1",
+        "parallel_config.tp_size=1",
+        f"kv_cache.num_blocks={SMALL_BLOCKS}",
+        "scheduler.decode_steps_per_call=1",
+    ),
 }
 
 
@@ -285,20 +292,20 @@ def test_no_block_leaks_after_hundreds_of_random_requests(engines, sample_images
     requests, kinds = _random_requests(rng, images, 300)
     (before,) = ray.get(coordinator.kv_cache_stats.remote(), timeout=30)
     calls = [requests[i : i + 30] for i in range(0, len(requests), 30)]
-    # A long request is aborted while it runs (after its first token, once every other request is
-    # submitted); the long ones of the mix are aborted then (half) and once a call has ended (the rest),
-    # wherever they are by then: waiting, running, preempted or done.
+    # A long request is aborted while it runs: at its first token, with 79 one-step calls still to go. The
+    # long ones of the mix are aborted once every request is submitted (half) and once a call has ended
+    # (the rest), wherever they are by then: waiting, running, preempted or done.
     blocker = {"id": "aborted-running", "prompt": "Go on and on.", "max_new_tokens": 80, "ignore_eos": True}
     running = coordinator.stream.options(num_returns="streaming").remote(blocker)
     assert ray.get(next(running), timeout=120)["token_ids"]
+    assert ray.get(coordinator.abort.remote("aborted-running"), timeout=30) is True
+    streamed = [ray.get(ref, timeout=60) for ref in running]
     _, submitted_before = ray.get(coordinator.progress.remote(), timeout=30)
     refs = [coordinator.generate.remote(call) for call in calls]
     total = submitted_before + len(requests)
     assert wait_for(lambda: ray.get(coordinator.progress.remote())[1] >= total, timeout_s=300)
     long_ids = [i for i, kind in kinds.items() if kind == "long"]
     ray.get([coordinator.abort.remote(i) for i in long_ids[::2]], timeout=60)
-    assert ray.get(coordinator.abort.remote("aborted-running"), timeout=30) is True
-    streamed = [ray.get(ref, timeout=60) for ref in running]
     ray.wait(refs, num_returns=1, timeout=300)
     ray.get([coordinator.abort.remote(i) for i in long_ids[1::2]], timeout=60)
     records = [r for call in ray.get(refs, timeout=600) for r in call]

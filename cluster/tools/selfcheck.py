@@ -215,13 +215,13 @@ def check_quant(spec: DeviceSpec, path: Path, requests: list[dict], new_tokens: 
         out = ray.get(task.remote(str(path), str(quant_path), spec.name, requests, new_tokens), timeout=600)
     except Exception as e:
         log(traceback.format_exc())
-        return Row(ROWS[7], False, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        return Row(ROWS[8], False, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
     ok = out["mean_kl"] <= QUANT_MAX_KL and out["top1_agreement"] >= QUANT_MIN_TOP1
     detail = (
         f"teacher-forced: top-1 {out['top1_agreement']:.0%} of {out['steps']} steps (need {QUANT_MIN_TOP1:.0%}), "
         f"mean KL {out['mean_kl']:.4f} (need <= {QUANT_MAX_KL})"
     )
-    return Row(ROWS[7], ok, detail)
+    return Row(ROWS[8], ok, detail)
 
 
 def run_engine(
