@@ -171,10 +171,6 @@ def _converted_mm(xq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     buffer = _scratch.get(weight.device)
     if buffer is None or buffer.numel() < rows * k:
         buffer = _scratch[weight.device] = torch.empty(rows * k, device=weight.device)
-    if rows == n:
-        converted = buffer[: n * k].view(n, k)
-        converted.copy_(weight)
-        return xq @ converted.t()
     out = torch.empty(xq.shape[0], n, device=xq.device)
     for start in range(0, n, rows):
         end = min(n, start + rows)
