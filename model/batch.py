@@ -287,7 +287,8 @@ class RunningBatch:
                 lens,
                 max_len=longest + step + 1,
                 block_tables=tables,
-                kv_lens=[s.num_computed + 1 for s in live] + [1] * pad,  # lens + 1 on the host, for the paged kernel
+                # lens + 1 on the host, which only the paged kernel reads
+                kv_lens=[s.num_computed + 1 for s in live] + [1] * pad if runner.paged_decode else None,
             )
             chosen = sample(logits, params, gens)
             tokens.copy_(chosen)
