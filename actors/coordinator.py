@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from actors.config import EngineConfig
+from actors.deliveries import Outbox
 from actors.errors import NO_LIVE_GROUP, NoLiveGroupError, RequestError
 from actors.group_loop import GroupLoop
 from actors.groups import GroupFailure, WorkerGroup
@@ -72,6 +73,10 @@ class Coordinator:
         self.completed = 0
         self.phase_totals = {"vision_encode_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0}
         self.profile_pending = cfg.profile
+        self.outboxes: dict[str, Outbox] = {}  # by subscriber (multiplexed delivery, actors/deliveries.py)
+        # Ids of requests being prepared (counts), and those of them an `abort` named meanwhile.
+        self.preparing: dict[str, int] = {}
+        self.aborted_preparing: set[str] = set()
 
     def _group_loop(self, group: Any) -> GroupLoop:
         """A DP group's loop: its workers, its scheduler over its own KV pool, its steps per call."""
@@ -230,15 +235,46 @@ class Coordinator:
             if not state.finished:
                 self._end(state, "abort")
 
+    async def submit(self, request: dict, subscriber: str, tag: str) -> dict:
+        """Queue a request whose items go to `subscriber`'s `deliveries` stream, each as (tag, item).
+
+        Returns the acknowledgement `stream` would yield first; raises as `stream` does before its
+        first item. The items are those `stream` yields after the acknowledgement.
+        """
+        outbox = self.outboxes.setdefault(subscriber, Outbox())
+        state = await self._submit(request, outbox.sink(tag))
+        if not state.finished:
+            outbox.keys[tag] = state.key
+        return {"id": state.record["id"], "token_ids": [], "text": "", "accepted": True}
+
+    async def deliveries(self, subscriber: str) -> AsyncIterator[list[tuple[str, dict]]]:
+        """Yield the items of `subscriber`'s requests as lists of (tag, item), as they gather (one Ray
+        object per batch, not per item). When the subscriber goes away, its open requests are aborted."""
+        outbox = self.outboxes.setdefault(subscriber, Outbox())
+        try:
+            async for batch in outbox.batches():
+                yield batch
+        finally:
+            if self.outboxes.get(subscriber) is outbox:
+                del self.outboxes[subscriber]
+            for key in list(outbox.keys.values()):
+                state = self.requests.get(key)
+                if state is not None:
+                    self._end(state, "abort")
+
     def abort(self, request_id: str) -> bool:
         """End every in-flight request with this id; their records get finish_reason 'abort'."""
         states = [s for s in self.requests.values() if s.record["id"] == str(request_id)]
         for state in states:
             self._end(state, "abort")
+        if str(request_id) in self.preparing:  # it ends as soon as its preparation does
+            self.aborted_preparing.add(str(request_id))
+            return True
         return bool(states)
 
-    async def _submit(self, request: Any) -> RequestState:
-        """Prepare a request and queue it on the least-loaded live group.
+    async def _submit(self, request: Any, emit: Callable[[dict], None] | None = None) -> RequestState:
+        """Prepare a request and queue it on the least-loaded live group; its stream items go to `emit`
+        (default: its own queue). One that `abort` named while it was prepared ends at once.
 
         Raises RequestError (or InvalidRequestError) naming the field when it cannot run as given,
         NoLiveGroupError when no group is alive.
@@ -248,7 +284,14 @@ class Coordinator:
             raise RequestError(f"request is not a dict: {request!r}")
         params = sampling_params(request, self.cfg.sampling)
         stop = stop_strings(request)
-        prepared, images = await asyncio.to_thread(self._prepare, request)
+        rid = request.get("id")
+        rid = rid if isinstance(rid, str) else None
+        if rid is not None:
+            self.preparing[rid] = self.preparing.get(rid, 0) + 1
+        try:
+            prepared, images = await asyncio.to_thread(self._prepare, request)
+        finally:
+            aborted = self._prepared(rid)
         if len(prepared.input_ids) > self.cfg.input_max_len:
             raise RequestError(
                 f"request {prepared.request_id!r}: prompt has {len(prepared.input_ids)} tokens, more "
@@ -267,12 +310,30 @@ class Coordinator:
         seq = Sequence(prepared.request_id, list(prepared.input_ids), params.max_new_tokens, images)
         self._check_fits(seq)
         seq.request_id = key
-        state = RequestState.create(key, prepared.request_id, prepared, params, stop, self.builder.decode, arrival)
+        state = RequestState.create(
+            key, prepared.request_id, prepared, params, stop, self.builder.decode, arrival, emit
+        )
         seq.payload = state
-        self._enqueue(seq)
         self.submitted += 1
+        if aborted:  # its caller gave up while it was being prepared: it ends here, never queued
+            self.completed += 1
+            self.metrics.record_request(state.finish("abort"), None)
+            return state
+        self._enqueue(seq)
         self.requests[key] = state
         return state
+
+    def _prepared(self, rid: str | None) -> bool:
+        """A request named `rid` is prepared (or failed to be); whether an abort named it meanwhile."""
+        if rid is None:
+            return False
+        left = self.preparing.pop(rid) - 1
+        if left:
+            self.preparing[rid] = left
+            return rid in self.aborted_preparing
+        aborted = rid in self.aborted_preparing
+        self.aborted_preparing.discard(rid)
+        return aborted
 
     def _prepare(self, request: dict) -> tuple[PreparedRequest, list[tuple[int, int, bytes]]]:
         """Model inputs, and each image's token span with the hash of its processed pixels (prefix-cache keys)."""
@@ -388,7 +449,7 @@ class Coordinator:
         engine.scheduler.append(seq, out["tokens"])
         item, stopped = state.add_tokens(out["tokens"], out["times"])
         if item is not None and (item["text"] or item["token_ids"]):
-            state.queue.put_nowait(item)
+            state.emit(item)
         reason = "stop" if stopped else out["finish_reason"]
         if reason is not None:
             engine.scheduler.finish(seq, reason)

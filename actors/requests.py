@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,8 +73,11 @@ class RequestState:
     parts: list[str] = field(default_factory=list)  # the text delivered so far, delta by delta
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: asyncio.Future | None = None
+    emit: Callable[[dict], None] | None = None  # where its stream items go (default: `queue`)
 
     def __post_init__(self) -> None:
+        if self.emit is None:
+            self.emit = self.queue.put_nowait
         self.detokenizer = IncrementalDetokenizer(self.decode_text)
         self.matcher = StopMatcher(self.stop)
 
@@ -87,10 +91,12 @@ class RequestState:
         stop: list[str],
         decode_text: Any,
         arrival_time: float,
+        emit: Callable[[dict], None] | None = None,
     ) -> RequestState:
         record = new_record(request_id, arrival_time)
         record["prompt_tokens"] = len(prepared.input_ids)
-        return cls(key, prepared, params, stop, record, decode_text, done=asyncio.get_running_loop().create_future())
+        done = asyncio.get_running_loop().create_future()
+        return cls(key, prepared, params, stop, record, decode_text, done=done, emit=emit)
 
     @property
     def finished(self) -> bool:
@@ -132,7 +138,7 @@ class RequestState:
         if error is None:
             tail = self.tail()
             if tail is not None:
-                self.queue.put_nowait(tail)
+                self.emit(tail)
             if finish_reason == "length" and self.matcher.stopped:
                 finish_reason = "stop"
         else:
@@ -147,5 +153,5 @@ class RequestState:
         final = {**record, "final": True}
         if status is not None:
             final["error_status"] = status
-        self.queue.put_nowait(final)
+        self.emit(final)
         return record

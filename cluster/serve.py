@@ -2,7 +2,8 @@
 
 Starts the engine (as `cluster.launch` does) and a Ray Serve application whose FastAPI ingress
 answers POST /v1/chat/completions (streaming or not), GET /v1/models and GET /health by calling
-the Coordinator's `stream` / `abort` / `status`. Runs until Ctrl-C (or SIGTERM, as `ray job stop`
+the Coordinator's `submit` (its items come back over one `deliveries` stream per replica,
+actors/deliveries.py) / `abort` / `status`. Runs until Ctrl-C (or SIGTERM, as `ray job stop`
 sends), then shuts Serve and the engine down.
 
 Ingress (`serve.ingress`). Serve's Python HTTP proxy relays each request, and each streamed chunk,
@@ -44,6 +45,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from actors.deliveries import Deliveries
 from actors.errors import NO_LIVE_GROUP
 from cluster.admission import Admission, Overloaded, Ticket, queue_timeout
 from cluster.config import RunConfig, ServeConfig, load_config
@@ -171,6 +173,8 @@ class OpenAIServer:
     def __init__(self, namespace: str, model: str, settings: ServeConfig, slots: int) -> None:
         """settings: the run's serve.* keys; slots: requests the engine runs at once (all DP groups)."""
         self.coordinator = ray.get_actor(COORDINATOR_NAME, namespace=namespace)
+        # One Ray stream for all of this replica's requests (actors/deliveries.py), not one per request.
+        self.deliveries = Deliveries(self.coordinator)
         self.model = model
         self.api_key = settings.api_key
         self.settings = settings
@@ -237,9 +241,7 @@ class OpenAIServer:
             await asyncio.to_thread(check_pixels, image_sources(body, images), self.settings.max_request_pixels)
         completion_id = new_completion_id()
         # A stream's first item is the engine's acknowledgement (request queued); a full answer's, the first token.
-        stream = self.coordinator.stream.options(num_returns="streaming").remote(
-            engine_request(body, completion_id, images), ack=body.stream
-        )
+        stream = self.deliveries.open(engine_request(body, completion_id, images), ack=body.stream)
         timeout = self.settings.queue_timeout_s
         deadline = None if timeout is None else began + timeout
         finished = False
@@ -289,7 +291,7 @@ class OpenAIServer:
             except TimeoutError:
                 raise queue_timeout(self.settings.queue_timeout_s, self.settings.retry_after_s) from None
         try:
-            return await (await stream.__anext__())
+            return await stream.__anext__()
         except StopAsyncIteration:
             raise APIError(500, "the engine ended the stream without a final record") from None
         except (ValueError, ray.exceptions.RayError) as e:

@@ -1,15 +1,17 @@
 """Coordinator benchmark: the real Coordinator over fake DP groups that return tokens at a set step time.
 
 `python -m cluster.tools.bench_coordinator [--groups 1 4 16] [--running 64] [--step-ms 30] [--steps-per-call 4]
-[--max-tokens 64] [--in-process] [--out DIR]`
+[--max-tokens 64] [--in-process] [--streams multiplexed|per-request] [--out DIR]`
 
 Each fake group (cluster/tools/fake_workers.py) answers a `step` call after `steps x step-ms` of
 waiting, with one toy token per running request and step: no model, so the Coordinator's own work
 (scheduling, routing, detokenizing, stop strings, records, streaming) is all that is measured. Per
 group count, `running x groups` requests of `--max-tokens` tokens (EOS ignored) are submitted at
-once and every one is read as a stream by a consumer, as the HTTP server reads them. The Coordinator
-runs as in production, an async Ray actor, and the consumers sit in this driver process (`--in-process`:
-both on one asyncio loop here instead, which leaves Ray's own per-item cost out).
+once and every one is read as a stream by a consumer, as the HTTP server reads them: through one
+subscription for all of them (`--streams multiplexed`, the default, actors/deliveries.py) or one Ray
+stream each (`--streams per-request`, `Coordinator.stream`). The Coordinator runs as in production,
+an async Ray actor, and the consumers sit in this driver process (`--in-process`: both on one
+asyncio loop here instead, which leaves Ray's own per-item cost out).
 
 Reported per group count:
 - CPU seconds of the Coordinator's process per delivered token (set-up of the requests included);
@@ -36,8 +38,9 @@ import ray
 
 from actors.config import EngineConfig, WorkerConfig
 from actors.coordinator import Coordinator
+from actors.deliveries import Deliveries
 from cluster.tools.bench import CACHE_DIR, CHECKPOINTS, log
-from cluster.tools.fake_workers import FakeWorkerGroup
+from cluster.tools.fake_workers import FakeWorkerGroup, LocalHandle
 from cluster.tools.tiny_checkpoint import build_tiny_checkpoint
 
 GOAL_INFLATION = 0.05
@@ -124,6 +127,16 @@ async def consume_ray(coordinator: Any, request: dict) -> tuple[Reader, dict]:
             return reader, item
 
 
+async def consume_multiplexed(deliveries: Deliveries, request: dict) -> tuple[Reader, dict]:
+    """Read one request's items from this driver's one subscription, as the HTTP server's replicas do."""
+    reader = Reader()
+    async for item in deliveries.open(request):
+        reader.item(item)
+        if item.get("final"):
+            return reader, item
+    raise RuntimeError(f"stream of {request['id']} ended without a final record")
+
+
 async def consume_local(coordinator: Coordinator, request: dict) -> tuple[Reader, dict]:
     reader = Reader()
     async for item in coordinator.stream(request):
@@ -154,6 +167,7 @@ def summary(groups: int, args: argparse.Namespace, cpu_s: float, wall_s: float, 
         "step_ms": args.step_ms,
         "steps_per_call": args.steps_per_call,
         "mode": "in-process" if args.in_process else "ray-actor",
+        "streams": args.streams,
         "tokens_expected": want,
         "tokens_delivered": got,
         "all_delivered": got == want and complete == len(results) and not errors,
@@ -175,7 +189,12 @@ async def run_local(model_path: Path, groups: int, args: argparse.Namespace) -> 
     await coordinator.setup()
     reqs = requests(groups * args.running, args.max_tokens)
     cpu0, start = coordinator.cpu_seconds(), time.perf_counter()
-    results = await asyncio.gather(*(consume_local(coordinator, r) for r in reqs))
+    if args.streams == "multiplexed":
+        deliveries = Deliveries(LocalHandle(coordinator))
+        results = await asyncio.gather(*(consume_multiplexed(deliveries, r) for r in reqs))
+        await deliveries.close()
+    else:
+        results = await asyncio.gather(*(consume_local(coordinator, r) for r in reqs))
     wall, cpu = time.perf_counter() - start, coordinator.cpu_seconds() - cpu0
     calls = coordinator.decode_calls()
     await coordinator.shutdown()
@@ -195,10 +214,16 @@ async def run_ray(model_path: Path, groups: int, args: argparse.Namespace) -> di
         reqs = requests(groups * args.running, args.max_tokens)
         cpu0 = await coordinator.cpu_seconds.remote()
         start = time.perf_counter()
-        results = await asyncio.gather(*(consume_ray(coordinator, r) for r in reqs))
+        if args.streams == "multiplexed":
+            deliveries = Deliveries(coordinator)
+            results = await asyncio.gather(*(consume_multiplexed(deliveries, r) for r in reqs))
+        else:
+            results = await asyncio.gather(*(consume_ray(coordinator, r) for r in reqs))
         wall = time.perf_counter() - start
         cpu = await coordinator.cpu_seconds.remote() - cpu0
         calls = await coordinator.decode_calls.remote()
+        if args.streams == "multiplexed":
+            await deliveries.close()
         await coordinator.shutdown.remote()
     finally:
         ray.kill(coordinator, no_restart=True)
@@ -215,6 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-per-call", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--in-process", action="store_true", help="the Coordinator on this process's loop, no Ray")
+    parser.add_argument(
+        "--streams",
+        choices=("multiplexed", "per-request"),
+        default="multiplexed",
+        help="how the consumers read through Ray: one subscription for all (Coordinator.submit/deliveries, as "
+        "the HTTP server does) or one Coordinator.stream per request",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
     args = parser.parse_args(argv)
     for name, value in (("--running", args.running), ("--steps-per-call", args.steps_per_call)):
@@ -239,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         if ray.is_initialized():
             ray.shutdown()
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"bench_coordinator{'_in_process' if args.in_process else ''}.json"
+    suffix = ("_in_process" if args.in_process else "") + ("" if args.streams == "multiplexed" else "_per_request")
+    out = args.out / f"bench_coordinator{suffix}.json"
     out.write_text(json.dumps(rows, indent=2) + "\n")
     print(
         f"{'groups':>6} {'tokens/s':>9} {'CPU us/token':>12} {'inflation mean':>14} {'worst':>7} "

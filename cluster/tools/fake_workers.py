@@ -218,3 +218,52 @@ class FakeWorkerGroup:
         item["tokens"].append(token)
         item["times"].append(now)
         item["finish_reason"] = seq.finish_reason
+
+
+class LocalHandle:
+    """An in-process object called as a Ray actor handle (`handle.method.remote(...)`, and
+    `.options(num_returns="streaming").remote(...)` for an async generator method), on this loop.
+
+    Lets the Ray-facing clients of the Coordinator (actors/deliveries.py) run against a Coordinator
+    in this process, without Ray: tests and `bench_coordinator --in-process`.
+    """
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        return _LocalMethod(getattr(self._target, name))
+
+
+class _LocalMethod:
+    def __init__(self, method: Any) -> None:
+        self._method = method
+
+    def options(self, **_: Any) -> _LocalMethod:
+        return self
+
+    def remote(self, *args: Any) -> Any:
+        out = self._method(*args)
+        if hasattr(out, "__anext__"):
+            return _LocalRefs(out)
+        if asyncio.iscoroutine(out):
+            return asyncio.ensure_future(out)
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(out)
+        return done
+
+
+class _LocalRefs:
+    """An async generator's items as a Ray streaming generator gives them: each an awaitable."""
+
+    def __init__(self, generator: Any) -> None:
+        self._generator = generator
+
+    def __aiter__(self) -> _LocalRefs:
+        return self
+
+    async def __anext__(self) -> asyncio.Future:
+        item = await self._generator.__anext__()
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(item)
+        return done

@@ -1,0 +1,138 @@
+"""Multiplexed delivery: one Ray stream per caller process carries the items of all of its requests.
+
+`Coordinator.stream` is one Ray streaming generator per request: every delivery of every request is
+one Ray object, which at 64 running requests per DP group costs the Coordinator more than the rest
+of its work together. A caller that serves many requests at once (an HTTP server replica, a
+benchmark driver) instead opens one subscription and submits each request under a tag of its
+choosing:
+
+- the Coordinator keeps an `Outbox` per subscriber; a request submitted with `submit(request,
+  subscriber, tag)` puts its items there (the same items `stream` yields), and the subscriber's
+  `deliveries` generator yields whatever has gathered as one list of (tag, item), so a round of a
+  DP group with 64 requests is one Ray object, not 64;
+- `Deliveries` is the caller's end: one task reads the subscription and hands each item to its
+  request's queue, and `Deliveries.open` returns a `RequestStream` whose `__anext__` yields the
+  same items, in the same order, as `Coordinator.stream`'s generator would (the acknowledgement
+  first with `ack`, then token deltas, then the final record); a refused request raises its error
+  from the first `__anext__`, as `stream` does.
+
+The final record always comes (an abort ends a request with one), and the caller's queue goes with
+it. When the subscription ends with an error (the Coordinator died), every open stream raises that
+error; the next `open` subscribes again. When the subscriber goes away (its generator is
+cancelled), the Coordinator aborts the requests it still had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+
+class Outbox:
+    """The Coordinator's side: items of one subscriber's requests, waiting for its `deliveries` stream."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, dict]] = []
+        self.ready = asyncio.Event()
+        self.keys: dict[str, str] = {}  # tag -> the Coordinator's key of a request not finished yet
+
+    def sink(self, tag: str) -> Callable[[dict], None]:
+        """What a request submitted under `tag` calls with each of its items."""
+
+        def put(item: dict) -> None:
+            self.items.append((tag, item))
+            if item.get("final"):
+                self.keys.pop(tag, None)
+            self.ready.set()
+
+        return put
+
+    async def batches(self) -> AsyncIterator[list[tuple[str, dict]]]:
+        """Whatever gathered since the last batch, as soon as there is any."""
+        while True:
+            await self.ready.wait()
+            self.ready.clear()
+            if self.items:
+                batch, self.items = self.items, []
+                yield batch
+
+
+class RequestStream:
+    """One request's items at the caller, read with `await stream.__anext__()` (or `async for`)."""
+
+    def __init__(self, deliveries: Deliveries, tag: str, queue: asyncio.Queue, submitted: Any, ack: bool) -> None:
+        self._deliveries = deliveries
+        self.tag = tag
+        self._queue = queue
+        self._submitted = submitted  # the `submit` call's ObjectRef until it is awaited
+        self._ack = ack
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> dict:
+        if self._submitted is not None:
+            submitted, self._submitted = self._submitted, None
+            try:
+                accepted = await submitted
+            except BaseException:
+                self._deliveries.forget(self.tag)
+                raise
+            if self._ack:
+                return accepted
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class Deliveries:
+    """The caller's end of one subscription to a Coordinator (a Ray actor handle)."""
+
+    def __init__(self, coordinator: Any, subscriber: str | None = None) -> None:
+        self.coordinator = coordinator
+        self.subscriber = subscriber or f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.queues: dict[str, asyncio.Queue] = {}
+        self._tags = itertools.count()
+        self._task: asyncio.Task | None = None
+
+    def open(self, request: dict, ack: bool = False) -> RequestStream:
+        """Submit `request` and return its stream (errors surface from its first `__anext__`)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._pump())
+        tag = str(next(self._tags))
+        queue: asyncio.Queue = asyncio.Queue()
+        self.queues[tag] = queue
+        submitted = self.coordinator.submit.remote(request, self.subscriber, tag)
+        return RequestStream(self, tag, queue, submitted, ack)
+
+    def forget(self, tag: str) -> None:
+        self.queues.pop(tag, None)
+
+    async def close(self) -> None:
+        """Stop reading (the Coordinator then aborts what this subscriber still had)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _pump(self) -> None:
+        stream = self.coordinator.deliveries.options(num_returns="streaming").remote(self.subscriber)
+        try:
+            async for ref in stream:
+                for tag, item in await ref:
+                    queue = self.queues.get(tag)
+                    if queue is not None:
+                        queue.put_nowait(item)
+                        if item.get("final"):
+                            del self.queues[tag]
+            raise RuntimeError(f"the Coordinator ended subscription {self.subscriber!r}")
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # the Coordinator died: every open stream raises its error
+            queues, self.queues = self.queues, {}
+            for queue in queues.values():
+                queue.put_nowait(e)

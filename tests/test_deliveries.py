@@ -1,0 +1,168 @@
+"""Multiplexed delivery (actors/deliveries.py): one subscription carries every request's items, in order.
+
+The Coordinator runs in this process over fake DP groups; `LocalHandle` stands in for its Ray
+handle, so the protocol (submit under a tag, batches of (tag, item), the caller's queues) is tested
+without Ray. tests/test_serve.py covers the same path through Ray Serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from actors.deliveries import Deliveries
+from actors.errors import RequestError
+from cluster.tools.fake_workers import LocalHandle
+from tests.test_group_loop import coordinator, expected, requests
+
+
+async def read_all(stream) -> list[dict]:  # noqa: ANN001 (a RequestStream)
+    items = []
+    async for item in stream:
+        items.append(item)
+        if item.get("final"):
+            return items
+    raise AssertionError("the stream ended without a final record")
+
+
+def test_every_request_gets_its_own_items_in_order_through_one_subscription(tiny_checkpoint: Path) -> None:
+    async def main() -> None:
+        coord = coordinator(tiny_checkpoint, dp_size=2, max_batch_size=4, restarts=0)
+        await coord.setup()
+        batches: list[int] = []
+        subscribe = coord.deliveries
+
+        async def counted(subscriber: str):  # noqa: ANN202
+            async for batch in subscribe(subscriber):
+                batches.append(len(batch))
+                yield batch
+
+        coord.deliveries = counted
+        deliveries = Deliveries(LocalHandle(coord))
+        reqs = requests(8, 6)
+        streams = [deliveries.open(r, ack=i % 2 == 0) for i, r in enumerate(reqs)]
+        results = await asyncio.gather(*(read_all(s) for s in streams))
+        for i, (request, items) in enumerate(zip(reqs, results)):
+            final = items[-1]
+            assert final["id"] == request["id"] and final["error"] is None
+            assert final["output_token_ids"] == expected(coord, request)
+            if i % 2 == 0:
+                assert items[0] == {"id": request["id"], "token_ids": [], "text": "", "accepted": True}
+                items = items[1:]
+            deltas = items[:-1]
+            assert all(d["id"] == request["id"] for d in deltas)
+            assert [t for d in deltas for t in d["token_ids"]] == final["output_token_ids"]
+            assert "".join(d["text"] for d in deltas) == final["output_text"]
+        assert sum(batches) == sum(len(items) for items in results) - 4  # acks come from submit, not the stream
+        assert max(batches) > 1  # a round's items for its requests travel together
+        assert not deliveries.queues and not any(o.keys for o in coord.outboxes.values())
+        await deliveries.close()
+        assert not coord.outboxes
+        await coord.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_refused_request_raises_from_its_first_item(tiny_checkpoint: Path) -> None:
+    async def main() -> None:
+        coord = coordinator(tiny_checkpoint, dp_size=1, max_batch_size=2, restarts=0)
+        await coord.setup()
+        deliveries = Deliveries(LocalHandle(coord))
+        stream = deliveries.open({"id": "bad", "prompt": "hello", "max_new_tokens": 0}, ack=True)
+        with pytest.raises(RequestError, match="max_new_tokens") as raised:
+            await stream.__anext__()
+        assert raised.value.param == "max_new_tokens"
+        assert not deliveries.queues
+        good = requests(1, 3)[0]
+        items = await read_all(deliveries.open(good))
+        assert items[-1]["output_token_ids"] == expected(coord, good)
+        await deliveries.close()
+        await coord.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_subscriber_that_goes_away_has_its_requests_aborted(tiny_checkpoint: Path) -> None:
+    async def main() -> None:
+        coord = coordinator(tiny_checkpoint, dp_size=1, max_batch_size=2, restarts=0)
+        await coord.setup()
+        group = coord.engines[0].group
+        group.hold, group.entered = asyncio.Event(), asyncio.Event()
+        deliveries = Deliveries(LocalHandle(coord))
+        streams = [deliveries.open(r, ack=True) for r in requests(3, 50)]
+        for stream in streams:
+            await stream.__anext__()  # queued
+        await group.entered.wait()  # the first round is on the workers
+        await deliveries.close()
+        assert not coord.requests  # all three ended here: aborted
+        assert coord.engines[0].scheduler.load == 0
+        group.hold.set()
+        assert coord.completed == 3
+        await coord.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_broken_subscription_fails_every_open_stream(tiny_checkpoint: Path) -> None:
+    async def main() -> None:
+        coord = coordinator(tiny_checkpoint, dp_size=1, max_batch_size=2, restarts=0)
+        await coord.setup()
+        coord.engines[0].group.step_time_s = 0.001  # each call yields the loop: batches go out as rounds end
+        delivered, broken = asyncio.Event(), asyncio.Event()
+        subscribe = coord.deliveries
+
+        async def dying(subscriber: str):  # noqa: ANN202
+            async for batch in subscribe(subscriber):
+                yield batch
+                delivered.set()
+                await broken.wait()
+                raise RuntimeError("coordinator died")
+
+        coord.deliveries = dying
+        deliveries = Deliveries(LocalHandle(coord))
+        streams = [deliveries.open(r) for r in requests(2, 50)]
+        await delivered.wait()  # one batch went through
+        broken.set()
+        for stream in streams:
+            with pytest.raises(RuntimeError, match="coordinator died"):
+                while True:
+                    assert not (await stream.__anext__()).get("final")
+        assert not deliveries.queues
+        await coord.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_request_aborted_while_it_is_prepared_ends_without_running(tiny_checkpoint: Path) -> None:
+    async def main() -> None:
+        coord = coordinator(tiny_checkpoint, dp_size=1, max_batch_size=2, restarts=0)
+        await coord.setup()
+        entered, release = threading.Event(), threading.Event()
+        prepare = coord._prepare
+
+        def held(request: dict):  # noqa: ANN202
+            entered.set()
+            assert release.wait(30), "the test never released the preparation"
+            return prepare(request)
+
+        coord._prepare = held
+        deliveries = Deliveries(LocalHandle(coord))
+        request = requests(1, 5)[0]
+        stream = deliveries.open(request)
+        assert await asyncio.to_thread(entered.wait, 30)
+        assert coord.abort(request["id"]) is True  # the caller gave up (an HTTP client went away)
+        release.set()
+        final = (await read_all(stream))[-1]
+        assert final["finish_reason"] == "abort" and final["output_token_ids"] == []
+        assert coord.engines[0].scheduler.load == 0 and not coord.requests and not coord.preparing
+        assert coord.progress() == (1, 1)
+        coord._prepare = prepare
+        again = await read_all(deliveries.open(request))  # the same id later runs as usual
+        assert again[-1]["output_token_ids"] == expected(coord, request)
+        await deliveries.close()
+        await coord.shutdown()
+
+    asyncio.run(main())
