@@ -104,6 +104,11 @@ class PromptBuilder:
         self._added_ids = {t.content: int(i) for i, t in tokenizer.added_tokens_decoder.items()}
         added = sorted(self._added_ids, key=len, reverse=True)
         self._added_re = re.compile("(" + "|".join(re.escape(t) for t in added) + ")")
+        # Decoding runs at every delivery of every request: call the Rust tokenizer directly where the
+        # Python wrapper would only add its overhead (~6 us vs ~1 us), i.e. with no clean-up pass.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        plain = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._decode_ids = backend.decode if plain else tokenizer.decode
 
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -363,4 +368,4 @@ class PromptBuilder:
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of generated token ids, without special tokens."""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return self._decode_ids(list(token_ids), skip_special_tokens=True)

@@ -144,6 +144,16 @@ def test_ids_and_decode(builder: PromptBuilder, checkpoint: Path) -> None:
     assert builder.decode([config["vocab_size"] - 1]) == ""
 
 
+def test_decode_is_the_tokenizers_own(builder: PromptBuilder) -> None:
+    """`decode` skips the Python wrapper (it runs at every delivery) and must give the wrapper's text:
+    ordinary, special, added and out-of-vocabulary ids, and ids that end mid-character."""
+    rng = np.random.default_rng(0)
+    tokenizer = builder.tokenizer
+    for _ in range(500):
+        ids = rng.integers(0, len(tokenizer) + 16, size=int(rng.integers(0, 12))).tolist()
+        assert builder.decode(ids) == tokenizer.decode(ids, skip_special_tokens=True), ids
+
+
 def test_eos_falls_back_to_config(checkpoint: Path, tmp_path: Path) -> None:
     copy = tmp_path / "ckpt"
     copy.mkdir()
