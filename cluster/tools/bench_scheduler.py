@@ -117,20 +117,12 @@ def run_serving(path: Path, requests: list[dict], rate: float, label: str, stall
 
 
 def run_step_cost(path: Path, request: dict, steps_list: list[int | str], repeats: int, exe_mode: str) -> dict:
-    """TPOT of one request through the Coordinator per decode_steps_per_call, and in process (same exe_mode)."""
-    out: dict[str, Any] = {"coordinator": {}, "exe_mode": exe_mode}
-    for steps in steps_list:
-        coordinator = start(engine_config(path, "continuous", steps, slots=1, exe_mode=exe_mode))
-        try:
-            tpots = []
-            for i in range(repeats + 1):  # the first is a warm-up
-                record = ray.get(coordinator.generate.remote([{**request, "id": f"step-{i}"}]), timeout=600)[0]
-                if i:
-                    tpots.append(record["tpot_s"] * 1e3)
-        finally:
-            stop(coordinator)
-        out["coordinator"][str(steps)] = statistics.median(tpots)
-        log(f"per-step: decode_steps_per_call={steps}: TPOT {out['coordinator'][str(steps)]:.2f} ms")
+    """TPOT of one request through the Coordinator per decode_steps_per_call, and in process (same exe_mode).
+
+    The in-process run and the Coordinator's alternate, one of each per repeat, so that each ratio is of
+    two runs next to each other in time (this machine's speed drifts more than the orchestration costs);
+    the figures are the medians of the TPOTs and of the per-repeat ratios.
+    """
     builder = PromptBuilder.from_pretrained(path)
     runner = ModelRunner(path, max_batch_size=1, max_seq_len=512 + 64)
     runner.warmup()
@@ -138,15 +130,35 @@ def run_step_cost(path: Path, request: dict, steps_list: list[int | str], repeat
         runner.capture_graphs([1])
     prepared = builder.build({**request, "id": "inproc"})
     params = [SamplingParams(max_new_tokens=request["max_new_tokens"], ignore_eos=True)]
-    tpots = []
-    for i in range(repeats + 1):
-        result = runner.generate([prepared], params, eos_token_ids=[])[0]
-        times = result.token_times_s
-        if i:
-            tpots.append((times[-1] - times[0]) / (len(times) - 1) * 1e3)
-    out["in_process"] = statistics.median(tpots)
-    out["ratio"] = {k: v / out["in_process"] for k, v in out["coordinator"].items()}
-    log(f"per-step: in process TPOT {out['in_process']:.2f} ms; ratios {out['ratio']}")
+
+    def in_process_tpot_ms() -> float:
+        times = runner.generate([prepared], params, eos_token_ids=[])[0].token_times_s
+        return (times[-1] - times[0]) / (len(times) - 1) * 1e3
+
+    out: dict[str, Any] = {"coordinator": {}, "in_process_runs": {}, "ratio": {}, "exe_mode": exe_mode}
+    for steps in steps_list:
+        coordinator = start(engine_config(path, "continuous", steps, slots=1, exe_mode=exe_mode))
+        try:
+            tpots, local, ratios = [], [], []
+            for i in range(repeats + 1):  # the first is a warm-up
+                record = ray.get(coordinator.generate.remote([{**request, "id": f"step-{i}"}]), timeout=600)[0]
+                base = in_process_tpot_ms()
+                if i:
+                    tpots.append(record["tpot_s"] * 1e3)
+                    local.append(base)
+                    ratios.append(tpots[-1] / base)
+        finally:
+            stop(coordinator)
+        key = str(steps)
+        out["coordinator"][key] = statistics.median(tpots)
+        out["in_process_runs"][key] = statistics.median(local)
+        out["ratio"][key] = statistics.median(ratios)
+        log(
+            f"per-step: decode_steps_per_call={steps}: TPOT {out['coordinator'][key]:.2f} ms, in process "
+            f"{out['in_process_runs'][key]:.2f} ms, ratio {out['ratio'][key]:.3f} (per repeat: "
+            f"{', '.join(f'{r:.3f}' for r in ratios)})"
+        )
+    out["in_process"] = statistics.median(t for t in out["in_process_runs"].values())
     return out
 
 
