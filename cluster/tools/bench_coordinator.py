@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -116,30 +117,16 @@ class Reader:
         return (self.last - self.first) / later if later > 0 else None
 
 
-async def consume_ray(coordinator: Any, request: dict) -> tuple[Reader, dict]:
-    """Read one stream through Ray as the HTTP server does: (what was read, final record)."""
-    stream = coordinator.stream.options(num_returns="streaming").remote(request)
+async def ray_items(coordinator: Any, request: dict) -> AsyncIterator[dict]:
+    """One request's items through its own Ray stream (`Coordinator.stream`)."""
+    async for ref in coordinator.stream.options(num_returns="streaming").remote(request):
+        yield await ref
+
+
+async def consume(items: AsyncIterator[dict], request: dict) -> tuple[Reader, dict]:
+    """Read one request's items as a consumer does: (what was read, final record)."""
     reader = Reader()
-    while True:
-        item = await (await stream.__anext__())
-        reader.item(item)
-        if item.get("final"):
-            return reader, item
-
-
-async def consume_multiplexed(deliveries: Deliveries, request: dict) -> tuple[Reader, dict]:
-    """Read one request's items from this driver's one subscription, as the HTTP server's replicas do."""
-    reader = Reader()
-    async for item in deliveries.open(request):
-        reader.item(item)
-        if item.get("final"):
-            return reader, item
-    raise RuntimeError(f"stream of {request['id']} ended without a final record")
-
-
-async def consume_local(coordinator: Coordinator, request: dict) -> tuple[Reader, dict]:
-    reader = Reader()
-    async for item in coordinator.stream(request):
+    async for item in items:
         reader.item(item)
         if item.get("final"):
             return reader, item
@@ -191,10 +178,10 @@ async def run_local(model_path: Path, groups: int, args: argparse.Namespace) -> 
     cpu0, start = coordinator.cpu_seconds(), time.perf_counter()
     if args.streams == "multiplexed":
         deliveries = Deliveries(LocalHandle(coordinator))
-        results = await asyncio.gather(*(consume_multiplexed(deliveries, r) for r in reqs))
+        results = await asyncio.gather(*(consume(deliveries.open(r), r) for r in reqs))
         await deliveries.close()
     else:
-        results = await asyncio.gather(*(consume_local(coordinator, r) for r in reqs))
+        results = await asyncio.gather(*(consume(coordinator.stream(r), r) for r in reqs))
     wall, cpu = time.perf_counter() - start, coordinator.cpu_seconds() - cpu0
     calls = coordinator.decode_calls()
     await coordinator.shutdown()
@@ -216,9 +203,9 @@ async def run_ray(model_path: Path, groups: int, args: argparse.Namespace) -> di
         start = time.perf_counter()
         if args.streams == "multiplexed":
             deliveries = Deliveries(coordinator)
-            results = await asyncio.gather(*(consume_multiplexed(deliveries, r) for r in reqs))
+            results = await asyncio.gather(*(consume(deliveries.open(r), r) for r in reqs))
         else:
-            results = await asyncio.gather(*(consume_ray(coordinator, r) for r in reqs))
+            results = await asyncio.gather(*(consume(ray_items(coordinator, r), r) for r in reqs))
         wall = time.perf_counter() - start
         cpu = await coordinator.cpu_seconds.remote() - cpu0
         calls = await coordinator.decode_calls.remote()
