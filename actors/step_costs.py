@@ -17,19 +17,14 @@ class StepCosts:
     """EWMA of a pure-decode step's seconds and of a prompt token's seconds (None until first seen).
 
     A round with prompt chunks runs one decode step (or none) beside them; what it takes beyond the
-    current decode-step estimate is one sample of its prompt tokens' cost (before any decode step was
-    seen, the whole round's time: an overestimate, so a smaller cap). A prompt token's cost is the
-    ratio of the moving averages of those seconds and of the tokens, so each round counts by its
-    tokens: a token in a small chunk (a prompt's last few tokens) rides on the decode rows' weight
-    reads and costs less than one in a chunk of the cap's size, and the cap must come from the latter.
+    current decode-step estimate, over its prompt tokens, is one sample of a prompt token's cost
+    (before any decode step was seen, the whole round's time: an overestimate, so a smaller cap).
     """
 
     weight: float = 0.2  # of each new sample
     decode_step_s: float | None = None
     prompt_token_s: float | None = None
     overhead_s: float | None = None  # of a pure-decode call
-    prompt_extra_s: float | None = None  # moving average of a round's seconds beyond its decode step
-    prompt_tokens: float | None = None  # moving average of a round's prompt tokens (same rounds)
 
     def __post_init__(self) -> None:
         if not 0 < self.weight <= 1:
@@ -41,9 +36,7 @@ class StepCosts:
         if prompt_tokens > 0:
             extra = seconds - (self.decode_step_s or 0.0) * min(decode_steps, 1)
             if extra > 0:  # else the prompt tokens hid in the noise: no sample
-                self.prompt_extra_s = self._mix(self.prompt_extra_s, extra)
-                self.prompt_tokens = self._mix(self.prompt_tokens, float(prompt_tokens))
-                self.prompt_token_s = self.prompt_extra_s / self.prompt_tokens
+                self.prompt_token_s = self._mix(self.prompt_token_s, extra / prompt_tokens)
         elif decode_steps > 0 and seconds > 0:
             self.decode_step_s = self._mix(self.decode_step_s, seconds / decode_steps)
             if call_s is not None:

@@ -26,16 +26,6 @@ def test_estimates_converge_to_the_model_and_overestimate_a_token_on_the_way():
     assert costs.prompt_token_s == pytest.approx(TOKEN_S, rel=0.02)
 
 
-def test_a_token_costs_what_it_costs_in_the_large_chunks_not_the_average_chunk():
-    """Small chunks ride on the decode rows' weight reads (3 ms a token here) where chunks of the cap's
-    size are compute-bound (13 ms): the estimate counts each round by its tokens."""
-    costs = StepCosts(decode_step_s=DECODE_S)
-    for tokens, token_s in [(100, 0.013), (5, 0.003)] * 20:
-        costs.observe(DECODE_S + token_s * tokens, 1, tokens)
-    assert costs.prompt_token_s == pytest.approx((100 * 0.013 + 5 * 0.003) / 105, rel=0.05)
-    assert costs.prompt_token_s > 0.012  # a plain average of the per-token samples would say about 8 ms
-
-
 def test_the_decode_estimate_follows_a_slower_step():
     costs = StepCosts(weight=0.5)
     for _ in range(20):
