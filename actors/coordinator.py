@@ -314,12 +314,13 @@ class Coordinator:
             key, prepared.request_id, prepared, params, stop, self.builder.decode, arrival, emit
         )
         seq.payload = state
-        self.submitted += 1
         if aborted:  # its caller gave up while it was being prepared: it ends here, never queued
+            self.submitted += 1
             self.completed += 1
             self.metrics.record_request(state.finish("abort"), None)
             return state
         self._enqueue(seq)
+        self.submitted += 1
         self.requests[key] = state
         return state
 
