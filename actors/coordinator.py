@@ -225,7 +225,7 @@ class Coordinator:
         state = await self._submit(request)
         try:
             if ack and not state.finished:
-                yield {"id": state.record["id"], "token_ids": [], "text": "", "accepted": True}
+                yield state.acknowledgement()
             while True:
                 item = await state.queue.get()
                 yield item
@@ -245,7 +245,7 @@ class Coordinator:
         state = await self._submit(request, outbox.sink(tag))
         if not state.finished:
             outbox.keys[tag] = state.key
-        return {"id": state.record["id"], "token_ids": [], "text": "", "accepted": True}
+        return state.acknowledgement()
 
     async def deliveries(self, subscriber: str) -> AsyncIterator[list[tuple[str, dict]]]:
         """Yield the items of `subscriber`'s requests as lists of (tag, item), as they gather (one Ray
@@ -328,12 +328,12 @@ class Coordinator:
         """A request named `rid` is prepared (or failed to be); whether an abort named it meanwhile."""
         if rid is None:
             return False
+        aborted = rid in self.aborted_preparing
         left = self.preparing.pop(rid) - 1
         if left:
             self.preparing[rid] = left
-            return rid in self.aborted_preparing
-        aborted = rid in self.aborted_preparing
-        self.aborted_preparing.discard(rid)
+        else:
+            self.aborted_preparing.discard(rid)
         return aborted
 
     def _prepare(self, request: dict) -> tuple[PreparedRequest, list[tuple[int, int, bytes]]]:

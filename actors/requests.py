@@ -98,6 +98,10 @@ class RequestState:
         done = asyncio.get_running_loop().create_future()
         return cls(key, prepared, params, stop, record, decode_text, done=done, emit=emit)
 
+    def acknowledgement(self) -> dict:
+        """The item that says the request is queued (a stream's first with `ack`; `submit`'s answer)."""
+        return {"id": self.record["id"], "token_ids": [], "text": "", "accepted": True}
+
     @property
     def finished(self) -> bool:
         return self.done is not None and self.done.done()

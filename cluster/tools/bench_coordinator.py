@@ -133,6 +133,18 @@ async def consume(items: AsyncIterator[dict], request: dict) -> tuple[Reader, di
     raise RuntimeError(f"stream of {request['id']} ended without a final record")
 
 
+async def consume_all(handle: Any, reqs: list[dict], streams: str, own_stream: Any) -> list[tuple[Reader, dict]]:
+    """Every request read by its consumer: over one subscription through `handle` (multiplexed), or each
+    over `own_stream(request)`."""
+    if streams != "multiplexed":
+        return await asyncio.gather(*(consume(own_stream(r), r) for r in reqs))
+    deliveries = Deliveries(handle)
+    try:
+        return await asyncio.gather(*(consume(deliveries.open(r), r) for r in reqs))
+    finally:
+        await deliveries.close()
+
+
 def inflation(calls: list[tuple[int, float, float]], step_s: float) -> float:
     """Wall time of a group's pure-decode calls, first start to last end, over their steps x step time, minus 1."""
     if not calls:
@@ -176,12 +188,7 @@ async def run_local(model_path: Path, groups: int, args: argparse.Namespace) -> 
     await coordinator.setup()
     reqs = requests(groups * args.running, args.max_tokens)
     cpu0, start = coordinator.cpu_seconds(), time.perf_counter()
-    if args.streams == "multiplexed":
-        deliveries = Deliveries(LocalHandle(coordinator))
-        results = await asyncio.gather(*(consume(deliveries.open(r), r) for r in reqs))
-        await deliveries.close()
-    else:
-        results = await asyncio.gather(*(consume(coordinator.stream(r), r) for r in reqs))
+    results = await consume_all(LocalHandle(coordinator), reqs, args.streams, coordinator.stream)
     wall, cpu = time.perf_counter() - start, coordinator.cpu_seconds() - cpu0
     calls = coordinator.decode_calls()
     await coordinator.shutdown()
@@ -201,16 +208,10 @@ async def run_ray(model_path: Path, groups: int, args: argparse.Namespace) -> di
         reqs = requests(groups * args.running, args.max_tokens)
         cpu0 = await coordinator.cpu_seconds.remote()
         start = time.perf_counter()
-        if args.streams == "multiplexed":
-            deliveries = Deliveries(coordinator)
-            results = await asyncio.gather(*(consume(deliveries.open(r), r) for r in reqs))
-        else:
-            results = await asyncio.gather(*(consume(ray_items(coordinator, r), r) for r in reqs))
+        results = await consume_all(coordinator, reqs, args.streams, partial(ray_items, coordinator))
         wall = time.perf_counter() - start
         cpu = await coordinator.cpu_seconds.remote() - cpu0
         calls = await coordinator.decode_calls.remote()
-        if args.streams == "multiplexed":
-            await deliveries.close()
         await coordinator.shutdown.remote()
     finally:
         ray.kill(coordinator, no_restart=True)

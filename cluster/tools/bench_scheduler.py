@@ -158,7 +158,7 @@ def run_step_cost(path: Path, request: dict, steps_list: list[int | str], repeat
             f"{out['in_process_runs'][key]:.2f} ms, ratio {out['ratio'][key]:.3f} (per repeat: "
             f"{', '.join(f'{r:.3f}' for r in ratios)})"
         )
-    out["in_process"] = statistics.median(t for t in out["in_process_runs"].values())
+    out["in_process"] = statistics.median(out["in_process_runs"].values())
     return out
 
 
