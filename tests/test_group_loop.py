@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ def reference(prompt: list[int], max_new_tokens: int, eos: set[int]) -> tuple[li
 
 
 def make_seq(name: str, prompt_len: int, max_new_tokens: int) -> Sequence:
-    prompt = [10 + (hash(name) + i) % 200 for i in range(prompt_len)]
+    prompt = [10 + (zlib.crc32(name.encode()) + i) % 200 for i in range(prompt_len)]  # the same in every process
     prepared = PreparedRequest(name, prompt, None, None)
     seq = Sequence(name, prompt, max_new_tokens)
     seq.payload = Payload(prepared, SamplingParams(max_new_tokens=max_new_tokens))
