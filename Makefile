@@ -57,6 +57,7 @@ bench: tiny-model
 	$(PY) -m cluster.tools.bench_vision
 	$(PY) -m cluster.tools.bench_quant
 	$(PY) -m cluster.tools.bench_coordinator
+	$(PY) -m cluster.tools.bench_coordinator --group-coordinators
 	$(PY) -m cluster.tools.bench_prefix
 	$(PY) -m cluster.tools.bench_serve $(CONF) --num-requests 32 --request-rate 2 --max-tokens 32 --rounds 4
 

@@ -49,8 +49,11 @@ class Coordinator:
         placement: Any,
         group_order: list[int],
         group_factory: Callable[[int, EngineConfig, list[Any]], Any] | None = None,
+        dp_ranks: list[int] | None = None,
     ) -> None:
-        """`placement.strategy(i)` places bundle i; DP rank d runs in placement group `group_order[d]`.
+        """`placement.strategy(i)` places bundle i; the i-th group served here runs in placement group
+        `group_order[i]` as DP rank `dp_ranks[i]` (default: i; actors/router.py gives each of its group
+        Coordinators one group).
 
         `group_factory(dp_rank, cfg, strategies)` makes each DP group's workers (default: `WorkerGroup`, Ray
         actors); benchmarks and tests pass fake groups with the same `start`/`kill`/`call` interface.
@@ -60,15 +63,19 @@ class Coordinator:
         self.placement = placement
         self.builder = PromptBuilder.from_pretrained(cfg.worker.model_path, max_images=cfg.max_images_per_prompt)
         make_group = group_factory or WorkerGroup
+        self.dp_ranks = list(range(len(group_order)) if dp_ranks is None else dp_ranks)
+        if len(self.dp_ranks) != len(group_order):
+            raise ValueError(f"dp_ranks {self.dp_ranks} and group_order {group_order} differ in length")
         self.engines = [
             self._group_loop(make_group(d, cfg, [placement.strategy(g * cfg.tp_size + t) for t in range(cfg.tp_size)]))
-            for d, g in enumerate(group_order)
+            for d, g in zip(self.dp_ranks, group_order)
         ]
         # Loads within this many requests of the least loaded group count as close (cache-aware routing).
         self.route_slack = max(1, cfg.worker.max_batch_size // 4)
         self.metrics = EngineMetrics()
         self.requests: dict[str, RequestState] = {}  # in flight, by internal key
         self.keys = itertools.count()
+        self.received = 0  # requests that reached _submit, refused ones included (what a router counts)
         self.submitted = 0
         self.completed = 0
         self.phase_totals = {"vision_encode_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0}
@@ -102,9 +109,11 @@ class Coordinator:
         cfg = self.__dict__.get("cfg")
         if cfg is None:
             return "Coordinator(not initialised)"
+        ranks = self.__dict__.get("dp_ranks")
+        own = f", dp_ranks={ranks}" if ranks is not None and ranks != list(range(cfg.dp_size)) else ""
         return (
             f"Coordinator(dp_size={cfg.dp_size}, tp_size={cfg.tp_size}, world_size={cfg.dp_size * cfg.tp_size}, "
-            f"device={cfg.worker.device}, policy={cfg.policy})"
+            f"device={cfg.worker.device}, policy={cfg.policy}{own})"
         )
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -125,7 +134,9 @@ class Coordinator:
 
     async def rebuild_group(self, dp_rank: int) -> list[dict]:
         """Replace the workers of one DP group now (after a failure) without touching the others."""
-        engine = self.engines[dp_rank]
+        engine = next((e for e in self.engines if e.dp_rank == dp_rank), None)
+        if engine is None:
+            raise ValueError(f"dp_rank {dp_rank} is not one of this Coordinator's DP groups {self.dp_ranks}")
         orphans = await self._fail_group(engine, f"dp group {dp_rank} is being rebuilt", rebuild=False)
         await engine.group.kill()
         await engine.group.start()
@@ -172,6 +183,20 @@ class Coordinator:
             "waiting": sum(len(e.scheduler.waiting) for e in self.engines),
             "running": sum(len(e.scheduler.running) for e in self.engines),
         }
+
+    def load(self) -> dict:
+        """What a router needs to pick a group: whether one is alive, requests in flight on the groups,
+        and requests received so far (refused ones included)."""
+        return {
+            "alive": any(e.group.alive for e in self.engines),
+            "load": sum(e.scheduler.load for e in self.engines),
+            "received": self.received,
+        }
+
+    def delivery_sources(self) -> list:
+        """The actors whose `deliveries` streams carry the items of requests given to `submit`: none but
+        this one (a router lists its group Coordinators)."""
+        return []
 
     def kv_cache_stats(self) -> list[dict]:
         """Per DP group: KV blocks used, free and cached, cumulative prefix-cache hit and query tokens,
@@ -280,6 +305,7 @@ class Coordinator:
         NoLiveGroupError when no group is alive.
         """
         arrival = time.time()
+        self.received += 1
         if not isinstance(request, dict):
             raise RequestError(f"request is not a dict: {request!r}")
         params = sampling_params(request, self.cfg.sampling)

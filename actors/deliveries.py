@@ -17,7 +17,9 @@ choosing:
   from the first `__anext__`, as `stream` does.
 
 The final record always comes (an abort ends a request with one), and the caller's queue goes with
-it. When the subscription ends with an error (the Coordinator died), every open stream raises that
+it. With one Coordinator actor per DP group (actors/router.py), the router's `delivery_sources`
+names them, and the caller reads each one's `deliveries` stream: the items never pass through the
+router. When a subscription ends with an error (a Coordinator died), every open stream raises that
 error; the next `open` subscribes again. When the subscriber goes away (its generator is
 cancelled), the Coordinator aborts the requests it still had.
 """
@@ -120,19 +122,33 @@ class Deliveries:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _pump(self) -> None:
-        stream = self.coordinator.deliveries.options(num_returns="streaming").remote(self.subscriber)
+        # A router (actors/router.py) names the group Coordinators that deliver; a Coordinator, none but itself.
+        readers: list[asyncio.Future] = []
         try:
-            async for ref in stream:
-                for tag, item in await ref:
-                    queue = self.queues.get(tag)
-                    if queue is not None:
-                        queue.put_nowait(item)
-                        if item.get("final"):
-                            del self.queues[tag]
-            raise RuntimeError(f"the Coordinator ended subscription {self.subscriber!r}")
+            sources = await self.coordinator.delivery_sources.remote() or [self.coordinator]
+            readers = [asyncio.ensure_future(self._read(source)) for source in sources]
+            done, _ = await asyncio.wait(readers, return_when=asyncio.FIRST_COMPLETED)
+            error = next(iter(done)).exception()  # a reader only ends by raising
+            raise error if error is not None else RuntimeError(f"subscription {self.subscriber!r} ended")
         except asyncio.CancelledError:
             raise
-        except BaseException as e:  # the Coordinator died: every open stream raises its error
+        except BaseException as e:  # a Coordinator died: every open stream raises its error
             queues, self.queues = self.queues, {}
             for queue in queues.values():
                 queue.put_nowait(e)
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+
+    async def _read(self, source: Any) -> None:
+        """Hand each item of `source`'s `deliveries` stream to its request's queue."""
+        stream = source.deliveries.options(num_returns="streaming").remote(self.subscriber)
+        async for ref in stream:
+            for tag, item in await ref:
+                queue = self.queues.get(tag)
+                if queue is not None:
+                    queue.put_nowait(item)
+                    if item.get("final"):
+                        del self.queues[tag]
+        raise RuntimeError(f"the Coordinator ended subscription {self.subscriber!r}")

@@ -191,6 +191,10 @@ class RayConfig:
     rendezvous_timeout_s: how long workers wait for the process group to form.
     worker_timeout_s: bound on each phase call to the workers (load, prefill, decode, ...).
     max_group_restarts: how many times a DP group whose worker died is rebuilt in the background.
+    group_coordinators: one Coordinator actor per DP group, behind the named `coordinator`, which
+        then only routes (actors/router.py): the per-token work spreads over a process per group.
+        For many DP groups at high token rates; waiting requests of a failed group then wait for its
+        rebuild instead of moving to another group.
     num_cpus_per_worker: CPUs each worker holds; on npu/cuda a worker also holds one accelerator.
     log_to_driver: forward worker logs to the driver's output.
     """
@@ -201,6 +205,7 @@ class RayConfig:
     rendezvous_timeout_s: float = 300.0
     worker_timeout_s: float = 600.0
     max_group_restarts: int = 3
+    group_coordinators: bool = False
     num_cpus_per_worker: float = 1.0
     log_to_driver: bool = True
 

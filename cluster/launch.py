@@ -31,6 +31,7 @@ from tqdm import tqdm
 from actors.config import EngineConfig, WorkerConfig
 from actors.coordinator import Coordinator
 from actors.records import failed_record, new_record
+from actors.router import Router
 from cluster.config import ConfigError, RunConfig, load_config
 from cluster.datasets import DatasetError, load_requests
 from cluster.devices import actor_resource_options, check_graph_env, get_device_spec, resolve_fused_ops
@@ -228,7 +229,7 @@ def start(cfg: RunConfig) -> Any:
                 cfg.ray.worker_timeout_s,
             )
         coordinator = (
-            ray.remote(Coordinator)
+            ray.remote(Router if cfg.ray.group_coordinators else Coordinator)
             .options(
                 name=COORDINATOR_NAME, namespace=cfg.ray.namespace, num_cpus=0, max_concurrency=1000, max_restarts=0
             )

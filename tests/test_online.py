@@ -1,12 +1,14 @@
 """The online engine through Ray: continuous batching with requests arriving over time, streaming,
 abort, stop strings, several drivers at once, and the static policy for comparison.
 
-Three engines share one local Ray cluster: continuous at tp 1, continuous at tp 2 and static at
-tp 1, each with 2 KV slots, so that later requests are admitted while earlier ones decode.
+Four engines share one local Ray cluster: continuous at tp 1, continuous at tp 2, static at tp 1,
+each with 2 KV slots, so that later requests are admitted while earlier ones decode, and dp 2 with a
+Coordinator actor per DP group behind the router (`ray.group_coordinators`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -19,13 +21,14 @@ import pytest
 import ray
 import torch
 
+from actors.deliveries import Deliveries
 from cluster import start, stop
 from cluster.tools.greedy_check import compare_greedy
 from model.processor import PromptBuilder
 from tests.ray_helpers import REPO, tiny_config, wait_for
 from tests.reference import step_rows
 
-RAY_NUM_CPUS = 6
+RAY_NUM_CPUS = 8  # one per worker: the module's four engines hold 6, a test starts a dp 2 engine of its own
 SLOTS = 2
 
 
@@ -53,6 +56,9 @@ def engines(local_ray, tiny_checkpoint: Path):
         started["tp2"] = _engine(tiny_checkpoint, "online-tp2", "world_size=2", "parallel_config.tp_size=2")
         started["static"] = _engine(
             tiny_checkpoint, "online-static", "world_size=1", "parallel_config.tp_size=1", "scheduler.policy=static"
+        )
+        started["routed"] = _engine(
+            tiny_checkpoint, "online-routed", "world_size=2", "parallel_config.tp_size=1", "ray.group_coordinators=true"
         )
         yield started
     finally:
@@ -120,6 +126,51 @@ def test_tp2_and_static_policy_give_the_same_tokens(engines, continuous_tp1, raw
             and y["scheduled_time"] != x["scheduled_time"]
             for y in static
         ), x["id"]
+
+
+def test_group_coordinators_behind_the_router_serve_every_way_in(engines, continuous_tp1, raw_requests):
+    coordinator = engines["routed"]
+    requests = _mixed(raw_requests)
+    routed = _staggered(requests, coordinator)
+    assert [r["output_token_ids"] for r in routed] == [r["output_token_ids"] for r in continuous_tp1]
+    assert {r["dp_rank"] for r in routed} == {0, 1}
+    ray_groups = ray.get(coordinator.delivery_sources.remote(), timeout=30)
+    assert [_actor_repr(g).rsplit(", ", 1)[1] for g in ray_groups] == ["dp_ranks=[0])", "dp_ranks=[1])"]
+
+    async def multiplexed() -> list[dict]:  # read from the group Coordinators, as the HTTP server does
+        deliveries = Deliveries(coordinator)
+        try:
+            return await asyncio.gather(*(_read(deliveries.open(r, ack=True)) for r in requests[:4]))
+        finally:
+            await deliveries.close()
+
+    for items, record in zip(asyncio.run(multiplexed()), continuous_tp1):
+        assert items[0]["accepted"] and items[-1]["output_token_ids"] == record["output_token_ids"]
+        assert [t for item in items[1:-1] for t in item["token_ids"]] == record["output_token_ids"]
+    relayed = [ray.get(ref) for ref in coordinator.stream.options(num_returns="streaming").remote(requests[1])]
+    assert relayed[-1]["output_token_ids"] == continuous_tp1[1]["output_token_ids"]
+    gen = coordinator.stream.options(num_returns="streaming").remote(
+        {"id": "routed-abort", "prompt": "Go on forever.", "max_new_tokens": 400, "ignore_eos": True}, ack=True
+    )
+    assert ray.get(next(gen), timeout=60)["accepted"]
+    assert ray.get(coordinator.abort.remote("routed-abort"), timeout=30) is True
+    assert [ray.get(ref) for ref in gen][-1]["finish_reason"] == "abort"
+    assert wait_for(
+        lambda: ray.get(coordinator.status.remote()) == {"live_groups": 2, "dp_size": 2, "waiting": 0, "running": 0},
+        timeout_s=30,
+    )
+    done, sent = ray.get(coordinator.progress.remote(), timeout=30)
+    assert done == sent == len(requests) + 4 + 2
+    assert [i["rank"] for i in ray.get(coordinator.topology.remote(), timeout=30)] == [0, 1]
+
+
+async def _read(stream) -> list[dict]:  # noqa: ANN001 (a RequestStream)
+    items = []
+    async for item in stream:
+        items.append(item)
+        if item.get("final"):
+            return items
+    raise AssertionError("the stream ended without a final record")
 
 
 def _collect(gen, log: list) -> None:

@@ -1,7 +1,8 @@
 """Coordinator benchmark: the real Coordinator over fake DP groups that return tokens at a set step time.
 
 `python -m cluster.tools.bench_coordinator [--groups 1 4 16] [--running 64] [--step-ms 30] [--steps-per-call 4]
-[--max-tokens 64] [--in-process] [--streams multiplexed|per-request] [--out DIR]`
+[--max-tokens 64] [--in-process | --group-coordinators] [--streams multiplexed|per-request] [--repeats 1]
+[--out DIR]`
 
 Each fake group (cluster/tools/fake_workers.py) answers a `step` call after `steps x step-ms` of
 waiting, with one toy token per running request and step: no model, so the Coordinator's own work
@@ -11,10 +12,13 @@ once and every one is read as a stream by a consumer, as the HTTP server reads t
 subscription for all of them (`--streams multiplexed`, the default, actors/deliveries.py) or one Ray
 stream each (`--streams per-request`, `Coordinator.stream`). The Coordinator runs as in production,
 an async Ray actor, and the consumers sit in this driver process (`--in-process`: both on one
-asyncio loop here instead, which leaves Ray's own per-item cost out).
+asyncio loop here instead, which leaves Ray's own per-item cost out; `--group-coordinators`: one
+Coordinator actor per group behind the router, as `ray.group_coordinators=true` runs, actors/router.py).
 
-Reported per group count:
-- CPU seconds of the Coordinator's process per delivered token (set-up of the requests included);
+Reported per group count (with `--repeats`, of the run with the median mean inflation):
+- CPU seconds of the Coordinator's process per delivered token (set-up of the requests included; with
+  `--group-coordinators`, the router's and every group Coordinator's processes, and apart: the
+  router's CPU seconds and the busiest group Coordinator's share of a core);
 - step-time inflation: per group, the wall time of its pure-decode calls from the first one's start to
   the last one's end, over steps x step-ms; mean and worst group (goal: <= 5% at 16 x 64, 30 ms);
 - the TPOT the consumers see (mean over streams of the time per token after the first item; the groups
@@ -40,6 +44,7 @@ import ray
 from actors.config import EngineConfig, WorkerConfig
 from actors.coordinator import Coordinator
 from actors.deliveries import Deliveries
+from actors.router import GroupPlacement, Router
 from cluster.tools.bench import CACHE_DIR, CHECKPOINTS, log
 from cluster.tools.fake_workers import FakeWorkerGroup, LocalHandle
 from cluster.tools.tiny_checkpoint import build_tiny_checkpoint
@@ -68,6 +73,29 @@ class MeasuredCoordinator(Coordinator):
     def decode_calls(self) -> list[list[tuple[int, float, float]]]:
         """Per group, its pure-decode `step` calls as (steps, start, end) in perf_counter seconds."""
         return [[c[1:] for c in e.group.calls if c[0] == "decode" and c[1]] for e in self.engines]
+
+
+class MeasuredRouter(Router):
+    """The router over MeasuredCoordinator actors (one per group); its readings cover every process."""
+
+    def _spawn(self, dp_rank: int, placement: GroupPlacement, group_factory: Any) -> Any:
+        return (
+            ray.remote(MeasuredCoordinator)
+            .options(num_cpus=0, max_concurrency=100_000, max_restarts=0)
+            .remote(self.cfg, placement, [0], group_factory, [dp_rank])
+        )
+
+    async def cpu_seconds(self) -> float:
+        """CPU time of the router's process and of every group Coordinator's (less the fake groups' work)."""
+        return sum(await self.cpu_split())
+
+    async def cpu_split(self) -> list[float]:
+        """CPU time of the router's process, then of each group Coordinator's."""
+        return [time.process_time(), *await asyncio.gather(*(g.cpu_seconds.remote() for g in self.groups))]
+
+    async def decode_calls(self) -> list[list[tuple[int, float, float]]]:
+        per_actor = await asyncio.gather(*(g.decode_calls.remote() for g in self.groups))
+        return [calls for groups in per_actor for calls in groups]
 
 
 def engine_config(model_path: Path, groups: int, running: int, max_tokens: int, steps_per_call: int) -> EngineConfig:
@@ -153,7 +181,9 @@ def inflation(calls: list[tuple[int, float, float]], step_s: float) -> float:
     return (calls[-1][2] - calls[0][1]) / (steps * step_s) - 1
 
 
-def summary(groups: int, args: argparse.Namespace, cpu_s: float, wall_s: float, results: list, calls: list) -> dict:
+def summary(
+    groups: int, args: argparse.Namespace, cpu_s: float, wall_s: float, results: list, calls: list, **extra: Any
+) -> dict:
     want = groups * args.running * args.max_tokens
     got = sum(reader.tokens for reader, _ in results)
     tpots = [t for reader, _ in results if (t := reader.tpot_s()) is not None]
@@ -165,7 +195,7 @@ def summary(groups: int, args: argparse.Namespace, cpu_s: float, wall_s: float, 
         "running_per_group": args.running,
         "step_ms": args.step_ms,
         "steps_per_call": args.steps_per_call,
-        "mode": "in-process" if args.in_process else "ray-actor",
+        "mode": "in-process" if args.in_process else "ray-router" if args.group_coordinators else "ray-actor",
         "streams": args.streams,
         "tokens_expected": want,
         "tokens_delivered": got,
@@ -178,6 +208,7 @@ def summary(groups: int, args: argparse.Namespace, cpu_s: float, wall_s: float, 
         "inflation_mean": round(sum(per_group) / len(per_group), 4),
         "inflation_max": round(max(per_group), 4),
         "stream_tpot_ms": round(1000 * sum(tpots) / max(len(tpots), 1), 2),
+        **extra,
     }
 
 
@@ -199,23 +230,30 @@ async def run_ray(model_path: Path, groups: int, args: argparse.Namespace) -> di
     cfg = engine_config(model_path, groups, args.running, args.max_tokens, args.steps_per_call)
     factory = partial(FakeWorkerGroup, step_time_s=args.step_ms / 1000)
     coordinator = (
-        ray.remote(MeasuredCoordinator)
+        ray.remote(MeasuredRouter if args.group_coordinators else MeasuredCoordinator)
         .options(num_cpus=0, max_concurrency=100_000, max_restarts=0)
         .remote(cfg, NoPlacement(), list(range(groups)), factory)
     )
     try:
         await coordinator.setup.remote()
         reqs = requests(groups * args.running, args.max_tokens)
-        cpu0 = await coordinator.cpu_seconds.remote()
+        reading = coordinator.cpu_split if args.group_coordinators else coordinator.cpu_seconds
+        cpu0 = await reading.remote()
         start = time.perf_counter()
         results = await consume_all(coordinator, reqs, args.streams, partial(ray_items, coordinator))
         wall = time.perf_counter() - start
-        cpu = await coordinator.cpu_seconds.remote() - cpu0
+        cpu1 = await reading.remote()
         calls = await coordinator.decode_calls.remote()
+        extra = {}
+        if args.group_coordinators:  # the router's share, and the busiest group Coordinator's cores
+            split = [b - a for a, b in zip(cpu0, cpu1)]
+            cpu0, cpu1 = sum(cpu0), sum(cpu1)
+            extra = {"router_cpu_s": round(split[0], 3), "group_cores_max": round(max(split[1:]) / wall, 3)}
+        cpu = cpu1 - cpu0
         await coordinator.shutdown.remote()
     finally:
         ray.kill(coordinator, no_restart=True)
-    return summary(groups, args, cpu, wall, results, calls)
+    return summary(groups, args, cpu, wall, results, calls, **extra)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,17 +267,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--in-process", action="store_true", help="the Coordinator on this process's loop, no Ray")
     parser.add_argument(
+        "--group-coordinators",
+        action="store_true",
+        help="one Coordinator actor per group behind a router (ray.group_coordinators=true; actors/router.py)",
+    )
+    parser.add_argument(
         "--streams",
         choices=("multiplexed", "per-request"),
         default="multiplexed",
         help="how the consumers read through Ray: one subscription for all (Coordinator.submit/deliveries, as "
         "the HTTP server does) or one Coordinator.stream per request",
     )
+    parser.add_argument("--repeats", type=int, default=1, help="runs per group count; the median one is reported")
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
     args = parser.parse_args(argv)
-    for name, value in (("--running", args.running), ("--steps-per-call", args.steps_per_call)):
+    for name, value in (
+        ("--running", args.running),
+        ("--steps-per-call", args.steps_per_call),
+        ("--repeats", args.repeats),
+    ):
         if value < 1:
             parser.error(f"{name}={value} must be >= 1")
+    if args.in_process and args.group_coordinators:
+        parser.error("--group-coordinators runs Ray actors; it does not go with --in-process")
     if args.step_ms <= 0 or args.max_tokens < 1 or any(g < 1 for g in args.groups):
         parser.error(f"--step-ms={args.step_ms}, --max-tokens={args.max_tokens}, --groups={args.groups} must be > 0")
     directory, spec = CHECKPOINTS["tiny"]
@@ -252,14 +302,22 @@ def main(argv: list[str] | None = None) -> int:
         for groups in args.groups:
             log(f"{groups} group(s) x {args.running} running, {args.step_ms:g} ms steps, {args.steps_per_call}/call")
             run = run_local if args.in_process else run_ray
-            row = asyncio.run(run(model_path, groups, args))
-            log(json.dumps(row))
+            runs = []
+            for _ in range(args.repeats):
+                runs.append(asyncio.run(run(model_path, groups, args)))
+                log(json.dumps(runs[-1]))
+            runs.sort(key=lambda r: r["inflation_mean"])
+            row = runs[len(runs) // 2]  # the median run by mean inflation (this machine's noise is in single runs)
+            row["inflation_mean_runs"] = [r["inflation_mean"] for r in runs]
+            row["all_delivered"] = all(r["all_delivered"] for r in runs)
             rows.append(row)
     finally:
         if ray.is_initialized():
             ray.shutdown()
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = ("_in_process" if args.in_process else "") + ("" if args.streams == "multiplexed" else "_per_request")
+    suffix = ("_in_process" if args.in_process else "_group_coordinators" if args.group_coordinators else "") + (
+        "" if args.streams == "multiplexed" else "_per_request"
+    )
     out = args.out / f"bench_coordinator{suffix}.json"
     out.write_text(json.dumps(rows, indent=2) + "\n")
     print(

@@ -262,6 +262,10 @@ class _LocalRefs:
     def __aiter__(self) -> _LocalRefs:
         return self
 
+    def cancel(self) -> None:
+        """What `ray.cancel` does to a streaming generator: the generator is closed where it waits."""
+        asyncio.ensure_future(self._generator.aclose())
+
     async def __anext__(self) -> asyncio.Future:
         item = await self._generator.__anext__()
         done = asyncio.get_running_loop().create_future()
