@@ -10,8 +10,9 @@ Coordinator's Ray API for drivers and the HTTP server while it only routes:
 - a request goes to the least loaded live group or, among groups within `route_slack` requests of
   it, to the one whose prefix cache most likely holds the longest prefix of it. The router does not
   tokenize: its view of each group's cache is the text of the requests it sent there
-  (actors/prefix_view.py). A group's load is what it last reported (polled every `POLL_S` while
-  anything runs) plus what was routed to it since;
+  (actors/prefix_view.py). A group's load is what it reported when last asked plus what was routed
+  to it since; the groups are asked when a request is to be routed and their answers are older
+  than `POLL_S` (so at most every `POLL_S` under traffic, and never while idle);
 - `generate`, `stream` and `abort` are forwarded (a stream is relayed item by item: one Ray object
   per item, as before); `submit` is forwarded, and `delivery_sources` names the group Coordinators,
   whose `deliveries` streams a caller reads directly (actors/deliveries.py), so token deltas never
@@ -44,7 +45,8 @@ from actors.records import failed_record
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 0.1  # how often the groups' loads are read while any group has work
+POLL_S = 0.1  # answers older than this are read again before a request is routed
+POLL_TIMEOUT_S = 1.0  # a group that does not answer by then keeps its last answer (a dead one: not live)
 
 
 class GroupPlacement:
@@ -96,7 +98,8 @@ class Router:
         self.received = [0] * n  # requests each group had received when it last reported
         self.routed = [0] * n  # requests sent to each group
         self.refused = 0  # requests `generate` ended here, with no live group to send them to
-        self.watcher: asyncio.Task | None = None
+        self.polled_at = -POLL_S  # time.monotonic() of the last answers
+        self.polling: asyncio.Future | None = None
 
     def _spawn(self, dp_rank: int, placement: GroupPlacement, group_factory: Any) -> Any:
         """Group `dp_rank`'s Coordinator actor, on the node of the group's rank 0 (in its placement bundle,
@@ -125,7 +128,6 @@ class Router:
         if errors:
             await self._stop_groups()
             raise cause(errors[0])
-        self.watcher = asyncio.get_running_loop().create_task(self._watch())
         return sorted((i for infos in results for i in infos), key=lambda i: i["rank"])
 
     async def rebuild_group(self, dp_rank: int) -> list[dict]:
@@ -141,8 +143,6 @@ class Router:
     async def shutdown(self) -> None:
         """Abort what runs, stop every group's Coordinator and workers, and release the placement groups."""
         try:
-            if self.watcher is not None:
-                self.watcher.cancel()
             await self._stop_groups()
         finally:
             self.placement.remove()
@@ -150,10 +150,11 @@ class Router:
     async def _stop_groups(self) -> None:
         await asyncio.gather(*(g.shutdown.remote() for g in self.groups), return_exceptions=True)
         for group in self.groups:
-            try:
-                ray.kill(group, no_restart=True)
-            except Exception:  # already dead, or not a Ray actor (tests)
-                pass
+            if isinstance(group, ray.actor.ActorHandle):  # (not an in-process stand-in: ray.kill would start Ray)
+                try:
+                    ray.kill(group, no_restart=True)
+                except Exception:  # already dead
+                    pass
 
     # ----------------------------------------------------------------------------- queries
     async def _each(self, method: str) -> list[Any]:
@@ -200,6 +201,7 @@ class Router:
             raise TypeError(f"generate() takes a list of request dicts, got {type(requests).__name__}")
         records: list[dict | None] = [None] * len(requests)
         batches: dict[int, list[int]] = {}
+        await self._fresh_loads()
         for i, request in enumerate(requests):
             try:
                 batches.setdefault(self._pick(request), []).append(i)
@@ -296,6 +298,7 @@ class Router:
         request routed again; the request's own errors are raised as the group raised them."""
         tried: set[int] = set()
         while True:
+            await self._fresh_loads()
             d = self._pick(request, frozenset(tried))
             out = call(self.groups[d])
             try:
@@ -310,15 +313,28 @@ class Router:
             except StopAsyncIteration:
                 raise RuntimeError(f"dp group {d} ended a stream before its first item") from None
 
-    async def _watch(self) -> None:
-        """Read every group's load, liveness and requests received while any group has work."""
-        while True:
-            await asyncio.sleep(POLL_S)
-            busy = any(self.loads) or self.routed != self.received or not all(self.alive)
-            if not busy:
-                continue
-            for d, reply in enumerate(await self._each("load")):
-                if isinstance(reply, BaseException):
-                    self.alive[d] = False
-                else:
-                    self.alive[d], self.loads[d], self.received[d] = reply["alive"], reply["load"], reply["received"]
+    async def _fresh_loads(self) -> None:
+        """Ask every group for its load, liveness and requests received, unless the answers are recent
+        (concurrent callers share one round of questions)."""
+        if time.monotonic() - self.polled_at < POLL_S:
+            return
+        if self.polling is None or self.polling.done():
+            self.polling = asyncio.ensure_future(self._poll())
+        await asyncio.shield(self.polling)
+
+    async def _poll(self) -> None:
+        asked = [asyncio.ensure_future(_answer(g.load.remote())) for g in self.groups]
+        await asyncio.wait(asked, timeout=POLL_TIMEOUT_S)
+        for d, answer in enumerate(asked):
+            if not answer.done():
+                answer.cancel()  # busy: its last answer stands
+            elif answer.exception() is not None:
+                self.alive[d] = False  # its Coordinator is gone
+            else:
+                reply = answer.result()
+                self.alive[d], self.loads[d], self.received[d] = reply["alive"], reply["load"], reply["received"]
+        self.polled_at = time.monotonic()
+
+
+async def _answer(ref: Any) -> Any:
+    return await ref

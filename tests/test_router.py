@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 
 from actors.config import EngineConfig, WorkerConfig
 from actors.coordinator import Coordinator
@@ -84,6 +85,7 @@ def test_requests_are_served_by_every_group_and_read_from_each(tiny_checkpoint: 
         await deliveries.close()
         assert not any(c.outboxes or c.requests for c in r.coordinators())
         await r.shutdown()
+        assert not ray.is_initialized()  # in-process groups: nothing here may start Ray (later modules start their own)
 
     asyncio.run(main())
 
