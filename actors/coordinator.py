@@ -76,6 +76,7 @@ class Coordinator:
         self.requests: dict[str, RequestState] = {}  # in flight, by internal key
         self.keys = itertools.count()
         self.received = 0  # requests that reached _submit, refused ones included (what a router counts)
+        self.in_preparation = 0  # requests being turned into model inputs (not on a group yet)
         self.submitted = 0
         self.completed = 0
         self.phase_totals = {"vision_encode_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0}
@@ -185,11 +186,11 @@ class Coordinator:
         }
 
     def load(self) -> dict:
-        """What a router needs to pick a group: whether one is alive, requests in flight on the groups,
-        and requests received so far (refused ones included)."""
+        """What a router needs to pick a group: whether one is alive, requests in flight (on the groups or
+        being prepared for them), and requests received so far (refused ones included)."""
         return {
             "alive": any(e.group.alive for e in self.engines),
-            "load": sum(e.scheduler.load for e in self.engines),
+            "load": sum(e.scheduler.load for e in self.engines) + self.in_preparation,
             "received": self.received,
         }
 
@@ -314,9 +315,11 @@ class Coordinator:
         rid = rid if isinstance(rid, str) else None
         if rid is not None:
             self.preparing[rid] = self.preparing.get(rid, 0) + 1
+        self.in_preparation += 1
         try:
             prepared, images = await asyncio.to_thread(self._prepare, request)
         finally:
+            self.in_preparation -= 1
             aborted = self._prepared(rid)
         if len(prepared.input_ids) > self.cfg.input_max_len:
             raise RequestError(
