@@ -40,6 +40,16 @@ from model.vision_cache import image_key
 logger = logging.getLogger(__name__)
 
 
+def describe(cfg: EngineConfig | None, extra: str = "") -> str:
+    """The repr of a Coordinator (or of the router in its place) for `cfg`: what Ray's dashboard shows."""
+    if cfg is None:
+        return "Coordinator(not initialised)"
+    return (
+        f"Coordinator(dp_size={cfg.dp_size}, tp_size={cfg.tp_size}, world_size={cfg.dp_size * cfg.tp_size}, "
+        f"device={cfg.worker.device}, policy={cfg.policy}{extra})"
+    )
+
+
 class Coordinator:
     """Schedules vision encode, prefill and decode of all requests on the DP groups."""
 
@@ -107,15 +117,9 @@ class Coordinator:
         # Ray's dashboard shows this in the Actors page's Repr column. Ray reads it once, after
         # __init__, so it holds what does not change; live counts are in status() and the metrics. It
         # must not fail on a half-initialised actor: Ray labels an error raised in __init__ with it.
-        cfg = self.__dict__.get("cfg")
-        if cfg is None:
-            return "Coordinator(not initialised)"
-        ranks = self.__dict__.get("dp_ranks")
-        own = f", dp_ranks={ranks}" if ranks is not None and ranks != list(range(cfg.dp_size)) else ""
-        return (
-            f"Coordinator(dp_size={cfg.dp_size}, tp_size={cfg.tp_size}, world_size={cfg.dp_size * cfg.tp_size}, "
-            f"device={cfg.worker.device}, policy={cfg.policy}{own})"
-        )
+        cfg, ranks = self.__dict__.get("cfg"), self.__dict__.get("dp_ranks")
+        own = cfg is None or ranks is None or ranks == list(range(cfg.dp_size))
+        return describe(cfg, "" if own else f", dp_ranks={ranks}")
 
     # ----------------------------------------------------------------------------- lifecycle
     async def setup(self) -> list[dict]:

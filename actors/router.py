@@ -38,7 +38,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.config import EngineConfig
-from actors.coordinator import Coordinator
+from actors.coordinator import Coordinator, describe
 from actors.errors import NoLiveGroupError
 from actors.prefix_view import PrefixView, chunk_keys, request_text
 from actors.records import failed_record
@@ -112,13 +112,7 @@ class Router:
         )
 
     def __repr__(self) -> str:
-        cfg = self.__dict__.get("cfg")
-        if cfg is None:
-            return "Coordinator(not initialised)"
-        return (
-            f"Coordinator(dp_size={cfg.dp_size}, tp_size={cfg.tp_size}, world_size={cfg.dp_size * cfg.tp_size}, "
-            f"device={cfg.worker.device}, policy={cfg.policy}, group_coordinators=True)"
-        )
+        return describe(self.__dict__.get("cfg"), ", group_coordinators=True")
 
     # ----------------------------------------------------------------------------- lifecycle
     async def setup(self) -> list[dict]:

@@ -27,6 +27,7 @@ from cluster.tools.greedy_check import compare_greedy
 from model.processor import PromptBuilder
 from tests.ray_helpers import REPO, tiny_config, wait_for
 from tests.reference import step_rows
+from tests.test_deliveries import read_all
 
 RAY_NUM_CPUS = 8  # one per worker: the module's four engines hold 6, a test starts a dp 2 engine of its own
 SLOTS = 2
@@ -140,7 +141,7 @@ def test_group_coordinators_behind_the_router_serve_every_way_in(engines, contin
     async def multiplexed() -> list[dict]:  # read from the group Coordinators, as the HTTP server does
         deliveries = Deliveries(coordinator)
         try:
-            return await asyncio.gather(*(_read(deliveries.open(r, ack=True)) for r in requests[:4]))
+            return await asyncio.gather(*(read_all(deliveries.open(r, ack=True)) for r in requests[:4]))
         finally:
             await deliveries.close()
 
@@ -162,15 +163,6 @@ def test_group_coordinators_behind_the_router_serve_every_way_in(engines, contin
     done, sent = ray.get(coordinator.progress.remote(), timeout=30)
     assert done == sent == len(requests) + 4 + 2
     assert [i["rank"] for i in ray.get(coordinator.topology.remote(), timeout=30)] == [0, 1]
-
-
-async def _read(stream) -> list[dict]:  # noqa: ANN001 (a RequestStream)
-    items = []
-    async for item in stream:
-        items.append(item)
-        if item.get("final"):
-            return items
-    raise AssertionError("the stream ended without a final record")
 
 
 def _collect(gen, log: list) -> None:
