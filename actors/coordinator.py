@@ -31,6 +31,7 @@ from actors.groups import GroupFailure, WorkerGroup
 from actors.metrics import EngineMetrics
 from actors.records import failed_record
 from actors.requests import RequestState, sampling_params, stop_strings
+from actors.routing import pick_group, route_slack
 from actors.scheduler import WAITING, GroupScheduler, Sequence
 from actors.steps_per_call import StepsPerCall
 from model.batch import image_spans
@@ -81,7 +82,7 @@ class Coordinator:
             for d, g in zip(self.dp_ranks, group_order)
         ]
         # Loads within this many requests of the least loaded group count as close (cache-aware routing).
-        self.route_slack = max(1, cfg.worker.max_batch_size // 4)
+        self.route_slack = route_slack(cfg.worker.max_batch_size)
         self.metrics = EngineMetrics()
         self.requests: dict[str, RequestState] = {}  # in flight, by internal key
         self.keys = itertools.count()
@@ -402,12 +403,9 @@ class Coordinator:
         """Queue on the least-loaded live group; among groups within `route_slack` requests of it, the one
         whose prefix cache holds the most of the prompt (ties: the less loaded, then the lower rank).
         NoLiveGroupError when no group is alive."""
-        live = [e for e in self.engines if e.group.alive]
-        if not live:
-            raise NoLiveGroupError()
-        least = min(e.scheduler.load for e in live)
-        close = [e for e in live if e.scheduler.load <= least + self.route_slack]
-        engine = max(close, key=lambda e: (e.scheduler.prefix_hit(seq), -e.scheduler.load, -e.dp_rank))
+        live = {e.dp_rank: e for e in self.engines if e.group.alive}
+        loads = {d: e.scheduler.load for d, e in live.items()}
+        engine = live[pick_group(loads, lambda d: live[d].scheduler.prefix_hit(seq), self.route_slack)]
         engine.scheduler.add(seq)
         self._gauges(engine)
         engine.wake.set()

@@ -83,7 +83,7 @@ class WorkerGroup:
     async def _rendezvous(self, ip: str, port: int) -> None:
         timeout = self.cfg.rendezvous_timeout_s
         refs = [w.init_process_group.remote(ip, port, timeout) for w in self.workers]
-        futures = [asyncio.ensure_future(_as_future(r)) for r in refs]
+        futures = [asyncio.ensure_future(as_future(r)) for r in refs]
         done, pending = await asyncio.wait(futures, timeout=timeout + 5)
         if pending:
             missing = [self.ranks[i] for i, f in enumerate(futures) if f in pending]
@@ -126,7 +126,7 @@ class WorkerGroup:
         return await self._gather(refs, timeout_s or self.cfg.worker_timeout_s, what or method)
 
     async def _gather(self, refs: list, timeout_s: float, what: str) -> list:
-        futures = [asyncio.ensure_future(_as_future(r)) for r in refs]
+        futures = [asyncio.ensure_future(as_future(r)) for r in refs]
         done, pending = await asyncio.wait(futures, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
         if any(f.exception() is not None for f in done if not f.cancelled()):
             # One rank failed; its peers may be stuck in a collective: find out who died.
@@ -154,7 +154,7 @@ class WorkerGroup:
 
     async def dead_ranks(self, timeout_s: float = 5.0) -> list[int]:
         """Ranks whose actor is dead (a ping fails with RayActorError)."""
-        futures = [asyncio.ensure_future(_as_future(w.health.remote())) for w in self.workers]
+        futures = [asyncio.ensure_future(as_future(w.health.remote())) for w in self.workers]
         await asyncio.wait(futures, timeout=timeout_s)
         dead = []
         for rank, f in zip(self.ranks, futures):
@@ -165,7 +165,8 @@ class WorkerGroup:
         return dead
 
 
-async def _as_future(ref: Any) -> Any:
+async def as_future(ref: Any) -> Any:
+    """A coroutine awaiting `ref` (an ObjectRef, or any awaitable), for asyncio.ensure_future."""
     return await ref
 
 

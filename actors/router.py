@@ -40,8 +40,10 @@ from ray.exceptions import RayActorError, RayTaskError
 from actors.config import EngineConfig
 from actors.coordinator import Coordinator, describe
 from actors.errors import NoLiveGroupError
+from actors.groups import as_future
 from actors.prefix_view import PrefixView, chunk_keys, request_text
 from actors.records import failed_record
+from actors.routing import pick_group, route_slack
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ class Router:
         n = len(self.groups)
         num_blocks, block_size = cfg.worker.kv_pool()
         self.views = [PrefixView.for_pool(num_blocks, block_size) for _ in range(n)]
-        self.route_slack = max(1, cfg.worker.max_batch_size // 4)  # as Coordinator's
+        self.route_slack = route_slack(cfg.worker.max_batch_size)
         self.alive = [True] * n
         self.loads = [0] * n  # as last reported
         self.received = [0] * n  # requests each group had received when it last reported
@@ -275,13 +277,9 @@ class Router:
     def _pick(self, request: Any, exclude: frozenset[int] = frozenset()) -> int:
         """The group for `request` (its view then counts it there); NoLiveGroupError when none is live."""
         live = [d for d in range(len(self.groups)) if self.alive[d] and d not in exclude]
-        if not live:
-            raise NoLiveGroupError()
-        keys = chunk_keys(request_text(request))
         loads = {d: self.loads[d] + max(0, self.routed[d] - self.received[d]) for d in live}
-        least = min(loads.values())
-        close = [d for d in live if loads[d] <= least + self.route_slack]
-        d = max(close, key=lambda d: (self.views[d].hit(keys), -loads[d], -d))
+        keys = chunk_keys(request_text(request)) if live else []
+        d = pick_group(loads, lambda d: self.views[d].hit(keys), self.route_slack)
         self.views[d].add(keys)
         self.routed[d] += 1
         return d
@@ -317,7 +315,7 @@ class Router:
         await asyncio.shield(self.polling)
 
     async def _poll(self) -> None:
-        asked = [asyncio.ensure_future(_answer(g.load.remote())) for g in self.groups]
+        asked = [asyncio.ensure_future(as_future(g.load.remote())) for g in self.groups]
         await asyncio.wait(asked, timeout=POLL_TIMEOUT_S)
         for d, answer in enumerate(asked):
             if not answer.done():
@@ -328,7 +326,3 @@ class Router:
                 reply = answer.result()
                 self.alive[d], self.loads[d], self.received[d] = reply["alive"], reply["load"], reply["received"]
         self.polled_at = time.monotonic()
-
-
-async def _answer(ref: Any) -> Any:
-    return await ref
