@@ -14,6 +14,10 @@ the next byte shows it broken), so all text before it is delivered at once; the 
 are exactly ``decode(all ids)``. So that a run of tokens ending mid-character cannot make the window
 grow without end, past MAX_HELD_TOKENS held tokens `read` moves to the last token boundary whose text
 is settled.
+
+`ids_for` says how many of a delivery's ids its first characters need (where a stop string ends): it
+decodes the delivery's window once per id, so it costs what the delivery costs times its length, and
+is asked once per request at most.
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ class IncrementalDetokenizer:
         self.read = 0  # ids before this are settled
         self.done_len = 0  # characters of the window's text that ids[prefix:read] give
         self.sent = 0  # characters of the window's text delivered
+        self.last = (0, 0, 0)  # the last `add`'s first id, and `prefix` and `sent` before it
 
     def add(self, new_ids: Sequence[int]) -> str:
         """The text `new_ids` complete: everything but a last character that may still be incomplete."""
+        self.last = (len(self.ids), self.prefix, self.sent)
         self.ids.extend(new_ids)
         text = self._decode(self.ids[self.prefix :])
         held = text.endswith(REPLACEMENT)
@@ -57,6 +63,16 @@ class IncrementalDetokenizer:
                     self._settle(end, len(cut))
                     break
         return out
+
+    def ids_for(self, chars: int) -> int:
+        """How many of the last `add`'s ids give the first `chars` characters of its text: the text of
+        that many ids (added alone) would hold them, that of one fewer would not."""
+        start, prefix, sent = self.last
+        for n in range(1, len(self.ids) - start):
+            text = self._decode(self.ids[prefix : start + n])
+            if len(text) - text.endswith(REPLACEMENT) - sent >= chars:
+                return n
+        return len(self.ids) - start
 
     def flush(self) -> str:
         """The text still held back, once no more ids will come (U+FFFD for a character left incomplete)."""

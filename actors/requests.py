@@ -2,8 +2,10 @@
 
 `RequestState.add_tokens` is the one place a request's tokens become text: an incremental
 detokenizer turns the new ids into text that never ends in a broken UTF-8 character, and a stop
-matcher cuts it at the first stop string and holds back an end that may still become one. The
-Coordinator streams those deltas as they are; put together they are the record's output_text.
+matcher cuts it at the first stop string to be complete and holds back an end that may still become
+one. The Coordinator streams those deltas as they are; put together they are the record's output_text.
+A request keeps its tokens up to the one that completed the stop string: those after it, generated in
+the same call, are dropped from its token ids, its counts and its times, as from its text.
 """
 
 from __future__ import annotations
@@ -106,11 +108,19 @@ class RequestState:
     def finished(self) -> bool:
         return self.done is not None and self.done.done()
 
-    def add_tokens(self, tokens: list[int], times: list[float]) -> tuple[dict | None, bool]:
-        """Take new tokens -> (stream item with their text delta, whether a stop string ended the request)."""
+    def add_tokens(self, tokens: list[int], times: list[float]) -> tuple[dict, bool]:
+        """Take a call's new tokens (and their times) -> (stream item, whether a stop string ended the request).
+
+        The item's `token_ids` are the tokens the request keeps: all of `tokens`, or when a stop string
+        completed, those up to the one that completed it; the record's token ids and times take the
+        same, and the caller hands the scheduler the same. `text` is the delta of text now safe to show.
+        """
+        delta = self.matcher.feed(self.detokenizer.add(tokens))
+        if self.matcher.stopped:
+            kept = self.detokenizer.ids_for(self.matcher.end)
+            tokens, times = tokens[:kept], times[:kept]
         self.record["output_token_ids"].extend(tokens)
         self.token_times.extend(times)
-        delta = self.matcher.feed(self.detokenizer.add(tokens))
         if delta:
             self.parts.append(delta)
         return {"id": self.record["id"], "token_ids": list(tokens), "text": delta}, self.matcher.stopped

@@ -3,6 +3,10 @@
 The matcher sees the text once, delivery by delivery: each new piece is searched together with the
 held-back tail only (the longest end of the text so far that is the start of a stop string), so a
 delivery costs what its text and the stop strings' lengths cost, not what the whole output costs.
+
+The stop string that is complete first wins: the one whose last character comes first in the text, and
+of those ending at the same character, the longest. Completion is the one order that does not depend
+on how the text was split into deliveries, so the cut is the same whatever a call delivered.
 """
 
 from __future__ import annotations
@@ -30,22 +34,28 @@ def check_stop_strings(stop: Any) -> list[str]:
 
 
 class StopMatcher:
-    """Releases text that can no longer be part of a stop string; cuts the text at the first stop string."""
+    """Releases text that can no longer be part of a stop string; cuts the text at the first stop string
+    to be complete."""
 
     def __init__(self, stop: list[str]) -> None:
         self.stop = list(stop)
         self.held = ""  # the end of the text that may still become a stop string
         self.stopped = False
+        self.end = 0  # once stopped: characters of the last fed text up to the stop string's last one
 
     def feed(self, text: str) -> str:
-        """The text now safe to show after `text` came; sets `stopped` (and drops the rest) at a stop string."""
+        """The text now safe to show after `text` came; at a stop string, sets `stopped` and `end` and drops
+        the stop string and the rest."""
         if self.stopped or not self.stop:
             return "" if self.stopped else text
         window = self.held + text
-        hits = [at for at in (window.find(s) for s in self.stop) if at >= 0]
+        # (end, -length) of each stop string's first occurrence: the least is the first complete one.
+        hits = [(at + len(s), -len(s)) for s in self.stop if (at := window.find(s)) >= 0]
         if hits:
+            end, minus_length = min(hits)
+            self.end = end - len(self.held)
             self.held, self.stopped = "", True
-            return window[: min(hits)]
+            return window[: end + minus_length]
         keep = max(_partial_match(window, s) for s in self.stop)
         self.held = window[len(window) - keep :]
         return window[: len(window) - keep]

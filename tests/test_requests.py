@@ -1,5 +1,6 @@
 """A request's text, without Ray: the incremental detokenizer against the tokenizer's own decode of the whole
-output, stop strings across deliveries, the held-back tail, the work per delivery, and typed request errors."""
+output, stop strings across deliveries, the tokens a stop string keeps, the held-back tail, the work per
+delivery, and typed request errors."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from actors.requests import RequestState, sampling_params, stop_strings
 from actors.stop_strings import MAX_STOP_STRINGS, StopMatcher, check_stop_strings
 from model.processor import PreparedRequest, PromptBuilder
 from model.sampling import SamplingParams
+from tests.test_stop_strings import first_stop
 
 BYTE_TOKENS = bytes_to_unicode()  # byte -> its byte-level BPE token
 MULTI_BYTE = "天气很好，我们去公园散步吧 😀🎉 naïve café — ok! 中文和 emoji 👩‍💻 混在一起。"
@@ -122,25 +124,6 @@ def test_work_per_delivery_does_not_grow_with_output_length(builder: PromptBuild
     assert sum(per_delivery[-100:]) <= 2 * sum(per_delivery[:100])
 
 
-def test_stop_matcher_agrees_with_cutting_the_whole_text() -> None:
-    """Fed in random pieces, the released text is the whole text cut before its first stop string."""
-    rng = random.Random(2)
-    for _ in range(500):
-        stops = ["".join(rng.choice("abx") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
-        text = "".join(rng.choice("abxy") for _ in range(rng.randint(0, 30)))
-        hits = [at for at in (text.find(s) for s in stops) if at >= 0]
-        expected = text[: min(hits)] if hits else text
-        matcher, released, i = StopMatcher(stops), "", 0
-        while i < len(text):
-            n = rng.randint(1, 4)
-            released += matcher.feed(text[i : i + n])
-            i += n
-            assert expected.startswith(released) and len(matcher.held) < max(map(len, stops))
-        if not matcher.stopped:
-            released += matcher.release()
-        assert (released, matcher.stopped) == (expected, bool(hits)), (stops, text)
-
-
 def _state(builder: PromptBuilder, stop: list[str]) -> RequestState:
     prepared = PreparedRequest("r", [1, 2, 3], None, None)
     return RequestState("r#0", prepared, SamplingParams(), stop, new_record("r", 0.0), builder.decode)
@@ -200,6 +183,51 @@ def test_stop_string_completed_by_the_last_character_cuts_the_text(builder: Prom
     item, stopped = state.add_tokens(euro[-1:], [2.0])
     assert stopped and item["text"] == ""
     assert state.finish("stop")["output_text"] == "cost: "
+
+
+def test_tokens_after_the_one_completing_a_stop_string_are_dropped(builder: PromptBuilder) -> None:
+    ids = _ids(builder, "It is fine END and then more words follow")
+    kept = next(k for k in range(1, len(ids) + 1) if "END" in builder.decode(ids[:k]))
+    assert kept < len(ids) - 3
+    state = _state(builder, ["END"])
+    item, stopped = state.add_tokens(ids, [float(t) for t in range(len(ids))])  # one call, one time per token
+    assert stopped and item["token_ids"] == ids[:kept] and item["text"] == "It is fine "
+    record = state.finish("stop")
+    assert record["output_token_ids"] == ids[:kept] and record["output_text"] == "It is fine "
+    assert len(record["itl_s"]) == kept - 1 and record["e2e_s"] == kept - 1
+
+
+def test_kept_tokens_and_text_do_not_depend_on_the_deliveries(builder: PromptBuilder) -> None:
+    """Whatever the calls delivered, a request keeps the shortest start of its tokens whose text holds a stop
+    string, and its text is the whole text cut by the rule (tests/test_stop_strings.first_stop); multi-byte
+    characters split over tokens included."""
+    rng = random.Random(3)
+    byte_ids = builder.tokenizer.convert_tokens_to_ids([BYTE_TOKENS[b] for b in MULTI_BYTE.encode()])
+    for trial in range(80):
+        ids = byte_ids if trial % 2 else _ids(builder, MULTI_BYTE)
+        whole = builder.decode(ids)
+        stops = []
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(whole))
+            stops.append(whole[at : at + rng.randint(1, 4)] if rng.random() < 0.8 else "never here")
+        cut, end = first_stop(whole, stops)
+        kept = (
+            len(ids)
+            if end is None
+            else next(k for k in range(1, len(ids) + 1) if first_stop(builder.decode(ids[:k]), stops)[1])
+        )
+        state, stopped, streamed = _state(builder, stops), False, []
+        for delivery in _deliveries(ids, rng, most=8):
+            item, stopped = state.add_tokens(delivery, [1.0] * len(delivery))
+            streamed.append(item)
+            if stopped:
+                break
+        record = state.finish("stop" if stopped else "length")
+        tail = [i["text"] for i in _drain(state) if not i.get("final")]
+        assert stopped == (end is not None), (trial, stops)
+        assert [t for i in streamed for t in i["token_ids"]] == record["output_token_ids"] == ids[:kept], (trial, stops)
+        assert "".join(i["text"] for i in streamed) + "".join(tail) == record["output_text"] == cut, (trial, stops)
+        assert len(state.token_times) == kept
 
 
 def test_failed_request_carries_its_status_on_the_final_item_only(builder: PromptBuilder) -> None:
