@@ -1,23 +1,27 @@
 """Coordinator: the online engine's scheduler of the three phases over the DP groups (an async Ray actor).
 
 Requests arrive through `generate` (a list, records in order), `stream` (a Ray streaming generator
-of token deltas, then the record) or both at once from several callers. Each is turned into model
-inputs once, then queued on a live DP group: the least loaded one, or, among groups whose loads are
-close, the one whose prefix cache holds the longest prefix of it. Every group runs its own loop of
-rounds (actors/group_loop.py): its `GroupScheduler` plans (releases, preemptions, admissions by free
-KV blocks, prompt chunks and decode tokens under one token budget), the workers run it, and the new
-tokens come back here, where the end of each request is decided once (EOS, length, a stop string,
-an abort) and handed back to the scheduler, whose releases reach the workers before their next step.
+of token deltas, then the record), `submit` + `deliveries` (one stream per caller process,
+actors/deliveries.py) or all at once from several callers. Each is turned into model inputs once
+(actors/preparation.py), then queued on a live DP group: the least loaded one, or, among groups
+whose loads are close, the one whose prefix cache holds the longest prefix of it (actors/routing.py).
+Every group runs its own rounds (actors/group_loop.py) in its own serving task (actors/supervisor.py,
+which also fails and rebuilds a group whose worker dies or hangs). A round's new tokens come back to
+`run_round` here, where the end of each request is decided once (EOS, length, a stop string, an
+abort) in `end`, which hands it back to the scheduler, whose releases reach the workers before
+their next step.
 
-A group whose worker dies or hangs fails its running requests (naming the rank), hands its waiting
-requests to other groups and is rebuilt in the background, up to `max_group_restarts` times.
+What may change across an `await` here: requests may end (an abort, a consumer gone) and groups
+may fail while a round's call runs. So a round's outcome looks each request up again
+(`self.requests`) and skips those that ended; `end` is idempotent; and a request that ends while a
+call runs has its blocks freed at once, which is safe because its group's next plan comes only
+after that call returned (actors/supervisor.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,18 +29,18 @@ from typing import Any
 
 from actors.config import EngineConfig
 from actors.deliveries import Outbox
-from actors.errors import NO_LIVE_GROUP, NoLiveGroupError, RequestError
+from actors.errors import RequestError
 from actors.group_loop import GroupLoop
-from actors.groups import GroupFailure, WorkerGroup
+from actors.groups import WorkerGroup
 from actors.metrics import EngineMetrics
+from actors.preparation import Preparation
 from actors.records import failed_record
-from actors.requests import RequestState, sampling_params, stop_strings
+from actors.requests import RequestState
 from actors.routing import pick_group, route_slack
-from actors.scheduler import WAITING, GroupScheduler, Sequence
+from actors.scheduler import GroupScheduler, Sequence
 from actors.steps_per_call import StepsPerCall
-from model.batch import image_spans
-from model.processor import PreparedRequest, PromptBuilder
-from model.vision_cache import image_key
+from actors.supervisor import Supervisor
+from model.processor import PromptBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -85,17 +89,15 @@ class Coordinator:
         self.route_slack = route_slack(cfg.worker.max_batch_size)
         self.metrics = EngineMetrics()
         self.requests: dict[str, RequestState] = {}  # in flight, by internal key
-        self.keys = itertools.count()
+        self.keys_by_id: dict[str, set[str]] = {}  # request id -> keys in flight (ids given by users may repeat)
+        self.preparation = Preparation(cfg, self.builder)
+        self.supervisor = Supervisor(self.engines, cfg.max_group_restarts, self)
         self.received = 0  # requests that reached _submit, refused ones included (what a router counts)
-        self.in_preparation = 0  # requests being turned into model inputs (not on a group yet)
         self.submitted = 0
         self.completed = 0
         self.phase_totals = {"vision_encode_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0}
         self.profile_pending = cfg.profile
         self.outboxes: dict[str, Outbox] = {}  # by subscriber (multiplexed delivery, actors/deliveries.py)
-        # Ids of requests being prepared (counts), and those of them an `abort` named meanwhile.
-        self.preparing: dict[str, int] = {}
-        self.aborted_preparing: set[str] = set()
 
     def _group_loop(self, group: Any) -> GroupLoop:
         """A DP group's loop: its workers, its scheduler over its own KV pool, its steps per call."""
@@ -125,13 +127,7 @@ class Coordinator:
     # ----------------------------------------------------------------------------- lifecycle
     async def setup(self) -> list[dict]:
         """Start every DP group, all at once: create workers, form process groups, load shards, warm up."""
-        results = await asyncio.gather(*(e.group.start() for e in self.engines), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            await asyncio.gather(*(e.group.kill() for e in self.engines))
-            raise errors[0]
-        for engine in self.engines:
-            self._group_ready(engine)
+        await self.supervisor.start_all()
         # What exists now (modules, tokenizer, config) lives as long as the actor: keep it out of the cyclic
         # collector's full passes, which otherwise rescan it while requests stream.
         gc.collect()
@@ -139,37 +135,23 @@ class Coordinator:
         return self.topology()
 
     async def rebuild_group(self, dp_rank: int) -> list[dict]:
-        """Replace the workers of one DP group now (after a failure) without touching the others."""
+        """Replace the workers of one DP group now (after a failure) without touching the others: its running
+        requests fail, its waiting ones move to other groups or wait for it. A rebuild already under way
+        (after a failure) is awaited rather than started twice."""
         engine = next((e for e in self.engines if e.dp_rank == dp_rank), None)
         if engine is None:
             raise ValueError(f"dp_rank {dp_rank} is not one of this Coordinator's DP groups {self.dp_ranks}")
-        orphans = await self._fail_group(engine, f"dp group {dp_rank} is being rebuilt", rebuild=False)
-        await engine.group.kill()
-        await engine.group.start()
-        for seq in orphans:
-            if not seq.payload.finished:
-                engine.scheduler.add(seq)
-        self._group_ready(engine)
+        await self.supervisor.rebuild(engine)
         return [i for i in self.topology() if i["dp_rank"] == dp_rank]
 
     async def shutdown(self) -> None:
         """Abort what runs, kill every worker and release the placement groups."""
         try:
             for state in list(self.requests.values()):
-                self._end(state, "abort")
-            for engine in self.engines:
-                if engine.task is not None:
-                    engine.task.cancel()
-            await asyncio.gather(*(e.group.kill() for e in self.engines))
+                self.end(state, "abort")
+            await self.supervisor.shutdown()
         finally:
             self.placement.remove()
-
-    def _group_ready(self, engine: GroupLoop) -> None:
-        for info, stats in zip(engine.group.infos, engine.group.stats):
-            self.metrics.record_memory(info["rank"], stats)
-        if engine.task is None or engine.task.done():
-            engine.task = asyncio.get_running_loop().create_task(self._serve(engine))
-        engine.wake.set()
 
     # ----------------------------------------------------------------------------- queries
     def topology(self) -> list[dict]:
@@ -195,7 +177,7 @@ class Coordinator:
         being prepared for them), and requests received so far (refused ones included)."""
         return {
             "alive": any(e.group.alive for e in self.engines),
-            "load": sum(e.scheduler.load for e in self.engines) + self.in_preparation,
+            "load": sum(e.scheduler.load for e in self.engines) + self.preparation.in_flight,
             "received": self.received,
         }
 
@@ -264,7 +246,7 @@ class Coordinator:
                     return
         finally:
             if not state.finished:
-                self._end(state, "abort")
+                self.end(state, "abort")
 
     async def submit(self, request: dict, subscriber: str, tag: str) -> dict:
         """Queue a request whose items go to `subscriber`'s `deliveries` stream, each as (tag, item).
@@ -291,105 +273,44 @@ class Coordinator:
             for key in list(outbox.keys.values()):
                 state = self.requests.get(key)
                 if state is not None:
-                    self._end(state, "abort")
+                    self.end(state, "abort")
 
     def abort(self, request_id: str) -> bool:
         """End every in-flight request with this id; their records get finish_reason 'abort'."""
-        states = [s for s in self.requests.values() if s.record["id"] == str(request_id)]
-        for state in states:
-            self._end(state, "abort")
-        if str(request_id) in self.preparing:  # it ends as soon as its preparation does
-            self.aborted_preparing.add(str(request_id))
-            return True
-        return bool(states)
+        keys = list(self.keys_by_id.get(str(request_id), ()))
+        for key in keys:
+            self.end(self.requests[key], "abort")
+        preparing = self.preparation.abort(str(request_id))  # such a one ends as soon as it is prepared
+        return bool(keys) or preparing
 
     async def _submit(self, request: Any, emit: Callable[[dict], None] | None = None) -> RequestState:
-        """Prepare a request and queue it on the least-loaded live group; its stream items go to `emit`
-        (default: its own queue). One that `abort` named while it was prepared ends at once.
+        """Prepare a request and queue it on a live group; its stream items go to `emit` (default: its own
+        queue). One that `abort` named while it was prepared ends at once.
 
         Raises RequestError (or InvalidRequestError) naming the field when it cannot run as given,
         NoLiveGroupError when no group is alive.
         """
-        arrival = time.time()
         self.received += 1
-        if not isinstance(request, dict):
-            raise RequestError(f"request is not a dict: {request!r}")
-        params = sampling_params(request, self.cfg.sampling)
-        stop = stop_strings(request)
-        rid = request.get("id")
-        rid = rid if isinstance(rid, str) else None
-        if rid is not None:
-            self.preparing[rid] = self.preparing.get(rid, 0) + 1
-        self.in_preparation += 1
-        try:
-            prepared, images = await asyncio.to_thread(self._prepare, request)
-        finally:
-            self.in_preparation -= 1
-            aborted = self._prepared(rid)
-        if len(prepared.input_ids) > self.cfg.input_max_len:
-            raise RequestError(
-                f"request {prepared.request_id!r}: prompt has {len(prepared.input_ids)} tokens, more "
-                f"than data_config.input_max_len={self.cfg.input_max_len}",
-                "messages" if request.get("messages") is not None else "prompt",
-            )
-        need = len(prepared.input_ids) + params.max_new_tokens
-        if need > self.cfg.worker.max_seq_len:
-            raise RequestError(
-                f"request {prepared.request_id!r}: prompt of {len(prepared.input_ids)} tokens + "
-                f"max_new_tokens={params.max_new_tokens} needs {need} KV positions, more than "
-                f"max_seq_len={self.cfg.worker.max_seq_len}",
-                "max_new_tokens",
-            )
-        key = f"{prepared.request_id}#{next(self.keys)}"
-        seq = Sequence(prepared.request_id, list(prepared.input_ids), params.max_new_tokens, images)
+        seq, state, aborted = await self.preparation.prepare(request, emit)
         self._check_fits(seq)
-        seq.request_id = key
-        state = RequestState.create(
-            key, prepared.request_id, prepared, params, stop, self.builder.decode, arrival, emit
-        )
-        seq.payload = state
+        self.submitted += 1
         if aborted:  # its caller gave up while it was being prepared: it ends here, never queued
-            self.submitted += 1
             self.completed += 1
             self.metrics.record_request(state.finish("abort"), None)
             return state
-        self._enqueue(seq)
-        self.submitted += 1
-        self.requests[key] = state
+        self.enqueue(seq)
+        self.requests[state.key] = state
+        self.keys_by_id.setdefault(state.record["id"], set()).add(state.key)
         return state
-
-    def _prepared(self, rid: str | None) -> bool:
-        """A request named `rid` is prepared (or failed to be); whether an abort named it meanwhile."""
-        if rid is None:
-            return False
-        aborted = rid in self.aborted_preparing
-        left = self.preparing.pop(rid) - 1
-        if left:
-            self.preparing[rid] = left
-        else:
-            self.aborted_preparing.discard(rid)
-        return aborted
-
-    def _prepare(self, request: dict) -> tuple[PreparedRequest, list[tuple[int, int, bytes]]]:
-        """Model inputs, and each image's token span with the hash of its processed pixels (prefix-cache keys)."""
-        prepared = self.builder.build(request)
-        images: list[tuple[int, int, bytes]] = []
-        if prepared.image_grid_thw is not None:
-            spans = image_spans(prepared.input_ids, self.builder.image_token_id)
-            offset = 0
-            for (start, end), grid in zip(spans, prepared.image_grid_thw):
-                n = int(grid.prod())
-                images.append((start, end, image_key(prepared.pixel_values[offset : offset + n], grid)))
-                offset += n
-        return prepared, images
 
     def _check_fits(self, seq: Sequence) -> None:
         """RequestError naming the limit when the request could never fit a group's KV pool (it would wait forever)."""
         never = self.engines[0].scheduler.never_fits(len(seq.prompt_ids), seq.max_new_tokens)  # every pool is alike
         if never is not None:
-            name = seq.payload.record["id"] if seq.payload else seq.request_id
             raise RequestError(
-                f"request {name!r}: {never}; kv_cache.num_blocks or kv_cache.memory_gb sets the pool", "max_new_tokens"
+                f"request {seq.payload.record['id']!r}: {never}; kv_cache.num_blocks or kv_cache.memory_gb sets "
+                "the pool",
+                "max_new_tokens",
             )
 
     def _rejected(self, request: Any, error: str) -> dict:
@@ -399,51 +320,37 @@ class Coordinator:
         self.completed += 1
         return record
 
-    def _enqueue(self, seq: Sequence) -> None:
-        """Queue on the least-loaded live group; among groups within `route_slack` requests of it, the one
-        whose prefix cache holds the most of the prompt (ties: the less loaded, then the lower rank).
-        NoLiveGroupError when no group is alive."""
+    def enqueue(self, seq: Sequence) -> None:
+        """Queue on a live group (actors/routing.py); NoLiveGroupError when no group is alive."""
         live = {e.dp_rank: e for e in self.engines if e.group.alive}
         loads = {d: e.scheduler.load for d, e in live.items()}
         engine = live[pick_group(loads, lambda d: live[d].scheduler.prefix_hit(seq), self.route_slack)]
         engine.scheduler.add(seq)
-        self._gauges(engine)
+        self.gauges(engine)
         engine.wake.set()
 
-    def _end(self, state: RequestState, finish_reason: str | None, error: str | BaseException | None = None) -> None:
+    def end(self, state: RequestState, finish_reason: str | None, error: str | BaseException | None = None) -> None:
         """Finish a request once: leave its scheduler (its blocks free now), close its record, count it."""
         if state.finished:
             return
         for engine in self.engines:
             if engine.scheduler.abort(state.key, finish_reason or "abort") is not None:
                 engine.wake.set()  # its blocks are free now; the workers forget it at the next step
-                self._gauges(engine)
+                self.gauges(engine)
         record = state.finish(finish_reason, error)
         self.requests.pop(state.key, None)
+        keys = self.keys_by_id.get(record["id"])
+        if keys is not None:
+            keys.discard(state.key)
+            if not keys:
+                del self.keys_by_id[record["id"]]
         self.completed += 1
         self.metrics.record_request(record, record["dp_rank"])
 
-    # ----------------------------------------------------------------------------- the group loop
-    async def _serve(self, engine: GroupLoop) -> None:
-        while engine.group.alive:
-            if engine.scheduler.idle:
-                engine.wake.clear()
-                await engine.wake.wait()
-                continue
-            try:
-                await self._round(engine)
-            except GroupFailure as e:
-                await self._fail_group(engine, str(e))
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # a bug in this loop must not leave requests waiting forever
-                logger.exception("dp group %d loop failed", engine.dp_rank)
-                await self._fail_group(engine, f"dp group {engine.dp_rank} failed: {type(e).__name__}: {e}")
-                return
-
-    async def _round(self, engine: GroupLoop) -> None:
-        """One round on one group, then its outcome: records of newly scheduled requests, failures, tokens."""
+    # ----------------------------------------------------------------------------- rounds
+    async def run_round(self, engine: GroupLoop) -> None:
+        """One round on one group (from its serving task), then its outcome: records of newly scheduled
+        requests, failures, tokens. Requests that ended while the round ran are skipped."""
         dp = engine.dp_rank
         profile, self.profile_pending = self.profile_pending, False
         result = await engine.round(profile)
@@ -460,17 +367,18 @@ class Coordinator:
             if state is not None:
                 state.record["preemptions"] = (state.record["preemptions"] or 0) + 1
         for name, seconds in result.phases.items():
-            self._phase(name, seconds, dp)
+            self.phase_totals[name] += seconds
+            self.metrics.record_phase(name.removesuffix("_s"), seconds, dp)
         if result.vision_cache:
             self.metrics.record_vision_cache(dp, result.vision_cache["hits"], result.vision_cache["misses"])
         for seq, message in result.failed:
             state = self.requests.get(seq.request_id)
             if state is not None:
-                self._end(state, None, message)
+                self.end(state, None, message)
         for seq, out in result.outputs:
             self._deliver(engine, seq, out)
         self.metrics.record_kv_cache(dp, engine.scheduler.stats())
-        self._gauges(engine)
+        self.gauges(engine)
 
     def _deliver(self, engine: GroupLoop, seq: Sequence, out: dict) -> None:
         """A request's new tokens: stream them, then decide here, once, whether it ended (EOS or length as
@@ -478,68 +386,14 @@ class Coordinator:
         state = self.requests.get(seq.request_id)
         if state is None or state.finished:
             return
-        engine.scheduler.append(seq, out["tokens"])
         item, stopped = state.add_tokens(out["tokens"], out["times"])
-        if item is not None and (item["text"] or item["token_ids"]):
+        engine.scheduler.append(seq, item["token_ids"])  # none past the one that completed a stop string
+        if item["text"] or item["token_ids"]:
             state.emit(item)
         reason = "stop" if stopped else out["finish_reason"]
         if reason is not None:
             engine.scheduler.finish(seq, reason)
-            self._end(state, reason)
+            self.end(state, reason)
 
-    # ----------------------------------------------------------------------------- failures
-    async def _fail_group(self, engine: GroupLoop, message: str, rebuild: bool = True) -> list[Sequence]:
-        """Fail the group's running requests and move its waiting ones to other live groups.
-
-        With `rebuild`, the group is rebuilt in the background (up to max_group_restarts times) and
-        waiting requests with nowhere else to go wait for it; returns those left waiting.
-        """
-        logger.error(message)
-        engine.group.alive = False
-        others_live = any(e.group.alive for e in self.engines)
-        orphans = []
-        for seq in engine.scheduler.take_all():
-            state: RequestState = seq.payload
-            if state.finished:
-                continue
-            if seq.state != WAITING or seq.output_ids:  # started (a preempted one has tokens already)
-                self._end(state, None, message)
-            elif others_live:
-                self._enqueue(seq)
-            else:
-                orphans.append(seq)
-        self._gauges(engine)
-        if rebuild and engine.restarts < self.cfg.max_group_restarts and not engine.rebuilding:
-            engine.restarts += 1
-            engine.rebuilding = True
-            asyncio.get_running_loop().create_task(self._rebuild(engine, orphans))
-        elif rebuild:
-            for seq in orphans:
-                self._end(seq.payload, None, NoLiveGroupError(f"{NO_LIVE_GROUP} ({message})"))
-        return orphans
-
-    async def _rebuild(self, engine: GroupLoop, orphans: list[Sequence]) -> None:
-        """Start the group's workers anew; `orphans` (requests with nowhere else to go) wait for it."""
-        for seq in orphans:
-            if not seq.payload.finished:
-                engine.scheduler.add(seq)
-        try:
-            await engine.group.kill()
-            await engine.group.start()
-        except Exception as e:
-            engine.rebuilding = False
-            await self._fail_group(engine, f"dp group {engine.dp_rank} could not be rebuilt: {e}")
-            return
-        engine.rebuilding = False
-        logger.info(
-            "dp group %d rebuilt (restart %d of %d)", engine.dp_rank, engine.restarts, self.cfg.max_group_restarts
-        )
-        self._group_ready(engine)
-
-    # ----------------------------------------------------------------------------- metrics
-    def _phase(self, name: str, seconds: float, dp_rank: int) -> None:
-        self.phase_totals[name] += seconds
-        self.metrics.record_phase(name.removesuffix("_s"), seconds, dp_rank)
-
-    def _gauges(self, engine: GroupLoop) -> None:
+    def gauges(self, engine: GroupLoop) -> None:
         self.metrics.set_queue_depth(engine.dp_rank, len(engine.scheduler.waiting), len(engine.scheduler.running))

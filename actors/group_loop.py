@@ -79,7 +79,8 @@ class GroupLoop:
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.restarts = 0
-        self.rebuilding = False
+        self.rebuild: asyncio.Task | None = None  # the one rebuild of this group in progress, if any
+        self.in_round = False
         self.costs = StepCosts()  # what sizes a round's prompt tokens and a pure-decode call's steps
 
     @property
@@ -88,7 +89,20 @@ class GroupLoop:
 
     async def round(self, profile: bool = False) -> Round:
         """Plan and run one round. GroupFailure (a dead or hung rank) propagates; a rank that raised fails the
-        requests of that call (in `Round.failed`) and the group goes on."""
+        requests of that call (in `Round.failed`) and the group goes on.
+
+        Once `schedule()` has returned, the plan's releases and preemptions have happened in the scheduler,
+        so the step call that tells the workers must run whatever else fails: a request whose images
+        could not be encoded is failed alone and left out of the step, and the rest of the round runs.
+        """
+        assert not self.in_round, f"dp group {self.dp_rank}: a round started while another one runs"
+        self.in_round = True
+        try:
+            return await self._round(profile)
+        finally:
+            self.in_round = False
+
+    async def _round(self, profile: bool) -> Round:
         sched = self.scheduler
         if self.steps_per_call is not None:
             sched.decode_steps_per_call = self.steps_per_call.steps(self.costs)
@@ -99,14 +113,11 @@ class GroupLoop:
             spans = [(start, end) for start, end, _ in seq.images]
             sub = images_after(seq.payload.prepared, spans, seq.num_cached)
             if sub is not None:
-                encode.append(dataclasses.replace(sub, request_id=seq.request_id))
-        if encode:
-            out = await self._call(result, plan.admit, "encode", encode, profile)
-            if out is None:
-                return result
-            result.phases["vision_encode_s"] = out["seconds"]
-            result.vision_cache = out.get("cache") or None
-        if not (plan.releases or plan.preempted or plan.admit or plan.chunks or plan.decode):
+                encode.append((seq, dataclasses.replace(sub, request_id=seq.request_id)))
+        unencoded = await self._encode(result, encode, profile) if encode else set()
+        admit = [seq for seq in plan.admit if seq.request_id not in unencoded]
+        plan_chunks = [c for c in plan.chunks if c[0].request_id not in unencoded]
+        if not (plan.releases or plan.preempted or admit or plan_chunks or plan.decode):
             return result
         admissions = [
             (
@@ -115,17 +126,17 @@ class GroupLoop:
                 self.eos,
                 seq.num_cached,
             )
-            for seq in plan.admit
+            for seq in admit
         ]
-        chunks = [(seq.request_id, start, end) for seq, start, end in plan.chunks]
+        chunks = [(seq.request_id, start, end) for seq, start, end in plan_chunks]
         decode = [seq.request_id for seq in plan.decode]
+        tables = {r: t for r, t in plan.block_tables.items() if r not in unencoded}
         steps = plan.decode_steps
-        involved = plan.admit + [seq for seq, _, _ in plan.chunks] + plan.decode
+        involved = admit + [seq for seq, _, _ in plan_chunks] + plan.decode
         called = time.perf_counter()
         out = await self._call(
-            result, involved, "step", plan.releases, plan.preempted, admissions, plan.block_tables, chunks, decode,
-            steps, profile,
-        )  # fmt: skip
+            result, involved, "step", plan.releases, plan.preempted, admissions, tables, chunks, decode, steps, profile
+        )
         if out is None:
             return result
         result.phases["prefill_s" if chunks else "decode_s"] = out["seconds"]
@@ -137,7 +148,7 @@ class GroupLoop:
         for seq in involved:
             if seq.request_id in failed:
                 result.failed.append((seq, out["errors"][seq.request_id]))
-        for seq, _, end in plan.chunks:
+        for seq, _, end in plan_chunks:
             if seq.request_id not in failed and seq.request_id in sched.by_id:
                 sched.prefilled(seq, end)
         for request_id, tokens in out["outputs"].items():
@@ -146,11 +157,36 @@ class GroupLoop:
                 result.outputs.append((seq, tokens))
         return result
 
+    async def _encode(self, result: Round, encode: list[tuple[Sequence, PreparedRequest]], profile: bool) -> set[str]:
+        """Vision encode of the admitted requests' images; the ids of those whose images failed (each failed
+        in `result.failed`). When the call for all of them raises, each is encoded alone, so that one bad
+        input fails its own request only. GroupFailure propagates."""
+        outs, failed = [], []
+        try:
+            outs.append(await self._rank0("encode", [sub for _, sub in encode], profile))
+        except CallError as e:
+            if len(encode) == 1:
+                failed.append((encode[0][0], str(e)))
+            for seq, sub in encode if len(encode) > 1 else ():
+                try:
+                    outs.append(await self._rank0("encode", [sub], profile))
+                except CallError as alone:
+                    failed.append((seq, str(alone)))
+        result.failed.extend(failed)
+        if outs:
+            result.phases["vision_encode_s"] = sum(out["seconds"] for out in outs)
+            result.vision_cache = outs[-1].get("cache") or None  # the worker's running totals
+        return {seq.request_id for seq, _ in failed}
+
+    async def _rank0(self, method: str, *args: Any) -> dict:
+        """Rank 0's answer to a call on every rank (CallError and GroupFailure propagate)."""
+        return (await self.group.call(method, *args))[0]
+
     async def _call(self, result: Round, involved: list[Sequence], method: str, *args: Any) -> dict | None:
         """Rank 0's answer to a call on every rank; None when a live rank raised (every involved request is
         then failed with its message)."""
         try:
-            return (await self.group.call(method, *args))[0]
+            return await self._rank0(method, *args)
         except CallError as e:
             seen = set()
             for seq in involved:

@@ -141,14 +141,14 @@ def test_a_request_aborted_while_it_is_prepared_ends_without_running(tiny_checkp
         coord = coordinator(tiny_checkpoint, dp_size=1, max_batch_size=2, restarts=0)
         await coord.setup()
         entered, release = threading.Event(), threading.Event()
-        prepare = coord._prepare
+        prepare = coord.preparation.build
 
         def held(request: dict):  # noqa: ANN202
             entered.set()
             assert release.wait(30), "the test never released the preparation"
             return prepare(request)
 
-        coord._prepare = held
+        coord.preparation.build = held
         deliveries = Deliveries(LocalHandle(coord))
         request = requests(1, 5)[0]
         stream = deliveries.open(request)
@@ -157,9 +157,9 @@ def test_a_request_aborted_while_it_is_prepared_ends_without_running(tiny_checkp
         release.set()
         final = (await read_all(stream))[-1]
         assert final["finish_reason"] == "abort" and final["output_token_ids"] == []
-        assert coord.engines[0].scheduler.load == 0 and not coord.requests and not coord.preparing
+        assert coord.engines[0].scheduler.load == 0 and not coord.requests and not coord.preparation.preparing
         assert coord.progress() == (1, 1)
-        coord._prepare = prepare
+        coord.preparation.build = prepare
         again = await read_all(deliveries.open(request))  # the same id later runs as usual
         assert again[-1]["output_token_ids"] == expected(coord, request)
         await deliveries.close()

@@ -280,7 +280,7 @@ def requests(n: int, max_new_tokens: int) -> list[dict]:
 
 def all_queued(coord: Coordinator, n: int) -> asyncio.Event:
     """An event set once `n` requests have been queued on groups."""
-    event, enqueue, count = asyncio.Event(), coord._enqueue, [0]
+    event, enqueue, count = asyncio.Event(), coord.enqueue, [0]
 
     def counting(seq: Sequence) -> None:
         enqueue(seq)
@@ -288,7 +288,7 @@ def all_queued(coord: Coordinator, n: int) -> asyncio.Event:
         if count[0] == n:
             event.set()
 
-    coord._enqueue = counting
+    coord.enqueue = counting
     return event
 
 
@@ -396,3 +396,45 @@ def test_steps_per_call_sets_each_pure_decode_call_from_the_measured_costs() -> 
     first, after = steps.asked[1], steps.asked[2]  # before and after the first pure-decode call
     assert first.decode_step_s is None and first.overhead_s is None
     assert after.decode_step_s >= 0.001 and after.overhead_s >= 0.009  # the transport's 10 ms is overhead
+
+
+class EagerRoundGroup(TimedGroup):
+    """TimedGroup as on an accelerator: a step call with prompt chunks runs the eager packed forward, whose fixed
+    cost is twice a captured decode step's, plus its prompt tokens."""
+
+    round_s = 0.4
+    token_s = 0.002
+
+    async def call(self, method: str, *args):
+        answers = await super().call(method, *args)
+        if method == "step" and args[4]:
+            answers[0]["seconds"] = self.round_s + self.token_s * sum(end - start for _, start, end in args[4])
+        return answers
+
+
+def test_a_round_costing_more_than_a_decode_step_keeps_the_cap_at_what_the_stall_allows() -> None:
+    """A long prompt beside a decoding request rides, round after round, in chunks of what 0.5 x a decode step of
+    prompt tokens costs (50 tokens), though every round with a chunk also pays a fixed cost above a decode step."""
+    group = EagerRoundGroup(0)
+    loop = GroupLoop(group, GroupScheduler(4, 400, 4, "continuous", 64, 4, max_decode_stall=0.5), sorted(EOS))
+    short, long = make_seq("short", 6, 300), make_seq("long", 1000, 3)
+
+    async def main() -> Owner:
+        await group.start()
+        owner = Owner(loop)
+        loop.scheduler.add(short)
+        for _ in range(3):  # a prefill, then pure-decode calls
+            await owner.round()
+        loop.scheduler.add(long)
+        await owner.run()
+        return owner
+
+    owner = asyncio.run(main())
+    assert not owner.errors
+    check_against_reference(owner, [short, long])
+    allowance = 0.5 * EagerRoundGroup.decode_s / EagerRoundGroup.token_s
+    mixed = [tokens for tokens, decode in group.rounds if tokens and decode]
+    assert sum(mixed) == 1000 and len(mixed) <= 1000 / allowance + 2, mixed
+    assert all(tokens >= 0.9 * allowance for tokens in mixed[1:-1]), mixed  # the first: from the prefill's estimate
+    assert loop.costs.prompt_token_s == pytest.approx(EagerRoundGroup.token_s)
+    assert 0.9 * allowance <= loop.scheduler.prefill_cap <= allowance

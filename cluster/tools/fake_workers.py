@@ -68,6 +68,7 @@ class FakeWorkerGroup:
     step_time_s: float = 0.0
     token_range: tuple[int, int] = TOKEN_RANGE
     reject: dict[str, str] = field(default_factory=dict)  # request key -> admission error message
+    encode_errors: dict[str, str] = field(default_factory=dict)  # request key -> error of an encode call holding it
     hold: asyncio.Event | None = None  # when set, a `step` call waits for it after `entered` is set
     entered: asyncio.Event | None = None
     alive: bool = False
@@ -75,11 +76,13 @@ class FakeWorkerGroup:
     stats: list[dict] = field(default_factory=list)
     rendezvous: tuple[str, int] | None = None
     seqs: dict[str, FakeSeq] = field(default_factory=dict)
+    embeds: set[str] = field(default_factory=set)  # requests whose images were encoded and wait for admission
     # (kind, steps, start, end): kind "encode", "prefill" (a call with chunks) or "decode"; perf_counter seconds
     calls: list[tuple[str, int, float, float]] = field(default_factory=list)
     starts: int = 0
     busy_s: float = 0.0  # thread CPU time spent in `step` answers (the fake's own work, not the caller's)
     dead_rank: int | None = None
+    generation: int = 0  # workers killed so far: a call held across a kill finds its workers gone
 
     @property
     def tp_size(self) -> int:
@@ -88,7 +91,7 @@ class FakeWorkerGroup:
     async def start(self) -> None:
         """A fresh, empty group (as after a rebuild)."""
         self.starts += 1
-        self.seqs, self.dead_rank, self.alive = {}, None, True
+        self.seqs, self.embeds, self.dead_rank, self.alive = {}, set(), None, True
         ranks = [self.dp_rank * self.tp_size + t for t in range(self.tp_size)]
         self.infos = [
             {"rank": r, "tp_rank": t, "dp_rank": self.dp_rank, "node_id": "fake", "node_ip": "127.0.0.1",
@@ -103,6 +106,7 @@ class FakeWorkerGroup:
     async def kill(self) -> None:
         self.alive = False
         self.seqs = {}
+        self.generation += 1
 
     def die(self, rank: int = 0) -> None:
         """Make the next call (or the one held now) fail as if `rank` of this group died."""
@@ -114,12 +118,20 @@ class FakeWorkerGroup:
         self._check_alive()
         kind, steps = method, 0
         if method == "encode":
+            ids = [request.request_id for request in args[0]]
+            bad = [self.encode_errors[i] for i in ids if i in self.encode_errors]
+            if bad:
+                raise CallError(f"shard-worker-{self.dp_rank * self.tp_size} of dp group {self.dp_rank}: {bad[0]}")
+            self.embeds.update(ids)
             answer: dict = {"seconds": 0.0, "cache": {}}
         elif method == "step":
             if self.entered is not None:
                 self.entered.set()
+            generation = self.generation
             if self.hold is not None:
                 await self.hold.wait()
+            if generation != self.generation:
+                raise GroupFailure(f"shard-worker-{self.dp_rank * self.tp_size} of dp group {self.dp_rank} died")
             self._check_alive()
             cpu = time.thread_time()
             answer = self._step(*args)
@@ -158,11 +170,21 @@ class FakeWorkerGroup:
         errors: dict[str, str] = {}
         for request, params, eos, num_cached in admissions:
             rid = request.request_id
+            has_embeds = rid in self.embeds
+            self.embeds.discard(rid)
             if rid in self.reject:
                 errors[rid] = self.reject[rid]
                 self.seqs.pop(rid, None)
                 continue
+            if request.image_grid_thw is not None and num_cached == 0 and not has_embeds:
+                errors[rid] = f"request {rid!r}: its images were not encoded"  # as RunningBatch.admit
+                self.seqs.pop(rid, None)
+                continue
             known = self.seqs.get(rid)
+            if known is not None and known.num_computed:  # as RunningBatch.admit
+                errors[rid] = f"request {rid!r} is already running"
+                self.seqs.pop(rid, None)
+                continue
             if known is None:
                 prompt = list(request.input_ids)
                 known = FakeSeq(
