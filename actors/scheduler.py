@@ -14,9 +14,11 @@ for the group's workers, applied in this order:
 
 The budget is sized to the device's step time: once the caller has fed estimates of a pure-decode
 step's seconds and of the seconds each prompt token adds to a round (`set_step_costs`), a round that
-carries decode rows takes at most as many prompt tokens as cost `max_decode_stall` x a decode step
-(at least one, so a prefill always progresses): a decoding request waits at most (1 + stall) x a
-step for each token. A round with no decode rows keeps the whole budget.
+carries decode rows takes at most as many prompt tokens as cost `max_decode_stall` x a decode step,
+and at least a block's worth (`prefill_cap`). A round with prompt chunks runs the eager packed
+forward, whose fixed cost any chunk, however small, pays: the stall bounds only what the tokens add,
+so a decoding request waits at most that fixed cost plus stall x a step for each token. A round with
+no decode rows keeps the whole budget.
 
 Memory is the admission bound: a waiting request is admitted, first come first served, only when
 the pool gives it blocks for all of its tokens (the prefix cache may supply a block-aligned
@@ -175,10 +177,18 @@ class GroupScheduler:
 
     @property
     def prefill_cap(self) -> float:
-        """Prompt tokens a round with decode rows may carry (inf: no cap, or no estimates yet)."""
+        """Prompt tokens a round with decode rows may carry (inf: no cap, or no estimates yet).
+
+        max(block_size, stall x decode step / prompt token's cost): the per-token cost alone is what the
+        cap divides by, as a round's fixed cost is paid whatever its chunk. The floor of a block: a
+        prompt holds all its blocks from admission, so filling at least one per round keeps it to at
+        most as many rounds as it holds blocks, whatever a bad estimate says (tens of tokens or more on
+        a device: cpu and cuda 16, npu 128).
+        """
         if self.max_decode_stall is None or self.decode_step_s is None or self.prompt_token_s is None:
             return float("inf")
-        return max(1, int(self.max_decode_stall * self.decode_step_s / self.prompt_token_s))
+        tokens = self.max_decode_stall * self.decode_step_s / self.prompt_token_s
+        return max(self.block_size, int(tokens + 1e-6))  # a whole number short by float rounding counts whole
 
     def prefix_hit(self, seq: Sequence) -> int:
         """Tokens of `seq`'s prompt this group's prefix cache holds now (changes nothing)."""
@@ -201,8 +211,9 @@ class GroupScheduler:
         )
 
     def set_step_costs(self, decode_step_s: float | None, prompt_token_s: float | None) -> None:
-        """New estimates: seconds of a pure-decode step, seconds a prompt token adds to a round (None: not
-        measured yet). They set `prefill_cap` from the next round on."""
+        """New estimates: seconds of a pure-decode step, seconds each prompt token adds to a round beyond the
+        fixed cost of a round with prompt chunks (None: not measured yet). They set `prefill_cap` from the
+        next round on."""
         for name, value in (("decode_step_s", decode_step_s), ("prompt_token_s", prompt_token_s)):
             if value is not None and not (isinstance(value, (int, float)) and 0 < value < float("inf")):
                 raise ValueError(f"{name}={value!r} must be None or a finite number of seconds > 0")

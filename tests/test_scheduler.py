@@ -263,9 +263,9 @@ def test_the_budget_stays_the_upper_bound_of_the_cap():
 
 def test_the_cap_never_starves_a_prefill():
     sched, w = _decoding_with_a_long_prompt(stall=0.0)
-    sched.set_step_costs(0.2, 5.0)  # a prompt token costs 25 decode steps: still one token per round
+    sched.set_step_costs(0.2, 5.0)  # a prompt token costs 25 decode steps: still a block (4 tokens) per round
     plans = [w.round() for _ in range(3)]
-    assert [_chunks(p) for p in plans] == [[("long", 0, 1)], [("long", 1, 2)], [("long", 2, 3)]]
+    assert [_chunks(p) for p in plans] == [[("long", 0, 4)], [("long", 4, 8)], [("long", 8, 12)]]
     w.run()
     assert w.ended == {rid: reference(seq, False) for rid, seq in _all(w, ["d", "long"])}
 
