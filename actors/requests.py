@@ -12,48 +12,30 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from actors.detokenizer import IncrementalDetokenizer
-from actors.errors import RequestError
 from actors.records import fill_latencies, new_record
+from actors.request_fields import SAMPLING_FIELDS, check_field
 from actors.stop_strings import MAX_STOP_STRINGS, StopMatcher, check_stop_strings
 from model.processor import PreparedRequest
 from model.sampling import SamplingParams
 
-__all__ = ["MAX_STOP_STRINGS", "REQUEST_OVERRIDES", "RequestState", "sampling_params", "stop_strings"]
-
-REQUEST_OVERRIDES = ("max_new_tokens", "temperature", "top_p", "seed", "ignore_eos")
-_MAX_SEED = 2**63 - 1
+__all__ = ["MAX_STOP_STRINGS", "RequestState", "sampling_params", "stop_strings"]
 
 
 def sampling_params(request: dict, defaults: SamplingParams) -> SamplingParams:
-    """The request's SamplingParams: its own overrides on top of the run's defaults (RequestError names the key)."""
-    params = defaults
-    for key in REQUEST_OVERRIDES:
-        value = request.get(key)
-        if value is None:
-            continue
-        if key == "ignore_eos":
-            if not isinstance(value, bool):
-                raise RequestError(f"'ignore_eos' must be true or false, got {value!r}", key)
-        elif key in ("max_new_tokens", "seed"):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise RequestError(f"'{key}' must be an integer, got {value!r}", key)
-            low = 1 if key == "max_new_tokens" else 0
-            if not low <= value <= _MAX_SEED:
-                raise RequestError(f"'{key}'={value!r} must be in [{low}, {_MAX_SEED}]", key)
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise RequestError(f"'{key}' must be a finite number, got {value!r}", key)
-        try:
-            params = dataclasses.replace(params, **{key: value})  # SamplingParams checks the ranges
-        except ValueError as e:
-            raise RequestError(str(e), key) from None
-    return params
+    """The request's SamplingParams: its own overrides on top of the run's defaults (RequestError names the key).
+
+    Each override is checked by its field's rule (actors.request_fields), which holds SamplingParams' ranges.
+    """
+    overrides = {key: request[key] for key in SAMPLING_FIELDS if request.get(key) is not None}
+    for key, value in overrides.items():
+        check_field(key, value)
+    return dataclasses.replace(defaults, **overrides)
 
 
 def stop_strings(request: dict) -> list[str]:

@@ -1,8 +1,9 @@
 """Turn the ``data_config`` dataset setting into request dicts.
 
-A request is a plain dict ``{"id": str, "prompt": str, "images": [absolute image paths]}``, plus
-``mm_processor_kwargs`` when its row has them. Three dataset forms are accepted (see
-:func:`load_requests`):
+A request is a dict of the driver API's request fields (actors.request_fields): ``{"id": str,
+"prompt": str, "images": [absolute image paths]}`` or ``{"id", "messages"}``, plus whatever else its
+row sets (``max_new_tokens``, ``temperature``, ``top_p``, ``seed``, ``ignore_eos``, ``stop``,
+``mm_processor_kwargs``). Three dataset forms are accepted (see :func:`load_requests`):
 
 - ``"default"``: the text prompts of ``dataset/default_prompt.json`` (a JSON object
   ``{"prompts": [str, ...]}``), repeated to fill the run;
@@ -11,10 +12,12 @@ A request is a plain dict ``{"id": str, "prompt": str, "images": [absolute image
   default ``dataset/vision-arena-bench-v0.1`` when that does not exist), ``dataset/vision_arena_bench``
   is used, the layout of the original sample;
 - a path ending in ``.jsonl`` (one JSON object per line) or ``.json`` (a JSON array of the same
-  objects): ``{"id"?: str, "prompt": str, "images"?: [paths relative to the file],
-  "mm_processor_kwargs"?: {"min_pixels"?, "max_pixels"?}}``. Vision-arena's own row shape is read
-  too: ``question_id`` for the id, ``turns[0][0]["content"]`` for the prompt, and image entries
-  ``{"path": ...}``.
+  objects): a request in the driver API's fields, ``{"id"?: str, "prompt": str, "images"?: [paths
+  relative to the file], ...}`` or ``{"id"?, "messages": [...], ...}`` (local image paths in the
+  messages are relative to the file too). A key that is not a request field is an error naming the
+  row and the key, never dropped. Vision-arena's own row shape is read too (a row with ``turns`` and
+  no ``prompt`` or ``messages``; its other columns are not request fields and are ignored):
+  ``question_id`` for the id, ``turns[0][0]["content"]`` for the prompt, image entries ``{"path": ...}``.
 
 Image paths are resolved but not opened: a missing image becomes a per-request error in the
 engine, so a bad row never hides the rest of the run.
@@ -30,6 +33,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from actors.errors import RequestError
+from actors.request_fields import FIELDS, check_field
 from cluster.config import DATASET_FILE_SUFFIXES as FILE_SUFFIXES
 from cluster.results import atomic_write_bytes
 
@@ -43,6 +48,10 @@ VISION_ARENA_DIRS = (Path("dataset") / "vision_arena_bench", Path("dataset") / "
 IMAGE_DIR_NAME = ".images"
 CACHE_ENV = "QWEN2_5_VL_RAY_CACHE"
 ID_COLUMNS = ("question_id", "id")
+# Request fields a file row sets through the loader's own rules; the others are copied as the row gives them.
+_SHAPED_FIELDS = ("id", "prompt", "images", "messages")
+# Image sources that are not paths relative to the file.
+_URL_PREFIXES = ("data:", "file://", "http://", "https://")
 
 _ACCEPTED_FORMS = (
     f"'{DEFAULT_DATASET}' (prompts from {DEFAULT_PROMPT_FILE}), "
@@ -81,11 +90,12 @@ def load_requests(
         base_dir: the working directory that relative paths start from.
 
     Returns:
-        Request dicts ``{"id", "prompt", "images"}`` (plus ``mm_processor_kwargs`` where a row has
-        them) with unique ids and absolute image paths.
+        Request dicts ``{"id", "prompt", "images"}`` or ``{"id", "messages"}``, plus the other request
+        fields a row sets, with unique ids and absolute image paths.
 
     Raises:
-        DatasetError: unknown dataset form, missing file, malformed line or row.
+        DatasetError: unknown dataset form, missing file, malformed line or row, a row's key that is
+            not a request field, a field's value of the wrong type or range.
     """
     _check_positive("data_config.batch_size", batch_size)
     _check_positive("world_dp_size", world_dp_size)
@@ -188,14 +198,44 @@ def _json_rows(path: Path, text: str) -> Iterator[tuple[str, int, Any]]:
 
 
 def _file_row(row: dict[str, Any], where: str, default_id: str, image_root: Path) -> Request:
-    """One row as a request: ``id``/``question_id``, ``prompt`` or vision-arena ``turns``, ``images``."""
+    """One row as a request: its request fields, or vision-arena's ``question_id``, ``turns`` and ``images``."""
+    arena = "turns" in row and "prompt" not in row and "messages" not in row
+    unknown = [key for key in row if key not in FIELDS]
+    if unknown and not arena:
+        raise DatasetError(
+            f"{where}: unknown field {unknown[0]!r}; a request row takes {', '.join(FIELDS)} "
+            "(or vision-arena's question_id, turns and images)"
+        )
     rid = next((row[c] for c in ("id", "question_id") if c in row), default_id)
     if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
         raise DatasetError(f"{where}: field 'id' must be a non-empty string or integer, got {rid!r}")
-    prompt = _turns_prompt(row, where) if "prompt" not in row and "turns" in row else row.get("prompt")
-    if not isinstance(prompt, str):
-        raise DatasetError(f"{where}: field 'prompt' must be a string, got {type(prompt).__name__}")
-    images = row.get("images") or []
+    request: Request = {"id": str(rid)}
+    if row.get("messages") is not None:
+        for key in ("prompt", "images"):
+            if row.get(key) is not None:
+                raise DatasetError(f"{where}: give 'messages' or '{key}', not both")
+        request["messages"] = _message_images(_checked(row, "messages", where), image_root)
+    else:
+        request["prompt"] = _turns_prompt(row, where) if arena else row.get("prompt")
+        if not isinstance(request["prompt"], str):
+            raise DatasetError(f"{where}: field 'prompt' must be a string, got {type(request['prompt']).__name__}")
+        request["images"] = _image_paths(row.get("images") or [], where, image_root)
+    for name in FIELDS:
+        if name not in _SHAPED_FIELDS and row.get(name) is not None:
+            request[name] = _checked(row, name, where)
+    return request
+
+
+def _checked(row: dict[str, Any], name: str, where: str) -> Any:
+    """The row's value of the request field `name`, checked by the field's own rule."""
+    try:
+        check_field(name, row[name])
+    except RequestError as e:
+        raise DatasetError(f"{where}: {e}") from None
+    return row[name]
+
+
+def _image_paths(images: Any, where: str, image_root: Path) -> list[str]:
     if not isinstance(images, list):
         raise DatasetError(f"{where}: field 'images' must be a list of image paths")
     paths = []
@@ -204,12 +244,36 @@ def _file_row(row: dict[str, Any], where: str, default_id: str, image_root: Path
         if not isinstance(src, str) or not src:
             raise DatasetError(f'{where}: field images[{k}] must be a non-empty path string or {{"path": ...}}')
         paths.append(str(_resolve(src, image_root)))
-    request: Request = {"id": str(rid), "prompt": prompt, "images": paths}
-    if row.get("mm_processor_kwargs") is not None:
-        if not isinstance(row["mm_processor_kwargs"], dict):
-            raise DatasetError(f"{where}: field 'mm_processor_kwargs' must be an object")
-        request["mm_processor_kwargs"] = dict(row["mm_processor_kwargs"])
-    return request
+    return paths
+
+
+def _message_images(messages: list[Any], image_root: Path) -> list[Any]:
+    """`messages` with each image part's local path made absolute against `image_root`; URLs, bytes and
+    malformed parts stay as they are (the engine checks the messages when it prepares the request)."""
+    out = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            message = {**message, "content": [_part_image(part, image_root) for part in content]}
+        out.append(message)
+    return out
+
+
+def _part_image(part: Any, image_root: Path) -> Any:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "image" and _is_local(part.get("image")):
+        return {**part, "image": str(_resolve(part["image"], image_root))}
+    if kind == "image_url":
+        url = part.get("image_url")
+        if isinstance(url, dict) and _is_local(url.get("url")):
+            return {**part, "image_url": {**url, "url": str(_resolve(url["url"], image_root))}}
+        if _is_local(url):
+            return {**part, "image_url": str(_resolve(url, image_root))}
+    return part
+
+
+def _is_local(source: Any) -> bool:
+    return isinstance(source, str) and bool(source) and not source.startswith(_URL_PREFIXES)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from actors.request_fields import check_request_fields
 from cluster.datasets import DatasetError, load_requests
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -261,6 +262,96 @@ def test_rows_in_vision_arena_shape(tmp_path: Path) -> None:
     _write_lines(tmp_path / "bad.jsonl", [json.dumps({"prompt": "p", "images": [{"bytes": "..."}]})])
     with pytest.raises(DatasetError, match=r"images\[0\]"):
         _load("bad.jsonl", tmp_path)
+
+
+# Every per-request field the driver API takes besides id, prompt and images.
+CARRIED = {
+    "stop": ["\n", "END"],
+    "max_new_tokens": 16,
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "seed": 11,
+    "ignore_eos": True,
+    "mm_processor_kwargs": {"max_pixels": 12544},
+}
+
+
+@pytest.mark.parametrize("field", sorted(CARRIED))
+def test_jsonl_carries_each_request_field(tmp_path: Path, field: str) -> None:
+    _write_lines(
+        tmp_path / "r.jsonl",
+        [json.dumps({"id": "a", "prompt": "p", field: CARRIED[field]}), json.dumps({"id": "b", "prompt": "q"})],
+    )
+    a, b = _load("r.jsonl", tmp_path)
+    assert a == {"id": "a", "prompt": "p", "images": [], field: CARRIED[field]}
+    assert b == {"id": "b", "prompt": "q", "images": []}
+    check_request_fields(a)  # what the driver API takes
+
+
+def test_json_and_vision_arena_rows_carry_request_fields(tmp_path: Path) -> None:
+    (tmp_path / "r.json").write_text(json.dumps([{"prompt": "p", **CARRIED}]))
+    assert _load("r.json", tmp_path) == [{"id": "r-0", "prompt": "p", "images": [], **CARRIED}]
+    arena = {"question_id": "q1", "turns": _turns("What?"), "category": "ocr", "num_turns": 1, "max_new_tokens": 4}
+    _write_lines(tmp_path / "arena.jsonl", [json.dumps(arena)])
+    assert _load("arena.jsonl", tmp_path) == [{"id": "q1", "prompt": "What?", "images": [], "max_new_tokens": 4}]
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "temprature", "question_id", "category"])
+def test_jsonl_unknown_field_names_row_and_field(tmp_path: Path, field: str) -> None:
+    path = _write_lines(
+        tmp_path / "r.jsonl", [json.dumps({"id": "a", "prompt": "p"}), json.dumps({"prompt": "q", field: 1})]
+    )
+    with pytest.raises(DatasetError, match=rf"line 2: unknown field '{field}'") as excinfo:
+        _load("r.jsonl", tmp_path)
+    assert str(path) in str(excinfo.value) and "max_new_tokens" in str(excinfo.value)
+    (tmp_path / "r.json").write_text(json.dumps([{"prompt": "p"}, {"prompt": "q", field: 1}]))
+    with pytest.raises(DatasetError, match=rf"item 1: unknown field '{field}'"):
+        _load("r.json", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ({"prompt": "p", "temperature": -1}, "temperature=-1 must be >= 0"),
+        ({"prompt": "p", "max_new_tokens": "16"}, "'max_new_tokens' must be an integer"),
+        ({"prompt": "p", "stop": ["a"] * 5}, "at most 4 stop strings"),
+        ({"prompt": "p", "ignore_eos": "yes"}, "'ignore_eos' must be true or false"),
+        ({"messages": [{"role": "user", "content": "hi"}], "prompt": "p"}, "give 'messages' or 'prompt'"),
+        ({"messages": "hi"}, "'messages' must be a list"),
+    ],
+)
+def test_jsonl_bad_request_field_names_row(tmp_path: Path, row: dict, expected: str) -> None:
+    _write_lines(tmp_path / "r.jsonl", [json.dumps(row)])
+    with pytest.raises(DatasetError, match=rf"line 1: .*{expected}"):
+        _load("r.jsonl", tmp_path)
+
+
+def test_jsonl_messages_row_resolves_local_images(tmp_path: Path) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": "img/a.png"}},
+                {"type": "image_url", "image_url": {"url": "https://example.com/b.png"}},
+                {"type": "image", "image": "c.png"},
+                {"type": "image_url", "image_url": "data:image/png;base64,AAAA"},
+                {"type": "text", "text": "Compare them."},
+            ],
+        },
+    ]
+    _write_lines(tmp_path / "data" / "r.jsonl", [json.dumps({"id": "m", "messages": messages, "seed": 1})])
+    [request] = _load("data/r.jsonl", tmp_path)
+    parts = request["messages"][1]["content"]
+    assert parts[0] == {"type": "image_url", "image_url": {"url": str(tmp_path / "data" / "img" / "a.png")}}
+    assert (
+        parts[1:]
+        == messages[1]["content"][1:2]
+        + [{"type": "image", "image": str(tmp_path / "data" / "c.png")}]
+        + messages[1]["content"][3:]
+    )
+    assert request == {"id": "m", "messages": [messages[0], {"role": "user", "content": parts}], "seed": 1}
+    check_request_fields(request)
 
 
 # ---------------------------------------------------------------------------------------------
