@@ -5,7 +5,8 @@ and `status` (the HTTP status a server answers with). `model.processor.InvalidRe
 the same two attributes, so a server reads both from either without importing `model`.
 
 Through Ray, an exception raised in an actor arrives wrapped (`RayTaskError`, whose `cause` is the
-original); both attributes survive the trip, as instance attributes pickle with the exception.
+original; `unwrap` takes it out); both attributes survive the trip, as instance attributes pickle
+with the exception.
 """
 
 from __future__ import annotations
@@ -27,3 +28,13 @@ class NoLiveGroupError(RequestError):
 
     def __init__(self, message: str = NO_LIVE_GROUP) -> None:
         super().__init__(message, None, 503)
+
+
+def unwrap(error: BaseException) -> BaseException:
+    """The exception an actor raised, out of Ray's wrapper (`RayTaskError`, whose `cause` is the original)
+    and out of task errors nested in it; `error` itself when it carries no exception as its `cause`."""
+    seen = {id(error)}
+    while isinstance(cause := getattr(error, "cause", None), BaseException) and id(cause) not in seen:
+        seen.add(id(cause))
+        error = cause
+    return error

@@ -39,7 +39,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from actors.config import EngineConfig
 from actors.coordinator import Coordinator, describe
-from actors.errors import NoLiveGroupError
+from actors.errors import NoLiveGroupError, unwrap
 from actors.groups import as_future
 from actors.prefix_view import PrefixView, chunk_keys, request_text
 from actors.records import failed_record
@@ -63,12 +63,6 @@ class GroupPlacement:
 
     def remove(self) -> None:
         pass
-
-
-def cause(error: BaseException) -> BaseException:
-    """The exception an actor raised, out of Ray's RayTaskError wrapper (itself when not wrapped)."""
-    inner = getattr(error, "cause", None)
-    return inner if isinstance(error, RayTaskError) and isinstance(inner, BaseException) else error
 
 
 class Router:
@@ -123,7 +117,7 @@ class Router:
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             await self._stop_groups()
-            raise cause(errors[0])
+            raise unwrap(errors[0])
         return sorted((i for infos in results for i in infos), key=lambda i: i["rank"])
 
     async def rebuild_group(self, dp_rank: int) -> list[dict]:
@@ -132,7 +126,7 @@ class Router:
         try:
             infos = await self.groups[dp_rank].rebuild_group.remote(dp_rank)
         except RayTaskError as e:
-            raise cause(e) from None
+            raise unwrap(e) from None
         self.alive[dp_rank] = True
         return infos
 
@@ -209,7 +203,7 @@ class Router:
             for j, i in enumerate(idx):
                 if isinstance(reply, BaseException):  # the group's Coordinator died
                     self.alive[d] = False
-                    error = f"dp group {d} failed: {type(cause(reply)).__name__}: {cause(reply)}"
+                    error = f"dp group {d} failed: {type(unwrap(reply)).__name__}: {unwrap(reply)}"
                     records[i] = failed_record(requests[i], error, arrival_time=time.time(), end_time=time.time())
                 else:
                     records[i] = reply[j]
@@ -231,7 +225,7 @@ class Router:
                 try:
                     item = await (await refs.__anext__())
                 except RayTaskError as e:
-                    raise cause(e) from None
+                    raise unwrap(e) from None
         finally:
             if not finished:  # the group's stream aborts the request when cancelled
                 try:
@@ -261,7 +255,7 @@ class Router:
                 if getter not in done:
                     getter.cancel()
                     failed = next(r for r in readers if r in done)
-                    raise cause(failed.exception() or RuntimeError("a group Coordinator ended a subscription"))
+                    raise unwrap(failed.exception() or RuntimeError("a group Coordinator ended a subscription"))
                 yield getter.result()
         finally:
             for reader in readers:
@@ -297,7 +291,7 @@ class Router:
                 first = await (await out.__anext__()) if stream else await out
                 return out, first
             except (RayTaskError, NoLiveGroupError, RayActorError) as e:
-                error = cause(e)
+                error = unwrap(e)
                 if not isinstance(error, (NoLiveGroupError, RayActorError)):
                     raise error from None
                 self.alive[d] = False

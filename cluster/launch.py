@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from actors.config import EngineConfig, WorkerConfig
 from actors.coordinator import Coordinator
+from actors.errors import unwrap
 from actors.records import failed_record, new_record
 from actors.router import Router
 from cluster.config import ConfigError, RunConfig, load_config
@@ -262,12 +263,6 @@ def _shutdown(coordinator: Any, timeout_s: float = 60.0) -> None:
         ray.kill(coordinator, no_restart=True)
     except Exception:
         pass
-
-
-def unwrap(error: BaseException) -> BaseException:
-    """The user-facing cause inside a Ray task error."""
-    cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, BaseException) else error
 
 
 def eager_decode_buckets(workers: list[dict]) -> list[dict]:

@@ -46,7 +46,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.deliveries import Deliveries
-from actors.errors import NO_LIVE_GROUP
+from actors.errors import NO_LIVE_GROUP, unwrap
 from cluster.admission import Admission, Overloaded, Ticket, queue_timeout
 from cluster.config import RunConfig, ServeConfig, load_config
 from cluster.launch import USER_ERRORS, start, stop
@@ -110,11 +110,6 @@ def model_name(cfg: RunConfig) -> str:
     return cfg.serve.model_name or Path(cfg.model_path).name
 
 
-def _cause(error: BaseException) -> BaseException:
-    cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, BaseException) else error
-
-
 def _engine_error(error: BaseException) -> APIError:
     """The HTTP error for an exception from the Coordinator's stream.
 
@@ -122,7 +117,7 @@ def _engine_error(error: BaseException) -> APIError:
     (actors.errors.RequestError: 400, NoLiveGroupError: 503; default 400) and `param` are read as
     attributes, so model.processor.InvalidRequestError maps the same way. A dead Coordinator is a 503.
     """
-    cause = _cause(error)
+    cause = unwrap(error)
     if isinstance(cause, ray.exceptions.RayActorError):
         return APIError(503, str(cause))
     if isinstance(cause, ValueError):
@@ -424,8 +419,8 @@ def start_server(cfg: RunConfig) -> str:
         except (RuntimeError, ray.exceptions.RayError) as e:
             stop_server()
             if cfg.serve.ingress == "haproxy":
-                raise RuntimeError(f"serve.ingress=haproxy: HAProxy did not start: {_cause(e)}") from None
-            logger.warning("HAProxy did not start (%s): serving through Serve's Python HTTP proxy", _cause(e))
+                raise RuntimeError(f"serve.ingress=haproxy: HAProxy did not start: {unwrap(e)}") from None
+            logger.warning("HAProxy did not start (%s): serving through Serve's Python HTTP proxy", unwrap(e))
     _start(cfg, {})
     return "proxy"
 

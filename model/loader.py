@@ -10,6 +10,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
+from model.names import normalize_name
 from model.quant import QuantizationError, check_mode, prepare_model
 
 
@@ -17,8 +18,6 @@ class CheckpointError(ValueError):
     """Checkpoint files are missing, incomplete or do not match the model."""
 
 
-# Prefixes of the layout transformers 5 writes, mapped to the released layout our modules use.
-_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -37,13 +36,6 @@ def checkpoint_files(model_path: str | Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"model_path {str(path)!r} holds no *.safetensors weights")
     return files
-
-
-def normalize_name(name: str) -> str:
-    for old, new in _PREFIXES:
-        if name.startswith(old):
-            return new + name[len(old) :]
-    return name
 
 
 def load_weights(

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 import model.npu_ops as npu_ops
+from model.names import normalize_name
 from model.parallel import ColumnParallelLinear, RowParallelLinear, TensorSource, default_weight_loader, set_loader
 
 logger = logging.getLogger(__name__)
@@ -486,8 +487,6 @@ def prepare_model(model: nn.Module, description: dict[str, str]) -> QuantPlan:
     schemes, and on a quantized entry for a module that stays float here (vision tower, embedding,
     LM head).
     """
-    from model.loader import normalize_name  # the loader imports this module
-
     entries = {normalize_name(k): v for k, v in description.items() if k not in _META_KEYS}
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
     parts_of: dict[str, list[str]] = {}

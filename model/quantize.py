@@ -24,7 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.loader import checkpoint_files, normalize_name
+from model.loader import checkpoint_files
+from model.names import normalize_name
 from model.parallel import ColumnParallelLinear, RowParallelLinear
 from model.processor import PromptBuilder
 from model.quant import DESCRIPTION_FILE, DYNAMIC, FLOAT, STATIC

@@ -122,3 +122,24 @@ def test_exit_status_of_the_command(overrides, expected):
         timeout=120,
     )
     assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+
+
+def test_one_unwrap_takes_the_actors_exception_out_of_nested_task_errors():
+    """Launch, the server and the router take an actor's exception out of Ray's wrappers by one rule."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    from actors import router
+    from actors.errors import RequestError, unwrap
+    from cluster import serve
+
+    original = RequestError("'stop' must be a string or a list of strings, got [1]", "stop")
+    once = RayTaskError("generate", "traceback", original).as_instanceof_cause()  # as ray.get raises it
+    twice = RayTaskError("stream", "traceback", RayTaskError("generate", "traceback", original))
+    assert unwrap(once) is original and unwrap(twice) is original
+    odd = RuntimeError("boom")
+    odd.cause = "not an exception"
+    died = RayActorError()
+    assert unwrap(odd) is odd and unwrap(died) is died
+    assert launch.unwrap is serve.unwrap is router.unwrap is unwrap
+    error = serve._engine_error(twice)  # a nested task error still answers with the request's own status and field
+    assert (error.status, error.param) == (400, "stop")
