@@ -16,6 +16,7 @@ from typing import Any
 
 from actors.config import EngineConfig
 from actors.errors import RequestError
+from actors.request_fields import check_request_fields
 from actors.requests import RequestState, sampling_params, stop_strings
 from actors.scheduler import Sequence
 from model.batch import image_spans
@@ -50,8 +51,7 @@ class Preparation:
         Raises RequestError (or InvalidRequestError) naming the field when it cannot run as given.
         """
         arrival = time.time()
-        if not isinstance(request, dict):
-            raise RequestError(f"request is not a dict: {request!r}")
+        check_request_fields(request)
         params = sampling_params(request, self.cfg.sampling)
         stop = stop_strings(request)
         rid = request.get("id")

@@ -19,7 +19,8 @@ RECORD_FIELDS: dict[str, str] = {
     "tpot_s": "(e2e - ttft) / (output tokens - 1)",
     "e2e_s": "arrival to last token",
     "queue_s": "arrival to first scheduling on a DP group",
-    "itl_s": "gaps between successive tokens",
+    "itl_s": "gaps between successive tokens as delivered by the Coordinator (tokens of one delivery: 0)",
+    "device_itl_s": "gaps between successive tokens as sampled on the workers (their step clock)",
     "error": "why the request failed, or None",
     "finish_reason": "'stop' (EOS or a stop string), 'length', 'abort', or None on error",
     "dp_rank": "the DP group that served it",
@@ -41,6 +42,7 @@ def new_record(request_id: str | None, arrival_time: float | None = None) -> dic
         output_text="",
         prompt_tokens=0,
         itl_s=[],
+        device_itl_s=[],
         arrival_time=arrival_time,
         cached_tokens=0,
         preemptions=0,
@@ -62,8 +64,11 @@ def failed_record(
     return record
 
 
-def fill_latencies(record: dict[str, Any], token_times: list[float]) -> dict[str, Any]:
-    """Set ttft/tpot/e2e/itl/queue from the record's timestamps and its tokens' Unix times."""
+def fill_latencies(
+    record: dict[str, Any], token_times: list[float], device_times: list[float] | None = None
+) -> dict[str, Any]:
+    """Set ttft/tpot/e2e/itl/queue from the record's timestamps and its tokens' Unix times as delivered, and
+    device_itl from their times on the workers (when given)."""
     arrival = record["arrival_time"]
     if record.get("scheduled_time") is not None and arrival is not None:
         record["queue_s"] = record["scheduled_time"] - arrival
@@ -74,4 +79,6 @@ def fill_latencies(record: dict[str, Any], token_times: list[float]) -> dict[str
         n = len(token_times)
         record["tpot_s"] = (token_times[-1] - token_times[0]) / (n - 1) if n > 1 else None
         record["itl_s"] = [b - a for a, b in zip(token_times, token_times[1:])]
+    if device_times:
+        record["device_itl_s"] = [b - a for a, b in zip(device_times, device_times[1:])]
     return record

@@ -53,7 +53,8 @@ class RequestState:
     stop: list[str]
     record: dict[str, Any]
     decode_text: Any  # token ids -> text
-    token_times: list[float] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # Unix time each token was delivered here
+    device_times: list[float] = field(default_factory=list)  # Unix time each token was sampled on the workers
     parts: list[str] = field(default_factory=list)  # the text delivered so far, delta by delta
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: asyncio.Future | None = None
@@ -97,12 +98,14 @@ class RequestState:
         completed, those up to the one that completed it; the record's token ids and times take the
         same, and the caller hands the scheduler the same. `text` is the delta of text now safe to show.
         """
+        delivered = time.time()  # when the caller gets them: every token of a delivery counts at its time
         delta = self.matcher.feed(self.detokenizer.add(tokens))
         if self.matcher.stopped:
             kept = self.detokenizer.ids_for(self.matcher.end)
             tokens, times = tokens[:kept], times[:kept]
         self.record["output_token_ids"].extend(tokens)
-        self.token_times.extend(times)
+        self.token_times.extend([delivered] * len(tokens))
+        self.device_times.extend(times)
         if delta:
             self.parts.append(delta)
         return {"id": self.record["id"], "token_ids": list(tokens), "text": delta}, self.matcher.stopped
@@ -142,7 +145,7 @@ class RequestState:
         record["end_time"] = time.time()
         record["finish_reason"] = None if error is not None else finish_reason
         record["error"] = None if error is None else str(error)
-        fill_latencies(record, self.token_times)
+        fill_latencies(record, self.token_times, self.device_times)
         record["output_text"] = "".join(self.parts) if error is None else ""
         if self.done is not None and not self.done.done():
             self.done.set_result(record)

@@ -5,6 +5,7 @@ delivery, and typed request errors."""
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -194,7 +195,20 @@ def test_tokens_after_the_one_completing_a_stop_string_are_dropped(builder: Prom
     assert stopped and item["token_ids"] == ids[:kept] and item["text"] == "It is fine "
     record = state.finish("stop")
     assert record["output_token_ids"] == ids[:kept] and record["output_text"] == "It is fine "
-    assert len(record["itl_s"]) == kept - 1 and record["e2e_s"] == kept - 1
+    assert len(record["itl_s"]) == kept - 1 and record["device_itl_s"] == [1.0] * (kept - 1)
+
+
+def test_latencies_count_tokens_when_delivered_and_keep_the_workers_clock_apart(builder: PromptBuilder) -> None:
+    """Tokens delivered together count at their delivery's time; the workers' step times go to device_itl_s."""
+    state = _state(builder, [])
+    ids = _ids(builder, "one two three four five six")
+    start = time.time()
+    state.add_tokens(ids[:3], [100.0, 100.5, 101.0])  # one call of three steps
+    state.add_tokens(ids[3:5], [101.5, 102.0])
+    record = state.finish("length")
+    assert record["itl_s"][:2] == [0.0, 0.0] and record["itl_s"][3] == 0.0  # within each delivery
+    assert record["itl_s"][2] >= 0.0 and record["first_token_time"] >= start  # the Coordinator's clock
+    assert record["device_itl_s"] == [0.5, 0.5, 0.5, 0.5]
 
 
 def test_kept_tokens_and_text_do_not_depend_on_the_deliveries(builder: PromptBuilder) -> None:
