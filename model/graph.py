@@ -8,10 +8,16 @@ few buckets (`decode_lengths`). With the NPU's paged kernel (FusedOps paged) att
 length through its block table instead: one graph per batch bucket, and before each replay the step's KV
 lengths are written into the captured FIA calls with `NPUGraph.update` (`GraphDecode(host_lengths=True)`).
 
-A capture that fails (ACL graph capture errors such as 107033 / 507009, or "Cannot run aclop operators
-during NPU graph capture") costs only its bucket: that (batch, length) runs eager, with a log line,
-and `GraphDecode.eager` says which ones do. Where torch.npu.graph takes `auto_dispatch_capture`
-(torch_npu 2.13), capture uses it: FIA is then recorded in its `.out` form with a fixed workspace.
+A bucket whose warm-up or capture fails (ACL graph capture errors such as 107033 / 507009, or "Cannot run
+aclop operators during NPU graph capture") costs only itself: that (batch, length) runs eager, with a log
+line, and `GraphDecode.eager` says which ones do.
+
+`auto_dispatch_capture` (torch_npu 2.13's `torch.npu.graph` keyword) is used only where `update` will be
+called, i.e. with host lengths. Under it torch_npu records FIA in its `.out` form behind an ExternalEvent
+wait, and only `update` records that event (`_GraphDispatchMode.__torch_dispatch__` and
+`update_capture_record` in torch_npu/npu/graphs.py): a graph captured that way and replayed without an
+update would wait forever. Before each update the current stream is synchronized, so the update (issued
+on torch_npu's own update stream) cannot rewrite a captured call that the previous replay is still running.
 """
 
 from __future__ import annotations
@@ -112,13 +118,20 @@ class CompiledDecode:
             return self.fn(tokens.clone(), positions.clone(), cache_lens.clone(), block_tables.clone(), kv_len, kv_lens)
 
 
-def capture_options(backend: Any) -> dict[str, Any]:
-    """Keywords for `backend.graph(...)`: auto_dispatch_capture=True where the backend takes it (torch_npu 2.13)."""
+def takes_auto_dispatch(backend: Any) -> bool:
+    """Whether `backend.graph(...)` takes auto_dispatch_capture (torch_npu 2.13)."""
     try:
         parameters = inspect.signature(backend.graph).parameters
     except (TypeError, ValueError):  # a builtin without a signature
-        return {}
-    return {"auto_dispatch_capture": True} if "auto_dispatch_capture" in parameters else {}
+        return False
+    return "auto_dispatch_capture" in parameters
+
+
+def capture_options(backend: Any, host_lengths: bool) -> dict[str, Any]:
+    """Keywords for `backend.graph(...)`: auto_dispatch_capture=True only for graphs whose KV lengths `update`
+    rewrites (host_lengths) and where the backend takes it. Elsewhere it must stay off: each FIA call it records
+    waits on an event that only `update` records, so a graph never updated would hang at its first replay."""
+    return {"auto_dispatch_capture": True} if host_lengths and takes_auto_dispatch(backend) else {}
 
 
 class GraphDecode:
@@ -127,13 +140,15 @@ class GraphDecode:
     The graphs of a batch bucket share its input buffers; all graphs share one memory pool.
     `backend` is torch.cuda or torch.npu (after `import torch_npu`); tests pass a stand-in with the
     same surface (Stream, current_stream, stream, graph, CUDAGraph/NPUGraph, synchronize).
-    A (batch, length) whose capture raises runs `decode` eagerly instead; `eager` maps it to the error.
+    A (batch, length) whose warm-up or capture raises runs `decode` eagerly instead; `eager` maps it to the
+    error.
 
     host_lengths: the decode step takes each row's KV length as host ints (the paged FIA call). Each graph
     is captured with every row at `length` (the longest, so FIA's fixed workspace covers every later step),
-    which needs `auto_dispatch_capture` (else every bucket runs eager); each call then passes the step's
-    lengths to `graph.update` (torch_npu rewrites `actual_seq_lengths_kv` of every recorded FIA call)
-    before it copies the inputs and replays.
+    under `auto_dispatch_capture` (without it every bucket runs eager); each call then synchronizes the
+    current stream (the previous replay must be over) and passes the step's lengths to `graph.update`
+    (torch_npu rewrites `actual_seq_lengths_kv` of every recorded FIA call) before it copies the inputs and
+    replays. Without host_lengths nothing is updated, and capture runs without auto-dispatch.
     """
 
     def __init__(
@@ -148,7 +163,8 @@ class GraphDecode:
     ) -> None:
         backend = getattr(torch, device.type) if backend is None else backend
         graph_class = backend.CUDAGraph if device.type == "cuda" else backend.NPUGraph
-        options = capture_options(backend)
+        options = capture_options(backend, host_lengths)
+        self.backend = backend
         self.decode = decode
         self.host_lengths = host_lengths
         self.lengths = sorted(lengths)
@@ -168,20 +184,23 @@ class GraphDecode:
                     )
                     logger.warning("decode graph for batch bucket %d runs eager: %s", size, self.eager[size, length])
                     continue
-                stream = backend.Stream()
-                stream.wait_stream(backend.current_stream())
-                with backend.stream(stream):
-                    for _ in range(2):  # warm up kernels and collectives outside the capture
-                        decode(*inputs, length, *lens)
-                backend.current_stream().wait_stream(stream)
                 graph = graph_class()
+                phase = "warm-up"
                 try:
+                    stream = backend.Stream()
+                    stream.wait_stream(backend.current_stream())
+                    with backend.stream(stream):
+                        for _ in range(2):  # warm up kernels and collectives outside the capture
+                            decode(*inputs, length, *lens)
+                    backend.current_stream().wait_stream(stream)
+                    phase = "capture"
                     with backend.graph(graph, pool=pool, **options):
                         output = decode(*inputs, length, *lens)
-                except RuntimeError as e:  # what torch raises for a capture the device refuses
+                except RuntimeError as e:  # what torch raises for a step or a capture the device refuses
                     self.eager[size, length] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
                     logger.warning(
-                        "decode graph capture failed for batch bucket %d, length %d; that bucket runs eager: %s",
+                        "decode graph %s failed for batch bucket %d, length %d; that bucket runs eager: %s",
+                        phase,
                         size,
                         length,
                         self.eager[size, length],
@@ -228,6 +247,9 @@ class GraphDecode:
             )
         graph, output = self.graphs[key]
         if self.host_lengths:
+            # The update re-issues each recorded FIA call on another stream: the previous replay must be over
+            # (vllm-ascend synchronizes the current stream before its attention-parameter update too).
+            self.backend.current_stream().synchronize()
             # One dict in a list: torch_npu applies it to every FIA call the capture recorded (one per layer).
             graph.update([{"actual_seq_lengths_kv": lens[0]}])
         for buffer, value in zip(self.inputs[key[0]], (tokens, positions, cache_lens, block_tables)):

@@ -14,12 +14,14 @@ two forms. Gather (the plain ops, and FusedOps with `paged=False`): copy the fir
 through its block table into a contiguous BSND tensor, then attend under the (B, L) mask. Paged (FusedOps,
 the npu default): one npu_fused_infer_attention_score call per layer that reads the cache through the block
 table (int32) itself, each row exactly its live KV length (`actual_seq_lengths_kv`, a host list), as
-vllm-ascend's decode does; no copy, no mask.
+vllm-ascend's decode does; no copy, and no mask (`sparse_mode=0`), or with `masked_decode` vllm-ascend's
+causal form of the same call (`sparse_mode=3` with its 2048 x 2048 int8 `triu(1)` mask).
 
 `varlen_attention` is attention over sequences packed back to back in TND layout (tokens, heads,
 head_dim), delimited by cumulative lengths: the vision tower's windows and full-attention frames,
 and packed prefill. The plain path runs one SDPA per sequence; FusedOps calls npu_fusion_attention
-with input_layout "TND" and actual_seq_qlen / actual_seq_kvlen, as vllm-ascend's encoder attention does.
+with input_layout "TND" and actual_seq_qlen / actual_seq_kvlen, at most `MAX_VARLEN_SEQUENCES` sequences a
+call (op-plugin's limit in varlen mode): the windows of a few large images are split over several calls.
 """
 
 from __future__ import annotations
@@ -36,7 +38,11 @@ from model.device import import_torch_npu
 from model.kv_cache import gather_blocks
 from model.rotary import apply_rotary
 
-DECODE_ATTENTION = ("paged", "gather")
+# How decode attention reads the paged cache with the fused ops (FusedOps): through the block tables in FIA
+# without a mask, the same with vllm-ascend's causal mask, or gathered into a contiguous tensor first.
+DECODE_ATTENTION = ("paged", "gather", "paged_mask")
+# npu_fusion_attention takes at most this many sequences in varlen (TND) mode (op-plugin's API doc).
+MAX_VARLEN_SEQUENCES = 1024
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -185,23 +191,27 @@ class FusedOps(DecodeOps):
 
     `npu` is the torch_npu module (tests pass a stand-in written from the documented semantics).
     paged=True (the default): decode attention is one FIA call over the block tables with the rows' KV
-    lengths as a host list (a captured graph rewrites them with `NPUGraph.update`, model/graph.py).
+    lengths as a host list (a captured graph rewrites them with `NPUGraph.update`, model/graph.py), without
+    a mask (`sparse_mode=0`), or with `masked_decode` as vllm-ascend's decode calls it (`sparse_mode=3`, its
+    2048 x 2048 int8 `triu(1)` mask; for one query per row the same attention).
     paged=False: the gather form, FIA over the keys gathered in BSND layout (contiguous) under a
     (B, 1, 1, L) mask, with nothing on the host; the way back if a device refuses the paged call.
     """
 
     name = "fused"
 
-    # npu_fusion_attention's compressed causal mask (sparse_mode 3, bottom-right aligned): 2048 x 2048, True = masked.
+    # The compressed causal mask of npu_fusion_attention and FIA (sparse_mode 3, bottom-right aligned):
+    # 2048 x 2048, 1 (True) = masked.
     CAUSAL_MASK_SIZE = 2048
     # Head sizes strictly between these are zero-padded to the larger, as vllm-ascend's encoder attention does
     # (the vision tower's 80); zeros change neither the scores nor, after slicing, the output.
     PAD_HEAD_DIM = (64, 128)
 
-    def __init__(self, npu: ModuleType | Any, paged: bool = True) -> None:
+    def __init__(self, npu: ModuleType | Any, paged: bool = True, masked_decode: bool = False) -> None:
         self.npu = npu
         self.paged = paged
-        self.causal_masks: dict[torch.device, torch.Tensor] = {}
+        self.masked_decode = masked_decode
+        self.causal_masks: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self.npu.npu_rms_norm(x, weight, eps)[0]  # -> (y, rstd)
@@ -216,10 +226,12 @@ class FusedOps(DecodeOps):
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # npu_rotary_mul infers its layout from the shapes, and (B, 1, N, D) with (B, 1, 1, D) is ambiguous.
-        # vllm-ascend's form: the B tokens as one sequence, x (1, T, N, D) with cos/sin (1, T, 1, D).
-        cos, sin = cos[None, :, None], sin[None, :, None]  # (1, B, 1, D)
-        q = self.npu.npu_rotary_mul(q.unsqueeze(0), cos, sin).squeeze(0)  # (1, B, H, D) -> (B, H, D)
-        k = self.npu.npu_rotary_mul(k.unsqueeze(0), cos, sin).squeeze(0)
+        # vllm-ascend's form: the B tokens as one sequence, x (1, T, N, D) with cos/sin (1, T, 1, D). q and k
+        # are views into the fused qkv output (rows strided by its width); the op's doc promises nothing for
+        # non-contiguous inputs, so they are made contiguous first, as vllm-ascend does.
+        cos, sin = cos[None, :, None].contiguous(), sin[None, :, None].contiguous()  # (1, B, 1, D)
+        q = self.npu.npu_rotary_mul(q.contiguous().unsqueeze(0), cos, sin).squeeze(0)  # (1, B, H, D) -> (B, H, D)
+        k = self.npu.npu_rotary_mul(k.contiguous().unsqueeze(0), cos, sin).squeeze(0)
         return q, k
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -262,13 +274,17 @@ class FusedOps(DecodeOps):
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, reads: DecodeReads, scale: float
     ) -> torch.Tensor:
         """Paged: FIA in TND layout as vllm-ascend's decode calls it (attention_v1.py, `_get_fia_params` and the
-        non-causal `npu_fused_infer_attention_score` call): query (B, H, D), one query per row
-        (actual_seq_lengths = cumulative ends 1..B), the caches viewed as (num_blocks, block_size, KVH * D),
-        block_table (B, M) int32, block_size, actual_seq_lengths_kv = each row's KV length, no mask (sparse_mode 0)."""
+        `npu_fused_infer_attention_score` calls of `forward_fused_infer_attention`): query (B, H, D), one query per
+        row (actual_seq_lengths = cumulative ends 1..B), the caches viewed as (num_blocks, block_size, KVH * D),
+        block_table (B, M) int32, block_size, actual_seq_lengths_kv = each row's KV length; no mask (sparse_mode
+        0, its non-causal call) or, with `masked_decode`, the causal call (sparse_mode 3, 2048 x 2048 int8 mask)."""
         if reads.kv_lens is None:
             return super().paged_attention(q, k_cache, v_cache, reads, scale)
         batch, heads, dim = q.shape
         num_blocks, block_size, kv_heads, _ = k_cache.shape
+        masking: dict[str, Any] = {"sparse_mode": 0}
+        if self.masked_decode:
+            masking = {"atten_mask": self._causal_mask(q.device, torch.int8), "sparse_mode": 3}
         out, _ = self.npu.npu_fused_infer_attention_score(
             q.contiguous(),
             k_cache.view(num_blocks, block_size, kv_heads * dim),
@@ -281,7 +297,7 @@ class FusedOps(DecodeOps):
             num_heads=heads,
             num_key_value_heads=kv_heads,
             scale=scale,
-            sparse_mode=0,
+            **masking,
         )
         return out.reshape(batch, heads * dim)  # (B, H, D) -> (B, H * D)
 
@@ -295,33 +311,49 @@ class FusedOps(DecodeOps):
         scale: float,
         causal: bool,
     ) -> torch.Tensor:
-        """npu_fusion_attention in TND layout; actual_seq_qlen / actual_seq_kvlen are the cumulative ends."""
-        check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, causal)
+        """npu_fusion_attention in TND layout; actual_seq_qlen / actual_seq_kvlen are the cumulative ends.
+
+        At most MAX_VARLEN_SEQUENCES sequences per call: more (the windows of several large images in one
+        block) are split between sequences into several calls, each over its own rows of q and k/v.
+        """
+        spans = check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, causal)
         dim = q.shape[-1]
         low, high = self.PAD_HEAD_DIM
         pad = high - dim if low < dim < high else 0
         q, k, v = (F.pad(t, (0, pad)) if pad else t.contiguous() for t in (q, k, v))
         masking: dict[str, Any] = {}
         if causal:
-            masking = {"atten_mask": self._causal_mask(q.device), "sparse_mode": 3}
-        out = self.npu.npu_fusion_attention(
-            q,
-            k,
-            v,
-            head_num=q.shape[1],
-            input_layout="TND",
-            scale=scale,
-            actual_seq_qlen=list(cu_seqlens_q[1:]),
-            actual_seq_kvlen=list(cu_seqlens_k[1:]),
-            **masking,
-        )[0]
-        return out[..., :dim] if pad else out
+            masking = {"atten_mask": self._causal_mask(q.device, torch.bool), "sparse_mode": 3}
+        parts = []
+        for first in range(0, len(spans), MAX_VARLEN_SEQUENCES):
+            chunk = spans[first : first + MAX_VARLEN_SEQUENCES]
+            q0, k0, q1, k1 = chunk[0][0], chunk[0][2], chunk[-1][1], chunk[-1][3]
+            if q1 == q0:  # no queries in these sequences (the kernel takes at least one row)
+                continue
+            out = self.npu.npu_fusion_attention(
+                q[q0:q1],
+                k[k0:k1],
+                v[k0:k1],
+                head_num=q.shape[1],
+                input_layout="TND",
+                scale=scale,
+                actual_seq_qlen=[qe - q0 for _, qe, _, _ in chunk],
+                actual_seq_kvlen=[ke - k0 for _, _, _, ke in chunk],
+                **masking,
+            )[0]
+            parts.append(out)
+        if len(parts) != 1:  # several calls (or none: no query rows at all)
+            parts = [torch.cat(parts) if parts else q.new_zeros(q.shape)]
+        return parts[0][..., :dim] if pad else parts[0]
 
-    def _causal_mask(self, device: torch.device) -> torch.Tensor:
-        if device not in self.causal_masks:
+    def _causal_mask(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The compressed causal mask, one per device and dtype: bool for npu_fusion_attention (its doc's
+        example), int8 for decode FIA (vllm-ascend's `get_splitfuse_attn_mask`)."""
+        if (device, dtype) not in self.causal_masks:
             size = self.CAUSAL_MASK_SIZE
-            self.causal_masks[device] = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
-        return self.causal_masks[device]
+            mask = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
+            self.causal_masks[device, dtype] = mask.to(dtype)
+        return self.causal_masks[device, dtype]
 
 
 PLAIN = DecodeOps()
@@ -335,11 +367,14 @@ def torch_npu_module() -> ModuleType:
 def decode_ops(fused: bool, attention: str | None = None) -> DecodeOps:
     """The ops the decode step runs: FusedOps over torch_npu when `fused`, else the plain ones.
 
-    attention: how decode attention reads the paged cache with the fused ops, "paged" (None: the default)
-    or "gather"; the plain ops always gather, and "paged" without `fused` is a ValueError.
+    attention: how decode attention reads the paged cache with the fused ops, "paged" (None: the default),
+    "paged_mask" (the same FIA call with vllm-ascend's causal mask) or "gather"; the plain ops always gather,
+    and a paged form without `fused` is a ValueError.
     """
     if attention is not None and attention not in DECODE_ATTENTION:
         raise ValueError(f"decode_attention={attention!r} must be one of {', '.join(DECODE_ATTENTION)} (or null)")
-    if attention == "paged" and not fused:
-        raise ValueError("decode_attention='paged' needs fused_ops: the paged kernel is the NPU's FIA")
-    return FusedOps(torch_npu_module(), paged=attention != "gather") if fused else PLAIN
+    if attention in ("paged", "paged_mask") and not fused:
+        raise ValueError(f"decode_attention={attention!r} needs fused_ops: the paged kernel is the NPU's FIA")
+    if not fused:
+        return PLAIN
+    return FusedOps(torch_npu_module(), paged=attention != "gather", masked_decode=attention == "paged_mask")

@@ -21,7 +21,10 @@ gate/up) carry must be the same in every part.
 
 Kernels, per backend (`select_backend`; `use_backend` switches, e.g. to compare them):
 - npu: `torch_npu.npu_quantize` / `npu_dynamic_quant` and `npu_quant_matmul`, as vllm-ascend calls
-  them (weight passed as (in, out), stored column-major so that view is contiguous).
+  them (weight passed as (in, out), stored column-major so that view is contiguous), with the dtypes
+  op-plugin's API docs require (`npu_static_args`): npu_quantize's scales and zero points in the
+  activations' dtype (div_mode=False); for float16 output the static dequant scale made by
+  `npu_trans_quant_param` (int64) and the dynamic path's float bias as float32.
 - cuda: `torch._int_mm` (int8 x int8 -> int32; rows padded to 32, as cuBLASLt needs more than 16).
 - cpu: `torch.ops.aten._weight_int8pack_mm`, the int8 weight kernel torch uses for CPU decode, fed
   the int8 activations as bfloat16 (integers up to 127 are exact there): it reads the int8 weight and
@@ -242,7 +245,7 @@ class QuantLinear:
             weight,
             layer.weight_scale[:, 0],
             pertoken_scale=token_scale,
-            bias=self._float_bias(layer),
+            bias=d.get("npu_bias"),
             output_dtype=x.dtype,
         )
 
@@ -271,18 +274,43 @@ class QuantLinear:
             if not weight.t().is_contiguous():  # store column-major: weight.t() is then (in, out) contiguous
                 weight.data = weight.data.t().contiguous().t()
             if self.scheme == STATIC:
-                k = weight.shape[1]
-                derived["inv_scale_vec"] = derived["inv_scale"].expand(k).contiguous()
-                derived["offset_vec"] = derived["offset"].expand(k).contiguous()
-                derived["deq_scale"] = _npu_deq_scale(layer.deq_scale, layer.compute_dtype)
+                derived["inv_scale_vec"], derived["offset_vec"] = npu_static_args(
+                    derived["inv_scale"], derived["offset"], weight.shape[1], layer.compute_dtype
+                )
+                derived["deq_scale"] = npu_deq_scale(self.npu, layer.deq_scale, layer.compute_dtype)
+            elif self._float_bias(layer) is not None:
+                derived["npu_bias"] = npu_float_bias(self._float_bias(layer), layer.compute_dtype)
         self.derived = derived
 
 
-def _npu_deq_scale(deq_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """npu_quant_matmul's dequant scale: float32 for bfloat16 output, the float32 bits as int64 for float16."""
+def npu_static_args(
+    inv_scale: torch.Tensor, offset: torch.Tensor, in_features: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """npu_quantize's (scales, zero_points) for per-tensor static quantization of `dtype` activations.
+
+    op-plugin's npu_quantize doc, div_mode=False: the scales (one per input channel here, axis -1) in the
+    input's dtype, the zero points in the scales' shape and dtype. vllm-ascend keeps `input_scale` in the
+    model's dtype and casts the offset to it (`AscendW8A8LinearMethod.process_weights_after_loading`).
+    """
+    return (
+        inv_scale.to(dtype).expand(in_features).contiguous(),
+        offset.to(dtype).expand(in_features).contiguous(),
+    )
+
+
+def npu_deq_scale(npu: Any, deq_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """npu_quant_matmul's static dequant scale (no per-token scale): float32 for bfloat16 output; for float16
+    output the int64 that `npu_trans_quant_param` makes of it, as the npu_quant_matmul doc requires of int64
+    scales (its float32 bits cut to 19, bit 46 set)."""
     if out_dtype != torch.float16:
-        return deq_scale
-    return deq_scale.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        return deq_scale.float()
+    return npu.npu_trans_quant_param(deq_scale.float().contiguous())
+
+
+def npu_float_bias(bias: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The dynamic path's float bias for npu_quant_matmul with a per-token scale: its doc's table takes
+    int32, bfloat16 or float32 there, so a float16 bias (float16 models) goes as float32."""
+    return bias.float() if out_dtype == torch.float16 else bias
 
 
 def dequantized_reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

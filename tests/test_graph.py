@@ -11,6 +11,7 @@ import contextlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -198,9 +199,12 @@ class FakeNpuBackend(FakeBackend):
             yield
 
 
-def test_auto_dispatch_capture_where_the_backend_has_it() -> None:
-    assert capture_options(FakeBackend()) == {}
-    assert capture_options(FakeNpuBackend()) == {"auto_dispatch_capture": True}
+def test_auto_dispatch_capture_only_where_lengths_are_updated() -> None:
+    """auto_dispatch_capture puts an event wait that only `update` records in front of each FIA call: graphs that
+    are never updated (no host lengths: the gather form, cuda) are captured without it."""
+    assert capture_options(FakeBackend(), host_lengths=True) == {}
+    assert capture_options(FakeNpuBackend(), host_lengths=True) == {"auto_dispatch_capture": True}
+    assert capture_options(FakeNpuBackend(), host_lengths=False) == {}
     backend = FakeNpuBackend()
 
     def decode(
@@ -212,7 +216,7 @@ def test_auto_dispatch_capture_where_the_backend_has_it() -> None:
         return out
 
     GraphDecode(decode, [1, 2], [256], torch.device("cpu"), table_width=1, backend=backend)
-    assert backend.auto_dispatch == [True, True]
+    assert backend.auto_dispatch == [False, False]
 
 
 def capturing_decode(backend: FakeBackend, decode: Callable[..., torch.Tensor], refuse_batch: int) -> Callable:
@@ -253,6 +257,39 @@ def test_a_bucket_whose_capture_raises_runs_eager(caplog: pytest.LogCaptureFixtu
     one = graphs(torch.tensor([7]), torch.tensor([0]), torch.tensor([2]), tables[:1], 512)
     assert one.flatten().tolist() == [512702.0]
     assert graphs.graphs[1, 512][0].replays == 1
+
+
+def test_a_bucket_whose_warm_up_raises_runs_eager(caplog: pytest.LogCaptureFixture) -> None:
+    """A warm-up step (eager, on the side stream, before capture) that raises costs only its bucket, as a refused
+    capture does: graph set-up goes on, the bucket is named in `eager` and runs the step itself."""
+    backend = FakeBackend()
+
+    def step(
+        tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor, tables: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        out = (tokens * 100 + positions * 10 + cache_lens + length * 1000)[:, None].float()
+        if backend.capturing is not None:
+            backend.capturing.call = (lambda *a: step(*a, length), (tokens, positions, cache_lens, tables), out)
+        return out
+
+    refused = []
+
+    def decode(*args: Any) -> torch.Tensor:
+        if backend.capturing is None and args[0].shape[0] == 2 and not refused:  # the first warm-up step of bucket 2
+            refused.append(args)
+            raise RuntimeError("EZ9999: aicore error during warm-up")
+        return step(*args)
+
+    with caplog.at_level("WARNING", logger="model.graph"):
+        graphs = GraphDecode(decode, [1, 2], [256], torch.device("cpu"), table_width=2, backend=backend)
+    assert sorted(graphs.graphs) == [(1, 256)] and list(graphs.eager) == [(2, 256)] and backend.synchronized
+    assert graphs.eager_buckets() == [
+        {"batch": 2, "length": 256, "error": "RuntimeError: EZ9999: aicore error during warm-up"}
+    ]
+    assert "decode graph warm-up failed for batch bucket 2, length 256; that bucket runs eager" in caplog.text
+    tables = torch.zeros(2, 2, dtype=torch.long)
+    out = graphs(torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([5, 6]), tables, 256)
+    assert out.flatten().tolist() == [256135.0, 256246.0]
 
 
 def test_capture_failure_keeps_the_tokens(

@@ -1,18 +1,22 @@
 """NPU decode attention through block tables (FIA's paged mode), checked on cpu with stand-ins.
 
-- The paged decode step (FusedOps, paged) with a torch_npu stand-in that implements FIA's page-attention
-  semantics and asserts its documented layouts gives the plain (gather) step's logits and KV cache on
-  random block tables, for several batch sizes including a padded bucket.
+- The paged decode step (FusedOps, paged, without a mask or with vllm-ascend's causal mask) with a torch_npu
+  stand-in that implements FIA's page-attention semantics and asserts its documented layouts gives the plain
+  (gather) step's logits and KV cache on random block tables, for several batch sizes including a padded
+  bucket.
 - In graph mode one graph per batch bucket is captured with the longest lengths; a stand-in NPUGraph
   bakes each recorded FIA call's `actual_seq_lengths_kv` into the graph, as torch_npu does, and only
-  `update` rewrites them: the replayed step must equal the eager step at every step's lengths.
+  `update` rewrites them: the replayed step must equal the eager step at every step's lengths. Each update
+  comes after a stream sync (the stand-in's replays run until one), and graphs that are never updated (the
+  gather form) are captured without auto-dispatch (the stand-in's replay of an un-updated recorded call
+  raises where a device would wait forever).
 - The engine's batch passes each row's KV length (host) and pads with length 1 over the null block.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,99 +24,21 @@ import pytest
 import torch
 
 import model.npu_ops
+import tests.npu_stand_in as stand_in
+from cluster.config import ConfigError, load_config
 from model.graph import GraphDecode
 from model.kv_cache import NULL_BLOCK
 from model.npu_ops import FusedOps, decode_ops
 from model.processor import PreparedRequest
 from model.runner import ModelRunner
 from model.sampling import SamplingParams
-from tests.test_capture import MAX_SEQ_LEN, FakeTorchNpu, _inputs, _restore, _runner, _snapshot, no_host_sync
-from tests.test_graph import FakeBackend
-
-
-class GraphRecordingNpu(FakeTorchNpu):
-    """FakeTorchNpu whose FIA calls, made while a stand-in graph captures, are recorded in that graph; on
-    replay each call reads `actual_seq_lengths_kv` from its record (the value baked in at capture, or what
-    `update` wrote), not from the step's arguments: a host list is not an input of a captured graph."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.recording: FakeNpuGraph | None = None
-        self.replaying: Iterator[dict[str, Any]] | None = None
-
-    def npu_fused_infer_attention_score(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kw: Any):
-        if self.recording is not None:
-            self.recording.records.append({"actual_seq_lengths_kv": list(kw["actual_seq_lengths_kv"])})
-        if self.replaying is not None:
-            kw["actual_seq_lengths_kv"] = next(self.replaying)["actual_seq_lengths_kv"]
-        return super().npu_fused_infer_attention_score(query, key, value, **kw)
-
-
-class FakeNpuGraph:
-    """torch.npu.NPUGraph as GraphDecode uses it: pool, replay, and update(list of dicts) as torch_npu 2.13's
-    `_GraphDispatchMode.update_capture_record`: one dict applies to every recorded call, else one per call."""
-
-    def __init__(self) -> None:
-        self.call: tuple[Callable[..., torch.Tensor], tuple[Any, ...], torch.Tensor] | None = None
-        self.records: list[dict[str, Any]] = []
-        self.auto_dispatch = False
-        self.updates: list[list[int]] = []
-        self.npu: GraphRecordingNpu | None = None
-
-    def pool(self) -> object:
-        return ("pool", id(self))
-
-    def update(self, cpu_update_input: list[dict[str, Any]]) -> None:
-        if not self.auto_dispatch:
-            raise RuntimeError("The current graph configuration does not support update")
-        inputs = cpu_update_input * len(self.records) if len(cpu_update_input) == 1 else cpu_update_input
-        if len(inputs) != len(self.records):
-            raise RuntimeError(f"{len(self.records)} recorded operators, {len(inputs)} update inputs")
-        for record, new in zip(self.records, inputs):
-            record.update({k: v for k, v in new.items() if k in record})
-        self.updates.append(list(cpu_update_input[0]["actual_seq_lengths_kv"]))
-
-    def replay(self) -> None:
-        assert self.call is not None and self.npu is not None, "replay before capture"
-        fn, args, output = self.call
-        self.npu.replaying = iter(self.records)
-        try:
-            output.copy_(fn(*args))
-        finally:
-            self.npu.replaying = None
-
-
-class FakeNpuBackend(FakeBackend):
-    """torch.npu's surface for GraphDecode, graph() taking auto_dispatch_capture as torch_npu 2.13 does."""
-
-    NPUGraph = FakeNpuGraph
-
-    def __init__(self, npu: GraphRecordingNpu) -> None:
-        super().__init__()
-        self.npu = npu
-
-    @contextlib.contextmanager
-    def graph(self, graph: FakeNpuGraph, pool: object = None, auto_dispatch_capture: bool = False) -> Iterator[None]:
-        graph.auto_dispatch, graph.npu = auto_dispatch_capture, self.npu
-        self.capturing, self.npu.recording = graph, graph
-        try:
-            yield
-        finally:
-            self.capturing, self.npu.recording = None, None
+from tests.npu_stand_in import FakeNpuBackend, GraphRecordingNpu
+from tests.test_capture import MAX_SEQ_LEN, _inputs, _restore, _runner, _snapshot, no_host_sync
 
 
 def captured(backend: FakeNpuBackend, decode: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """`decode` as the stand-in captures it: the call is kept for replay, and runs without any host sync."""
-
-    def step(*args: Any) -> torch.Tensor:
-        if backend.capturing is None:
-            return decode(*args)
-        with no_host_sync():
-            out = decode(*args)
-        backend.capturing.call = (decode, args, out)
-        return out
-
-    return step
+    return stand_in.captured(backend, decode, guard=no_host_sync)
 
 
 @pytest.fixture
@@ -131,12 +57,14 @@ def _pad(runner: ModelRunner, inputs: tuple[torch.Tensor, ...], live: int) -> tu
     return tokens, positions, lens, tables
 
 
+@pytest.mark.parametrize("attention", ["paged", "paged_mask"])
 @pytest.mark.parametrize("batch, live", [(1, 1), (2, 2), (4, 3), (4, 4)])
 def test_paged_step_gives_the_gather_step(
-    tiny_checkpoint: Path, recording_npu: GraphRecordingNpu, batch: int, live: int
+    tiny_checkpoint: Path, recording_npu: GraphRecordingNpu, batch: int, live: int, attention: str
 ) -> None:
-    """Fused paged decode vs plain decode: same logits and the same KV cache after the step."""
-    plain, paged = _runner(tiny_checkpoint), _runner(tiny_checkpoint, fused=True)
+    """Fused paged decode (no mask, or vllm-ascend's sparse_mode 3 with its 2048 x 2048 mask) vs plain decode:
+    same logits and the same KV cache after the step."""
+    plain, paged = _runner(tiny_checkpoint), _runner(tiny_checkpoint, fused=True, attention=attention)
     assert paged.paged_decode and not plain.paged_decode
     tokens, positions, lens, tables = _pad(paged, _inputs(paged, batch, seed=10 + batch, longest=MAX_SEQ_LEN), live)
     kv_lens = [n + 1 for n in lens.tolist()]
@@ -148,12 +76,16 @@ def test_paged_step_gives_the_gather_step(
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     layers = paged.config.text.num_hidden_layers
     assert recording_npu.kv_lens_seen == [kv_lens] * layers and kv_lens[live:] == [1] * (batch - live)
+    assert recording_npu.sparse_modes == [3 if attention == "paged_mask" else 0] * layers
 
 
-def test_replay_sees_each_steps_lengths(tiny_checkpoint: Path, recording_npu: GraphRecordingNpu) -> None:
+@pytest.mark.parametrize("attention", ["paged", "paged_mask"])
+def test_replay_sees_each_steps_lengths(
+    tiny_checkpoint: Path, recording_npu: GraphRecordingNpu, attention: str
+) -> None:
     """One graph per batch bucket, captured at max_seq_len; each replay equals the eager step at that step's
     lengths. Without `update` the replay would read max_seq_len positions of every row (and fail here)."""
-    runner = _runner(tiny_checkpoint, fused=True)
+    runner = _runner(tiny_checkpoint, fused=True, attention=attention)
     saved = _snapshot(runner)
     backend = FakeNpuBackend(recording_npu)
     with torch.inference_mode():
@@ -184,6 +116,59 @@ def test_replay_sees_each_steps_lengths(tiny_checkpoint: Path, recording_npu: Gr
             assert graph.updates[-1] == kv_lens and graph.records == [{"actual_seq_lengths_kv": kv_lens}] * layers
         with pytest.raises(ValueError, match="kv_lens=None must give one host length per row"):
             graphs(*inputs, MAX_SEQ_LEN)
+
+
+def test_gather_graphs_replay_without_updates(tiny_checkpoint: Path, recording_npu: GraphRecordingNpu) -> None:
+    """decode_attention: gather captures one graph per (bucket, length) and never calls `update`: captured with
+    auto-dispatch, each FIA call would wait on an event only `update` records, and the first replay would hang
+    (torch_npu/npu/graphs.py); without it every replay equals the eager step."""
+    runner = _runner(tiny_checkpoint, fused=True, attention="gather")
+    saved = _snapshot(runner)
+    backend = FakeNpuBackend(recording_npu)
+    with torch.inference_mode():
+        graphs = GraphDecode(
+            captured(backend, runner.model.decode),
+            [2],
+            runner.decode_lengths,
+            torch.device("cpu"),
+            table_width=runner.max_blocks_per_seq,
+            backend=backend,
+        )
+        assert sorted(graphs.graphs) == [(2, 256), (2, MAX_SEQ_LEN)] and not graphs.eager
+        runner.decode_fn = graphs
+        for seed, longest in ((1, 200), (2, 400)):  # one step at each length
+            inputs = _inputs(runner, 2, seed, longest=longest)
+            length = 256 if int(inputs[2].max()) < 256 else MAX_SEQ_LEN
+            _restore(runner, saved)
+            eager = runner.model.decode(*inputs, length).clone()
+            _restore(runner, saved)
+            replay = runner.decode(*inputs[:3], max_len=int(inputs[2].max()) + 1, block_tables=inputs[3])
+            torch.testing.assert_close(replay, eager, atol=0, rtol=0)
+    assert [graph.replays for graph, _ in graphs.graphs.values()] == [1, 1]
+    assert not any(graph.auto_dispatch or graph.records for graph, _ in graphs.graphs.values())
+
+
+def test_back_to_back_steps_sync_before_each_update(tiny_checkpoint: Path, recording_npu: GraphRecordingNpu) -> None:
+    """Two steps with nothing between them that syncs: the second update must not run while the first replay
+    may still run (the stand-in raises; on a device the update would rewrite the call being executed)."""
+    runner = _runner(tiny_checkpoint, fused=True)
+    backend = FakeNpuBackend(recording_npu)
+    with torch.inference_mode():
+        graphs = GraphDecode(
+            captured(backend, runner.model.decode),
+            [2],
+            runner.decode_lengths,
+            torch.device("cpu"),
+            table_width=runner.max_blocks_per_seq,
+            backend=backend,
+            host_lengths=True,
+        )
+        graph = graphs.graphs[2, MAX_SEQ_LEN][0]
+        for seed in (1, 2):
+            inputs = _inputs(runner, 2, seed, longest=100)
+            graphs(*inputs, MAX_SEQ_LEN, [n + 1 for n in inputs[2].tolist()])
+            assert backend.in_flight == {graph}  # the replay runs on until the next sync
+    assert graph.replays == 2 and len(graph.updates) == 2
 
 
 def test_paged_graphs_need_auto_dispatch_capture(caplog: pytest.LogCaptureFixture) -> None:
@@ -229,7 +214,9 @@ def test_batch_passes_host_lengths(
 def test_decode_attention_choices() -> None:
     with pytest.raises(ValueError, match="decode_attention='paged' needs fused_ops"):
         decode_ops(False, "paged")
-    with pytest.raises(ValueError, match="decode_attention='ring' must be one of paged, gather"):
+    with pytest.raises(ValueError, match="decode_attention='paged_mask' needs fused_ops"):
+        decode_ops(False, "paged_mask")
+    with pytest.raises(ValueError, match="decode_attention='ring' must be one of paged, gather, paged_mask"):
         decode_ops(False, "ring")
     assert decode_ops(False, "gather") is model.npu_ops.PLAIN
     ops = FusedOps(GraphRecordingNpu())
@@ -240,3 +227,9 @@ def test_decode_attention_choices() -> None:
     assert reads.tables.dtype == torch.int32 and reads.kv_lens == [4, 1] and reads.mask is None
     gather = FusedOps(GraphRecordingNpu(), paged=False).decode_reads(tables, torch.tensor([0, 20]), 16, 2, [1, 21])
     assert gather.kv_lens is None and gather.tables.shape == (2, 2) and gather.mask.sum(1).tolist() == [1, 21]
+    assert (
+        load_config(None, ["model_path=/m", "device=npu", "decode_attention=paged_mask"]).decode_attention
+        == "paged_mask"
+    )
+    with pytest.raises(ConfigError, match="decode_attention='paged_mask': needs the fused ops on npu"):
+        load_config(None, ["model_path=/m", "device=cpu", "decode_attention=paged_mask"])

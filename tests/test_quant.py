@@ -33,7 +33,6 @@ from model.quant import (
     DESCRIPTION_FILE,
     DYNAMIC,
     STATIC,
-    _npu_deq_scale,
     dequantized_reference,
     quantized_layers,
     select_backend,
@@ -42,7 +41,7 @@ from model.quant import (
 from model.quantize import quantize_checkpoint
 from model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from model.runner import ModelRunner
-from tests.quant_npu import FakeQuantNpu
+from tests.npu_stand_in import FakeQuantNpu
 
 SCHEMES = {"static": STATIC, "dynamic": DYNAMIC}
 
@@ -154,7 +153,6 @@ def test_int64_deq_scale_of_float16_checkpoints_loads_as_its_float32_bits(
     as_bits = tensors[name].view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     model = _model(_edited(quantized["static"], tmp_path / "int64", {**tensors, name: as_bits}))
     assert torch.equal(model.model.layers[0].mlp.down_proj.deq_scale, tensors[name])
-    assert torch.equal(_npu_deq_scale(tensors[name], torch.float16), as_bits)
 
 
 def test_description_errors_name_the_entry(quantized: dict[str, Path], tmp_path: Path) -> None:
@@ -263,6 +261,32 @@ def test_int8_linear_equals_the_dequantized_reference(
             torch.testing.assert_close(sum(partials), tp1, rtol=1e-9, atol=1e-9)
     if backend == "npu":
         assert fake_npu.calls["npu_quant_matmul"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_npu_kernels_get_their_documented_dtypes(
+    quantized: dict[str, Path], scheme: str, dtype: torch.dtype, fake_npu: FakeQuantNpu
+) -> None:
+    """A bfloat16 / float16 model on the npu backend, through stand-ins that assert op-plugin's dtype rules:
+    npu_quantize (div_mode=False) takes its scales in the input's dtype and zero points in the scales' dtype;
+    npu_quant_matmul takes for float16 output an int64 static scale made by npu_trans_quant_param, and with a
+    per-token scale a bfloat16 or float32 bias (not float16). The result is the quantized arithmetic's, up to
+    the rounding of the scales in the model's dtype (and to 19 bits for the int64 scale)."""
+    gen = torch.Generator().manual_seed(0)
+    layer = _model(quantized[scheme]).model.layers[1].self_attn.qkv_proj  # column-parallel, with a bias
+    if layer.bias is not None:  # the dynamic scheme keeps the float bias, in the model's dtype
+        layer.bias.data = layer.bias.data.to(dtype)
+    layer.compute_dtype = dtype
+    x = torch.randn(5, 128, generator=gen).to(dtype)
+    ref = dequantized_reference(layer, x)
+    layer.quant.prepare(layer, "npu")
+    ours = layer.quant.apply(layer, x)
+    assert ours.dtype == dtype and fake_npu.calls["npu_quant_matmul"] == 1
+    assert fake_npu.calls.get("npu_trans_quant_param", 0) == (scheme == "static" and dtype == torch.float16)
+    # Output and activation scales rounded to 8 (bfloat16) or 11 (float16) bits: measured 0.8% / 0.07% of max |y|.
+    tol = (2**-6 if dtype == torch.bfloat16 else 2**-9) * float(ref.abs().max())
+    torch.testing.assert_close(ours.double(), ref, rtol=0, atol=tol)
 
 
 # ----------------------------------------------------------------------------------------------- accuracy

@@ -18,7 +18,7 @@ from model.processor import PromptBuilder
 from model.quant import DYNAMIC, STATIC, use_backend
 from model.quantize import quantize_checkpoint
 from model.runner import ModelRunner
-from tests.quant_npu import FakeQuantNpu
+from tests.npu_stand_in import FakeQuantNpu
 from tests.test_capture import SYNC_OPS, _inputs, _restore, _snapshot, no_host_sync
 
 MAX_SEQ_LEN = 256

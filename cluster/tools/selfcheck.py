@@ -10,6 +10,11 @@ one Ray task runs the plain and the fused decode on one device and compares thei
 quantizes the tiny checkpoint (W8A8, `model.quantize`) and compares its teacher-forced logits on the
 device with the float model's: top-1 agreement and mean KL. Prints a pass/fail table; exit status 0
 only when every row passes.
+
+On npu two steps come first, on this node and before Ray starts: the node preflight in this process (a
+node without torch_npu or CANN's environment stops here, with the preflight's message), then the first-run
+cases (`cluster.tools.npu_first_run`, each in its own process with a timeout, one line per case), whose
+result is the table's first row.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -30,9 +36,10 @@ import torch
 
 from cluster.devices import DeviceSpec, get_device_spec
 from cluster.launch import eager_decode_buckets, format_eager
-from cluster.preflight import probe
+from cluster.preflight import node_problems, probe
 from cluster.tools.bench import CACHE_DIR, CHECKPOINTS, bench_image, bench_requests
 from cluster.tools.bench_quant import quant_accuracy, quantized_copy
+from cluster.tools.npu_first_run import DEFAULT_TIMEOUT_S
 from cluster.tools.tiny_checkpoint import build_tiny_checkpoint
 from model.parallel import free_port
 from model.processor import PromptBuilder
@@ -55,6 +62,7 @@ FUSED_RTOL = 0.05  # largest |fused - plain| logit over the largest |logit|, bf1
 # 0.006); on an accelerator both sides run in bfloat16, whose own rounding adds to it.
 QUANT_MAX_KL = 0.05
 QUANT_MIN_TOP1 = 0.75
+FIRST_RUN_ROW = "npu first-run cases"
 
 
 @dataclass
@@ -224,6 +232,22 @@ def check_quant(spec: DeviceSpec, path: Path, requests: list[dict], new_tokens: 
     return Row(ROWS[8], ok, detail)
 
 
+def check_first_run(case_timeout_s: float) -> Row:
+    """`python -m cluster.tools.npu_first_run` in a process of its own; its lines are printed as they come."""
+    command = [sys.executable, "-m", "cluster.tools.npu_first_run", "--timeout", f"{case_timeout_s:g}"]
+    log("npu first-run cases: " + " ".join(command[1:]))
+    lines = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            lines.append(line.strip())
+    summary = lines[-1] if lines else f"no output (exit code {proc.returncode})"
+    failed = [line.split()[0] for line in lines[:-1] if len(line.split()) > 1 and line.split()[1] != "PASS"]
+    detail = summary + (f"; failed: {', '.join(failed)}" if failed else "")
+    return Row(FIRST_RUN_ROW, proc.returncode == 0, detail)
+
+
 def run_engine(
     path: Path, spec: DeviceSpec, tp: int, mode: str, requests: list[dict], new_tokens: int, batch: int
 ) -> tuple[list[dict], dict]:
@@ -351,12 +375,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the Ray runs (default 2)")
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--cache-dir", default=str(CACHE_DIR), help="where the tiny checkpoint is built and reused")
+    parser.add_argument("--case-timeout", type=float, default=DEFAULT_TIMEOUT_S, help="npu: seconds per first-run case")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    first: list[Row] = []
+    if args.device == "npu":
+        problems = node_problems("npu", "graph", os.environ)
+        if problems:
+            print(f"selfcheck: preflight for device npu failed on this node: {' / '.join(problems)}")
+            print("selfcheck FAILED on npu: stopped at the preflight")
+            return 1
+        first.append(check_first_run(args.case_timeout))
     if not ray.is_initialized():
         ray.init(address="local", namespace="selfcheck", log_to_driver=False)
     try:
-        rows = selfcheck(args.device, args.tp, args.new_tokens, Path(args.cache_dir).expanduser())
+        rows = first + selfcheck(args.device, args.tp, args.new_tokens, Path(args.cache_dir).expanduser())
     finally:
         ray.shutdown()
     print(format_rows(rows))
