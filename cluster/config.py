@@ -232,8 +232,9 @@ class RunConfig:
         takes the device table's default (on for npu, off elsewhere).
     decode_attention: how decode attention reads the paged KV cache with the fused ops: "paged" (null,
         the default) hands npu_fused_infer_attention_score the block tables and each row's KV length;
+        "paged_mask" makes the same call as vllm-ascend's decode does (sparse_mode 3, its 2048 x 2048 mask);
         "gather" copies the live blocks into a contiguous tensor first (the way back if a CANN release
-        refuses the paged call; docs/npu.md). "paged" needs the fused ops (npu).
+        refuses the paged call; docs/npu.md). "paged" and "paged_mask" need the fused ops (npu).
     quantization: "auto" loads a quantized checkpoint (one with msmodelslim's
         quant_model_description.json: W8A8 / W8A8_DYNAMIC int8 layers) as it describes; "none"
         refuses one, an error naming this key. Float checkpoints load the same under both.
@@ -375,7 +376,7 @@ def _validate(cfg: RunConfig) -> None:
     _check_choice("exe_mode", cfg.exe_mode, EXE_MODES)
     if cfg.decode_attention is not None:
         _check_choice("decode_attention", cfg.decode_attention, DECODE_ATTENTION)
-        if cfg.decode_attention == "paged" and (cfg.device != "npu" or cfg.fused_ops is False):
+        if cfg.decode_attention in ("paged", "paged_mask") and (cfg.device != "npu" or cfg.fused_ops is False):
             _fail("decode_attention", cfg.decode_attention, "needs the fused ops on npu (fused_ops not false)")
 
     par = cfg.parallel_config
