@@ -4,6 +4,11 @@ The cluster is started with `ray start --head --block` from the venv (so a job's
 with HOME pointing at a temporary home that holds the tiny checkpoint at the path conf/tiny_cpu.yaml
 names (~/.cache/...). It is stopped by ending the processes this test started, not by `ray stop`, which
 would stop every Ray instance on the machine (other test sessions' included).
+
+Jobs are submitted only once the head's job agent answers: the dashboard answers first, and a submit
+before the agent is up fails with "No available agent to submit job". The agent listens on a port of its
+own, not Ray's default 52365, which another Ray instance on the machine may hold (the agent then never
+serves HTTP, and every submit fails).
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from pathlib import Path
 
 import pytest
 
+from model.processor import PromptBuilder
 from tests.ray_helpers import CONTRACT_FIELDS, REPO, free_port, tiny_model, wait_for
 
 VENV_BIN = Path(sys.executable).parent
-AGENT_WAIT_S = 120  # the job agent can start well after the dashboard answers on a loaded machine
+AGENT_WAIT_S = 300  # the job agent can start minutes after the dashboard answers on a loaded machine
 
 
 def _ours(marker: str) -> list[int]:
@@ -45,7 +51,7 @@ def job_cluster(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("home")
     shutil.copytree(tiny_model(), home / ".cache" / "qwen2_5_vl_ray" / "tiny-qwen2.5-vl")
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # short: Ray's socket paths must fit
-    dashboard = free_port()
+    dashboard, agent = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="disabled", HOME=str(home), PATH=f"{VENV_BIN}:{env.get('PATH', '')}")
     head = subprocess.Popen(
@@ -60,6 +66,7 @@ def job_cluster(tmp_path_factory: pytest.TempPathFactory):
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={agent}",
             f"--ray-client-server-port={free_port()}",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
@@ -72,15 +79,19 @@ def job_cluster(tmp_path_factory: pytest.TempPathFactory):
     )
     address = f"http://127.0.0.1:{dashboard}"
 
-    def up() -> bool:
+    def answers(url: str) -> bool:
         try:
-            with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+            with urllib.request.urlopen(url, timeout=2):
                 return True
         except OSError:
             return head.poll() is not None  # stop waiting if it died
 
     try:
-        assert wait_for(up, timeout_s=120, interval_s=0.5) and head.poll() is None, "ray start --head failed"
+        assert wait_for(lambda: answers(f"{address}/api/version"), timeout_s=120, interval_s=0.5), "no dashboard"
+        # The job agent registers itself with the head as soon as its HTTP server is up.
+        agent_up = wait_for(lambda: answers(f"http://127.0.0.1:{agent}/api/healthz"), AGENT_WAIT_S, interval_s=0.5)
+        assert head.poll() is None, "ray start --head exited"
+        assert agent_up, f"no job agent after {AGENT_WAIT_S}s:\n{_agent_log(Path(temp_dir))}"
         yield {"address": address, "env": env, "temp_dir": Path(temp_dir), "home": home}
     finally:
         head.send_signal(signal.SIGTERM)
@@ -96,8 +107,14 @@ def job_cluster(tmp_path_factory: pytest.TempPathFactory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _agent_log(temp_dir: Path) -> str:
+    """The end of the head's dashboard_agent.log (why its agent is not up), or a note that there is none."""
+    logs = sorted(temp_dir.glob("session_*/logs/dashboard_agent.log"))
+    return logs[-1].read_text(errors="replace")[-3000:] if logs else f"no dashboard_agent.log under {temp_dir}"
+
+
 def _submit(cluster: dict, *entrypoint: str) -> subprocess.CompletedProcess:
-    """`ray job submit`, retried (bounded) while the head's job agent is still starting."""
+    """`ray job submit` to the cluster (whose job agent is up), waiting for the job to end."""
     cmd = [
         str(VENV_BIN / "ray"),
         "job",
@@ -109,12 +126,7 @@ def _submit(cluster: dict, *entrypoint: str) -> subprocess.CompletedProcess:
         "--",
         *entrypoint,
     ]
-    deadline = time.monotonic() + AGENT_WAIT_S
-    while True:
-        proc = subprocess.run(cmd, env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=420)
-        if "No available agent" not in proc.stderr + proc.stdout or time.monotonic() > deadline:
-            return proc
-        time.sleep(2)
+    return subprocess.run(cmd, env=cluster["env"], cwd=REPO, capture_output=True, text=True, timeout=420)
 
 
 def _records(path: Path) -> list[dict]:
@@ -147,7 +159,12 @@ def test_job_with_overrides(job_cluster, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = _records(output)
     assert records and all(set(CONTRACT_FIELDS) <= set(r) and r["error"] is None for r in records)
-    assert all(len(r["output_token_ids"]) == 4 or r["output_token_ids"][-1:] for r in records)
+    # The override reached the job: 4 tokens, or fewer ending at EOS.
+    eos = set(PromptBuilder.from_pretrained(tiny_model()).eos_token_ids)
+    for r in records:
+        tokens, reason = r["output_token_ids"], r["finish_reason"]
+        at_eos = reason == "stop" and 0 < len(tokens) < 4 and tokens[-1] in eos
+        assert (reason == "length" and len(tokens) == 4) or at_eos, (r["id"], tokens, reason)
     assert "Successful requests" in proc.stdout
 
 
