@@ -219,3 +219,33 @@ def test_max_decode_stall_reaches_the_engine_config_and_null_turns_the_cap_off()
     assert (
         engine_config(load_config(None, ["model_path=/m", "scheduler.max_decode_stall=null"])).max_decode_stall is None
     )
+
+
+@pytest.mark.parametrize(("tp", "dtype"), [(1, "float32"), (2, "float32"), (2, "bfloat16"), (4, "float32")])
+def test_kv_cache_memory_gb_sizes_the_pool_the_workers_allocate(tiny_checkpoint: Path, tp: int, dtype: str) -> None:
+    """kv_cache.memory_gb becomes the most blocks whose keys and values, as a rank's runner allocates them
+    (tp 2 holds half the checkpoint's 2 KV heads per rank; tp 4 replicates one), fit in that many GiB."""
+    from model.parallel import ParallelContext
+    from model.runner import ModelRunner
+
+    memory_gb = 0.002
+    overrides = [f"model_path={tiny_checkpoint}", f"world_size={tp}", f"parallel_config.tp_size={tp}"]
+    cfg = load_config(None, [*overrides, f"dtype={dtype}", "kv_cache.block_size=8", f"kv_cache.memory_gb={memory_gb}"])
+    blocks, block_size = engine_config(cfg).worker.kv_pool()
+    assert block_size == 8
+    runner = ModelRunner(
+        tiny_checkpoint, ParallelContext(0, tp), dtype=dtype, max_seq_len=64, num_kv_blocks=blocks, kv_block_size=8
+    )
+    pool = sum(t.nbytes for t in runner.cache.keys + runner.cache.values)
+    assert runner.cache.num_blocks == blocks
+    assert pool <= memory_gb * 2**30 < pool + pool // blocks, (blocks, pool)
+
+
+def test_kv_cache_num_blocks_wins_and_a_pool_under_two_blocks_is_refused(tiny_checkpoint: Path) -> None:
+    base = [f"model_path={tiny_checkpoint}", "world_size=1", "parallel_config.tp_size=1", "kv_cache.block_size=8"]
+    both = engine_config(load_config(None, [*base, "kv_cache.num_blocks=7", "kv_cache.memory_gb=1"]))
+    assert both.worker.kv_pool() == (7, 8)
+    default = engine_config(load_config(None, [*base, "data_config.batch_size=3", "data_config.input_max_len=30"]))
+    assert default.worker.num_kv_blocks is None  # sized for batch_size sequences of max_seq_len
+    with pytest.raises(ConfigError, match=r"kv_cache.memory_gb=1e-06: holds 0 KV blocks of \d+ bytes; at least 2"):
+        engine_config(load_config(None, [*base, "kv_cache.memory_gb=0.000001"]))
