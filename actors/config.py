@@ -57,5 +57,6 @@ class EngineConfig:
     worker_timeout_s: float = 600.0
     rendezvous_timeout_s: float = 300.0
     max_group_restarts: int = 3
+    compiled_graphs: bool = True  # phase calls through one Ray Compiled Graph per group (actors/compiled_group.py)
     dist_env: dict[str, str] = field(default_factory=dict)
     profile: bool = False

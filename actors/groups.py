@@ -1,7 +1,9 @@
 """The workers of one DP group (one TP group): create, rendezvous, load, call, kill, rebuild.
 
 Everything here is awaited from the Coordinator's event loop, so one group starting, failing or
-being rebuilt never blocks the others.
+being rebuilt never blocks the others. Each call here is an ordinary Ray actor call per rank;
+actors/compiled_group.py is the same group with its phase calls through one Ray Compiled Graph
+(`ray.compiled_graphs`), and its `make_worker_group` picks between the two.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class CallError(RuntimeError):
 class WorkerGroup:
     """The ShardWorkers of DP rank `dp_rank`, in placement bundle order."""
 
+    worker_class: type = ShardWorker  # the actor class of every rank (tests substitute a model-free one)
+
     def __init__(self, dp_rank: int, cfg: EngineConfig, strategies: list[Any]) -> None:
         self.dp_rank = dp_rank
         self.cfg = cfg
@@ -51,7 +55,7 @@ class WorkerGroup:
         cfg = self.cfg
         env = {"env_vars": dict(cfg.dist_env)} if cfg.dist_env else None
         self.workers = [
-            ray.remote(ShardWorker)
+            ray.remote(self.worker_class)
             .options(
                 name=worker_actor_name(rank),
                 namespace=cfg.namespace,
@@ -135,13 +139,15 @@ class WorkerGroup:
                 f.cancel()
             dead = await self.dead_ranks()
             if dead:
-                raise GroupFailure(f"{_names(dead)} of dp group {self.dp_rank} died (RayActorError)")
+                raise GroupFailure(f"{rank_names(dead)} of dp group {self.dp_rank} died (RayActorError)")
             rank, error = next(iter(errors.items()))
             if isinstance(error, RayActorError):
-                raise GroupFailure(f"{_names([rank])} of dp group {self.dp_rank} died ({type(error).__name__})")
+                raise GroupFailure(f"{rank_names([rank])} of dp group {self.dp_rank} died ({type(error).__name__})")
             if pending:  # a rank raised while the others wait for it in a collective: the group is stuck
-                raise GroupFailure(f"{_names([rank])} of dp group {self.dp_rank} failed in '{what}': {_cause(error)}")
-            raise CallError(f"{_names([rank])} of dp group {self.dp_rank} failed in '{what}': {_cause(error)}")
+                raise GroupFailure(
+                    f"{rank_names([rank])} of dp group {self.dp_rank} failed in '{what}': {_cause(error)}"
+                )
+            raise CallError(f"{rank_names([rank])} of dp group {self.dp_rank} failed in '{what}': {_cause(error)}")
         if pending:
             late = [self.ranks[i] for i, f in enumerate(futures) if f in pending]
             for f in pending:
@@ -170,7 +176,8 @@ async def as_future(ref: Any) -> Any:
     return await ref
 
 
-def _names(ranks: list[int]) -> str:
+def rank_names(ranks: list[int]) -> str:
+    """The workers of `ranks` as messages name them: "shard-worker-3 (rank 3), ..."."""
     return ", ".join(f"{worker_actor_name(r)} (rank {r})" for r in ranks)
 
 

@@ -5,15 +5,18 @@ rank) -> `load` -> `warmup`. Then the Coordinator runs rounds, the same calls on
 group: `encode` (vision tower) and `step` (forget, preempt and start requests, set their block tables,
 then one packed forward of prompt chunks and decode tokens, or a few pure-decode steps). The worker
 keeps the model, the paged KV cache, the graphs and each request's tokens and sampling state; the
-Coordinator keeps everything else about a request, and its scheduler owns the blocks.
+Coordinator keeps everything else about a request, and its scheduler owns the blocks. With
+`ray.compiled_graphs` the phase calls arrive through `dispatch`, the one method of the group's compiled
+graph (actors/compiled_group.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,13 @@ logger = logging.getLogger(__name__)
 
 # (request without pixels, params, EOS ids, prompt tokens already in its cached prefix blocks)
 Admission = tuple[PreparedRequest, SamplingParams, list[int], int]
+
+
+@dataclass(frozen=True)
+class Raised:
+    """What `dispatch` answers when the method raised: the exception's type and message."""
+
+    error: str
 
 
 def process_rss_bytes() -> int:
@@ -64,6 +74,9 @@ class ShardWorker:
         self.warmup_s = 0.0
         self.profiler: Any = None
         self.profiled = False
+        self.dispatched = 0  # calls `dispatch` has finished
+        self.dispatch_raised: Raised | None = None  # what the last of them raised
+        self.dispatch_thread: int | None = None  # the thread `dispatch` last bound the device on
         logging.basicConfig(level=logging.INFO, format=f"[{worker_actor_name(rank)}] %(message)s")
 
     def __repr__(self) -> str:
@@ -209,6 +222,35 @@ class ShardWorker:
         if self.profiler is not None and not chunks and not batch.active:
             self._stop_profile()
         return {"outputs": self._plain(outputs), "errors": errors, "seconds": time.perf_counter() - start}
+
+    # ----------------------------------------------------------------------------- compiled calls
+    def dispatch(self, call: tuple[str, tuple]) -> Any:
+        """Run one call of the group's compiled graph: `call` is (method name, positional arguments).
+
+        A method that raises answers `Raised` instead: an exception in a compiled graph comes back as
+        every rank's answer, naming no rank, and the group could not tell a failed call from a failed graph.
+        """
+        method, args = call
+        self.dispatch_raised = None
+        if self.dispatch_thread != threading.get_ident():  # the graph's loop runs on a thread of Ray's own
+            self.dispatch_thread = threading.get_ident()
+            if self.device.type != "cpu":  # the current device is per thread (CUDA, ACL)
+                getattr(torch, self.device.type).set_device(self.device)
+        try:
+            return getattr(self, method)(*args)
+        except Exception as e:
+            self.dispatch_raised = Raised(f"{type(e).__name__}: {e}")
+            return self.dispatch_raised
+        finally:
+            self.dispatched += 1
+
+    def dispatch_state(self) -> tuple[int, Raised | None]:
+        """(calls `dispatch` has finished, what the last one raised), for a group checking on a long call.
+
+        An ordinary call: it runs beside the graph's loop (Ray's own concurrency group), not after it.
+        """
+        done = self.dispatched  # read first: `dispatch` sets what it raised before it counts the call
+        return done, self.dispatch_raised
 
     # ----------------------------------------------------------------------------- queries
     def memory(self) -> dict:

@@ -195,6 +195,10 @@ class RayConfig:
         then only routes (actors/router.py): the per-token work spreads over a process per group.
         For many DP groups at high token rates; waiting requests of a failed group then wait for its
         rebuild instead of moving to another group.
+    compiled_graphs: each DP group's phase calls (encode, step) go through one Ray Compiled Graph
+        instead of an ordinary actor call per worker: a few tenths of a millisecond per call instead of
+        one to two (actors/compiled_group.py; docs/architecture.md). Compiled Graphs are a beta Ray API;
+        false keeps ordinary calls.
     num_cpus_per_worker: CPUs each worker holds; on npu/cuda a worker also holds one accelerator.
     log_to_driver: forward worker logs to the driver's output.
     """
@@ -206,6 +210,7 @@ class RayConfig:
     worker_timeout_s: float = 600.0
     max_group_restarts: int = 3
     group_coordinators: bool = False
+    compiled_graphs: bool = True
     num_cpus_per_worker: float = 1.0
     log_to_driver: bool = True
 

@@ -1,0 +1,222 @@
+"""A DP group whose phase calls go through one Ray Compiled Graph (`ray.compiled_graphs`).
+
+An ordinary actor call costs about 1 ms per worker on the caller's side; a compiled graph passes the
+call through shared-memory channels to a loop already running on each worker, for a few tenths of a
+millisecond per call (docs/architecture.md, "Compiled phase calls"). Start-up (node_info,
+rendezvous, load, warm-up) runs as ordinary calls (`WorkerGroup.start`); then the group compiles one
+graph: every rank's `ShardWorker.dispatch` reads the same `(method, args)` and returns the method's
+answer. Rules Ray sets and this class keeps:
+
+- Only the process (and the event loop) that compiled the graph executes it: the Coordinator's.
+- An actor runs one compiled graph at a time, so every phase call shares the one graph, one call at a
+  time; a rebuild compiles a fresh graph on the fresh workers.
+- Ray bounds neither the wait for an asyncio execution's answer nor a teardown blocked by a hung
+  method, so the bounds are kept here: a call waits at most `ray.worker_timeout_s`, polling the
+  workers (`dispatch_state`, an ordinary call that runs beside the graph's loop) once it takes
+  longer than PROBE_S, so that a dead rank, or a rank that raised while its peers wait for it in a
+  collective, fails the call at once and names the rank.
+- After a failure the graph is torn down and the group refuses calls until `kill` and `start`;
+  `kill` tears the graph down (bounded) and kills the workers, which also ends a teardown held up by
+  a hung rank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from ray.dag import InputNode, MultiOutputNode
+from ray.exceptions import RayActorError
+
+from actors.config import EngineConfig
+from actors.groups import CallError, GroupFailure, WorkerGroup, as_future, rank_names
+from actors.shard_worker import Raised
+
+logger = logging.getLogger(__name__)
+
+# A call taking longer than this is checked on (dead rank, a rank stuck after its peers failed) every PROBE_S.
+PROBE_S = 1.0
+# Initial size of each channel's buffer (the input, read by every rank, and each rank's answer). A larger
+# message grows the channel to its size; Ray keeps the old buffer, so start large enough for most calls.
+CHANNEL_BYTES = 8 << 20
+# How long `kill` lets a graph finish its teardown before it kills the workers (a hung rank never finishes).
+TEARDOWN_GRACE_S = 5.0
+
+
+class CompiledWorkerGroup(WorkerGroup):
+    """`WorkerGroup` whose calls after start go through one compiled graph; same interface and failures."""
+
+    def __init__(self, dp_rank: int, cfg: EngineConfig, strategies: list[Any]) -> None:
+        super().__init__(dp_rank, cfg, strategies)
+        self.graph: Any = None  # ray.dag.CompiledDAG
+        self.failure: str | None = None  # why the graph stopped; calls refuse until kill + start
+        self._calls = 0  # executions of this graph, to compare with each rank's `dispatch_state`
+        self._lock = asyncio.Lock()  # one execution in flight: each rank runs the calls in order anyway
+        self._pending: asyncio.Future | None = None  # a call's answer that never came (failed group)
+        self._teardown: threading.Event | None = None  # set when the graph's teardown has returned
+
+    # ----------------------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Start the workers as `WorkerGroup` does (ordinary calls), then compile the group's graph."""
+        self.graph, self.failure, self._calls, self._pending, self._teardown = None, None, 0, None, None
+        await super().start()
+        try:
+            with InputNode() as call:
+                dag = MultiOutputNode([w.dispatch.bind(call) for w in self.workers])
+            # Blocks this event loop while it sets up the channels (tenths of a second); it must run on the
+            # loop that executes the graph.
+            self.graph = dag.experimental_compile(
+                enable_asyncio=True,
+                _submit_timeout=self.cfg.worker_timeout_s,
+                _buffer_size_bytes=CHANNEL_BYTES,
+            )
+        except Exception as e:
+            await self.kill()
+            raise GroupFailure(f"dp group {self.dp_rank} could not compile its graph: {type(e).__name__}: {e}") from e
+
+    async def kill(self, timeout_s: float = 30.0) -> None:
+        """Tear the graph down, kill the workers and wait (bounded) until their names are free."""
+        deadline = time.monotonic() + timeout_s
+        self.alive = False
+        if self.graph is not None:
+            self._start_teardown()
+            if self.failure is None:  # a healthy graph ends its workers' loops by itself: no error logs
+                await _wait_event(self._teardown, min(TEARDOWN_GRACE_S, timeout_s))
+        await super().kill(max(deadline - time.monotonic(), 0.0))
+        if self._teardown is not None and not await _wait_event(self._teardown, deadline - time.monotonic()):
+            logger.warning("dp group %d: compiled graph teardown still running after %gs", self.dp_rank, timeout_s)
+        if self._pending is not None:
+            self._pending.cancel()
+        self.graph, self._pending, self._teardown = None, None, None
+        self.failure = self.failure or "killed"
+
+    def _start_teardown(self) -> None:
+        """Tear the graph down on a thread of its own (Ray's teardown blocks, and waits for a hung rank)."""
+        if self._teardown is not None:
+            return
+        done = self._teardown = threading.Event()
+        graph = self.graph
+
+        def teardown() -> None:
+            try:
+                graph.teardown()
+            except Exception:
+                logger.exception("dp group %d: compiled graph teardown failed", self.dp_rank)
+            finally:
+                done.set()
+
+        threading.Thread(target=teardown, name=f"teardown-dp{self.dp_rank}", daemon=True).start()
+
+    # ----------------------------------------------------------------------------- calls
+    async def call(self, method: str, *args: Any, timeout_s: float | None = None, what: str | None = None) -> list:
+        """Call `method` on every rank with the same arguments; every rank's result, in rank order.
+
+        Before the graph exists (start-up) this is an ordinary call. Raises GroupFailure (naming the rank)
+        when a rank died or did not answer within the timeout, CallError when a live rank raised.
+        """
+        if self.graph is None and self.failure is None:
+            return await super().call(method, *args, timeout_s=timeout_s, what=what)
+        what = what or method
+        async with self._lock:
+            if self.failure is not None:
+                raise GroupFailure(f"dp group {self.dp_rank} cannot run '{what}': {self.failure}")
+            results = await self._execute(method, args, timeout_s or self.cfg.worker_timeout_s, what)
+        raised = [(rank, r) for rank, r in zip(self.ranks, results) if isinstance(r, Raised)]
+        if raised:
+            rank, error = raised[0]
+            raise CallError(f"{rank_names([rank])} of dp group {self.dp_rank} failed in '{what}': {error.error}")
+        return results
+
+    async def _execute(self, method: str, args: tuple, timeout_s: float, what: str) -> list:
+        """One execution of the graph, bounded by `timeout_s`, checking on the ranks while it takes long."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            futures = await self.graph.execute_async((method, args))
+        except Exception as e:  # Ray tore the graph down already (a worker died since the last call)
+            raise await self._graph_failed(None, what, e) from e
+        self._calls += 1
+        answer = asyncio.ensure_future(_all(futures))
+        answer.add_done_callback(_retrieve)
+        while True:
+            done, _ = await asyncio.wait({answer}, timeout=min(PROBE_S, max(deadline - time.monotonic(), 0.0)))
+            if done:
+                break
+            states = await self._probe()
+            dead = [rank for rank, s in zip(self.ranks, states) if s == "dead"]
+            if dead:
+                raise self._fail(answer, f"{rank_names(dead)} of dp group {self.dp_rank} died (RayActorError)")
+            running = [rank for rank, s in zip(self.ranks, states) if s == "running"]
+            raised = [(rank, s) for rank, s in zip(self.ranks, states) if isinstance(s, Raised)]
+            if raised and running:  # the others wait for it in a collective: the group is stuck
+                rank, error = raised[0]
+                raise self._fail(
+                    answer, f"{rank_names([rank])} of dp group {self.dp_rank} failed in '{what}': {error.error}"
+                )
+            if time.monotonic() >= deadline:
+                raise self._fail(
+                    answer,
+                    f"dp group {self.dp_rank} did not finish '{what}' within {timeout_s:g}s "
+                    f"(ray.worker_timeout_s); rank(s) {running} still running",
+                )
+        try:
+            return answer.result()
+        except Exception as e:  # Ray closes the channels of a graph whose worker died
+            raise await self._graph_failed(answer, what, e) from e
+
+    async def _graph_failed(self, answer: asyncio.Future | None, what: str, error: Exception) -> GroupFailure:
+        """The failure of an execution the graph itself failed: the dead ranks, else Ray's error."""
+        dead = await self.dead_ranks()
+        if dead:
+            return self._fail(answer, f"{rank_names(dead)} of dp group {self.dp_rank} died (RayActorError)")
+        return self._fail(answer, f"dp group {self.dp_rank} failed in '{what}': {type(error).__name__}: {error}")
+
+    async def _probe(self, timeout_s: float = 5.0) -> list[Any]:
+        """Each rank's state in the current call: "dead", "running" (or no answer), "done" or its `Raised`."""
+        futures = [asyncio.ensure_future(as_future(w.dispatch_state.remote())) for w in self.workers]
+        await asyncio.wait(futures, timeout=timeout_s)
+        states: list[Any] = []
+        for f in futures:
+            if not f.done():
+                f.cancel()
+                states.append("running")
+            elif isinstance(f.exception(), RayActorError):
+                states.append("dead")
+            elif f.exception() is not None or f.result()[0] < self._calls:
+                states.append("running")
+            else:
+                states.append(f.result()[1] or "done")  # its Raised, if the call raised there
+        return states
+
+    def _fail(self, answer: asyncio.Future | None, message: str) -> GroupFailure:
+        """Stop using the graph (calls refuse until kill + start), tear it down, and the failure to raise."""
+        self.failure = message
+        self._pending = answer
+        self._start_teardown()
+        return GroupFailure(message)
+
+
+def make_worker_group(dp_rank: int, cfg: EngineConfig, strategies: list[Any]) -> WorkerGroup:
+    """The group of DP rank `dp_rank`: compiled phase calls when `cfg.compiled_graphs`, else ordinary ones."""
+    return (CompiledWorkerGroup if cfg.compiled_graphs else WorkerGroup)(dp_rank, cfg, strategies)
+
+
+async def _all(futures: list) -> list:
+    """Every rank's answer to one execution (the futures share one result; each is awaited once)."""
+    return [await f for f in futures]
+
+
+def _retrieve(answer: asyncio.Future) -> None:
+    """Mark a failed answer's exception as seen (its call raised GroupFailure instead)."""
+    if not answer.cancelled():
+        answer.exception()
+
+
+async def _wait_event(event: threading.Event | None, timeout_s: float) -> bool:
+    """Wait (polling, without blocking the loop) up to `timeout_s` for `event`; whether it is set."""
+    deadline = time.monotonic() + timeout_s
+    while event is not None and not event.is_set() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return event is None or event.is_set()

@@ -1,0 +1,178 @@
+"""Per-call cost of a DP group's phase calls: ordinary Ray actor calls against the group's compiled graph.
+
+`python -m cluster.tools.bench_calls [--tp 1 2] [--calls 100] [--repeats 5] [--where actor|driver]`
+
+For each TP size, one group of real ShardWorkers on the tiny checkpoint (CPU, float32, eager, as
+conf/tiny_cpu.yaml runs it; built into the cache when missing) starts with its compiled graph
+(actors/compiled_group.py). Each block admits and prefills one fresh request, then times `--calls`
+decode-only `step` calls (one decode step each), either as ordinary actor calls (`WorkerGroup.call`: one
+call per rank) or through the graph (`CompiledWorkerGroup.call`), on the same workers; the two kinds of
+block alternate, `--repeats` of each, and which goes first alternates too. A call's cost is its round trip
+where the caller receives the answers minus the slowest rank's own time in `step` (the `seconds` it
+reports): what the call path adds to every decode call. Each block also times as many `health` calls
+(which do nothing: the floor of each path). Medians over every call of a kind. The caller is an async
+Ray actor, as the Coordinator is (`--where driver`: this process instead).
+
+Prints a table (median round trip, median workers' time, median cost) and the ratio of the costs; `--json`
+prints one JSON line instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.compiled_group import CompiledWorkerGroup
+from actors.config import EngineConfig, WorkerConfig
+from actors.groups import WorkerGroup
+from cluster.tools.bench import CACHE_DIR, CHECKPOINTS, log
+from cluster.tools.tiny_checkpoint import build_tiny_checkpoint
+from model.kv_cache import blocks_for
+from model.processor import PreparedRequest, PromptBuilder
+from model.sampling import SamplingParams
+
+PROMPT = "Describe the weather today and tomorrow, then summarize the report in three sentences."
+PROMPT_ROOM = 128  # prompt tokens a request may have
+PATHS = ("ordinary", "compiled")
+KINDS = ("step", "health")  # a decode step, and a call that does nothing (the floor of each path)
+GOAL_MS = {1: 0.3, 2: 0.6}  # cost per call the compiled path is meant to stay under, by TP size
+
+
+# --------------------------------------------------------------------------------- plans
+def admit_args(prepared: PreparedRequest, request_id: str, max_new_tokens: int, block_size: int, release: list[str]):
+    """`step` arguments that forget `release`, then admit and prefill one greedy request (EOS ignored) in
+    blocks 1..n."""
+    table = list(range(1, 1 + blocks_for(len(prepared.input_ids) + max_new_tokens, block_size)))
+    request = dataclasses.replace(prepared, request_id=request_id, pixel_values=None)
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    chunks = [(request_id, 0, len(prepared.input_ids))]
+    return (release, [], [(request, params, [], 0)], {request_id: table}, chunks, [], 1)
+
+
+def decode_args(request_id: str) -> tuple:
+    """`step` arguments of one pure-decode step of `request_id`."""
+    return ([], [], [], {}, [], [request_id], 1)
+
+
+def bench_config(model_path: Path, tp: int, calls: int) -> EngineConfig:
+    """A group of `tp` CPU workers on the tiny checkpoint, as conf/tiny_cpu.yaml runs it, with room for one
+    request of `calls` decode steps."""
+    worker = WorkerConfig(str(model_path), "cpu", "float32", "eager", "dp", 1, PROMPT_ROOM + calls + 1)
+    return EngineConfig(worker, tp, 1, {"num_cpus": 1}, "bench-calls", PROMPT_ROOM, 1, compiled_graphs=True)
+
+
+# --------------------------------------------------------------------------------- measurement
+async def measure(cfg: EngineConfig, prepared: PreparedRequest, calls: int, repeats: int) -> dict[str, Any]:
+    """Alternating blocks of ordinary and compiled decode calls on one group; each call's round trip and
+    workers' time (seconds), per path."""
+    group = CompiledWorkerGroup(0, cfg, [None] * cfg.tp_size)
+    await group.start()
+    size = cfg.worker.kv_pool()[1]
+    rows: dict[tuple[str, str], list[tuple[float, float]]] = {(k, p): [] for k in KINDS for p in PATHS}
+    previous: list[str] = []
+    try:
+        for block in range(2 * repeats):
+            path = PATHS[(block + block // 2) % 2]  # ordinary, compiled, compiled, ordinary, ...
+            call = group.call if path == "compiled" else lambda *a: WorkerGroup.call(group, *a)
+            request_id = f"b{block}"
+            admitted = (await group.call("step", *admit_args(prepared, request_id, calls + 1, size, previous)))[0]
+            if admitted["errors"]:
+                raise RuntimeError(f"the benchmark's request was refused: {admitted['errors']}")
+            previous = [request_id]
+            for _ in range(calls):
+                start = time.perf_counter()
+                out = await call("step", *decode_args(request_id))
+                round_trip = time.perf_counter() - start
+                rows["step", path].append((round_trip, max(r["seconds"] for r in out)))
+            for _ in range(calls):
+                start = time.perf_counter()
+                await call("health")
+                rows["health", path].append((time.perf_counter() - start, 0.0))
+    finally:
+        await group.kill()
+    return rows
+
+
+@ray.remote(num_cpus=0)
+class Caller:
+    """An async actor that owns the group, as the Coordinator does."""
+
+    async def measure(self, cfg: EngineConfig, prepared: PreparedRequest, calls: int, repeats: int) -> dict:
+        return await measure(cfg, prepared, calls, repeats)
+
+
+def summarize(rows: dict[tuple[str, str], list[tuple[float, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Medians in ms per call kind and path: round trip, workers' time, and their difference per call (the cost)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (kind, path), r in rows.items():
+        out.setdefault(kind, {})[path] = {
+            "calls": len(r),
+            "round_trip_ms": statistics.median(t for t, _ in r) * 1e3,
+            "workers_ms": statistics.median(w for _, w in r) * 1e3,
+            "cost_ms": statistics.median(t - w for t, w in r) * 1e3,
+        }
+    return out
+
+
+def table(results: dict[int, dict[str, dict[str, dict[str, float]]]]) -> str:
+    head = f"{'tp':>3} {'call':<7} {'path':<9} {'calls':>6} {'round trip ms':>14} {'workers ms':>11} {'cost ms':>8}"
+    lines = [head]
+    for tp, kinds in results.items():
+        for kind, paths in kinds.items():
+            for path, s in paths.items():
+                lines.append(
+                    f"{tp:>3} {kind:<7} {path:<9} {s['calls']:>6} {s['round_trip_ms']:>14.3f} "
+                    f"{s['workers_ms']:>11.3f} {s['cost_ms']:>8.3f}"
+                )
+    for tp, kinds in results.items():
+        for kind, paths in kinds.items():
+            cost = paths["compiled"]["cost_ms"]
+            goal = GOAL_MS.get(tp) if kind == "step" else None
+            verdict = f"; goal <= {goal} ms: {'met' if cost <= goal else 'missed'}" if goal else ""
+            ratio = paths["ordinary"]["cost_ms"] / cost
+            lines.append(f"tp {tp} {kind}: ordinary / compiled cost = {ratio:.1f}x{verdict}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster.tools.bench_calls", description=__doc__.splitlines()[0])
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="TP sizes, one group each")
+    parser.add_argument("--calls", type=int, default=100, help="decode calls per block")
+    parser.add_argument("--repeats", type=int, default=5, help="blocks of each path")
+    parser.add_argument("--where", choices=("actor", "driver"), default="actor", help="the caller's process")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    args = parser.parse_args(argv)
+    directory, spec = CHECKPOINTS["tiny"]
+    model_path = build_tiny_checkpoint(CACHE_DIR / directory, spec)
+    prepared = PromptBuilder.from_pretrained(model_path).build({"id": "bench", "prompt": PROMPT, "images": []})
+    ray.init(address="local", num_cpus=max(args.tp) + 1, include_dashboard=False, log_to_driver=False)
+    results = {}
+    try:
+        for tp in args.tp:
+            cfg = bench_config(model_path, tp, args.calls)
+            log(f"tp {tp}: {args.repeats} blocks of {args.calls} decode calls per path, caller in the {args.where}")
+            if args.where == "actor":
+                rows = ray.get(Caller.remote().measure.remote(cfg, prepared, args.calls, args.repeats))
+            else:
+                rows = asyncio.run(measure(cfg, prepared, args.calls, args.repeats))
+            results[tp] = summarize(rows)
+    finally:
+        ray.shutdown()
+    if args.json:
+        print(json.dumps({"where": args.where, "tp": results}))
+    else:
+        print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""CompiledWorkerGroup: phase calls through one Ray Compiled Graph give the ordinary calls' answers and fail
+as they do (CallError for a raising method, GroupFailure naming the rank for a death or a hang), and a
+group rebuilt after a failure compiles a fresh graph and serves again.
+
+One local Ray cluster and one event loop serve the module (a graph is executed only from the loop that
+compiled it). Two groups: real ShardWorkers on the tiny checkpoint (tp 2), and model-free workers
+(`ProbeWorker`) whose calls wait on a signal actor, so that a call is in flight for as long as a test
+needs, without sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import ray
+import torch
+from ray.dag.compiled_dag_node import CompiledDAG
+
+from actors.compiled_group import PROBE_S, CompiledWorkerGroup, make_worker_group
+from actors.config import EngineConfig, WorkerConfig
+from actors.groups import CallError, GroupFailure, WorkerGroup, as_future
+from actors.shard_worker import ShardWorker, worker_actor_name
+from cluster.tools.bench_calls import admit_args, decode_args
+from model.processor import PromptBuilder
+from tests.ray_helpers import named_actors, tiny_model, wait_for
+
+NAMESPACE = "test-compiled-group"
+RAY_NUM_CPUS = 8  # conftest's local_ray: 2 model workers, 2 probe workers, headroom
+SIGNAL = "compiled-group-signal"
+NEW_TOKENS = 6
+
+
+@ray.remote(num_cpus=0)
+class Signal:
+    """Where probe workers report that a call started, and then wait for good (until the test kills them)."""
+
+    def __init__(self) -> None:
+        self.arrived = 0
+        self.changed = asyncio.Event()
+        self.never = asyncio.Event()
+
+    async def arrive(self) -> None:
+        self.arrived += 1
+        self.changed.set()
+
+    async def arrivals(self, count: int) -> int:
+        while self.arrived < count:
+            self.changed.clear()
+            await self.changed.wait()
+        return self.arrived
+
+    async def wait(self) -> None:
+        await self.never.wait()
+
+
+class ProbeWorker(ShardWorker):
+    """A ShardWorker without a model or a process group, with calls that echo, sum, keep, raise or wait."""
+
+    def init_process_group(self, ip: str, port: int, timeout_s: float) -> None:
+        pass
+
+    def load(self) -> dict:
+        return {"rank": self.rank}
+
+    def warmup(self) -> dict:
+        return {"rank": self.rank}
+
+    def echo(self, value: object) -> object:
+        return value
+
+    def digest(self, tensor: torch.Tensor) -> str:
+        return _digest(tensor)
+
+    def keep(self, tensor: torch.Tensor) -> None:
+        self.kept = tensor
+
+    def kept_digest(self) -> str:
+        return _digest(self.kept)
+
+    def wait_on(self, rank: int) -> int:
+        """Rank `rank` reports its arrival and waits for good; the others answer at once."""
+        if self.rank == rank:
+            signal = ray.get_actor(SIGNAL, namespace=NAMESPACE)
+            ray.get(signal.arrive.remote())
+            ray.get(signal.wait.remote())
+        return self.rank
+
+    def raise_or_wait(self, rank: int) -> int:
+        """Rank `rank` raises; the others wait for good, as peers of a collective would for it."""
+        if self.rank == rank:
+            raise ValueError(f"rank {rank} refuses")
+        signal = ray.get_actor(SIGNAL, namespace=NAMESPACE)
+        ray.get(signal.arrive.remote())
+        ray.get(signal.wait.remote())
+        return self.rank
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.numpy().tobytes()).hexdigest()
+
+
+class ProbeGroup(CompiledWorkerGroup):
+    worker_class = ProbeWorker
+
+
+@pytest.fixture(scope="module")
+def loop(local_ray) -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def cfg() -> EngineConfig:
+    worker = WorkerConfig(str(tiny_model()), "cpu", "float32", "eager", "dp", 2, 256)
+    return EngineConfig(worker, 2, 2, {"num_cpus": 1}, NAMESPACE, 128, 1, worker_timeout_s=60)
+
+
+@pytest.fixture(scope="module")
+def model_group(loop, cfg) -> Iterator[CompiledWorkerGroup]:
+    group = make_worker_group(0, cfg, [None, None])
+    assert type(group) is CompiledWorkerGroup
+    loop.run_until_complete(group.start())
+    yield group
+    loop.run_until_complete(group.kill())
+
+
+@pytest.fixture(scope="module")
+def signal(local_ray) -> Iterator[ray.actor.ActorHandle]:
+    handle = Signal.options(name=SIGNAL, namespace=NAMESPACE).remote()
+    yield handle
+    ray.kill(handle)
+
+
+@pytest.fixture(scope="module")
+def probe_group(loop, cfg) -> Iterator[ProbeGroup]:
+    group = ProbeGroup(1, cfg, [None, None])  # ranks 2 and 3
+    loop.run_until_complete(group.start())
+    yield group
+    loop.run_until_complete(group.kill())
+
+
+@pytest.fixture(autouse=True)
+def _quiet_graph_logs(monkeypatch) -> None:
+    """Keep Ray's logs of dead workers out of pytest's records: their tracebacks would hold the old graphs."""
+    monkeypatch.setattr(logging.getLogger("ray.dag.compiled_dag_node"), "disabled", True)
+
+
+def _nothing_left_behind() -> bool:
+    """No torn-down graph is still in memory, and every channel or monitor thread belongs to a live graph
+    (a live graph that has run has three: its input writer, its output reader and its monitor)."""
+    gc.collect()
+    graphs = [o for o in gc.get_objects() if type(o) is CompiledDAG]
+    threads = sum(t.name.startswith(("channel.", "CompiledGraphMonitor")) for t in threading.enumerate())
+    return all(not g.is_teardown for g in graphs) and threads == 3 * len(graphs)
+
+
+def _rebuild(loop: asyncio.AbstractEventLoop, group: CompiledWorkerGroup) -> None:
+    loop.run_until_complete(group.kill())
+    loop.run_until_complete(group.start())
+
+
+async def _generate(call, request, request_id: str, block_size: int) -> list[list[int]]:
+    """Encode (if the request has images), admit and prefill, then decode: each rank's tokens."""
+    if request.pixel_values is not None:
+        await call("encode", [dataclasses.replace(request, request_id=request_id)], False)
+    outs = [await call("step", *admit_args(request, request_id, NEW_TOKENS, block_size, []))]
+    for _ in range(NEW_TOKENS - 1):
+        outs.append(await call("step", *decode_args(request_id)))
+    await call("step", [request_id], [], [], {}, [], [], 1)  # release
+    return [[t for out in outs for t in out[rank]["outputs"][request_id]["tokens"]] for rank in range(2)]
+
+
+# ----------------------------------------------------------------------------- same answers
+def test_compiled_calls_give_the_ordinary_calls_answers(loop, model_group, raw_requests):
+    group = model_group
+    ordinary = lambda *args: WorkerGroup.call(group, *args)  # noqa: E731 -- the same workers, actor calls
+    builder = PromptBuilder.from_pretrained(tiny_model())
+    block_size = group.cfg.worker.kv_pool()[1]
+    assert loop.run_until_complete(group.call("node_info")) == loop.run_until_complete(ordinary("node_info"))
+    for name in ("text", "one_image"):
+        request = builder.build(raw_requests[name])
+        expected = loop.run_until_complete(_generate(ordinary, request, f"{name}-ordinary", block_size))
+        got = loop.run_until_complete(_generate(group.call, request, f"{name}-compiled", block_size))
+        assert got == expected, name
+        assert got[0] == got[1] and len(got[0]) == NEW_TOKENS, got
+
+
+def test_a_raising_method_is_a_call_error_and_the_group_goes_on(loop, model_group):
+    group = model_group
+    with pytest.raises(CallError) as info:  # every rank raises: no such request
+        loop.run_until_complete(group.call("step", *decode_args("nobody")))
+    message = str(info.value)
+    assert "shard-worker-0 (rank 0) of dp group 0 failed in 'step'" in message, message
+    assert "ValueError" in message and "'nobody'" in message, message
+    with pytest.raises(CallError, match="AttributeError"):
+        loop.run_until_complete(group.call("no_such_method"))
+    infos = loop.run_until_complete(group.call("node_info"))
+    assert [i["rank"] for i in infos] == [0, 1] and group.failure is None
+
+
+def test_multi_megabyte_arguments_round_trip(loop, probe_group):
+    group = probe_group
+    for megabytes in (6, 24):  # past the channels' initial size, then past the size they grew to
+        tensor = torch.randn(megabytes << 18)  # float32: 4 bytes each
+        assert loop.run_until_complete(group.call("digest", tensor)) == [_digest(tensor)] * 2
+    kept = torch.randn(3 << 18)
+    loop.run_until_complete(group.call("keep", kept))
+    loop.run_until_complete(group.call("digest", torch.zeros(4 << 18)))  # the channel holds another message
+    assert loop.run_until_complete(group.call("kept_digest")) == [_digest(kept)] * 2
+    assert loop.run_until_complete(group.call("echo", "small")) == ["small", "small"]
+
+
+# ----------------------------------------------------------------------------- failures
+def test_a_worker_killed_mid_call_fails_naming_it_and_a_rebuild_serves(loop, probe_group, signal):
+    group = probe_group
+    graph = group.graph
+    arrived = ray.get(signal.arrivals.remote(0))
+    call = loop.create_task(group.call("wait_on", 3))
+    loop.run_until_complete(as_future(signal.arrivals.remote(arrived + 1)))  # rank 3 is inside the call
+    killed = time.monotonic()
+    ray.kill(ray.get_actor(worker_actor_name(3), namespace=NAMESPACE), no_restart=True)
+    with pytest.raises(GroupFailure) as info:
+        loop.run_until_complete(call)
+    assert time.monotonic() - killed < 10
+    assert "shard-worker-3 (rank 3) of dp group 1 died" in str(info.value), str(info.value)
+    with pytest.raises(GroupFailure, match="cannot run 'echo'"):
+        loop.run_until_complete(group.call("echo", 1))
+    del info, call  # their tracebacks hold the old graph
+
+    _rebuild(loop, group)
+    assert graph.is_teardown and group.graph is not graph
+    del graph
+    assert loop.run_until_complete(group.call("echo", 2)) == [2, 2]
+    mine = [n for n in named_actors(NAMESPACE) if n in (worker_actor_name(2), worker_actor_name(3))]
+    assert mine == [worker_actor_name(2), worker_actor_name(3)]
+    assert wait_for(_nothing_left_behind, 10)  # once Ray's own threads of the old graph have ended
+
+
+def test_a_hang_past_the_timeout_fails_the_call_naming_the_rank(loop, probe_group, signal):
+    group = probe_group
+    arrived = ray.get(signal.arrivals.remote(0))
+    start = time.monotonic()
+    with pytest.raises(GroupFailure) as info:
+        loop.run_until_complete(group.call("wait_on", 2, timeout_s=1.5))
+    elapsed = time.monotonic() - start
+    assert ray.get(signal.arrivals.remote(arrived + 1)) == arrived + 1
+    message = str(info.value)
+    assert "did not finish 'wait_on' within 1.5s" in message and "rank(s) [2] still running" in message, message
+    assert 1.5 <= elapsed < 1.5 + 2 * PROBE_S + 5, elapsed
+    del info
+    start = time.monotonic()
+    _rebuild(loop, group)  # kill ends the teardown the hung rank holds up
+    assert time.monotonic() - start < 40
+    assert loop.run_until_complete(group.call("echo", "again")) == ["again", "again"]
+    assert wait_for(_nothing_left_behind, 10)
+
+
+def test_a_rank_that_raised_while_its_peer_waits_fails_the_group_at_once(loop, probe_group, signal):
+    group = probe_group
+    start = time.monotonic()
+    with pytest.raises(GroupFailure) as info:  # worker_timeout_s is 60 s: the probe, not the timeout, ends it
+        loop.run_until_complete(group.call("raise_or_wait", 2))
+    assert time.monotonic() - start < 3 * PROBE_S + 5
+    message = str(info.value)
+    assert "shard-worker-2 (rank 2) of dp group 1 failed in 'raise_or_wait'" in message, message
+    assert "ValueError: rank 2 refuses" in message, message
+    del info
+    _rebuild(loop, group)
+    assert loop.run_until_complete(group.call("echo", 3)) == [3, 3]
+
+
+def test_the_factory_follows_the_config(cfg):
+    assert type(make_worker_group(0, cfg, [None, None])) is CompiledWorkerGroup
+    plain = make_worker_group(0, dataclasses.replace(cfg, compiled_graphs=False), [None, None])
+    assert type(plain) is WorkerGroup
+
+
+def test_kill_tears_the_graph_down(loop, probe_group):
+    group = probe_group  # the module's last use of it
+    graph = group.graph
+    loop.run_until_complete(group.kill())
+    assert graph.is_teardown and group.graph is None and not group.alive
+    del graph
+    assert not [n for n in named_actors(NAMESPACE) if n in (worker_actor_name(2), worker_actor_name(3))]
+    with pytest.raises(GroupFailure, match="cannot run 'echo'"):
+        loop.run_until_complete(group.call("echo", 1))
+    assert wait_for(_nothing_left_behind, 10)
