@@ -1,14 +1,18 @@
-"""transformers' Qwen2.5-VL as the reference: greedy tokens, teacher-forced logits, the near-tie rule.
+"""transformers' Qwen2.5-VL as the reference: greedy tokens, teacher-forced logits, the near-tie rules.
 
-Greedy sequences are compared with the near-tie rule of cluster.tools.greedy_check; every acceptance is
-reported with a warning, so a run says when the rule was used.
+An engine's greedy output is judged by `assert_greedy_matches_reference`: every token must be the
+reference's own greedy choice after the same prefix, or a near tie, where the reference's top-2 gap at
+that step is below NEAR_TIE_MARGIN, and a test allows only a few near ties. Two runs of our own
+model, each with its logits at hand, are compared with the top-k rule of cluster.tools.greedy_check
+(`assert_greedy_match`). Every accepted near tie is reported with a warning, so a run says when a
+rule was used.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +23,14 @@ from model.processor import PreparedRequest
 from model.runner import ModelRunner
 
 LOGITS_ATOL = 1e-4
+# A greedy token that differs from the reference's is accepted only where the reference itself barely
+# prefers its own: ours is within this of its best logit, so its top-2 gap there is below it too. Ten
+# times LOGITS_ATOL, the most our teacher-forced logits may differ from transformers' (tests/test_parity.py):
+# a difference that bounded can flip only a top-2 gap below twice it; the rest is room for the batched,
+# chunked and tensor-parallel sums of an engine. The tiny checkpoint's gaps are rarely this small (its LM
+# head is scaled up for that), so a test meets a near tie seldom, and MAX_NEAR_TIES bounds how often.
+NEAR_TIE_MARGIN = 1e-3
+MAX_NEAR_TIES = 1  # per test, over all its sequences
 
 
 class NearTieWarning(UserWarning):
@@ -115,3 +127,58 @@ def assert_greedy_match(
 def paired_steps(ours: torch.Tensor, ref: torch.Tensor) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
     """step_logits for compare_greedy from per-step logits of both sides (teacher-forced on the reference)."""
     return lambda step: (ours[step], ref[step])
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One request's greedy output from our engine, for `assert_greedy_matches_reference`."""
+
+    name: str
+    request: PreparedRequest
+    tokens: Sequence[int]
+    max_new_tokens: int
+    eos_token_ids: Sequence[int] = ()  # empty when the request ignored EOS
+
+
+def assert_greedy_matches_reference(
+    reference: HFReference,
+    path: str | Path,
+    outputs: Iterable[Generated],
+    max_near_ties: int = MAX_NEAR_TIES,
+    margin: float = NEAR_TIE_MARGIN,
+) -> None:
+    """Assert that every output token is the reference's greedy choice after the same prefix, or a near tie.
+
+    One teacher-forced forward pass of the reference over prompt + our output gives, at every step, the
+    reference's logits after exactly the prefix our engine had, so a sequence is checked to its end, past
+    a first difference too. A step where our token is not the reference's best is a near tie only when
+    our token's logit is within `margin` of the best (the reference's own top-2 gap there is below
+    `margin`); any other difference fails, as do more than `max_near_ties` near ties over all `outputs`,
+    an EOS before the last token or a sequence that stops short of `max_new_tokens` without one.
+    """
+    near_ties = []
+    for out in outputs:
+        tokens = list(out.tokens)
+        eos = set(out.eos_token_ids)
+        assert tokens, f"{out.name}: no output tokens"
+        assert not eos.intersection(tokens[:-1]), f"{out.name}: EOS before the last token: {tokens}"
+        stopped = tokens[-1] in eos
+        assert len(tokens) == out.max_new_tokens or (stopped and len(tokens) < out.max_new_tokens), (
+            f"{out.name}: {len(tokens)} tokens, neither max_new_tokens={out.max_new_tokens} nor ended at EOS: {tokens}"
+        )
+        rows = step_rows(reference.logits(path, out.request, tokens), len(out.request.input_ids))
+        for step, (token, row) in enumerate(zip(tokens, rows)):
+            best = int(row.argmax())
+            if token == best:
+                continue
+            gap = float(row[best] - row[token])
+            detail = (
+                f"{out.name} step {step}: ours {token}, reference {best}, {gap:.3g} below it "
+                f"(margin {margin:g}); ours {tokens}"
+            )
+            assert gap < margin, f"tokens differ beyond a near tie at {detail}"
+            near_ties.append(detail)
+    for detail in near_ties:
+        print(f"near tie accepted at {detail}")
+        warnings.warn(f"near tie accepted at {detail}", NearTieWarning, stacklevel=2)
+    assert len(near_ties) <= max_near_ties, f"{len(near_ties)} near ties, more than {max_near_ties}: {near_ties}"
