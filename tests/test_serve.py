@@ -33,7 +33,7 @@ from model.batch import image_spans
 from model.processor import PromptBuilder
 from tests.media_servers import IMAGE, MediaServer, media_server
 from tests.ray_helpers import free_port, tiny_config, tiny_model, wait_for
-from tests.reference import assert_greedy_match
+from tests.reference import Generated, assert_greedy_matches_reference
 
 pytestmark = pytest.mark.integration
 
@@ -172,17 +172,14 @@ def test_image_chat_matches_ray_api_and_transformers(server: Server, checkpoint:
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == reply.usage.total_tokens
 
-    # transformers' greedy tokens for the same prompt, decoded, are the server's text.
+    # The server's tokens are transformers' greedy choices for the same prompt; its text is those tokens decoded.
     prepared = server.builder.build(
         engine_request(parse_request(json.dumps({"messages": IMAGE_MESSAGES}).encode()), "hf")
     )
     assert len(prepared.input_ids) == record["prompt_tokens"]
-    ref = hf_reference.generate(checkpoint, prepared, MAX_NEW_TOKENS, [])
-    logits = hf_reference.logits(checkpoint, prepared, ref)
-    rows = logits[len(prepared.input_ids) - 1 :]
-    assert_greedy_match(record["output_token_ids"], ref, lambda i: (rows[i], rows[i]), "server vs transformers")
-    if record["output_token_ids"] == ref:
-        assert reply.choices[0].message.content == server.builder.decode(ref)
+    generated = Generated("server vs transformers", prepared, record["output_token_ids"], MAX_NEW_TOKENS)
+    assert_greedy_matches_reference(hf_reference, checkpoint, [generated])
+    assert reply.choices[0].message.content == server.builder.decode(record["output_token_ids"])
 
 
 def test_multi_turn(server: Server) -> None:
@@ -453,6 +450,12 @@ def test_disconnect_before_the_first_token_drops_the_request(server: Server) -> 
 
 
 def test_eight_concurrent_streams_complete(server: Server) -> None:
+    """Each client's stream carries its own request's text: seeded samples, each seed's text its own (the random
+    model's greedy texts barely depend on the prompt), so a swap between clients would show."""
+    messages = {i: [{"role": "user", "content": f"Count to {i}."}] for i in range(8)}
+    fields = {i: {"max_tokens": MAX_NEW_TOKENS, "temperature": 1.0, "seed": 100 + i} for i in range(8)}
+    expected = {i: _ray_record(server, m, ignore_eos=True, **fields[i])["output_text"] for i, m in messages.items()}
+    assert len(set(expected.values())) == len(expected), expected
     results: dict[int, tuple[str, list]] = {}
     errors: list[BaseException] = []
 
@@ -460,10 +463,10 @@ def test_eight_concurrent_streams_complete(server: Server) -> None:
         try:
             results[i] = _stream_text(
                 server,
-                messages=[{"role": "user", "content": f"Count to {i}."}],
-                max_tokens=MAX_NEW_TOKENS,
+                messages=messages[i],
                 extra_body={"ignore_eos": True},
                 stream_options={"include_usage": True},
+                **fields[i],
             )
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
@@ -475,7 +478,8 @@ def test_eight_concurrent_streams_complete(server: Server) -> None:
         t.join(timeout=180)
     assert not errors, errors
     assert sorted(results) == list(range(8))
-    for _, chunks in results.values():
+    for i, (text, chunks) in results.items():
+        assert text == expected[i], (i, text, expected[i])
         assert chunks[-1].usage.completion_tokens == MAX_NEW_TOKENS
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert _status(server)["running"] == 0
