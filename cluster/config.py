@@ -100,7 +100,7 @@ class SchedulerConfig:
         request that arrives mid-call waits to be admitted.
     max_decode_stall: how much longer than a pure-decode step a round that carries decode rows may
         take because of its prompt chunks (0.5: at most 1.5x a step); the prompt tokens of such a
-        round are capped from the measured step times (at least one token per round, never more than
+        round are capped from the measured step times (at least one KV block per round, never more than
         prefill_chunk_tokens). null: no cap, prompts take the whole budget.
     """
 
