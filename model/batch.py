@@ -74,6 +74,13 @@ class SeqState:
         """Generating, with every token but the last sampled one in the cache."""
         return self.finish_reason is None and len(self.tokens) > self.prompt_len and self.num_computed > 0
 
+    def kv_end(self, steps: int) -> int:
+        """One past the last position `steps` decode steps from here write: num_computed + steps, capped at
+        prompt_len + max_new_tokens (the blocks GroupScheduler gives). A row that ends inside the call stops
+        advancing: each later step writes again at its final num_computed (its last token's position), at
+        most prompt_len + max_new_tokens - 1 (ended by length)."""
+        return min(self.num_computed + steps, self.prompt_len + self.params.max_new_tokens)
+
     def position_ids(self, start: int, end: int) -> torch.Tensor:
         """(3, end - start) M-RoPE positions of tokens[start:end]."""
         head = self.positions[:, start : min(end, self.prompt_len)]
@@ -257,7 +264,8 @@ class RunningBatch:
 
     @torch.inference_mode()
     def decode(self, decode: list[str], steps: int) -> dict[str, StepOutput]:
-        """Up to `steps` decode steps of the listed requests; a request stops at EOS or max_new_tokens."""
+        """Up to `steps` decode steps of the listed requests; a request stops at EOS or max_new_tokens. Fewer
+        steps only when a request's blocks do not hold the positions `steps` steps write (`SeqState.kv_end`)."""
         live = [self._seq(r) for r in decode if self._seq(r).decoding]
         if not live or steps < 1:
             return {}
@@ -265,9 +273,11 @@ class RunningBatch:
         rows = pick_bucket(runner.buckets, len(live))
         pad = rows - len(live)
         device = runner.device
-        longest = max(s.num_computed for s in live)
-        if any(blocks_for(s.num_computed + steps, runner.block_size) > len(s.table) for s in live):
-            steps = min(steps, *(len(s.table) * runner.block_size - s.num_computed for s in live))
+        # Only a row whose blocks do not hold what the call writes cuts it; the others run every step.
+        size = runner.block_size
+        short = [len(s.table) * size - s.num_computed for s in live if s.kv_end(steps) > len(s.table) * size]
+        if short:
+            steps = min(steps, *short)
             if steps < 1:
                 raise ValueError("a decoding request has no block for its next token")
         # Step inputs stay on the device for the whole call and are updated in place: the next tokens are the
@@ -280,15 +290,17 @@ class RunningBatch:
         params = [s.params for s in live] + [_GREEDY] * pad
         gens = [s.generator for s in live] + [None] * pad
         out = {s.request_id: StepOutput(s.request_id) for s in live}
-        for step in range(steps):
+        for _ in range(steps):
+            # lens + 1 on the host (a row that ended keeps its last length): the bound of what attention reads,
+            # and each row's length for the paged kernel
+            kv_lens = [s.num_computed + 1 for s in live]
             logits = runner.decode(
                 tokens,
                 positions,
                 lens,
-                max_len=longest + step + 1,
+                max_len=max(kv_lens),
                 block_tables=tables,
-                # lens + 1 on the host, which only the paged kernel reads
-                kv_lens=[s.num_computed + 1 for s in live] + [1] * pad if runner.paged_decode else None,
+                kv_lens=kv_lens + [1] * pad if runner.paged_decode else None,
             )
             chosen = sample(logits, params, gens)
             tokens.copy_(chosen)

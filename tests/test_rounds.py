@@ -1,0 +1,129 @@
+"""Real rounds in process: the tiny model through `GroupScheduler` and `RunningBatch` (no Ray).
+
+Each round's plan is applied to the batch as ShardWorker.step applies it (releases, preemptions,
+admissions with the embeddings of the images after their cached prefix, encoded first as the group
+loop does, block tables, then the chunks and decode rows, or a multi-step pure-decode call), and what
+ran goes back to the scheduler as the group loop and the Coordinator report it. Greedy tokens in
+float32 must equal each request generated alone (`model.batch.generate`): a multi-step pure-decode
+call runs all its steps for every row that has blocks for them, while a row that reaches its
+max_new_tokens inside the call stops there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.group_loop import images_after
+from actors.scheduler import GroupScheduler, Plan, Sequence
+from model.batch import RunningBatch, StepOutput, generate, image_spans
+from model.kv_cache import blocks_for
+from model.processor import PreparedRequest
+from model.runner import ModelRunner
+from model.sampling import SamplingParams
+from model.vision_cache import image_key
+
+
+@dataclass
+class Payload:
+    prepared: PreparedRequest
+    params: SamplingParams
+
+
+def make_sequence(runner: ModelRunner, prepared: PreparedRequest, max_new_tokens: int) -> Sequence:
+    """The scheduler's view of a request, each image keyed by its pixels (as request preparation does)."""
+    images, offset = [], 0
+    spans = image_spans(prepared.input_ids, runner.config.image_token_id)
+    for (start, end), grid in zip(spans, prepared.image_grid_thw if prepared.image_grid_thw is not None else []):
+        n = int(grid.prod())
+        images.append((start, end, image_key(prepared.pixel_values[offset : offset + n], grid)))
+        offset += n
+    seq = Sequence(prepared.request_id, list(prepared.input_ids), max_new_tokens, images)
+    seq.payload = Payload(prepared, SamplingParams(max_new_tokens=max_new_tokens))
+    return seq
+
+
+def run_round(sched: GroupScheduler, batch: RunningBatch) -> tuple[Plan, dict[str, StepOutput]]:
+    """One planned round on the batch, its progress and tokens reported back to the scheduler."""
+    plan = sched.schedule()
+    for request_id in plan.releases:
+        batch.release(request_id)
+    for request_id in plan.preempted:
+        batch.preempt(request_id)
+    subs = [images_after(s.payload.prepared, [(a, b) for a, b, _ in s.images], s.num_cached) for s in plan.admit]
+    encoded = iter(batch.runner.encode_images([sub for sub in subs if sub is not None]))
+    for seq, sub in zip(plan.admit, subs):
+        request = dataclasses.replace(seq.payload.prepared, request_id=seq.request_id, pixel_values=None)
+        embeds = next(encoded) if sub is not None else None
+        batch.admit(request, seq.payload.params, [], embeds, seq.num_cached)
+    batch.set_tables(plan.block_tables)
+    chunks = [(seq.request_id, start, end) for seq, start, end in plan.chunks]
+    decode = [seq.request_id for seq in plan.decode]
+    out = batch.step(chunks, decode, plan.decode_steps) if chunks or decode else {}
+    for seq, _, end in plan.chunks:
+        sched.prefilled(seq, end)
+    for request_id, step in out.items():
+        seq = sched.by_id[request_id]
+        sched.append(seq, step.tokens)
+        if step.finish_reason is not None:
+            sched.finish(seq, step.finish_reason)
+    sched.pool.check()
+    return plan, out
+
+
+def alone(runner: ModelRunner, request: PreparedRequest, max_new_tokens: int) -> list[int]:
+    """Greedy tokens of the request generated on its own (no EOS: every request runs to its length)."""
+    [result] = generate(runner, [request], [SamplingParams(max_new_tokens=max_new_tokens)], [])
+    assert result.error is None and result.finish_reason == "length"
+    return result.output_token_ids
+
+
+@pytest.fixture(scope="module")
+def runner_for(tiny_checkpoint: Path) -> Callable[[int, int], ModelRunner]:
+    """runner_for(block size, max_seq_len) -> a float32 cpu runner of the tiny checkpoint, built once each."""
+    built: dict[tuple[int, int], ModelRunner] = {}
+
+    def get(block_size: int, max_seq_len: int) -> ModelRunner:
+        if (block_size, max_seq_len) not in built:
+            built[block_size, max_seq_len] = ModelRunner(
+                tiny_checkpoint, max_batch_size=4, max_seq_len=max_seq_len, kv_block_size=block_size
+            )
+        return built[block_size, max_seq_len]
+
+    return get
+
+
+def test_a_row_ending_inside_a_call_does_not_shorten_it(runner_for: Callable[[int, int], ModelRunner]) -> None:
+    """A (6 new tokens) ends two steps into an 8-step call whose 8 positions neither its blocks nor max_seq_len
+    hold; its blocks reach its last position (prompt + 6), as the scheduler gives them, and B runs all 8 steps."""
+    runner = runner_for(16, 128)
+    a = PreparedRequest("a", [(7 * i + 3) % 500 + 10 for i in range(122)], None, None)  # 122 + 6 = 128 < 122 + 8
+    b = PreparedRequest("b", [(11 * i + 5) % 500 + 10 for i in range(20)], None, None)
+    expected = {"a": alone(runner, a, 6), "b": alone(runner, b, 9)}  # greedy: B's first 9 of its 100
+    sched = GroupScheduler(4, 16, 16, token_budget=256, decode_steps_per_call=8)
+    for prepared, max_new_tokens in ((a, 6), (b, 100)):
+        sched.add(make_sequence(runner, prepared, max_new_tokens))
+    batch = RunningBatch(runner)
+    tokens: dict[str, list[int]] = {"a": [], "b": []}
+    plan, out = run_round(sched, batch)  # both prompts, one token each
+    assert [c[0].request_id for c in plan.chunks] == ["a", "b"] and plan.decode_steps == 0
+    for request_id, step in out.items():
+        tokens[request_id] += step.tokens
+    cache = runner.cache.keys + runner.cache.values
+    before = [layer.clone() for layer in cache]
+    plan, out = run_round(sched, batch)
+    assert not plan.chunks and plan.decode_steps == 8
+    assert len(plan.block_tables["a"]) == blocks_for(122 + 6, 16) == 8
+    others = sorted(set(range(1, runner.cache.num_blocks)) - set(plan.block_tables["a"] + plan.block_tables["b"]))
+    assert all(torch.equal(old[others], new[others]) for old, new in zip(before, cache))  # A wrote in its blocks
+    assert len(out["b"].tokens) == 8
+    assert len(out["a"].tokens) == 5 and out["a"].finish_reason == "length"
+    for request_id, step in out.items():
+        tokens[request_id] += step.tokens
+    assert tokens["a"] == expected["a"]
+    assert tokens["b"] == expected["b"]
