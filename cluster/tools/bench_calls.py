@@ -2,19 +2,19 @@
 
 `python -m cluster.tools.bench_calls [--tp 1 2] [--calls 100] [--repeats 5] [--where actor|driver]`
 
-For each TP size, one group of real ShardWorkers on the tiny checkpoint (CPU, float32, eager, as
-conf/tiny_cpu.yaml runs it; built into the cache when missing) starts with its compiled graph
-(actors/compiled_group.py). Each block admits and prefills one fresh request, then times `--calls`
-decode-only `step` calls (one decode step each), either as ordinary actor calls (`WorkerGroup.call`: one
-call per rank) or through the graph (`CompiledWorkerGroup.call`), on the same workers; the two kinds of
-block alternate, `--repeats` of each, and which goes first alternates too. A call's cost is its round trip
-where the caller receives the answers minus the slowest rank's own time in `step` (the `seconds` it
-reports): what the call path adds to every decode call. Each block also times as many `health` calls
-(which do nothing: the floor of each path). Medians over every call of a kind. The caller is an async
-Ray actor, as the Coordinator is (`--where driver`: this process instead).
+For each TP size, blocks of calls alternate between the two paths (`--repeats` of each, which goes first
+alternating too), each block on a group of its own of real ShardWorkers on the tiny checkpoint (CPU,
+float32, eager, as conf/tiny_cpu.yaml runs it; built into the cache when missing): ordinary actor calls
+(`actors/groups.WorkerGroup`: one call per rank) or one compiled graph (`actors/compiled_group.py`).
+A block admits and prefills one request, then times `--calls` decode-only `step` calls (one decode step
+each) and as many `health` calls (which do nothing: the floor of each path). A call's cost is its round
+trip where the caller receives the answers minus the slowest rank's own time in `step` (the `seconds` it
+reports): what the call path adds to every decode call. Medians over every call of a kind. The caller is an
+async Ray actor, as the Coordinator is (`--where driver`: this process instead); its CPU time per call and
+the share of a core it uses over an idle second after the calls are reported too (a compiled graph's
+channel reader polls).
 
-Prints a table (median round trip, median workers' time, median cost) and the ratio of the costs; `--json`
-prints one JSON line instead.
+Prints a table and the ratio of the costs; `--json` prints one JSON line instead.
 """
 
 from __future__ import annotations
@@ -72,34 +72,37 @@ def bench_config(model_path: Path, tp: int, calls: int) -> EngineConfig:
 
 # --------------------------------------------------------------------------------- measurement
 async def measure(cfg: EngineConfig, prepared: PreparedRequest, calls: int, repeats: int) -> dict[str, Any]:
-    """Alternating blocks of ordinary and compiled decode calls on one group; each call's round trip and
-    workers' time (seconds), per path."""
-    group = CompiledWorkerGroup(0, cfg, [None] * cfg.tp_size)
-    await group.start()
+    """Blocks of ordinary and compiled calls, alternating, each on a group of its own (only one alive at a
+    time: a compiled graph's channel readers poll, which would slow the other path's calls on a small host).
+
+    Per (call kind, path): each call's (round trip, slowest rank's own seconds), and per block the caller's
+    CPU seconds per call; per path, the caller's CPU seconds per second of an idle second after the calls."""
     size = cfg.worker.kv_pool()[1]
     rows: dict[tuple[str, str], list[tuple[float, float]]] = {(k, p): [] for k in KINDS for p in PATHS}
-    previous: list[str] = []
-    try:
-        for block in range(2 * repeats):
-            path = PATHS[(block + block // 2) % 2]  # ordinary, compiled, compiled, ordinary, ...
-            call = group.call if path == "compiled" else lambda *a: WorkerGroup.call(group, *a)
-            request_id = f"b{block}"
-            admitted = (await group.call("step", *admit_args(prepared, request_id, calls + 1, size, previous)))[0]
+    cpu: dict[tuple[str, str], list[float]] = {(k, p): [] for k in KINDS for p in PATHS}
+    idle: dict[str, list[float]] = {p: [] for p in PATHS}
+    for block in range(2 * repeats):
+        path = PATHS[(block + block // 2) % 2]  # ordinary, compiled, compiled, ordinary, ...
+        group = (CompiledWorkerGroup if path == "compiled" else WorkerGroup)(0, cfg, [None] * cfg.tp_size)
+        await group.start()
+        try:
+            admitted = (await group.call("step", *admit_args(prepared, "bench", calls + 1, size, [])))[0]
             if admitted["errors"]:
                 raise RuntimeError(f"the benchmark's request was refused: {admitted['errors']}")
-            previous = [request_id]
-            for _ in range(calls):
-                start = time.perf_counter()
-                out = await call("step", *decode_args(request_id))
-                round_trip = time.perf_counter() - start
-                rows["step", path].append((round_trip, max(r["seconds"] for r in out)))
-            for _ in range(calls):
-                start = time.perf_counter()
-                await call("health")
-                rows["health", path].append((time.perf_counter() - start, 0.0))
-    finally:
-        await group.kill()
-    return rows
+            for kind, args in (("step", decode_args("bench")), ("health", ())):
+                used = time.process_time()
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    out = await group.call(kind, *args)
+                    round_trip = time.perf_counter() - start
+                    rows[kind, path].append((round_trip, max(r["seconds"] for r in out) if kind == "step" else 0.0))
+                cpu[kind, path].append((time.process_time() - used) / calls)
+            used = time.process_time()
+            await asyncio.sleep(1.0)
+            idle[path].append(time.process_time() - used)
+        finally:
+            await group.kill()
+    return {"rows": rows, "cpu": cpu, "idle": idle}
 
 
 @ray.remote(num_cpus=0)
@@ -110,36 +113,46 @@ class Caller:
         return await measure(cfg, prepared, calls, repeats)
 
 
-def summarize(rows: dict[tuple[str, str], list[tuple[float, float]]]) -> dict[str, dict[str, dict[str, float]]]:
-    """Medians in ms per call kind and path: round trip, workers' time, and their difference per call (the cost)."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for (kind, path), r in rows.items():
+def summarize(measured: dict[str, Any]) -> dict[str, Any]:
+    """Medians in ms per call kind and path: round trip, workers' time, their difference per call (the cost)
+    and the caller's CPU time per call; per path, the share of a core the idle caller uses."""
+    out: dict[str, Any] = {"idle_core_share": {p: statistics.median(v) for p, v in measured["idle"].items()}}
+    for (kind, path), r in measured["rows"].items():
         out.setdefault(kind, {})[path] = {
             "calls": len(r),
             "round_trip_ms": statistics.median(t for t, _ in r) * 1e3,
             "workers_ms": statistics.median(w for _, w in r) * 1e3,
             "cost_ms": statistics.median(t - w for t, w in r) * 1e3,
+            "caller_cpu_ms": statistics.median(measured["cpu"][kind, path]) * 1e3,
         }
     return out
 
 
-def table(results: dict[int, dict[str, dict[str, dict[str, float]]]]) -> str:
-    head = f"{'tp':>3} {'call':<7} {'path':<9} {'calls':>6} {'round trip ms':>14} {'workers ms':>11} {'cost ms':>8}"
+def table(results: dict[int, dict[str, Any]]) -> str:
+    head = (
+        f"{'tp':>3} {'call':<7} {'path':<9} {'calls':>6} {'round trip ms':>14} {'workers ms':>11} {'cost ms':>8} "
+        f"{'caller CPU ms':>14}"
+    )
     lines = [head]
     for tp, kinds in results.items():
-        for kind, paths in kinds.items():
-            for path, s in paths.items():
+        for kind in KINDS:
+            for path, s in kinds[kind].items():
                 lines.append(
                     f"{tp:>3} {kind:<7} {path:<9} {s['calls']:>6} {s['round_trip_ms']:>14.3f} "
-                    f"{s['workers_ms']:>11.3f} {s['cost_ms']:>8.3f}"
+                    f"{s['workers_ms']:>11.3f} {s['cost_ms']:>8.3f} {s['caller_cpu_ms']:>14.3f}"
                 )
     for tp, kinds in results.items():
-        for kind, paths in kinds.items():
+        for kind in KINDS:
+            paths = kinds[kind]
             cost = paths["compiled"]["cost_ms"]
             goal = GOAL_MS.get(tp) if kind == "step" else None
             verdict = f"; goal <= {goal} ms: {'met' if cost <= goal else 'missed'}" if goal else ""
             ratio = paths["ordinary"]["cost_ms"] / cost
             lines.append(f"tp {tp} {kind}: ordinary / compiled cost = {ratio:.1f}x{verdict}")
+        share = kinds["idle_core_share"]
+        lines.append(
+            f"tp {tp} idle caller: {share['ordinary']:.0%} of a core ordinary, {share['compiled']:.0%} compiled"
+        )
     return "\n".join(lines)
 
 
@@ -161,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = bench_config(model_path, tp, args.calls)
             log(f"tp {tp}: {args.repeats} blocks of {args.calls} decode calls per path, caller in the {args.where}")
             if args.where == "actor":
-                rows = ray.get(Caller.remote().measure.remote(cfg, prepared, args.calls, args.repeats))
+                measured = ray.get(Caller.remote().measure.remote(cfg, prepared, args.calls, args.repeats))
             else:
-                rows = asyncio.run(measure(cfg, prepared, args.calls, args.repeats))
-            results[tp] = summarize(rows)
+                measured = asyncio.run(measure(cfg, prepared, args.calls, args.repeats))
+            results[tp] = summarize(measured)
     finally:
         ray.shutdown()
     if args.json:
