@@ -27,11 +27,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from actors.compiled_group import make_worker_group
 from actors.config import EngineConfig
 from actors.deliveries import Outbox
 from actors.errors import RequestError
 from actors.group_loop import GroupLoop
-from actors.groups import WorkerGroup
 from actors.metrics import EngineMetrics
 from actors.preparation import Preparation
 from actors.records import failed_record
@@ -70,14 +70,14 @@ class Coordinator:
         `group_order[i]` as DP rank `dp_ranks[i]` (default: i; actors/router.py gives each of its group
         Coordinators one group).
 
-        `group_factory(dp_rank, cfg, strategies)` makes each DP group's workers (default: `WorkerGroup`, Ray
+        `group_factory(dp_rank, cfg, strategies)` makes each DP group's workers (default: `make_worker_group`, Ray
         actors); benchmarks and tests pass fake groups with the same `start`/`kill`/`call` interface.
         """
         logging.basicConfig(level=logging.INFO, format="[coordinator] %(message)s")
         self.cfg = cfg
         self.placement = placement
         self.builder = PromptBuilder.from_pretrained(cfg.worker.model_path, max_images=cfg.max_images_per_prompt)
-        make_group = group_factory or WorkerGroup
+        make_group = group_factory or make_worker_group
         self.dp_ranks = list(range(len(group_order)) if dp_ranks is None else dp_ranks)
         if len(self.dp_ranks) != len(group_order):
             raise ValueError(f"dp_ranks {self.dp_ranks} and group_order {group_order} differ in length")
