@@ -164,6 +164,7 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
         worker_timeout_s=cfg.ray.worker_timeout_s,
         rendezvous_timeout_s=cfg.ray.rendezvous_timeout_s,
         max_group_restarts=cfg.ray.max_group_restarts,
+        compiled_graphs=cfg.ray.compiled_graphs,
         dist_env=dict(cfg.dist_env),
         profile=cfg.profile,
     )
