@@ -32,7 +32,6 @@ def block_hashes(
     token_ids: Sequence[int],
     block_size: int,
     images: Sequence[tuple[int, int, bytes]] = (),
-    extra: bytes = b"",
     start: int = 0,
     parent: bytes | None = None,
 ) -> list[bytes]:
@@ -40,10 +39,10 @@ def block_hashes(
 
     `start` is a multiple of `block_size`; `parent` is the key of the block before `start` (None
     at 0). key_i = sha256(parent key, the block's token ids, the (start, end, content hash) of
-    every image whose token span [start, end) overlaps the block, extra). `extra` carries the
-    per-request settings that change the pixels (processor options), so that the same text with a
-    different image, or the same image processed differently, never shares a key from the first
-    block that holds its image tokens on.
+    every image whose token span [start, end) overlaps the block). An image's content hash is of its
+    processed pixels and patch grid (`model.vision_cache.image_key`), so the same text with a
+    different image, or the same image processed with other settings, never shares a key from the
+    first block that holds its image tokens on.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -65,7 +64,6 @@ def block_hashes(
             if e > lo:
                 h.update(s.to_bytes(8, "little") + e.to_bytes(8, "little"))
                 h.update(len(content).to_bytes(4, "little") + content)
-        h.update(len(extra).to_bytes(4, "little") + extra)
         prev = h.digest()
         keys.append(prev)
     return keys

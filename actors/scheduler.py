@@ -61,14 +61,13 @@ class Sequence:
 
     `tokens` is prompt_ids + output_ids; `output_ids` only grows (through `GroupScheduler.append`)
     and survives preemption. `images` are (start, end, content hash) per image, the token span of
-    its image tokens in the prompt; `extra_key` the processor settings that change the pixels.
+    its image tokens in the prompt (the hash of its processed pixels and grid).
     """
 
     request_id: str
     prompt_ids: list[int]
     max_new_tokens: int
     images: list[tuple[int, int, bytes]] = field(default_factory=list)
-    extra_key: bytes = b""
     payload: Any = None
     state: SeqState = SeqState.WAITING
     output_ids: list[int] = field(default_factory=list)
@@ -396,7 +395,7 @@ class GroupScheduler:
         if len(tokens) // bs > len(seq._keys):
             start = len(seq._keys) * bs
             parent = seq._keys[-1] if seq._keys else None
-            seq._keys.extend(block_hashes(tokens, bs, seq.images, seq.extra_key, start, parent))
+            seq._keys.extend(block_hashes(tokens, bs, seq.images, start, parent))
         return seq._keys
 
     def _register(self, seq: Sequence) -> None:

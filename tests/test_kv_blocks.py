@@ -11,8 +11,8 @@ from actors.kv_blocks import NULL_BLOCK, BlockPool, block_hashes
 BS = 4
 
 
-def _keys(tokens, images=(), extra=b""):
-    return block_hashes(tokens, BS, images, extra)
+def _keys(tokens, images=()):
+    return block_hashes(tokens, BS, images)
 
 
 # ----------------------------------------------------------------------------- block_hashes
@@ -32,12 +32,12 @@ def test_keys_chain_over_the_previous_block():
     assert kx[0] != ky[0] and kx[1] != ky[1]
 
 
-def test_the_chain_is_sha256_of_parent_tokens_images_and_extra():
+def test_the_chain_is_sha256_of_parent_tokens_and_images():
     """Resuming at `start` with the parent key gives the same keys as hashing from 0 (the chain property)."""
     tokens = list(range(20))
     images = [(5, 11, hashlib.sha256(b"img").digest())]
-    whole = block_hashes(tokens, BS, images, b"x")
-    tail = block_hashes(tokens, BS, images, b"x", start=8, parent=whole[1])
+    whole = block_hashes(tokens, BS, images)
+    tail = block_hashes(tokens, BS, images, start=8, parent=whole[1])
     assert tail == whole[2:]
     assert all(len(k) == 32 for k in whole)
 
@@ -50,11 +50,6 @@ def test_same_text_different_image_differs_from_the_first_image_block_on():
     assert ka[:2] == kb[:2]  # blocks [0, 4) and [4, 8) hold no image token
     assert all(x != y for x, y in zip(ka[2:], kb[2:]))  # [8, 12) holds image tokens 9..11; after it the chain
     assert _keys(tokens, [(9, 15, img_a)]) == ka
-
-
-def test_extra_settings_change_every_key():
-    tokens = list(range(12))
-    assert all(x != y for x, y in zip(_keys(tokens, extra=b""), _keys(tokens, extra=b"min_pixels=1")))
 
 
 def test_an_image_span_touching_a_block_edge_is_not_in_that_block():
