@@ -71,7 +71,7 @@ QUANTIZATION_MODES = ("auto", "none")
 BACKENDS = ("npu", "int_mm", "int8pack", "dequant")
 # The cpu int8pack kernel's rows at which a float GEMM on blockwise-converted weights gets faster (prefill).
 DEQUANT_ROWS = 48
-_scratch: dict[torch.device, torch.Tensor] = {}
+_scratch: dict[tuple[torch.device, bool], torch.Tensor] = {}
 # `_converted_mm` blocking: weights up to this size (float32 bytes) or of longer rows are converted whole.
 _WHOLE_BYTES = 8 << 20
 _BLOCK_MAX_K = 2048
@@ -172,9 +172,12 @@ def _converted_mm(xq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     n, k = weight.shape
     rows = n if k > _BLOCK_MAX_K or n * k * 4 <= _WHOLE_BYTES else max(16, _BLOCK_BYTES // (4 * k))
-    buffer = _scratch.get(weight.device)
+    # One buffer per device and per inference-mode state: a buffer made under inference_mode (the engine's
+    # forward) cannot be written outside it, as a layer called directly would.
+    key = (weight.device, torch.is_inference_mode_enabled())
+    buffer = _scratch.get(key)
     if buffer is None or buffer.numel() < rows * k:
-        buffer = _scratch[weight.device] = torch.empty(rows * k, device=weight.device)
+        buffer = _scratch[key] = torch.empty(rows * k, device=weight.device)
     out = torch.empty(xq.shape[0], n, device=xq.device)
     for start in range(0, n, rows):
         end = min(n, start + rows)

@@ -340,3 +340,16 @@ def test_backend_choice_and_the_fallback_log_line(
     assert {layer.quant.backend for _, layer in quantized_layers(loaded)} == {"dequant"}
     [record] = [r for r in caplog.records if r.name == "model.quant"]
     assert "no int8 kernel for 12 quantized layer(s)" in record.getMessage()
+
+
+def test_the_converted_gemm_runs_outside_inference_mode_after_running_inside() -> None:
+    """Its scratch buffer, made under inference_mode by the engine's forward, is not written outside it."""
+    from model.quant import _converted_mm
+
+    weight = torch.randint(-128, 128, (64, 32), dtype=torch.int8)
+    xq = torch.randn(4, 32).round()
+    with torch.inference_mode():
+        inside = _converted_mm(xq, weight)
+    outside = _converted_mm(xq, weight)
+    assert torch.equal(inside, outside)
+    assert torch.equal(outside, xq @ weight.float().t())
