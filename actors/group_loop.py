@@ -167,11 +167,12 @@ class GroupLoop:
         except CallError as e:
             if len(encode) == 1:
                 failed.append((encode[0][0], str(e)))
-            for seq, sub in encode if len(encode) > 1 else ():
-                try:
-                    outs.append(await self._rank0("encode", [sub], profile))
-                except CallError as alone:
-                    failed.append((seq, str(alone)))
+            else:
+                for seq, sub in encode:  # each alone, so that one bad input fails its own request only
+                    try:
+                        outs.append(await self._rank0("encode", [sub], profile))
+                    except CallError as alone:
+                        failed.append((seq, str(alone)))
         result.failed.extend(failed)
         if outs:
             result.phases["vision_encode_s"] = sum(out["seconds"] for out in outs)
