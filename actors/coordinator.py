@@ -23,10 +23,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from actors import clock
 from actors.compiled_group import make_worker_group
 from actors.config import EngineConfig
 from actors.deliveries import Outbox
@@ -314,7 +314,7 @@ class Coordinator:
             )
 
     def _rejected(self, request: Any, error: str) -> dict:
-        record = failed_record(request, error, arrival_time=time.time(), end_time=time.time())
+        record = failed_record(request, error, arrival_time=clock.wall(), end_time=clock.wall())
         self.metrics.record_request(record, None)
         self.submitted += 1
         self.completed += 1
@@ -354,7 +354,7 @@ class Coordinator:
         dp = engine.dp_rank
         profile, self.profile_pending = self.profile_pending, False
         result = await engine.round(profile)
-        now = time.time()
+        now = clock.wall()
         for seq in result.plan.admit:
             record = seq.payload.record
             if record["scheduled_time"] is None:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors import clock
 from actors.groups import CallError
 from actors.scheduler import GroupScheduler, Plan, Sequence
 from actors.step_costs import StepCosts
@@ -133,7 +133,7 @@ class GroupLoop:
         tables = {r: t for r, t in plan.block_tables.items() if r not in unencoded}
         steps = plan.decode_steps
         involved = admit + [seq for seq, _, _ in plan_chunks] + plan.decode
-        called = time.perf_counter()
+        called = clock.perf()
         out = await self._call(
             result, involved, "step", plan.releases, plan.preempted, admissions, tables, chunks, decode, steps, profile
         )
@@ -142,7 +142,7 @@ class GroupLoop:
         result.phases["prefill_s" if chunks else "decode_s"] = out["seconds"]
         ran = max((len(o["tokens"]) for o in out["outputs"].values()), default=0) if decode else 0  # < steps: all ended
         prompt_tokens = sum(end - start for _, start, end in chunks)
-        self.costs.observe(out["seconds"], ran, prompt_tokens, time.perf_counter() - called)
+        self.costs.observe(out["seconds"], ran, prompt_tokens, clock.perf() - called)
         sched.set_step_costs(self.costs.decode_step_s, self.costs.prompt_token_s)
         failed = set(out["errors"])
         for seq in involved:

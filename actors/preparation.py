@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections.abc import Callable
 from typing import Any
 
+from actors import clock
 from actors.config import EngineConfig
 from actors.errors import RequestError
 from actors.request_fields import check_request_fields
@@ -50,7 +50,7 @@ class Preparation:
 
         Raises RequestError (or InvalidRequestError) naming the field when it cannot run as given.
         """
-        arrival = time.time()
+        arrival = clock.wall()
         check_request_fields(request)
         params = sampling_params(request, self.cfg.sampling)
         stop = stop_strings(request)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors import clock
 from actors.detokenizer import IncrementalDetokenizer
 from actors.records import fill_latencies, new_record
 from actors.request_fields import SAMPLING_FIELDS, check_field
@@ -98,7 +98,7 @@ class RequestState:
         completed, those up to the one that completed it; the record's token ids and times take the
         same, and the caller hands the scheduler the same. `text` is the delta of text now safe to show.
         """
-        delivered = time.time()  # when the caller gets them: every token of a delivery counts at its time
+        delivered = clock.wall()  # when the caller gets them: every token of a delivery counts at its time
         delta = self.matcher.feed(self.detokenizer.add(tokens))
         if self.matcher.stopped:
             kept = self.detokenizer.ids_for(self.matcher.end)
@@ -142,7 +142,7 @@ class RequestState:
                 finish_reason = "stop"
         else:
             status = getattr(error, "status", 500)
-        record["end_time"] = time.time()
+        record["end_time"] = clock.wall()
         record["finish_reason"] = None if error is not None else finish_reason
         record["error"] = None if error is None else str(error)
         fill_latencies(record, self.token_times, self.device_times)

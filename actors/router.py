@@ -37,6 +37,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from actors import clock
 from actors.config import EngineConfig
 from actors.coordinator import Coordinator, describe
 from actors.errors import NoLiveGroupError, unwrap
@@ -196,7 +197,7 @@ class Router:
             try:
                 batches.setdefault(self._pick(request), []).append(i)
             except NoLiveGroupError as e:
-                records[i] = failed_record(request, str(e), arrival_time=time.time(), end_time=time.time())
+                records[i] = failed_record(request, str(e), arrival_time=clock.wall(), end_time=clock.wall())
                 self.refused += 1
         calls = [self.groups[d].generate.remote([requests[i] for i in idx]) for d, idx in batches.items()]
         for (d, idx), reply in zip(batches.items(), await asyncio.gather(*calls, return_exceptions=True)):
@@ -204,7 +205,7 @@ class Router:
                 if isinstance(reply, BaseException):  # the group's Coordinator died
                     self.alive[d] = False
                     error = f"dp group {d} failed: {type(unwrap(reply)).__name__}: {unwrap(reply)}"
-                    records[i] = failed_record(requests[i], error, arrival_time=time.time(), end_time=time.time())
+                    records[i] = failed_record(requests[i], error, arrival_time=clock.wall(), end_time=clock.wall())
                 else:
                     records[i] = reply[j]
         return records  # type: ignore[return-value]
