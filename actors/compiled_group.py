@@ -8,8 +8,9 @@ graph: every rank's `ShardWorker.dispatch` reads the same `(method, args)` and r
 answer. Rules Ray sets and this class keeps:
 
 - Only the process (and the event loop) that compiled the graph executes it: the Coordinator's.
-- An actor runs one compiled graph at a time, so every phase call shares the one graph, one call at a
-  time; a rebuild compiles a fresh graph on the fresh workers.
+- An actor runs one compiled graph at a time, so every phase call shares the one graph; executions
+  start one at a time, in the order of the calls, and every rank runs them in that order (the group
+  loop may start the next step while one runs); a rebuild compiles a fresh graph on the fresh workers.
 - Ray bounds neither the wait for an asyncio execution's answer nor a teardown blocked by a hung
   method, so the bounds are kept here: a call waits at most `ray.worker_timeout_s`, polling the
   workers (`dispatch_state`, an ordinary call that runs beside the graph's loop) once it takes
@@ -54,7 +55,7 @@ class CompiledWorkerGroup(WorkerGroup):
         self.graph: Any = None  # ray.dag.CompiledDAG
         self.failure: str | None = None  # why the graph stopped; calls refuse until kill + start
         self._calls = 0  # executions of this graph, to compare with each rank's `dispatch_state`
-        self._lock = asyncio.Lock()  # one execution in flight: each rank runs the calls in order anyway
+        self._lock = asyncio.Lock()  # one execution starts at a time: each rank runs them in that order
         self._pending: asyncio.Future | None = None  # a call's answer that never came (failed group)
         self._teardown: threading.Event | None = None  # set when the graph's teardown has returned
 
@@ -120,19 +121,22 @@ class CompiledWorkerGroup(WorkerGroup):
         if self.graph is None and self.failure is None:
             return await super().call(method, *args, timeout_s=timeout_s, what=what)
         what = what or method
-        async with self._lock:
+        timeout_s = timeout_s or self.cfg.worker_timeout_s
+        deadline = time.monotonic() + timeout_s
+        async with self._lock:  # executions start in the order of the calls: the workers run them so
             if self.failure is not None:
                 raise GroupFailure(f"dp group {self.dp_rank} cannot run '{what}': {self.failure}")
-            results = await self._execute(method, args, timeout_s or self.cfg.worker_timeout_s, what)
+            answer = await self._submit(method, args, what)
+            number = self._calls
+        results = await self._wait(answer, number, deadline, timeout_s, what)
         raised = [(rank, r) for rank, r in zip(self.ranks, results) if isinstance(r, Raised)]
         if raised:
             rank, error = raised[0]
             raise CallError(f"{rank_names([rank])} of dp group {self.dp_rank} failed in '{what}': {error.error}")
         return results
 
-    async def _execute(self, method: str, args: tuple, timeout_s: float, what: str) -> list:
-        """One execution of the graph, bounded by `timeout_s`, checking on the ranks while it takes long."""
-        deadline = time.monotonic() + timeout_s
+    async def _submit(self, method: str, args: tuple, what: str) -> asyncio.Future:
+        """Start one execution of the graph; the future of every rank's answer."""
         try:
             futures = await self.graph.execute_async((method, args))
         except Exception as e:  # Ray tore the graph down already (a worker died since the last call)
@@ -140,11 +144,21 @@ class CompiledWorkerGroup(WorkerGroup):
         self._calls += 1
         answer = asyncio.ensure_future(_all(futures))
         answer.add_done_callback(_retrieve)
+        return answer
+
+    async def _wait(self, answer: asyncio.Future, number: int, deadline: float, timeout_s: float, what: str) -> list:
+        """Every rank's answer to execution `number`, by `deadline`, checking on the ranks while it takes long.
+
+        An execution started while another one runs waits behind it on the workers: its own time counts
+        from its start, so `ray.worker_timeout_s` bounds the two together.
+        """
         while True:
             done, _ = await asyncio.wait({answer}, timeout=min(PROBE_S, max(deadline - time.monotonic(), 0.0)))
             if done:
                 break
-            states = await self._probe()
+            if self.failure is not None:  # an earlier execution found the group failed
+                raise self._fail(answer, self.failure)
+            states = await self._probe(number)
             dead = [rank for rank, s in zip(self.ranks, states) if s == "dead"]
             if dead:
                 raise self._fail(answer, f"{rank_names(dead)} of dp group {self.dp_rank} died (RayActorError)")
@@ -173,8 +187,8 @@ class CompiledWorkerGroup(WorkerGroup):
             return self._fail(answer, f"{rank_names(dead)} of dp group {self.dp_rank} died (RayActorError)")
         return self._fail(answer, f"dp group {self.dp_rank} failed in '{what}': {type(error).__name__}: {error}")
 
-    async def _probe(self, timeout_s: float = 5.0) -> list[Any]:
-        """Each rank's state in the current call: "dead", "running" (or no answer), "done" or its `Raised`."""
+    async def _probe(self, number: int, timeout_s: float = 5.0) -> list[Any]:
+        """Each rank's state in execution `number`: "dead", "running" (or no answer), "done" or its `Raised`."""
         futures = [asyncio.ensure_future(as_future(w.dispatch_state.remote())) for w in self.workers]
         await asyncio.wait(futures, timeout=timeout_s)
         states: list[Any] = []
@@ -184,10 +198,14 @@ class CompiledWorkerGroup(WorkerGroup):
                 states.append("running")
             elif isinstance(f.exception(), RayActorError):
                 states.append("dead")
-            elif f.exception() is not None or f.result()[0] < self._calls:
+            elif f.exception() is not None:
                 states.append("running")
             else:
-                states.append(f.result()[1] or "done")  # its Raised, if the call raised there
+                done, raised_in, raised = f.result()
+                if raised_in == number:
+                    states.append(raised)
+                else:
+                    states.append("running" if done < number else "done")
         return states
 
     def _fail(self, answer: asyncio.Future | None, message: str) -> GroupFailure:

@@ -53,6 +53,7 @@ class EngineConfig:
     prefill_chunk_tokens: int = 2048
     decode_steps_per_call: int | str = "auto"  # an integer, or "auto" (actors/steps_per_call.py)
     max_decode_call_ms: float = 500.0
+    async_scheduling: bool = True  # plan the next step call while a pure-decode call runs (actors/group_loop.py)
     max_decode_stall: float | None = 0.5  # a round's prompt chunks may add this x a decode step (None: no cap)
     worker_timeout_s: float = 600.0
     rendezvous_timeout_s: float = 300.0

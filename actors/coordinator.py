@@ -103,7 +103,7 @@ class Coordinator:
         """A DP group's loop: its workers, its scheduler over its own KV pool, its steps per call."""
         cfg = self.cfg
         num_blocks, block_size = cfg.worker.kv_pool()
-        steps = StepsPerCall(cfg.decode_steps_per_call, cfg.max_decode_call_ms)
+        steps = StepsPerCall(cfg.decode_steps_per_call, cfg.max_decode_call_ms, lookahead=cfg.async_scheduling)
         scheduler = GroupScheduler(
             cfg.worker.max_batch_size,
             num_blocks,
@@ -114,7 +114,7 @@ class Coordinator:
             cfg.prefix_caching,
             max_decode_stall=cfg.max_decode_stall,
         )
-        return GroupLoop(group, scheduler, self.builder.eos_token_ids, steps)
+        return GroupLoop(group, scheduler, self.builder.eos_token_ids, steps, lookahead=cfg.async_scheduling)
 
     def __repr__(self) -> str:
         # Ray's dashboard shows this in the Actors page's Repr column. Ray reads it once, after

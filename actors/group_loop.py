@@ -52,7 +52,8 @@ def images_after(prepared: PreparedRequest, spans: list[tuple[int, int]], num_ca
 
 @dataclass
 class Round:
-    """What one round did: the plan, the requests it first scheduled, new tokens, failures, phase times."""
+    """What one round did: the plan it started, and the outcome of the call that returned in it (the same
+    plan's, or with lookahead the previous one's): new tokens, failures, phase times."""
 
     plan: Plan
     outputs: list[tuple[Sequence, dict]] = field(default_factory=list)  # (sequence, {"tokens", "times", ...})
@@ -61,8 +62,27 @@ class Round:
     vision_cache: dict | None = None
 
 
+@dataclass
+class _Call:
+    """A step call started and not yet returned."""
+
+    plan: Plan
+    chunks: list[tuple[Sequence, int, int]]  # the plan's chunks less those of requests whose encode failed
+    involved: list[Sequence]
+    answer: asyncio.Future  # rank 0's answer
+    started: float  # clock.perf() when it was started
+    ahead: bool  # started while the previous call ran
+
+
 class GroupLoop:
-    """A DP group's workers and scheduler, and the state of its serving task."""
+    """A DP group's workers and scheduler, and the state of its serving task.
+
+    With `lookahead`, a round plans and starts the next step call while the previous one still runs, as
+    long as that one is pure decode (GroupScheduler counts its tokens as in flight), and then returns the
+    previous call's outcome: the workers go from one call to the next without waiting for the
+    Coordinator, whose round (planning, the Ray call, delivering tokens) overlaps the device step. A call
+    with prompt chunks returns before the next plan, which needs to know where each chunk got to.
+    """
 
     def __init__(
         self,
@@ -70,26 +90,41 @@ class GroupLoop:
         scheduler: GroupScheduler,
         eos_token_ids: list[int],
         steps_per_call: StepsPerCall | None = None,
+        lookahead: bool = False,
     ) -> None:
         self.group = group
         self.scheduler = scheduler
         # Pure-decode steps per call; None keeps the scheduler's own decode_steps_per_call.
         self.steps_per_call = steps_per_call
+        self.lookahead = lookahead
         self.eos = list(eos_token_ids)
         self.wake = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.restarts = 0
         self.rebuild: asyncio.Task | None = None  # the one rebuild of this group in progress, if any
         self.in_round = False
+        self.in_flight: _Call | None = None  # the step call started ahead of its outcome
         self.costs = StepCosts()  # what sizes a round's prompt tokens and a pure-decode call's steps
 
     @property
     def dp_rank(self) -> int:
         return self.group.dp_rank
 
+    @property
+    def idle(self) -> bool:
+        """Nothing to schedule and no call in flight."""
+        return self.scheduler.idle and self.in_flight is None
+
+    def drop_in_flight(self) -> None:
+        """The group failed: forget the call in flight (its requests ended with the group's scheduler)."""
+        call, self.in_flight = self.in_flight, None
+        if call is not None:
+            call.answer.cancel()
+
     async def round(self, profile: bool = False) -> Round:
-        """Plan and run one round. GroupFailure (a dead or hung rank) propagates; a rank that raised fails the
-        requests of that call (in `Round.failed`) and the group goes on.
+        """Plan and start one step call, and return the outcome of the call that returned. GroupFailure (a dead
+        or hung rank) propagates; a rank that raised fails the requests of that call (in `Round.failed`)
+        and the group goes on.
 
         Once `schedule()` has returned, the plan's releases and preemptions have happened in the scheduler,
         so the step call that tells the workers must run whatever else fails: a request whose images
@@ -103,11 +138,25 @@ class GroupLoop:
             self.in_round = False
 
     async def _round(self, profile: bool) -> Round:
+        before = self.in_flight
+        if before is not None and before.chunks:  # the next plan needs to know where its chunks got to
+            self.in_flight = None
+            return await self._returned(before, Round(Plan()))
         sched = self.scheduler
         if self.steps_per_call is not None:
             sched.decode_steps_per_call = self.steps_per_call.steps(self.costs)
-        plan = sched.schedule()
-        result = Round(plan)
+        result = Round(sched.schedule())
+        call = await self._start(result, profile, ahead=before is not None)
+        self.in_flight = call if self.lookahead else None
+        if before is not None:
+            return await self._returned(before, result)
+        if call is not None and not self.lookahead:
+            return await self._returned(call, result)
+        return result  # with lookahead, the call's outcome comes with the next round
+
+    async def _start(self, result: Round, profile: bool, ahead: bool) -> _Call | None:
+        """Encode the plan's admitted images, then start its step call (None: nothing to run)."""
+        plan = result.plan
         encode = []
         for seq in plan.admit:
             spans = [(start, end) for start, end, _ in seq.images]
@@ -118,7 +167,7 @@ class GroupLoop:
         admit = [seq for seq in plan.admit if seq.request_id not in unencoded]
         plan_chunks = [c for c in plan.chunks if c[0].request_id not in unencoded]
         if not (plan.releases or plan.preempted or admit or plan_chunks or plan.decode):
-            return result
+            return None
         admissions = [
             (
                 dataclasses.replace(seq.payload.prepared, request_id=seq.request_id, pixel_values=None),
@@ -131,24 +180,42 @@ class GroupLoop:
         chunks = [(seq.request_id, start, end) for seq, start, end in plan_chunks]
         decode = [seq.request_id for seq in plan.decode]
         tables = {r: t for r, t in plan.block_tables.items() if r not in unencoded}
-        steps = plan.decode_steps
+        args = (plan.releases, plan.preempted, admissions, tables, chunks, decode, plan.decode_steps, profile)
+        answer = asyncio.ensure_future(self._rank0("step", *args))  # starts the call before this returns
+        answer.add_done_callback(_retrieve)
         involved = admit + [seq for seq, _, _ in plan_chunks] + plan.decode
-        called = clock.perf()
-        out = await self._call(
-            result, involved, "step", plan.releases, plan.preempted, admissions, tables, chunks, decode, steps, profile
-        )
-        if out is None:
+        await asyncio.sleep(0)  # let the call start: the workers run calls in the order they started
+        return _Call(plan, plan_chunks, involved, answer, clock.perf(), ahead)
+
+    async def _returned(self, call: _Call, result: Round) -> Round:
+        """Wait for `call` and add its outcome to `result`: progress to the scheduler, tokens and failures."""
+        sched = self.scheduler
+        try:
+            out = await call.answer
+        except CallError as e:
+            seen = set()
+            for seq in call.involved:
+                if seq.request_id not in seen:
+                    seen.add(seq.request_id)
+                    result.failed.append((seq, str(e)))
             return result
+        returned = clock.perf()
+        plan, chunks = call.plan, call.chunks
         result.phases["prefill_s" if chunks else "decode_s"] = out["seconds"]
-        ran = max((len(o["tokens"]) for o in out["outputs"].values()), default=0) if decode else 0  # < steps: all ended
+        ran = max((len(o["tokens"]) for o in out["outputs"].values()), default=0) if plan.decode else 0
         prompt_tokens = sum(end - start for _, start, end in chunks)
-        self.costs.observe(out["seconds"], ran, prompt_tokens, clock.perf() - called)
+        # The overhead a call adds: started ahead, the workers' wait between the two calls; else its round trip
+        # beyond the workers' time.
+        wall = (
+            out["seconds"] + out["idle_s"] if call.ahead and out.get("idle_s") is not None else returned - call.started
+        )
+        self.costs.observe(out["seconds"], ran, prompt_tokens, wall)
         sched.set_step_costs(self.costs.decode_step_s, self.costs.prompt_token_s)
         failed = set(out["errors"])
-        for seq in involved:
+        for seq in call.involved:
             if seq.request_id in failed:
                 result.failed.append((seq, out["errors"][seq.request_id]))
-        for seq, _, end in plan_chunks:
+        for seq, _, end in chunks:
             if seq.request_id not in failed and seq.request_id in sched.by_id:
                 sched.prefilled(seq, end)
         for request_id, tokens in out["outputs"].items():
@@ -183,15 +250,8 @@ class GroupLoop:
         """Rank 0's answer to a call on every rank (CallError and GroupFailure propagate)."""
         return (await self.group.call(method, *args))[0]
 
-    async def _call(self, result: Round, involved: list[Sequence], method: str, *args: Any) -> dict | None:
-        """Rank 0's answer to a call on every rank; None when a live rank raised (every involved request is
-        then failed with its message)."""
-        try:
-            return await self._rank0(method, *args)
-        except CallError as e:
-            seen = set()
-            for seq in involved:
-                if seq.request_id not in seen:
-                    seen.add(seq.request_id)
-                    result.failed.append((seq, str(e)))
-            return None
+
+def _retrieve(answer: asyncio.Future) -> None:
+    """Mark a failed answer's exception as seen (a call dropped with its failed group is never awaited)."""
+    if not answer.cancelled():
+        answer.exception()

@@ -31,8 +31,15 @@ The caller reports what ran: `prefilled` after a chunk, `append` with sampled to
 when the workers ended a request (EOS, length) and `abort` for anything else. Every ending frees
 the request's blocks at once and names it in the next plan's `releases`.
 
-Policy "continuous" admits whenever blocks allow. Policy "static" admits only into an empty group,
-fills it and runs that batch to completion (the batch engine's behaviour, kept for comparison).
+The next round may be planned while a pure-decode call still runs (the group loop's lookahead): the
+workers keep each request's last sampled token, so a decode step needs only how many tokens a row
+will have, not their values. Each plan counts its decode steps into the rows' `in_flight`, and
+`append` counts them back as they come (a row that ended inside a call is finished, so what it did
+not make no longer matters); blocks, steps and the `max_new_tokens` cap count tokens in flight as
+made. Freeing blocks at once stays safe because the workers run calls in the order they were
+planned: a call still writing a freed block runs before any call that gives it to another request.
+A request preempted with tokens in flight gets them through `append` while it waits, and is not
+admitted again before they are back (its prompt on resumption includes them).
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ class Sequence:
     num_cached: int = 0  # of those, how many the last admission took from the prefix cache
     cached_tokens: int = 0  # the first admission's num_cached (what the record reports)
     preemptions: int = 0
+    in_flight: int = 0  # tokens that calls already planned will sample, not yet appended
     finish_reason: str | None = None
     _tokens: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
     _keys: list[bytes] = field(default_factory=list, init=False, repr=False, compare=False)
@@ -233,7 +241,7 @@ class GroupScheduler:
         never = self.never_fits(seq.prompt_len, seq.max_new_tokens)
         if never is not None:
             raise ValueError(f"request {seq.request_id!r} can never fit: {never}")
-        seq.state, seq.finish_reason, seq.num_computed, seq.num_cached = WAITING, None, 0, 0
+        seq.state, seq.finish_reason, seq.num_computed, seq.num_cached, seq.in_flight = WAITING, None, 0, 0, 0
         seq._on_workers = False
         self.waiting.append(seq)
         self.by_id[seq.request_id] = seq
@@ -252,7 +260,14 @@ class GroupScheduler:
 
     def append(self, seq: Sequence, tokens: list[int]) -> None:
         """New sampled tokens: the one after a final chunk (reported by `prefilled` first), or a decode
-        call's; the last one has no KV yet."""
+        call's; the last one has no KV yet. A request preempted while the call ran keeps them for its
+        resumption."""
+        if seq.state == WAITING and self.by_id.get(seq.request_id) is seq and seq.preemptions:
+            if len(seq.output_ids) + len(tokens) > seq.max_new_tokens:
+                raise ValueError(f"request {seq.request_id!r}: tokens past max_new_tokens={seq.max_new_tokens}")
+            seq.output_ids.extend(tokens)
+            seq.in_flight = max(0, seq.in_flight - len(tokens))
+            return
         self._check_state(seq, "append", DECODING)
         if len(seq.output_ids) + len(tokens) > seq.max_new_tokens:
             raise ValueError(
@@ -266,6 +281,7 @@ class GroupScheduler:
                 f"for {self.pool.held(seq.request_id) * self.block_size}"
             )
         seq.output_ids.extend(tokens)
+        seq.in_flight = max(0, seq.in_flight - len(tokens))
         seq.num_computed = computed
         self._register(seq)
 
@@ -291,7 +307,7 @@ class GroupScheduler:
         self._releases.clear()
         self.pool.reset()
         for seq in out:
-            seq._on_workers = False
+            seq._on_workers, seq.in_flight = False, 0
         return out
 
     # ----------------------------------------------------------------------------- planning
@@ -300,11 +316,12 @@ class GroupScheduler:
         plan = Plan(releases=self._releases)
         self._releases = []
         static = self.policy == "static"
-        # Decoding requests first: each needs a block for the one token it computes in any round.
-        for seq in [s for s in self.running if s.state == DECODING]:
-            while seq.state == DECODING and not self.pool.grow(seq.request_id, seq.num_computed + 1):
+        # Decoding requests first: each needs a block for the one token it computes in any round. One whose
+        # calls in flight already make its last token ends there.
+        for seq in [s for s in self.running if s.state == DECODING and self._to_make(s) > 0]:
+            while seq.state == DECODING and not self.pool.grow(seq.request_id, self._kv_end(seq, 1)):
                 self._preempt(self.running[-1], plan)
-        plan.decode = [s for s in self.running if s.state == DECODING]
+        plan.decode = [s for s in self.running if s.state == DECODING and self._to_make(s) > 0]
         budget = float("inf") if static else self.token_budget - len(plan.decode)
         if plan.decode and not static:
             budget = min(budget, self.prefill_cap)
@@ -315,6 +332,8 @@ class GroupScheduler:
             self._admit(budget, plan)
         if plan.decode:
             plan.decode_steps = 1 if plan.chunks else self._pure_decode_steps(plan.decode)
+        for seq in plan.decode:
+            seq.in_flight += plan.decode_steps
         for seq in [s for s, _, _ in plan.chunks] + plan.decode:
             plan.block_tables[seq.request_id] = self.pool.table(seq.request_id)
         return plan
@@ -323,6 +342,8 @@ class GroupScheduler:
         """First come first served while running room, budget and blocks allow (the head waits for blocks)."""
         while self.waiting and len(self.running) < self.max_running and budget > 0:
             seq = self.waiting[0]
+            if seq.in_flight:  # preempted while its tokens were in flight: its prompt is not known yet
+                return
             keys = self._keys(seq) if self.pool.caching else []
             cached = self.pool.allocate(seq.request_id, len(seq.tokens), keys)
             if cached is None:
@@ -344,7 +365,7 @@ class GroupScheduler:
     def _pure_decode_steps(self, decode: list[Sequence]) -> int:
         """The most steps (<= decode_steps_per_call, <= the most any request still needs) whose blocks
         fit; the blocks are taken. One step always fits (its blocks were taken first)."""
-        most = max(max(s.max_new_tokens - len(s.output_ids) for s in decode), 1)
+        most = max(max(self._to_make(s) for s in decode), 1)
         for steps in range(min(self.decode_steps_per_call, most), 0, -1):
             extra = [self._blocks_short(s, steps) for s in decode]
             if sum(extra) <= self.pool.num_free():
@@ -355,9 +376,14 @@ class GroupScheduler:
         raise AssertionError("a decode step without its blocks")
 
     def _kv_end(self, seq: Sequence, steps: int) -> int:
-        """Positions `steps` decode steps write, capped by the most the request can ever hold (a row
-        that ends inside a multi-step call writes its later positions to the null block)."""
-        return min(seq.num_computed + steps, seq.prompt_len + seq.max_new_tokens)
+        """Positions `steps` more decode steps write after those in flight, capped by the most the request
+        can ever hold (a row that ends inside a multi-step call writes its later positions to the null block)."""
+        return min(seq.num_computed + seq.in_flight + steps, seq.prompt_len + seq.max_new_tokens)
+
+    @staticmethod
+    def _to_make(seq: Sequence) -> int:
+        """Tokens the request may still sample beyond those made and in flight."""
+        return seq.max_new_tokens - len(seq.output_ids) - seq.in_flight
 
     def _blocks_short(self, seq: Sequence, steps: int) -> int:
         need = -(-self._kv_end(seq, steps) // self.block_size)
@@ -385,7 +411,7 @@ class GroupScheduler:
         if seq._on_workers:
             self._releases.append(seq.request_id)
             seq._on_workers = False
-        seq.state, seq.finish_reason = FINISHED, reason
+        seq.state, seq.finish_reason, seq.in_flight = FINISHED, reason, 0
 
     def _keys(self, seq: Sequence) -> list[bytes]:
         """The prefix-cache keys of the full blocks of seq.tokens, extended as it grows."""

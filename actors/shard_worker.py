@@ -75,7 +75,8 @@ class ShardWorker:
         self.profiler: Any = None
         self.profiled = False
         self.dispatched = 0  # calls `dispatch` has finished
-        self.dispatch_raised: Raised | None = None  # what the last of them raised
+        self.step_returned: float | None = None  # time.perf_counter() when the last step call returned
+        self.dispatch_raised: tuple[int, Raised] | None = None  # (call number, what it raised) of the last that raised
         self.dispatch_thread: int | None = None  # the thread `dispatch` last bound the device on
         logging.basicConfig(level=logging.INFO, format=f"[{worker_actor_name(rank)}] %(message)s")
 
@@ -197,12 +198,15 @@ class ShardWorker:
         tables, then the chunks (request id, start, end) and one token of each `decode` request in one
         packed forward, or, without chunks, `steps` pure-decode steps of the `decode` requests.
 
-        Returns {"outputs": {request id: new tokens}, "errors": {request id: message}, "seconds"}; a request
-        that cannot be started is reported and left out of the round, the others go on.
+        Returns {"outputs": {request id: new tokens}, "errors": {request id: message}, "seconds", "idle_s"}; a
+        request that cannot be started is reported and left out of the round, the others go on. A decode
+        request this rank does not hold (its admission failed in a call planned before this one) is left out.
+        `idle_s`: the time since the previous step call returned here (None for the first).
         """
         self._maybe_profile(profile)
         batch = self._batch()
         start = time.perf_counter()
+        idle = None if self.step_returned is None else start - self.step_returned
         for request_id in releases:
             batch.release(request_id)
         for request_id in preempted:
@@ -217,11 +221,17 @@ class ShardWorker:
                 batch.release(request.request_id)
         batch.set_tables({r: t for r, t in tables.items() if r not in errors and r in batch.seqs})
         chunks = [c for c in chunks if c[0] not in errors]
-        decode = [r for r in decode if r not in errors]
+        decode = [r for r in decode if r not in errors and r in batch.seqs]
         outputs = batch.step(chunks, decode, steps) if chunks or decode else {}
         if self.profiler is not None and not chunks and not batch.active:
             self._stop_profile()
-        return {"outputs": self._plain(outputs), "errors": errors, "seconds": time.perf_counter() - start}
+        self.step_returned = time.perf_counter()
+        return {
+            "outputs": self._plain(outputs),
+            "errors": errors,
+            "seconds": self.step_returned - start,
+            "idle_s": idle,
+        }
 
     # ----------------------------------------------------------------------------- compiled calls
     def dispatch(self, call: tuple[str, tuple]) -> Any:
@@ -231,7 +241,6 @@ class ShardWorker:
         every rank's answer, naming no rank, and the group could not tell a failed call from a failed graph.
         """
         method, args = call
-        self.dispatch_raised = None
         if self.dispatch_thread != threading.get_ident():  # the graph's loop runs on a thread of Ray's own
             self.dispatch_thread = threading.get_ident()
             if self.device.type != "cpu":  # the current device is per thread (CUDA, ACL)
@@ -239,18 +248,21 @@ class ShardWorker:
         try:
             return getattr(self, method)(*args)
         except Exception as e:
-            self.dispatch_raised = Raised(f"{type(e).__name__}: {e}")
-            return self.dispatch_raised
+            raised = Raised(f"{type(e).__name__}: {e}")
+            self.dispatch_raised = (self.dispatched + 1, raised)
+            return raised
         finally:
             self.dispatched += 1
 
-    def dispatch_state(self) -> tuple[int, Raised | None]:
-        """(calls `dispatch` has finished, what the last one raised), for a group checking on a long call.
+    def dispatch_state(self) -> tuple[int, int, Raised | None]:
+        """(calls `dispatch` has finished, the number of the last call that raised (0: none), what it raised), for
+        a group checking on a long call; calls are numbered from 1 in the order the graph ran them.
 
         An ordinary call: it runs beside the graph's loop (Ray's own concurrency group), not after it.
         """
-        done = self.dispatched  # read first: `dispatch` sets what it raised before it counts the call
-        return done, self.dispatch_raised
+        done = self.dispatched  # read first: `dispatch` records what it raised before it counts the call
+        number, raised = self.dispatch_raised or (0, None)
+        return done, number, raised
 
     # ----------------------------------------------------------------------------- queries
     def memory(self) -> dict:

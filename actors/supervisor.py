@@ -98,7 +98,7 @@ class Supervisor:
     async def _serve(self, engine: GroupLoop) -> None:
         """The group's rounds while it lives; a failure fails the group (and begins its rebuild) and ends the task."""
         while engine.group.alive:
-            if engine.scheduler.idle:
+            if engine.idle:
                 engine.wake.clear()
                 await engine.wake.wait()
                 continue
@@ -120,6 +120,7 @@ class Supervisor:
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        engine.drop_in_flight()  # a call started ahead belongs to the workers being replaced
         assert not engine.in_round, f"dp group {engine.dp_rank}: a round outlived its serving task"
 
     # ----------------------------------------------------------------------------- failures
@@ -132,6 +133,7 @@ class Supervisor:
         """
         logger.error(message)
         engine.group.alive = False
+        engine.drop_in_flight()
         others_live = any(e.group.alive for e in self.engines)
         orphans = []
         for seq in engine.scheduler.take_all():

@@ -93,11 +93,16 @@ class SchedulerConfig:
         "static" runs batches of batch_size to completion, one batch per group at a time.
     prefill_chunk_tokens: the token budget of one round: decode tokens of the running requests
         plus prompt chunks, computed in one forward; longer prompts are split over rounds.
-    decode_steps_per_call: pure-decode steps per call to the workers: an integer, or "auto" (as many
-        as keep orchestration under 2% of a call, from each group's measured step time and per-call
-        overhead; actors/steps_per_call.py). Waiting requests are admitted between calls.
-    max_decode_call_ms: with "auto", the longest a pure-decode call may run: the bound on how long a
-        request that arrives mid-call waits to be admitted.
+    decode_steps_per_call: pure-decode steps per call to the workers: an integer, or "auto" (with
+        async_scheduling one, so every token streams as it is made; without, as many as keep
+        orchestration under 2% of a call, from each group's measured step time and per-call overhead;
+        actors/steps_per_call.py). Waiting requests are admitted between calls.
+    max_decode_call_ms: with "auto" and no async_scheduling, the longest a pure-decode call may run:
+        the bound on how long a request that arrives mid-call waits to be admitted.
+    async_scheduling: plan and start each group's next step call while a pure-decode call still runs
+        (the workers keep the sampled tokens, so the plan needs only their count): the Coordinator's
+        round and the call's Ray cost overlap the device step, and the workers go from one call to the
+        next without waiting for it. false: each call returns before the next is planned.
     max_decode_stall: how much longer than a pure-decode step a round that carries decode rows may
         take because of its prompt chunks (0.5: at most 1.5x a step); the prompt tokens of such a
         round are capped from the measured step times (at least one KV block per round, never more than
@@ -108,6 +113,7 @@ class SchedulerConfig:
     prefill_chunk_tokens: int = 2048
     decode_steps_per_call: Union[int, str] = "auto"  # noqa: UP007 (omegaconf reads typing.Union, not `|`)
     max_decode_call_ms: float = 500.0
+    async_scheduling: bool = True
     max_decode_stall: float | None = 0.5
 
 

@@ -160,6 +160,7 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
         prefill_chunk_tokens=sched.prefill_chunk_tokens,
         decode_steps_per_call=sched.decode_steps_per_call,
         max_decode_call_ms=sched.max_decode_call_ms,
+        async_scheduling=sched.async_scheduling,
         max_decode_stall=sched.max_decode_stall,
         worker_timeout_s=cfg.ray.worker_timeout_s,
         rendezvous_timeout_s=cfg.ray.rendezvous_timeout_s,

@@ -196,8 +196,9 @@ def test_compiled_calls_give_the_ordinary_calls_answers(loop, model_group, raw_r
 
 def test_a_raising_method_is_a_call_error_and_the_group_goes_on(loop, model_group):
     group = model_group
+    chunk_of_nobody = ([], [], [], {"nobody": [1]}, [("nobody", 0, 1)], [], 1)
     with pytest.raises(CallError) as info:  # every rank raises: no such request
-        loop.run_until_complete(group.call("step", *decode_args("nobody")))
+        loop.run_until_complete(group.call("step", *chunk_of_nobody))
     message = str(info.value)
     assert "shard-worker-0 (rank 0) of dp group 0 failed in 'step'" in message, message
     assert "ValueError" in message and "'nobody'" in message, message
@@ -276,6 +277,28 @@ def test_a_rank_that_raised_while_its_peer_waits_fails_the_group_at_once(loop, p
     del info
     _rebuild(loop, group)
     assert loop.run_until_complete(group.call("echo", 3)) == [3, 3]
+
+
+def test_a_rank_that_raised_is_found_with_the_next_call_queued_behind(loop, probe_group, signal):
+    """As the group loop runs ahead: the next execution is started before the failing one returns. The rank that
+    raised has moved on to it, yet the check on the ranks still finds what it raised in the call waited on
+    (the timeout's message would say "did not finish" instead)."""
+    group = probe_group
+
+    async def two_calls() -> list:
+        first = asyncio.ensure_future(group.call("raise_or_wait", 2))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(group.call("echo", "next"))
+        return await asyncio.gather(first, second, return_exceptions=True)
+
+    first, second = loop.run_until_complete(two_calls())
+    assert isinstance(first, GroupFailure), first
+    message = str(first)
+    assert "shard-worker-2 (rank 2) of dp group 1 failed in 'raise_or_wait'" in message, message
+    assert isinstance(second, GroupFailure), second
+    del first, second
+    _rebuild(loop, group)
+    assert loop.run_until_complete(group.call("echo", 4)) == [4, 4]
 
 
 def test_the_factory_follows_the_config(cfg):

@@ -53,3 +53,11 @@ def test_bad_settings_name_the_key_and_value(setting: object) -> None:
     assert repr(setting) in str(err.value)
     with pytest.raises(ValueError, match="max_decode_call_ms"):
         StepsPerCall("auto", max_call_ms=0)
+
+
+def test_auto_with_async_scheduling_runs_one_step_per_call() -> None:
+    """Calls planned ahead overlap their orchestration with the running call: auto streams every token."""
+    steps = StepsPerCall("auto", max_call_ms=1000, lookahead=True)
+    assert steps.steps(StepCosts()) == 1
+    assert steps.steps(costs(0.0005, 0.003)) == 1  # though without lookahead 2% would want 300
+    assert StepsPerCall(8, max_call_ms=1000, lookahead=True).steps(costs(0.0005, 0.003)) == 8

@@ -83,6 +83,7 @@ class FakeWorkerGroup:
     busy_s: float = 0.0  # thread CPU time spent in `step` answers (the fake's own work, not the caller's)
     dead_rank: int | None = None
     generation: int = 0  # workers killed so far: a call held across a kill finds its workers gone
+    in_order: asyncio.Lock = field(default_factory=asyncio.Lock)  # step calls run one at a time, as started
 
     @property
     def tp_size(self) -> int:
@@ -125,21 +126,23 @@ class FakeWorkerGroup:
             self.embeds.update(ids)
             answer: dict = {"seconds": 0.0, "cache": {}}
         elif method == "step":
-            if self.entered is not None:
-                self.entered.set()
-            generation = self.generation
-            if self.hold is not None:
-                await self.hold.wait()
-            if generation != self.generation:
-                raise GroupFailure(f"shard-worker-{self.dp_rank * self.tp_size} of dp group {self.dp_rank} died")
-            self._check_alive()
-            cpu = time.thread_time()
-            answer = self._step(*args)
-            self.busy_s += time.thread_time() - cpu
-            kind, steps = ("prefill", 1) if args[4] else ("decode", args[6])
-            if self.step_time_s and steps:
-                await asyncio.sleep(self.step_time_s * steps)
-            answer["seconds"] = time.perf_counter() - start
+            async with self.in_order:  # a rank runs its calls one after the other, in the order they came
+                start = time.perf_counter()
+                if self.entered is not None:
+                    self.entered.set()
+                generation = self.generation
+                if self.hold is not None:
+                    await self.hold.wait()
+                if generation != self.generation:
+                    raise GroupFailure(f"shard-worker-{self.dp_rank * self.tp_size} of dp group {self.dp_rank} died")
+                self._check_alive()
+                cpu = time.thread_time()
+                answer = self._step(*args)
+                self.busy_s += time.thread_time() - cpu
+                kind, steps = ("prefill", 1) if args[4] else ("decode", args[6])
+                if self.step_time_s and steps:
+                    await asyncio.sleep(self.step_time_s * steps)
+                answer["seconds"] = time.perf_counter() - start
         else:
             raise CallError(f"fake dp group {self.dp_rank} has no method {method!r}")
         self.calls.append((kind, steps, start, time.perf_counter()))
@@ -216,12 +219,12 @@ class FakeWorkerGroup:
                 if end == len(seq.tokens):
                     self._sample(rid, seq, out, now)
             for rid in decode:
-                seq = self.seqs[rid]
-                if seq.decoding:
+                seq = self.seqs.get(rid)  # None: its admission failed in an earlier call
+                if seq is not None and seq.decoding:
                     seq.num_computed += 1
                     self._sample(rid, seq, out, now)
         else:
-            live = [(rid, self.seqs[rid]) for rid in decode if self.seqs[rid].decoding]
+            live = [(rid, self.seqs[rid]) for rid in decode if rid in self.seqs and self.seqs[rid].decoding]
             for _ in range(steps):
                 for rid, seq in live:
                     if seq.finish_reason is None:
