@@ -27,6 +27,7 @@ from actors.groups import CallError
 from actors.scheduler import GroupScheduler, Plan, Sequence
 from actors.step_costs import StepCosts
 from actors.steps_per_call import StepsPerCall
+from actors.table_updates import TableUpdates
 from model.processor import PreparedRequest
 
 
@@ -104,6 +105,7 @@ class GroupLoop:
         self.rebuild: asyncio.Task | None = None  # the one rebuild of this group in progress, if any
         self.in_round = False
         self.in_flight: _Call | None = None  # the step call started ahead of its outcome
+        self.tables = TableUpdates()  # the block-table entries the workers hold
         self.costs = StepCosts()  # what sizes a round's prompt tokens and a pure-decode call's steps
 
     @property
@@ -116,7 +118,9 @@ class GroupLoop:
         return self.scheduler.idle and self.in_flight is None
 
     def drop_in_flight(self) -> None:
-        """The group failed: forget the call in flight (its requests ended with the group's scheduler)."""
+        """The group failed or is being rebuilt: forget the call in flight (its requests ended with the group's
+        scheduler) and the block tables its workers held (fresh workers hold none)."""
+        self.tables.forget()
         call, self.in_flight = self.in_flight, None
         if call is not None:
             call.answer.cancel()
@@ -179,7 +183,7 @@ class GroupLoop:
         ]
         chunks = [(seq.request_id, start, end) for seq, start, end in plan_chunks]
         decode = [seq.request_id for seq in plan.decode]
-        tables = {r: t for r, t in plan.block_tables.items() if r not in unencoded}
+        tables = self.tables.updates(plan, unencoded)
         args = (plan.releases, plan.preempted, admissions, tables, chunks, decode, plan.decode_steps, profile)
         answer = asyncio.ensure_future(self._rank0("step", *args))  # starts the call before this returns
         answer.add_done_callback(_retrieve)

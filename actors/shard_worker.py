@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from actors.config import WorkerConfig
-from model.batch import RunningBatch, StepOutput
+from model.batch import RunningBatch, StepOutput, TableUpdate
 from model.device import bind_device, dist_backend
 from model.parallel import ParallelContext, free_port
 from model.processor import PreparedRequest
@@ -188,7 +188,7 @@ class ShardWorker:
         releases: list[str],
         preempted: list[str],
         admissions: list[Admission],
-        tables: dict[str, list[int]],
+        tables: dict[str, TableUpdate],
         chunks: list[tuple[str, int, int]],
         decode: list[str],
         steps: int,

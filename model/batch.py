@@ -14,6 +14,7 @@ of the smallest batch bucket that holds the decoding requests. A request that me
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 _GREEDY = SamplingParams()
 
 Chunk = tuple[str, int, int]  # (request id, start, end): tokens[start:end] computed this round
+TableUpdate = tuple[int, list[int]]  # (start, blocks): a block table's entries from `start` on become `blocks`
 
 
 def image_spans(input_ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
@@ -63,6 +65,7 @@ class SeqState:
     embeds: dict[int, torch.Tensor] = field(default_factory=dict)  # image index -> embeddings not yet in the cache
     num_computed: int = 0  # tokens whose keys and values are in the blocks
     table: list[int] = field(default_factory=list)
+    table_epoch: int = 0  # changes whenever the table is replaced, not only appended to: keys the device copy
     finish_reason: str | None = None
 
     @property
@@ -132,6 +135,9 @@ class RunningBatch:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.seqs: dict[str, SeqState] = {}
+        # The last pure-decode call's block tables on the device: its rows' (id, epoch), each row's length, tensor.
+        self._tables: tuple[list[tuple[str, int]], list[int], torch.Tensor] | None = None
+        self._epochs = itertools.count(1)
 
     # ----------------------------------------------------------------------------- lifecycle
     def admit(
@@ -187,16 +193,26 @@ class RunningBatch:
         known.num_computed = num_cached
         self.seqs[request.request_id] = known
 
-    def set_tables(self, tables: dict[str, list[int]]) -> None:
-        """The current block table of each listed request (the caller's block pool decides them)."""
-        for request_id, table in tables.items():
-            self._seq(request_id).table = list(table)
+    def set_tables(self, tables: dict[str, TableUpdate]) -> None:
+        """Update the listed requests' block tables (the caller's block pool decides them): entries from `start`
+        on become `blocks`. A running request's table only grows, so the caller sends the new blocks alone
+        (start = the length the workers hold); start 0 sends a whole table (admission, resumption)."""
+        for request_id, (start, blocks) in tables.items():
+            seq = self._seq(request_id)
+            if start > len(seq.table):
+                raise ValueError(
+                    f"request {request_id!r}: block table update from entry {start}, but {len(seq.table)} are held"
+                )
+            if start < len(seq.table) or not seq.table:
+                seq.table_epoch = next(self._epochs)
+            seq.table[start:] = blocks
 
     def preempt(self, request_id: str) -> None:
         """Drop a request's KV (its blocks go back to the pool); its tokens and sampler stay for its resumption."""
         seq = self.seqs.get(request_id)
         if seq is not None:
             seq.num_computed, seq.table, seq.embeds = 0, [], {}
+            seq.table_epoch = next(self._epochs)
 
     def release(self, request_id: str) -> None:
         """Forget a request (finished, stopped or aborted)."""
@@ -285,7 +301,7 @@ class RunningBatch:
         tokens = torch.tensor([s.tokens[-1] for s in live] + [0] * pad, device=device)
         lens = torch.tensor([s.num_computed for s in live] + [0] * pad, dtype=torch.long, device=device)
         positions = lens + torch.tensor([s.delta for s in live] + [0] * pad, device=device)
-        tables = runner.table_tensor([s.table for s in live] + [[]] * pad)
+        tables = self._table_tensor(live, rows)
         advance = torch.tensor([1] * len(live) + [0] * pad, dtype=torch.long, device=device)
         params = [s.params for s in live] + [_GREEDY] * pad
         gens = [s.generator for s in live] + [None] * pad
@@ -319,6 +335,22 @@ class RunningBatch:
         return out
 
     # ----------------------------------------------------------------------------- helpers
+    def _table_tensor(self, live: list[SeqState], rows: int) -> torch.Tensor:
+        """(rows, max_blocks_per_seq) block tables of `live` (padded rows: the null block), kept on the device
+        between calls: when the rows are those of the last call, only the blocks appended since are copied."""
+        keys = [(s.request_id, s.table_epoch) for s in live]
+        if self._tables is not None and self._tables[0] == keys and self._tables[2].shape[0] == rows:
+            _, lengths, tensor = self._tables
+            for i, seq in enumerate(live):
+                if len(seq.table) > lengths[i]:  # a table only grows within one epoch
+                    new = seq.table[lengths[i] :]
+                    tensor[i, lengths[i] : len(seq.table)] = torch.tensor(new, dtype=torch.long, device=tensor.device)
+                    lengths[i] = len(seq.table)
+            return tensor
+        tensor = self.runner.table_tensor([s.table for s in live] + [[]] * (rows - len(live)))
+        self._tables = (keys, [len(s.table) for s in live], tensor)
+        return tensor
+
     def _seq(self, request_id: str) -> SeqState:
         seq = self.seqs.get(request_id)
         if seq is None:
@@ -361,7 +393,7 @@ def generate(
         ids = [f"#{i}" for i in chunk]  # request ids given by users may repeat
         for slot, (i, key, emb) in enumerate(zip(chunk, ids, embeds)):
             batch.admit(replace(requests[i], request_id=key), params[i], eos_token_ids, emb)
-            batch.set_tables({key: tables[slot]})
+            batch.set_tables({key: (0, tables[slot])})
         outputs = [batch.forward([(key, 0, len(requests[i].input_ids)) for key, i in zip(ids, chunk)], [])]
         steps = max(params[i].max_new_tokens for i in chunk)
         while batch.active:  # one call runs every step: the step inputs stay on the device

@@ -196,7 +196,7 @@ def test_compiled_calls_give_the_ordinary_calls_answers(loop, model_group, raw_r
 
 def test_a_raising_method_is_a_call_error_and_the_group_goes_on(loop, model_group):
     group = model_group
-    chunk_of_nobody = ([], [], [], {"nobody": [1]}, [("nobody", 0, 1)], [], 1)
+    chunk_of_nobody = ([], [], [], {"nobody": (0, [1])}, [("nobody", 0, 1)], [], 1)
     with pytest.raises(CallError) as info:  # every rank raises: no such request
         loop.run_until_complete(group.call("step", *chunk_of_nobody))
     message = str(info.value)

@@ -53,14 +53,14 @@ class LoggedGroup(FakeWorkerGroup):
         answer = super()._step(releases, preempted, admissions, tables, chunks, decode, steps, profile)
         for rid, start, end in chunks:
             if rid not in answer["errors"]:
-                self.writes.extend((index, tables[rid][p // bs], rid) for p in range(start, end))
+                self.writes.extend((index, self.seqs[rid].table[p // bs], rid) for p in range(start, end))
         for rid, out in answer["outputs"].items():
             seq = self.seqs[rid]
             if chunks:  # one decode token in a round with chunks: its position is the last computed
                 written = [seq.num_computed - 1] if rid not in {c[0] for c in chunks} else []
             else:
                 written = list(range(seq.num_computed - len(out["tokens"]), seq.num_computed))
-            self.writes.extend((index, tables[rid][p // bs], rid) for p in written)
+            self.writes.extend((index, seq.table[p // bs], rid) for p in written)
         return answer
 
 

@@ -49,7 +49,6 @@ class KVReadingGroup(FakeWorkerGroup):
     encoded: dict[str, list[bytes]] = field(default_factory=dict)  # request -> pixel digests of its last encode
     content: dict[str, list[bytes | None]] = field(default_factory=dict)  # request -> per prompt position
     written: dict[str, int] = field(default_factory=dict)  # request -> positions written to its blocks
-    tables: dict[str, list[int]] = field(default_factory=dict)
 
     async def call(self, method: str, *args: Any) -> list[dict]:
         if method == "encode":
@@ -64,7 +63,7 @@ class KVReadingGroup(FakeWorkerGroup):
         releases: list[str],
         preempted: list[str],
         admissions: list[tuple],
-        tables: dict[str, list[int]],
+        tables: dict[str, tuple[int, list[int]]],
         chunks: list[tuple[str, int, int]],
         decode: list[str],
         steps: int,
@@ -78,7 +77,6 @@ class KVReadingGroup(FakeWorkerGroup):
         for request, _, _, num_cached in admissions:
             self.content[request.request_id] = self._prompt_content(request)
             self.written[request.request_id] = num_cached  # the cached positions are already in its blocks
-        self.tables = tables
         answer = super()._step(releases, preempted, admissions, tables, chunks, decode, steps, profile)
         for rid, _, _ in chunks:  # a chunk that ended before its prompt did samples nothing, but writes
             if rid in self.seqs and rid not in answer["errors"]:
@@ -98,7 +96,7 @@ class KVReadingGroup(FakeWorkerGroup):
 
     def _write(self, rid: str, seq: FakeSeq) -> None:
         """Write the positions computed since the last write into the request's blocks."""
-        content, table = self.content[rid], self.tables[rid]
+        content, table = self.content[rid], seq.table
         for pos in range(self.written[rid], seq.num_computed):
             image = content[pos] if pos < len(content) else b""
             assert image is not None, f"{rid}: position {pos} is in an image that was never encoded"
@@ -107,7 +105,7 @@ class KVReadingGroup(FakeWorkerGroup):
 
     def _sample(self, rid: str, seq: FakeSeq, out: dict[str, dict], now: float) -> None:
         self._write(rid, seq)
-        table = self.tables[rid]
+        table = seq.table
         history = [self.kv[table[pos // BLOCK]][pos % BLOCK] for pos in range(seq.num_computed)]
         token = toy_next(history)
         seq.tokens.append(token)

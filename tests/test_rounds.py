@@ -24,6 +24,7 @@ import torch
 
 from actors.group_loop import images_after
 from actors.scheduler import GroupScheduler, Plan, Sequence
+from actors.table_updates import TableUpdates
 from model.batch import RunningBatch, StepOutput, generate, image_spans
 from model.kv_cache import blocks_for
 from model.processor import PreparedRequest, PromptBuilder
@@ -51,8 +52,9 @@ def make_sequence(runner: ModelRunner, prepared: PreparedRequest, max_new_tokens
     return seq
 
 
-def run_round(sched: GroupScheduler, batch: RunningBatch) -> tuple[Plan, dict[str, StepOutput]]:
-    """One planned round on the batch, its progress and tokens reported back to the scheduler."""
+def run_round(sched: GroupScheduler, batch: RunningBatch, tables: TableUpdates) -> tuple[Plan, dict[str, StepOutput]]:
+    """One planned round on the batch (block tables sent as the group loop sends them: what changed), its
+    progress and tokens reported back to the scheduler."""
     plan = sched.schedule()
     for request_id in plan.releases:
         batch.release(request_id)
@@ -64,7 +66,7 @@ def run_round(sched: GroupScheduler, batch: RunningBatch) -> tuple[Plan, dict[st
         request = dataclasses.replace(seq.payload.prepared, request_id=seq.request_id, pixel_values=None)
         embeds = next(encoded) if sub is not None else None
         batch.admit(request, seq.payload.params, [], embeds, seq.num_cached)
-    batch.set_tables(plan.block_tables)
+    batch.set_tables(tables.updates(plan))
     chunks = [(seq.request_id, start, end) for seq, start, end in plan.chunks]
     decode = [seq.request_id for seq in plan.decode]
     out = batch.step(chunks, decode, plan.decode_steps) if chunks or decode else {}
@@ -121,15 +123,15 @@ def test_a_row_ending_inside_a_call_does_not_shorten_it(runner_for: Callable[[in
     sched = GroupScheduler(4, 16, 16, token_budget=256, decode_steps_per_call=8)
     for prepared, max_new_tokens in ((a, 6), (b, 100)):
         sched.add(make_sequence(runner, prepared, max_new_tokens))
-    batch = RunningBatch(runner)
+    batch, tables = RunningBatch(runner), TableUpdates()
     tokens: dict[str, list[int]] = {"a": [], "b": []}
-    plan, out = run_round(sched, batch)  # both prompts, one token each
+    plan, out = run_round(sched, batch, tables)  # both prompts, one token each
     assert [c[0].request_id for c in plan.chunks] == ["a", "b"] and plan.decode_steps == 0
     for request_id, step in out.items():
         tokens[request_id] += step.tokens
     cache = runner.cache.keys + runner.cache.values
     before = [layer.clone() for layer in cache]
-    plan, out = run_round(sched, batch)
+    plan, out = run_round(sched, batch, tables)
     assert not plan.chunks and plan.decode_steps == 8
     assert len(plan.block_tables["a"]) == blocks_for(122 + 6, 16) == 8
     others = sorted(set(range(1, runner.cache.num_blocks)) - set(plan.block_tables["a"] + plan.block_tables["b"]))
@@ -181,12 +183,12 @@ def test_rounds_with_chunks_preemptions_and_images_give_each_request_its_tokens_
     sched = GroupScheduler(4, 46, 4, token_budget=16, decode_steps_per_call=4)
     for request, max_new_tokens in requests:
         sched.add(make_sequence(runner, request, max_new_tokens))
-    batch = RunningBatch(runner)
+    batch, tables = RunningBatch(runner), TableUpdates()
     tokens: dict[str, list[int]] = {r.request_id: [] for r, _ in requests}
     plans, encoded = [], []  # encoded: (images, the request's images after its cached prefix) per admission
     while not sched.idle:
         assert len(plans) < 200
-        plan, out = run_round(sched, batch)
+        plan, out = run_round(sched, batch, tables)
         plans.append(plan)
         for s in plan.admit:
             if s.images:

@@ -55,7 +55,7 @@ def admit_args(prepared: PreparedRequest, request_id: str, max_new_tokens: int, 
     request = dataclasses.replace(prepared, request_id=request_id, pixel_values=None)
     params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
     chunks = [(request_id, 0, len(prepared.input_ids))]
-    return (release, [], [(request, params, [], 0)], {request_id: table}, chunks, [], 1)
+    return (release, [], [(request, params, [], 0)], {request_id: (0, table)}, chunks, [], 1)
 
 
 def decode_args(request_id: str) -> tuple:

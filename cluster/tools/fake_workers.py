@@ -48,6 +48,7 @@ class FakeSeq:
     tokens: list[int]
     num_computed: int
     finish_reason: str | None = None
+    table: list[int] = field(default_factory=list)  # its block table, updated as RunningBatch.set_tables does
 
     @property
     def output(self) -> list[int]:
@@ -159,7 +160,7 @@ class FakeWorkerGroup:
         releases: list[str],
         preempted: list[str],
         admissions: list[tuple],
-        tables: dict[str, list[int]],
+        tables: dict[str, tuple[int, list[int]]],
         chunks: list[tuple[str, int, int]],
         decode: list[str],
         steps: int,
@@ -169,7 +170,7 @@ class FakeWorkerGroup:
             self.seqs.pop(rid, None)
         for rid in preempted:
             if rid in self.seqs:
-                self.seqs[rid].num_computed = 0
+                self.seqs[rid].num_computed, self.seqs[rid].table = 0, []
         errors: dict[str, str] = {}
         for request, params, eos, num_cached in admissions:
             rid = request.request_id
@@ -201,8 +202,14 @@ class FakeWorkerGroup:
                 )
                 self.seqs[rid] = known
             known.num_computed = num_cached
-        missing = [r for r, _, _ in chunks if r not in errors and r not in tables] + [
-            r for r in decode if r not in tables
+        for rid, (start, blocks) in tables.items():
+            if rid in self.seqs and rid not in errors:
+                table = self.seqs[rid].table
+                if start > len(table):
+                    raise ValueError(f"request {rid!r}: block table update from entry {start}, {len(table)} held")
+                table[start:] = blocks
+        missing = [r for r, _, _ in chunks if r not in errors and not self.seqs[r].table] + [
+            r for r in decode if r in self.seqs and not self.seqs[r].table
         ]
         if missing:
             raise ValueError(f"fake dp group {self.dp_rank}: no block table for {missing}")
