@@ -1,4 +1,4 @@
-"""The capacity planner: its cost model's arithmetic, its simulated clock, and that it runs the engine's own scheduler."""
+"""The capacity planner: its cost model's arithmetic, its simulated clock, and that it runs the engine's scheduler."""
 
 from __future__ import annotations
 
