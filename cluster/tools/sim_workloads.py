@@ -147,21 +147,23 @@ def multi_turn(n: int, rng: random.Random, b: Builder, turns: int = 3) -> list[S
 
 
 def vision_arena(n: int, rng: random.Random, b: Builder) -> list[SimRequest]:
-    """VisionArena-Chat-like turns: one user image each (45% screenshots of 1280 x 720 to 1920 x 1080, 35%
-    phone photos of 3024 x 4032 or 4032 x 3024 capped at MAX_PIXELS, 20% small images of 512-1024 px),
-    a 10-200 token question and up to 128 output tokens (vLLM's default output length for the set)."""
+    """VisionArena-Chat-like first turns: one user image each, a 10-200 token question, and vLLM's output
+    length for the set (128 tokens; 20% of turns end earlier, at 16-128, as EOS ends some there).
+    The image sizes are assumed (docs/simulator.md): 45% screenshots of 1280 x 720 scaled by 0.6-1.0,
+    35% photos re-encoded to a longest side of 1024 (4:3), 20% small images of 384-768 pixels a side."""
     reqs = []
     for i in range(n):
         kind = rng.random()
         if kind < 0.45:
-            scale = rng.uniform(1.0, 1.5)
+            scale = rng.uniform(0.6, 1.0)
             hw = (int(720 * scale), int(1280 * scale))
         elif kind < 0.80:
-            hw = rng.choice(((3024, 4032), (4032, 3024)))
+            hw = rng.choice(((768, 1024), (1024, 768)))
         else:
-            side = rng.randint(512, 1024)
+            side = rng.randint(384, 768)
             hw = (side, int(side * rng.uniform(0.75, 1.33)))
-        reqs.append(_single(b, f"va-{i}", [hw], rng.randint(10, 200), rng.randint(64, 128)))
+        out = 128 if rng.random() < 0.8 else rng.randint(16, 128)
+        reqs.append(_single(b, f"va-{i}", [hw], rng.randint(10, 200), out))
     return reqs
 
 
