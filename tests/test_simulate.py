@@ -93,7 +93,7 @@ def plan_args(*extra: str) -> list[str]:
 
 
 def run_plan(*extra: str) -> dict:
-    [plan] = simulate.plans(simulate.build_parser().parse_args(plan_args(*extra)))
+    [plan] = simulate.plans(simulate.build_parser().parse_intermixed_args(plan_args(*extra)))
     return simulate.simulate(plan)
 
 

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.description = __doc__.split("\n")[0]
     parser.add_argument("--ttft-ms", type=float, default=2000.0, help="TTFT p99 target")
     parser.add_argument("--tpot-ms", type=float, default=50.0, help="TPOT p99 target")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.ttft_ms <= 0 or args.tpot_ms <= 0:
         parser.error(f"--ttft-ms={args.ttft_ms} and --tpot-ms={args.tpot_ms} must be > 0")
     try:

@@ -367,7 +367,7 @@ def plans(args: argparse.Namespace) -> list[Plan]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         runs = plans(args)
     except (ValueError, ConfigError) as e:
