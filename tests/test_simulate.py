@@ -12,6 +12,8 @@ from actors.scheduler import GroupScheduler
 from cluster.tools import cost_model, sim_loop, simulate
 from cluster.tools.hardware import hardware
 from cluster.tools.model_shapes import model_shape
+from cluster.tools.sim_workloads import smart_resize
+from model.config import ModelConfig
 
 SHAPE_72B = model_shape("qwen2.5-vl-72b")
 A3 = hardware("a3")
@@ -153,3 +155,37 @@ def test_bad_flags_name_the_value(flag: str, value: str, message: str, capsys) -
     with pytest.raises(SystemExit):
         simulate.main(args)
     assert message in capsys.readouterr().err
+
+
+def test_qwen_resize_by_hand() -> None:
+    # 1000 x 1500 pixels: sides rounded to multiples of 28 (1008 x 1512), within the pixel limits: 36 x 54 tokens.
+    assert smart_resize(1000, 1500) == (1008, 1512)
+    # 4032 x 3024 (12.2 MP) is under 16,384 x 28^2 = 12.8 MP: rounded only.
+    assert smart_resize(4032, 3024) == (4032, 3024)
+    # 10,000 x 10,000 scales by sqrt(1e8 / 12,845,056) = 2.790 and floors to multiples of 28: 127 x 28 = 3,556 a side.
+    assert smart_resize(10_000, 10_000) == (3556, 3556)
+
+
+def test_a_request_file_becomes_token_counts_and_image_spans() -> None:
+    [plan] = simulate.plans(
+        simulate.build_parser().parse_intermixed_args(
+            [
+                "conf/tiny_cpu.yaml",
+                "--model-shape",
+                str(simulate.tokenizer_checkpoint()),
+                "--hardware",
+                "cpu-here",
+                "--workload",
+                "dataset/sample_vl.jsonl",
+                "--requests",
+                "4",
+            ]
+        )
+    )
+    assert plan.shape.layers == ModelConfig.from_pretrained(simulate.tokenizer_checkpoint()).text.num_hidden_layers
+    assert len(plan.requests) == 4 and any(r.images for r in plan.requests)
+    image_token = next(r.prompt_ids[r.images[0][0]] for r in plan.requests if r.images)
+    for request in plan.requests:
+        for (start, end, _), (t, h, w) in zip(request.images, request.grids):
+            assert end - start == t * h * w // 4  # one token per 2 x 2 patches
+            assert set(request.prompt_ids[start:end]) == {image_token}
