@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from cluster.tools.hardware import Hardware
 from cluster.tools.model_shapes import ModelShape
 
-WEIGHTS = ("bf16", "w8a8")
-ACT_BYTES = 2  # bf16 activations, KV cache, embeddings and LM head (w8a8 keeps them in bf16)
+WEIGHTS = ("bf16", "w8a8", "fp32")  # fp32: a float32 run (cpu-here)
 # The Coordinator's own time (docs/simulator.md "Constants"): a step call through the compiled graph from
 # the Coordinator's round to its reply, 1.10 ms (bench_calls, 1 worker; docs/benchmarks.md "Ray call
 # cost"), and 73 us of CPU per delivered token (bench_coordinator, Ray actor, multiplexed streams, 16 x 64;
@@ -62,14 +61,20 @@ def check_weights(weights: str) -> None:
         raise ValueError(f"--weights={weights!r}: choose from {', '.join(WEIGHTS)}")
 
 
+def element_bytes(weights: str) -> int:
+    """Bytes of an activation, a KV entry, an embedding or LM head weight: 4 in fp32, else 2 (w8a8 keeps them bf16)."""
+    check_weights(weights)
+    return 4 if weights == "fp32" else 2
+
+
 def kv_heads_per_rank(shape: ModelShape, tp: int) -> int:
     """KV heads each rank holds (replicated when tp exceeds the KV heads)."""
     return max(1, shape.kv_heads // tp)
 
 
-def kv_bytes_per_token(shape: ModelShape, tp: int) -> int:
-    """Keys and values of one token over every layer, on one rank: 2 x layers x kv heads/rank x head_dim x 2."""
-    return 2 * shape.layers * kv_heads_per_rank(shape, tp) * shape.head_dim * ACT_BYTES
+def kv_bytes_per_token(shape: ModelShape, tp: int, weights: str = "bf16") -> int:
+    """Keys and values of one token over every layer, on one rank: 2 x layers x kv heads/rank x head_dim x bytes."""
+    return 2 * shape.layers * kv_heads_per_rank(shape, tp) * shape.head_dim * element_bytes(weights)
 
 
 def linear_params_per_layer(shape: ModelShape) -> int:
@@ -80,16 +85,16 @@ def linear_params_per_layer(shape: ModelShape) -> int:
 
 def weight_bytes(shape: ModelShape, weights: str, tp: int) -> float:
     """Bytes of weights one rank reads per forward: its share of the layers' matrices and of the LM head."""
-    check_weights(weights)
-    per_weight = 1 if weights == "w8a8" else ACT_BYTES
-    return (shape.layers * linear_params_per_layer(shape) * per_weight + shape.lm_head_params() * ACT_BYTES) / tp
+    per_weight = 1 if weights == "w8a8" else element_bytes(weights)
+    lm_head = shape.lm_head_params() * element_bytes(weights)
+    return (shape.layers * linear_params_per_layer(shape) * per_weight + lm_head) / tp
 
 
-def allreduce_s(shape: ModelShape, hw: Hardware, tp: int, tokens: int) -> float:
+def allreduce_s(shape: ModelShape, hw: Hardware, tp: int, tokens: int, weights: str = "bf16") -> float:
     """2 ring all-reduces per layer of tokens x hidden x 2 bytes: layers x 2 x (latency + 2(tp-1)/tp x bytes / link)."""
     if tp == 1:
         return 0.0
-    size = tokens * shape.hidden * ACT_BYTES
+    size = tokens * shape.hidden * element_bytes(weights)
     return shape.layers * 2 * (hw.link_latency_s + 2 * (tp - 1) / tp * size / hw.link_bandwidth)
 
 
@@ -100,7 +105,9 @@ def forward(
     row at length 812, (512, 512) for a first prompt chunk; `graph`: a captured decode graph, else eager."""
     tokens = sum(n for n, _ in rows)
     weight = weight_bytes(shape, weights, tp)
-    kv = kv_bytes_per_token(shape, tp) * (sum(c for _, c in rows) + tokens)  # read every row's context, write new
+    kv = kv_bytes_per_token(shape, tp, weights) * (
+        sum(c for _, c in rows) + tokens
+    )  # read every row's context, write new
     linear = 2 * tokens * shape.layers * linear_params_per_layer(shape) / tp
     heads = shape.heads / tp
     attention = sum(4 * shape.layers * heads * shape.head_dim * n * (c - n + (n + 1) / 2) for n, c in rows)
@@ -114,7 +121,7 @@ def forward(
         else hw.eager_call_s + shape.layers * hw.eager_layer_s
     )
     return StepCost(
-        weight, kv, linear + attention + lm_head, memory, compute, allreduce_s(shape, hw, tp, tokens), fixed
+        weight, kv, linear + attention + lm_head, memory, compute, allreduce_s(shape, hw, tp, tokens, weights), fixed
     )
 
 
@@ -144,14 +151,17 @@ def vision_image_flops(shape: ModelShape, patches: int) -> float:
     return embed + blocks + attention + merger
 
 
-def vision_image_s(shape: ModelShape, hw: Hardware, patches: int) -> float:
-    """Seconds of the whole vision tower over one image on one device (bf16, eager: a fixed cost per block)."""
+def vision_image_s(shape: ModelShape, hw: Hardware, patches: int, weights: str = "bf16") -> float:
+    """Seconds of the whole vision tower over one image on one device (bf16, fp32 in an fp32 run; eager: a fixed
+    cost per block)."""
     compute = vision_image_flops(shape, patches) / (hw.bf16_flops * hw.flops_efficiency)
-    memory = shape.vision_params() * ACT_BYTES / (hw.bandwidth * hw.bandwidth_efficiency)
+    memory = shape.vision_params() * element_bytes(weights) / (hw.bandwidth * hw.bandwidth_efficiency)
     return max(compute, memory) + shape.vision_depth * hw.eager_layer_s
 
 
-def vision_call_s(shape: ModelShape, hw: Hardware, tp: int, mode: str, images: list[int]) -> float:
+def vision_call_s(
+    shape: ModelShape, hw: Hardware, tp: int, mode: str, images: list[int], weights: str = "bf16"
+) -> float:
     """One encode call of a TP group over images of these patch counts: `dp` mode gives each rank whole
     images (largest first, to the least loaded rank) and waits for the busiest; `tp` splits each image's
     FLOPs over the ranks, with 2 all-reduces per block of patches x vision hidden x 2 bytes."""
@@ -160,14 +170,14 @@ def vision_call_s(shape: ModelShape, hw: Hardware, tp: int, mode: str, images: l
     if mode == "dp":
         loads = [0.0] * tp
         for patches in sorted(images, reverse=True):
-            loads[loads.index(min(loads))] += vision_image_s(shape, hw, patches)
+            loads[loads.index(min(loads))] += vision_image_s(shape, hw, patches, weights)
         return hw.eager_call_s + max(loads)
     total = 0.0
     for patches in images:
         compute = vision_image_flops(shape, patches) / (hw.bf16_flops * hw.flops_efficiency * tp)
         reduce = 0.0
         if tp > 1:
-            size = patches * shape.vision_hidden * ACT_BYTES
+            size = patches * shape.vision_hidden * element_bytes(weights)
             reduce = shape.vision_depth * 2 * (hw.link_latency_s + 2 * (tp - 1) / tp * size / hw.link_bandwidth)
         total += compute + reduce + shape.vision_depth * hw.eager_layer_s
     return hw.eager_call_s + total

@@ -65,11 +65,12 @@ PROFILES: dict[str, Hardware] = {
     "h100": _accelerator("h100", "cuda", 3.35e12, 989 * TFLOPS, 1979 * TFLOPS, 80 * GB, 900 * GB, 100e-6),
     # NVIDIA H200: H100's compute, 4.8 TB/s HBM3e, 141 GB.
     "h200": _accelerator("h200", "cuda", 4.8e12, 989 * TFLOPS, 1979 * TFLOPS, 141 * GB, 900 * GB, 100e-6),
-    # This machine's 2 cores, fp32 (FACTS.md 2b): 20 GB/s read; a decode step reaches ~38% of it (the 0.5B
-    # shape's 261 ms step over 1.98 GB); prefill ~77 GFLOPS effective (13 ms per prompt token of the 0.5B
-    # shape, ~1 GFLOP each) against an assumed 160 GFLOPS peak (2 cores x 2.5 GHz x 32 fp32 FLOP/cycle).
+    # This machine's 2 cores, fp32: 20 GB/s read (FACTS.md 2b); this engine's decode step of the 0.5B shape reads
+    # its 1.98 GB of fp32 weights in 169.8 ms in process (docs/benchmarks.md), ~60% of it; prefill ~77 GFLOPS
+    # effective (13 ms per prompt token of the 0.5B shape, ~1 GFLOP each, the paged-KV issue's notes) against an
+    # assumed 160 GFLOPS peak (2 cores x 2.5 GHz x 32 fp32 FLOP/cycle).
     "cpu-here": Hardware(
-        "cpu-here", "cpu", 20 * GB, 160e9, 160e9, 32 * GB, 20 * GB, 50e-6, 0.38, 0.48, 1e-3, 2e-3, 0.1e-3, 0.3e-3
+        "cpu-here", "cpu", 20 * GB, 160e9, 160e9, 32 * GB, 20 * GB, 50e-6, 0.60, 0.48, 1e-3, 2e-3, 0.1e-3, 0.3e-3
     ),
 }
 

@@ -56,7 +56,9 @@ class SimWorkerGroup(FakeWorkerGroup):
             requests = args[0]
             self.embeds.update(request.request_id for request in requests)
             patches = [int(g.prod()) for r in requests if r.image_grid_thw is not None for g in r.image_grid_thw]
-            seconds = cost_model.vision_call_s(target.shape, target.hardware, target.tp, target.vision_mode, patches)
+            seconds = cost_model.vision_call_s(
+                target.shape, target.hardware, target.tp, target.vision_mode, patches, target.weights
+            )
             await self._spend(seconds, 0)
             return [{"seconds": seconds, "cache": {}}] * self.tp_size
         if method != "step":

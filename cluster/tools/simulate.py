@@ -97,9 +97,9 @@ def parse_goodput(items: Sequence[str] | None) -> dict[str, float] | None:
     return out
 
 
-def kv_blocks_for_memory(shape: ModelShape, cfg: RunConfig, block_size: int) -> int:
-    """kv_cache.memory_gb as blocks of the target shape (bf16 keys and values of every layer, one rank)."""
-    per_block = cost_model.kv_bytes_per_token(shape, cfg.tp_size) * block_size
+def kv_blocks_for_memory(shape: ModelShape, cfg: RunConfig, block_size: int, weights: str) -> int:
+    """kv_cache.memory_gb as blocks of the target shape (keys and values of every layer, one rank)."""
+    per_block = cost_model.kv_bytes_per_token(shape, cfg.tp_size, weights) * block_size
     blocks = int(cfg.kv_cache.memory_gb * (1 << 30)) // per_block
     if blocks < 2:
         raise ConfigError(f"kv_cache.memory_gb={cfg.kv_cache.memory_gb!r}: holds {blocks} KV blocks; at least 2 needed")
@@ -253,9 +253,9 @@ def memory_note(plan: Plan) -> str | None:
     """A warning when one rank's weights and KV pool would not fit the device's memory."""
     cfg = plan.cfg
     weights = cost_model.weight_bytes(plan.shape, plan.weights, cfg.tp_size)
-    weights += plan.shape.vocab * plan.shape.hidden * cost_model.ACT_BYTES / cfg.tp_size  # embeddings
+    weights += plan.shape.vocab * plan.shape.hidden * cost_model.element_bytes(plan.weights) / cfg.tp_size  # embeddings
     blocks, block_size = engine_config(cfg).worker.kv_pool()
-    kv = blocks * block_size * cost_model.kv_bytes_per_token(plan.shape, cfg.tp_size)
+    kv = blocks * block_size * cost_model.kv_bytes_per_token(plan.shape, cfg.tp_size, plan.weights)
     if weights + kv > plan.hw.memory_bytes:
         return (
             f"note: one rank needs {weights / 1e9:.1f} GB of weights + {kv / 1e9:.1f} GB of KV, more than "
@@ -310,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("conf", help="run config YAML (as cluster.launch takes)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     parser.add_argument("--model-shape", required=True, help="qwen2.5-vl-3b|7b|32b|72b or a checkpoint directory")
-    parser.add_argument("--weights", choices=cost_model.WEIGHTS, default="bf16")
+    parser.add_argument(
+        "--weights", choices=cost_model.WEIGHTS, help="default: fp32 for a float32 config (cpu-here), else bf16"
+    )
     parser.add_argument("--hardware", required=True, help="a3, 910b, a100-80g, h100, h200 or cpu-here")
     parser.add_argument(
         "--workload", required=True, help="chat, documents, multi-turn, vision-arena, random:IN:OUT or a file"
@@ -344,10 +346,11 @@ def plans(args: argparse.Namespace) -> list[Plan]:
     cfg = load_config(args.conf, overrides)
     shape, hw = model_shape(args.model_shape), hardware(args.hardware)
     goodput = parse_goodput(args.goodput)
+    weights = args.weights or ("fp32" if cfg.dtype == "float32" else "bf16")
     cfg.model_path = str(tokenizer_checkpoint())
     block_size = cfg.kv_cache.block_size or KV_BLOCK_SIZE[cfg.device]
     if cfg.kv_cache.num_blocks is None and cfg.kv_cache.memory_gb is not None:
-        cfg.kv_cache.num_blocks = kv_blocks_for_memory(shape, cfg, block_size)
+        cfg.kv_cache.num_blocks = kv_blocks_for_memory(shape, cfg, block_size, weights)
     count = cfg.data_config.num_samples or cfg.data_config.batch_size * cfg.dp_size
     from model.processor import PromptBuilder
 
@@ -360,9 +363,7 @@ def plans(args: argparse.Namespace) -> list[Plan]:
     for rate in rates:
         if not (rate > 0 or math.isinf(rate)):
             raise ValueError(f"--rate={rate} must be > 0 (inf: all at once)")
-    return [
-        Plan(cfg, shape, hw, args.weights, args.workload, reqs, rate, args.max_concurrency, goodput) for rate in rates
-    ]
+    return [Plan(cfg, shape, hw, weights, args.workload, reqs, rate, args.max_concurrency, goodput) for rate in rates]
 
 
 def main(argv: list[str] | None = None) -> int:
