@@ -8,7 +8,10 @@ to this machine's measured figures.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 GB = 1e9
 TFLOPS = 1e12
@@ -76,7 +79,16 @@ PROFILES: dict[str, Hardware] = {
 
 
 def hardware(name: str) -> Hardware:
-    """The profile called `name`; ValueError naming the value and the choices otherwise."""
+    """The profile called `name`, or one a `.json` file holds (what `simulate --calibrate --json` writes);
+    ValueError naming the value otherwise."""
+    if name.endswith(".json"):
+        path = Path(name)
+        try:
+            data = json.loads(path.read_text())
+            fields = {f.name for f in dataclasses.fields(Hardware)}
+            return Hardware(**{k: v for k, v in data.items() if k in fields})
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"--hardware={name!r}: not a hardware profile ({e})") from e
     if name not in PROFILES:
-        raise ValueError(f"--hardware={name!r}: choose from {', '.join(PROFILES)}")
+        raise ValueError(f"--hardware={name!r}: choose from {', '.join(PROFILES)} or a .json profile")
     return PROFILES[name]

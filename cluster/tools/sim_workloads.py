@@ -69,14 +69,18 @@ def smart_resize(
 class Builder:
     """Makes prompts of ordinary token ids with image spans; `image_token_id` from the engine's tokenizer."""
 
-    def __init__(self, image_token_id: int, rng: random.Random) -> None:
+    def __init__(self, image_token_id: int, rng: random.Random, special: frozenset[int] = frozenset()) -> None:
         self.image_token_id = image_token_id
         self.rng = rng
         self.images = 0
+        self.special = special | {image_token_id}
+        self.stand_in = next(t for t in range(*TOKEN_RANGE) if t not in self.special)
 
     def text(self, count: int) -> list[int]:
+        """`count` random ids of TOKEN_RANGE, a special one (vision, EOS) replaced by an ordinary id."""
         low, high = TOKEN_RANGE
-        return [self.rng.randrange(low, high) for _ in range(count)]
+        ids = (self.rng.randrange(low, high) for _ in range(count))
+        return [self.stand_in if t in self.special else t for t in ids]
 
     def image(self, ids: list[int], pixels_hw: tuple[int, int], key: bytes | None = None) -> tuple:
         """Append one image of these pixels to `ids`: its (start, end, key) and (t, h, w) grid."""
@@ -212,13 +216,22 @@ def _parts(request: dict) -> tuple[list[str], list[str]]:
     return texts, paths
 
 
-def workload(spec: str, n: int, seed: int, image_token_id: int, tokenize: Any, default_out: int) -> list[SimRequest]:
-    """`n` requests of the workload `spec` (a name, `random:IN:OUT` or a request file), drawn with `seed`.
+def workload(
+    spec: str,
+    n: int,
+    seed: int,
+    image_token_id: int,
+    tokenize: Any,
+    default_out: int,
+    special: frozenset[int] = frozenset(),
+) -> list[SimRequest]:
+    """`n` requests of the workload `spec` (a name, `random:IN:OUT` or a request file), drawn with `seed`; text
+    ids avoid `special` (the tokenizer's vision and EOS ids).
 
     Raises ValueError naming the value when `spec` is none of them.
     """
     rng = random.Random(seed)
-    b = Builder(image_token_id, rng)
+    b = Builder(image_token_id, rng, special)
     if spec == "chat":
         return chat(n, rng, b)
     if spec == "documents":

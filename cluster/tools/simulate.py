@@ -3,6 +3,7 @@
 `python -m cluster.tools.simulate CONF [key=value ...] --model-shape NAME|PATH --weights bf16|w8a8
 --hardware NAME --workload NAME|FILE --rate R [R ...] --requests N [--policy continuous|static]
 [--seed S] [--max-concurrency N] [--goodput ttft_ms:2000 tpot_ms:50] [--json OUT] [--plot OUT.png]`
+and `python -m cluster.tools.simulate --calibrate [--json OUT]` (cluster/tools/sim_calibrate.py).
 
 The run config (CONF and its overrides, as `cluster.launch` takes them) sets the engine: TP and DP,
 batch size, KV pool, scheduler policy, token budget, stall cap, steps per call, prefix caching. The
@@ -48,6 +49,7 @@ from cluster.tools.hardware import Hardware, hardware
 from cluster.tools.model_shapes import ModelShape, model_shape
 from cluster.tools.sim_workers import SimWorkerGroup, Target
 from cluster.tools.sim_workloads import SimRequest, workload
+from model.config import ModelConfig
 from model.device import KV_BLOCK_SIZE
 from model.processor import PreparedRequest
 
@@ -355,9 +357,11 @@ def plans(args: argparse.Namespace) -> list[Plan]:
     from model.processor import PromptBuilder
 
     builder = PromptBuilder.from_pretrained(cfg.model_path)
+    ids = ModelConfig.from_pretrained(cfg.model_path)
+    special = frozenset({ids.image_token_id, ids.video_token_id, ids.vision_start_token_id, *ids.eos_token_ids})
     reqs = workload(
         args.workload, count, cfg.data_config.seed, builder.image_token_id,
-        lambda text: builder.tokenizer(text)["input_ids"], cfg.data_config.max_new_tokens,
+        lambda text: builder.tokenizer(text)["input_ids"], cfg.data_config.max_new_tokens, special,
     )  # fmt: skip
     rates = args.rate or [cfg.data_config.request_rate]
     for rate in rates:
@@ -367,6 +371,11 @@ def plans(args: argparse.Namespace) -> list[Plan]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--calibrate" in argv:  # fit cpu-here to this machine's kernels (cluster/tools/sim_calibrate.py)
+        from cluster.tools import sim_calibrate
+
+        return sim_calibrate.main(argv)
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     try:
