@@ -189,3 +189,12 @@ def test_a_request_file_becomes_token_counts_and_image_spans() -> None:
         for (start, end, _), (t, h, w) in zip(request.images, request.grids):
             assert end - start == t * h * w // 4  # one token per 2 x 2 patches
             assert set(request.prompt_ids[start:end]) == {image_token}
+
+
+def test_a_profile_file_is_read_and_a_bad_one_named(tmp_path) -> None:
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps({**hardware("cpu-here").to_dict(), "bandwidth_efficiency": 0.25, "calibration": []}))
+    assert hardware(str(path)).bandwidth_efficiency == 0.25
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="cpu.json"):
+        hardware(str(path))
