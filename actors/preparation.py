@@ -34,6 +34,7 @@ class Preparation:
         self.in_flight = 0  # requests being prepared now
         self.preparing: dict[str, int] = {}  # ids of requests being prepared -> how many with that id
         self.aborted: set[str] = set()  # of those, the ids an `abort` named meanwhile
+        self.offload = asyncio.to_thread  # runs `build` off the loop (a simulation runs it inline, no thread)
 
     def abort(self, request_id: str) -> bool:
         """Mark every request with this id that is being prepared; whether there was one."""
@@ -60,7 +61,7 @@ class Preparation:
             self.preparing[rid] = self.preparing.get(rid, 0) + 1
         self.in_flight += 1
         try:
-            prepared, images = await asyncio.to_thread(self.build, request)
+            prepared, images = await self.offload(self.build, request)
         finally:
             self.in_flight -= 1
             aborted = self._prepared(rid)

@@ -71,7 +71,7 @@ def test_shipped_configs_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert big.exe_mode == "graph" and big.parallel_config.vision_mode == "dp"
     assert big.data_config.dataset == "vision-arena-bench-v0.1"
     assert (big.data_config.batch_size, big.data_config.max_new_tokens, big.data_config.input_max_len) == (
-        8,
+        32,
         128,
         4096,
     )
