@@ -5,9 +5,11 @@ A `step` call runs the fake's bookkeeping (tokens, EOS, lengths, preemptions) an
 a round with prompt chunks costs one eager packed forward (`cost_model.prefill_step`) over its chunks
 and decode rows; a pure-decode call costs one step per step it ran (`cost_model.decode_step`, captured
 graph when the run's exe_mode is graph), each row at its own length, rows that ended dropping out.
-An `encode` call costs the vision tower over its images (`cost_model.vision_call_s`). On top of each
-call comes the Coordinator's own time (`cost_model.coordinator_s`), which the group loop sees as the
-call's overhead, as it sees Ray's and its own in a real run. Each token is stamped with the simulated
+An `encode` call costs the vision tower over its images (`cost_model.vision_call_s`). The device runs a
+group's calls one at a time in the order they came; after each comes the Coordinator's own time
+(`cost_model.coordinator_s`) before the answer reaches the group loop, which sees it as the call's
+overhead, as it sees Ray's and its own in a real run (with async scheduling the device starts the
+next call meanwhile). Each token is stamped with the simulated
 time its step ended.
 """
 
@@ -52,38 +54,39 @@ class SimWorkerGroup(FakeWorkerGroup):
         self._check_alive()
         target = self.target
         assert target is not None, "SimWorkerGroup needs a target"
-        if method == "encode":
-            requests = args[0]
-            self.embeds.update(request.request_id for request in requests)
-            patches = [int(g.prod()) for r in requests if r.image_grid_thw is not None for g in r.image_grid_thw]
-            seconds = cost_model.vision_call_s(
-                target.shape, target.hardware, target.tp, target.vision_mode, patches, target.weights
-            )
-            await self._spend(seconds, 0)
-            return [{"seconds": seconds, "cache": {}}] * self.tp_size
-        if method != "step":
+        if method not in ("encode", "step"):
             return await super().call(method, *args)
-        releases, preempted, admissions, tables, chunks, decode, steps = args[:7]
-        answer = self._step(releases, preempted, admissions, tables, chunks, decode, steps)
-        outputs = answer["outputs"]
-        start = clock.wall()
-        if chunks:
-            seconds = self._round_s(chunks, decode, answer["errors"], outputs)
-            times = [start + seconds]
-        else:
-            times = self._decode_times(decode, outputs, start)
-            seconds = times[-1] - start if times else 0.0
-        for item in outputs.values():
-            item["times"] = times[: len(item["tokens"])] if not chunks else times * len(item["tokens"])
-        tokens = sum(len(item["tokens"]) for item in outputs.values())
-        await self._spend(seconds, tokens)
-        answer["seconds"] = seconds
+        async with self.in_order:  # the device runs the calls one after the other, in the order they came
+            if method == "encode":
+                requests = args[0]
+                self.embeds.update(request.request_id for request in requests)
+                patches = [int(g.prod()) for r in requests if r.image_grid_thw is not None for g in r.image_grid_thw]
+                seconds = cost_model.vision_call_s(
+                    target.shape, target.hardware, target.tp, target.vision_mode, patches, target.weights
+                )
+                answer: dict = {"seconds": seconds, "cache": {}}
+                tokens = 0
+            else:
+                releases, preempted, admissions, tables, chunks, decode, steps = args[:7]
+                answer = self._step(releases, preempted, admissions, tables, chunks, decode, steps)
+                outputs = answer["outputs"]
+                start = clock.wall()
+                if chunks:
+                    seconds = self._round_s(chunks, decode, answer["errors"], outputs)
+                    times = [start + seconds]
+                else:
+                    times = self._decode_times(decode, outputs, start)
+                    seconds = times[-1] - start if times else 0.0
+                for item in outputs.values():
+                    item["times"] = times[: len(item["tokens"])] if not chunks else times * len(item["tokens"])
+                tokens = sum(len(item["tokens"]) for item in outputs.values())
+                answer["seconds"] = seconds
+            self.busy_device_s += seconds
+            await asyncio.sleep(seconds)
+        # The Coordinator's time for the call's answer: after the device, which (with async scheduling) may
+        # already run the next call meanwhile.
+        await asyncio.sleep(cost_model.coordinator_s(1, tokens))
         return [answer] * self.tp_size
-
-    async def _spend(self, seconds: float, tokens: int) -> None:
-        """Wait the device's seconds plus the Coordinator's time for one call delivering `tokens`."""
-        self.busy_device_s += seconds
-        await asyncio.sleep(seconds + cost_model.coordinator_s(1, tokens))
 
     def _round_s(self, chunks: list, decode: list[str], errors: dict, outputs: dict) -> float:
         """A packed round's seconds: its prompt chunks (tokens, context after) and its decode rows' lengths."""
