@@ -468,7 +468,8 @@ class PromptBuilder:
         for source, start, end, where in chat.videos:
             try:
                 options = base.clip(start, end, where)
-                sampled = load_video(source, options, self.max_video_seconds, self.max_video_bytes)
+                factor = proc.patch_size * self.merge_size
+                sampled = load_video(source, options, self.max_video_seconds, self.max_video_bytes, factor)
             except VideoOptionError as exc:
                 raise InvalidRequestError(f"request {request_id}: {exc}", exc.field) from exc
             except VideoLoadError as exc:

@@ -194,12 +194,14 @@ def sample_indices(total_frames: int, count: int) -> list[int]:
     return torch.linspace(0, total_frames - 1, count).round().long().tolist()
 
 
-def frame_size(height: int, width: int, num_frames: int, options: VideoOptions) -> tuple[int, int]:
-    """Each kept frame's size: within the per-frame bounds, lowered to share the total budget."""
+def frame_size(
+    height: int, width: int, num_frames: int, options: VideoOptions, factor: int = FACTOR
+) -> tuple[int, int]:
+    """Each kept frame's size, multiples of `factor`: within the per-frame bounds, lowered to share the total budget."""
     max_pixels = max(
         min(options.max_pixels, options.total_pixels / num_frames * FRAME_FACTOR), int(options.min_pixels * 1.05)
     )
-    return smart_resize(height, width, options.min_pixels, max_pixels)
+    return smart_resize(height, width, options.min_pixels, max_pixels, factor)
 
 
 # ---------------------------------------------------------------------------------- sources and decoding
@@ -259,8 +261,9 @@ def decode_video(
     options: VideoOptions = VideoOptions(),
     max_seconds: float = MAX_VIDEO_SECONDS,
     max_bytes: int = MAX_VIDEO_BYTES,
+    factor: int = FACTOR,
 ) -> SampledVideo:
-    """Decode a video file and keep its sampled frames, resized (see the module docstring).
+    """Decode a video file and keep its sampled frames, resized to multiples of `factor` (see the module docstring).
 
     Raises:
         VideoLoadError: naming what is wrong: a missing, unreadable or corrupt file, no video stream
@@ -287,7 +290,7 @@ def decode_video(
             video_fps = float(stream.average_rate or stream.guessed_rate or 0) or (len(times) / max(times[-1], 1e-6))
             count = sample_count(len(times), video_fps, options)
             wanted = sample_indices(len(times), count)
-            height, width = frame_size(stream.codec_context.height, stream.codec_context.width, count, options)
+            height, width = frame_size(stream.codec_context.height, stream.codec_context.width, count, options, factor)
         if isinstance(data, io.BytesIO):
             data.seek(0)
         frames = _decode_sampled(data, name, times, wanted, (height, width))
@@ -342,7 +345,10 @@ def _resized(frame: Any, width: int, height: int) -> np.ndarray:
 
 
 def frames_video(
-    frames: Sequence[ImageSource | Image.Image], options: VideoOptions = VideoOptions(), field: str = "video"
+    frames: Sequence[ImageSource | Image.Image],
+    options: VideoOptions = VideoOptions(),
+    field: str = "video",
+    factor: int = FACTOR,
 ) -> SampledVideo:
     """A video given as its frames (images, in order): all kept, the last repeated to an even count.
 
@@ -366,7 +372,7 @@ def frames_video(
             raise VideoLoadError(f"{field}[{i}]: {exc}") from exc
     count = _ceil_by(len(images), FRAME_FACTOR)
     images += [images[-1]] * (count - len(images))
-    height, width = frame_size(images[0].height, images[0].width, count, options)
+    height, width = frame_size(images[0].height, images[0].width, count, options, factor)
     out = np.empty((count, height, width, 3), dtype=np.uint8)
     for i, image in enumerate(images):
         out[i] = np.asarray(
@@ -380,13 +386,14 @@ def load_video(
     options: VideoOptions = VideoOptions(),
     max_seconds: float = MAX_VIDEO_SECONDS,
     max_bytes: int = MAX_VIDEO_BYTES,
+    factor: int = FACTOR,
 ) -> SampledVideo:
     """A video file (path, file://, data:video/...;base64, http(s) URL or bytes) or a list of frames, sampled."""
     if isinstance(source, list):
-        return frames_video(source, options)
+        return frames_video(source, options, factor=factor)
     if not isinstance(source, (str, bytes, os.PathLike, Path)):
         raise VideoLoadError(f"a video must be a path, URL, bytes or a list of frames, got {type(source).__name__}")
-    return decode_video(source, options, max_seconds, max_bytes)
+    return decode_video(source, options, max_seconds, max_bytes, factor)
 
 
 # ---------------------------------------------------------------------------------- patches

@@ -33,7 +33,9 @@ def write_video(path: Path | None, frames: np.ndarray, fps: int, suffix: str = "
     """
     codec, pix_fmt = CODECS[suffix]
     buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format={"mkv": "matroska", "mov": "mov", "mp4": "mp4", "webm": "webm"}[suffix]) as out:
+    with av.open(
+        buffer, mode="w", format={"mkv": "matroska", "mov": "mov", "mp4": "mp4", "webm": "webm"}[suffix]
+    ) as out:
         video = None
         if len(frames):
             video = out.add_stream(codec, rate=fps)
