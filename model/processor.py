@@ -461,7 +461,8 @@ class PromptBuilder:
         proc = self.image_processor
         if self.max_input_len is not None and kwargs.get("video_total_pixels") is None:
             tokens = max(self.max_input_len - text_len, 0) // len(chat.videos)
-            pixels_per_token = proc.temporal_patch_size * (proc.patch_size * self.merge_size) ** 2
+            # qwen-vl-utils gives each frame total / frames * temporal_patch_size pixels: total / factor**2 tokens.
+            pixels_per_token = (proc.patch_size * self.merge_size) ** 2
             budget = max(tokens * pixels_per_token, FRAME_PIXELS_FLOOR)
             base = dataclasses.replace(base, total_pixels=min(base.total_pixels, budget))
         out = []
