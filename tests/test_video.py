@@ -8,6 +8,7 @@ get_rope_index for time positions; the authors' get_rope_index docstring for the
 from __future__ import annotations
 
 import base64
+import json
 import math
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
 
+from cluster.datasets import DatasetError, load_requests
 from model.processor import InvalidRequestError, PromptBuilder
 from model.rotary import mrope_positions
 from model.video import (
@@ -374,3 +376,20 @@ def test_default_budget_fits_input_max_len(tiny_checkpoint: Path, tmp_path: Path
     )
     assert len(free.input_ids) > 100 >= len(bounded.input_ids)
     assert bounded.video_frames == free.video_frames == [4]
+
+
+def test_dataset_rows_carry_videos_with_paths_resolved(tmp_path: Path) -> None:
+    rows = [
+        {"id": "a", "prompt": "hi", "videos": ["clips/a.mp4", {"video": "b.mkv", "video_end": 3}]},
+        {"id": "b", "prompt": "hi", "videos": [["f0.png", "https://x/f1.png"]]},
+        {"id": "c", "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "c.mov"}}]}]},
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    a, b, c = load_requests(str(path), None, 1, 1, None, tmp_path)
+    assert a["videos"] == [str(tmp_path / "clips/a.mp4"), {"video": str(tmp_path / "b.mkv"), "video_end": 3}]
+    assert b["videos"] == [[str(tmp_path / "f0.png"), "https://x/f1.png"]]
+    assert c["messages"][0]["content"][0]["video_url"]["url"] == str(tmp_path / "c.mov")
+    path.write_text(json.dumps({"id": "d", "prompt": "hi", "videos": "a.mp4"}))
+    with pytest.raises(DatasetError, match="videos"):
+        load_requests(str(path), None, 1, 1, None, tmp_path)
