@@ -7,10 +7,11 @@ second of the clip, at least 4 and at most 768 frames, an even count, frames at
 (128000x28x28x0.9 pixels by default). The seconds per temporal patch of the frames actually sampled,
 ``temporal_patch_size / sample_fps``, drive the time axis of M-RoPE (model/rotary.py).
 
-Decoding is a stream (PyAV, whose wheel ships its own FFmpeg): a first pass reads packet timestamps
-only (no decoding) to count the clip's frames and choose the sampled ones; the second pass decodes
-every frame (inter-frame codecs need them) but converts to RGB and resizes only the sampled ones, so
-memory holds the sampled frames at their final size, never the whole video.
+Decoding is a stream (PyAV, whose wheel ships its own FFmpeg): a first pass reads packets only (no
+decoding) for the clip's frame timestamps and keyframes, and chooses the sampled frames; the second
+pass decodes towards each sampled frame, seeking to the keyframe before it when that keyframe lies
+ahead (frames of skipped groups of pictures are never decoded), and converts to RGB and resizes only
+the sampled frames, so memory holds the sampled frames at their final size, never the whole video.
 
 Patches are laid out as transformers' Qwen2VLVideoProcessor lays them out (fused rescale/normalize,
 temporal patches of `temporal_patch_size` frames, the last frame repeated to fill the last patch).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import io
 import math
 import os
@@ -238,22 +240,37 @@ def _video_input(source: ImageSource, max_bytes: int) -> str | io.BytesIO:
     return str(file)
 
 
-def _clip_times(container: Any, stream: Any, options: VideoOptions, max_seconds: float) -> list[float]:
-    """Presentation times (s, from the stream's start) of the clip's frames, in order, read from packets only."""
+@dataclass
+class _Index:
+    """What the packets say of a clip, read without decoding: its frames' pts (sorted) and times (s from
+    the stream's start), and the pts of the keyframes at or before its end."""
+
+    pts: list[int]
+    times: list[float]
+    keyframes: list[int]
+
+
+def _index(container: Any, stream: Any, options: VideoOptions, max_seconds: float) -> _Index:
     base = stream.time_base
     start = stream.start_time or 0
-    times = []
+    pts, keyframes = [], []
     for packet in container.demux(stream):
         if packet.pts is None or packet.size == 0:
             continue
-        times.append(float((packet.pts - start) * base))
-    if not times:
+        pts.append(packet.pts)
+        if packet.is_keyframe:
+            keyframes.append(packet.pts)
+    if not pts:
         raise VideoLoadError("the video stream has no frames")
-    times.sort()
-    if times[-1] > max_seconds:
-        raise VideoLoadError(f"video lasts more than {times[-1]:.1f} s, more than the limit of {max_seconds:g} s")
+    pts.sort()
+    keyframes.sort()
+    last = float((pts[-1] - start) * base)
+    if last > max_seconds:
+        raise VideoLoadError(f"video lasts more than {last:.1f} s, more than the limit of {max_seconds:g} s")
     end = math.inf if options.end is None else options.end
-    return [t for t in times if options.start <= t <= end]
+    clip = [(p, float((p - start) * base)) for p in pts]
+    clip = [(p, t) for p, t in clip if options.start <= t <= end]
+    return _Index([p for p, _ in clip], [t for _, t in clip], keyframes)
 
 
 def decode_video(
@@ -284,56 +301,58 @@ def decode_video(
             duration = None if container.duration is None else container.duration / av.time_base
             if duration is not None and duration > max_seconds:
                 raise VideoLoadError(f"video lasts {duration:.1f} s, more than the limit of {max_seconds:g} s: {name}")
-            times = _clip_times(container, stream, options, max_seconds)
-            if len(times) < FRAME_FACTOR:
-                raise VideoLoadError(f"the clip has {len(times)} frames; at least {FRAME_FACTOR} are needed: {name}")
-            video_fps = float(stream.average_rate or stream.guessed_rate or 0) or (len(times) / max(times[-1], 1e-6))
-            count = sample_count(len(times), video_fps, options)
-            wanted = sample_indices(len(times), count)
+            index = _index(container, stream, options, max_seconds)
+            total = len(index.pts)
+            if total < FRAME_FACTOR:
+                raise VideoLoadError(f"the clip has {total} frames; at least {FRAME_FACTOR} are needed: {name}")
+            video_fps = float(stream.average_rate or stream.guessed_rate or 0) or (total / max(index.times[-1], 1e-6))
+            count = sample_count(total, video_fps, options)
+            wanted = [index.pts[i] for i in sample_indices(total, count)]
             height, width = frame_size(stream.codec_context.height, stream.codec_context.width, count, options, factor)
         if isinstance(data, io.BytesIO):
             data.seek(0)
-        frames = _decode_sampled(data, name, times, wanted, (height, width))
+        frames = _decode_sampled(data, name, wanted, index.keyframes, (height, width))
     except av.error.FFmpegError as exc:
         raise VideoLoadError(f"cannot decode video {name}: {exc}") from exc
-    sample_fps = count / len(times) * video_fps
+    sample_fps = count / total * video_fps
     return SampledVideo(frames, sample_fps, time.perf_counter() - began)
 
 
 def _decode_sampled(
-    data: str | io.BytesIO, name: str, times: list[float], wanted: list[int], size: tuple[int, int]
+    data: str | io.BytesIO, name: str, wanted: list[int], keyframes: list[int], size: tuple[int, int]
 ) -> np.ndarray:
-    """Decode the stream again; convert and resize only the frames at `wanted` indices of `times`."""
+    """Decode the frames at pts `wanted` (sorted), converted and resized to `size`; no other frame is converted.
+
+    Before each wanted frame, when the last keyframe at or before it lies past the decoder's position,
+    the decoder seeks to that keyframe (the frames between are never decoded); otherwise it decodes on.
+    A wanted frame is the first decoded frame at or after its pts.
+    """
     height, width = size
     out = np.empty((len(wanted), height, width, 3), dtype=np.uint8)
-    first, last = times[0], times[-1]
-    targets = iter(enumerate(wanted))
-    slot, target = next(targets)
-    index = -1  # the clip's frames decoded so far, minus one
     kept = None
     with av.open(data, mode="r") as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        base, start = stream.time_base, stream.start_time or 0
-        for frame in container.decode(stream):
-            if frame.pts is None:
-                continue
-            t = float((frame.pts - start) * base)
-            if t < first:
-                continue
-            if t > last:
+        frames = None
+        position = None  # pts of the last frame decoded
+        for slot, target in enumerate(wanted):
+            k = bisect.bisect_right(keyframes, target) - 1
+            if frames is None or (k >= 0 and keyframes[k] > position):
+                if k >= 0:
+                    container.seek(keyframes[k], stream=stream, backward=True)
+                frames = container.decode(stream)
+            for frame in frames:
+                if frame.pts is None:
+                    continue
+                position = frame.pts
+                if frame.pts >= target:
+                    kept = out[slot] = _resized(frame, width, height)
+                    break
+            else:  # the stream ended first: repeat the last frame kept
+                if kept is None:
+                    raise VideoLoadError(f"no frame of the clip could be decoded: {name}")
+                out[slot:] = kept
                 break
-            index += 1
-            while target == index:
-                kept = _resized(frame, width, height)
-                out[slot] = kept
-                slot, target = next(targets, (len(wanted), None))
-            if target is None:
-                break
-    if kept is None:
-        raise VideoLoadError(f"no frame of the clip could be decoded: {name}")
-    if slot < len(wanted):  # the decoder gave fewer frames than the packets promised: repeat the last kept
-        out[slot:] = kept
     return out
 
 

@@ -8,10 +8,12 @@ get_rope_index for time positions; the authors' get_rope_index docstring for the
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -143,6 +145,19 @@ def test_lossy_codecs_decode_close_to_the_frames(suffix: str) -> None:
     error = np.abs(video.frames.astype(np.int16) - FRAMES[wanted].astype(np.int16)).mean()
     assert video.frames.shape == (4, 56, 84, 3)
     assert error < 12, f"{suffix}: mean abs error {error:.1f}"
+
+
+@pytest.mark.parametrize("suffix,gop", [("mp4", 4), ("mp4", 50), ("webm", 6)])
+def test_seeking_to_keyframes_gives_the_frames_a_full_decode_gives(suffix: str, gop: int) -> None:
+    """Sampled frames (some reached by seeking to a keyframe, some by decoding on) equal the same frames of
+    a decode of every frame, bit for bit (the same decoder either way)."""
+    frames = make_frames(60, 56, 84, seed=4)
+    data = write_video(None, frames, 10, suffix, gop=gop)
+    with av.open(io.BytesIO(data)) as container:
+        every = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    video = decode_video(data, VideoOptions(**EXACT, fps=1.0))
+    wanted = torch.linspace(0, 59, 6).round().long().tolist()
+    assert np.array_equal(video.frames, np.stack([every[i] for i in wanted]))
 
 
 def test_clip_start_and_end_select_frames_by_time() -> None:

@@ -26,10 +26,13 @@ def make_frames(count: int, height: int, width: int, seed: int = 0) -> np.ndarra
     return np.ascontiguousarray(frames)
 
 
-def write_video(path: Path | None, frames: np.ndarray, fps: int, suffix: str = "mkv", audio: bool = False) -> bytes:
+def write_video(
+    path: Path | None, frames: np.ndarray, fps: int, suffix: str = "mkv", audio: bool = False, gop: int | None = None
+) -> bytes:
     """Encode `frames` at `fps` into a `suffix` container (to `path`, or in memory); the file's bytes.
 
-    audio=True adds a short silent AAC track; an empty `frames` writes an audio-only file.
+    audio=True adds a short silent AAC track; an empty `frames` writes an audio-only file; gop: the
+    keyframe interval of a lossy codec.
     """
     codec, pix_fmt = CODECS[suffix]
     buffer = io.BytesIO()
@@ -38,7 +41,7 @@ def write_video(path: Path | None, frames: np.ndarray, fps: int, suffix: str = "
     ) as out:
         video = None
         if len(frames):
-            video = out.add_stream(codec, rate=fps)
+            video = out.add_stream(codec, rate=fps, options={} if gop is None else {"g": str(gop)})
             video.height, video.width = frames.shape[1:3]
             video.pix_fmt = pix_fmt
             video.time_base = Fraction(1, fps)

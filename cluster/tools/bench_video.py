@@ -1,0 +1,142 @@
+"""Video decoding: time and peak memory of model/video.py against the naive way, on a long 720p video.
+
+The benchmark writes a 1280x720, 30 fps H.264 video (10 minutes by default, a few MB at a low bitrate:
+ten seconds encoded once and their packets muxed again with later timestamps), then samples it in a
+fresh process per method, so that each process's peak RSS is its own:
+
+- ``naive``: decode every frame and convert each to RGB with the same library (PyAV), keep only the
+  sampled frames (resized as ours are);
+- ``ours``: ``model.video.decode_video`` (timestamps from the packets, every frame decoded, only the
+  sampled frames converted and resized).
+
+Both use the same sampling settings (``--fps``, ``--max-frames``, ``--max-pixels``). Each line
+gives seconds, frames kept, and peak RSS above the process's RSS after its imports.
+
+    python -m cluster.tools.bench_video [--seconds 600] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+from model.video import VideoOptions, decode_video, frame_size, sample_count, sample_indices
+
+
+def write_long_video(path: Path, seconds: int, width: int = 1280, height: int = 720, fps: int = 30) -> int:
+    """A `seconds`-long H.264 mp4 at `path`: 10 s of moving gradients encoded once, muxed repeatedly; its size."""
+    segment = min(10, seconds)
+    frames = segment * fps
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) * 127 // (width + height)], -1).astype(np.uint8)
+    time_base = Fraction(1, fps)
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "crf": "38", "g": str(frames)})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = time_base
+        encoded = []  # (payload, pts, dts, keyframe) of the first segment, in the encoder's time base
+        for i in range(frames + 1):
+            frame = None
+            if i < frames:
+                frame = av.VideoFrame.from_ndarray(np.roll(base, 8 * i, axis=1), format="rgb24")
+                frame.pts = i
+            for packet in stream.encode(frame):
+                encoded.append((bytes(packet), packet.pts, packet.dts, packet.is_keyframe))
+        for repeat in range(seconds // segment):
+            for payload, pts, dts, keyframe in encoded:
+                packet = av.Packet(payload)
+                packet.pts, packet.dts = pts + repeat * frames, dts + repeat * frames
+                packet.time_base, packet.is_keyframe, packet.stream = time_base, keyframe, stream
+                out.mux(packet)
+    return path.stat().st_size
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def naive(path: str, options: VideoOptions) -> np.ndarray:
+    """Every frame decoded and converted to RGB; the sampled ones kept, resized as ours are."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = float(stream.average_rate)
+        total = sum(1 for packet in container.demux(stream) if packet.size)
+    count = sample_count(total, rate, options)
+    wanted = set(sample_indices(total, count))
+    height, width = frame_size(720, 1280, count, options)
+    kept = []
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for i, frame in enumerate(container.decode(stream)):
+            rgb = frame.to_ndarray(format="rgb24")
+            if i in wanted:
+                kept.append(np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BICUBIC)))
+    return np.stack(kept)
+
+
+def _child(method: str, path: str, options: VideoOptions) -> dict:
+    base = _rss_mb()
+    began = time.perf_counter()
+    frames = naive(path, options) if method == "naive" else decode_video(path, options).frames
+    seconds = time.perf_counter() - began
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"method": method, "seconds": seconds, "frames": int(frames.shape[0]), "frame_hw": list(frames.shape[1:3]),
+            "peak_rss_growth_mb": peak - base}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=600, help="video length (default 600: 10 minutes)")
+    parser.add_argument("--fps", type=float, default=2.0)
+    parser.add_argument("--max-frames", type=int, default=32)
+    parser.add_argument("--max-pixels", type=int, default=128 * 28 * 28)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    options = VideoOptions(fps=args.fps, max_frames=args.max_frames, min_pixels=28 * 28, max_pixels=args.max_pixels)
+    if args.child:
+        print(json.dumps(_child(args.child[0], args.child[1], options)))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "long.mp4"
+        began = time.perf_counter()
+        size = write_long_video(path, args.seconds)
+        print(f"video: {args.seconds} s of 1280x720 at 30 fps, {size / 2**20:.1f} MiB, "
+              f"written in {time.perf_counter() - began:.1f} s")  # fmt: skip
+        flags = ["--fps", str(args.fps), "--max-frames", str(args.max_frames), "--max-pixels", str(args.max_pixels)]
+        results = []
+        for method in ("naive", "ours"):
+            out = subprocess.run(
+                [sys.executable, "-m", "cluster.tools.bench_video", *flags, "--child", method, str(path)],
+                check=True, capture_output=True, text=True,
+            )  # fmt: skip
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = results[-1]
+            print(f"{method:>6}: {r['seconds']:7.2f} s, {r['frames']} frames of {r['frame_hw']}, "
+                  f"peak RSS +{r['peak_rss_growth_mb']:.0f} MB")  # fmt: skip
+    ratio = results[1]["seconds"] / results[0]["seconds"]
+    print(f"ours / naive time: {ratio:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"seconds": args.seconds, "results": results, "ratio": ratio}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
