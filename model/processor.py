@@ -79,6 +79,7 @@ class PreparedRequest:
     second_per_grid_ts: list[float | None] | None = None
     video_frames: list[int] = field(default_factory=list)  # frames sampled per video
     video_decode_s: float = 0.0  # time spent decoding and sampling the videos
+    video_tokens: int = 0  # prompt tokens that stand for video frames
 
     @property
     def num_images(self) -> int:
@@ -449,6 +450,7 @@ class PromptBuilder:
             seconds,
             [sampled.num_frames for _, _, sampled in videos],
             sum(sampled.decode_s for _, _, sampled in videos),
+            sum(video_counts),
         )
 
     def _videos(self, request_id: str, chat: _Chat, kwargs: dict[str, Any], text_len: int) -> list[tuple]:

@@ -4,7 +4,8 @@ One engine with prefix caching and blocks of 4 tokens serves a video request, th
 the same video (the first answer as the assistant turn, a follow-up question). The first turn's greedy
 tokens are transformers' (near-tie rule); the second turn reuses the KV of the whole video span
 (`cached_tokens` past its end) and its tokens are transformers' greedy tokens for the full chat; records
-carry video_frames and video_decode_s; a corrupt video and too many videos are error records naming the part.
+carry video_frames, video_decode_s and video_tokens; a corrupt video, too many videos and a bad fps are
+error records naming the part.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def test_second_turn_about_a_video_hits_the_prefix_cache(engine: Any, tiny_check
     [one] = ray.get(engine.generate.remote([first]), timeout=180)
     assert one["error"] is None, one["error"]
     assert one["video_frames"] == [4] and one["video_decode_s"] > 0
+    assert one["video_tokens"] == builder.build(first).input_ids.count(builder.video_token_id) == 2 * 4 * 6
     ref, logits = _hf_greedy(model, builder, first)
     _assert_reference_greedy(one["output_token_ids"], ref, logits, "turn 1")
 
