@@ -12,13 +12,19 @@ fresh process per method, so that each process's peak RSS is its own:
 Both use the same sampling settings (``--fps``, ``--max-frames``, ``--max-pixels``). Each line
 gives seconds, frames kept, and peak RSS above the process's RSS after its imports.
 
-    python -m cluster.tools.bench_video [--seconds 600] [--json out.json]
+``--served CONFIG`` then serves the video with ``cluster.launch CONFIG`` (a fresh local Ray per run;
+16 frames of at most 64x28x28 pixels, to fit the tiny preset's input_max_len) and, as the baseline,
+the same prompt without the video, and reports each process's peak RSS (VmHWM, sampled every 0.1 s
+over the launch's process tree) in both runs, by process title.
+
+    python -m cluster.tools.bench_video [--seconds 600] [--served conf/tiny_cpu.yaml] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -91,6 +97,82 @@ def naive(path: str, options: VideoOptions) -> np.ndarray:
     return np.stack(kept)
 
 
+def _process_tree(root: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            parents.setdefault(parent, []).append(int(entry))
+    tree = [root]
+    for pid in tree:
+        tree += parents.get(pid, [])
+    return tree
+
+
+def _peak_mb(pid: int) -> tuple[str, float] | None:
+    """(process title, peak RSS in MB) of a live process."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            title = cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        with open(f"/proc/{pid}/status") as status:
+            peak = next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return title, peak
+
+
+def _role(title: str) -> str:
+    if "cluster.launch" in title:
+        return "driver (cluster.launch)"
+    return title.split()[0] if title.startswith("ray::") else ""
+
+
+def served_peaks(config: str, dataset: Path, out_dir: Path) -> dict[str, float]:
+    """Run cluster.launch on `dataset`; the largest peak RSS (MB) per role (driver, ray::Coordinator, ...)."""
+    command = [sys.executable, "-m", "cluster.launch", config, f"data_config.dataset={dataset}",
+               f"output_path={out_dir / 'results.jsonl'}", f"ray.namespace=bench-video-{dataset.stem}"]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peaks: dict[int, tuple[str, float]] = {}
+    while process.poll() is None:
+        for pid in _process_tree(process.pid):
+            seen = _peak_mb(pid)
+            if seen is not None:
+                title = seen[0] if _role(seen[0]) or pid not in peaks else peaks[pid][0]
+                peaks[pid] = (title, max(seen[1], peaks.get(pid, ("", 0.0))[1]))
+        time.sleep(0.1)
+    if process.returncode:
+        raise RuntimeError(f"{' '.join(command)} exited with {process.returncode}")
+    roles: dict[str, float] = {}
+    for title, peak in peaks.values():
+        role = _role(title)
+        if role:
+            roles[role] = max(roles.get(role, 0.0), peak)
+    return roles
+
+
+def _served(config: str, video: Path, tmp: Path) -> dict[str, dict[str, float]]:
+    prompt = {"prompt": "What happens in this video?", "max_new_tokens": 8}
+    kwargs = {"max_frames": 16, "video_min_pixels": 28 * 28, "video_max_pixels": 64 * 28 * 28}
+    rows = {"text": {"id": "text", **prompt}, "video": {"id": "video", **prompt, "videos": [str(video)],
+                                                         "mm_processor_kwargs": kwargs}}  # fmt: skip
+    out = {}
+    for name, row in rows.items():
+        dataset = tmp / f"{name}.jsonl"
+        dataset.write_text(json.dumps(row) + "\n")
+        out[name] = served_peaks(config, dataset, tmp / f"out-{name}")
+    print("served (peak RSS, MB):")
+    for role in sorted(out["video"]):
+        base = out["text"].get(role, 0.0)
+        print(f"  {role:<34} text only {base:6.0f}  with the video {out['video'][role]:6.0f}  "
+              f"(+{out['video'][role] - base:.0f})")  # fmt: skip
+    return out
+
+
 def _child(method: str, path: str, options: VideoOptions) -> dict:
     base = _rss_mb()
     began = time.perf_counter()
@@ -107,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=float, default=2.0)
     parser.add_argument("--max-frames", type=int, default=32)
     parser.add_argument("--max-pixels", type=int, default=128 * 28 * 28)
+    parser.add_argument("--served", metavar="CONFIG", default=None, help="also serve it with cluster.launch CONFIG")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -131,10 +214,12 @@ def main(argv: list[str] | None = None) -> int:
             r = results[-1]
             print(f"{method:>6}: {r['seconds']:7.2f} s, {r['frames']} frames of {r['frame_hw']}, "
                   f"peak RSS +{r['peak_rss_growth_mb']:.0f} MB")  # fmt: skip
-    ratio = results[1]["seconds"] / results[0]["seconds"]
-    print(f"ours / naive time: {ratio:.2f}x")
+        ratio = results[1]["seconds"] / results[0]["seconds"]
+        print(f"ours / naive time: {ratio:.2f}x")
+        served = _served(args.served, path, Path(tmp)) if args.served else None
     if args.json:
-        args.json.write_text(json.dumps({"seconds": args.seconds, "results": results, "ratio": ratio}, indent=2))
+        summary = {"seconds": args.seconds, "results": results, "ratio": ratio, "served_peak_rss_mb": served}
+        args.json.write_text(json.dumps(summary, indent=2))
     return 0
 
 
