@@ -17,12 +17,18 @@ gives seconds, frames kept, and peak RSS above the process's RSS after its impor
 the same prompt without the video, and reports each process's peak RSS (VmHWM, sampled every 0.1 s
 over the launch's process tree) in both runs, by process title.
 
-    python -m cluster.tools.bench_video [--seconds 600] [--served conf/tiny_cpu.yaml] [--json out.json]
+``--ttft`` measures the time to first token of a 32-frame video request (224x224 frames, 1024 video
+tokens) in process on the "small" checkpoint (Qwen2.5-0.5B's text shape, cluster/tools/bench.py), ours
+(ModelRunner.generate, eager) against transformers' generate on the same inputs, median of 3 after a
+warm-up each.
+
+    python -m cluster.tools.bench_video [--seconds 600] [--served conf/tiny_cpu.yaml] [--ttft] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import resource
@@ -173,6 +179,77 @@ def _served(config: str, video: Path, tmp: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def ttft(repeats: int = 3) -> dict[str, float]:
+    """Median TTFT (s) of a 32-frame video request: ours and transformers', on the "small" checkpoint."""
+    import statistics
+
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from cluster.tools.bench import CACHE_DIR, CHECKPOINTS
+    from cluster.tools.tiny_checkpoint import build_tiny_checkpoint
+    from model.processor import PromptBuilder
+    from model.runner import ModelRunner
+    from model.sampling import SamplingParams
+
+    directory, spec = CHECKPOINTS["small"]
+    path = build_tiny_checkpoint(CACHE_DIR / directory, spec)
+    frames = np.random.default_rng(0).integers(0, 256, (32, 224, 224, 3), dtype=np.uint8)
+    data = io.BytesIO()
+    with av.open(data, mode="w", format="matroska") as out:  # 32 frames at 2 fps: all of them sampled
+        stream = out.add_stream("ffv1", rate=2)
+        stream.width, stream.height, stream.pix_fmt = 224, 224, "bgr0"
+        for i, frame in enumerate(frames):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            video_frame.pts = i
+            for packet in stream.encode(video_frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    builder = PromptBuilder.from_pretrained(path)
+    request = builder.build(
+        {
+            "id": "ttft",
+            "prompt": "What happens in this video?",
+            "videos": [data.getvalue()],
+            "mm_processor_kwargs": {"video_min_pixels": 28 * 28, "video_max_pixels": 224 * 224},
+        }
+    )
+    assert request.video_frames == [32], request.video_frames
+    seconds = request.second_per_grid_ts
+    pieces = request.pixel_values
+    ids = torch.tensor([request.input_ids])
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values_videos": pieces,
+        "video_grid_thw": request.image_grid_thw,
+        "second_per_grid_ts": torch.tensor(seconds),
+        "mm_token_type_ids": 2 * (ids == builder.video_token_id).int(),
+    }
+    runner = ModelRunner(path, max_batch_size=1, max_seq_len=len(request.input_ids) + 8)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+
+    def ours() -> None:
+        runner.generate([request], [SamplingParams(max_new_tokens=1)], eos_token_ids=[])
+
+    def theirs() -> None:
+        with torch.inference_mode():
+            hf.generate(**inputs, max_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    out = {"prompt_tokens": len(request.input_ids), "video_tokens": request.video_tokens}
+    for name, call in (("ours_s", ours), ("transformers_s", theirs)):
+        call()
+        times = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - began)
+        out[name] = statistics.median(times)
+    out["ratio"] = out["ours_s"] / out["transformers_s"]
+    return out
+
+
 def _child(method: str, path: str, options: VideoOptions) -> dict:
     base = _rss_mb()
     began = time.perf_counter()
@@ -190,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-frames", type=int, default=32)
     parser.add_argument("--max-pixels", type=int, default=128 * 28 * 28)
     parser.add_argument("--served", metavar="CONFIG", default=None, help="also serve it with cluster.launch CONFIG")
+    parser.add_argument("--ttft", action="store_true", help="also time a 32-frame request against transformers")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -217,8 +295,15 @@ def main(argv: list[str] | None = None) -> int:
         ratio = results[1]["seconds"] / results[0]["seconds"]
         print(f"ours / naive time: {ratio:.2f}x")
         served = _served(args.served, path, Path(tmp)) if args.served else None
+    first_token = None
+    if args.ttft:
+        first_token = ttft()
+        print(f"TTFT of a 32-frame video ({first_token['video_tokens']} video tokens) on the small checkpoint: "
+              f"ours {first_token['ours_s']:.3f} s, transformers {first_token['transformers_s']:.3f} s "
+              f"({first_token['ratio']:.2f}x)")  # fmt: skip
     if args.json:
-        summary = {"seconds": args.seconds, "results": results, "ratio": ratio, "served_peak_rss_mb": served}
+        summary = {"seconds": args.seconds, "results": results, "ratio": ratio, "served_peak_rss_mb": served,
+                   "ttft": first_token}  # fmt: skip
         args.json.write_text(json.dumps(summary, indent=2))
     return 0
 
