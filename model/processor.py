@@ -404,6 +404,10 @@ class PromptBuilder:
             )
         kwargs = request.get("mm_processor_kwargs")
         size = self._image_size(request_id, kwargs)
+        try:
+            video_options = VideoOptions.from_kwargs(kwargs or {})
+        except VideoOptionError as exc:
+            raise InvalidRequestError(f"request {request_id}: {exc}", exc.field) from exc
         images = []
         for i, source in enumerate(chat.images):
             try:
@@ -424,7 +428,7 @@ class PromptBuilder:
             input_ids = self._tokenize(request_id, rendered, chat.texts, counts)
             return PreparedRequest(request_id, input_ids, pixel_values, image_grid_thw)
         text_len = len(self._tokenize(request_id, rendered, chat.texts, counts, [0] * len(chat.videos)))
-        videos = self._videos(request_id, chat, kwargs or {}, text_len)
+        videos = self._videos(request_id, chat, video_options, kwargs or {}, text_len)
         video_counts = [int(grid.prod()) // self.merge_size**2 for _, grid, _ in videos]
         input_ids = self._tokenize(request_id, rendered, chat.texts, counts, video_counts)
         # Images and videos in prompt order: one list for the vision tower, the positions and the caches.
@@ -453,13 +457,11 @@ class PromptBuilder:
             sum(video_counts),
         )
 
-    def _videos(self, request_id: str, chat: _Chat, kwargs: dict[str, Any], text_len: int) -> list[tuple]:
+    def _videos(
+        self, request_id: str, chat: _Chat, base: VideoOptions, kwargs: dict[str, Any], text_len: int
+    ) -> list[tuple]:
         """(patches, grid (3,), SampledVideo) per video. Without video_total_pixels, each video's budget is
         its share of what input_max_len leaves beside `text_len` tokens, capped by qwen-vl-utils' total."""
-        try:
-            base = VideoOptions.from_kwargs(kwargs)
-        except VideoOptionError as exc:
-            raise InvalidRequestError(f"request {request_id}: {exc}", exc.field) from exc
         proc = self.image_processor
         if self.max_input_len is not None and kwargs.get("video_total_pixels") is None:
             tokens = max(self.max_input_len - text_len, 0) // len(chat.videos)

@@ -408,3 +408,9 @@ def test_dataset_rows_carry_videos_with_paths_resolved(tmp_path: Path) -> None:
     path.write_text(json.dumps({"id": "d", "prompt": "hi", "videos": "a.mp4"}))
     with pytest.raises(DatasetError, match="videos"):
         load_requests(str(path), None, 1, 1, None, tmp_path)
+
+
+def test_video_kwargs_are_checked_without_a_video(builder: PromptBuilder) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        builder.build({"id": "x", "prompt": "hi", "mm_processor_kwargs": {"fps": "fast"}})
+    assert err.value.param == "mm_processor_kwargs.fps"
