@@ -243,7 +243,7 @@ def _video_input(source: ImageSource, max_bytes: int) -> str | io.BytesIO:
 @dataclass
 class _Index:
     """What the packets say of a clip, read without decoding: its frames' pts (sorted) and times (s from
-    the stream's start), and the pts of the keyframes at or before its end."""
+    the stream's start), and the pts of the stream's keyframes (sorted)."""
 
     pts: list[int]
     times: list[float]
@@ -298,6 +298,8 @@ def decode_video(
             stream = streams[0]
             if stream.codec_context is None:
                 raise VideoLoadError(f"unsupported video codec: {name}")
+            if not stream.codec_context.height or not stream.codec_context.width:
+                raise VideoLoadError(f"the video stream has no frame size: {name}")
             duration = None if container.duration is None else container.duration / av.time_base
             if duration is not None and duration > max_seconds:
                 raise VideoLoadError(f"video lasts {duration:.1f} s, more than the limit of {max_seconds:g} s: {name}")
