@@ -47,6 +47,9 @@ class EngineConfig:
     namespace: str
     input_max_len: int
     max_images_per_prompt: int
+    max_videos_per_prompt: int = 2
+    max_video_seconds: float = 3600.0  # a longer video is refused (serve.max_video_seconds)
+    max_video_bytes: int = 256 * 1024 * 1024  # a larger video file is refused (serve.max_video_bytes)
     sampling: SamplingParams = field(default_factory=SamplingParams)  # of requests that carry none
     policy: str = "continuous"
     prefix_caching: bool = True

@@ -76,7 +76,14 @@ class Coordinator:
         logging.basicConfig(level=logging.INFO, format="[coordinator] %(message)s")
         self.cfg = cfg
         self.placement = placement
-        self.builder = PromptBuilder.from_pretrained(cfg.worker.model_path, max_images=cfg.max_images_per_prompt)
+        self.builder = PromptBuilder.from_pretrained(
+            cfg.worker.model_path,
+            max_images=cfg.max_images_per_prompt,
+            max_videos=cfg.max_videos_per_prompt,
+            max_input_len=cfg.input_max_len,
+            max_video_seconds=cfg.max_video_seconds,
+            max_video_bytes=cfg.max_video_bytes,
+        )
         make_group = group_factory or make_worker_group
         self.dp_ranks = list(range(len(group_order)) if dp_ranks is None else dp_ranks)
         if len(self.dp_ranks) != len(group_order):

@@ -64,6 +64,8 @@ METRICS: dict[str, MetricSpec] = {
     "qwen_vl_queue_seconds": MetricSpec("histogram", "Request wait from arrival to first scheduling", ("dp_rank",)),
     "qwen_vl_generated_tokens": MetricSpec("counter", "Output tokens generated", ("dp_rank",)),
     "qwen_vl_prompt_tokens": MetricSpec("counter", "Prompt tokens processed", ("dp_rank",)),
+    "qwen_vl_video_tokens": MetricSpec("counter", "Prompt tokens that stand for video frames", ("dp_rank",)),
+    "qwen_vl_video_frames": MetricSpec("counter", "Video frames sampled from requests' videos", ("dp_rank",)),
     "qwen_vl_requests": MetricSpec("counter", "Requests finished, by status", ("status",)),
     "qwen_vl_requests_waiting": MetricSpec("gauge", "Requests waiting to be scheduled", ("dp_rank",)),
     "qwen_vl_requests_running": MetricSpec("gauge", "Requests being served (prefill or decode)", ("dp_rank",)),
@@ -138,6 +140,8 @@ class EngineMetrics:
         for name, count in (
             ("qwen_vl_generated_tokens", len(record["output_token_ids"])),
             ("qwen_vl_prompt_tokens", record["prompt_tokens"]),
+            ("qwen_vl_video_tokens", record.get("video_tokens") or 0),
+            ("qwen_vl_video_frames", sum(record.get("video_frames") or ())),
         ):
             if count > 0:  # Ray counters take positive increments only (an aborted request may have none)
                 m[name].inc(count, tags)

@@ -79,7 +79,7 @@ class Preparation:
         prepared = self.builder.build(request)
         images: list[tuple[int, int, bytes]] = []
         if prepared.image_grid_thw is not None:
-            spans = image_spans(prepared.input_ids, self.builder.image_token_id)
+            spans = image_spans(prepared.input_ids, self.builder.image_token_id, self.builder.video_token_id)
             offset = 0
             for (start, end), grid in zip(spans, prepared.image_grid_thw):
                 n = int(grid.prod())

@@ -86,8 +86,18 @@ FIELDS: dict[str, RequestField] = {
         RequestField("id", "the request's name in its record and stream items", _identifier),
         RequestField("prompt", "the user's text, one user turn after the images", _string),
         RequestField("images", "image sources (paths, file://, data: or http(s) URLs, bytes), in order", _list),
+        RequestField(
+            "videos",
+            "videos after the images: sources as images', frame lists, or {video, video_start, video_end}",
+            _list,
+        ),
         RequestField("messages", "OpenAI-style chat turns, instead of prompt and images", _list),
-        RequestField("mm_processor_kwargs", "the request's pixel budget: min_pixels, max_pixels", _object),
+        RequestField(
+            "mm_processor_kwargs",
+            "pixel budgets: min_pixels, max_pixels (images); fps, max_frames, video_min_pixels, video_max_pixels, "
+            "video_total_pixels (videos)",
+            _object,
+        ),
         RequestField("max_new_tokens", "the most tokens to generate", _integer(1)),
         RequestField("temperature", "0 is greedy; above 0, sample from the scaled distribution", _sampling_number),
         RequestField("top_p", "sample among the most likely tokens up to probability top_p", _sampling_number),

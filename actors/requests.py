@@ -80,6 +80,12 @@ class RequestState:
     ) -> RequestState:
         record = new_record(request_id, arrival_time)
         record["prompt_tokens"] = len(prepared.input_ids)
+        if prepared.video_frames:
+            record.update(
+                video_frames=list(prepared.video_frames),
+                video_decode_s=prepared.video_decode_s,
+                video_tokens=prepared.video_tokens,
+            )
         done = asyncio.get_running_loop().create_future()
         return cls(key, prepared, params, stop, record, decode_text, done=done, emit=emit)
 

@@ -66,6 +66,7 @@ class DataConfig:
     temperature: 0 means greedy decoding.
     batch_size: the most requests running at once per DP group (KV memory is set by kv_cache).
     max_images_per_prompt: a request with more images than this gets an error record.
+    max_videos_per_prompt: a request with more videos than this gets an error record.
     ignore_eos: keep generating past the end-of-sequence token up to max_new_tokens.
     request_rate: arrivals per second for `cluster.launch` (Poisson, seeded by `seed`); inf sends
         every request at once.
@@ -81,6 +82,7 @@ class DataConfig:
     top_p: float = 1.0
     seed: int = 0
     max_images_per_prompt: int = 8
+    max_videos_per_prompt: int = 2
     ignore_eos: bool = False
     request_rate: float = float("inf")
 
@@ -165,6 +167,8 @@ class ServeConfig:
         (data_config.batch_size per DP group); more get 503 with Retry-After: retry_after_s.
     queue_timeout_s: a request that gets no token within this many seconds is dropped with 503
         (a stream gets the error as its last event); null: no limit.
+    max_video_bytes: largest video fetched or read (400 beyond); max_video_seconds: longest video
+        accepted (400 beyond). They bound cluster.launch's videos too.
     """
 
     host: str = "127.0.0.1"
@@ -184,6 +188,8 @@ class ServeConfig:
     max_queued_requests: int = 256
     queue_timeout_s: float | None = None
     retry_after_s: float = 5.0
+    max_video_bytes: int = 256 * 1024 * 1024
+    max_video_seconds: float = 3600.0
 
 
 @dataclass
@@ -412,6 +418,7 @@ def _validate(cfg: RunConfig) -> None:
     for name in ("input_max_len", "max_new_tokens", "batch_size"):
         _check_min(f"data_config.{name}", getattr(data, name), 1)
     _check_min("data_config.max_images_per_prompt", data.max_images_per_prompt, 0)
+    _check_min("data_config.max_videos_per_prompt", data.max_videos_per_prompt, 0)
     _check_min("data_config.seed", data.seed, 0)
     _check_min("data_config.temperature", data.temperature, 0.0)
     if not data.request_rate > 0:
@@ -460,8 +467,10 @@ def _validate(cfg: RunConfig) -> None:
     for name in ("media_connect_timeout_s", "media_read_timeout_s", "retry_after_s"):
         if not getattr(serve, name) > 0:
             _fail(f"serve.{name}", getattr(serve, name), "must be > 0")
-    for name in ("max_media_bytes", "max_request_bytes", "max_request_pixels"):
+    for name in ("max_media_bytes", "max_request_bytes", "max_request_pixels", "max_video_bytes"):
         _check_min(f"serve.{name}", getattr(serve, name), 1)
+    if not serve.max_video_seconds > 0:
+        _fail("serve.max_video_seconds", serve.max_video_seconds, "must be > 0")
     _check_min("serve.max_media_redirects", serve.max_media_redirects, 0)
     _check_min("serve.max_queued_requests", serve.max_queued_requests, 0)
     if serve.queue_timeout_s is not None and not serve.queue_timeout_s > 0:

@@ -13,11 +13,13 @@ row sets (``max_new_tokens``, ``temperature``, ``top_p``, ``seed``, ``ignore_eos
   is used, the layout of the original sample;
 - a path ending in ``.jsonl`` (one JSON object per line) or ``.json`` (a JSON array of the same
   objects): a request in the driver API's fields, ``{"id"?: str, "prompt": str, "images"?: [paths
-  relative to the file], ...}`` or ``{"id"?, "messages": [...], ...}`` (local image paths in the
-  messages are relative to the file too). A key that is not a request field is an error naming the
-  row and the key, never dropped. Vision-arena's own row shape is read too (a row with ``turns`` and
-  no ``prompt`` or ``messages``; its other columns are not request fields and are ignored):
-  ``question_id`` for the id, ``turns[0][0]["content"]`` for the prompt, image entries ``{"path": ...}``.
+  relative to the file], "videos"?: [videos: paths relative to the file, URLs, lists of frame
+  paths, or ``{"video", "video_start", "video_end"}``], ...}`` or ``{"id"?, "messages": [...], ...}``
+  (local image and video paths in the messages are relative to the file too). A key that is not a
+  request field is an error naming the row and the key, never dropped. Vision-arena's own row shape
+  is read too (a row with ``turns`` and no ``prompt`` or ``messages``; its other columns are not
+  request fields and are ignored): ``question_id`` for the id, ``turns[0][0]["content"]`` for the
+  prompt, image entries ``{"path": ...}``.
 
 Image paths are resolved but not opened: a missing image becomes a per-request error in the
 engine, so a bad row never hides the rest of the run.
@@ -49,7 +51,7 @@ IMAGE_DIR_NAME = ".images"
 CACHE_ENV = "QWEN2_5_VL_RAY_CACHE"
 ID_COLUMNS = ("question_id", "id")
 # Request fields a file row sets through the loader's own rules; the others are copied as the row gives them.
-_SHAPED_FIELDS = ("id", "prompt", "images", "messages")
+_SHAPED_FIELDS = ("id", "prompt", "images", "videos", "messages")
 # Image sources that are not paths relative to the file.
 _URL_PREFIXES = ("data:", "file://", "http://", "https://")
 
@@ -211,7 +213,7 @@ def _file_row(row: dict[str, Any], where: str, default_id: str, image_root: Path
         raise DatasetError(f"{where}: field 'id' must be a non-empty string or integer, got {rid!r}")
     request: Request = {"id": str(rid)}
     if row.get("messages") is not None:
-        for key in ("prompt", "images"):
+        for key in ("prompt", "images", "videos"):
             if row.get(key) is not None:
                 raise DatasetError(f"{where}: give 'messages' or '{key}', not both")
         request["messages"] = _message_images(_checked(row, "messages", where), image_root)
@@ -220,6 +222,8 @@ def _file_row(row: dict[str, Any], where: str, default_id: str, image_root: Path
         if not isinstance(request["prompt"], str):
             raise DatasetError(f"{where}: field 'prompt' must be a string, got {type(request['prompt']).__name__}")
         request["images"] = _image_paths(row.get("images") or [], where, image_root)
+        if row.get("videos") is not None:
+            request["videos"] = _videos(_checked(row, "videos", where), image_root)
     for name in FIELDS:
         if name not in _SHAPED_FIELDS and row.get(name) is not None:
             request[name] = _checked(row, name, where)
@@ -247,6 +251,20 @@ def _image_paths(images: Any, where: str, image_root: Path) -> list[str]:
     return paths
 
 
+def _video(video: Any, image_root: Path) -> Any:
+    """A video entry with its local paths (the file's, or each frame's) made absolute against `image_root`."""
+    if isinstance(video, dict):
+        return {**video, "video": _video(video.get("video"), image_root)}
+    if isinstance(video, list):
+        return [str(_resolve(frame, image_root)) if _is_local(frame) else frame for frame in video]
+    return str(_resolve(video, image_root)) if _is_local(video) else video
+
+
+def _videos(videos: list[Any], image_root: Path) -> list[Any]:
+    """`videos` with local paths made absolute; malformed entries stay as they are (the engine names them)."""
+    return [_video(video, image_root) for video in videos]
+
+
 def _message_images(messages: list[Any], image_root: Path) -> list[Any]:
     """`messages` with each image part's local path made absolute against `image_root`; URLs, bytes and
     malformed parts stay as they are (the engine checks the messages when it prepares the request)."""
@@ -263,6 +281,13 @@ def _part_image(part: Any, image_root: Path) -> Any:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "image" and _is_local(part.get("image")):
         return {**part, "image": str(_resolve(part["image"], image_root))}
+    if kind == "video":
+        return {**part, "video": _video(part.get("video"), image_root)}
+    if kind == "video_url":
+        url = part.get("video_url")
+        if isinstance(url, dict) and _is_local(url.get("url")):
+            return {**part, "video_url": {**url, "url": str(_resolve(url["url"], image_root))}}
+        return part
     if kind == "image_url":
         url = part.get("image_url")
         if isinstance(url, dict) and _is_local(url.get("url")):

@@ -148,6 +148,9 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
         namespace=cfg.ray.namespace,
         input_max_len=data.input_max_len,
         max_images_per_prompt=data.max_images_per_prompt,
+        max_videos_per_prompt=data.max_videos_per_prompt,
+        max_video_seconds=cfg.serve.max_video_seconds,
+        max_video_bytes=cfg.serve.max_video_bytes,
         sampling=SamplingParams(
             max_new_tokens=data.max_new_tokens,
             temperature=data.temperature,

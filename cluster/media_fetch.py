@@ -57,6 +57,8 @@ class MediaFetchPolicy:
     read_timeout_s: float = 10.0
     max_bytes: int = 32 * 1024 * 1024
     max_redirects: int = 3
+    kind: str = "image"  # what is fetched, for the Accept header and messages ("video": serve.max_video_bytes)
+    max_bytes_key: str = "serve.max_media_bytes"
 
 
 def address_refusal(address: IPAddress) -> str | None:
@@ -174,16 +176,16 @@ def _answer(connection: http.client.HTTPConnection, target: str, url: str, polic
     deadline = threading.Timer(policy.read_timeout_s, _cut, (sock, fired))
     deadline.start()
     try:
-        connection.request("GET", target, headers={"User-Agent": USER_AGENT, "Accept": "image/*"})
+        connection.request("GET", target, headers={"User-Agent": USER_AGENT, "Accept": f"{policy.kind}/*"})
         response = connection.getresponse()
         if response.status in REDIRECTS:
             return response.status, response.getheader("Location") or "", b""
         if response.status != 200:
-            raise MediaFetchError(f"cannot fetch image {url}: HTTP {response.status} {response.reason}")
+            raise MediaFetchError(f"cannot fetch {policy.kind} {url}: HTTP {response.status} {response.reason}")
         length = response.getheader("Content-Length")
         if length is not None and length.isdigit() and int(length) > policy.max_bytes:
             raise MediaFetchError(
-                f"image at {url} is {int(length)} bytes, more than serve.max_media_bytes={policy.max_bytes}"
+                f"{policy.kind} at {url} is {int(length)} bytes, more than {policy.max_bytes_key}={policy.max_bytes}"
             )
         body = bytearray()
         while len(body) <= policy.max_bytes and (chunk := response.read(_CHUNK)):
@@ -191,14 +193,16 @@ def _answer(connection: http.client.HTTPConnection, target: str, url: str, polic
         if fired.is_set():
             raise TimeoutError
         if len(body) > policy.max_bytes:
-            raise MediaFetchError(f"image at {url} is more than serve.max_media_bytes={policy.max_bytes} bytes")
+            raise MediaFetchError(
+                f"{policy.kind} at {url} is more than {policy.max_bytes_key}={policy.max_bytes} bytes"
+            )
         return 200, "", bytes(body)
     except (OSError, http.client.HTTPException) as e:
         if fired.is_set() or isinstance(e, TimeoutError):
             raise MediaFetchError(
-                f"image at {url} was not received within serve.media_read_timeout_s={policy.read_timeout_s}"
+                f"{policy.kind} at {url} was not received within serve.media_read_timeout_s={policy.read_timeout_s}"
             ) from None
-        raise MediaFetchError(f"cannot fetch image {url}: {e}") from None
+        raise MediaFetchError(f"cannot fetch {policy.kind} {url}: {e}") from None
     finally:
         deadline.cancel()
         connection.close()

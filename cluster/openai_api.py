@@ -71,7 +71,20 @@ class ImagePart(_Strict):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_Strict):
+    url: str
+
+
+class VideoPart(_Strict):
+    """vLLM's video part; video_start / video_end (seconds) clip it, as qwen-vl-utils takes them."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+    video_start: float | None = Field(default=None, ge=0)
+    video_end: float | None = Field(default=None, gt=0)
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class Message(BaseModel):
@@ -82,10 +95,15 @@ class Message(BaseModel):
 
 
 class MMProcessorKwargs(_Strict):
-    """vLLM's per-request image budget; the checkpoint's limits are checked by the engine."""
+    """vLLM's per-request image budget and qwen-vl-utils' video sampling; the engine checks their limits."""
 
     min_pixels: StrictInt | None = Field(default=None, ge=1)
     max_pixels: StrictInt | None = Field(default=None, ge=1)
+    fps: float | None = Field(default=None, gt=0)
+    max_frames: StrictInt | None = Field(default=None, ge=1)
+    video_min_pixels: StrictInt | None = Field(default=None, ge=1)
+    video_max_pixels: StrictInt | None = Field(default=None, ge=1)
+    video_total_pixels: StrictInt | None = Field(default=None, ge=1)
 
 
 class StreamOptions(BaseModel):
@@ -183,10 +201,14 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 
 
 def engine_request(
-    request: ChatCompletionRequest, request_id: str, images: dict[str, bytes] | None = None
+    request: ChatCompletionRequest,
+    request_id: str,
+    images: dict[str, bytes] | None = None,
+    videos: dict[str, bytes] | None = None,
 ) -> dict[str, Any]:
-    """The Coordinator's request dict for a chat request; `images` maps fetched http(s) URLs to bytes."""
+    """The Coordinator's request dict for a chat request; `images` and `videos` map fetched http(s) URLs to bytes."""
     images = images or {}
+    videos = videos or {}
     messages = []
     for message in request.messages:
         if isinstance(message.content, str):
@@ -196,6 +218,14 @@ def engine_request(
         for part in message.content:
             if isinstance(part, TextPart):
                 parts.append({"type": "text", "text": part.text})
+            elif isinstance(part, VideoPart):
+                clip = {"video_start": part.video_start, "video_end": part.video_end}
+                clip = {k: v for k, v in clip.items() if v is not None}
+                url = part.video_url.url
+                if url in videos:
+                    parts.append({"type": "video", "video": videos[url], **clip})
+                else:
+                    parts.append({"type": "video_url", "video_url": {"url": url}, **clip})
             elif part.image_url.url in images:
                 parts.append({"type": "image", "image": images[part.image_url.url]})
             else:
@@ -232,6 +262,15 @@ def image_urls(request: ChatCompletionRequest) -> Iterator[tuple[str, str]]:
                     yield f"messages[{i}].content[{j}].image_url.url", part.image_url.url
 
 
+def video_urls(request: ChatCompletionRequest) -> Iterator[tuple[str, str]]:
+    """(field path, url) of every video part, in order: ("messages[0].content[1].video_url.url", url)."""
+    for i, message in enumerate(request.messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if isinstance(part, VideoPart):
+                    yield f"messages[{i}].content[{j}].video_url.url", part.video_url.url
+
+
 def http_image_urls(request: ChatCompletionRequest) -> list[str]:
     """The distinct http(s) image URLs of a request, in order (the server fetches them)."""
     return list(dict.fromkeys(url for _, url in image_urls(request) if url.startswith(HTTP_SCHEMES)))
@@ -240,10 +279,10 @@ def http_image_urls(request: ChatCompletionRequest) -> list[str]:
 def check_media(
     request: ChatCompletionRequest, allowed_local_path: str | None, allowed_domains: list[str] | None
 ) -> None:
-    """Refuse, with a 400 naming the part, an image URL outside the server's media policy: a local
-    path or file:// URL when `allowed_local_path` is None or outside it, an http(s) URL whose host
-    is not in `allowed_domains` (None: no limit; the addresses are checked when fetched)."""
-    for field, url in image_urls(request):
+    """Refuse, with a 400 naming the part, an image or video URL outside the server's media policy: a
+    local path or file:// URL when `allowed_local_path` is None or outside it, an http(s) URL whose
+    host is not in `allowed_domains` (None: no limit; the addresses are checked when fetched)."""
+    for field, url in (*image_urls(request), *video_urls(request)):
         if url.startswith("data:"):
             continue
         if url.startswith(HTTP_SCHEMES):

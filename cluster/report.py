@@ -70,7 +70,8 @@ def summarize(
         (each ``{"mean", "median", "p99"}``, values ``None`` without data), ``output_throughput_tok_s``,
         ``total_token_throughput_tok_s``, ``request_throughput``, ``cached_tokens`` and
         ``prefix_cache_hit_rate`` (prompt tokens served from the prefix cache, and their share of
-        ``input_tokens``), ``preemptions``, ``wall_s``, ``phases``,
+        ``input_tokens``), ``preemptions``, ``video_frames`` and ``video_decode_s`` (sums over the
+        records), ``wall_s``, ``phases``,
         ``timeline_requests`` (records with the timestamps the timeline needs), then the ``extra`` entries.
     """
     if not math.isfinite(wall_s) or wall_s < 0:
@@ -97,6 +98,8 @@ def summarize(
         "cached_tokens": cached,
         "prefix_cache_hit_rate": cached / input_tokens if input_tokens else None,
         "preemptions": sum(int(r.get("preemptions") or 0) for r in records),
+        "video_frames": sum(sum(r.get("video_frames") or ()) for r in ok),
+        "video_decode_s": sum(r.get("video_decode_s") or 0.0 for r in records),
         "wall_s": float(wall_s),
         "phases": dict(phases or {}),
         "timeline_requests": sum(1 for r in records if _on_timeline(r)),

@@ -28,6 +28,7 @@ admits it only while the waiting queue has room (cluster.admission: 503 with Ret
 
 import argparse
 import asyncio
+import dataclasses
 import hmac
 import logging
 import os
@@ -35,7 +36,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ from cluster.openai_api import (
     parse_request,
     sse,
     usage,
+    video_urls,
 )
 from cluster.placement import COORDINATOR_NAME
 from cluster.request_limits import check_pixels, image_sources, read_body, with_api_names
@@ -181,6 +183,9 @@ class OpenAIServer:
             max_bytes=settings.max_media_bytes,
             max_redirects=settings.max_media_redirects,
         )
+        self.video_media = dataclasses.replace(
+            self.media, max_bytes=settings.max_video_bytes, kind="video", max_bytes_key="serve.max_video_bytes"
+        )
         self.admission = Admission(slots, settings.max_queued_requests, settings.retry_after_s)
         self.created = now()
 
@@ -232,11 +237,12 @@ class OpenAIServer:
     async def _generate(self, request: Request, body: ChatCompletionRequest, ticket: Ticket) -> Response:
         began = time.monotonic()
         images = await self._fetch_images(body)
+        videos = await self._fetch_images(body, video_urls(body), self.video_media)
         if any(True for _ in image_urls(body)):
             await asyncio.to_thread(check_pixels, image_sources(body, images), self.settings.max_request_pixels)
         completion_id = new_completion_id()
         # A stream's first item is the engine's acknowledgement (request queued); a full answer's, the first token.
-        stream = self.deliveries.open(engine_request(body, completion_id, images), ack=body.stream)
+        stream = self.deliveries.open(engine_request(body, completion_id, images, videos), ack=body.stream)
         timeout = self.settings.queue_timeout_s
         deadline = None if timeout is None else began + timeout
         finished = False
@@ -261,14 +267,19 @@ class OpenAIServer:
             if not finished:  # an error, or the client went away (the task was cancelled)
                 self.coordinator.abort.remote(completion_id)
 
-    async def _fetch_images(self, body: ChatCompletionRequest) -> dict[str, bytes]:
-        """The bytes of each distinct http(s) image URL; 400 naming the first part that has a URL the
-        media policy refuses or that cannot be fetched within its bounds."""
+    async def _fetch_images(
+        self,
+        body: ChatCompletionRequest,
+        urls: Iterable[tuple[str, str]] | None = None,
+        policy: MediaFetchPolicy | None = None,
+    ) -> dict[str, bytes]:
+        """The bytes of each distinct http(s) image URL (or of `urls`, under `policy`: the videos'); 400
+        naming the first part that has a URL the media policy refuses or that cannot be fetched within its bounds."""
         fields: dict[str, str] = {}
-        for field, url in image_urls(body):
+        for field, url in image_urls(body) if urls is None else urls:
             if url.startswith(HTTP_SCHEMES):
                 fields.setdefault(url, field)
-        fetches = [asyncio.to_thread(fetch_media, url, self.media) for url in fields]
+        fetches = [asyncio.to_thread(fetch_media, url, policy or self.media) for url in fields]
         results = await asyncio.gather(*fetches, return_exceptions=True)
         for field, result in zip(fields.values(), results, strict=True):
             if isinstance(result, MediaFetchError):

@@ -36,13 +36,13 @@ Chunk = tuple[str, int, int]  # (request id, start, end): tokens[start:end] comp
 TableUpdate = tuple[int, list[int]]  # (start, blocks): a block table's entries from `start` on become `blocks`
 
 
-def image_spans(input_ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
-    """[start, end) of each run of image-pad tokens (one run per image), in prompt order."""
+def image_spans(input_ids: list[int], image_token_id: int, video_token_id: int = -1) -> list[tuple[int, int]]:
+    """[start, end) of each run of image-pad (or video-pad) tokens (one run per image or video), in prompt order."""
     spans: list[tuple[int, int]] = []
     for i, token in enumerate(input_ids):
-        if token != image_token_id:
+        if token != image_token_id and token != video_token_id:
             continue
-        if spans and spans[-1][1] == i:
+        if spans and spans[-1][1] == i and input_ids[i - 1] == token:
             spans[-1] = (spans[-1][0], i + 1)
         else:
             spans.append((i, i + 1))
@@ -162,7 +162,7 @@ class RunningBatch:
         if problem is not None:
             raise ValueError(problem)
         if known is None:
-            spans = image_spans(request.input_ids, runner.config.image_token_id)
+            spans = image_spans(request.input_ids, runner.config.image_token_id, runner.config.video_token_id)
             positions, delta = runner.prompt_positions(request)
             known = SeqState(
                 request.request_id,

@@ -30,6 +30,7 @@ class VisionConfig:
     window_size: int = 112
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
     in_channels: int = 3
+    tokens_per_second: float = 2.0  # M-RoPE time positions per second of video
     hidden_act: str = "silu"
     rope_theta: float = 10000.0
 
@@ -202,6 +203,7 @@ def _parse(raw: dict, generation: dict, source: str) -> ModelConfig:
             in_channels=int(vision_raw.get("in_channels", vision_raw.get("in_chans", 3))),
             hidden_act=str(vision_raw.get("hidden_act", "silu")),
             rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
+            tokens_per_second=float(vision_raw.get("tokens_per_second", 2)),
         )
     except KeyError as e:
         raise ModelConfigError(f"{source} is missing the field {e.args[0]!r}") from e

@@ -33,10 +33,10 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         self.lm_head = ParallelLMHead(config.text.vocab_size, config.text.hidden_size, ctx)
 
     def embed_prompt(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
-        """input_ids (L,) -> embeddings (L, hidden) with image embeddings scattered at the image-pad tokens."""
+        """input_ids (L,) -> embeddings (L, hidden) with image (and video) embeddings scattered at the pad tokens."""
         embeds = self.model.embed_tokens(input_ids)
         if image_embeds is not None:
-            is_image = input_ids == self.config.image_token_id
+            is_image = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
             n = int(is_image.sum())
             if n != image_embeds.shape[0]:
                 raise ValueError(f"prompt has {n} image-pad tokens but the images give {image_embeds.shape[0]}")

@@ -21,20 +21,35 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def mrope_positions(
-    input_ids: Sequence[int], image_grid_thw: torch.Tensor | None, image_token_id: int, spatial_merge_size: int
+    input_ids: Sequence[int],
+    image_grid_thw: torch.Tensor | None,
+    image_token_id: int,
+    spatial_merge_size: int,
+    video_token_id: int | None = None,
+    second_per_grid_ts: Sequence[float | None] | None = None,
+    tokens_per_second: float = 2.0,
 ) -> tuple[torch.Tensor, int]:
     """3-D positions (temporal, height, width) for one prompt, and the offset decode positions use.
 
-    Text tokens advance all three axes together; the tokens of each image (a run of image-pad
-    tokens, images in order) take a (t, h, w) grid starting at the current position, and text after
-    the image resumes at that start + max(h, w). Returns (positions (3, L) int64, rope_delta) where
-    the token at cache index i >= L sits at position i + rope_delta on all three axes.
+    Text tokens advance all three axes together. The tokens of each vision input (a run of image-pad
+    or video-pad tokens; `image_grid_thw` holds every input's grid in prompt order, images and videos
+    alike) take a (t, h, w) grid starting at the current position; a video's temporal patch i sits at
+    ``int(i * second_per_grid_ts * tokens_per_second)`` (float32, as transformers computes it), an
+    image's single patch at 0. `second_per_grid_ts` has one entry per input, None for an image (None
+    as a whole: all images). Text after an input resumes at the input's largest position + 1 over the
+    three axes (the definition in the model authors' get_rope_index docstring; for an image this is
+    start + max(h, w)). Returns (positions (3, L) int64, rope_delta) where the token at cache index
+    i >= L sits at position i + rope_delta on all three axes.
     """
     ids = torch.as_tensor(list(input_ids), dtype=torch.long)
     length = ids.numel()
     positions = torch.empty(3, length, dtype=torch.long)
     grids = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in image_grid_thw.tolist()]
-    is_image = (ids == image_token_id).tolist()
+    seconds = list(second_per_grid_ts) if second_per_grid_ts is not None else [None] * len(grids)
+    if len(seconds) != len(grids):
+        raise ValueError(f"{len(seconds)} second_per_grid_ts entries for {len(grids)} vision inputs")
+    is_vision = (ids == image_token_id) if video_token_id is None else (ids == image_token_id) | (ids == video_token_id)
+    is_image = is_vision.tolist()
     i, current, image = 0, 0, 0
     while i < length:
         if not is_image[i]:
@@ -46,19 +61,24 @@ def mrope_positions(
             i = j
             continue
         if image >= len(grids):
-            raise ValueError(f"prompt has more image-pad runs than images ({len(grids)})")
+            raise ValueError(f"prompt has more image or video pad runs than images and videos ({len(grids)})")
         t, h, w = grids[image]
         gh, gw = h // spatial_merge_size, w // spatial_merge_size
         n = t * gh * gw
-        if i + n > length or not all(is_image[i : i + n]):
-            raise ValueError(f"image {image} needs {n} image-pad tokens at position {i}")
-        tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
-        positions[:, i : i + n] = torch.stack([tt, hh, ww]).reshape(3, n) + current
-        current += max(gh, gw)
+        if i + n > length or not all(is_image[i : i + n]) or ids[i : i + n].unique().numel() != 1:
+            raise ValueError(f"image or video {image} needs {n} pad tokens of one kind at position {i}")
+        times = torch.arange(t)
+        if seconds[image] is not None:
+            interval = tokens_per_second * torch.tensor(seconds[image], dtype=torch.float32)
+            times = (times * interval).long()
+        tt, hh, ww = torch.meshgrid(times, torch.arange(gh), torch.arange(gw), indexing="ij")
+        span = torch.stack([tt, hh, ww]).reshape(3, n) + current
+        positions[:, i : i + n] = span
+        current = int(span.max()) + 1
         i += n
         image += 1
     if image != len(grids):
-        raise ValueError(f"prompt has {image} image-pad runs but {len(grids)} images")
+        raise ValueError(f"prompt has {image} image or video pad runs but {len(grids)} images and videos")
     delta = (int(positions.max()) + 1 - length) if length else 0
     return positions, delta
 

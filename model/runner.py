@@ -249,7 +249,13 @@ class ModelRunner:
     def prompt_positions(self, request: PreparedRequest) -> tuple[torch.Tensor, int]:
         """M-RoPE positions (3, L) of a prompt and its rope delta (decode position = cache length + delta)."""
         return mrope_positions(
-            request.input_ids, request.image_grid_thw, self.config.image_token_id, self.config.vision.spatial_merge_size
+            request.input_ids,
+            request.image_grid_thw,
+            self.config.image_token_id,
+            self.config.vision.spatial_merge_size,
+            self.config.video_token_id,
+            request.second_per_grid_ts,
+            self.config.vision.tokens_per_second,
         )
 
     @torch.inference_mode()

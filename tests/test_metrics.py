@@ -103,6 +103,8 @@ class _MetricsProbe:
             {
                 "output_token_ids": [1, 2, 3],
                 "prompt_tokens": 7,
+                "video_tokens": 4,
+                "video_frames": [4],
                 "ttft_s": 0.1,
                 "tpot_s": 0.01,
                 "e2e_s": 0.12,
