@@ -248,9 +248,9 @@ def _plot_latency(records: Sequence[Record], summary: dict[str, Any], path: Path
 
 # Request timeline ------------------------------------------------------------------------------------
 
-TIMELINE_SPANS = ("queue", "prefill", "decode")
-_SPAN_LABELS = {"queue": "queue", "prefill": "vision encode + prefill", "decode": "decode"}
-_SPAN_SHADES = {"queue": 0.28, "prefill": 0.55, "decode": 0.85}  # light, medium, dark within a DP hue
+TIMELINE_SPANS = ("video", "queue", "prefill", "decode")
+_SPAN_LABELS = {"video": "video decode", "queue": "queue", "prefill": "vision encode + prefill", "decode": "decode"}
+_SPAN_SHADES = {"video": 0.15, "queue": 0.28, "prefill": 0.55, "decode": 0.85}  # lightest to dark within a DP hue
 _DP_COLORMAPS = ("Blues", "Oranges", "Greens", "Purples", "RdPu", "YlOrBr", "BuGn", "PuBu")
 _NO_DP_COLORMAP = "Greys"  # requests that never reached a DP group
 _STATUS_MARKERS = {"failed": ("X", "#d62728"), "aborted": ("D", "black")}
@@ -276,7 +276,8 @@ def timeline_rows(records: Sequence[Record]) -> tuple[list[TimelineRow], float |
     """The timeline's rows, sorted by arrival, and the Unix time of the first arrival (their zero).
 
     A row needs ``arrival_time`` and ``end_time``; records without them (older result files) are left
-    out. The spans are queue (arrival to ``scheduled_time``), prefill (``scheduled_time`` to
+    out. The spans are video decode (its first ``video_decode_s`` after arrival, for a request with videos:
+    decoding and sampling happen while it is prepared), queue (to ``scheduled_time``), prefill (``scheduled_time`` to
     ``first_token_time``, vision encode included) and decode (first token to end); a request that
     failed or was aborted early lacks the later timestamps and so the later spans.
     """
@@ -291,6 +292,9 @@ def timeline_rows(records: Sequence[Record]) -> tuple[list[TimelineRow], float |
             (kind, r.get(key))
             for kind, key in (("queue", "arrival_time"), ("prefill", "scheduled_time"), ("decode", "first_token_time"))
         ]
+        if r.get("video_decode_s"):
+            marks[0] = ("queue", float(r["arrival_time"]) + float(r["video_decode_s"]))
+            marks.insert(0, ("video", r["arrival_time"]))
         starts: list[tuple[str, float]] = []
         for kind, t in marks:  # clamped into [arrival, end] and non-decreasing
             if t is not None:

@@ -290,9 +290,10 @@ def test_timeline_colors_hue_per_group_shade_per_span() -> None:
         return 0.299 * r + 0.587 * g + 0.114 * b
 
     groups = [timeline_colors(d) for d in (0, 1, 2, None)]
-    assert len({c for group in groups for c in group.values()}) == 12  # no colour shared between groups
+    assert len({c for group in groups for c in group.values()}) == 16  # no colour shared between groups
     for group in groups:
-        assert luminance(group["queue"]) > luminance(group["prefill"]) > luminance(group["decode"])
+        assert luminance(group["video"]) > luminance(group["queue"]) > luminance(group["prefill"])
+        assert luminance(group["prefill"]) > luminance(group["decode"])
 
 
 def test_timeline_png_draws_every_row_in_its_group_colours(batching_records: list[dict], tmp_path: Path) -> None:
@@ -340,3 +341,20 @@ def test_write_report_writes_the_timeline(batching_records: list[dict], tmp_path
         line.startswith("Requests on timeline:") and line.endswith("none")
         for line in format_summary(summary).splitlines()
     )
+
+
+def test_a_video_request_starts_with_its_decode_span() -> None:
+    record = {
+        "id": "video-0",
+        "arrival_time": T0,
+        "video_decode_s": 0.3,
+        "scheduled_time": T0 + 0.5,
+        "first_token_time": T0 + 0.9,
+        "end_time": T0 + 2.0,
+        "dp_rank": 0,
+        "error": None,
+        "finish_reason": "stop",
+    }
+    (row,), _ = timeline_rows([record])
+    assert [kind for kind, _, _ in row.spans] == ["video", "queue", "prefill", "decode"]
+    assert [t for _, a, b in row.spans for t in (a, b)] == pytest.approx([0, 0.3, 0.3, 0.5, 0.5, 0.9, 0.9, 2.0])
