@@ -20,6 +20,7 @@ from actors.request_fields import check_request_fields
 from actors.requests import RequestState, sampling_params, stop_strings
 from actors.scheduler import Sequence
 from model.batch import image_spans
+from model.logprobs import TokenBytes
 from model.processor import PreparedRequest, PromptBuilder
 from model.vision_cache import image_key
 
@@ -30,6 +31,7 @@ class Preparation:
     def __init__(self, cfg: EngineConfig, builder: PromptBuilder) -> None:
         self.cfg = cfg
         self.builder = builder
+        self.token_bytes = TokenBytes(builder.tokenizer)  # the text and bytes of logprobs' tokens
         self.keys = itertools.count()
         self.in_flight = 0  # requests being prepared now
         self.preparing: dict[str, int] = {}  # ids of requests being prepared -> how many with that id
@@ -68,7 +70,7 @@ class Preparation:
         key = f"{prepared.request_id}#{next(self.keys)}"
         seq = Sequence(key, list(prepared.input_ids), params.max_new_tokens, images)
         state = RequestState.create(
-            key, prepared.request_id, prepared, params, stop, self.builder.decode, arrival, emit
+            key, prepared.request_id, prepared, params, stop, self.builder.decode, arrival, emit, self.token_bytes
         )
         seq.payload = state
         return seq, state, aborted

@@ -26,6 +26,7 @@ RECORD_FIELDS: dict[str, str] = {
     "dp_rank": "the DP group that served it",
     "cached_tokens": "prompt tokens whose KV came from the prefix cache (at its first scheduling)",
     "preemptions": "times it was preempted (its KV freed, recomputed later) for lack of KV blocks",
+    "logprobs": "per output token {token, logprob, bytes, top_logprobs}, when the request asked; else None",
     "arrival_time": "Unix time the Coordinator received it",
     "scheduled_time": "Unix time it was first scheduled (vision encode / prefill began)",
     "first_token_time": "Unix time of its first token",

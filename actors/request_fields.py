@@ -17,7 +17,7 @@ from typing import Any
 
 from actors.errors import RequestError
 from actors.stop_strings import MAX_STOP_STRINGS, check_stop_strings
-from model.sampling import SamplingParams
+from model.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_INTEGER = 2**63 - 1  # the largest seed a torch.Generator takes; also bounds max_new_tokens
 
@@ -76,6 +76,11 @@ def _boolean(name: str, value: Any) -> None:
         raise RequestError(f"'{name}' must be true or false, got {value!r}", name)
 
 
+def _top_logprobs(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"'{name}' must be an integer in [0, {MAX_TOP_LOGPROBS}], got {value!r}", name)
+
+
 def _stop(name: str, value: Any) -> None:
     check_stop_strings(value)
 
@@ -94,10 +99,14 @@ FIELDS: dict[str, RequestField] = {
         RequestField("seed", "the seed of the request's sampling generator", _integer(0)),
         RequestField("ignore_eos", "generate max_new_tokens tokens, past end of sequence (benchmarks)", _boolean),
         RequestField("stop", f"a string or up to {MAX_STOP_STRINGS} strings the output ends before", _stop),
+        RequestField("logprobs", "return each output token's log-probability (raw, before sampling)", _boolean),
+        RequestField(
+            "top_logprobs", f"and the up to {MAX_TOP_LOGPROBS} most likely tokens at each step", _top_logprobs
+        ),
     )
 }
 # The fields that override the run's SamplingParams, one a field of SamplingParams.
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "seed", "ignore_eos")
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "seed", "ignore_eos", "logprobs", "top_logprobs")
 
 
 def check_field(name: str, value: Any) -> None:

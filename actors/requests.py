@@ -18,6 +18,7 @@ from typing import Any
 
 from actors import clock
 from actors.detokenizer import IncrementalDetokenizer
+from actors.errors import RequestError
 from actors.records import fill_latencies, new_record
 from actors.request_fields import SAMPLING_FIELDS, check_field
 from actors.stop_strings import MAX_STOP_STRINGS, StopMatcher, check_stop_strings
@@ -35,6 +36,8 @@ def sampling_params(request: dict, defaults: SamplingParams) -> SamplingParams:
     overrides = {key: request[key] for key in SAMPLING_FIELDS if request.get(key) is not None}
     for key, value in overrides.items():
         check_field(key, value)
+    if overrides.get("top_logprobs") and not overrides.get("logprobs"):
+        raise RequestError(f"'top_logprobs'={overrides['top_logprobs']} needs 'logprobs': true", "top_logprobs")
     return dataclasses.replace(defaults, **overrides)
 
 
@@ -59,6 +62,7 @@ class RequestState:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: asyncio.Future | None = None
     emit: Callable[[dict], None] | None = None  # where its stream items go (default: `queue`)
+    token_bytes: Callable[[int], tuple[str, list[int]]] | None = None  # logprobs' token text (model.logprobs)
 
     def __post_init__(self) -> None:
         if self.emit is None:
@@ -77,11 +81,14 @@ class RequestState:
         decode_text: Any,
         arrival_time: float,
         emit: Callable[[dict], None] | None = None,
+        token_bytes: Callable[[int], tuple[str, list[int]]] | None = None,
     ) -> RequestState:
         record = new_record(request_id, arrival_time)
         record["prompt_tokens"] = len(prepared.input_ids)
+        if params.logprobs:
+            record["logprobs"] = []
         done = asyncio.get_running_loop().create_future()
-        return cls(key, prepared, params, stop, record, decode_text, done=done, emit=emit)
+        return cls(key, prepared, params, stop, record, decode_text, done=done, emit=emit, token_bytes=token_bytes)
 
     def acknowledgement(self) -> dict:
         """The item that says the request is queued (a stream's first with `ack`; `submit`'s answer)."""
@@ -91,12 +98,15 @@ class RequestState:
     def finished(self) -> bool:
         return self.done is not None and self.done.done()
 
-    def add_tokens(self, tokens: list[int], times: list[float]) -> tuple[dict, bool]:
-        """Take a call's new tokens (and their times) -> (stream item, whether a stop string ended the request).
+    def add_tokens(self, tokens: list[int], times: list[float], logprobs: list | None = None) -> tuple[dict, bool]:
+        """Take a call's new tokens (their times, their logprobs entries) -> (stream item, whether a stop
+        string ended the request).
 
         The item's `token_ids` are the tokens the request keeps: all of `tokens`, or when a stop string
-        completed, those up to the one that completed it; the record's token ids and times take the
-        same, and the caller hands the scheduler the same. `text` is the delta of text now safe to show.
+        completed, those up to the one that completed it; the record's token ids, times and logprobs take
+        the same, and the caller hands the scheduler the same. `text` is the delta of text now safe to show.
+        A request that asked for logprobs has them in the item as in the record, one per kept token
+        (model.logprobs.TokenBytes.record).
         """
         delivered = clock.wall()  # when the caller gets them: every token of a delivery counts at its time
         delta = self.matcher.feed(self.detokenizer.add(tokens))
@@ -108,7 +118,12 @@ class RequestState:
         self.device_times.extend(times)
         if delta:
             self.parts.append(delta)
-        return {"id": self.record["id"], "token_ids": list(tokens), "text": delta}, self.matcher.stopped
+        item = {"id": self.record["id"], "token_ids": list(tokens), "text": delta}
+        if self.params.logprobs:
+            entries = [self.token_bytes.record(t, e) for t, e in zip(tokens, logprobs or [])]
+            self.record["logprobs"].extend(entries)
+            item["logprobs"] = entries
+        return item, self.matcher.stopped
 
     def tail(self) -> dict | None:
         """The text still held back (an incomplete character, the start of a stop string) once the request

@@ -22,6 +22,7 @@ import torch
 
 from model.graph import pick_bucket
 from model.kv_cache import blocks_for, slot_tables
+from model.logprobs import Entry, LogprobRows
 from model.processor import PreparedRequest
 from model.sampling import SamplingParams, make_generator, sample
 from model.text import PackedBatch
@@ -114,6 +115,7 @@ class GenerationResult:
     token_times_s: list[float] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (EOS), "length", or None on error
     error: str | None = None
+    logprobs: list[Entry] = field(default_factory=list)  # per token, when its params ask (model/logprobs.py)
 
 
 @dataclass
@@ -124,6 +126,7 @@ class StepOutput:
     tokens: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    logprobs: list[Entry] | None = None  # one entry per token (model/logprobs.py) when the request asks
 
 
 class RunningBatch:
@@ -256,10 +259,13 @@ class RunningBatch:
         out: dict[str, StepOutput] = {}
         now = time.time()
         seqs = [self._seq(r) for r, _ in sample_rows]
-        chosen = sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
-        for seq, token in zip(seqs, chosen):
+        asking = LogprobRows([s.params for s in seqs], device)
+        chosen = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        computed = asking.compute(logits, chosen) if asking else None
+        entries = asking.entries(computed) if computed else {}
+        for i, (seq, token) in enumerate(zip(seqs, chosen.tolist())):
             out[seq.request_id] = StepOutput(seq.request_id)
-            self._append(seq, out[seq.request_id], token, now)
+            self._append(seq, out[seq.request_id], token, now, entries.get(i))
         return out
 
     @torch.inference_mode()
@@ -289,6 +295,7 @@ class RunningBatch:
         advance = torch.tensor([1] * len(live) + [0] * pad, dtype=torch.long, device=device)
         params = [s.params for s in live] + [_GREEDY] * pad
         gens = [s.generator for s in live] + [None] * pad
+        asking = LogprobRows(params, device)
         out = {s.request_id: StepOutput(s.request_id) for s in live}
         for _ in range(steps):
             # lens + 1 on the host (a row that ended keeps its last length): the bound of what attention reads,
@@ -303,15 +310,17 @@ class RunningBatch:
                 kv_lens=kv_lens + [1] * pad if runner.paged_decode else None,
             )
             chosen = sample(logits, params, gens)
+            computed = asking.compute(logits, chosen) if asking else None
             tokens.copy_(chosen)
             lens.add_(advance)
             positions.add_(advance)
             chosen_ids = chosen.tolist()  # the one host sync per step: EOS checks and token times
             now = time.time()
+            entries = asking.entries(computed) if computed else {}  # ready once the sync above returned
             for i, seq in enumerate(live):
                 if seq.finish_reason is None:
                     seq.num_computed += 1
-                    self._append(seq, out[seq.request_id], chosen_ids[i], now)
+                    self._append(seq, out[seq.request_id], chosen_ids[i], now, entries.get(i))
                     if seq.finish_reason is not None:
                         advance[i] = 0
             if all(s.finish_reason is not None for s in live):
@@ -325,10 +334,14 @@ class RunningBatch:
             raise ValueError(f"request {request_id!r} is not running on this rank")
         return seq
 
-    def _append(self, seq: SeqState, out: StepOutput, token: int, now: float) -> None:
+    def _append(self, seq: SeqState, out: StepOutput, token: int, now: float, entry: Entry | None = None) -> None:
         seq.tokens.append(token)
         out.tokens.append(token)
         out.times.append(now)
+        if entry is not None:
+            if out.logprobs is None:
+                out.logprobs = []
+            out.logprobs.append(entry)
         if token in seq.eos and not seq.params.ignore_eos:
             seq.finish_reason = "stop"
         elif len(seq.output) >= seq.params.max_new_tokens:
@@ -373,4 +386,5 @@ def generate(
                 result.output_token_ids.extend(step.tokens)
                 result.token_times_s.extend(u - start_unix for u in step.times)
                 result.finish_reason = step.finish_reason or result.finish_reason
+                result.logprobs.extend(step.logprobs or [])
     return results

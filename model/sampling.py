@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -21,6 +23,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     ignore_eos: bool = False
+    logprobs: bool = False  # return each sampled token's log-probability (model/logprobs.py)
+    top_logprobs: int = 0  # and that many most likely tokens with theirs, at each step
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -29,6 +33,10 @@ class SamplingParams:
             raise ValueError(f"temperature={self.temperature!r} must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs={self.top_logprobs!r} must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs=true")
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
