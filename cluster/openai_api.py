@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 from actors.stop_strings import MAX_STOP_STRINGS as MAX_STOP_STRINGS  # one definition, re-exported
 from actors.stop_strings import check_stop_strings
 from model.images import ImageLoadError, local_image_path
+from model.sampling import MAX_TOP_LOGPROBS
 
 
 class APIError(Exception):
@@ -109,10 +110,10 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     mm_processor_kwargs: MMProcessorKwargs | None = None
     ignore_eos: bool | None = None  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     # Refused unless left at their defaults.
     n: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -130,7 +131,6 @@ class ChatCompletionRequest(BaseModel):
         """Raise a 400 for a parameter we do not implement."""
         unsupported = {
             "n": self.n not in (None, 1),
-            "logprobs": bool(self.logprobs) or self.top_logprobs is not None,
             "tools": bool(self.tools) or self.tool_choice not in (None, "none"),
             "functions": bool(self.functions) or self.function_call not in (None, "none"),
             "frequency_penalty": self.frequency_penalty not in (None, 0),
@@ -141,6 +141,8 @@ class ChatCompletionRequest(BaseModel):
             if refused:
                 what = "only n=1 is supported" if field == "n" else f"'{field}' is not supported by this server"
                 raise APIError(400, what, param=field, code="unsupported_parameter")
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, f"top_logprobs={self.top_logprobs} needs logprobs=true", param="top_logprobs")
 
 
 def parse_request(body: bytes) -> ChatCompletionRequest:
@@ -210,6 +212,8 @@ def engine_request(
         ("seed", request.seed),
         ("stop", request.stop),
         ("ignore_eos", request.ignore_eos),
+        ("logprobs", request.logprobs),
+        ("top_logprobs", request.top_logprobs if request.logprobs else None),
         (
             "mm_processor_kwargs",
             request.mm_processor_kwargs and request.mm_processor_kwargs.model_dump(exclude_none=True),
@@ -294,6 +298,11 @@ def finish_reason(record: dict[str, Any]) -> str:
     return "stop" if record.get("finish_reason") == "stop" else "length"
 
 
+def choice_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """A choice's `logprobs` object from a record's entries (None when the request did not ask)."""
+    return None if entries is None else {"content": entries, "refusal": None}
+
+
 def completion_body(
     completion_id: str, model: str, created: int, content: str, reason: str, record: dict[str, Any]
 ) -> dict[str, Any]:
@@ -306,7 +315,7 @@ def completion_body(
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": content},
-                "logprobs": None,
+                "logprobs": choice_logprobs(record.get("logprobs")),
                 "finish_reason": reason,
             }
         ],
@@ -322,10 +331,13 @@ def chunk_body(
     reason: str | None = None,
     usage_: dict[str, int] | None = None,
     include_usage: bool = False,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A chat.completion.chunk; with delta None, the usage-only chunk (no choices)."""
+    """A chat.completion.chunk; with delta None, the usage-only chunk (no choices). `logprobs`: the entries
+    of the delta's tokens (a record's `logprobs` field), when the request asked."""
     body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-    body["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
+    choice = {"index": 0, "delta": delta, "logprobs": choice_logprobs(logprobs), "finish_reason": reason}
+    body["choices"] = [] if delta is None else [choice]
     if include_usage:
         body["usage"] = usage_
     return body

@@ -315,9 +315,13 @@ class OpenAIServer:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(
-            delta: dict[str, Any] | None, reason: str | None = None, usage_: dict[str, int] | None = None
+            delta: dict[str, Any] | None,
+            reason: str | None = None,
+            usage_: dict[str, int] | None = None,
+            logprobs: list[dict[str, Any]] | None = None,
         ) -> bytes:
-            return sse(chunk_body(completion_id, self.model, created, delta, reason, usage_, include_usage))
+            body = chunk_body(completion_id, self.model, created, delta, reason, usage_, include_usage, logprobs)
+            return sse(body)
 
         finished = False
         pending: asyncio.Future | None = None
@@ -325,8 +329,9 @@ class OpenAIServer:
             yield chunk({"role": "assistant", "content": ""})
             while not item.get("final"):
                 text = item.get("text")  # the engine's deltas: stop strings already cut, held back and released
-                if text:
-                    yield chunk({"content": text})
+                entries = item.get("logprobs")  # of this delta's tokens, when asked (text may be held back)
+                if text or entries:
+                    yield chunk({"content": text or ""}, logprobs=entries)
                 pending = asyncio.ensure_future(self._next(stream))
                 while not (await asyncio.wait({pending}, timeout=KEEPALIVE_S))[0]:
                     if deadline is not None and time.monotonic() > deadline:

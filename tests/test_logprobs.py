@@ -8,6 +8,7 @@ decode calls, and only for the rows that ask.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from actors.errors import RequestError
 from actors.request_fields import check_request_fields
 from actors.requests import sampling_params
+from cluster.openai_api import chunk_body, completion_body, engine_request, parse_request
 from model.logprobs import TokenBytes
 from model.processor import PreparedRequest, PromptBuilder
 from model.runner import ModelRunner
@@ -146,3 +148,25 @@ def test_logprobs_of_rows_are_computed_on_the_rows_that_ask() -> None:
     assert entries[1][0] == pytest.approx(float(expected[1, 1]))
     assert [i for i, _ in entries[1][1]] == [0, 1]
     assert entries[2] == [pytest.approx(float(expected[2, 2])), []]
+
+
+# --------------------------------------------------------------------------------- OpenAI shapes
+def test_openai_request_and_response_carry_logprobs() -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2}
+    request = parse_request(json.dumps(body).encode())
+    assert engine_request(request, "r")["logprobs"] is True and engine_request(request, "r")["top_logprobs"] == 2
+    entry = {
+        "token": "a",
+        "logprob": -0.1,
+        "bytes": [97],
+        "top_logprobs": [{"token": "a", "logprob": -0.1, "bytes": [97]}],
+    }
+    record = {"logprobs": [entry], "output_token_ids": [5], "prompt_tokens": 3}
+    choice = completion_body("c", "m", 0, "a", "stop", record)["choices"][0]
+    assert choice["logprobs"] == {"content": [entry], "refusal": None}
+    assert completion_body("c", "m", 0, "a", "stop", {"output_token_ids": [5]})["choices"][0]["logprobs"] is None
+    chunk = chunk_body("c", "m", 0, {"content": "a"}, logprobs=[entry])
+    assert chunk["choices"][0]["logprobs"] == {"content": [entry], "refusal": None}
+    assert "logprobs" not in engine_request(
+        parse_request(json.dumps({**body, "logprobs": None, "top_logprobs": 0}).encode()), "r"
+    )

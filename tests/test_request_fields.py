@@ -94,6 +94,8 @@ def test_a_request_the_server_builds_passes_the_check() -> None:
         "seed": 3,
         "stop": "END",
         "ignore_eos": True,
+        "logprobs": True,
+        "top_logprobs": 2,
         "mm_processor_kwargs": {"min_pixels": 3136, "max_pixels": 50000},
         "stream": True,
         "stream_options": {"include_usage": True},

@@ -254,7 +254,8 @@ def test_api_key_models_and_health(server: Server) -> None:
     ("fields", "param", "message"),
     [
         ({"n": 2}, "n", "n=1"),
-        ({"logprobs": True}, "logprobs", "not supported"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+        ({"top_logprobs": 2}, "top_logprobs", "needs logprobs=true"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "not supported"),
         ({"temperature": -1}, "temperature", "greater than or equal to 0"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
@@ -483,3 +484,26 @@ def test_eight_concurrent_streams_complete(server: Server) -> None:
         assert chunks[-1].usage.completion_tokens == MAX_NEW_TOKENS
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert _status(server)["running"] == 0
+
+
+def test_logprobs_streamed_and_not_are_transformers_log_softmax(server: Server, checkpoint: Path, hf_reference) -> None:
+    fields = {"max_tokens": MAX_NEW_TOKENS, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    reply = server.client.chat.completions.create(
+        model=server.model, messages=IMAGE_MESSAGES, extra_body={"ignore_eos": True}, **fields
+    )
+    entries = [e.model_dump() for e in reply.choices[0].logprobs.content]
+    _, chunks = _stream_text(server, messages=IMAGE_MESSAGES, extra_body={"ignore_eos": True}, **fields)
+    streamed = [
+        e.model_dump() for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert streamed == entries and len(entries) == MAX_NEW_TOKENS
+    assert b"".join(bytes(e["bytes"]) for e in entries).decode() == reply.choices[0].message.content
+    record = _ray_record(server, IMAGE_MESSAGES, ignore_eos=True, **fields)
+    assert record["logprobs"] == entries
+    prepared = server.builder.build(
+        engine_request(parse_request(json.dumps({"messages": IMAGE_MESSAGES}).encode()), "hf")
+    )
+    steps = hf_reference.logits(checkpoint, prepared, record["output_token_ids"])[len(prepared.input_ids) - 1 : -1]
+    for token, entry, row in zip(record["output_token_ids"], entries, steps.log_softmax(dim=-1)):
+        assert abs(entry["logprob"] - float(row[token])) <= 1e-4
+        assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
