@@ -30,6 +30,7 @@ from cluster import start, stop
 from cluster.openai_api import engine_request, parse_request
 from cluster.serve import KEEPALIVE, model_name, start_server, stop_server
 from model.batch import image_spans
+from model.logprobs import TokenBytes
 from model.processor import PromptBuilder
 from tests.media_servers import IMAGE, MediaServer, media_server
 from tests.ray_helpers import free_port, tiny_config, tiny_model, wait_for
@@ -497,9 +498,12 @@ def test_logprobs_streamed_and_not_are_transformers_log_softmax(server: Server, 
         e.model_dump() for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
     ]
     assert streamed == entries and len(entries) == MAX_NEW_TOKENS
-    assert b"".join(bytes(e["bytes"]) for e in entries).decode() == reply.choices[0].message.content
     record = _ray_record(server, IMAGE_MESSAGES, ignore_eos=True, **fields)
     assert record["logprobs"] == entries
+    token_bytes = TokenBytes(server.builder.tokenizer)
+    assert [(e["token"], e["bytes"]) for e in entries] == [token_bytes(t) for t in record["output_token_ids"]]
+    plain = [bytes(e["bytes"]) for e, t in zip(entries, record["output_token_ids"]) if t not in token_bytes.added]
+    assert b"".join(plain).decode(errors="replace") == reply.choices[0].message.content
     prepared = server.builder.build(
         engine_request(parse_request(json.dumps({"messages": IMAGE_MESSAGES}).encode()), "hf")
     )
