@@ -9,6 +9,7 @@ does, never queued. The counts here are what a router sees as load before a requ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from actors import clock
 from actors.config import EngineConfig
 from actors.errors import RequestError
+from actors.grammars import GrammarCompiler
 from actors.request_fields import check_request_fields
 from actors.requests import RequestState, sampling_params, stop_strings
 from actors.scheduler import Sequence
@@ -32,6 +34,7 @@ class Preparation:
         self.cfg = cfg
         self.builder = builder
         self.token_bytes = TokenBytes(builder.tokenizer)  # the text and bytes of logprobs' tokens
+        self.grammars = GrammarCompiler(builder.tokenizer, cfg.grammar_cache_size, cfg.grammar_compile_timeout_s)
         self.keys = itertools.count()
         self.in_flight = 0  # requests being prepared now
         self.preparing: dict[str, int] = {}  # ids of requests being prepared -> how many with that id
@@ -55,6 +58,9 @@ class Preparation:
         arrival = clock.wall()
         check_request_fields(request)
         params = sampling_params(request, self.cfg.sampling)
+        grammar = await self.grammars.grammar(request)
+        if grammar is not None:
+            params = dataclasses.replace(params, grammar=grammar)
         stop = stop_strings(request)
         rid = request.get("id")
         rid = rid if isinstance(rid, str) else None

@@ -99,6 +99,8 @@ FIELDS: dict[str, RequestField] = {
         RequestField("seed", "the seed of the request's sampling generator", _integer(0)),
         RequestField("ignore_eos", "generate max_new_tokens tokens, past end of sequence (benchmarks)", _boolean),
         RequestField("stop", f"a string or up to {MAX_STOP_STRINGS} strings the output ends before", _stop),
+        RequestField("response_format", "OpenAI's: json_object, or json_schema {name, schema}", _object),
+        RequestField("structured_outputs", "vLLM's: one of json, regex, choice, grammar (Lark)", _object),
         RequestField("logprobs", "return each output token's log-probability (raw, before sampling)", _boolean),
         RequestField(
             "top_logprobs", f"and the up to {MAX_TOP_LOGPROBS} most likely tokens at each step", _top_logprobs

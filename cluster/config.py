@@ -159,6 +159,9 @@ class ServeConfig:
         (data_config.batch_size per DP group); more get 503 with Retry-After: retry_after_s.
     queue_timeout_s: a request that gets no token within this many seconds is dropped with 503
         (a stream gets the error as its last event); null: no limit.
+    grammar_cache_size: distinct structured-output grammars whose check is kept (actors/grammars.py);
+        these two keys hold for request files run by cluster.launch too.
+    grammar_compile_timeout_s: a grammar not checked within this many seconds is refused (400).
     """
 
     host: str = "127.0.0.1"
@@ -178,6 +181,8 @@ class ServeConfig:
     max_queued_requests: int = 256
     queue_timeout_s: float | None = None
     retry_after_s: float = 5.0
+    grammar_cache_size: int = 256
+    grammar_compile_timeout_s: float = 10.0
 
 
 @dataclass
@@ -458,6 +463,9 @@ def _validate(cfg: RunConfig) -> None:
         _check_min(f"serve.{name}", getattr(serve, name), 1)
     _check_min("serve.max_media_redirects", serve.max_media_redirects, 0)
     _check_min("serve.max_queued_requests", serve.max_queued_requests, 0)
+    _check_min("serve.grammar_cache_size", serve.grammar_cache_size, 1)
+    if not serve.grammar_compile_timeout_s > 0:
+        _fail("serve.grammar_compile_timeout_s", serve.grammar_compile_timeout_s, "must be > 0")
     if serve.queue_timeout_s is not None and not serve.queue_timeout_s > 0:
         _fail("serve.queue_timeout_s", serve.queue_timeout_s, "must be null or > 0")
     _check_min("vision_cache_mb", cfg.vision_cache_mb, 0)

@@ -156,6 +156,8 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
             ignore_eos=data.ignore_eos,
         ),
         policy=sched.policy,
+        grammar_cache_size=cfg.serve.grammar_cache_size,
+        grammar_compile_timeout_s=cfg.serve.grammar_compile_timeout_s,
         prefix_caching=cfg.prefix_caching,
         prefill_chunk_tokens=sched.prefill_chunk_tokens,
         decode_steps_per_call=sched.decode_steps_per_call,

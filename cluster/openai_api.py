@@ -112,6 +112,8 @@ class ChatCompletionRequest(BaseModel):
     ignore_eos: bool | None = None  # vLLM's extension: generate exactly max_tokens (benchmarks)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: dict[str, Any] | None = None  # checked by actors/grammars.py
+    structured_outputs: dict[str, Any] | None = None  # vLLM's extension: json, regex, choice or grammar
     # Refused unless left at their defaults.
     n: int | None = None
     tools: list[Any] | None = None
@@ -120,7 +122,6 @@ class ChatCompletionRequest(BaseModel):
     function_call: Any = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
-    response_format: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -135,7 +136,6 @@ class ChatCompletionRequest(BaseModel):
             "functions": bool(self.functions) or self.function_call not in (None, "none"),
             "frequency_penalty": self.frequency_penalty not in (None, 0),
             "presence_penalty": self.presence_penalty not in (None, 0),
-            "response_format": self.response_format not in (None, {"type": "text"}),
         }
         for field, refused in unsupported.items():
             if refused:
@@ -214,6 +214,8 @@ def engine_request(
         ("ignore_eos", request.ignore_eos),
         ("logprobs", request.logprobs),
         ("top_logprobs", request.top_logprobs if request.logprobs else None),
+        ("response_format", request.response_format),
+        ("structured_outputs", request.structured_outputs),
         (
             "mm_processor_kwargs",
             request.mm_processor_kwargs and request.mm_processor_kwargs.model_dump(exclude_none=True),

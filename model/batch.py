@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from model.grammar import GrammarMatchers, mask_logits, matchers_for
 from model.graph import pick_bucket
 from model.kv_cache import blocks_for, slot_tables
 from model.logprobs import Entry, LogprobRows
@@ -65,6 +66,7 @@ class SeqState:
     num_computed: int = 0  # tokens whose keys and values are in the blocks
     table: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    matcher: Any = None  # the grammar's matcher (model/grammar.py) when params.grammar is set
 
     @property
     def output(self) -> list[int]:
@@ -172,6 +174,8 @@ class RunningBatch:
                 make_generator(params, runner.device),
                 frozenset(eos_token_ids),
             )
+            if params.grammar is not None:
+                known.matcher = self._grammars().matcher(params.grammar)
         if not 0 <= num_cached < len(known.tokens):
             raise ValueError(
                 f"request {request.request_id!r}: num_cached={num_cached} outside [0, {len(known.tokens)})"
@@ -260,7 +264,7 @@ class RunningBatch:
         now = time.time()
         seqs = [self._seq(r) for r, _ in sample_rows]
         asking = LogprobRows([s.params for s in seqs], device)
-        chosen = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        chosen = sample(self._constrain(logits, seqs), [s.params for s in seqs], [s.generator for s in seqs])
         computed = asking.compute(logits, chosen) if asking else None
         entries = asking.entries(computed) if computed else {}
         for i, (seq, token) in enumerate(zip(seqs, chosen.tolist())):
@@ -309,7 +313,7 @@ class RunningBatch:
                 block_tables=tables,
                 kv_lens=kv_lens + [1] * pad if runner.paged_decode else None,
             )
-            chosen = sample(logits, params, gens)
+            chosen = sample(self._constrain(logits, live), params, gens)
             computed = asking.compute(logits, chosen) if asking else None
             tokens.copy_(chosen)
             lens.add_(advance)
@@ -328,6 +332,19 @@ class RunningBatch:
         return out
 
     # ----------------------------------------------------------------------------- helpers
+    def _grammars(self) -> GrammarMatchers:
+        runner = self.runner
+        return matchers_for(str(runner.model_path), runner.config.text.vocab_size, tuple(runner.config.eos_token_ids))
+
+    def _constrain(self, logits: torch.Tensor, seqs: list[SeqState]) -> torch.Tensor:
+        """logits (B, V) with each constrained row (seqs[i] for row i, still generating) masked to what its
+        grammar allows next; the logits themselves when no row is constrained (logprobs read those)."""
+        rows = [i for i, s in enumerate(seqs) if s.matcher is not None and s.finish_reason is None]
+        if not rows:
+            return logits
+        allowed = self._grammars().allowed([seqs[i].matcher for i in rows], logits.device)
+        return mask_logits(logits, torch.tensor(rows, device=logits.device), allowed)
+
     def _seq(self, request_id: str) -> SeqState:
         seq = self.seqs.get(request_id)
         if seq is None:
@@ -338,6 +355,8 @@ class RunningBatch:
         seq.tokens.append(token)
         out.tokens.append(token)
         out.times.append(now)
+        if seq.matcher is not None:
+            seq.matcher.consume_token(token)  # one it allowed: EOS ends the request below
         if entry is not None:
             if out.logprobs is None:
                 out.logprobs = []

@@ -25,6 +25,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False  # return each sampled token's log-probability (model/logprobs.py)
     top_logprobs: int = 0  # and that many most likely tokens with theirs, at each step
+    grammar: str | None = None  # an llguidance grammar the output follows (model/grammar.py), compiled and checked
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

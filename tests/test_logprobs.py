@@ -3,11 +3,13 @@
 For greedy requests on the tiny checkpoint, every returned `logprob` is transformers' log-softmax at
 that step (teacher-forced on our tokens) within 1e-4 in float32, and `top_logprobs` lists
 transformers' most likely tokens in order, in eager and graph mode, in a prefill and in multi-step
-decode calls, and only for the rows that ask.
+decode calls, only for the rows that ask, and before a grammar's mask.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from actors.errors import RequestError
+from actors.grammars import GrammarCompiler
 from actors.request_fields import check_request_fields
 from actors.requests import sampling_params
 from cluster.openai_api import chunk_body, completion_body, engine_request, parse_request
@@ -59,6 +62,9 @@ def test_greedy_logprobs_match_transformers_eager_and_graph(
     tops = [5, 0, MAX_TOP_LOGPROBS]
     params = [SamplingParams(max_new_tokens=n, logprobs=True, top_logprobs=k) for n, k in zip(MAX_NEW, tops)]
     params[2] = SamplingParams(max_new_tokens=MAX_NEW[2])  # a row that does not ask, in the same batch
+    # A constrained row: its values are still the model's own, before the grammar's mask.
+    (grammar,) = asyncio.run(_grammars(tiny_checkpoint, [{"response_format": {"type": "json_object"}}]))
+    params[1] = dataclasses.replace(params[1], grammar=grammar)
     runner = ModelRunner(tiny_checkpoint, max_batch_size=4, max_seq_len=256)
     eager = runner.generate(requests, params, eos_token_ids=[])
     runner.capture_graphs([4])
@@ -71,6 +77,12 @@ def test_greedy_logprobs_match_transformers_eager_and_graph(
                 hf_reference, tiny_checkpoint, requests[i], results[i].output_token_ids, results[i].logprobs, tops[i]
             )
     assert [r.output_token_ids for r in graph] == [r.output_token_ids for r in eager]
+    assert PromptBuilder.from_pretrained(tiny_checkpoint).decode(eager[1].output_token_ids).startswith("{")
+
+
+async def _grammars(path: Path, requests: list[dict]) -> list[str | None]:
+    compiler = GrammarCompiler(PromptBuilder.from_pretrained(path).tokenizer)
+    return [await compiler.grammar(r) for r in requests]
 
 
 def test_sampled_tokens_get_their_raw_logprobs(
