@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import openai
+import pydantic
 import pytest
 import ray
 import requests
@@ -511,3 +512,48 @@ def test_logprobs_streamed_and_not_are_transformers_log_softmax(server: Server, 
     for token, entry, row in zip(record["output_token_ids"], entries, steps.log_softmax(dim=-1)):
         assert abs(entry["logprob"] - float(row[token])) <= 1e-4
         assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+
+
+class _Photo(pydantic.BaseModel):
+    """What the parse test asks for: bounded, so even a random-weight model's answer ends."""
+
+    caption: str = pydantic.Field(max_length=12)
+    people: int = pydantic.Field(ge=0, le=9)
+    outdoors: bool
+
+
+def test_structured_outputs_parse_a_pydantic_model_streamed_and_not(server: Server) -> None:
+    parsed = server.client.chat.completions.parse(
+        model=server.model, messages=IMAGE_MESSAGES, response_format=_Photo, max_tokens=80, temperature=0
+    )
+    choice = parsed.choices[0]
+    assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, _Photo)
+    fields = {"max_tokens": 80, "temperature": 1.0, "seed": 5}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    text, chunks = _stream_text(
+        server,
+        messages=IMAGE_MESSAGES,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}},
+        **fields,
+    )
+    assert 0 <= json.loads(text)["n"] <= 99
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    choice = server.client.chat.completions.create(
+        model=server.model,
+        messages=IMAGE_MESSAGES,
+        extra_body={"structured_outputs": {"choice": ["cat", "dog"]}},
+        **fields,
+    ).choices[0]
+    assert choice.message.content in ("cat", "dog")
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client.chat.completions.create(
+            model=server.model,
+            messages=IMAGE_MESSAGES,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "null"}}}},
+        )
+    assert info.value.body["param"] == "response_format.json_schema.schema" and '"not"' in info.value.body["message"]
