@@ -58,6 +58,12 @@ class Preparation:
         arrival = clock.wall()
         check_request_fields(request)
         params = sampling_params(request, self.cfg.sampling)
+        vocabulary = len(self.builder.tokenizer)
+        outside = [token for token, _ in params.logit_bias if token >= vocabulary]
+        if outside:
+            raise RequestError(
+                f"'logit_bias': token id {outside[0]} is outside the vocabulary (ids 0..{vocabulary - 1})", "logit_bias"
+            )
         grammar = await self.grammars.grammar(request)
         if grammar is not None:
             params = dataclasses.replace(params, grammar=grammar)

@@ -38,7 +38,12 @@ def sampling_params(request: dict, defaults: SamplingParams) -> SamplingParams:
         check_field(key, value)
     if overrides.get("top_logprobs") and not overrides.get("logprobs"):
         raise RequestError(f"'top_logprobs'={overrides['top_logprobs']} needs 'logprobs': true", "top_logprobs")
-    return dataclasses.replace(defaults, **overrides)
+    if "logit_bias" in overrides:
+        overrides["logit_bias"] = tuple(sorted((int(t), float(b)) for t, b in overrides["logit_bias"].items()))
+    try:
+        return dataclasses.replace(defaults, **overrides)
+    except ValueError as e:  # a range that depends on two fields (min_tokens <= max_new_tokens)
+        raise RequestError(str(e), str(e).split("=", 1)[0]) from None
 
 
 def stop_strings(request: dict) -> list[str]:

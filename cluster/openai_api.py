@@ -114,14 +114,18 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: dict[str, Any] | None = None  # checked by actors/grammars.py
     structured_outputs: dict[str, Any] | None = None  # vLLM's extension: json, regex, choice or grammar
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id -> bias; checked by actors/request_fields.py
+    repetition_penalty: float | None = Field(default=None, gt=0, le=2)  # vLLM's extensions from here
+    top_k: int | None = Field(default=None, ge=-1)
+    min_tokens: int | None = Field(default=None, ge=0)
     # Refused unless left at their defaults.
     n: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
 
     @field_validator("stop")
     @classmethod
@@ -134,8 +138,6 @@ class ChatCompletionRequest(BaseModel):
             "n": self.n not in (None, 1),
             "tools": bool(self.tools) or self.tool_choice not in (None, "none"),
             "functions": bool(self.functions) or self.function_call not in (None, "none"),
-            "frequency_penalty": self.frequency_penalty not in (None, 0),
-            "presence_penalty": self.presence_penalty not in (None, 0),
         }
         for field, refused in unsupported.items():
             if refused:
@@ -215,6 +217,12 @@ def engine_request(
         ("logprobs", request.logprobs),
         ("top_logprobs", request.top_logprobs if request.logprobs else None),
         ("response_format", request.response_format),
+        ("presence_penalty", request.presence_penalty),
+        ("frequency_penalty", request.frequency_penalty),
+        ("repetition_penalty", request.repetition_penalty),
+        ("logit_bias", request.logit_bias),
+        ("top_k", request.top_k),
+        ("min_tokens", request.min_tokens),
         ("structured_outputs", request.structured_outputs),
         (
             "mm_processor_kwargs",

@@ -24,6 +24,7 @@ from model.grammar import GrammarMatchers, mask_logits, matchers_for
 from model.graph import pick_bucket
 from model.kv_cache import blocks_for, slot_tables
 from model.logprobs import Entry, LogprobRows
+from model.penalties import Penalties, penalized
 from model.processor import PreparedRequest
 from model.sampling import SamplingParams, make_generator, sample
 from model.text import PackedBatch
@@ -264,7 +265,11 @@ class RunningBatch:
         now = time.time()
         seqs = [self._seq(r) for r, _ in sample_rows]
         asking = LogprobRows([s.params for s in seqs], device)
-        chosen = sample(self._constrain(logits, seqs), [s.params for s in seqs], [s.generator for s in seqs])
+        scores = self._constrain(logits, seqs)
+        penalties = self._penalties(seqs)
+        if penalties:
+            scores = penalties.apply(scores)
+        chosen = sample(scores, [s.params for s in seqs], [s.generator for s in seqs])
         computed = asking.compute(logits, chosen) if asking else None
         entries = asking.entries(computed) if computed else {}
         for i, (seq, token) in enumerate(zip(seqs, chosen.tolist())):
@@ -300,6 +305,7 @@ class RunningBatch:
         params = [s.params for s in live] + [_GREEDY] * pad
         gens = [s.generator for s in live] + [None] * pad
         asking = LogprobRows(params, device)
+        penalties = self._penalties(live)
         out = {s.request_id: StepOutput(s.request_id) for s in live}
         for _ in range(steps):
             # lens + 1 on the host (a row that ended keeps its last length): the bound of what attention reads,
@@ -313,8 +319,13 @@ class RunningBatch:
                 block_tables=tables,
                 kv_lens=kv_lens + [1] * pad if runner.paged_decode else None,
             )
-            chosen = sample(self._constrain(logits, live), params, gens)
+            scores = self._constrain(logits, live)
+            if penalties:
+                scores = penalties.apply(scores)
+            chosen = sample(scores, params, gens)
             computed = asking.compute(logits, chosen) if asking else None
+            if penalties:
+                penalties.advance(chosen, [s.finish_reason is None for s in live])
             tokens.copy_(chosen)
             lens.add_(advance)
             positions.add_(advance)
@@ -344,6 +355,19 @@ class RunningBatch:
             return logits
         allowed = self._grammars().allowed([seqs[i].matcher for i in rows], logits.device)
         return mask_logits(logits, torch.tensor(rows, device=logits.device), allowed)
+
+    def _penalties(self, seqs: list[SeqState]) -> Penalties | None:
+        """The penalty state of a call's rows (seqs[i] is row i), or None when no row sets a penalty."""
+        if not any(penalized(s.params) for s in seqs):
+            return None
+        return Penalties(
+            [s.params for s in seqs],
+            [s.tokens[: s.prompt_len] for s in seqs],
+            [s.output for s in seqs],
+            [s.eos for s in seqs],
+            self.runner.config.text.vocab_size,
+            self.runner.device,
+        )
 
     def _seq(self, request_id: str) -> SeqState:
         seq = self.seqs.get(request_id)
