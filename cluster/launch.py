@@ -152,6 +152,8 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
             max_new_tokens=data.max_new_tokens,
             temperature=data.temperature,
             top_p=data.top_p,
+            top_k=data.top_k,
+            repetition_penalty=data.repetition_penalty,
             seed=data.seed,
             ignore_eos=data.ignore_eos,
         ),

@@ -20,6 +20,7 @@ from transformers import (
 from actors.errors import RequestError
 from actors.request_fields import check_request_fields
 from actors.requests import sampling_params
+from cluster.config import ConfigError, load_config
 from cluster.openai_api import APIError, engine_request, parse_request
 from model.penalties import Penalties
 from model.processor import PreparedRequest
@@ -163,3 +164,31 @@ def test_openai_fields_reach_the_sampling_params() -> None:
     with pytest.raises(APIError) as info:
         parse_request(json.dumps({**body, "presence_penalty": 3}).encode())
     assert info.value.param == "presence_penalty"
+
+
+# --------------------------------------------------------------------------------- generation_config
+def _checkpoint_with_generation_config(tmp_path: Path, tiny_checkpoint: Path, generation: dict) -> Path:
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    for file in tiny_checkpoint.iterdir():
+        (path / file.name).symlink_to(file)
+    (path / "generation_config.json").unlink()
+    (path / "generation_config.json").write_text(json.dumps(generation))
+    return path
+
+
+def test_generation_config_precedence(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """request > a key the user set (file or command line) > the checkpoint's generation_config > built-in."""
+    generation = {"eos_token_id": [1], "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    path = _checkpoint_with_generation_config(tmp_path, tiny_checkpoint, generation)
+    conf = tmp_path / "run.yaml"
+    conf.write_text(f"model_path: {path}\ndata_config:\n  top_p: 0.5\n")
+    cfg = load_config(conf, ["data_config.top_k=3"])
+    data = cfg.data_config
+    assert (data.temperature, data.top_p, data.top_k, data.repetition_penalty) == (0.7, 0.5, 3, 1.05)
+    plain = load_config(conf, ["generation_config=none"]).data_config
+    assert (plain.temperature, plain.top_p, plain.top_k, plain.repetition_penalty) == (0.0, 0.5, 0, 1.0)
+    defaults = SamplingParams(temperature=data.temperature, top_p=data.top_p, top_k=data.top_k)
+    assert sampling_params({"prompt": "hi", "temperature": 0.0}, defaults).temperature == 0.0
+    with pytest.raises(ConfigError, match="generation_config"):
+        load_config(conf, ["generation_config=always"])
