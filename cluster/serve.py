@@ -70,6 +70,7 @@ from cluster.openai_api import (
 )
 from cluster.placement import COORDINATOR_NAME
 from cluster.request_limits import check_pixels, image_sources, read_body, with_api_names
+from cluster.tools_format import ToolStream, call_deltas, parse_calls
 from model.parallel import free_port
 
 logger = logging.getLogger("cluster.serve")
@@ -250,7 +251,7 @@ class OpenAIServer:
                 return StreamingResponse(
                     self._events(stream, first, completion_id, body, ticket, deadline), media_type="text/event-stream"
                 )
-            response = await until_disconnect(request, self._complete(stream, first, completion_id))
+            response = await until_disconnect(request, self._complete(stream, first, completion_id, body))
             finished = True
             return response
         except ClientGone:
@@ -292,13 +293,19 @@ class OpenAIServer:
         except (ValueError, ray.exceptions.RayError) as e:
             raise _engine_error(e) from None
 
-    async def _complete(self, stream: Any, item: dict[str, Any], completion_id: str) -> JSONResponse:
+    async def _complete(
+        self, stream: Any, item: dict[str, Any], completion_id: str, body: ChatCompletionRequest
+    ) -> JSONResponse:
         while not item.get("final"):
             item = await self._next(stream)
         if item.get("error") is not None:
             raise _record_error(item)
-        content = item.get("output_text") or ""
-        return JSONResponse(completion_body(completion_id, self.model, now(), content, finish_reason(item), item))
+        content: str | None = item.get("output_text") or ""
+        calls = None
+        if body.parses_tools():
+            content, calls = parse_calls(content, body.known_tools())
+        body_ = completion_body(completion_id, self.model, now(), content, finish_reason(item), item, calls)
+        return JSONResponse(body_)
 
     async def _events(
         self,
@@ -325,11 +332,14 @@ class OpenAIServer:
 
         finished = False
         pending: asyncio.Future | None = None
+        tools = ToolStream(body.known_tools()) if body.parses_tools() else None
         try:
             yield chunk({"role": "assistant", "content": ""})
             while not item.get("final"):
                 text = item.get("text")  # the engine's deltas: stop strings already cut, held back and released
                 entries = item.get("logprobs")  # of this delta's tokens, when asked (text may be held back)
+                if tools is not None and text:
+                    text = tools.feed(text)  # a tool call's text is held, and sent as tool_calls at the end
                 if text or entries:
                     yield chunk({"content": text or ""}, logprobs=entries)
                 pending = asyncio.ensure_future(self._next(stream))
@@ -343,7 +353,15 @@ class OpenAIServer:
             if item.get("error") is not None:
                 yield sse(_record_error(item).body())
             else:
-                yield chunk({}, finish_reason(item))
+                reason = finish_reason(item)
+                if tools is not None:
+                    text, calls = tools.finish()
+                    if text:
+                        yield chunk({"content": text})
+                    if calls:
+                        yield chunk({"tool_calls": call_deltas(calls)})
+                        reason = "tool_calls"
+                yield chunk({}, reason)
                 if include_usage:
                     yield chunk(None, usage_=usage(item))
         except Overloaded as e:  # no token in time: the request is aborted below

@@ -78,7 +78,7 @@ def server(local_ray: None, checkpoint: Path, media_dir: Path) -> Iterator[Serve
         "world_size=1",
         "parallel_config.tp_size=1",
         "data_config.batch_size=8",
-        "data_config.input_max_len=256",
+        "data_config.input_max_len=640",  # a tools block (hermes format) fits; "word " * 400 does not
         f"data_config.max_new_tokens={LONG_TOKENS}",
         f"serve.port={port}",
         f"serve.api_key={API_KEY}",
@@ -258,7 +258,14 @@ def test_api_key_models_and_health(server: Server) -> None:
         ({"n": 2}, "n", "n=1"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
         ({"top_logprobs": 2}, "top_logprobs", "needs logprobs=true"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "not supported"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+            "not in tools",
+        ),
         ({"temperature": -1}, "temperature", "greater than or equal to 0"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
         (
@@ -557,3 +564,46 @@ def test_structured_outputs_parse_a_pydantic_model_streamed_and_not(server: Serv
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "null"}}}},
         )
     assert info.value.body["param"] == "response_format.json_schema.schema" and '"not"' in info.value.body["message"]
+
+
+_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "count",
+            "parameters": {
+                "type": "object",
+                "properties": {"region": {"enum": ["left", "all"]}},
+                "required": ["region"],
+                "additionalProperties": False,
+            },
+        },
+    }
+]
+
+
+def test_tool_calls_required_streamed_and_not_then_a_second_turn(server: Server) -> None:
+    messages = [{"role": "user", "content": "Who?"}]
+    fields = {"model": server.model, "tools": _TOOLS, "tool_choice": "required", "max_tokens": 80, "temperature": 0}
+    fields["parallel_tool_calls"] = False  # one call: a random-weight model may chain calls up to max_tokens
+    reply = server.client.chat.completions.create(messages=messages, **fields)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "count" and call.id.startswith("call_")
+    assert json.loads(call.function.arguments)["region"] in ("left", "all")
+    chunks = list(server.client.chat.completions.create(messages=messages, stream=True, **fields))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].index == 0 and deltas[0].function.name == "count"
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == json.loads(call.function.arguments)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    second_turn = [
+        *messages,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "3"},
+    ]
+    answer = server.client.chat.completions.create(
+        model=server.model, messages=second_turn, tools=_TOOLS, max_tokens=6, temperature=0
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert answer.usage.prompt_tokens > reply.usage.prompt_tokens

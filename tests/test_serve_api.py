@@ -31,7 +31,7 @@ def _body(**fields) -> bytes:
         (b"[1, 2]", None, "must be a JSON object"),
         (json.dumps({"messages": []}).encode(), "messages", "at least 1"),
         (json.dumps({"model": "m"}).encode(), "messages", "Field required"),
-        (json.dumps({"messages": [{"role": "tool", "content": "x"}]}).encode(), "messages[0].role", "Input should be"),
+        (json.dumps({"messages": [{"role": "bot", "content": "x"}]}).encode(), "messages[0].role", "Input should be"),
         (
             json.dumps({"messages": [{"role": "user", "content": [{"type": "text"}]}]}).encode(),
             "messages[0].content[0].text",
@@ -50,7 +50,7 @@ def _body(**fields) -> bytes:
         (_body(n=2), "n", "only n=1"),
         (_body(logprobs=True, top_logprobs=21), "top_logprobs", "less than or equal to 20"),
         (_body(logprobs=False, top_logprobs=1), "top_logprobs", "needs logprobs=true"),
-        (_body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools", "not supported"),
+        (_body(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="auto", n=2), "n", "only n=1"),
         (_body(mm_processor_kwargs={"max_pixels": "many"}), "mm_processor_kwargs.max_pixels", "valid integer"),
         (_body(mm_processor_kwargs={"dpi": 3}), "mm_processor_kwargs.dpi", "Extra inputs"),
         (_body(stream="yes please"), "stream", "valid boolean"),
