@@ -20,6 +20,9 @@ import pytest
 
 from actors.errors import RequestError
 from actors.grammars import GrammarCompiler, grammar_spec
+from cluster.datasets import load_requests
+from model.batch import RunningBatch
+from model.kv_cache import slot_tables
 from model.processor import PromptBuilder
 from model.runner import ModelRunner
 from model.sampling import SamplingParams
@@ -223,3 +226,46 @@ def test_a_grammar_not_checked_in_time_is_refused(builder: PromptBuilder, monkey
         asyncio.run(run())
     assert raised.value.param == "response_format.json_schema.schema"
     assert "serve.grammar_compile_timeout_s=0.05" in str(raised.value)
+
+
+def test_request_files_carry_the_new_fields(tmp_path: Path) -> None:
+    """A request file's rows take response_format, structured_outputs, logprobs and penalties (cluster.launch)."""
+    row = {
+        "id": "r1",
+        "prompt": "JSON please",
+        "response_format": {"type": "json_object"},
+        "logprobs": True,
+        "top_logprobs": 3,
+        "presence_penalty": 0.5,
+        "logit_bias": {"5": -100},
+    }
+    other = {"id": "r2", "prompt": "a or b", "structured_outputs": {"choice": ["a", "b"]}}
+    path = tmp_path / "requests.jsonl"
+    path.write_text(json.dumps(row) + "\n" + json.dumps(other) + "\n")
+    requests = load_requests(str(path), None, 4, 1, None, tmp_path)
+    assert requests[0] == {**row, "images": []} and requests[1]["structured_outputs"] == {"choice": ["a", "b"]}
+
+
+def test_a_preempted_request_resumes_its_grammar_where_it_was(runner: ModelRunner, builder: PromptBuilder) -> None:
+    """Preemption drops the KV; the rank keeps the request's tokens and matcher, so after the prompt and the
+    tokens so far are computed again, decoding goes on as if it never stopped."""
+    schema = object_schemas(1, seed=5)[0]
+    (grammar,) = compile_all(builder, [json_schema_request(schema)])
+    prompt = builder.build({"id": "p", "prompt": "Answer in JSON."})
+    params = SamplingParams(max_new_tokens=MAX_TOKENS, temperature=1.0, seed=7, grammar=grammar)
+    (straight,) = runner.generate([prompt], [params], builder.eos_token_ids)
+    batch = RunningBatch(runner)
+    batch.admit(prompt, params, builder.eos_token_ids, None)
+    table = slot_tables(1, runner.max_seq_len, runner.block_size)[0]
+    batch.set_tables({"p": table})
+    tokens = batch.forward([("p", 0, len(prompt.input_ids))], [])["p"].tokens
+    tokens += batch.decode(["p"], 5)["p"].tokens
+    batch.preempt("p")
+    batch.admit(prompt, params, builder.eos_token_ids, None)
+    batch.set_tables({"p": table})
+    seq = batch.seqs["p"]
+    tokens += batch.forward([("p", 0, len(seq.tokens))], [])["p"].tokens
+    while seq.finish_reason is None:
+        tokens += batch.decode(["p"], MAX_TOKENS)["p"].tokens
+    assert tokens == straight.output_token_ids and seq.finish_reason == "stop"
+    jsonschema.validate(json.loads(builder.decode(tokens)), schema)
