@@ -21,6 +21,7 @@ from actors.grammars import GrammarCompiler
 from actors.request_fields import check_request_fields
 from actors.requests import RequestState, sampling_params, stop_strings
 from actors.scheduler import Sequence
+from actors.tools_format import tool_request
 from model.batch import image_spans
 from model.logprobs import TokenBytes
 from model.processor import PreparedRequest, PromptBuilder
@@ -57,6 +58,7 @@ class Preparation:
         """
         arrival = clock.wall()
         check_request_fields(request)
+        request, tools = tool_request(request)
         params = sampling_params(request, self.cfg.sampling)
         vocabulary = len(self.builder.tokenizer)
         outside = [token for token, _ in params.logit_bias if token >= vocabulary]
@@ -84,6 +86,7 @@ class Preparation:
         state = RequestState.create(
             key, prepared.request_id, prepared, params, stop, self.builder.decode, arrival, emit, self.token_bytes
         )
+        state.tools = tools
         seq.payload = state
         return seq, state, aborted
 

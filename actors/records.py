@@ -22,7 +22,9 @@ RECORD_FIELDS: dict[str, str] = {
     "itl_s": "gaps between successive tokens as delivered by the Coordinator (tokens of one delivery: 0)",
     "device_itl_s": "gaps between successive tokens as sampled on the workers (their step clock)",
     "error": "why the request failed, or None",
-    "finish_reason": "'stop' (EOS or a stop string), 'length', 'abort', or None on error",
+    "finish_reason": "'stop' (EOS or a stop string), 'tool_calls' (it ended with parsed tool_calls), 'length', "
+    "'abort', or None on error",
+    "tool_calls": "with tools: the calls parsed from the output (OpenAI's tool_calls, arguments as JSON text)",
     "dp_rank": "the DP group that served it",
     "cached_tokens": "prompt tokens whose KV came from the prefix cache (at its first scheduling)",
     "preemptions": "times it was preempted (its KV freed, recomputed later) for lack of KV blocks",

@@ -93,6 +93,11 @@ def _logit_bias(name: str, value: Any) -> None:
             raise RequestError(f"'{name}[{token}]' must be a number in [-100, 100], got {bias!r}", name)
 
 
+def _choice(name: str, value: Any) -> None:
+    if value not in ("none", "auto", "required") and not isinstance(value, dict):
+        raise RequestError(f"'{name}' must be 'none', 'auto', 'required' or a function object, got {value!r}", name)
+
+
 def _stop(name: str, value: Any) -> None:
     check_stop_strings(value)
 
@@ -119,6 +124,11 @@ FIELDS: dict[str, RequestField] = {
         RequestField("frequency_penalty", "in [-2, 2]: subtracted per time a token was generated", _sampling_number),
         RequestField("repetition_penalty", "in (0, 2]: vLLM's, over prompt and generated tokens", _sampling_number),
         RequestField("logit_bias", "{token id: bias in [-100, 100]} added to the logits", _logit_bias),
+        RequestField("tools", "OpenAI's function tools, rendered in the hermes format (actors/tools_format.py)", _list),
+        RequestField(
+            "tool_choice", "'none', 'auto', 'required' or {'type': 'function', 'function': {'name'}}", _choice
+        ),
+        RequestField("parallel_tool_calls", "with tool_choice 'required': one or more calls (default true)", _boolean),
         RequestField("logprobs", "return each output token's log-probability (raw, before sampling)", _boolean),
         RequestField(
             "top_logprobs", f"and the up to {MAX_TOP_LOGPROBS} most likely tokens at each step", _top_logprobs

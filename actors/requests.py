@@ -22,6 +22,7 @@ from actors.errors import RequestError
 from actors.records import fill_latencies, new_record
 from actors.request_fields import SAMPLING_FIELDS, check_field
 from actors.stop_strings import MAX_STOP_STRINGS, StopMatcher, check_stop_strings
+from actors.tools_format import parse_calls
 from model.processor import PreparedRequest
 from model.sampling import SamplingParams
 
@@ -68,6 +69,7 @@ class RequestState:
     done: asyncio.Future | None = None
     emit: Callable[[dict], None] | None = None  # where its stream items go (default: `queue`)
     token_bytes: Callable[[int], tuple[str, list[int]]] | None = None  # logprobs' token text (model.logprobs)
+    tools: dict[str, dict] | None = None  # functions whose <tool_call> blocks the record parses (tools_format)
 
     def __post_init__(self) -> None:
         if self.emit is None:
@@ -167,6 +169,11 @@ class RequestState:
         record["error"] = None if error is None else str(error)
         fill_latencies(record, self.token_times, self.device_times)
         record["output_text"] = "".join(self.parts) if error is None else ""
+        if self.tools is not None and error is None:
+            _, calls = parse_calls(record["output_text"], self.tools)
+            record["tool_calls"] = calls
+            if calls and finish_reason == "stop":
+                record["finish_reason"] = "tool_calls"
         if self.done is not None and not self.done.done():
             self.done.set_result(record)
         final = {**record, "final": True}

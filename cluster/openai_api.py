@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 
 from actors.stop_strings import MAX_STOP_STRINGS as MAX_STOP_STRINGS  # one definition, re-exported
 from actors.stop_strings import check_stop_strings
-from cluster.tools_format import ToolError, call_grammar, chosen_function, functions, render_messages
+from actors.tools_format import ToolError, call_grammar, chosen_function, functions, render_messages
 from model.images import ImageLoadError, local_image_path
 from model.sampling import MAX_TOP_LOGPROBS
 

@@ -47,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.deliveries import Deliveries
 from actors.errors import NO_LIVE_GROUP, unwrap
+from actors.tools_format import ToolStream, call_deltas, parse_calls
 from cluster.admission import Admission, Overloaded, Ticket, queue_timeout
 from cluster.config import RunConfig, ServeConfig, load_config
 from cluster.launch import USER_ERRORS, start, stop
@@ -70,7 +71,6 @@ from cluster.openai_api import (
 )
 from cluster.placement import COORDINATOR_NAME
 from cluster.request_limits import check_pixels, image_sources, read_body, with_api_names
-from cluster.tools_format import ToolStream, call_deltas, parse_calls
 from model.parallel import free_port
 
 logger = logging.getLogger("cluster.serve")

@@ -10,9 +10,12 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from actors.errors import RequestError
 from actors.grammars import GrammarCompiler
+from actors.request_fields import check_request_fields
+from actors.requests import RequestState
+from actors.tools_format import ToolStream, call_deltas, call_grammar, functions, parse_calls, tool_request
 from cluster.openai_api import APIError, engine_request, parse_request
-from cluster.tools_format import ToolStream, call_deltas, call_grammar, functions, parse_calls
 from model.processor import PromptBuilder
 from model.runner import ModelRunner
 from model.sampling import SamplingParams
@@ -162,3 +165,36 @@ def test_named_grammar_allows_one_call_and_required_several() -> None:
     assert call_grammar(known, "get_time", True).startswith("start: call\n")
     assert call_grammar(known, None, True).startswith("start: call+\n")
     assert call_grammar(known, None, False).startswith("start: call\n")
+
+
+# --------------------------------------------------------------------------------- driver API and records
+def test_driver_requests_take_tools_and_records_carry_tool_calls(tiny_checkpoint: Path) -> None:
+    request = {"id": "t", "prompt": "Weather in Oslo?", "tools": [WEATHER], "tool_choice": "required"}
+    check_request_fields(request)
+    rendered, known = tool_request(request)
+    assert set(rendered) == {"id", "messages", "structured_outputs"} and list(known) == ["get_weather"]
+    assert rendered["messages"][0]["role"] == "system" and "# Tools" in rendered["messages"][0]["content"]
+    assert rendered["messages"][1]["content"][-1] == {"type": "text", "text": "Weather in Oslo?"}
+    assert tool_request({**request, "tool_choice": "none"})[1] is None
+    assert tool_request({"id": "p", "prompt": "hi"}) == ({"id": "p", "prompt": "hi"}, None)
+    with pytest.raises(RequestError) as raised:
+        tool_request({**request, "tool_choice": {"type": "function", "function": {"name": "fly"}}})
+    assert raised.value.param == "tool_choice" and raised.value.status == 400
+    with pytest.raises(RequestError) as raised:
+        check_request_fields({**request, "tool_choice": "always"})
+    assert raised.value.param == "tool_choice"
+
+    builder = PromptBuilder.from_pretrained(tiny_checkpoint)
+    text = 'Sure.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    ids = builder.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    async def run() -> dict:
+        prepared = builder.build(rendered)
+        state = RequestState.create("k", "t", prepared, SamplingParams(), [], builder.decode, 0.0)
+        state.tools = known
+        state.add_tokens(ids, [0.0] * len(ids))
+        return state.finish("stop")
+
+    record = asyncio.run(run())
+    assert record["finish_reason"] == "tool_calls" and record["output_text"] == text
+    assert [json.loads(c["function"]["arguments"]) for c in record["tool_calls"]] == [{"city": "Oslo"}]

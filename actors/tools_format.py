@@ -11,6 +11,9 @@ result stays plain text.
 out of the output (a malformed one stays text); "required" and a named function are enforced by the
 grammar engine (a Lark grammar of one call, or of several when parallel_tool_calls, each call's JSON
 that function's name and an `arguments` object of its parameter schema).
+
+The server applies it to OpenAI bodies (cluster/openai_api.py); `tool_request` applies it to the
+Coordinator's own requests (the driver API, request files), whose records then carry `tool_calls`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import json
 import re
 import uuid
 from typing import Any
+
+from actors.errors import RequestError
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 TOOLS_PROMPT = (
@@ -34,12 +39,8 @@ CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 OPEN_TAG = "<tool_call>"
 
 
-class ToolError(ValueError):
-    """A bad `tools`, `tool_choice` or tool message; `param` names the field."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
+class ToolError(RequestError):
+    """A bad `tools`, `tool_choice` or tool message (HTTP 400); `param` names the field."""
 
 
 def functions(tools: list[dict]) -> dict[str, dict]:
@@ -194,3 +195,38 @@ def call_deltas(calls: list[dict]) -> list[dict]:
         out.append({**head, "function": {"name": call["function"]["name"], "arguments": ""}})
         out.append({"index": index, "function": {"arguments": call["function"]["arguments"]}})
     return out
+
+
+def tool_request(request: dict) -> tuple[dict, dict[str, dict] | None]:
+    """A Coordinator request with `tools` -> (the request with its messages rendered and, for `required` or a
+    named function, the grammar of its calls as structured_outputs; the functions whose calls its record
+    parses, None when tool_choice is 'none' or there are no tools). RequestError naming the field."""
+    tools, choice = request.get("tools"), request.get("tool_choice")
+    messages = request.get("messages")
+    has_tool_turns = isinstance(messages, list) and any(
+        isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages
+    )
+    if not tools and not has_tool_turns:
+        if choice not in (None, "none", "auto"):
+            raise ToolError(f"tool_choice={choice!r} needs tools", "tool_choice")
+        return request, None
+    known = functions(tools or [])
+    only = chosen_function(choice, known)
+    out = {k: v for k, v in request.items() if k not in ("tools", "tool_choice", "parallel_tool_calls")}
+    if messages is None:  # prompt and images: one user turn, as the builder makes it
+        parts = [{"type": "image", "image": image} for image in request.get("images") or []]
+        messages = [{"role": "user", "content": [*parts, {"type": "text", "text": request.get("prompt") or ""}]}]
+        out.pop("prompt", None)
+        out.pop("images", None)
+    out["messages"] = render_messages(messages, known)
+    if choice not in (None, "none", "auto"):
+        if not known:
+            raise ToolError(f"tool_choice={choice!r} needs tools", "tool_choice")
+        if request.get("response_format") is not None or request.get("structured_outputs") is not None:
+            raise ToolError(
+                "tool_choice 'required' or a named function cannot go with a response format", "tool_choice"
+            )
+        out["structured_outputs"] = {
+            "grammar": call_grammar(known, only, request.get("parallel_tool_calls") is not False)
+        }
+    return out, (known if known and choice != "none" else None)
