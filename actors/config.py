@@ -64,3 +64,5 @@ class EngineConfig:
     compiled_graphs: bool = True  # phase calls through one Ray Compiled Graph per group (actors/compiled_group.py)
     dist_env: dict[str, str] = field(default_factory=dict)
     profile: bool = False
+    grammar_cache_size: int = 256  # structured-output grammars whose check is kept (actors/grammars.py)
+    grammar_compile_timeout_s: float = 10.0

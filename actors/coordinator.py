@@ -393,7 +393,7 @@ class Coordinator:
         state = self.requests.get(seq.request_id)
         if state is None or state.finished:
             return
-        item, stopped = state.add_tokens(out["tokens"], out["times"])
+        item, stopped = state.add_tokens(out["tokens"], out["times"], out.get("logprobs"))
         engine.scheduler.append(seq, item["token_ids"])  # none past the one that completed a stop string
         if item["text"] or item["token_ids"]:
             state.emit(item)

@@ -9,6 +9,7 @@ does, never queued. The counts here are what a router sees as load before a requ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -16,10 +17,13 @@ from typing import Any
 from actors import clock
 from actors.config import EngineConfig
 from actors.errors import RequestError
+from actors.grammars import GrammarCompiler
 from actors.request_fields import check_request_fields
 from actors.requests import RequestState, sampling_params, stop_strings
 from actors.scheduler import Sequence
+from actors.tools_format import tool_request
 from model.batch import image_spans
+from model.logprobs import TokenBytes
 from model.processor import PreparedRequest, PromptBuilder
 from model.vision_cache import image_key
 
@@ -30,6 +34,8 @@ class Preparation:
     def __init__(self, cfg: EngineConfig, builder: PromptBuilder) -> None:
         self.cfg = cfg
         self.builder = builder
+        self.token_bytes = TokenBytes(builder.tokenizer)  # the text and bytes of logprobs' tokens
+        self.grammars = GrammarCompiler(builder.tokenizer, cfg.grammar_cache_size, cfg.grammar_compile_timeout_s)
         self.keys = itertools.count()
         self.in_flight = 0  # requests being prepared now
         self.preparing: dict[str, int] = {}  # ids of requests being prepared -> how many with that id
@@ -53,7 +59,17 @@ class Preparation:
         """
         arrival = clock.wall()
         check_request_fields(request)
+        request, tools = tool_request(request)
         params = sampling_params(request, self.cfg.sampling)
+        vocabulary = len(self.builder.tokenizer)
+        outside = [token for token, _ in params.logit_bias if token >= vocabulary]
+        if outside:
+            raise RequestError(
+                f"'logit_bias': token id {outside[0]} is outside the vocabulary (ids 0..{vocabulary - 1})", "logit_bias"
+            )
+        grammar = await self.grammars.grammar(request)
+        if grammar is not None:
+            params = dataclasses.replace(params, grammar=grammar)
         stop = stop_strings(request)
         rid = request.get("id")
         rid = rid if isinstance(rid, str) else None
@@ -69,8 +85,9 @@ class Preparation:
         key = f"{prepared.request_id}#{next(self.keys)}"
         seq = Sequence(key, list(prepared.input_ids), params.max_new_tokens, images)
         state = RequestState.create(
-            key, prepared.request_id, prepared, params, stop, self.builder.decode, arrival, emit
+            key, prepared.request_id, prepared, params, stop, self.builder.decode, arrival, emit, self.token_bytes
         )
+        state.tools = tools
         seq.payload = state
         return seq, state, aborted
 

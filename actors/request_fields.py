@@ -17,8 +17,9 @@ from typing import Any
 
 from actors.errors import RequestError
 from actors.stop_strings import MAX_STOP_STRINGS, check_stop_strings
-from model.sampling import SamplingParams
+from model.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
+MAX_LOGIT_BIAS = 300  # token ids in one request's logit_bias (as OpenAI)
 MAX_INTEGER = 2**63 - 1  # the largest seed a torch.Generator takes; also bounds max_new_tokens
 
 
@@ -76,6 +77,27 @@ def _boolean(name: str, value: Any) -> None:
         raise RequestError(f"'{name}' must be true or false, got {value!r}", name)
 
 
+def _top_logprobs(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"'{name}' must be an integer in [0, {MAX_TOP_LOGPROBS}], got {value!r}", name)
+
+
+def _logit_bias(name: str, value: Any) -> None:
+    """{token id (an integer or its decimal string, as JSON keys are): bias in [-100, 100]}."""
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise RequestError(f"'{name}' must be an object of at most {MAX_LOGIT_BIAS} token ids, got {value!r}", name)
+    for token, bias in value.items():
+        if isinstance(token, bool) or not str(token).isdigit():
+            raise RequestError(f"'{name}': key {token!r} is not a token id", name)
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise RequestError(f"'{name}[{token}]' must be a number in [-100, 100], got {bias!r}", name)
+
+
+def _choice(name: str, value: Any) -> None:
+    if value not in ("none", "auto", "required") and not isinstance(value, dict):
+        raise RequestError(f"'{name}' must be 'none', 'auto', 'required' or a function object, got {value!r}", name)
+
+
 def _stop(name: str, value: Any) -> None:
     check_stop_strings(value)
 
@@ -104,10 +126,41 @@ FIELDS: dict[str, RequestField] = {
         RequestField("seed", "the seed of the request's sampling generator", _integer(0)),
         RequestField("ignore_eos", "generate max_new_tokens tokens, past end of sequence (benchmarks)", _boolean),
         RequestField("stop", f"a string or up to {MAX_STOP_STRINGS} strings the output ends before", _stop),
+        RequestField("response_format", "OpenAI's: json_object, or json_schema {name, schema}", _object),
+        RequestField("structured_outputs", "vLLM's: one of json, regex, choice, grammar (Lark)", _object),
+        RequestField("top_k", "sample among the k most likely tokens (0 or -1: all)", _integer(-1)),
+        RequestField("min_tokens", "end-of-sequence is not sampled before this many tokens", _integer(0)),
+        RequestField("presence_penalty", "in [-2, 2]: subtracted from a generated token's logit", _sampling_number),
+        RequestField("frequency_penalty", "in [-2, 2]: subtracted per time a token was generated", _sampling_number),
+        RequestField("repetition_penalty", "in (0, 2]: vLLM's, over prompt and generated tokens", _sampling_number),
+        RequestField("logit_bias", "{token id: bias in [-100, 100]} added to the logits", _logit_bias),
+        RequestField("tools", "OpenAI's function tools, rendered in the hermes format (actors/tools_format.py)", _list),
+        RequestField(
+            "tool_choice", "'none', 'auto', 'required' or {'type': 'function', 'function': {'name'}}", _choice
+        ),
+        RequestField("parallel_tool_calls", "with tool_choice 'required': one or more calls (default true)", _boolean),
+        RequestField("logprobs", "return each output token's log-probability (raw, before sampling)", _boolean),
+        RequestField(
+            "top_logprobs", f"and the up to {MAX_TOP_LOGPROBS} most likely tokens at each step", _top_logprobs
+        ),
     )
 }
 # The fields that override the run's SamplingParams, one a field of SamplingParams.
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "seed", "ignore_eos")
+SAMPLING_FIELDS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "ignore_eos",
+    "logprobs",
+    "top_logprobs",
+    "top_k",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+)
 
 
 def check_field(name: str, value: Any) -> None:

@@ -18,9 +18,11 @@ from typing import Any
 
 from actors import clock
 from actors.detokenizer import IncrementalDetokenizer
+from actors.errors import RequestError
 from actors.records import fill_latencies, new_record
 from actors.request_fields import SAMPLING_FIELDS, check_field
 from actors.stop_strings import MAX_STOP_STRINGS, StopMatcher, check_stop_strings
+from actors.tools_format import parse_calls
 from model.processor import PreparedRequest
 from model.sampling import SamplingParams
 
@@ -35,7 +37,14 @@ def sampling_params(request: dict, defaults: SamplingParams) -> SamplingParams:
     overrides = {key: request[key] for key in SAMPLING_FIELDS if request.get(key) is not None}
     for key, value in overrides.items():
         check_field(key, value)
-    return dataclasses.replace(defaults, **overrides)
+    if overrides.get("top_logprobs") and not overrides.get("logprobs"):
+        raise RequestError(f"'top_logprobs'={overrides['top_logprobs']} needs 'logprobs': true", "top_logprobs")
+    if "logit_bias" in overrides:
+        overrides["logit_bias"] = tuple(sorted((int(t), float(b)) for t, b in overrides["logit_bias"].items()))
+    try:
+        return dataclasses.replace(defaults, **overrides)
+    except ValueError as e:  # a range that depends on two fields (min_tokens <= max_new_tokens)
+        raise RequestError(str(e), str(e).split("=", 1)[0]) from None
 
 
 def stop_strings(request: dict) -> list[str]:
@@ -59,6 +68,8 @@ class RequestState:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: asyncio.Future | None = None
     emit: Callable[[dict], None] | None = None  # where its stream items go (default: `queue`)
+    token_bytes: Callable[[int], tuple[str, list[int]]] | None = None  # logprobs' token text (model.logprobs)
+    tools: dict[str, dict] | None = None  # functions whose <tool_call> blocks the record parses (tools_format)
 
     def __post_init__(self) -> None:
         if self.emit is None:
@@ -77,6 +88,7 @@ class RequestState:
         decode_text: Any,
         arrival_time: float,
         emit: Callable[[dict], None] | None = None,
+        token_bytes: Callable[[int], tuple[str, list[int]]] | None = None,
     ) -> RequestState:
         record = new_record(request_id, arrival_time)
         record["prompt_tokens"] = len(prepared.input_ids)
@@ -86,8 +98,10 @@ class RequestState:
                 video_decode_s=prepared.video_decode_s,
                 video_tokens=prepared.video_tokens,
             )
+        if params.logprobs:
+            record["logprobs"] = []
         done = asyncio.get_running_loop().create_future()
-        return cls(key, prepared, params, stop, record, decode_text, done=done, emit=emit)
+        return cls(key, prepared, params, stop, record, decode_text, done=done, emit=emit, token_bytes=token_bytes)
 
     def acknowledgement(self) -> dict:
         """The item that says the request is queued (a stream's first with `ack`; `submit`'s answer)."""
@@ -97,12 +111,15 @@ class RequestState:
     def finished(self) -> bool:
         return self.done is not None and self.done.done()
 
-    def add_tokens(self, tokens: list[int], times: list[float]) -> tuple[dict, bool]:
-        """Take a call's new tokens (and their times) -> (stream item, whether a stop string ended the request).
+    def add_tokens(self, tokens: list[int], times: list[float], logprobs: list | None = None) -> tuple[dict, bool]:
+        """Take a call's new tokens (their times, their logprobs entries) -> (stream item, whether a stop
+        string ended the request).
 
         The item's `token_ids` are the tokens the request keeps: all of `tokens`, or when a stop string
-        completed, those up to the one that completed it; the record's token ids and times take the
-        same, and the caller hands the scheduler the same. `text` is the delta of text now safe to show.
+        completed, those up to the one that completed it; the record's token ids, times and logprobs take
+        the same, and the caller hands the scheduler the same. `text` is the delta of text now safe to show.
+        A request that asked for logprobs has them in the item as in the record, one per kept token
+        (model.logprobs.TokenBytes.record).
         """
         delivered = clock.wall()  # when the caller gets them: every token of a delivery counts at its time
         delta = self.matcher.feed(self.detokenizer.add(tokens))
@@ -114,7 +131,12 @@ class RequestState:
         self.device_times.extend(times)
         if delta:
             self.parts.append(delta)
-        return {"id": self.record["id"], "token_ids": list(tokens), "text": delta}, self.matcher.stopped
+        item = {"id": self.record["id"], "token_ids": list(tokens), "text": delta}
+        if self.params.logprobs:
+            entries = [self.token_bytes.record(t, e) for t, e in zip(tokens, logprobs or [])]
+            self.record["logprobs"].extend(entries)
+            item["logprobs"] = entries
+        return item, self.matcher.stopped
 
     def tail(self) -> dict | None:
         """The text still held back (an incomplete character, the start of a stop string) once the request
@@ -153,6 +175,11 @@ class RequestState:
         record["error"] = None if error is None else str(error)
         fill_latencies(record, self.token_times, self.device_times)
         record["output_text"] = "".join(self.parts) if error is None else ""
+        if self.tools is not None and error is None:
+            _, calls = parse_calls(record["output_text"], self.tools)
+            record["tool_calls"] = calls
+            if calls and finish_reason == "stop":
+                record["finish_reason"] = "tool_calls"
         if self.done is not None and not self.done.done():
             self.done.set_result(record)
         final = {**record, "final": True}

@@ -19,9 +19,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from actors.steps_per_call import AUTO
+from cluster.generation_config import GENERATION_CONFIG_MODES, apply_generation_config, explicit_keys
 from model.device import DTYPES as TORCH_DTYPES
 from model.npu_ops import DECODE_ATTENTION
 from model.quant import QUANTIZATION_MODES
+from model.sampling import MAX_REPETITION_PENALTY
 
 DEVICES = ("cpu", "cuda", "npu")
 DTYPES = tuple(TORCH_DTYPES)
@@ -63,7 +65,9 @@ class DataConfig:
     num_samples: how many requests to take from the dataset (None = all).
     input_max_len: longest prompt in tokens, image tokens included.
     max_new_tokens: tokens generated per request.
-    temperature: 0 means greedy decoding.
+    temperature: 0 means greedy decoding. temperature, top_p, top_k (0: all tokens) and
+        repetition_penalty are the defaults of requests that do not set them; those the user leaves
+        unset come from the checkpoint's generation_config.json (see RunConfig.generation_config).
     batch_size: the most requests running at once per DP group (KV memory is set by kv_cache).
     max_images_per_prompt: a request with more images than this gets an error record.
     max_videos_per_prompt: a request with more videos than this gets an error record.
@@ -80,6 +84,8 @@ class DataConfig:
     batch_size: int = 4
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
     seed: int = 0
     max_images_per_prompt: int = 8
     max_videos_per_prompt: int = 2
@@ -169,6 +175,9 @@ class ServeConfig:
         (a stream gets the error as its last event); null: no limit.
     max_video_bytes: largest video fetched or read (400 beyond); max_video_seconds: longest video
         accepted (400 beyond). They bound cluster.launch's videos too.
+    grammar_cache_size: distinct structured-output grammars whose check is kept (actors/grammars.py);
+        these two keys hold for request files run by cluster.launch too.
+    grammar_compile_timeout_s: a grammar not checked within this many seconds is refused (400).
     """
 
     host: str = "127.0.0.1"
@@ -190,6 +199,8 @@ class ServeConfig:
     retry_after_s: float = 5.0
     max_video_bytes: int = 256 * 1024 * 1024
     max_video_seconds: float = 3600.0
+    grammar_cache_size: int = 256
+    grammar_compile_timeout_s: float = 10.0
 
 
 @dataclass
@@ -260,6 +271,8 @@ class RunConfig:
     resume_failed: with resume, run again the requests whose earlier record failed.
     interrupt_grace_s: on Ctrl-C or SIGTERM, how long running requests may finish before they are
         aborted.
+    generation_config: "auto" takes the sampling defaults the user did not set from the checkpoint's
+        generation_config.json (cluster/generation_config.py); "none" ignores it.
     """
 
     model_path: str = MISSING
@@ -285,6 +298,7 @@ class RunConfig:
     resume: bool = False
     resume_failed: bool = True
     interrupt_grace_s: float = 30.0
+    generation_config: str = "auto"
 
     @property
     def tp_size(self) -> int:
@@ -320,6 +334,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(_describe(e, None)) from e
     assert isinstance(cfg, RunConfig)
     _normalize_paths(cfg)
+    _check_choice("generation_config", cfg.generation_config, GENERATION_CONFIG_MODES)
+    apply_generation_config(cfg, explicit_keys(path, overrides))
     _validate(cfg)
     return cfg
 
@@ -421,6 +437,9 @@ def _validate(cfg: RunConfig) -> None:
     _check_min("data_config.max_videos_per_prompt", data.max_videos_per_prompt, 0)
     _check_min("data_config.seed", data.seed, 0)
     _check_min("data_config.temperature", data.temperature, 0.0)
+    _check_min("data_config.top_k", data.top_k, -1)
+    if not 0.0 < data.repetition_penalty <= MAX_REPETITION_PENALTY:
+        _fail("data_config.repetition_penalty", data.repetition_penalty, f"must be in (0, {MAX_REPETITION_PENALTY:g}]")
     if not data.request_rate > 0:
         _fail("data_config.request_rate", data.request_rate, "must be > 0 (inf sends every request at once)")
 
@@ -473,6 +492,9 @@ def _validate(cfg: RunConfig) -> None:
         _fail("serve.max_video_seconds", serve.max_video_seconds, "must be > 0")
     _check_min("serve.max_media_redirects", serve.max_media_redirects, 0)
     _check_min("serve.max_queued_requests", serve.max_queued_requests, 0)
+    _check_min("serve.grammar_cache_size", serve.grammar_cache_size, 1)
+    if not serve.grammar_compile_timeout_s > 0:
+        _fail("serve.grammar_compile_timeout_s", serve.grammar_compile_timeout_s, "must be > 0")
     if serve.queue_timeout_s is not None and not serve.queue_timeout_s > 0:
         _fail("serve.queue_timeout_s", serve.queue_timeout_s, "must be null or > 0")
     _check_min("vision_cache_mb", cfg.vision_cache_mb, 0)

@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 
 from actors.stop_strings import MAX_STOP_STRINGS as MAX_STOP_STRINGS  # one definition, re-exported
 from actors.stop_strings import check_stop_strings
+from actors.tools_format import ToolError, call_grammar, chosen_function, functions, render_messages
 from model.images import ImageLoadError, local_image_path
+from model.sampling import MAX_TOP_LOGPROBS
 
 
 class APIError(Exception):
@@ -90,8 +92,10 @@ ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="t
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")  # e.g. "name"
 
-    role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None  # None: an assistant turn of tool_calls only
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls (cluster/tools_format.py)
+    tool_call_id: str | None = None  # a tool result's call
 
 
 class MMProcessorKwargs(_Strict):
@@ -127,17 +131,23 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     mm_processor_kwargs: MMProcessorKwargs | None = None
     ignore_eos: bool | None = None  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: dict[str, Any] | None = None  # checked by actors/grammars.py
+    structured_outputs: dict[str, Any] | None = None  # vLLM's extension: json, regex, choice or grammar
+    tools: list[Any] | None = None  # checked, rendered and parsed by cluster/tools_format.py
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id -> bias; checked by actors/request_fields.py
+    repetition_penalty: float | None = Field(default=None, gt=0, le=2)  # vLLM's extensions from here
+    top_k: int | None = Field(default=None, ge=-1)
+    min_tokens: int | None = Field(default=None, ge=0)
     # Refused unless left at their defaults.
     n: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    response_format: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -148,17 +158,44 @@ class ChatCompletionRequest(BaseModel):
         """Raise a 400 for a parameter we do not implement."""
         unsupported = {
             "n": self.n not in (None, 1),
-            "logprobs": bool(self.logprobs) or self.top_logprobs is not None,
-            "tools": bool(self.tools) or self.tool_choice not in (None, "none"),
             "functions": bool(self.functions) or self.function_call not in (None, "none"),
-            "frequency_penalty": self.frequency_penalty not in (None, 0),
-            "presence_penalty": self.presence_penalty not in (None, 0),
-            "response_format": self.response_format not in (None, {"type": "text"}),
         }
         for field, refused in unsupported.items():
             if refused:
                 what = "only n=1 is supported" if field == "n" else f"'{field}' is not supported by this server"
                 raise APIError(400, what, param=field, code="unsupported_parameter")
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, f"top_logprobs={self.top_logprobs} needs logprobs=true", param="top_logprobs")
+        self._check_tools()
+
+    def known_tools(self) -> dict[str, dict]:
+        """The request's functions by name ({} without tools)."""
+        return functions(self.tools or [])
+
+    def parses_tools(self) -> bool:
+        """Whether the answer's `<tool_call>` blocks become tool_calls (tools given, tool_choice not 'none')."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def _check_tools(self) -> None:
+        try:
+            known = self.known_tools()
+            chosen_function(self.tool_choice, known)
+        except ToolError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        forced = self.tool_choice not in (None, "none", "auto")
+        if forced and not known:
+            raise APIError(400, f"tool_choice={self.tool_choice!r} needs tools", param="tool_choice")
+        if forced and (self.response_format not in (None, {"type": "text"}) or self.structured_outputs is not None):
+            raise APIError(
+                400, "tool_choice 'required' or a named function cannot go with a response format", "tool_choice"
+            )
+        for i, message in enumerate(self.messages):
+            if message.content is None and not (message.role == "assistant" and message.tool_calls):
+                raise APIError(400, f"messages[{i}].content is required", param=f"messages[{i}].content")
+            if message.role == "tool" and not isinstance(message.content, str):
+                raise APIError(
+                    400, f"messages[{i}].content of a tool result must be a string", f"messages[{i}].content"
+                )
 
 
 def parse_request(body: bytes) -> ChatCompletionRequest:
@@ -211,6 +248,9 @@ def engine_request(
     videos = videos or {}
     messages = []
     for message in request.messages:
+        if message.tool_calls or message.role == "tool" or message.content is None:
+            messages.append(message.model_dump(exclude_none=True))
+            continue
         if isinstance(message.content, str):
             messages.append({"role": message.role, "content": message.content})
             continue
@@ -231,7 +271,14 @@ def engine_request(
             else:
                 parts.append({"type": "image_url", "image_url": {"url": part.image_url.url}})
         messages.append({"role": message.role, "content": parts})
+    known = request.known_tools()
+    if known or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        messages = render_messages(messages, known)
     out: dict[str, Any] = {"id": request_id, "messages": messages}
+    if request.tool_choice not in (None, "none", "auto"):
+        only = chosen_function(request.tool_choice, known)
+        grammar = call_grammar(known, only, request.parallel_tool_calls is not False)
+        out["structured_outputs"] = {"grammar": grammar}
     max_tokens = request.max_completion_tokens or request.max_tokens
     for key, value in (
         ("max_new_tokens", max_tokens),
@@ -240,6 +287,16 @@ def engine_request(
         ("seed", request.seed),
         ("stop", request.stop),
         ("ignore_eos", request.ignore_eos),
+        ("logprobs", request.logprobs),
+        ("top_logprobs", request.top_logprobs if request.logprobs else None),
+        ("response_format", request.response_format),
+        ("presence_penalty", request.presence_penalty),
+        ("frequency_penalty", request.frequency_penalty),
+        ("repetition_penalty", request.repetition_penalty),
+        ("logit_bias", request.logit_bias),
+        ("top_k", request.top_k),
+        ("min_tokens", request.min_tokens),
+        ("structured_outputs", request.structured_outputs),
         (
             "mm_processor_kwargs",
             request.mm_processor_kwargs and request.mm_processor_kwargs.model_dump(exclude_none=True),
@@ -333,9 +390,24 @@ def finish_reason(record: dict[str, Any]) -> str:
     return "stop" if record.get("finish_reason") == "stop" else "length"
 
 
+def choice_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """A choice's `logprobs` object from a record's entries (None when the request did not ask)."""
+    return None if entries is None else {"content": entries, "refusal": None}
+
+
 def completion_body(
-    completion_id: str, model: str, created: int, content: str, reason: str, record: dict[str, Any]
+    completion_id: str,
+    model: str,
+    created: int,
+    content: str | None,
+    reason: str,
+    record: dict[str, Any],
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """A chat.completion; with tool_calls (cluster/tools_format.parse_calls), finish_reason 'tool_calls'."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"], reason = tool_calls, "tool_calls"
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -344,8 +416,8 @@ def completion_body(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "logprobs": None,
+                "message": message,
+                "logprobs": choice_logprobs(record.get("logprobs")),
                 "finish_reason": reason,
             }
         ],
@@ -361,10 +433,13 @@ def chunk_body(
     reason: str | None = None,
     usage_: dict[str, int] | None = None,
     include_usage: bool = False,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A chat.completion.chunk; with delta None, the usage-only chunk (no choices)."""
+    """A chat.completion.chunk; with delta None, the usage-only chunk (no choices). `logprobs`: the entries
+    of the delta's tokens (a record's `logprobs` field), when the request asked."""
     body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-    body["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
+    choice = {"index": 0, "delta": delta, "logprobs": choice_logprobs(logprobs), "finish_reason": reason}
+    body["choices"] = [] if delta is None else [choice]
     if include_usage:
         body["usage"] = usage_
     return body

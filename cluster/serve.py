@@ -48,6 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.deliveries import Deliveries
 from actors.errors import NO_LIVE_GROUP, unwrap
+from actors.tools_format import ToolStream, call_deltas, parse_calls
 from cluster.admission import Admission, Overloaded, Ticket, queue_timeout
 from cluster.config import RunConfig, ServeConfig, load_config
 from cluster.launch import USER_ERRORS, start, stop
@@ -256,7 +257,7 @@ class OpenAIServer:
                 return StreamingResponse(
                     self._events(stream, first, completion_id, body, ticket, deadline), media_type="text/event-stream"
                 )
-            response = await until_disconnect(request, self._complete(stream, first, completion_id))
+            response = await until_disconnect(request, self._complete(stream, first, completion_id, body))
             finished = True
             return response
         except ClientGone:
@@ -303,13 +304,19 @@ class OpenAIServer:
         except (ValueError, ray.exceptions.RayError) as e:
             raise _engine_error(e) from None
 
-    async def _complete(self, stream: Any, item: dict[str, Any], completion_id: str) -> JSONResponse:
+    async def _complete(
+        self, stream: Any, item: dict[str, Any], completion_id: str, body: ChatCompletionRequest
+    ) -> JSONResponse:
         while not item.get("final"):
             item = await self._next(stream)
         if item.get("error") is not None:
             raise _record_error(item)
-        content = item.get("output_text") or ""
-        return JSONResponse(completion_body(completion_id, self.model, now(), content, finish_reason(item), item))
+        content: str | None = item.get("output_text") or ""
+        calls = None
+        if body.parses_tools():
+            content, calls = parse_calls(content, body.known_tools())
+        body_ = completion_body(completion_id, self.model, now(), content, finish_reason(item), item, calls)
+        return JSONResponse(body_)
 
     async def _events(
         self,
@@ -326,18 +333,26 @@ class OpenAIServer:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(
-            delta: dict[str, Any] | None, reason: str | None = None, usage_: dict[str, int] | None = None
+            delta: dict[str, Any] | None,
+            reason: str | None = None,
+            usage_: dict[str, int] | None = None,
+            logprobs: list[dict[str, Any]] | None = None,
         ) -> bytes:
-            return sse(chunk_body(completion_id, self.model, created, delta, reason, usage_, include_usage))
+            body = chunk_body(completion_id, self.model, created, delta, reason, usage_, include_usage, logprobs)
+            return sse(body)
 
         finished = False
         pending: asyncio.Future | None = None
+        tools = ToolStream(body.known_tools()) if body.parses_tools() else None
         try:
             yield chunk({"role": "assistant", "content": ""})
             while not item.get("final"):
                 text = item.get("text")  # the engine's deltas: stop strings already cut, held back and released
-                if text:
-                    yield chunk({"content": text})
+                entries = item.get("logprobs")  # of this delta's tokens, when asked (text may be held back)
+                if tools is not None and text:
+                    text = tools.feed(text)  # a tool call's text is held, and sent as tool_calls at the end
+                if text or entries:
+                    yield chunk({"content": text or ""}, logprobs=entries)
                 pending = asyncio.ensure_future(self._next(stream))
                 while not (await asyncio.wait({pending}, timeout=KEEPALIVE_S))[0]:
                     if deadline is not None and time.monotonic() > deadline:
@@ -349,7 +364,15 @@ class OpenAIServer:
             if item.get("error") is not None:
                 yield sse(_record_error(item).body())
             else:
-                yield chunk({}, finish_reason(item))
+                reason = finish_reason(item)
+                if tools is not None:
+                    text, calls = tools.finish()
+                    if text:
+                        yield chunk({"content": text})
+                    if calls:
+                        yield chunk({"tool_calls": call_deltas(calls)})
+                        reason = "tool_calls"
+                yield chunk({}, reason)
                 if include_usage:
                     yield chunk(None, usage_=usage(item))
         except Overloaded as e:  # no token in time: the request is aborted below

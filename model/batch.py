@@ -17,12 +17,15 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from model.grammar import GrammarMatchers, mask_logits, matchers_for
 from model.graph import pick_bucket
 from model.kv_cache import blocks_for, slot_tables
+from model.logprobs import Entry, LogprobRows
+from model.penalties import Penalties, penalized
 from model.processor import PreparedRequest
 from model.sampling import SamplingParams, make_generator, sample
 from model.text import PackedBatch
@@ -67,6 +70,7 @@ class SeqState:
     table: list[int] = field(default_factory=list)
     table_epoch: int = 0  # changes whenever the table is replaced, not only appended to: keys the device copy
     finish_reason: str | None = None
+    matcher: Any = None  # the grammar's matcher (model/grammar.py) when params.grammar is set
 
     @property
     def output(self) -> list[int]:
@@ -117,6 +121,7 @@ class GenerationResult:
     token_times_s: list[float] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (EOS), "length", or None on error
     error: str | None = None
+    logprobs: list[Entry] = field(default_factory=list)  # per token, when its params ask (model/logprobs.py)
 
 
 @dataclass
@@ -127,6 +132,7 @@ class StepOutput:
     tokens: list[int] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    logprobs: list[Entry] | None = None  # one entry per token (model/logprobs.py) when the request asks
 
 
 class RunningBatch:
@@ -175,6 +181,8 @@ class RunningBatch:
                 make_generator(params, runner.device),
                 frozenset(eos_token_ids),
             )
+            if params.grammar is not None:
+                known.matcher = self._grammars().matcher(params.grammar)
         if not 0 <= num_cached < len(known.tokens):
             raise ValueError(
                 f"request {request.request_id!r}: num_cached={num_cached} outside [0, {len(known.tokens)})"
@@ -272,10 +280,17 @@ class RunningBatch:
         out: dict[str, StepOutput] = {}
         now = time.time()
         seqs = [self._seq(r) for r, _ in sample_rows]
-        chosen = sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
-        for seq, token in zip(seqs, chosen):
+        asking = LogprobRows([s.params for s in seqs], device)
+        scores = self._constrain(logits, seqs)
+        penalties = self._penalties(seqs)
+        if penalties:
+            scores = penalties.apply(scores)
+        chosen = sample(scores, [s.params for s in seqs], [s.generator for s in seqs])
+        computed = asking.compute(logits, chosen) if asking else None
+        entries = asking.entries(computed) if computed else {}
+        for i, (seq, token) in enumerate(zip(seqs, chosen.tolist())):
             out[seq.request_id] = StepOutput(seq.request_id)
-            self._append(seq, out[seq.request_id], token, now)
+            self._append(seq, out[seq.request_id], token, now, entries.get(i))
         return out
 
     @torch.inference_mode()
@@ -305,6 +320,8 @@ class RunningBatch:
         advance = torch.tensor([1] * len(live) + [0] * pad, dtype=torch.long, device=device)
         params = [s.params for s in live] + [_GREEDY] * pad
         gens = [s.generator for s in live] + [None] * pad
+        asking = LogprobRows(params, device)
+        penalties = self._penalties(live)
         out = {s.request_id: StepOutput(s.request_id) for s in live}
         for _ in range(steps):
             # lens + 1 on the host (a row that ended keeps its last length): the bound of what attention reads,
@@ -318,16 +335,23 @@ class RunningBatch:
                 block_tables=tables,
                 kv_lens=kv_lens + [1] * pad if runner.paged_decode else None,
             )
-            chosen = sample(logits, params, gens)
+            scores = self._constrain(logits, live)
+            if penalties:
+                scores = penalties.apply(scores)
+            chosen = sample(scores, params, gens)
+            computed = asking.compute(logits, chosen) if asking else None
+            if penalties:
+                penalties.advance(chosen, [s.finish_reason is None for s in live])
             tokens.copy_(chosen)
             lens.add_(advance)
             positions.add_(advance)
             chosen_ids = chosen.tolist()  # the one host sync per step: EOS checks and token times
             now = time.time()
+            entries = asking.entries(computed) if computed else {}  # ready once the sync above returned
             for i, seq in enumerate(live):
                 if seq.finish_reason is None:
                     seq.num_computed += 1
-                    self._append(seq, out[seq.request_id], chosen_ids[i], now)
+                    self._append(seq, out[seq.request_id], chosen_ids[i], now, entries.get(i))
                     if seq.finish_reason is not None:
                         advance[i] = 0
             if all(s.finish_reason is not None for s in live):
@@ -351,16 +375,48 @@ class RunningBatch:
         self._tables = (keys, [len(s.table) for s in live], tensor)
         return tensor
 
+    def _grammars(self) -> GrammarMatchers:
+        runner = self.runner
+        return matchers_for(str(runner.model_path), runner.config.text.vocab_size, tuple(runner.config.eos_token_ids))
+
+    def _constrain(self, logits: torch.Tensor, seqs: list[SeqState]) -> torch.Tensor:
+        """logits (B, V) with each constrained row (seqs[i] for row i, still generating) masked to what its
+        grammar allows next; the logits themselves when no row is constrained (logprobs read those)."""
+        rows = [i for i, s in enumerate(seqs) if s.matcher is not None and s.finish_reason is None]
+        if not rows:
+            return logits
+        allowed = self._grammars().allowed([seqs[i].matcher for i in rows], logits.device)
+        return mask_logits(logits, torch.tensor(rows, device=logits.device), allowed)
+
+    def _penalties(self, seqs: list[SeqState]) -> Penalties | None:
+        """The penalty state of a call's rows (seqs[i] is row i), or None when no row sets a penalty."""
+        if not any(penalized(s.params) for s in seqs):
+            return None
+        return Penalties(
+            [s.params for s in seqs],
+            [s.tokens[: s.prompt_len] for s in seqs],
+            [s.output for s in seqs],
+            [s.eos for s in seqs],
+            self.runner.config.text.vocab_size,
+            self.runner.device,
+        )
+
     def _seq(self, request_id: str) -> SeqState:
         seq = self.seqs.get(request_id)
         if seq is None:
             raise ValueError(f"request {request_id!r} is not running on this rank")
         return seq
 
-    def _append(self, seq: SeqState, out: StepOutput, token: int, now: float) -> None:
+    def _append(self, seq: SeqState, out: StepOutput, token: int, now: float, entry: Entry | None = None) -> None:
         seq.tokens.append(token)
         out.tokens.append(token)
         out.times.append(now)
+        if seq.matcher is not None:
+            seq.matcher.consume_token(token)  # one it allowed: EOS ends the request below
+        if entry is not None:
+            if out.logprobs is None:
+                out.logprobs = []
+            out.logprobs.append(entry)
         if token in seq.eos and not seq.params.ignore_eos:
             seq.finish_reason = "stop"
         elif len(seq.output) >= seq.params.max_new_tokens:
@@ -405,4 +461,5 @@ def generate(
                 result.output_token_ids.extend(step.tokens)
                 result.token_times_s.extend(u - start_unix for u in step.times)
                 result.finish_reason = step.finish_reason or result.finish_reason
+                result.logprobs.extend(step.logprobs or [])
     return results

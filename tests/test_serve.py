@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import openai
+import pydantic
 import pytest
 import ray
 import requests
@@ -30,6 +31,7 @@ from cluster import start, stop
 from cluster.openai_api import engine_request, parse_request
 from cluster.serve import KEEPALIVE, model_name, start_server, stop_server
 from model.batch import image_spans
+from model.logprobs import TokenBytes
 from model.processor import PromptBuilder
 from tests.media_servers import IMAGE, MediaServer, media_server
 from tests.ray_helpers import free_port, tiny_config, tiny_model, wait_for
@@ -76,7 +78,7 @@ def server(local_ray: None, checkpoint: Path, media_dir: Path) -> Iterator[Serve
         "world_size=1",
         "parallel_config.tp_size=1",
         "data_config.batch_size=8",
-        "data_config.input_max_len=256",
+        "data_config.input_max_len=640",  # a tools block (hermes format) fits; "word " * 400 does not
         f"data_config.max_new_tokens={LONG_TOKENS}",
         f"serve.port={port}",
         f"serve.api_key={API_KEY}",
@@ -254,8 +256,16 @@ def test_api_key_models_and_health(server: Server) -> None:
     ("fields", "param", "message"),
     [
         ({"n": 2}, "n", "n=1"),
-        ({"logprobs": True}, "logprobs", "not supported"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "not supported"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+        ({"top_logprobs": 2}, "top_logprobs", "needs logprobs=true"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+            "not in tools",
+        ),
         ({"temperature": -1}, "temperature", "greater than or equal to 0"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
         (
@@ -483,3 +493,117 @@ def test_eight_concurrent_streams_complete(server: Server) -> None:
         assert chunks[-1].usage.completion_tokens == MAX_NEW_TOKENS
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert _status(server)["running"] == 0
+
+
+def test_logprobs_streamed_and_not_are_transformers_log_softmax(server: Server, checkpoint: Path, hf_reference) -> None:
+    fields = {"max_tokens": MAX_NEW_TOKENS, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    reply = server.client.chat.completions.create(
+        model=server.model, messages=IMAGE_MESSAGES, extra_body={"ignore_eos": True}, **fields
+    )
+    entries = [e.model_dump() for e in reply.choices[0].logprobs.content]
+    _, chunks = _stream_text(server, messages=IMAGE_MESSAGES, extra_body={"ignore_eos": True}, **fields)
+    streamed = [
+        e.model_dump() for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert streamed == entries and len(entries) == MAX_NEW_TOKENS
+    record = _ray_record(server, IMAGE_MESSAGES, ignore_eos=True, **fields)
+    assert record["logprobs"] == entries
+    token_bytes = TokenBytes(server.builder.tokenizer)
+    assert [(e["token"], e["bytes"]) for e in entries] == [token_bytes(t) for t in record["output_token_ids"]]
+    plain = [bytes(e["bytes"]) for e, t in zip(entries, record["output_token_ids"]) if t not in token_bytes.added]
+    assert b"".join(plain).decode(errors="replace") == reply.choices[0].message.content
+    prepared = server.builder.build(
+        engine_request(parse_request(json.dumps({"messages": IMAGE_MESSAGES}).encode()), "hf")
+    )
+    steps = hf_reference.logits(checkpoint, prepared, record["output_token_ids"])[len(prepared.input_ids) - 1 : -1]
+    for token, entry, row in zip(record["output_token_ids"], entries, steps.log_softmax(dim=-1)):
+        assert abs(entry["logprob"] - float(row[token])) <= 1e-4
+        assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+
+
+class _Photo(pydantic.BaseModel):
+    """What the parse test asks for: bounded, so even a random-weight model's answer ends."""
+
+    caption: str = pydantic.Field(max_length=12)
+    people: int = pydantic.Field(ge=0, le=9)
+    outdoors: bool
+
+
+def test_structured_outputs_parse_a_pydantic_model_streamed_and_not(server: Server) -> None:
+    parsed = server.client.chat.completions.parse(
+        model=server.model, messages=IMAGE_MESSAGES, response_format=_Photo, max_tokens=80, temperature=0
+    )
+    choice = parsed.choices[0]
+    assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, _Photo)
+    fields = {"max_tokens": 80, "temperature": 1.0, "seed": 5}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    text, chunks = _stream_text(
+        server,
+        messages=IMAGE_MESSAGES,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}},
+        **fields,
+    )
+    assert 0 <= json.loads(text)["n"] <= 99
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    choice = server.client.chat.completions.create(
+        model=server.model,
+        messages=IMAGE_MESSAGES,
+        extra_body={"structured_outputs": {"choice": ["cat", "dog"]}},
+        **fields,
+    ).choices[0]
+    assert choice.message.content in ("cat", "dog")
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client.chat.completions.create(
+            model=server.model,
+            messages=IMAGE_MESSAGES,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "null"}}}},
+        )
+    assert info.value.body["param"] == "response_format.json_schema.schema" and '"not"' in info.value.body["message"]
+
+
+_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "count",
+            "parameters": {
+                "type": "object",
+                "properties": {"region": {"enum": ["left", "all"]}},
+                "required": ["region"],
+                "additionalProperties": False,
+            },
+        },
+    }
+]
+
+
+def test_tool_calls_required_streamed_and_not_then_a_second_turn(server: Server) -> None:
+    messages = [{"role": "user", "content": "Who?"}]
+    fields = {"model": server.model, "tools": _TOOLS, "tool_choice": "required", "max_tokens": 80, "temperature": 0}
+    fields["parallel_tool_calls"] = False  # one call: a random-weight model may chain calls up to max_tokens
+    reply = server.client.chat.completions.create(messages=messages, **fields)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "count" and call.id.startswith("call_")
+    assert json.loads(call.function.arguments)["region"] in ("left", "all")
+    chunks = list(server.client.chat.completions.create(messages=messages, stream=True, **fields))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].index == 0 and deltas[0].function.name == "count"
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == json.loads(call.function.arguments)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    second_turn = [
+        *messages,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "3"},
+    ]
+    answer = server.client.chat.completions.create(
+        model=server.model, messages=second_turn, tools=_TOOLS, max_tokens=6, temperature=0
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert answer.usage.prompt_tokens > reply.usage.prompt_tokens

@@ -1,0 +1,200 @@
+"""Tool calls (cluster/tools_format.py): hermes rendering, parsing, streaming, checks, and `required` /
+named calls enforced by the grammar engine on the tiny random-weight checkpoint (always valid calls)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from actors.errors import RequestError
+from actors.grammars import GrammarCompiler
+from actors.request_fields import check_request_fields
+from actors.requests import RequestState
+from actors.tools_format import ToolStream, call_deltas, call_grammar, functions, parse_calls, tool_request
+from cluster.openai_api import APIError, engine_request, parse_request
+from model.processor import PromptBuilder
+from model.runner import ModelRunner
+from model.sampling import SamplingParams
+from tests.structured_schemas import object_schemas
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather of a city <|im_end|> (a control token in a description stays text)",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 12},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def _body(**fields: object) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": "Weather in Paris?"}], **fields}).encode()
+
+
+def test_tools_render_in_hermes_format_through_text_slots(tiny_checkpoint: Path) -> None:
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny <|im_start|>"},
+    ]
+    request = engine_request(parse_request(json.dumps({"messages": messages, "tools": [WEATHER]}).encode()), "r")
+    roles = [m["role"] for m in request["messages"]]
+    assert roles == ["system", "user", "assistant", "user"]
+    system = request["messages"][0]["content"]
+    assert system.startswith("You are a helpful assistant.\n\n# Tools") and '"name": "get_weather"' in system
+    assert (
+        request["messages"][2]["content"]
+        == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    )
+    assert request["messages"][3]["content"] == "<tool_response>\nsunny <|im_start|>\n</tool_response>"
+    builder = PromptBuilder.from_pretrained(tiny_checkpoint)
+    ids = builder.build(request).input_ids
+    assert "sunny <|im_start|>" in builder.tokenizer.decode(ids)
+    # 4 turns and the generation prompt open with the control token; the one in the tool result is plain text
+    assert ids.count(builder.tokenizer.convert_tokens_to_ids("<|im_start|>")) == 5
+
+
+def test_parse_calls_and_stream() -> None:
+    known = functions([WEATHER, TIME])
+    text = (
+        'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    )
+    content, calls = parse_calls(text, known)
+    assert content == "Let me check."
+    assert [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"} and calls[0]["type"] == "function"
+    bad = '<tool_call>{"name": "nope", "arguments": {}}</tool_call> and <tool_call>{not json</tool_call>'
+    assert parse_calls(bad, known) == (bad, [])
+    stream = ToolStream(known)
+    pieces = [stream.feed(text[i : i + 5]) for i in range(0, len(text), 5)]
+    assert "".join(pieces) == "Let me check.\n"
+    rest, streamed = stream.finish()
+    assert rest == "" and [c["function"] for c in streamed] == [c["function"] for c in calls]
+    deltas = call_deltas(streamed)
+    assert deltas[0]["index"] == 0 and deltas[0]["function"]["name"] == "get_weather" and deltas[2]["index"] == 1
+    plain = ToolStream(known)
+    assert plain.feed("a <tool") == "a " and plain.feed("s> b") == "<tools> b" and plain.finish() == ("", [])
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "fly"}}},
+            "tool_choice",
+            "not in tools",
+        ),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        ({"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name", "non-empty"),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0]", "type"),
+        (
+            {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "tool_choice",
+            "response format",
+        ),
+        ({"messages": [{"role": "assistant", "content": None}]}, "messages[0].content", "required"),
+    ],
+)
+def test_bad_tool_fields_name_the_field(fields: dict, param: str, message: str) -> None:
+    with pytest.raises(APIError) as info:
+        parse_request(_body(**fields))
+    assert info.value.status == 400 and info.value.param == param and message in info.value.message
+
+
+def test_required_and_named_calls_are_always_valid(tiny_checkpoint: Path) -> None:
+    """Random parameter schemas at temperature 0 and 1: every output is one or more valid calls."""
+    builder = PromptBuilder.from_pretrained(tiny_checkpoint)
+    tools = [
+        {"type": "function", "function": {"name": f"f{i}", "parameters": s}} for i, s in enumerate(object_schemas(6, 4))
+    ]
+    known = functions(tools)
+    choices = ["required", {"type": "function", "function": {"name": "f2"}}]
+    requests = []
+    for choice in choices:
+        request = engine_request(parse_request(_body(tools=tools, tool_choice=choice)), "r")
+        requests.append(request)
+    compiler = GrammarCompiler(builder.tokenizer)
+
+    async def grammars() -> list[str]:
+        return [await compiler.grammar(r) for r in requests]
+
+    compiled = asyncio.run(grammars())
+    prepared = builder.build({"id": "r", "prompt": "Call a tool."})  # the grammar, not the prompt, makes the calls
+    runner = ModelRunner(tiny_checkpoint, max_batch_size=8, max_seq_len=512)
+    params = [
+        SamplingParams(max_new_tokens=250, temperature=t, seed=s, grammar=g)
+        for g in compiled
+        for t in (0.0, 1.0)
+        for s in (0,)
+    ]
+    results = runner.generate([prepared] * len(params), params, builder.eos_token_ids)
+    for i, result in enumerate(results):
+        text = builder.decode(result.output_token_ids)
+        assert result.finish_reason == "stop", text
+        content, calls = parse_calls(text, known)
+        assert content is None and calls, text
+        if i >= 2:
+            assert [c["function"]["name"] for c in calls] == ["f2"]
+        for call in calls:
+            schema = known[call["function"]["name"]]["parameters"]
+            jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+
+
+def test_named_grammar_allows_one_call_and_required_several() -> None:
+    known = functions([WEATHER, TIME])
+    assert call_grammar(known, "get_time", True).startswith("start: call\n")
+    assert call_grammar(known, None, True).startswith("start: call+\n")
+    assert call_grammar(known, None, False).startswith("start: call\n")
+
+
+# --------------------------------------------------------------------------------- driver API and records
+def test_driver_requests_take_tools_and_records_carry_tool_calls(tiny_checkpoint: Path) -> None:
+    request = {"id": "t", "prompt": "Weather in Oslo?", "tools": [WEATHER], "tool_choice": "required"}
+    check_request_fields(request)
+    rendered, known = tool_request(request)
+    assert set(rendered) == {"id", "messages", "structured_outputs"} and list(known) == ["get_weather"]
+    assert rendered["messages"][0]["role"] == "system" and "# Tools" in rendered["messages"][0]["content"]
+    assert rendered["messages"][1]["content"][-1] == {"type": "text", "text": "Weather in Oslo?"}
+    assert tool_request({**request, "tool_choice": "none"})[1] is None
+    assert tool_request({"id": "p", "prompt": "hi"}) == ({"id": "p", "prompt": "hi"}, None)
+    with pytest.raises(RequestError) as raised:
+        tool_request({**request, "tool_choice": {"type": "function", "function": {"name": "fly"}}})
+    assert raised.value.param == "tool_choice" and raised.value.status == 400
+    with pytest.raises(RequestError) as raised:
+        check_request_fields({**request, "tool_choice": "always"})
+    assert raised.value.param == "tool_choice"
+
+    builder = PromptBuilder.from_pretrained(tiny_checkpoint)
+    text = 'Sure.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    ids = builder.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    async def run() -> dict:
+        prepared = builder.build(rendered)
+        state = RequestState.create("k", "t", prepared, SamplingParams(), [], builder.decode, 0.0)
+        state.tools = known
+        state.add_tokens(ids, [0.0] * len(ids))
+        return state.finish("stop")
+
+    record = asyncio.run(run())
+    assert record["finish_reason"] == "tool_calls" and record["output_text"] == text
+    assert [json.loads(c["function"]["arguments"]) for c in record["tool_calls"]] == [{"city": "Oslo"}]
