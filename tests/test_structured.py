@@ -257,12 +257,12 @@ def test_a_preempted_request_resumes_its_grammar_where_it_was(runner: ModelRunne
     batch = RunningBatch(runner)
     batch.admit(prompt, params, builder.eos_token_ids, None)
     table = slot_tables(1, runner.max_seq_len, runner.block_size)[0]
-    batch.set_tables({"p": table})
+    batch.set_tables({"p": (0, table)})
     tokens = batch.forward([("p", 0, len(prompt.input_ids))], [])["p"].tokens
     tokens += batch.decode(["p"], 5)["p"].tokens
     batch.preempt("p")
     batch.admit(prompt, params, builder.eos_token_ids, None)
-    batch.set_tables({"p": table})
+    batch.set_tables({"p": (0, table)})
     seq = batch.seqs["p"]
     tokens += batch.forward([("p", 0, len(seq.tokens))], [])["p"].tokens
     while seq.finish_reason is None:
