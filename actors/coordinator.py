@@ -328,8 +328,11 @@ class Coordinator:
         return record
 
     def enqueue(self, seq: Sequence) -> None:
-        """Queue on a live group (actors/routing.py); NoLiveGroupError when no group is alive."""
+        """Queue on a live group (actors/routing.py); with none alive, on a group being rebuilt (the request
+        waits for it, as that group's own waiting requests do); NoLiveGroupError when there is neither."""
         live = {e.dp_rank: e for e in self.engines if e.group.alive}
+        if not live:
+            live = {e.dp_rank: e for e in self.engines if e.rebuild is not None}
         loads = {d: e.scheduler.load for d, e in live.items()}
         engine = live[pick_group(loads, lambda d: live[d].scheduler.prefix_hit(seq), self.route_slack)]
         engine.scheduler.add(seq)

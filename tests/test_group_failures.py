@@ -18,6 +18,7 @@ from actors.scheduler import Plan, Sequence
 from cluster.tools.fake_workers import FakeWorkerGroup
 from tests.test_group_loop import (
     Owner,
+    all_queued,
     check_against_reference,
     coordinator,
     expected,
@@ -181,6 +182,31 @@ def test_a_rebuild_that_fails_ends_the_requests_that_waited_for_it(tiny_checkpoi
         records = await asyncio.wait_for(done, 30)  # every request ends: none waits for a group that is gone
         assert "being rebuilt" in records[0]["error"]
         assert all("no live DP group" in r["error"] for r in records[1:])
+        await coord.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_request_that_arrives_while_the_only_group_is_rebuilt_waits_for_it(tiny_checkpoint: Path) -> None:
+    """No group is alive while the only one restarts: a new request waits for that rebuild (as the group's own
+    waiting requests do) and is served by it, instead of failing with "no live DP group"."""
+
+    async def main() -> None:
+        coord = coordinator(tiny_checkpoint, dp_size=1, max_batch_size=2, restarts=3)
+        coord.engines[0].group = group = HeldStart(0)
+        await coord.setup()
+        rebuild = asyncio.create_task(coord.rebuild_group(0))
+        await asyncio.wait_for(group.starting.wait(), 30)  # the old workers are gone, the new ones not started
+        assert not group.alive
+        (request,) = requests(1, 5)
+        queued = all_queued(coord, 1)
+        served = asyncio.create_task(coord.generate([request]))
+        await asyncio.wait_for(queued.wait(), 30)  # on the rebuilding group's queue, not failed
+        assert not served.done() and coord.engines[0].scheduler.waiting
+        group.release.set()
+        await asyncio.wait_for(rebuild, 30)
+        (record,) = await asyncio.wait_for(served, 30)
+        assert record["error"] is None and record["output_token_ids"] == expected(coord, request)
         await coord.shutdown()
 
     asyncio.run(main())
