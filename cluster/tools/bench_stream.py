@@ -14,8 +14,10 @@ their own, and an `openai` client measures:
   another: each one's time to first token, against the same requests sent to the idle engine and
   the long streams' gap between chunks (a decode step as delivered);
 - mixed: 4 long requests (600 tokens) and 12 short ones (8 tokens) at seeded Poisson arrivals of 10/s,
-  all streamed: the short requests' median latency (request to last chunk) and the long requests'
-  output tokens per second over the run's wall time.
+  all streamed (EOS ignored): the short requests' median latency (request to last chunk) and the long
+  requests' output tokens per second over the run's wall time.
+A stream's chunks are the pieces of text the server sends: a token that completes no character (a
+random checkpoint makes many) adds no chunk, though it is delivered on its own.
 transformers' `generate` on the same checkpoint makes the same --tokens tokens (greedy, EOS ignored)
 in this process once per pass, for the stream's time. Prints a table per setting (medians over
 passes) and writes every figure as JSON.
@@ -114,7 +116,7 @@ async def _measure(base_url: str, model: str, tokens: int, arrivals: int, seed: 
     wall = max(r["end"] for r in runs) - start
     out["mixed"] = {
         "short_latency_p50_s": float(np.median([r["chunks"][-1] - r["sent"] for r in runs if r["max_tokens"] < 100])),
-        "long_output_tok_s": sum(len(r["chunks"]) for r in runs if r["max_tokens"] >= 100) / wall,
+        "long_output_tok_s": sum(r["max_tokens"] for r in runs if r["max_tokens"] >= 100) / wall,
     }
     await client.close()
     return out
@@ -166,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.tools.bench_stream", description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--settings", default=";scheduler.async_scheduling=false;scheduler.decode_steps_per_call=1")
+    parser.add_argument(
+        "--settings",
+        default=";scheduler.async_scheduling=false;scheduler.async_scheduling=false,scheduler.decode_steps_per_call=1",
+    )
     parser.add_argument("--passes", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=300)
     parser.add_argument("--arrivals", type=int, default=20)
