@@ -104,6 +104,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _list_field(request_id: str, request: dict[str, Any], key: str, what: str) -> list:
+    """request[key] as a list ([] when absent or None); InvalidRequestError naming the key otherwise."""
+    value = request.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidRequestError(f"request {request_id}: {key!r} must be {what}, got {type(value).__name__}", key)
+    return value
+
+
 class PromptBuilder:
     """Builds token ids and pixel values for requests with the checkpoint's own template and processors."""
 
@@ -215,21 +225,9 @@ class PromptBuilder:
         prompt = self._check_text(request_id, request.get("prompt"), "prompt")
         if not prompt.strip():
             raise InvalidRequestError(f"request {request_id}: 'prompt' is empty or whitespace", "prompt")
-        images = request.get("images")
-        if images is None:
-            images = []
-        if not isinstance(images, list):
-            raise InvalidRequestError(
-                f"request {request_id}: 'images' must be a list of paths, got {type(images).__name__}", "images"
-            )
+        images = _list_field(request_id, request, "images", "a list of paths")
         images = [self._check_image(request_id, image, f"images[{i}]") for i, image in enumerate(images)]
-        videos = request.get("videos")
-        if videos is None:
-            videos = []
-        if not isinstance(videos, list):
-            raise InvalidRequestError(
-                f"request {request_id}: 'videos' must be a list, got {type(videos).__name__}", "videos"
-            )
+        videos = _list_field(request_id, request, "videos", "a list")
         chat = _Chat([], [prompt], images, order=["image"] * len(images))
         for i, video in enumerate(videos):
             self._add_video(request_id, video, f"videos[{i}]", chat)
