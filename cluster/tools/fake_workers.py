@@ -150,8 +150,8 @@ class FakeWorkerGroup:
         return [answer] * self.tp_size
 
     def _check_alive(self) -> None:
+        """GroupFailure when a rank is dead; the group stays `alive` until its owner fails it, as a WorkerGroup does."""
         if self.dead_rank is not None or not self.alive:
-            self.alive = False
             rank = self.dp_rank * self.tp_size + (self.dead_rank or 0)
             raise GroupFailure(f"shard-worker-{rank} (rank {rank}) of dp group {self.dp_rank} died (RayActorError)")
 
