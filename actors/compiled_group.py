@@ -33,7 +33,7 @@ from ray.dag import InputNode, MultiOutputNode
 from ray.exceptions import RayActorError
 
 from actors.config import EngineConfig
-from actors.groups import CallError, GroupFailure, WorkerGroup, as_future, rank_names
+from actors.groups import CallError, GroupFailure, WorkerGroup, as_future, rank_names, retrieve_exception
 from actors.shard_worker import Raised
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class CompiledWorkerGroup(WorkerGroup):
             raise await self._graph_failed(None, what, e) from e
         self._calls += 1
         answer = asyncio.ensure_future(_all(futures))
-        answer.add_done_callback(_retrieve)
+        answer.add_done_callback(retrieve_exception)
         return answer
 
     async def _wait(self, answer: asyncio.Future, number: int, deadline: float, timeout_s: float, what: str) -> list:
@@ -224,12 +224,6 @@ def make_worker_group(dp_rank: int, cfg: EngineConfig, strategies: list[Any]) ->
 async def _all(futures: list) -> list:
     """Every rank's answer to one execution (the futures share one result; each is awaited once)."""
     return [await f for f in futures]
-
-
-def _retrieve(answer: asyncio.Future) -> None:
-    """Mark a failed answer's exception as seen (its call raised GroupFailure instead)."""
-    if not answer.cancelled():
-        answer.exception()
 
 
 async def _wait_event(event: threading.Event | None, timeout_s: float) -> bool:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors import clock
-from actors.groups import CallError
+from actors.groups import CallError, retrieve_exception
 from actors.scheduler import GroupScheduler, Plan, Sequence
 from actors.step_costs import StepCosts
 from actors.steps_per_call import StepsPerCall
@@ -72,7 +72,6 @@ class _Call:
     involved: list[Sequence]
     answer: asyncio.Future  # rank 0's answer
     started: float  # clock.perf() when it was started
-    ahead: bool  # started while the previous call ran
 
 
 class GroupLoop:
@@ -150,7 +149,7 @@ class GroupLoop:
         if self.steps_per_call is not None:
             sched.decode_steps_per_call = self.steps_per_call.steps(self.costs)
         result = Round(sched.schedule())
-        call = await self._start(result, profile, ahead=before is not None)
+        call = await self._start(result, profile)
         self.in_flight = call if self.lookahead else None
         if before is not None:
             return await self._returned(before, result)
@@ -158,7 +157,7 @@ class GroupLoop:
             return await self._returned(call, result)
         return result  # with lookahead, the call's outcome comes with the next round
 
-    async def _start(self, result: Round, profile: bool, ahead: bool) -> _Call | None:
+    async def _start(self, result: Round, profile: bool) -> _Call | None:
         """Encode the plan's admitted images, then start its step call (None: nothing to run)."""
         plan = result.plan
         encode = []
@@ -186,10 +185,10 @@ class GroupLoop:
         tables = self.tables.updates(plan, unencoded)
         args = (plan.releases, plan.preempted, admissions, tables, chunks, decode, plan.decode_steps, profile)
         answer = asyncio.ensure_future(self._rank0("step", *args))  # starts the call before this returns
-        answer.add_done_callback(_retrieve)
+        answer.add_done_callback(retrieve_exception)
         involved = admit + [seq for seq, _, _ in plan_chunks] + plan.decode
         await asyncio.sleep(0)  # let the call start: the workers run calls in the order they started
-        return _Call(plan, plan_chunks, involved, answer, clock.perf(), ahead)
+        return _Call(plan, plan_chunks, involved, answer, clock.perf())
 
     async def _returned(self, call: _Call, result: Round) -> Round:
         """Wait for `call` and add its outcome to `result`: progress to the scheduler, tokens and failures."""
@@ -208,12 +207,9 @@ class GroupLoop:
         result.phases["prefill_s" if chunks else "decode_s"] = out["seconds"]
         ran = max((len(o["tokens"]) for o in out["outputs"].values()), default=0) if plan.decode else 0
         prompt_tokens = sum(end - start for _, start, end in chunks)
-        # The overhead a call adds: started ahead, the workers' wait between the two calls; else its round trip
-        # beyond the workers' time.
-        wall = (
-            out["seconds"] + out["idle_s"] if call.ahead and out.get("idle_s") is not None else returned - call.started
-        )
-        self.costs.observe(out["seconds"], ran, prompt_tokens, wall)
+        # A call's round trip beyond the workers' time is its overhead, which sizes multi-step calls; with
+        # lookahead a call waits behind the one before it, has no round trip of its own, and runs one step.
+        self.costs.observe(out["seconds"], ran, prompt_tokens, None if self.lookahead else returned - call.started)
         sched.set_step_costs(self.costs.decode_step_s, self.costs.prompt_token_s)
         failed = set(out["errors"])
         for seq in call.involved:
@@ -253,9 +249,3 @@ class GroupLoop:
     async def _rank0(self, method: str, *args: Any) -> dict:
         """Rank 0's answer to a call on every rank (CallError and GroupFailure propagate)."""
         return (await self.group.call(method, *args))[0]
-
-
-def _retrieve(answer: asyncio.Future) -> None:
-    """Mark a failed answer's exception as seen (a call dropped with its failed group is never awaited)."""
-    if not answer.cancelled():
-        answer.exception()

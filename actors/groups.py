@@ -176,6 +176,13 @@ async def as_future(ref: Any) -> Any:
     return await ref
 
 
+def retrieve_exception(answer: asyncio.Future) -> None:
+    """A done-callback marking a call's failure as seen, for an answer that may never be awaited (a group that
+    failed another way, or dropped the call)."""
+    if not answer.cancelled():
+        answer.exception()
+
+
 def rank_names(ranks: list[int]) -> str:
     """The workers of `ranks` as messages name them: "shard-worker-3 (rank 3), ..."."""
     return ", ".join(f"{worker_actor_name(r)} (rank {r})" for r in ranks)

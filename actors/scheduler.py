@@ -262,26 +262,24 @@ class GroupScheduler:
         """New sampled tokens: the one after a final chunk (reported by `prefilled` first), or a decode
         call's; the last one has no KV yet. A request preempted while the call ran keeps them for its
         resumption."""
-        if seq.state == WAITING and self.by_id.get(seq.request_id) is seq and seq.preemptions:
-            if len(seq.output_ids) + len(tokens) > seq.max_new_tokens:
-                raise ValueError(f"request {seq.request_id!r}: tokens past max_new_tokens={seq.max_new_tokens}")
-            seq.output_ids.extend(tokens)
-            seq.in_flight = max(0, seq.in_flight - len(tokens))
-            return
-        self._check_state(seq, "append", DECODING)
+        waiting = seq.state == WAITING and self.by_id.get(seq.request_id) is seq and seq.preemptions > 0
+        if not waiting:
+            self._check_state(seq, "append", DECODING)
         if len(seq.output_ids) + len(tokens) > seq.max_new_tokens:
             raise ValueError(
                 f"request {seq.request_id!r}: {len(seq.output_ids)} + {len(tokens)} tokens exceed "
                 f"max_new_tokens={seq.max_new_tokens}"
             )
         computed = len(seq.tokens) + len(tokens) - 1
-        if computed > self.pool.held(seq.request_id) * self.block_size:
+        if not waiting and computed > self.pool.held(seq.request_id) * self.block_size:
             raise ValueError(
                 f"request {seq.request_id!r}: {computed} tokens computed but blocks were planned "
                 f"for {self.pool.held(seq.request_id) * self.block_size}"
             )
         seq.output_ids.extend(tokens)
         seq.in_flight = max(0, seq.in_flight - len(tokens))
+        if waiting:  # no KV until it is admitted again
+            return
         seq.num_computed = computed
         self._register(seq)
 

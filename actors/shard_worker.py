@@ -75,7 +75,6 @@ class ShardWorker:
         self.profiler: Any = None
         self.profiled = False
         self.dispatched = 0  # calls `dispatch` has finished
-        self.step_returned: float | None = None  # time.perf_counter() when the last step call returned
         self.dispatch_raised: tuple[int, Raised] | None = None  # (call number, what it raised) of the last that raised
         self.dispatch_thread: int | None = None  # the thread `dispatch` last bound the device on
         logging.basicConfig(level=logging.INFO, format=f"[{worker_actor_name(rank)}] %(message)s")
@@ -198,15 +197,13 @@ class ShardWorker:
         tables, then the chunks (request id, start, end) and one token of each `decode` request in one
         packed forward, or, without chunks, `steps` pure-decode steps of the `decode` requests.
 
-        Returns {"outputs": {request id: new tokens}, "errors": {request id: message}, "seconds", "idle_s"}; a
-        request that cannot be started is reported and left out of the round, the others go on. A decode
-        request this rank does not hold (its admission failed in a call planned before this one) is left out.
-        `idle_s`: the time since the previous step call returned here (None for the first).
+        Returns {"outputs": {request id: new tokens}, "errors": {request id: message}, "seconds"}; a request
+        that cannot be started is reported and left out of the round, the others go on. A decode request
+        this rank does not hold (its admission failed in a call planned before this one) is left out.
         """
         self._maybe_profile(profile)
         batch = self._batch()
         start = time.perf_counter()
-        idle = None if self.step_returned is None else start - self.step_returned
         for request_id in releases:
             batch.release(request_id)
         for request_id in preempted:
@@ -225,13 +222,7 @@ class ShardWorker:
         outputs = batch.step(chunks, decode, steps) if chunks or decode else {}
         if self.profiler is not None and not chunks and not batch.active:
             self._stop_profile()
-        self.step_returned = time.perf_counter()
-        return {
-            "outputs": self._plain(outputs),
-            "errors": errors,
-            "seconds": self.step_returned - start,
-            "idle_s": idle,
-        }
+        return {"outputs": self._plain(outputs), "errors": errors, "seconds": time.perf_counter() - start}
 
     # ----------------------------------------------------------------------------- compiled calls
     def dispatch(self, call: tuple[str, tuple]) -> Any:
