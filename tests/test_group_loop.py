@@ -78,21 +78,21 @@ class Owner:
 
     async def run(self, max_rounds: int = 500) -> None:
         for _ in range(max_rounds):
-            if self.loop.scheduler.idle:
+            if self.loop.idle:  # nothing to schedule, no call in flight
                 return
             await self.round()
         raise AssertionError(f"not idle after {max_rounds} rounds")
 
 
-def serve_all(loop: GroupLoop, seqs: list[Sequence]) -> Owner:
-    """Start the fake group, queue `seqs` and run rounds until the group is idle."""
+def serve_all(loop: GroupLoop, seqs: list[Sequence], max_rounds: int = 500) -> Owner:
+    """Start the fake group, queue `seqs` and run rounds (at most `max_rounds`) until the group is idle."""
 
     async def main() -> Owner:
         await loop.group.start()
         owner = Owner(loop)
         for seq in seqs:
             loop.scheduler.add(seq)
-        await owner.run()
+        await owner.run(max_rounds)
         return owner
 
     return asyncio.run(main())

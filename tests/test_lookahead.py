@@ -26,6 +26,7 @@ from tests.test_group_loop import (
     expected,
     make_seq,
     requests,
+    serve_all,
 )
 
 
@@ -64,30 +65,9 @@ class LoggedGroup(FakeWorkerGroup):
         return answer
 
 
-class LookaheadOwner(Owner):
-    async def run(self, max_rounds: int = 2000) -> None:
-        for _ in range(max_rounds):
-            if self.loop.idle:
-                return
-            await self.round()
-        raise AssertionError(f"not idle after {max_rounds} rounds")
-
-
 def new_loop(num_blocks: int = 64, block_size: int = 4, max_running: int = 4, budget: int = 8, steps: int = 1):
     sched = GroupScheduler(max_running, num_blocks, block_size, "continuous", budget, steps)
     return GroupLoop(LoggedGroup(0, block_size), sched, sorted(EOS), lookahead=True)
-
-
-def serve(loop: GroupLoop, seqs: list[Sequence]) -> LookaheadOwner:
-    async def main() -> LookaheadOwner:
-        await loop.group.start()
-        owner = LookaheadOwner(loop)
-        for seq in seqs:
-            loop.scheduler.add(seq)
-        await owner.run()
-        return owner
-
-    return asyncio.run(main())
 
 
 def check_block_owners(writes: list[tuple[int, int, str]]) -> None:
@@ -109,7 +89,7 @@ def test_lookahead_gives_every_request_its_own_tokens() -> None:
         loop = new_loop(num_blocks=14, steps=steps)
         specs = [("a", 13, 20), ("b", 9, 12), ("c", 5, 17), ("d", 21, 6), ("e", 3, 9)]
         seqs = [make_seq(name, n, m) for name, n, m in specs]
-        owner = serve(loop, seqs)
+        owner = serve_all(loop, seqs, max_rounds=2000)
         assert not owner.errors
         check_against_reference(owner, seqs)
         assert loop.scheduler.preemptions > 0
@@ -124,10 +104,10 @@ def test_the_next_call_starts_while_a_decode_call_runs() -> None:
     loop = new_loop(budget=16)
     seqs = [make_seq(name, 6, 12) for name in "xy"]
 
-    async def main() -> LookaheadOwner:
+    async def main() -> Owner:
         group = loop.group
         await group.start()
-        owner = LookaheadOwner(loop)
+        owner = Owner(loop)
         for seq in seqs:
             loop.scheduler.add(seq)
         await owner.round()  # starts the prefill call
@@ -157,7 +137,7 @@ def test_the_next_call_starts_while_a_decode_call_runs() -> None:
 async def serve_with_aborts(loop: GroupLoop, seqs: list[Sequence], rng: random.Random) -> tuple[Owner, set[str]]:
     """Serve `seqs`, aborting a random running request after some rounds (while the call started ahead runs)."""
     await loop.group.start()
-    owner, aborted = LookaheadOwner(loop), set()
+    owner, aborted = Owner(loop), set()
     for seq in seqs:
         loop.scheduler.add(seq)
     for _ in range(2000):
