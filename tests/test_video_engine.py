@@ -25,7 +25,7 @@ from model.processor import PromptBuilder
 from tests.ray_helpers import tiny_config
 from tests.reference import NEAR_TIE_MARGIN
 from tests.video_files import make_frames, write_video
-from tests.video_reference import hf_video_inputs
+from tests.video_reference import hf_greedy, hf_video_inputs
 
 NEW_TOKENS = 6
 KWARGS = {"video_min_pixels": 28 * 28, "video_max_pixels": 112 * 168}
@@ -58,18 +58,7 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def _hf_greedy(model: Qwen2_5_VLForConditionalGeneration, builder: PromptBuilder, raw: dict) -> tuple[list, Any]:
     request = builder.build(raw)
-    inputs = hf_video_inputs(request, builder.image_token_id, builder.video_token_id)
-    with torch.inference_mode():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    return out.sequences[0, len(request.input_ids) :].tolist(), torch.cat(out.logits).float()
+    return hf_greedy(model, hf_video_inputs(request, builder.image_token_id, builder.video_token_id), NEW_TOKENS)
 
 
 def _assert_reference_greedy(ours: list[int], ref: list[int], logits: torch.Tensor, what: str) -> None:

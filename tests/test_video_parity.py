@@ -21,7 +21,7 @@ from model.runner import ModelRunner
 from model.sampling import SamplingParams
 from tests.reference import assert_greedy_match, paired_steps
 from tests.video_files import make_frames, write_video
-from tests.video_reference import hf_video_inputs
+from tests.video_reference import hf_greedy, hf_video_inputs
 
 MAX_NEW_TOKENS = 8
 SMALL = {"video_min_pixels": 28 * 28, "video_max_pixels": 112 * 168}  # frames kept at 112x168 (4x6 tokens)
@@ -101,28 +101,6 @@ def requests(videos: dict[str, Path], image: Path) -> dict[str, tuple[dict, int,
             [0.5, 1.0],  # the 2 fps video keeps its 4 frames: 2 frames/s
         ),
     }
-
-
-def hf_greedy(
-    hf: Qwen2_5_VLForConditionalGeneration, inputs: dict, max_new_tokens: int
-) -> tuple[list[int], torch.Tensor]:
-    """transformers' greedy tokens and its logits at each step (after exactly the tokens before it).
-
-    Its own generate gives the step logits: a teacher-forced forward over prompt + output cannot, when
-    the output contains a pad token's id (transformers counts every pad id as a vision token).
-    """
-    with torch.inference_mode():
-        out = hf.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    return tokens, torch.cat(out.logits).float()
 
 
 @pytest.mark.parametrize("name", ["one_video", "subset_at_3fps", "image_and_video", "two_videos"])

@@ -24,9 +24,9 @@ from model.processor import PreparedRequest, PromptBuilder
 from model.runner import ModelRunner
 from model.sampling import SamplingParams
 from tests.reference import assert_greedy_match, paired_steps
-from tests.test_video_parity import MAX_NEW_TOKENS, SMALL, hf_greedy, requests
+from tests.test_video_parity import MAX_NEW_TOKENS, SMALL, requests
 from tests.video_files import make_frames, write_video
-from tests.video_reference import hf_video_inputs
+from tests.video_reference import hf_greedy, hf_video_inputs
 
 pytestmark = pytest.mark.slow  # two spawned ranks, both vision modes: about 40 s on 2 cores
 NAMES = ("one_video", "image_and_video", "two_videos")

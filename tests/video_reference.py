@@ -1,8 +1,10 @@
-"""References for video tests: transformers' inputs for a prepared request, and the authors' positions rule."""
+"""References for video tests: transformers' inputs for a prepared request, its greedy tokens and logits, and the
+authors' positions rule."""
 
 from __future__ import annotations
 
 import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from model.processor import PreparedRequest
 
@@ -38,6 +40,28 @@ def hf_video_inputs(
     types[:, ids.shape[1] if prompt_len is None else prompt_len :] = 0
     inputs["mm_token_type_ids"] = types
     return inputs
+
+
+def hf_greedy(
+    hf: Qwen2_5_VLForConditionalGeneration, inputs: dict, max_new_tokens: int
+) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy tokens and its logits at each step (after exactly the tokens before it).
+
+    Its own generate gives the step logits: a teacher-forced forward over prompt + output cannot, when
+    the output contains a pad token's id (transformers counts every pad id as a vision token).
+    """
+    with torch.inference_mode():
+        out = hf.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    return tokens, torch.cat(out.logits).float()
 
 
 def authors_positions(
