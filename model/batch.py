@@ -23,14 +23,16 @@ import torch
 
 from model.grammar import GrammarMatchers, mask_logits, matchers_for
 from model.graph import pick_bucket
-from model.kv_cache import blocks_for, slot_tables
+from model.kv_cache import NULL_BLOCK, blocks_for, slot_tables
 from model.logprobs import Entry, LogprobRows
 from model.penalties import Penalties, penalized
 from model.processor import PreparedRequest
 from model.sampling import SamplingParams, make_generator, sample
+from model.speculative import RowSpeculation, SpeculativeConfig, accept, ngram_propose, verify_layout
 from model.text import PackedBatch
 
 if TYPE_CHECKING:
+    from model.draft import Drafter
     from model.runner import ModelRunner
 
 _GREEDY = SamplingParams()
@@ -71,6 +73,9 @@ class SeqState:
     table_epoch: int = 0  # changes whenever the table is replaced, not only appended to: keys the device copy
     finish_reason: str | None = None
     matcher: Any = None  # the grammar's matcher (model/grammar.py) when params.grammar is set
+    draft_embeds: dict[int, torch.Tensor] = field(default_factory=dict)  # as `embeds`, the draft's (model/draft.py)
+    draft_computed: int = 0  # tokens whose draft KV is in the blocks
+    speculation: RowSpeculation = field(default_factory=RowSpeculation)
 
     @property
     def output(self) -> list[int]:
@@ -122,6 +127,7 @@ class GenerationResult:
     finish_reason: str | None = None  # "stop" (EOS), "length", or None on error
     error: str | None = None
     logprobs: list[Entry] = field(default_factory=list)  # per token, when its params ask (model/logprobs.py)
+    spec_rounds: list[tuple[int, int]] = field(default_factory=list)  # (proposed, accepted) per speculative round
 
 
 @dataclass
@@ -133,13 +139,22 @@ class StepOutput:
     times: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list[Entry] | None = None  # one entry per token (model/logprobs.py) when the request asks
+    spec_rounds: list[tuple[int, int]] | None = None  # (proposed, accepted) per speculative round with proposals
 
 
 class RunningBatch:
     """The requests of one rank over a `ModelRunner`'s paged KV cache."""
 
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(
+        self, runner: ModelRunner, speculative: SpeculativeConfig | None = None, drafter: Drafter | None = None
+    ) -> None:
+        """speculative: how pure-decode calls that ask for it speculate (`decode(spec_tokens=...)`); drafter:
+        the draft model of the "draft" method (model/draft.py)."""
+        if speculative is not None and (speculative.method == "draft") != (drafter is not None):
+            raise ValueError(f"speculative.method={speculative.method!r} needs a drafter exactly when it is 'draft'")
         self.runner = runner
+        self.speculative = speculative
+        self.drafter = drafter
         self.seqs: dict[str, SeqState] = {}
         # The last pure-decode call's block tables on the device: its rows' (id, epoch), each row's length, tensor.
         self._tables: tuple[list[tuple[str, int]], list[int], torch.Tensor] | None = None
@@ -153,6 +168,7 @@ class RunningBatch:
         eos_token_ids: list[int],
         image_embeds: torch.Tensor | None,
         num_cached: int = 0,
+        draft_embeds: torch.Tensor | None = None,
     ) -> None:
         """Start a request whose first `num_cached` tokens are already in its blocks (a cached prefix).
 
@@ -195,10 +211,14 @@ class RunningBatch:
                 f"request {request.request_id!r}: its images after the {num_cached} cached tokens have {want} "
                 f"image-pad tokens but {have} embeddings were given"
             )
+        sizes = [known.spans[i][1] - known.spans[i][0] for i in needed]
         if image_embeds is not None:
-            sizes = [known.spans[i][1] - known.spans[i][0] for i in needed]
             known.embeds = dict(zip(needed, image_embeds.split(sizes)))
-        known.num_computed = num_cached
+        if self.drafter is not None and want:
+            if draft_embeds is None or draft_embeds.shape[0] != want:
+                raise ValueError(f"request {request.request_id!r}: the draft's image embeddings were not given")
+            known.draft_embeds = dict(zip(needed, draft_embeds.split(sizes)))
+        known.num_computed = known.draft_computed = num_cached
         self.seqs[request.request_id] = known
 
     def set_tables(self, tables: dict[str, TableUpdate]) -> None:
@@ -220,6 +240,7 @@ class RunningBatch:
         seq = self.seqs.get(request_id)
         if seq is not None:
             seq.num_computed, seq.table, seq.embeds = 0, [], {}
+            seq.draft_computed, seq.draft_embeds = 0, {}
             seq.table_epoch = next(self._epochs)
 
     def release(self, request_id: str) -> None:
@@ -231,12 +252,15 @@ class RunningBatch:
         return any(s.finish_reason is None for s in self.seqs.values())
 
     # ----------------------------------------------------------------------------- rounds
-    def step(self, chunks: list[Chunk], decode: list[str], steps: int = 1) -> dict[str, StepOutput]:
+    def step(
+        self, chunks: list[Chunk], decode: list[str], steps: int = 1, spec_tokens: int = 0
+    ) -> dict[str, StepOutput]:
         """One round: the chunks and one token of each `decode` request in one packed forward, or, with no
-        chunks, `steps` pure-decode steps of the `decode` requests. Returns new tokens per request."""
+        chunks, `steps` pure-decode steps of the `decode` requests (speculative rounds of up to `spec_tokens`
+        proposals each, when speculation is configured). Returns new tokens per request."""
         if chunks:
             return self.forward(chunks, decode)
-        return self.decode(decode, steps)
+        return self.decode(decode, steps, spec_tokens)
 
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk], decode: list[str]) -> dict[str, StepOutput]:
@@ -277,6 +301,8 @@ class RunningBatch:
             for i, (_, image_end) in enumerate(seq.spans):  # embeddings now in the cache
                 if image_end <= end:
                     seq.embeds.pop(i, None)
+        if self.drafter is not None:  # the draft's KV follows the target's (model/draft.py)
+            self.drafter.mirror([(self._seq(r), start, end) for r, start, end in pieces])
         out: dict[str, StepOutput] = {}
         now = time.time()
         seqs = [self._seq(r) for r, _ in sample_rows]
@@ -294,12 +320,15 @@ class RunningBatch:
         return out
 
     @torch.inference_mode()
-    def decode(self, decode: list[str], steps: int) -> dict[str, StepOutput]:
+    def decode(self, decode: list[str], steps: int, spec_tokens: int = 0) -> dict[str, StepOutput]:
         """Up to `steps` decode steps of the listed requests; a request stops at EOS or max_new_tokens. Fewer
-        steps only when a request's blocks do not hold the positions `steps` steps write (`SeqState.kv_end`)."""
+        steps only when a request's blocks do not hold the positions `steps` steps write (`SeqState.kv_end`).
+        With `spec_tokens` and speculation configured, each step is a speculative round (`speculate`)."""
         live = [self._seq(r) for r in decode if self._seq(r).decoding]
         if not live or steps < 1:
             return {}
+        if spec_tokens and self.speculative is not None:
+            return self.speculate(live, steps, min(spec_tokens, self.speculative.num_speculative_tokens))
         runner = self.runner
         rows = pick_bucket(runner.buckets, len(live))
         pad = rows - len(live)
@@ -357,6 +386,128 @@ class RunningBatch:
             if all(s.finish_reason is not None for s in live):
                 break
         return out
+
+    def speculate(self, live: list[SeqState], steps: int, k: int) -> dict[str, StepOutput]:
+        """Up to `steps` speculative rounds of the live rows, each proposing up to k tokens per row."""
+        out = {s.request_id: StepOutput(s.request_id) for s in live}
+        for _ in range(steps):
+            live = [s for s in live if s.finish_reason is None]
+            if not live:
+                break
+            self._speculative_round(live, k, out)
+        return out
+
+    def _speculative_round(self, live: list[SeqState], k: int, out: dict[str, StepOutput]) -> None:
+        """Propose, verify in one decode step over k + 1 query rows per row, keep what `accept` keeps.
+
+        A row proposes only when its sampling is plain (no grammar, penalty or logprobs: those rows take one
+        token from their first query, through the ordinary path), it has room for a proposal (max_new_tokens,
+        its blocks) and its recent acceptance is not resting it (`RowSpeculation`). Rejected proposals' KV
+        lies past the row's num_computed: never read, overwritten by later tokens.
+        """
+        runner, config = self.runner, self.speculative
+        assert config is not None
+        size = runner.block_size
+        n = len(live)
+        tables = self._table_tensor(live, pick_bucket(runner.buckets, n))
+        room = []
+        for s in live:
+            if len(s.table) * size <= s.num_computed:
+                raise ValueError(f"request {s.request_id!r} has no block for its next token")
+            left = s.params.max_new_tokens - len(s.output) - 1  # the round emits proposals + 1
+            room.append(max(0, min(k, left, len(s.table) * size - s.num_computed - 1)))
+        special = [not self._plain(s) for s in live]
+        asking = [i for i in range(n) if not special[i] and room[i] and live[i].speculation.wants()]
+        proposals: list[list[int]] = [[] for _ in live]
+        if config.method == "ngram":
+            for i in asking:
+                proposals[i] = ngram_propose(
+                    live[i].tokens, room[i], config.prompt_lookup_min, config.prompt_lookup_max
+                )
+        else:
+            drafter = self.drafter
+            assert drafter is not None
+            asking = [i for i in asking if len(live[i].tokens) + k <= runner.max_seq_len]
+            if asking:
+                index = torch.tensor(asking, device=tables.device)
+                drafted = drafter.propose([live[i] for i in asking], k, tables[index])
+                for i, tokens in zip(asking, drafted):
+                    proposals[i] = tokens[: room[i]]
+        before = [len(s.tokens) for s in live]
+        tokens, lens, positions, real = verify_layout(
+            [s.tokens[-1] for s in live], proposals, [s.num_computed for s in live], [s.delta for s in live], k
+        )
+        rows = pick_bucket(runner.buckets, len(tokens))
+        pad = rows - len(tokens)
+        device = runner.device
+        owner = torch.arange(n, device=device).repeat_interleave(k + 1)  # query row -> its sequence's table row
+        step_tables = torch.cat([tables[owner], tables.new_full((pad, tables.shape[1]), NULL_BLOCK)])
+        step_tables[torch.tensor([not r for r in real] + [True] * pad, device=device)] = NULL_BLOCK
+        kv = [x + 1 for x in lens] + [1] * pad
+        logits = runner.decode(
+            torch.tensor(tokens + [0] * pad, device=device),
+            torch.tensor(positions + [0] * pad, device=device),
+            torch.tensor(lens + [0] * pad, dtype=torch.long, device=device),
+            max_len=max(kv),
+            block_tables=step_tables,
+            kv_lens=kv if runner.paged_decode else None,
+        )
+        now = time.time()
+        emitted: dict[int, tuple[list[int], int]] = {}
+        for i in range(n):
+            if not special[i]:
+                first = i * (k + 1)
+                emitted[i] = accept(
+                    logits[first : first + len(proposals[i]) + 1], proposals[i], live[i].params, live[i].generator
+                )
+        chosen_special = self._sample_rows(logits, live, [i for i in range(n) if special[i]], k + 1)
+        for i, seq in enumerate(live):
+            if special[i]:
+                token, entry = chosen_special[i]
+                seq.num_computed += 1
+                self._append(seq, out[seq.request_id], token, now, entry)
+                continue
+            new, accepted = emitted[i]
+            kept = 0
+            for token in new:
+                seq.num_computed += 1
+                self._append(seq, out[seq.request_id], token, now)
+                kept += 1
+                if seq.finish_reason is not None:
+                    break
+            if proposals[i]:
+                accepted = min(accepted, kept)
+                result = out[seq.request_id]
+                result.spec_rounds = (result.spec_rounds or []) + [(len(proposals[i]), accepted)]
+                seq.speculation.observe(len(proposals[i]), accepted, config)
+                if self.drafter is not None:
+                    self.drafter.accepted(seq, before[i], accepted, k)
+
+    def _sample_rows(
+        self, logits: torch.Tensor, live: list[SeqState], rows: list[int], stride: int
+    ) -> dict[int, tuple[int, Entry | None]]:
+        """Live row i's next token from query row i * stride, through the ordinary path (grammar mask,
+        penalties, sampling, logprobs), for the listed rows."""
+        if not rows:
+            return {}
+        seqs = [live[i] for i in rows]
+        device = logits.device
+        picked = logits[torch.tensor([i * stride for i in rows], device=device)]
+        asking = LogprobRows([s.params for s in seqs], device)
+        scores = self._constrain(picked, seqs)
+        penalties = self._penalties(seqs)
+        if penalties:
+            scores = penalties.apply(scores)
+        chosen = sample(scores, [s.params for s in seqs], [s.generator for s in seqs])
+        computed = asking.compute(picked, chosen) if asking else None
+        entries = asking.entries(computed) if computed else {}
+        return {i: (token, entries.get(j)) for j, (i, token) in enumerate(zip(rows, chosen.tolist()))}
+
+    @staticmethod
+    def _plain(seq: SeqState) -> bool:
+        """Whether a row's sampling is plain enough to speculate: no grammar, penalty or logprobs."""
+        p = seq.params
+        return seq.matcher is None and not penalized(p) and not p.logprobs
 
     # ----------------------------------------------------------------------------- helpers
     def _table_tensor(self, live: list[SeqState], rows: int) -> torch.Tensor:
@@ -425,12 +576,18 @@ class RunningBatch:
 
 
 def generate(
-    runner: ModelRunner, requests: list[PreparedRequest], params: list[SamplingParams], eos_token_ids: list[int]
+    runner: ModelRunner,
+    requests: list[PreparedRequest],
+    params: list[SamplingParams],
+    eos_token_ids: list[int],
+    speculative: SpeculativeConfig | None = None,
+    drafter: Drafter | None = None,
 ) -> list[GenerationResult]:
     """Run requests to completion in process, max_batch_size at a time, each in a fixed slot of blocks.
 
     Each batch: its images encoded together, its prompts prefilled in one packed forward, then decode
-    until every request meets EOS or its max_new_tokens. Results in request order.
+    until every request meets EOS or its max_new_tokens (speculative rounds with `speculative`; the runner
+    needs the verification buckets, `model.speculative.verify_buckets`). Results in request order.
     """
     if len(params) != len(requests):
         raise ValueError(f"got {len(requests)} requests but {len(params)} sampling params")
@@ -443,17 +600,19 @@ def generate(
             runnable.append(i)
     tables = slot_tables(runner.max_batch_size, runner.max_seq_len, runner.block_size)
     for first in range(0, len(runnable), runner.max_batch_size):
-        batch = RunningBatch(runner)
+        batch = RunningBatch(runner, speculative, drafter)
         chunk = runnable[first : first + runner.max_batch_size]
         embeds = runner.encode_images([requests[i] for i in chunk])
+        drafts = drafter.runner.encode_images([requests[i] for i in chunk]) if drafter else [None] * len(chunk)
         ids = [f"#{i}" for i in chunk]  # request ids given by users may repeat
-        for slot, (i, key, emb) in enumerate(zip(chunk, ids, embeds)):
-            batch.admit(replace(requests[i], request_id=key), params[i], eos_token_ids, emb)
+        for slot, (i, key, emb, draft) in enumerate(zip(chunk, ids, embeds, drafts)):
+            batch.admit(replace(requests[i], request_id=key), params[i], eos_token_ids, emb, 0, draft)
             batch.set_tables({key: (0, tables[slot])})
         outputs = [batch.forward([(key, 0, len(requests[i].input_ids)) for key, i in zip(ids, chunk)], [])]
         steps = max(params[i].max_new_tokens for i in chunk)
         while batch.active:  # one call runs every step: the step inputs stay on the device
-            outputs.append(batch.decode([r for r in ids if batch.seqs[r].finish_reason is None], steps))
+            live = [r for r in ids if batch.seqs[r].finish_reason is None]
+            outputs.append(batch.decode(live, steps, speculative.num_speculative_tokens if speculative else 0))
         by_id = {key: results[i] for key, i in zip(ids, chunk)}
         for out in outputs:
             for request_id, step in out.items():
@@ -462,4 +621,5 @@ def generate(
                 result.token_times_s.extend(u - start_unix for u in step.times)
                 result.finish_reason = step.finish_reason or result.finish_reason
                 result.logprobs.extend(step.logprobs or [])
+                result.spec_rounds.extend(step.spec_rounds or [])
     return results

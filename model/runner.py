@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,8 +28,12 @@ from model.processor import PreparedRequest
 from model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from model.rotary import mrope_positions
 from model.sampling import SamplingParams
+from model.speculative import SpeculativeConfig
 from model.text import PackedBatch
 from model.vision_cache import VisionCache, image_key
+
+if TYPE_CHECKING:
+    from model.draft import Drafter
 
 logger = logging.getLogger(__name__)
 
@@ -287,6 +292,14 @@ class ModelRunner:
         lens = (cache_lens + 1).tolist() if kv_lens is None else list(kv_lens)
         return self.decode_fn(tokens, positions, cache_lens, block_tables, length, lens)
 
+    def add_decode_buckets(self, sizes: list[int]) -> None:
+        """More decode batch sizes (before `capture_graphs`): speculative verification runs k + 1 query rows
+        per sequence, and a draft's first step two (model/speculative.py, model/draft.py)."""
+        bad = [s for s in sizes if not isinstance(s, int) or s < 1]
+        if bad:
+            raise ValueError(f"decode buckets must be positive integers, got {bad}")
+        self.buckets = sorted(set(self.buckets) | set(sizes))
+
     # ----------------------------------------------------------------------------- warm-up / graphs
     @torch.inference_mode()
     def warmup(self) -> None:
@@ -351,8 +364,13 @@ class ModelRunner:
         return None
 
     def generate(
-        self, requests: list[PreparedRequest], params: list[SamplingParams], eos_token_ids: list[int] | None = None
+        self,
+        requests: list[PreparedRequest],
+        params: list[SamplingParams],
+        eos_token_ids: list[int] | None = None,
+        speculative: SpeculativeConfig | None = None,
+        drafter: Drafter | None = None,
     ) -> list[GenerationResult]:
         """Run requests to completion, max_batch_size at a time; results in request order (`model.batch.generate`)."""
         eos = list(self.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        return generate(self, requests, params, eos)
+        return generate(self, requests, params, eos, speculative, drafter)

@@ -57,6 +57,7 @@ INTEGRATION_TESTS = frozenset(
 SLOW_TESTS = frozenset(
     {
         "test_selfcheck.py::test_selfcheck_cpu_passes",
+        "test_speculative.py::test_sampling_keeps_each_position_distribution",
         "test_reliability.py::test_keyboard_interrupt_releases_everything_and_start_works_again",
         "test_reliability.py::test_worker_killed_mid_decode_then_rebuild",
         "test_job_submit.py::test_job_with_overrides",
