@@ -29,7 +29,7 @@ from typing import Any
 from actors import clock
 from actors.compiled_group import make_worker_group
 from actors.config import EngineConfig
-from actors.deliveries import Outbox
+from actors.deliveries import Outbox, expire_outboxes
 from actors.errors import RequestError
 from actors.group_loop import GroupLoop
 from actors.metrics import EngineMetrics
@@ -261,9 +261,17 @@ class Coordinator:
         Returns the acknowledgement `stream` would yield first; raises as `stream` does before its
         first item. The items are those `stream` yields after the acknowledgement.
         """
+        expire_outboxes(self.outboxes, clock.perf())  # those no subscriber came for (actors/deliveries.py)
         outbox = self.outboxes.setdefault(subscriber, Outbox())
-        state = await self._submit(request, outbox.sink(tag))
-        if not state.finished:
+        outbox.expect(tag)
+        try:
+            state = await self._submit(request, outbox.sink(tag))
+        except BaseException:
+            outbox.drop(tag)
+            raise
+        if state.finished:
+            outbox.drop(tag)
+        else:
             outbox.keys[tag] = state.key
         return state.acknowledgement()
 
@@ -271,13 +279,14 @@ class Coordinator:
         """Yield the items of `subscriber`'s requests as lists of (tag, item), as they gather (one Ray
         object per batch, not per item). When the subscriber goes away, its open requests are aborted."""
         outbox = self.outboxes.setdefault(subscriber, Outbox())
+        outbox.subscribe()
         try:
             async for batch in outbox.batches():
                 yield batch
         finally:
             if self.outboxes.get(subscriber) is outbox:
                 del self.outboxes[subscriber]
-            for key in list(outbox.keys.values()):
+            for key in [k for k in outbox.keys.values() if k is not None]:
                 state = self.requests.get(key)
                 if state is not None:
                     self.end(state, "abort")

@@ -22,6 +22,12 @@ names them, and the caller reads each one's `deliveries` stream: the items never
 router. When a subscription ends with an error (a Coordinator died), every open stream raises that
 error; the next `open` subscribes again. When the subscriber goes away (its generator is
 cancelled), the Coordinator aborts the requests it still had.
+
+A caller may `submit` and never read `deliveries` (a Ray caller that does not use `Deliveries`, or
+one that died before subscribing). Its outbox is dropped once it has had no open request and no
+subscriber for `OUTBOX_GRACE_S` seconds of the request path's clock (actors/clock.py), at the
+Coordinator's next `submit`; the items it held are lost. A subscriber opens its stream right after
+its first `submit` (`Deliveries.open`), well within that time.
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from actors import clock
+
+# Seconds an outbox with no open request and no subscriber is kept before `expire_outboxes` drops it.
+OUTBOX_GRACE_S = 60.0
+
 
 class Outbox:
     """The Coordinator's side: items of one subscriber's requests, waiting for its `deliveries` stream."""
@@ -40,7 +51,28 @@ class Outbox:
     def __init__(self) -> None:
         self.items: list[tuple[str, dict]] = []
         self.ready = asyncio.Event()
-        self.keys: dict[str, str] = {}  # tag -> the Coordinator's key of a request not finished yet
+        # tag -> the Coordinator's key of a request not finished yet (None while it is prepared)
+        self.keys: dict[str, str | None] = {}
+        self.subscribed = False  # a `deliveries` stream reads it
+        self.idle_since: float | None = clock.perf()  # since when nothing is open and no one reads (None: busy)
+
+    def subscribe(self) -> None:
+        self.subscribed, self.idle_since = True, None
+
+    def expect(self, tag: str) -> None:
+        """A request under `tag` is being prepared: the outbox is in use until it ends or is refused."""
+        self.keys[tag] = None
+        self.idle_since = None
+
+    def drop(self, tag: str) -> None:
+        """The request under `tag` is over (its final item sent, or refused before it had one)."""
+        self.keys.pop(tag, None)
+        if not self.keys and not self.subscribed and self.idle_since is None:
+            self.idle_since = clock.perf()
+
+    def expired(self, now: float, grace_s: float) -> bool:
+        """Nothing open and no subscriber for at least `grace_s` seconds."""
+        return self.idle_since is not None and now - self.idle_since >= grace_s
 
     def sink(self, tag: str) -> Callable[[dict], None]:
         """What a request submitted under `tag` calls with each of its items."""
@@ -48,7 +80,7 @@ class Outbox:
         def put(item: dict) -> None:
             self.items.append((tag, item))
             if item.get("final"):
-                self.keys.pop(tag, None)
+                self.drop(tag)
             self.ready.set()
 
         return put
@@ -61,6 +93,14 @@ class Outbox:
             if self.items:
                 batch, self.items = self.items, []
                 yield batch
+
+
+def expire_outboxes(outboxes: dict[str, Outbox], now: float, grace_s: float = OUTBOX_GRACE_S) -> list[str]:
+    """Drop the outboxes that had no open request and no subscriber for `grace_s` seconds; their subscribers."""
+    gone = [subscriber for subscriber, outbox in outboxes.items() if outbox.expired(now, grace_s)]
+    for subscriber in gone:
+        del outboxes[subscriber]
+    return gone
 
 
 class RequestStream:

@@ -44,12 +44,12 @@ admitted again before they are back (its prompt on resumption includes them).
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from actors.kv_blocks import BlockPool, block_hashes
+from actors.waiting_queue import WaitingQueue
 
 
 class SeqState(str, Enum):
@@ -157,7 +157,7 @@ class GroupScheduler:
         self.prompt_token_s: float | None = None
         self.pool = BlockPool(num_blocks, block_size, prefix_caching)
         self.block_size = block_size
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: WaitingQueue[Sequence] = WaitingQueue()  # removal by id in O(1) (aborts)
         self.running: list[Sequence] = []  # admission order
         self.by_id: dict[str, Sequence] = {}
         self.preemptions = 0
@@ -339,7 +339,7 @@ class GroupScheduler:
     def _admit(self, budget: float, plan: Plan) -> None:
         """First come first served while running room, budget and blocks allow (the head waits for blocks)."""
         while self.waiting and len(self.running) < self.max_running and budget > 0:
-            seq = self.waiting[0]
+            seq = self.waiting.head()
             if seq.in_flight:  # preempted while its tokens were in flight: its prompt is not known yet
                 return
             keys = self._keys(seq) if self.pool.caching else []

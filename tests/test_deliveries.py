@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from actors.deliveries import Deliveries
+from actors import clock
+from actors.deliveries import OUTBOX_GRACE_S, Deliveries, Outbox, expire_outboxes
 from actors.errors import RequestError
 from cluster.tools.fake_workers import LocalHandle
 from tests.test_group_loop import coordinator, expected, requests
@@ -166,3 +168,68 @@ def test_a_request_aborted_while_it_is_prepared_ends_without_running(tiny_checkp
         await coord.shutdown()
 
     asyncio.run(main())
+
+
+class FakeClock:
+    """The request path's clock (actors/clock.py) at real speed plus what a test adds with `advance`."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.perf_counter() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+def test_an_outbox_expires_after_its_grace_with_nothing_open_and_no_subscriber() -> None:
+    now = [1000.0]
+    with clock.use(lambda: now[0]):
+        unread, read, busy = Outbox(), Outbox(), Outbox()
+        outboxes = {"unread": unread, "read": read, "busy": busy}
+        read.subscribe()
+        for outbox in outboxes.values():
+            outbox.expect("0")
+        busy.expect("1")
+        for outbox in outboxes.values():
+            outbox.sink("0")({"id": "a", "final": True})  # request 0 ended everywhere; busy still has 1
+        now[0] += OUTBOX_GRACE_S - 1
+        assert expire_outboxes(outboxes, now[0]) == []
+        now[0] += 1
+        assert expire_outboxes(outboxes, now[0]) == ["unread"]
+        assert set(outboxes) == {"read", "busy"}
+        busy.drop("1")  # refused: nothing will come for it
+        assert expire_outboxes(outboxes, now[0] + OUTBOX_GRACE_S) == ["busy"]
+        assert expire_outboxes(outboxes, now[0] + 1e9) == [] and list(outboxes) == ["read"]
+
+
+def test_an_outbox_no_subscriber_reads_is_dropped_after_the_grace(tiny_checkpoint: Path) -> None:
+    fake = FakeClock()
+
+    async def main() -> None:
+        coord = coordinator(tiny_checkpoint, dp_size=1, max_batch_size=2, restarts=0)
+        await coord.setup()
+        first, second = requests(2, 3)
+        await coord.submit(first, "never-reads", "0")  # a Ray caller that never opens `deliveries`
+        outbox = coord.outboxes["never-reads"]
+        while outbox.keys:  # until its request ended
+            await asyncio.sleep(0.01)
+        assert outbox.items[-1][1]["final"]
+        fake.advance(OUTBOX_GRACE_S / 2)
+        deliveries = Deliveries(LocalHandle(coord), subscriber="reads")
+        items = await read_all(deliveries.open(first))
+        assert items[-1]["output_token_ids"] == expected(coord, first)
+        assert coord.outboxes["never-reads"] is outbox  # still within the grace
+        fake.advance(OUTBOX_GRACE_S / 2)
+        await read_all(deliveries.open(second))  # the next submit drops the unread outbox
+        assert set(coord.outboxes) == {"reads"}  # the subscribed one stays, however long
+        fake.advance(10 * OUTBOX_GRACE_S)
+        await read_all(deliveries.open(first))
+        assert set(coord.outboxes) == {"reads"}
+        await deliveries.close()
+        assert not coord.outboxes
+        await coord.shutdown()
+
+    with clock.use(fake):
+        asyncio.run(main())
