@@ -8,6 +8,7 @@ from typing import Any
 from model.device import KV_BLOCK_SIZE
 from model.kv_cache import blocks_for
 from model.sampling import SamplingParams
+from model.speculative import SpeculativeConfig
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class WorkerConfig:
     profile_dir: str | None = None
     num_kv_blocks: int | None = None  # None: max_batch_size sequences of max_seq_len (+ the null block)
     kv_block_size: int | None = None  # None: the device's default (model.device.KV_BLOCK_SIZE)
+    speculative: SpeculativeConfig | None = None  # speculative decoding (None: off)
 
     def kv_pool(self) -> tuple[int, int]:
         """(blocks, tokens per block) of each rank's KV pool, block 0 (the null block) included."""

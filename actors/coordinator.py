@@ -34,10 +34,11 @@ from actors.errors import RequestError
 from actors.group_loop import GroupLoop
 from actors.metrics import EngineMetrics
 from actors.preparation import Preparation
-from actors.records import failed_record
+from actors.records import add_speculation, failed_record
 from actors.requests import RequestState
 from actors.routing import pick_group, route_slack
 from actors.scheduler import GroupScheduler, Sequence
+from actors.spec_gate import SpecGate
 from actors.steps_per_call import StepsPerCall
 from actors.supervisor import Supervisor
 from model.processor import PromptBuilder
@@ -121,7 +122,11 @@ class Coordinator:
             cfg.prefix_caching,
             max_decode_stall=cfg.max_decode_stall,
         )
-        return GroupLoop(group, scheduler, self.builder.eos_token_ids, steps, lookahead=cfg.async_scheduling)
+        spec = cfg.worker.speculative
+        gate = SpecGate(spec.num_speculative_tokens) if spec is not None else None
+        return GroupLoop(
+            group, scheduler, self.builder.eos_token_ids, steps, lookahead=cfg.async_scheduling, spec_gate=gate
+        )
 
     def __repr__(self) -> str:
         # Ray's dashboard shows this in the Actors page's Repr column. Ray reads it once, after
@@ -396,6 +401,8 @@ class Coordinator:
                 self.end(state, None, message)
         for seq, out in result.outputs:
             self._deliver(engine, seq, out)
+        rounds = [r for _, out in result.outputs for r in out.get("spec_rounds") or ()]
+        self.metrics.record_speculation(dp, rounds)
         self.metrics.record_kv_cache(dp, engine.scheduler.stats())
         self.gauges(engine)
 
@@ -406,6 +413,7 @@ class Coordinator:
         if state is None or state.finished:
             return
         item, stopped = state.add_tokens(out["tokens"], out["times"], out.get("logprobs"))
+        add_speculation(state.record, out.get("spec_rounds") or [])
         engine.scheduler.append(seq, item["token_ids"])  # none past the one that completed a stop string
         if item["text"] or item["token_ids"]:
             state.emit(item)

@@ -24,7 +24,8 @@ from typing import Any
 
 from actors import clock
 from actors.groups import CallError, retrieve_exception
-from actors.scheduler import GroupScheduler, Plan, Sequence
+from actors.scheduler import DECODING, GroupScheduler, Plan, Sequence
+from actors.spec_gate import SpecGate
 from actors.step_costs import StepCosts
 from actors.steps_per_call import StepsPerCall
 from actors.table_updates import TableUpdates
@@ -91,6 +92,7 @@ class GroupLoop:
         eos_token_ids: list[int],
         steps_per_call: StepsPerCall | None = None,
         lookahead: bool = False,
+        spec_gate: SpecGate | None = None,
     ) -> None:
         self.group = group
         self.scheduler = scheduler
@@ -106,6 +108,7 @@ class GroupLoop:
         self.in_flight: _Call | None = None  # the step call started ahead of its outcome
         self.tables = TableUpdates()  # the block-table entries the workers hold
         self.costs = StepCosts()  # what sizes a round's prompt tokens and a pure-decode call's steps
+        self.spec_gate = spec_gate  # whether a pure-decode call speculates (None: speculation is off)
 
     @property
     def dp_rank(self) -> int:
@@ -148,6 +151,8 @@ class GroupLoop:
         sched = self.scheduler
         if self.steps_per_call is not None:
             sched.decode_steps_per_call = self.steps_per_call.steps(self.costs)
+        if self.spec_gate is not None:
+            sched.spec_tokens = self.spec_gate.tokens(sum(s.state == DECODING for s in sched.running))
         result = Round(sched.schedule())
         call = await self._start(result, profile)
         self.in_flight = call if self.lookahead else None
@@ -184,6 +189,8 @@ class GroupLoop:
         decode = [seq.request_id for seq in plan.decode]
         tables = self.tables.updates(plan, unencoded)
         args = (plan.releases, plan.preempted, admissions, tables, chunks, decode, plan.decode_steps, profile)
+        if plan.spec_tokens:
+            args += (plan.spec_tokens,)
         answer = asyncio.ensure_future(self._rank0("step", *args))  # starts the call before this returns
         answer.add_done_callback(retrieve_exception)
         involved = admit + [seq for seq, _, _ in plan_chunks] + plan.decode
@@ -206,6 +213,11 @@ class GroupLoop:
         plan, chunks = call.plan, call.chunks
         result.phases["prefill_s" if chunks else "decode_s"] = out["seconds"]
         ran = max((len(o["tokens"]) for o in out["outputs"].values()), default=0) if plan.decode else 0
+        if plan.decode and not chunks and self.spec_gate is not None:
+            made = sum(len(o["tokens"]) for o in out["outputs"].values())
+            self.spec_gate.observe(len(plan.decode), bool(plan.spec_tokens), out["seconds"], made)
+        if plan.spec_tokens:  # a step of the costs is a verification round
+            ran = min(ran, plan.decode_steps)
         prompt_tokens = sum(end - start for _, start, end in chunks)
         # A call's round trip beyond the workers' time is its overhead, which sizes multi-step calls; with
         # lookahead a call waits behind the one before it, has no round trip of its own, and runs one step.
@@ -222,6 +234,10 @@ class GroupLoop:
             seq = sched.by_id.get(request_id)
             if seq is not None:  # else it ended while the call ran
                 result.outputs.append((seq, tokens))
+        for seq in plan.decode:  # what the call did not make is no longer in flight (`append` takes the rest)
+            if sched.by_id.get(seq.request_id) is seq:
+                made = len(out["outputs"].get(seq.request_id, {}).get("tokens", ()))
+                seq.in_flight = max(0, seq.in_flight - max(0, plan.made.get(seq.request_id, made) - made))
         return result
 
     async def _encode(self, result: Round, encode: list[tuple[Sequence, PreparedRequest]], profile: bool) -> set[str]:

@@ -87,6 +87,15 @@ METRICS: dict[str, MetricSpec] = {
     "qwen_vl_preemptions": MetricSpec(
         "counter", "Requests preempted (KV freed, recomputed later) for lack of KV blocks", ("dp_rank",)
     ),
+    "qwen_vl_spec_rounds": MetricSpec(
+        "counter", "Speculative rounds with proposals (mean acceptance length = 1 + accepted / rounds)", ("dp_rank",)
+    ),
+    "qwen_vl_spec_proposed_tokens": MetricSpec(
+        "counter", "Tokens proposed by speculative decoding, by position in the round (1..k)", ("dp_rank", "position")
+    ),
+    "qwen_vl_spec_accepted_tokens": MetricSpec(
+        "counter", "Proposed tokens the target accepted, by position in the round (1..k)", ("dp_rank", "position")
+    ),
 }
 
 # Cumulative scheduler counts -> the counter they feed (see EngineMetrics.record_kv_cache).
@@ -201,6 +210,21 @@ class EngineMetrics:
             increment = now - prev if now >= prev else now
             if increment > 0:
                 self.metrics[name].inc(increment, tags)
+
+    def record_speculation(self, dp_rank: int, rounds: list[tuple[int, int]]) -> None:
+        """Speculative rounds of one group's call: (proposed, accepted) per row and round with proposals."""
+        if not rounds:
+            return
+        dp = str(dp_rank)
+        self.metrics["qwen_vl_spec_rounds"].inc(len(rounds), {"dp_rank": dp})
+        longest = max(p for p, _ in rounds)
+        for position in range(1, longest + 1):
+            tags = {"dp_rank": dp, "position": str(position)}
+            proposed = sum(p >= position for p, _ in rounds)
+            accepted = sum(a >= position for _, a in rounds)
+            self.metrics["qwen_vl_spec_proposed_tokens"].inc(proposed, tags)
+            if accepted:
+                self.metrics["qwen_vl_spec_accepted_tokens"].inc(accepted, tags)
 
     def _set(self, name: str, value: float, tags: dict[str, str]) -> None:
         key = (name, tuple(sorted(tags.items())))

@@ -32,6 +32,11 @@ RECORD_FIELDS: dict[str, str] = {
     "cached_tokens": "prompt tokens whose KV came from the prefix cache (at its first scheduling)",
     "preemptions": "times it was preempted (its KV freed, recomputed later) for lack of KV blocks",
     "logprobs": "per output token {token, logprob, bytes, top_logprobs}, when the request asked; else None",
+    "spec_proposed_tokens": "tokens proposed for it by speculative decoding (0 when off, or for rows that do not "
+    "speculate: grammar, penalties, logprobs)",
+    "spec_accepted_tokens": "of those, the ones the target accepted",
+    "spec_rounds": "speculative rounds with proposals (mean acceptance length = 1 + accepted / rounds)",
+    "spec_by_position": "[proposed, accepted] at each position 1..k of its rounds",
     "arrival_time": "Unix time the Coordinator received it",
     "scheduled_time": "Unix time it was first scheduled (vision encode / prefill began)",
     "first_token_time": "Unix time of its first token",
@@ -54,8 +59,26 @@ def new_record(request_id: str | None, arrival_time: float | None = None) -> dic
         arrival_time=arrival_time,
         cached_tokens=0,
         preemptions=0,
+        spec_proposed_tokens=0,
+        spec_accepted_tokens=0,
+        spec_rounds=0,
+        spec_by_position=[],
     )
     return record
+
+
+def add_speculation(record: dict[str, Any], rounds: list[tuple[int, int]]) -> None:
+    """Count a call's speculative rounds of one request, (proposed, accepted) each, into its record."""
+    by_position = record["spec_by_position"]
+    for proposed, accepted in rounds:
+        record["spec_proposed_tokens"] += proposed
+        record["spec_accepted_tokens"] += accepted
+        record["spec_rounds"] += 1
+        while len(by_position) < proposed:
+            by_position.append([0, 0])
+        for i in range(proposed):
+            by_position[i][0] += 1
+            by_position[i][1] += i < accepted
 
 
 def failed_record(

@@ -40,6 +40,11 @@ made. Freeing blocks at once stays safe because the workers run calls in the ord
 planned: a call still writing a freed block runs before any call that gives it to another request.
 A request preempted with tokens in flight gets them through `append` while it waits, and is not
 admitted again before they are back (its prompt on resumption includes them).
+
+With speculative decoding (`spec_tokens` = k > 0) each step of a pure-decode call is a verification
+round that writes up to k + 1 positions a row and makes between 1 and k + 1 tokens: blocks and `in_flight`
+count the most it can make (`Plan.made`), and the group loop gives back what a call did not make when
+it returns. Blocks past what a row keeps hold rejected proposals' KV, which is never read.
 """
 
 from __future__ import annotations
@@ -114,6 +119,8 @@ class Plan:
     chunks: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, start, end) of seq.tokens
     decode: list[Sequence] = field(default_factory=list)
     decode_steps: int = 0  # 1 in a round with chunks, the pure-decode steps otherwise, 0 if nothing decodes
+    spec_tokens: int = 0  # proposals per speculative round of a pure-decode call (0: each step makes one token)
+    made: dict[str, int] = field(default_factory=dict)  # request id -> the most tokens the call may make for it
     block_tables: dict[str, list[int]] = field(default_factory=dict)  # every request in chunks or decode
 
 
@@ -152,6 +159,7 @@ class GroupScheduler:
         self.policy = policy
         self.token_budget = token_budget
         self.decode_steps_per_call = decode_steps_per_call
+        self.spec_tokens = 0  # proposals per speculative round of the next pure-decode call (the group loop sets it)
         self.max_decode_stall = max_decode_stall
         self.decode_step_s: float | None = None  # estimates fed by set_step_costs (None: not measured yet)
         self.prompt_token_s: float | None = None
@@ -328,10 +336,19 @@ class GroupScheduler:
                 budget -= self._chunk(seq, budget, plan)
         if not static or not self.running:
             self._admit(budget, plan)
-        if plan.decode:
-            plan.decode_steps = 1 if plan.chunks else self._pure_decode_steps(plan.decode)
+        if plan.decode and plan.chunks:
+            plan.decode_steps = 1
+        elif plan.decode:
+            plan.spec_tokens = self.spec_tokens
+            steps = self._pure_decode_steps(plan.decode, 1 + plan.spec_tokens) if plan.spec_tokens else None
+            if not steps:  # no blocks for k + 1 positions a row: plain steps (one always fits)
+                plan.spec_tokens = 0
+                steps = self._pure_decode_steps(plan.decode, 1)
+            plan.decode_steps = steps
         for seq in plan.decode:
-            seq.in_flight += plan.decode_steps
+            made = min(plan.decode_steps * (1 + plan.spec_tokens), self._to_make(seq))
+            seq.in_flight += made
+            plan.made[seq.request_id] = made
         for seq in [s for s, _, _ in plan.chunks] + plan.decode:
             plan.block_tables[seq.request_id] = self.pool.table(seq.request_id)
         return plan
@@ -360,18 +377,21 @@ class GroupScheduler:
         plan.chunks.append((seq, seq.num_computed, end))
         return end - seq.num_computed
 
-    def _pure_decode_steps(self, decode: list[Sequence]) -> int:
-        """The most steps (<= decode_steps_per_call, <= the most any request still needs) whose blocks
-        fit; the blocks are taken. One step always fits (its blocks were taken first)."""
-        most = max(max(self._to_make(s) for s in decode), 1)
+    def _pure_decode_steps(self, decode: list[Sequence], per_step: int) -> int:
+        """The most steps (<= decode_steps_per_call, <= what any request still needs) whose blocks fit when each
+        step writes `per_step` positions a row (k + 1 for a speculative round); the blocks are taken. 0 when
+        none fits; with per_step 1 one step always fits (its blocks were taken first)."""
+        most = max(-(-max(self._to_make(s) for s in decode) // per_step), 1)
         for steps in range(min(self.decode_steps_per_call, most), 0, -1):
-            extra = [self._blocks_short(s, steps) for s in decode]
+            extra = [self._blocks_short(s, steps * per_step) for s in decode]
             if sum(extra) <= self.pool.num_free():
                 for s, n in zip(decode, extra):
-                    if n and not self.pool.grow(s.request_id, self._kv_end(s, steps)):
+                    if n and not self.pool.grow(s.request_id, self._kv_end(s, steps * per_step)):
                         raise AssertionError(f"request {s.request_id!r}: counted blocks were not there")
                 return steps
-        raise AssertionError("a decode step without its blocks")
+        if per_step == 1:
+            raise AssertionError("a decode step without its blocks")
+        return 0
 
     def _kv_end(self, seq: Sequence, steps: int) -> int:
         """Positions `steps` more decode steps write after those in flight, capped by the most the request

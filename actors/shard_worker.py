@@ -28,10 +28,12 @@ import torch.distributed as dist
 from actors.config import WorkerConfig
 from model.batch import RunningBatch, StepOutput, TableUpdate
 from model.device import bind_device, dist_backend
-from model.parallel import ParallelContext, free_port
+from model.draft import Drafter, load_drafter
+from model.parallel import SINGLE, ParallelContext, free_port
 from model.processor import PreparedRequest
-from model.runner import ModelRunner
+from model.runner import ModelRunner, batch_buckets
 from model.sampling import SamplingParams
+from model.speculative import verify_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ class ShardWorker:
         self.runner: ModelRunner | None = None
         self.batch: RunningBatch | None = None
         self.embeds: dict[str, torch.Tensor | None] = {}  # request id -> image embeddings, encode -> admit
+        self.draft_embeds: dict[str, torch.Tensor | None] = {}  # the same through the draft's tower
+        self.drafter: Drafter | None = None  # the draft model of speculative decoding (model/draft.py)
         self.graph_capture_s = 0.0
         self.warmup_s = 0.0
         self.profiler: Any = None
@@ -145,7 +149,17 @@ class ShardWorker:
             kv_block_size=cfg.kv_pool()[1],
             quantization=cfg.quantization,
         )
-        self.batch = RunningBatch(self.runner)
+        spec = cfg.speculative
+        self.drafter = None
+        if spec is not None:
+            self.runner.add_decode_buckets(
+                verify_buckets(batch_buckets(cfg.max_batch_size), spec.num_speculative_tokens)
+            )
+            if spec.method == "draft":
+                assert spec.model is not None
+                draft_ctx = ctx if spec.draft_tensor_parallel_size > 1 else SINGLE
+                self.drafter = load_drafter(self.runner, spec.model, draft_ctx, progress=True)
+        self.batch = RunningBatch(self.runner, spec, self.drafter)
         return {
             "rank": self.rank,
             "load_s": time.perf_counter() - start,
@@ -159,10 +173,14 @@ class ShardWorker:
         runner = self._runner()
         start = time.perf_counter()
         runner.warmup()
+        if self.drafter is not None:
+            self.drafter.runner.warmup()
         self.warmup_s = time.perf_counter() - start
         if self.config.exe_mode == "graph":
             start = time.perf_counter()
             runner.capture_graphs()
+            if self.drafter is not None:
+                self.drafter.runner.capture_graphs()
             self.graph_capture_s = time.perf_counter() - start
         return {
             "rank": self.rank,
@@ -179,6 +197,9 @@ class ShardWorker:
         embeds = self._runner().encode_images(requests)
         for request, emb in zip(requests, embeds):
             self.embeds[request.request_id] = emb
+        if self.drafter is not None:  # the draft sees the same images through its own tower
+            for request, emb in zip(requests, self.drafter.runner.encode_images(requests)):
+                self.draft_embeds[request.request_id] = emb
         stats = self._runner().vision_cache_stats() if hasattr(self._runner(), "vision_cache_stats") else {}
         return {"seconds": time.perf_counter() - start, "cache": stats}
 
@@ -192,10 +213,12 @@ class ShardWorker:
         decode: list[str],
         steps: int,
         profile: bool = False,
+        spec_tokens: int = 0,
     ) -> dict:
         """One round: forget `releases`, drop the KV of `preempted`, start `admissions`, take the block
         tables, then the chunks (request id, start, end) and one token of each `decode` request in one
-        packed forward, or, without chunks, `steps` pure-decode steps of the `decode` requests.
+        packed forward, or, without chunks, `steps` pure-decode steps of the `decode` requests (speculative
+        rounds of up to `spec_tokens` proposals each, when speculation is configured).
 
         Returns {"outputs": {request id: new tokens}, "errors": {request id: message}, "seconds"}; a request
         that cannot be started is reported and left out of the round, the others go on. A decode request
@@ -211,15 +234,16 @@ class ShardWorker:
         errors: dict[str, str] = {}
         for request, params, eos, num_cached in admissions:
             embeds = self.embeds.pop(request.request_id, None)
+            draft = self.draft_embeds.pop(request.request_id, None)
             try:
-                batch.admit(request, params, eos, embeds, num_cached)
+                batch.admit(request, params, eos, embeds, num_cached, draft)
             except ValueError as e:
                 errors[request.request_id] = str(e)
                 batch.release(request.request_id)
         batch.set_tables({r: t for r, t in tables.items() if r not in errors and r in batch.seqs})
         chunks = [c for c in chunks if c[0] not in errors]
         decode = [r for r in decode if r not in errors and r in batch.seqs]
-        outputs = batch.step(chunks, decode, steps) if chunks or decode else {}
+        outputs = batch.step(chunks, decode, steps, spec_tokens) if chunks or decode else {}
         if self.profiler is not None and not chunks and not batch.active:
             self._stop_profile()
         return {"outputs": self._plain(outputs), "errors": errors, "seconds": time.perf_counter() - start}

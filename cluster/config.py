@@ -20,6 +20,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 
 from actors.steps_per_call import AUTO
 from cluster.generation_config import GENERATION_CONFIG_MODES, apply_generation_config, explicit_keys
+from cluster.speculative_config import SpeculativeSection, speculative_config
 from model.device import DTYPES as TORCH_DTYPES
 from model.npu_ops import DECODE_ATTENTION
 from model.quant import QUANTIZATION_MODES
@@ -273,6 +274,7 @@ class RunConfig:
         aborted.
     generation_config: "auto" takes the sampling defaults the user did not set from the checkpoint's
         generation_config.json (cluster/generation_config.py); "none" ignores it.
+    speculative: speculative decoding, off by default (cluster/speculative_config.py).
     """
 
     model_path: str = MISSING
@@ -299,6 +301,7 @@ class RunConfig:
     resume_failed: bool = True
     interrupt_grace_s: float = 30.0
     generation_config: str = "auto"
+    speculative: SpeculativeSection = field(default_factory=SpeculativeSection)
 
     @property
     def tp_size(self) -> int:
@@ -515,6 +518,11 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.device == "cpu" and ray_cfg.num_cpus_per_worker <= 0:
         _fail("ray.num_cpus_per_worker", ray_cfg.num_cpus_per_worker, "must be > 0 on device 'cpu'")
     _check_min("ray.num_cpus_per_worker", ray_cfg.num_cpus_per_worker, 0.0)
+
+    try:
+        speculative_config(cfg.speculative, cfg.model_path, par.tp_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
     for name, value in cfg.dist_env.items():
         if not _ENV_NAME.match(name):

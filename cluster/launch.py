@@ -48,6 +48,7 @@ from cluster.results import (
     read_records,
     resume_command,
 )
+from cluster.speculative_config import speculative_config
 from model.config import ModelConfig, ModelConfigError
 from model.device import DTYPES as TORCH_DTYPES
 from model.device import KV_BLOCK_SIZE
@@ -139,6 +140,7 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
         profile_dir=cfg.profile_dir if cfg.profile else None,
         num_kv_blocks=kv_pool_blocks(cfg, block_size),
         kv_block_size=block_size,
+        speculative=speculative_config(cfg.speculative, cfg.model_path, cfg.tp_size),
     )
     return EngineConfig(
         worker=worker,

@@ -47,6 +47,41 @@ _WIDTH = 50
 _LABEL_WIDTH = 40
 
 
+def speculation_summary(records: list[dict]) -> dict[str, Any]:
+    """Speculative decoding over the records: tokens proposed and accepted, rounds, the acceptance rate, the
+    mean acceptance length (tokens a round yields: 1 + accepted / rounds, vLLM's definition) and the
+    acceptance rate at each position of a round."""
+    proposed = sum(int(r.get("spec_proposed_tokens") or 0) for r in records)
+    accepted = sum(int(r.get("spec_accepted_tokens") or 0) for r in records)
+    rounds = sum(int(r.get("spec_rounds") or 0) for r in records)
+    positions: list[list[int]] = []
+    for r in records:
+        for i, (p, a) in enumerate(r.get("spec_by_position") or ()):
+            if i == len(positions):
+                positions.append([0, 0])
+            positions[i][0] += p
+            positions[i][1] += a
+    return {
+        "spec_proposed_tokens": proposed,
+        "spec_accepted_tokens": accepted,
+        "spec_acceptance_rate": accepted / proposed if proposed else None,
+        "spec_mean_acceptance_length": 1 + accepted / rounds if rounds else None,
+        "spec_acceptance_by_position": [a / p if p else None for p, a in positions],
+    }
+
+
+def _speculation_lines(summary: dict[str, Any], line: Any) -> list[str]:
+    if not summary.get("spec_proposed_tokens"):
+        return []
+    by_position = " ".join(f"{x:.2f}" for x in summary.get("spec_acceptance_by_position") or () if x is not None)
+    return [
+        line("Speculative tokens proposed:", summary.get("spec_proposed_tokens")),
+        line("Speculative tokens accepted:", summary.get("spec_accepted_tokens")),
+        line("Mean acceptance length:", summary.get("spec_mean_acceptance_length"), ".2f"),
+        line("Acceptance by position:", by_position),
+    ]
+
+
 def summarize(
     records: Sequence[Record],
     wall_s: float,
@@ -100,6 +135,7 @@ def summarize(
         "preemptions": sum(int(r.get("preemptions") or 0) for r in records),
         "video_frames": sum(sum(r.get("video_frames") or ()) for r in ok),
         "video_decode_s": sum(r.get("video_decode_s") or 0.0 for r in records),
+        **speculation_summary(ok),
         "wall_s": float(wall_s),
         "phases": dict(phases or {}),
         "timeline_requests": sum(1 for r in records if _on_timeline(r)),
@@ -170,6 +206,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         line("Total token throughput (tok/s):", summary.get("total_token_throughput_tok_s"), ".2f"),
         line("Prefix cache hit rate:", summary.get("prefix_cache_hit_rate"), ".2%"),
         line("Preemptions:", summary.get("preemptions")),
+        *_speculation_lines(summary, line),
     ]
     for metric in LATENCY_METRICS:
         title, short = _METRIC_TITLES[metric]
