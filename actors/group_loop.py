@@ -234,10 +234,7 @@ class GroupLoop:
             seq = sched.by_id.get(request_id)
             if seq is not None:  # else it ended while the call ran
                 result.outputs.append((seq, tokens))
-        for seq in plan.decode:  # what the call did not make is no longer in flight (`append` takes the rest)
-            if sched.by_id.get(seq.request_id) is seq:
-                made = len(out["outputs"].get(seq.request_id, {}).get("tokens", ()))
-                seq.in_flight = max(0, seq.in_flight - max(0, plan.made.get(seq.request_id, made) - made))
+        sched.returned(plan, {r: len(o["tokens"]) for r, o in out["outputs"].items()})
         return result
 
     async def _encode(self, result: Round, encode: list[tuple[Sequence, PreparedRequest]], profile: bool) -> set[str]:

@@ -291,6 +291,15 @@ class GroupScheduler:
         seq.num_computed = computed
         self._register(seq)
 
+    def returned(self, plan: Plan, made: dict[str, int]) -> None:
+        """A pure-decode call of `plan` returned having made `made[request id]` tokens for each of its rows:
+        what a row's count in flight held beyond that (a speculative round keeps fewer than its k + 1, a row
+        ends early) is no longer in flight. Call it before `append` takes the tokens."""
+        for seq in plan.decode:
+            if self.by_id.get(seq.request_id) is seq:
+                short = plan.made.get(seq.request_id, 0) - made.get(seq.request_id, 0)
+                seq.in_flight = max(0, seq.in_flight - max(0, short))
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """The workers ended `seq` (EOS or length): its blocks are freed now (no-op if it already ended)."""
         if self.by_id.get(seq.request_id) is seq:

@@ -25,11 +25,14 @@ import torch
 from actors.group_loop import images_after
 from actors.scheduler import GroupScheduler, Plan, Sequence
 from actors.table_updates import TableUpdates
+from cluster.tools.draft_checkpoint import cut_draft
 from model.batch import RunningBatch, StepOutput, generate, image_spans
+from model.draft import load_drafter
 from model.kv_cache import blocks_for
 from model.processor import PreparedRequest, PromptBuilder
 from model.runner import ModelRunner
 from model.sampling import SamplingParams
+from model.speculative import SpeculativeConfig, verify_buckets
 from model.vision_cache import image_key
 
 
@@ -62,16 +65,19 @@ def run_round(sched: GroupScheduler, batch: RunningBatch, tables: TableUpdates) 
         batch.preempt(request_id)
     subs = [images_after(s.payload.prepared, [(a, b) for a, b, _ in s.images], s.num_cached) for s in plan.admit]
     encoded = iter(batch.runner.encode_images([sub for sub in subs if sub is not None]))
+    drafts = iter(batch.drafter.runner.encode_images([sub for sub in subs if sub is not None]) if batch.drafter else [])
     for seq, sub in zip(plan.admit, subs):
         request = dataclasses.replace(seq.payload.prepared, request_id=seq.request_id, pixel_values=None)
         embeds = next(encoded) if sub is not None else None
-        batch.admit(request, seq.payload.params, [], embeds, seq.num_cached)
+        draft = next(drafts) if sub is not None and batch.drafter else None
+        batch.admit(request, seq.payload.params, [], embeds, seq.num_cached, draft)
     batch.set_tables(tables.updates(plan))
     chunks = [(seq.request_id, start, end) for seq, start, end in plan.chunks]
     decode = [seq.request_id for seq in plan.decode]
-    out = batch.step(chunks, decode, plan.decode_steps) if chunks or decode else {}
+    out = batch.step(chunks, decode, plan.decode_steps, plan.spec_tokens) if chunks or decode else {}
     for seq, _, end in plan.chunks:
         sched.prefilled(seq, end)
+    sched.returned(plan, {r: len(o.tokens) for r, o in out.items()})
     for request_id, step in out.items():
         seq = sched.by_id[request_id]
         sched.append(seq, step.tokens)
@@ -144,18 +150,28 @@ def test_a_row_ending_inside_a_call_does_not_shorten_it(runner_for: Callable[[in
     assert tokens["b"] == expected["b"]
 
 
+@pytest.mark.parametrize("speculation", [None, "ngram", "draft"])
 def test_rounds_with_chunks_preemptions_and_images_give_each_request_its_tokens_alone(
     runner_for: Callable[[int, int], ModelRunner],
     prepared: Callable[[Path], dict[str, PreparedRequest]],
     sample_images: dict[str, Path],
     tiny_checkpoint: Path,
+    tmp_path: Path,
+    speculation: str | None,
 ) -> None:
     """Blocks of 4 tokens, 16 prompt tokens a round, 4 steps a pure-decode call and a pool of 46 blocks:
     prompts are chunked, decode rows ride in rounds with chunks, requests wait for blocks and are
     preempted, then recomputed from their cached blocks (prompt tails and generated tokens, at positions
     shifted by their M-RoPE delta), and a cached chat turn covers the first image of a prompt whose
-    second image alone is encoded."""
+    second image alone is encoded. With speculation (3 proposals a round; the draft: the checkpoint's first
+    2 layers, its KV in a pool laid out as the target's), the same tokens."""
     runner = runner_for(4, 160)
+    config, drafter = None, None
+    if speculation is not None:
+        runner.add_decode_buckets(verify_buckets(runner.buckets, 3))
+        draft = cut_draft(tiny_checkpoint, tmp_path / "draft", layers=2) if speculation == "draft" else None
+        config = SpeculativeConfig(speculation, 3, model=str(draft) if draft else None, min_acceptance=0.0)
+        drafter = load_drafter(runner, draft) if draft else None
     built = prepared(tiny_checkpoint)
     builder = PromptBuilder.from_pretrained(tiny_checkpoint)
 
@@ -179,13 +195,16 @@ def test_rounds_with_chunks_preemptions_and_images_give_each_request_its_tokens_
         (built["two_images"], 8),
         (dataclasses.replace(built["one_image"], request_id="one_image_again"), 7),
     ]
+
     expected = {r.request_id: alone(runner, r, n) for r, n in requests}
     sched = GroupScheduler(4, 46, 4, token_budget=16, decode_steps_per_call=4)
+    sched.spec_tokens = 3 if speculation else 0
     for request, max_new_tokens in requests:
         sched.add(make_sequence(runner, request, max_new_tokens))
-    batch, tables = RunningBatch(runner), TableUpdates()
+    batch, tables = RunningBatch(runner, config, drafter), TableUpdates()
     tokens: dict[str, list[int]] = {r.request_id: [] for r, _ in requests}
     plans, encoded = [], []  # encoded: (images, the request's images after its cached prefix) per admission
+    rounds: list[tuple[int, int]] = []  # (proposed, accepted) of each speculative round with proposals
     while not sched.idle:
         assert len(plans) < 200
         plan, out = run_round(sched, batch, tables)
@@ -196,6 +215,7 @@ def test_rounds_with_chunks_preemptions_and_images_give_each_request_its_tokens_
                 encoded.append((len(s.images), images_after(s.payload.prepared, spans, s.num_cached)))
         for request_id, step in out.items():
             tokens[request_id] += step.tokens
+            rounds += step.spec_rounds or []
     assert tokens == expected
 
     # What the rounds went through (a change of scheduling that drops one of these weakens the test).
@@ -204,3 +224,47 @@ def test_rounds_with_chunks_preemptions_and_images_give_each_request_its_tokens_
     assert sched.preemptions >= 1
     assert any(s.images and end > s.prompt_len + 1 for plan in plans for s, _, end in plan.chunks)  # recomputed
     assert any(not p.chunks and p.decode_steps > 1 and any(s.images for s in p.decode) for p in plans)
+    if speculation:
+        assert any(p.spec_tokens == 3 for p in plans) and rounds
+
+
+@pytest.mark.parametrize("speculation", ["ngram", "draft"])
+def test_speculative_rounds_with_preemption_and_the_prefix_cache(
+    runner_for: Callable[[int, int], ModelRunner],
+    prepared: Callable[[Path], dict[str, PreparedRequest]],
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    speculation: str,
+) -> None:
+    """A request whose prompt is a passage, the model's own continuation of it and the passage again (so that
+    proposals match and rows skip ahead several tokens a round) beside two others in a pool too small for
+    all: speculative pure-decode calls, preemptions and recomputation from cached blocks, and each request's
+    tokens those it makes alone."""
+    runner = runner_for(4, 256)
+    runner.add_decode_buckets(verify_buckets(runner.buckets, 3))
+    draft = cut_draft(tiny_checkpoint, tmp_path / "draft", layers=2) if speculation == "draft" else None
+    config = SpeculativeConfig(speculation, 3, model=str(draft) if draft else None)
+    built = prepared(tiny_checkpoint)
+    text = built["text_long"].input_ids
+    requests = [
+        (PreparedRequest("echo", text + alone(runner, built["text_long"], 12) + text, None, None), 16),
+        (built["text"], 20),
+        (built["one_image"], 20),
+    ]
+    expected = {r.request_id: alone(runner, r, n) for r, n in requests}
+    sched = GroupScheduler(4, 64, 4, token_budget=64, decode_steps_per_call=2)
+    sched.spec_tokens = 3
+    for request, max_new_tokens in requests:
+        sched.add(make_sequence(runner, request, max_new_tokens))
+    batch, tables = RunningBatch(runner, config, load_drafter(runner, draft) if draft else None), TableUpdates()
+    tokens: dict[str, list[int]] = {r.request_id: [] for r, _ in requests}
+    accepted = 0
+    for _ in range(300):
+        if sched.idle:
+            break
+        _, out = run_round(sched, batch, tables)
+        for request_id, step in out.items():
+            tokens[request_id] += step.tokens
+            accepted += sum(a for _, a in step.spec_rounds or ())
+    assert tokens == expected
+    assert sched.preemptions >= 1 and accepted > 0
