@@ -71,6 +71,7 @@ class SeqState:
     table_epoch: int = 0  # changes whenever the table is replaced, not only appended to: keys the device copy
     finish_reason: str | None = None
     matcher: Any = None  # the grammar's matcher (model/grammar.py) when params.grammar is set
+    forks: list[str] = field(default_factory=list)  # choices whose first tokens come from this prompt's last logits
 
     @property
     def output(self) -> list[int]:
@@ -215,6 +216,38 @@ class RunningBatch:
                 seq.table_epoch = next(self._epochs)
             seq.table[start:] = blocks
 
+    def fork(self, parent_id: str, child_id: str, params: SamplingParams) -> None:
+        """Start `child_id` as a further choice of `parent_id`'s prompt (an n > 1 request), sampled with `params`
+        (its own seed): its first token is sampled with the parent's first, from the same last-position
+        logits, in the forward that computes the parent's last prompt chunk. Its blocks come through
+        `set_tables` (the prompt's full blocks shared, a copy of the partial last one: `copy_blocks` after
+        that forward). ValueError when the parent has sampled already or the child runs."""
+        parent = self._seq(parent_id)
+        if child_id in self.seqs:
+            raise ValueError(f"request {child_id!r} is already running")
+        if len(parent.tokens) != parent.prompt_len:
+            raise ValueError(f"request {parent_id!r}: a choice forks from a prompt not yet sampled")
+        child = SeqState(
+            child_id,
+            list(parent.tokens),
+            parent.prompt_len,
+            parent.positions,
+            parent.delta,
+            parent.spans,
+            params,
+            make_generator(params, self.runner.device),
+            parent.eos,
+            num_computed=parent.prompt_len,
+        )
+        if params.grammar is not None:
+            child.matcher = self._grammars().matcher(params.grammar)
+        parent.forks.append(child_id)
+        self.seqs[child_id] = child
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy each (source, destination) KV block (the partial prompt block of a forked choice)."""
+        self.runner.cache.copy_blocks(pairs)
+
     def preempt(self, request_id: str) -> None:
         """Drop a request's KV (its blocks go back to the pool); its tokens and sampler stay for its resumption."""
         seq = self.seqs.get(request_id)
@@ -262,6 +295,8 @@ class RunningBatch:
             layout.append((start, end - start, seq.table))
             if end == len(seq.tokens):
                 sample_rows.append((request_id, len(ids) - 1))
+                sample_rows.extend((child, len(ids) - 1) for child in seq.forks)  # the same logits
+                seq.forks = []
         device = runner.device
         packed = PackedBatch.build(layout, runner.block_size, device)
         logits = runner.model.prefill(

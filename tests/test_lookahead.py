@@ -48,10 +48,10 @@ class LoggedGroup(FakeWorkerGroup):
             self.arrived += 1
         return await super().call(method, *args)
 
-    def _step(self, releases, preempted, admissions, tables, chunks, decode, steps, profile=False) -> dict:
+    def _step(self, releases, preempted, admissions, tables, chunks, decode, steps, profile=False, forks=None) -> dict:
         bs, index = self.block_size, self.plan_index.pop(id(tables))
         self.ran += 1
-        answer = super()._step(releases, preempted, admissions, tables, chunks, decode, steps, profile)
+        answer = super()._step(releases, preempted, admissions, tables, chunks, decode, steps, profile, forks)
         for rid, start, end in chunks:
             if rid not in answer["errors"]:
                 self.writes.extend((index, self.seqs[rid].table[p // bs], rid) for p in range(start, end))
