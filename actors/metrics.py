@@ -100,7 +100,7 @@ _KV_COUNTERS = {
 def generated_tokens(record: dict) -> int:
     """Output tokens of a record, of every choice when it has several (n > 1)."""
     choices = record.get("choices")
-    return sum(len(c["token_ids"]) for c in choices) if choices else len(record["output_token_ids"])
+    return sum(len(c["token_ids"]) for c in choices) if choices else len(record.get("output_token_ids") or ())
 
 
 def prometheus_series(name: str) -> tuple[str, ...]:
