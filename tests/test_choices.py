@@ -243,6 +243,30 @@ def test_n_choices_stream_with_their_index_and_equal_single_requests_with_the_de
     asyncio.run(main())
 
 
+def test_each_choice_ends_at_its_own_stop_string(tiny_checkpoint: Path) -> None:
+    """A stop string taken from the middle of choice 1's text ends choice 1 there; a choice whose text does not
+    hold it runs to its length."""
+
+    async def main() -> None:
+        coord = _coordinator(tiny_checkpoint)
+        await coord.setup()
+        request = {"id": "q", "prompt": "stop here", "max_new_tokens": 12, "temperature": 1.0, "seed": 9, "n": 3}
+        full = (await coord.generate([request]))[0]["choices"]
+        text = full[1]["text"]
+        stop = text[len(text) // 2 : len(text) // 2 + 3]
+        cut = (await coord.generate([{**request, "stop": stop}]))[0]["choices"]
+        for before, after in zip(full, cut):
+            if stop in before["text"]:
+                assert after["text"] == before["text"][: before["text"].index(stop)]
+                assert after["finish_reason"] == "stop"
+            else:
+                assert after == before
+        assert cut[1]["finish_reason"] == "stop" and len(cut[1]["token_ids"]) < len(full[1]["token_ids"])
+        await coord.shutdown()
+
+    asyncio.run(main())
+
+
 def test_abort_ends_every_choice_and_n_above_the_batch_is_refused_naming_n(tiny_checkpoint: Path) -> None:
     async def main() -> None:
         coord = _coordinator(tiny_checkpoint)
