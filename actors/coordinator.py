@@ -16,6 +16,11 @@ may fail while a round's call runs. So a round's outcome looks each request up a
 (`self.requests`) and skips those that ended; `end` is idempotent; and a request that ends while a
 call runs has its blocks freed at once, which is safe because its group's next plan comes only
 after that call returned (actors/supervisor.py).
+
+A request with n > 1 is a `Choices` (actors/choices.py) under its key, and each of its choices a
+RequestState under its own key (f"{key}/{i}"), a sequence of the same DP group. A choice ends on its
+own (EOS, length, its stop strings); one that fails or is aborted ends the others; the request is
+counted and recorded once, when its last choice ends.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from actors import clock
+from actors.choices import Choices
 from actors.compiled_group import make_worker_group
 from actors.config import EngineConfig
 from actors.deliveries import Outbox, expire_outboxes
@@ -304,7 +310,7 @@ class Coordinator:
         preparing = self.preparation.abort(str(request_id))  # such a one ends as soon as it is prepared
         return bool(keys) or preparing
 
-    async def _submit(self, request: Any, emit: Callable[[dict], None] | None = None) -> RequestState:
+    async def _submit(self, request: Any, emit: Callable[[dict], None] | None = None) -> RequestState | Choices:
         """Prepare a request and queue it on a live group; its stream items go to `emit` (default: its own
         queue). One that `abort` named while it was prepared ends at once.
 
@@ -321,12 +327,15 @@ class Coordinator:
             return state
         self.enqueue(seq)
         self.requests[state.key] = state
-        self.keys_by_id.setdefault(state.record["id"], set()).add(state.key)
+        for choice in state.states if isinstance(state, Choices) else ():
+            self.requests[choice.key] = choice
+        self.keys_by_id.setdefault(seq.payload.record["id"], set()).add(state.key)
         return state
 
     def _check_fits(self, seq: Sequence) -> None:
         """RequestError naming the limit when the request could never fit a group's KV pool (it would wait forever)."""
-        never = self.engines[0].scheduler.never_fits(len(seq.prompt_ids), seq.max_new_tokens)  # every pool is alike
+        n = 1 + len(seq.forks)
+        never = self.engines[0].scheduler.never_fits(len(seq.prompt_ids), seq.max_new_tokens, n)  # pools are alike
         if never is not None:
             raise RequestError(
                 f"request {seq.payload.record['id']!r}: {never}; kv_cache.num_blocks or kv_cache.memory_gb sets "
@@ -353,8 +362,16 @@ class Coordinator:
         self.gauges(engine)
         engine.wake.set()
 
-    def end(self, state: RequestState, finish_reason: str | None, error: str | BaseException | None = None) -> None:
-        """Finish a request once: leave its scheduler (its blocks free now), close its record, count it."""
+    def end(
+        self, state: RequestState | Choices, finish_reason: str | None, error: str | BaseException | None = None
+    ) -> None:
+        """Finish a request (or a choice) once: leave its scheduler (its blocks free now), close its record,
+        count it. A choice that fails or is aborted ends its request's other choices; the request is closed
+        with its last choice; ending a Choices ends every choice."""
+        if isinstance(state, Choices):
+            for choice in state.states:
+                self.end(choice, finish_reason, error)
+            return
         if state.finished:
             return
         for engine in self.engines:
@@ -363,9 +380,20 @@ class Coordinator:
                 self.gauges(engine)
         record = state.finish(finish_reason, error)
         self.requests.pop(state.key, None)
+        parent = state.parent
+        if parent is None:
+            self._closed(state.key, record)
+        elif parent.finished:  # its last choice
+            self._closed(parent.key, parent.record)
+        elif error is not None or finish_reason == "abort":
+            self.end(parent, finish_reason, error)
+
+    def _closed(self, key: str, record: dict) -> None:
+        """A request ended: out of the tables, counted, its record into the metrics."""
+        self.requests.pop(key, None)
         keys = self.keys_by_id.get(record["id"])
         if keys is not None:
-            keys.discard(state.key)
+            keys.discard(key)
             if not keys:
                 del self.keys_by_id[record["id"]]
         self.completed += 1
@@ -386,6 +414,13 @@ class Coordinator:
                 record["dp_rank"] = dp
                 record["cached_tokens"] = seq.cached_tokens
                 self.metrics.record_queue(now - record["arrival_time"], dp)
+        for parent, child, _ in result.plan.forks:  # choices forked from a prompt: scheduled with it
+            if child.payload.record["scheduled_time"] is None:
+                child.payload.record.update(
+                    scheduled_time=parent.payload.record["scheduled_time"],
+                    dp_rank=dp,
+                    cached_tokens=parent.cached_tokens,
+                )
         for request_id in result.plan.preempted:
             state = self.requests.get(request_id)
             if state is not None:

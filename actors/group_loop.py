@@ -2,11 +2,12 @@
 
 A round is one plan of the group's `GroupScheduler`: vision encode of the admitted requests' images
 that their cached prefix does not cover, then one `step` call on every rank (releases, preemptions,
-admissions, block tables, then a packed forward of prompt chunks and decode tokens, or a few
-pure-decode steps). The loop applies the forward's progress to the scheduler (`prefilled`) and hands
-the new tokens and the failures to its owner, which decides how each request goes on: the end of a
-request (EOS, length, a stop string, an abort) is decided there, once, and comes back through
-`GroupScheduler.finish`/`abort`, whose releases reach the workers at the start of the next round.
+admissions, the choices forked from a prompt's last chunk, block tables, then a packed forward of
+prompt chunks and decode tokens, or a few pure-decode steps). The loop applies the forward's
+progress to the scheduler (`prefilled`) and hands the new tokens and the failures to its owner,
+which decides how each request goes on: the end of a request (EOS, length, a stop string, an abort)
+is decided there, once, and comes back through `GroupScheduler.finish`/`abort`, whose releases reach
+the workers at the start of the next round.
 Each step call's times also update the group's step-cost estimates (actors/step_costs.py), which size
 the scheduler's prompt tokens per round and the steps of the next pure-decode call (actors/steps_per_call.py).
 
@@ -174,6 +175,8 @@ class GroupLoop:
         unencoded = await self._encode(result, encode, profile) if encode else set()
         admit = [seq for seq in plan.admit if seq.request_id not in unencoded]
         plan_chunks = [c for c in plan.chunks if c[0].request_id not in unencoded]
+        forked = [(parent, child, copy) for parent, child, copy in plan.forks if parent.request_id not in unencoded]
+        skip = unencoded | {child.request_id for parent, child, _ in plan.forks if parent.request_id in unencoded}
         if not (plan.releases or plan.preempted or admit or plan_chunks or plan.decode):
             return None
         admissions = [
@@ -187,13 +190,14 @@ class GroupLoop:
         ]
         chunks = [(seq.request_id, start, end) for seq, start, end in plan_chunks]
         decode = [seq.request_id for seq in plan.decode]
-        tables = self.tables.updates(plan, unencoded)
-        args = (plan.releases, plan.preempted, admissions, tables, chunks, decode, plan.decode_steps, profile)
+        tables = self.tables.updates(plan, skip)
+        forks = [(parent.request_id, child.request_id, child.payload.params, copy) for parent, child, copy in forked]
+        args = (plan.releases, plan.preempted, admissions, tables, chunks, decode, plan.decode_steps, profile, forks)
         if plan.spec_tokens:
             args += (plan.spec_tokens,)
         answer = asyncio.ensure_future(self._rank0("step", *args))  # starts the call before this returns
         answer.add_done_callback(retrieve_exception)
-        involved = admit + [seq for seq, _, _ in plan_chunks] + plan.decode
+        involved = admit + [seq for seq, _, _ in plan_chunks] + plan.decode + [child for _, child, _ in forked]
         await asyncio.sleep(0)  # let the call start: the workers run calls in the order they started
         return _Call(plan, plan_chunks, involved, answer, clock.perf())
 

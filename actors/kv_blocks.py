@@ -10,6 +10,11 @@ key of the block before it, the block's token ids and the images behind its imag
 computing them. A registered block nobody uses stays cached until the free list runs dry; then
 the least recently freed one is evicted (its key forgotten, the block reused).
 
+A request with n > 1 choices (`share`): each further choice takes the full blocks of the first
+choice's prompt (reference counted, as a prefix-cache hit does) and a block of its own for the
+partial last one, whose contents the caller copies (copy-on-write: every choice writes its next
+positions there).
+
 Block 0 (`NULL_BLOCK`) is never handed out: the padding rows of a captured decode step, and the
 positions a finished row of a multi-step call may still write, point at it.
 """
@@ -141,13 +146,16 @@ class BlockPool:
         }
 
     # ----------------------------------------------------------------------------- changes
-    def allocate(self, owner: str, num_tokens: int, hashes: Sequence[bytes]) -> int | None:
+    def allocate(self, owner: str, num_tokens: int, hashes: Sequence[bytes], reserve: int = 0) -> int | None:
         """Give a new owner blocks for `num_tokens`, reusing the longest cached prefix of `hashes`.
 
         At least one token is left to compute (a hit that would cover all of `num_tokens` drops its
         last block). Returns the tokens taken from the cache (a multiple of block_size), or None,
-        with nothing changed, when there are not enough blocks.
+        with nothing changed, when there are not enough blocks, `reserve` more left free (the blocks
+        the owner's choices then take through `share`).
         """
+        if reserve < 0:
+            raise ValueError(f"reserve must be >= 0, got {reserve}")
         if owner in self._tables:
             raise ValueError(f"{owner!r} already holds blocks")
         if num_tokens < 1:
@@ -156,7 +164,7 @@ class BlockPool:
         limit = (num_tokens - 1) // self.block_size
         hits = [self._by_key[key] for key in hashes[: self.cached_prefix(hashes[:limit])]]
         idle_hits = sum(1 for b in hits if self._ref[b] == 0)
-        if need - len(hits) > self.num_free() - idle_hits:
+        if need - len(hits) + reserve > self.num_free() - idle_hits:
             return None
         for b in hits:
             if self._ref[b] == 0:
@@ -168,6 +176,25 @@ class BlockPool:
         self.query_tokens += num_tokens
         self.hit_tokens += len(hits) * self.block_size
         return len(hits) * self.block_size
+
+    def share(self, owner: str, source: str, num_tokens: int) -> int | None:
+        """Give a new owner the blocks of `source` that hold its first `num_tokens` positions: the full ones
+        shared (reference counted), and for a partial last one a fresh block of its own, returned (None: no
+        partial block) for the caller to copy `source`'s into. ValueError when no block is free for it."""
+        if owner in self._tables:
+            raise ValueError(f"{owner!r} already holds blocks")
+        table = self._tables[source]
+        full, need = num_tokens // self.block_size, _blocks_for(num_tokens, self.block_size)
+        if need > len(table):
+            raise ValueError(f"{source!r} holds {len(table)} blocks, not the {need} of {num_tokens} tokens")
+        if need > full and not self.num_free():
+            raise ValueError(f"{owner!r}: no free block for the copy of {source!r}'s partial block")
+        for b in table[:full]:
+            self._ref[b] += 1  # held by `source`, so never in the LRU list
+        fresh = self._take() if need > full else None
+        self._tables[owner] = table[:full] + ([] if fresh is None else [fresh])
+        self._registered[owner] = 0
+        return fresh
 
     def grow(self, owner: str, num_tokens: int) -> bool:
         """Make `owner`'s table cover `num_tokens`; False (nothing changed) when blocks are short."""

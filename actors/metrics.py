@@ -106,6 +106,12 @@ _KV_COUNTERS = {
 }
 
 
+def generated_tokens(record: dict) -> int:
+    """Output tokens of a record, of every choice when it has several (n > 1)."""
+    choices = record.get("choices")
+    return sum(len(c["token_ids"]) for c in choices) if choices else len(record.get("output_token_ids") or ())
+
+
 def prometheus_series(name: str) -> tuple[str, ...]:
     """The Prometheus series Ray exports for one of :data:`METRICS`.
 
@@ -147,7 +153,7 @@ class EngineMetrics:
         if status != "ok":
             return
         for name, count in (
-            ("qwen_vl_generated_tokens", len(record["output_token_ids"])),
+            ("qwen_vl_generated_tokens", generated_tokens(record)),
             ("qwen_vl_prompt_tokens", record["prompt_tokens"]),
             ("qwen_vl_video_tokens", record.get("video_tokens") or 0),
             ("qwen_vl_video_frames", sum(record.get("video_frames") or ())),

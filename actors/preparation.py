@@ -4,6 +4,9 @@ Preparation (chat template, image loading and resizing, tokenization) runs on a 
 Coordinator's event loop keeps serving rounds meanwhile. A caller may give up while its request is
 being prepared: `abort` by id then marks it here, and the request ends as soon as its preparation
 does, never queued. The counts here are what a router sees as load before a request reaches a group.
+
+A request with `n` > 1 becomes one sequence and one RequestState per choice (actors/choices.py):
+choice 0's sequence carries the others as its `forks`, and the caller gets their `Choices`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from actors import clock
+from actors.choices import Choices, choice_key
 from actors.config import EngineConfig
 from actors.errors import RequestError
 from actors.grammars import GrammarCompiler
@@ -25,6 +29,7 @@ from actors.tools_format import tool_request
 from model.batch import image_spans
 from model.logprobs import TokenBytes
 from model.processor import PreparedRequest, PromptBuilder
+from model.sampling import SamplingParams
 from model.vision_cache import image_key
 
 
@@ -51,14 +56,22 @@ class Preparation:
 
     async def prepare(
         self, request: Any, emit: Callable[[dict], None] | None = None
-    ) -> tuple[Sequence, RequestState, bool]:
-        """The request's sequence (its payload the state), its state (stream items go to `emit`, default its
-        own queue) and whether an abort named it while it was prepared.
+    ) -> tuple[Sequence, RequestState | Choices, bool]:
+        """The request's sequence (its payload the state; with n > 1 choice 0's, the others its forks), its
+        state (or its Choices; stream items go to `emit`, default its own queue) and whether an abort named
+        it while it was prepared.
 
         Raises RequestError (or InvalidRequestError) naming the field when it cannot run as given.
         """
         arrival = clock.wall()
         check_request_fields(request)
+        n = request.get("n") or 1
+        if n > self.cfg.worker.max_batch_size:
+            raise RequestError(
+                f"'n'={n} choices exceed data_config.batch_size={self.cfg.worker.max_batch_size}, the most "
+                "sequences a DP group runs at once",
+                "n",
+            )
         request, tools = tool_request(request)
         params = sampling_params(request, self.cfg.sampling)
         vocabulary = len(self.builder.tokenizer)
@@ -83,13 +96,41 @@ class Preparation:
             aborted = self._prepared(rid)
         self._check_lengths(request, prepared, params.max_new_tokens)
         key = f"{prepared.request_id}#{next(self.keys)}"
+        if n == 1:
+            seq, state = self._sequence(key, prepared, params, stop, images, arrival, emit, tools)
+            return seq, state, aborted
+        choices = Choices(key, prepared.request_id, asyncio.get_running_loop().create_future(), emit)
+        seqs = []
+        for i in range(n):
+            choice = dataclasses.replace(params, seed=params.seed + i)
+            seq, state = self._sequence(
+                choice_key(key, i), prepared, choice, stop, images, arrival, choices.sink(i), tools
+            )
+            state.parent = choices
+            choices.states.append(state)
+            seqs.append(seq)
+        seqs[0].forks = seqs[1:]
+        return seqs[0], choices, aborted
+
+    def _sequence(
+        self,
+        key: str,
+        prepared: PreparedRequest,
+        params: SamplingParams,
+        stop: list[str],
+        images: list[tuple[int, int, bytes]],
+        arrival: float,
+        emit: Callable[[dict], None] | None,
+        tools: dict[str, dict] | None,
+    ) -> tuple[Sequence, RequestState]:
+        """One sequence for the scheduler and its state (its payload)."""
         seq = Sequence(key, list(prepared.input_ids), params.max_new_tokens, images)
         state = RequestState.create(
             key, prepared.request_id, prepared, params, stop, self.builder.decode, arrival, emit, self.token_bytes
         )
         state.tools = tools
         seq.payload = state
-        return seq, state, aborted
+        return seq, state
 
     def build(self, request: dict) -> tuple[PreparedRequest, list[tuple[int, int, bytes]]]:
         """Model inputs, and each image's token span with the hash of its processed pixels (prefix-cache keys)."""

@@ -44,6 +44,18 @@ RECORD_FIELDS: dict[str, str] = {
 }
 
 
+# A record of a request with n > 1 has one more field, "choices": one entry per choice, in index order,
+# with these fields; its other fields are choice 0's (actors/choices.py). Records with n = 1 have no "choices".
+CHOICE_FIELDS: dict[str, str] = {
+    "index": "the choice's index, 0..n-1 (it was sampled with seed + index)",
+    "text": "its generated text (a stop string that ended it is cut off)",
+    "token_ids": "its generated token ids",
+    "finish_reason": "as the record's: 'stop', 'tool_calls', 'length', 'abort', or None on error",
+    "logprobs": "per output token, when the request asked; else None",
+    "tool_calls": "with tools only: the calls parsed from its text",
+}
+
+
 def new_record(request_id: str | None, arrival_time: float | None = None) -> dict[str, Any]:
     """A record with every field present and nothing measured yet."""
     record: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)

@@ -121,6 +121,9 @@ FIELDS: dict[str, RequestField] = {
             _object,
         ),
         RequestField("max_new_tokens", "the most tokens to generate", _integer(1)),
+        RequestField(
+            "n", "choices to generate from one prefill of the prompt, choice i sampled with seed + i", _integer(1)
+        ),
         RequestField("temperature", "0 is greedy; above 0, sample from the scaled distribution", _sampling_number),
         RequestField("top_p", "sample among the most likely tokens up to probability top_p", _sampling_number),
         RequestField("seed", "the seed of the request's sampling generator", _integer(0)),

@@ -70,6 +70,7 @@ class RequestState:
     emit: Callable[[dict], None] | None = None  # where its stream items go (default: `queue`)
     token_bytes: Callable[[int], tuple[str, list[int]]] | None = None  # logprobs' token text (model.logprobs)
     tools: dict[str, dict] | None = None  # functions whose <tool_call> blocks the record parses (tools_format)
+    parent: Any = None  # the actors.choices.Choices of a request with n > 1 whose choice this is
 
     def __post_init__(self) -> None:
         if self.emit is None:

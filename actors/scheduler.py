@@ -45,6 +45,16 @@ With speculative decoding (`spec_tokens` = k > 0) each step of a pure-decode cal
 round that writes up to k + 1 positions a row and makes between 1 and k + 1 tokens: blocks and `in_flight`
 count the most it can make (`Plan.made`), and the group loop gives back what a call did not make when
 it returns. Blocks past what a row keeps hold rejected proposals' KV, which is never read.
+
+A request with n > 1 choices is one sequence per choice, choice 0 carrying the others in `forks`:
+only choice 0 prefills. It is admitted when the running room holds all n, and its further choices
+enter `running` with it (state FORKING), each holding its prompt's full blocks (shared) and a block
+of its own for the partial last one (`BlockPool.share`). The plan with its last prompt chunk forks
+them (`Plan.forks`): the workers start each as a copy of its prompt, sample its first token from
+the same last-position logits with its own sampler, and copy the partial block after the forward;
+from then on each choice decodes, is preempted (and recomputed alone) and ends as any request. A
+FORKING choice picked for preemption takes its parent with it, and with the parent all its choices
+(they wait for its prompt again, holding nothing); a parent that ends takes its FORKING choices.
 """
 
 from __future__ import annotations
@@ -62,9 +72,11 @@ class SeqState(str, Enum):
     PREFILLING = "prefilling"
     DECODING = "decoding"
     FINISHED = "finished"
+    FORKING = "forking"  # a further choice of an n > 1 request, waiting for its first choice's prompt
 
 
 WAITING, PREFILLING, DECODING, FINISHED = SeqState.WAITING, SeqState.PREFILLING, SeqState.DECODING, SeqState.FINISHED
+FORKING = SeqState.FORKING
 
 
 @dataclass
@@ -73,7 +85,8 @@ class Sequence:
 
     `tokens` is prompt_ids + output_ids; `output_ids` only grows (through `GroupScheduler.append`)
     and survives preemption. `images` are (start, end, content hash) per image, the token span of
-    its image tokens in the prompt (the hash of its processed pixels and grid).
+    its image tokens in the prompt (the hash of its processed pixels and grid). `forks` are the further
+    choices of an n > 1 request (same prompt and images), until its prompt's last chunk forks them.
     """
 
     request_id: str
@@ -89,6 +102,8 @@ class Sequence:
     preemptions: int = 0
     in_flight: int = 0  # tokens that calls already planned will sample, not yet appended
     finish_reason: str | None = None
+    forks: list[Sequence] = field(default_factory=list, repr=False, compare=False)
+    fork_parent: Sequence | None = field(default=None, repr=False, compare=False)  # while FORKING
     _tokens: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
     _keys: list[bytes] = field(default_factory=list, init=False, repr=False, compare=False)
     _keys_block_size: int = field(default=0, init=False, repr=False, compare=False)
@@ -121,7 +136,9 @@ class Plan:
     decode_steps: int = 0  # 1 in a round with chunks, the pure-decode steps otherwise, 0 if nothing decodes
     spec_tokens: int = 0  # proposals per speculative round of a pure-decode call (0: each step makes one token)
     made: dict[str, int] = field(default_factory=dict)  # request id -> the most tokens the call may make for it
-    block_tables: dict[str, list[int]] = field(default_factory=dict)  # every request in chunks or decode
+    block_tables: dict[str, list[int]] = field(default_factory=dict)  # every request in chunks, decode or forks
+    # (parent, choice, (block to copy, its copy) or None): choices forked from the parent's last prompt chunk
+    forks: list[tuple[Sequence, Sequence, tuple[int, int] | None]] = field(default_factory=list)
 
 
 class GroupScheduler:
@@ -169,23 +186,26 @@ class GroupScheduler:
         self.running: list[Sequence] = []  # admission order
         self.by_id: dict[str, Sequence] = {}
         self.preemptions = 0
+        self.prefill_tokens = 0  # tokens computed in prompt chunks, recomputations included
+        self.pending_forks = 0  # choices waiting with their parent in `waiting` (FORKING, holding nothing)
         self._releases: list[str] = []
 
     # ----------------------------------------------------------------------------- queries
     @property
     def load(self) -> int:
-        """Waiting plus running requests: what 'least loaded' compares."""
-        return len(self.waiting) + len(self.running)
+        """Waiting plus running sequences (one per choice): what 'least loaded' compares."""
+        return len(self.waiting) + len(self.running) + self.pending_forks
 
     @property
     def idle(self) -> bool:
         return not self.waiting and not self.running and not self._releases
 
     def stats(self) -> dict[str, int]:
-        """The pool's stats plus cumulative preemptions and the running and waiting counts."""
+        """The pool's stats, cumulative preemptions and prompt tokens computed, the running and waiting counts."""
         return {
             **self.pool.stats(),
             "preemptions": self.preemptions,
+            "prefill_tokens": self.prefill_tokens,
             "running": len(self.running),
             "waiting": len(self.waiting),
         }
@@ -213,10 +233,17 @@ class GroupScheduler:
         return self.pool.cached_prefix(keys) * self.block_size
 
     # ----------------------------------------------------------------------------- events
-    def never_fits(self, prompt_len: int, max_new_tokens: int) -> str | None:
-        """Why a request of this size could never fit the whole KV pool (it would wait forever), or None."""
+    def never_fits(self, prompt_len: int, max_new_tokens: int, n: int = 1) -> str | None:
+        """Why a request of this size (with `n` choices) could never fit the whole KV pool (it would wait
+        forever), or None."""
         total = prompt_len + max_new_tokens
         need = -(-total // self.block_size)
+        admit = -(-prompt_len // self.block_size) + (n - 1 if prompt_len % self.block_size else 0)
+        if need <= self.pool.capacity and admit > self.pool.capacity:
+            return (
+                f"a prompt of {prompt_len} tokens with n={n} choices needs {admit} blocks of {self.block_size} "
+                f"tokens at admission, more than the KV pool holds ({self.pool.capacity} blocks)"
+            )
         if need <= self.pool.capacity:
             return None
         return (
@@ -235,24 +262,38 @@ class GroupScheduler:
         self.decode_step_s, self.prompt_token_s = decode_step_s, prompt_token_s
 
     def add(self, seq: Sequence) -> None:
-        """Queue a request (fresh, or moved here from a failed group keeping its output_ids).
+        """Queue a request (fresh, or moved here from a failed group keeping its output_ids), with its `forks`.
 
-        ValueError for a duplicate id or a request that could never fit the whole KV pool.
+        ValueError for a duplicate id, more choices than `max_running` or a request that could never fit the
+        whole KV pool.
         """
-        if seq.request_id in self.by_id:
-            raise ValueError(f"request id {seq.request_id!r} is already scheduled")
+        for one in [seq, *seq.forks]:
+            if one.request_id in self.by_id:
+                raise ValueError(f"request id {one.request_id!r} is already scheduled")
+        ids = {seq.request_id, *(s.request_id for s in seq.forks)}
+        if seq.forks and (seq.output_ids or len(ids) <= len(seq.forks)):
+            raise ValueError(f"request {seq.request_id!r}: choices need distinct ids and a prompt not yet sampled")
+        if 1 + len(seq.forks) > self.max_running:
+            raise ValueError(
+                f"request {seq.request_id!r}: n={1 + len(seq.forks)} choices exceed max_running={self.max_running}"
+            )
         if seq.prompt_len < 1 or seq.max_new_tokens < 1:
             raise ValueError(
                 f"request {seq.request_id!r}: prompt of {seq.prompt_len} tokens and max_new_tokens="
                 f"{seq.max_new_tokens} must both be >= 1"
             )
-        never = self.never_fits(seq.prompt_len, seq.max_new_tokens)
+        never = self.never_fits(seq.prompt_len, seq.max_new_tokens, 1 + len(seq.forks))
         if never is not None:
             raise ValueError(f"request {seq.request_id!r} can never fit: {never}")
         seq.state, seq.finish_reason, seq.num_computed, seq.num_cached, seq.in_flight = WAITING, None, 0, 0, 0
         seq._on_workers = False
         self.waiting.append(seq)
         self.by_id[seq.request_id] = seq
+        for child in seq.forks:
+            child.state, child.finish_reason, child.fork_parent = FORKING, None, seq
+            child.num_computed, child.num_cached, child.in_flight, child._on_workers = 0, 0, 0, False
+            self.by_id[child.request_id] = child
+        self.pending_forks += len(seq.forks)
 
     def prefilled(self, seq: Sequence, end: int) -> None:
         """A chunk of `seq.tokens` ending at `end` ran; a chunk ending at len(tokens) makes it decode."""
@@ -261,6 +302,7 @@ class GroupScheduler:
             raise ValueError(
                 f"request {seq.request_id!r}: chunk end {end} outside ({seq.num_computed}, {len(seq.tokens)}]"
             )
+        self.prefill_tokens += end - seq.num_computed
         seq.num_computed = end
         if end == len(seq.tokens):
             seq.state = DECODING
@@ -321,6 +363,7 @@ class GroupScheduler:
         self.by_id.clear()
         self._releases.clear()
         self.pool.reset()
+        self.pending_forks = 0
         for seq in out:
             seq._on_workers, seq.in_flight = False, 0
         return out
@@ -368,8 +411,10 @@ class GroupScheduler:
             seq = self.waiting.head()
             if seq.in_flight:  # preempted while its tokens were in flight: its prompt is not known yet
                 return
+            if len(self.running) + 1 + len(seq.forks) > self.max_running:  # room for all its choices
+                return
             keys = self._keys(seq) if self.pool.caching else []
-            cached = self.pool.allocate(seq.request_id, len(seq.tokens), keys)
+            cached = self.pool.allocate(seq.request_id, len(seq.tokens), keys, self._copies(seq))
             if cached is None:
                 return
             self.waiting.popleft()
@@ -378,13 +423,42 @@ class GroupScheduler:
             seq.num_cached = seq.num_computed = cached
             seq.state, seq._on_workers = PREFILLING, True
             self.running.append(seq)
+            self._share(seq)
             plan.admit.append(seq)
             budget -= self._chunk(seq, budget, plan)
 
     def _chunk(self, seq: Sequence, budget: float, plan: Plan) -> int:
         end = int(min(len(seq.tokens), seq.num_computed + budget))
         plan.chunks.append((seq, seq.num_computed, end))
+        if end == len(seq.tokens) and seq.forks:
+            self._fork(seq, plan)
         return end - seq.num_computed
+
+    # ----------------------------------------------------------------------------- choices (n > 1)
+    def _copies(self, seq: Sequence) -> int:
+        """Blocks `seq`'s choices take of their own at its admission: one each for a partial last prompt block."""
+        return len(seq.forks) if seq.prompt_len % self.block_size else 0
+
+    def _share(self, parent: Sequence) -> None:
+        """`parent` was admitted: its choices run with it, FORKING, holding its prompt's blocks (`BlockPool.share`)."""
+        for child in parent.forks:
+            self.pool.share(child.request_id, parent.request_id, parent.prompt_len)
+            self.running.append(child)
+        self.pending_forks -= len(parent.forks)
+
+    def _fork(self, parent: Sequence, plan: Plan) -> None:
+        """`parent`'s last prompt chunk is planned: its choices sample their first tokens from the same logits in
+        that call (in flight), then decode on their own; each copies the partial last block after the forward."""
+        full = parent.prompt_len // self.block_size
+        partial = parent.prompt_len % self.block_size
+        source = self.pool.table(parent.request_id)[full] if partial else None
+        for child in parent.forks:
+            table = self.pool.table(child.request_id)
+            child.state, child.num_computed, child.in_flight = DECODING, parent.prompt_len, 1
+            child._on_workers, child.fork_parent = True, None
+            plan.forks.append((parent, child, (source, table[full]) if partial else None))
+            plan.block_tables[child.request_id] = table
+        parent.forks = []
 
     def _pure_decode_steps(self, decode: list[Sequence], per_step: int) -> int:
         """The most steps (<= decode_steps_per_call, <= what any request still needs) whose blocks fit when each
@@ -418,7 +492,14 @@ class GroupScheduler:
 
     # ----------------------------------------------------------------------------- helpers
     def _preempt(self, seq: Sequence, plan: Plan) -> None:
-        """Free `seq`'s blocks (computed full blocks stay cached) and queue it first, to be recomputed."""
+        """Free `seq`'s blocks (computed full blocks stay cached) and queue it first, to be recomputed. A choice
+        waiting for its parent's prompt takes the parent, whose choices all wait with it again."""
+        if seq.state == FORKING and seq.fork_parent is not None:
+            seq = seq.fork_parent
+        for child in seq.forks:
+            self.pool.free(child.request_id)
+            self.running.remove(child)
+        self.pending_forks += len(seq.forks)
         self.pool.free(seq.request_id)
         self.running.remove(seq)
         seq.state, seq.num_computed = WAITING, 0
@@ -428,9 +509,22 @@ class GroupScheduler:
         plan.preempted.append(seq.request_id)
 
     def _end(self, seq: Sequence, reason: str) -> None:
-        """The one release path: blocks freed now, the id into the next plan's releases."""
+        """The one release path: blocks freed now, the id into the next plan's releases. Choices waiting for
+        `seq`'s prompt end with it."""
+        for child in list(seq.forks):
+            self._end(child, reason)
         del self.by_id[seq.request_id]
-        if seq.state == WAITING:
+        if seq.state == FORKING:
+            parent = seq.fork_parent
+            assert parent is not None, f"request {seq.request_id!r} is forking without a parent"
+            parent.forks.remove(seq)
+            if parent.state == WAITING:
+                self.pending_forks -= 1
+            else:
+                self.running.remove(seq)
+                self.pool.free(seq.request_id)
+            seq.fork_parent = None
+        elif seq.state == WAITING:
             self.waiting.remove(seq)
         else:
             self.running.remove(seq)

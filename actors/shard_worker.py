@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 # (request without pixels, params, EOS ids, prompt tokens already in its cached prefix blocks)
 Admission = tuple[PreparedRequest, SamplingParams, list[int], int]
+Fork = tuple[str, str, SamplingParams, tuple[int, int] | None]  # (parent id, choice id, its params, (block, copy))
 
 
 @dataclass(frozen=True)
@@ -213,12 +214,16 @@ class ShardWorker:
         decode: list[str],
         steps: int,
         profile: bool = False,
+        forks: list[Fork] | None = None,
         spec_tokens: int = 0,
     ) -> dict:
-        """One round: forget `releases`, drop the KV of `preempted`, start `admissions`, take the block
-        tables, then the chunks (request id, start, end) and one token of each `decode` request in one
-        packed forward, or, without chunks, `steps` pure-decode steps of the `decode` requests (speculative
-        rounds of up to `spec_tokens` proposals each, when speculation is configured).
+        """One round: forget `releases`, drop the KV of `preempted`, start `admissions`, start the choices of
+        `forks` (parent id, choice id, its params, (block, copy) or None) from their parents' prompts, take
+        the block tables, then the chunks (request id, start, end) and one token of each `decode` request in
+        one packed forward, or, without chunks, `steps` pure-decode steps of the `decode` requests (speculative
+        rounds of up to `spec_tokens` proposals each, when speculation is configured); last, copy each forked
+        choice's partial prompt block. A choice samples its first token with its parent's first, from the same
+        logits (the parent's last chunk is in this call).
 
         Returns {"outputs": {request id: new tokens}, "errors": {request id: message}, "seconds"}; a request
         that cannot be started is reported and left out of the round, the others go on. A decode request
@@ -240,10 +245,16 @@ class ShardWorker:
             except ValueError as e:
                 errors[request.request_id] = str(e)
                 batch.release(request.request_id)
+        copies = []
+        for parent_id, child_id, params, copy in forks or ():
+            if parent_id in batch.seqs and parent_id not in errors:
+                batch.fork(parent_id, child_id, params)
+                copies.extend([copy] if copy is not None else [])
         batch.set_tables({r: t for r, t in tables.items() if r not in errors and r in batch.seqs})
         chunks = [c for c in chunks if c[0] not in errors]
         decode = [r for r in decode if r not in errors and r in batch.seqs]
         outputs = batch.step(chunks, decode, steps, spec_tokens) if chunks or decode else {}
+        batch.copy_blocks(copies)
         if self.profiler is not None and not chunks and not batch.active:
             self._stop_profile()
         return {"outputs": self._plain(outputs), "errors": errors, "seconds": time.perf_counter() - start}

@@ -179,6 +179,8 @@ class ServeConfig:
     grammar_cache_size: distinct structured-output grammars whose check is kept (actors/grammars.py);
         these two keys hold for request files run by cluster.launch too.
     grammar_compile_timeout_s: a grammar not checked within this many seconds is refused (400).
+    max_n: the most choices (`n`) one chat request may ask for (400 naming `n` beyond); the engine also
+        refuses more than data_config.batch_size, the sequences a DP group runs at once.
     """
 
     host: str = "127.0.0.1"
@@ -202,6 +204,7 @@ class ServeConfig:
     max_video_seconds: float = 3600.0
     grammar_cache_size: int = 256
     grammar_compile_timeout_s: float = 10.0
+    max_n: int = 8
 
 
 @dataclass
@@ -496,6 +499,7 @@ def _validate(cfg: RunConfig) -> None:
     _check_min("serve.max_media_redirects", serve.max_media_redirects, 0)
     _check_min("serve.max_queued_requests", serve.max_queued_requests, 0)
     _check_min("serve.grammar_cache_size", serve.grammar_cache_size, 1)
+    _check_min("serve.max_n", serve.max_n, 1)
     if not serve.grammar_compile_timeout_s > 0:
         _fail("serve.grammar_compile_timeout_s", serve.grammar_compile_timeout_s, "must be > 0")
     if serve.queue_timeout_s is not None and not serve.queue_timeout_s > 0:

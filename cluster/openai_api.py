@@ -144,8 +144,8 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0, le=2)  # vLLM's extensions from here
     top_k: int | None = Field(default=None, ge=-1)
     min_tokens: int | None = Field(default=None, ge=0)
+    n: int | None = Field(default=None, ge=1)  # choices, from one prefill; at most serve.max_n (check_n)
     # Refused unless left at their defaults.
-    n: int | None = None
     functions: list[Any] | None = None
     function_call: Any = None
 
@@ -156,17 +156,22 @@ class ChatCompletionRequest(BaseModel):
 
     def check_supported(self) -> None:
         """Raise a 400 for a parameter we do not implement."""
-        unsupported = {
-            "n": self.n not in (None, 1),
-            "functions": bool(self.functions) or self.function_call not in (None, "none"),
-        }
-        for field, refused in unsupported.items():
-            if refused:
-                what = "only n=1 is supported" if field == "n" else f"'{field}' is not supported by this server"
-                raise APIError(400, what, param=field, code="unsupported_parameter")
+        if bool(self.functions) or self.function_call not in (None, "none"):
+            raise APIError(
+                400, "'functions' is not supported by this server", param="functions", code="unsupported_parameter"
+            )
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, f"top_logprobs={self.top_logprobs} needs logprobs=true", param="top_logprobs")
         self._check_tools()
+
+    def check_n(self, max_n: int) -> None:
+        """A 400 naming `n` when it asks for more choices than serve.max_n."""
+        if self.n is not None and self.n > max_n:
+            raise APIError(400, f"n={self.n} is more choices than this server gives (serve.max_n={max_n})", "n")
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
 
     def known_tools(self) -> dict[str, dict]:
         """The request's functions by name ({} without tools)."""
@@ -296,6 +301,7 @@ def engine_request(
         ("logit_bias", request.logit_bias),
         ("top_k", request.top_k),
         ("min_tokens", request.min_tokens),
+        ("n", request.n if request.choices > 1 else None),
         ("structured_outputs", request.structured_outputs),
         (
             "mm_processor_kwargs",
@@ -375,8 +381,12 @@ def new_completion_id() -> str:
 
 def usage(record: dict[str, Any]) -> dict[str, Any]:
     """OpenAI's usage object; `prompt_tokens_details.cached_tokens` counts the prompt tokens served from the
-    prefix cache."""
-    prompt, completion = int(record.get("prompt_tokens") or 0), len(record.get("output_token_ids") or ())
+    prefix cache. With n > 1 choices the prompt counts once and the completion tokens of every choice."""
+    prompt = int(record.get("prompt_tokens") or 0)
+    if record.get("choices"):
+        completion = sum(len(choice["token_ids"]) for choice in record["choices"])
+    else:
+        completion = len(record.get("output_token_ids") or ())
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -395,6 +405,21 @@ def choice_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | No
     return None if entries is None else {"content": entries, "refusal": None}
 
 
+def completion_choice(
+    index: int,
+    content: str | None,
+    reason: str,
+    logprobs: list[dict[str, Any]] | None,
+    tool_calls: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One choice of a chat.completion; with tool_calls (cluster/tools_format.parse_calls), finish_reason
+    'tool_calls'."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"], reason = tool_calls, "tool_calls"
+    return {"index": index, "message": message, "logprobs": choice_logprobs(logprobs), "finish_reason": reason}
+
+
 def completion_body(
     completion_id: str,
     model: str,
@@ -403,24 +428,18 @@ def completion_body(
     reason: str,
     record: dict[str, Any],
     tool_calls: list[dict[str, Any]] | None = None,
+    choices: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A chat.completion; with tool_calls (cluster/tools_format.parse_calls), finish_reason 'tool_calls'."""
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if tool_calls:
-        message["tool_calls"], reason = tool_calls, "tool_calls"
+    """A chat.completion of one choice (content, reason, the record's logprobs, tool_calls), or of `choices`
+    (`completion_choice` each, n > 1); usage from the record."""
+    if choices is None:
+        choices = [completion_choice(0, content, reason, record.get("logprobs"), tool_calls)]
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": choice_logprobs(record.get("logprobs")),
-                "finish_reason": reason,
-            }
-        ],
+        "choices": choices,
         "usage": usage(record),
     }
 
@@ -434,11 +453,12 @@ def chunk_body(
     usage_: dict[str, int] | None = None,
     include_usage: bool = False,
     logprobs: list[dict[str, Any]] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    """A chat.completion.chunk; with delta None, the usage-only chunk (no choices). `logprobs`: the entries
-    of the delta's tokens (a record's `logprobs` field), when the request asked."""
+    """A chat.completion.chunk of choice `index`; with delta None, the usage-only chunk (no choices).
+    `logprobs`: the entries of the delta's tokens (a record's `logprobs` field), when the request asked."""
     body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-    choice = {"index": 0, "delta": delta, "logprobs": choice_logprobs(logprobs), "finish_reason": reason}
+    choice = {"index": index, "delta": delta, "logprobs": choice_logprobs(logprobs), "finish_reason": reason}
     body["choices"] = [] if delta is None else [choice]
     if include_usage:
         body["usage"] = usage_

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from actors.metrics import generated_tokens
 from cluster.results import atomic_write_bytes, json_default
 
 Record = dict[str, Any]
@@ -113,7 +114,7 @@ def summarize(
         raise ValueError(f"wall_s must be a finite non-negative number, got {wall_s!r}")
     ok = [r for r in records if r.get("error") is None]
     input_tokens = sum(int(r.get("prompt_tokens") or 0) for r in ok)
-    output_tokens = sum(len(r.get("output_token_ids") or ()) for r in ok)
+    output_tokens = sum(generated_tokens(r) for r in ok)  # every choice's, for n > 1
     cached = sum(int(r.get("cached_tokens") or 0) for r in ok)
     samples = latency_samples_ms(records)
 

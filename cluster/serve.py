@@ -60,6 +60,7 @@ from cluster.openai_api import (
     check_media,
     chunk_body,
     completion_body,
+    completion_choice,
     engine_request,
     error_body,
     finish_reason,
@@ -225,6 +226,7 @@ class OpenAIServer:
                 param="model",
                 code="model_not_found",
             )
+        body.check_n(self.settings.max_n)
         check_media(body, self.settings.allowed_local_media_path, self.settings.allowed_media_domains)
         ticket = self.admission.enter()
         response = None
@@ -311,11 +313,14 @@ class OpenAIServer:
             item = await self._next(stream)
         if item.get("error") is not None:
             raise _record_error(item)
-        content: str | None = item.get("output_text") or ""
-        calls = None
-        if body.parses_tools():
-            content, calls = parse_calls(content, body.known_tools())
-        body_ = completion_body(completion_id, self.model, now(), content, finish_reason(item), item, calls)
+        choices = []
+        for index, choice in enumerate(item.get("choices") or [item]):  # n > 1: the record's choices
+            content: str | None = choice.get("text", choice.get("output_text")) or ""
+            calls = None
+            if body.parses_tools():
+                content, calls = parse_calls(content, body.known_tools())
+            choices.append(completion_choice(index, content, finish_reason(choice), choice.get("logprobs"), calls))
+        body_ = completion_body(completion_id, self.model, now(), None, "", item, choices=choices)
         return JSONResponse(body_)
 
     async def _events(
@@ -337,22 +342,26 @@ class OpenAIServer:
             reason: str | None = None,
             usage_: dict[str, int] | None = None,
             logprobs: list[dict[str, Any]] | None = None,
+            index: int = 0,
         ) -> bytes:
-            body = chunk_body(completion_id, self.model, created, delta, reason, usage_, include_usage, logprobs)
+            body = chunk_body(completion_id, self.model, created, delta, reason, usage_, include_usage, logprobs, index)
             return sse(body)
 
         finished = False
         pending: asyncio.Future | None = None
-        tools = ToolStream(body.known_tools()) if body.parses_tools() else None
+        n = body.choices
+        tools = [ToolStream(body.known_tools()) for _ in range(n)] if body.parses_tools() else None
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            for index in range(n):
+                yield chunk({"role": "assistant", "content": ""}, index=index)
             while not item.get("final"):
                 text = item.get("text")  # the engine's deltas: stop strings already cut, held back and released
                 entries = item.get("logprobs")  # of this delta's tokens, when asked (text may be held back)
+                index = item.get("index", 0)  # the choice, with n > 1
                 if tools is not None and text:
-                    text = tools.feed(text)  # a tool call's text is held, and sent as tool_calls at the end
+                    text = tools[index].feed(text)  # a tool call's text is held, and sent as tool_calls at the end
                 if text or entries:
-                    yield chunk({"content": text or ""}, logprobs=entries)
+                    yield chunk({"content": text or ""}, logprobs=entries, index=index)
                 pending = asyncio.ensure_future(self._next(stream))
                 while not (await asyncio.wait({pending}, timeout=KEEPALIVE_S))[0]:
                     if deadline is not None and time.monotonic() > deadline:
@@ -364,15 +373,16 @@ class OpenAIServer:
             if item.get("error") is not None:
                 yield sse(_record_error(item).body())
             else:
-                reason = finish_reason(item)
-                if tools is not None:
-                    text, calls = tools.finish()
-                    if text:
-                        yield chunk({"content": text})
-                    if calls:
-                        yield chunk({"tool_calls": call_deltas(calls)})
-                        reason = "tool_calls"
-                yield chunk({}, reason)
+                for index, choice in enumerate(item.get("choices") or [item]):
+                    reason = finish_reason(choice)
+                    if tools is not None:
+                        text, calls = tools[index].finish()
+                        if text:
+                            yield chunk({"content": text}, index=index)
+                        if calls:
+                            yield chunk({"tool_calls": call_deltas(calls)}, index=index)
+                            reason = "tool_calls"
+                    yield chunk({}, reason, index=index)
                 if include_usage:
                     yield chunk(None, usage_=usage(item))
         except Overloaded as e:  # no token in time: the request is aborted below

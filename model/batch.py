@@ -76,6 +76,7 @@ class SeqState:
     draft_embeds: dict[int, torch.Tensor] = field(default_factory=dict)  # as `embeds`, the draft's (model/draft.py)
     draft_computed: int = 0  # tokens whose draft KV is in the blocks
     speculation: RowSpeculation = field(default_factory=RowSpeculation)
+    forks: list[str] = field(default_factory=list)  # choices whose first tokens come from this prompt's last logits
 
     @property
     def output(self) -> list[int]:
@@ -235,6 +236,41 @@ class RunningBatch:
                 seq.table_epoch = next(self._epochs)
             seq.table[start:] = blocks
 
+    def fork(self, parent_id: str, child_id: str, params: SamplingParams) -> None:
+        """Start `child_id` as a further choice of `parent_id`'s prompt (an n > 1 request), sampled with `params`
+        (its own seed): its first token is sampled with the parent's first, from the same last-position
+        logits, in the forward that computes the parent's last prompt chunk. Its blocks come through
+        `set_tables` (the prompt's full blocks shared, a copy of the partial last one: `copy_blocks` after
+        that forward). ValueError when the parent has sampled already or the child runs."""
+        parent = self._seq(parent_id)
+        if child_id in self.seqs:
+            raise ValueError(f"request {child_id!r} is already running")
+        if len(parent.tokens) != parent.prompt_len:
+            raise ValueError(f"request {parent_id!r}: a choice forks from a prompt not yet sampled")
+        child = SeqState(
+            child_id,
+            list(parent.tokens),
+            parent.prompt_len,
+            parent.positions,
+            parent.delta,
+            parent.spans,
+            params,
+            make_generator(params, self.runner.device),
+            parent.eos,
+            num_computed=parent.prompt_len,
+            draft_computed=parent.prompt_len if self.drafter is not None else 0,  # the draft's KV: as the target's
+        )
+        if params.grammar is not None:
+            child.matcher = self._grammars().matcher(params.grammar)
+        parent.forks.append(child_id)
+        self.seqs[child_id] = child
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy each (source, destination) KV block (the partial prompt block of a forked choice)."""
+        self.runner.cache.copy_blocks(pairs)
+        if self.drafter is not None:  # the draft's pool has the target's block layout
+            self.drafter.runner.cache.copy_blocks(pairs)
+
     def preempt(self, request_id: str) -> None:
         """Drop a request's KV (its blocks go back to the pool); its tokens and sampler stay for its resumption."""
         seq = self.seqs.get(request_id)
@@ -286,6 +322,8 @@ class RunningBatch:
             layout.append((start, end - start, seq.table))
             if end == len(seq.tokens):
                 sample_rows.append((request_id, len(ids) - 1))
+                sample_rows.extend((child, len(ids) - 1) for child in seq.forks)  # the same logits
+                seq.forks = []
         device = runner.device
         packed = PackedBatch.build(layout, runner.block_size, device)
         logits = runner.model.prefill(

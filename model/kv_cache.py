@@ -47,6 +47,17 @@ class PagedKVCache:
         """Keys and values of one block over all layers, on one rank."""
         return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy each (source, destination) block's keys and values, every layer (copy-on-write of a block two
+        requests would both write: the choices of an n > 1 request after their shared prompt)."""
+        if not pairs:
+            return
+        device = self.keys[0].device
+        src = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=device)
+        dst = torch.tensor([d for _, d in pairs], dtype=torch.long, device=device)
+        for cache in (*self.keys, *self.values):
+            cache.index_copy_(0, dst, cache.index_select(0, src))
+
     @property
     def num_blocks(self) -> int:
         return self.keys[0].shape[0]

@@ -271,6 +271,7 @@ CARRIED = {
     "temperature": 0.7,
     "top_p": 0.9,
     "seed": 11,
+    "n": 3,
     "ignore_eos": True,
     "mm_processor_kwargs": {"max_pixels": 12544},
 }

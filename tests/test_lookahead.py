@@ -48,17 +48,22 @@ class LoggedGroup(FakeWorkerGroup):
             self.arrived += 1
         return await super().call(method, *args)
 
-    def _step(self, releases, preempted, admissions, tables, chunks, decode, steps, profile=False) -> dict:
+    def _step(self, releases, preempted, admissions, tables, chunks, decode, steps, profile=False, forks=None) -> dict:
         bs, index = self.block_size, self.plan_index.pop(id(tables))
         self.ran += 1
-        answer = super()._step(releases, preempted, admissions, tables, chunks, decode, steps, profile)
+        answer = super()._step(releases, preempted, admissions, tables, chunks, decode, steps, profile, forks)
+        forked = set()
+        for _, rid, _, copy in forks or ():  # a forked choice writes the copy of its partial block, after the forward
+            forked.add(rid)
+            if copy is not None and rid in self.seqs:
+                self.writes.append((index, copy[1], rid))
         for rid, start, end in chunks:
             if rid not in answer["errors"]:
                 self.writes.extend((index, self.seqs[rid].table[p // bs], rid) for p in range(start, end))
         for rid, out in answer["outputs"].items():
             seq = self.seqs[rid]
             if chunks:  # one decode token in a round with chunks: its position is the last computed
-                written = [seq.num_computed - 1] if rid not in {c[0] for c in chunks} else []
+                written = [seq.num_computed - 1] if rid not in {c[0] for c in chunks} | forked else []
             else:
                 written = list(range(seq.num_computed - len(out["tokens"]), seq.num_computed))
             self.writes.extend((index, seq.table[p // bs], rid) for p in written)

@@ -68,6 +68,7 @@ class KVReadingGroup(FakeWorkerGroup):
         decode: list[str],
         steps: int,
         profile: bool = False,
+        forks: list[tuple] | None = None,
     ) -> dict:
         for rid in releases:
             self.content.pop(rid, None)
@@ -77,7 +78,7 @@ class KVReadingGroup(FakeWorkerGroup):
         for request, _, _, num_cached in admissions:
             self.content[request.request_id] = self._prompt_content(request)
             self.written[request.request_id] = num_cached  # the cached positions are already in its blocks
-        answer = super()._step(releases, preempted, admissions, tables, chunks, decode, steps, profile)
+        answer = super()._step(releases, preempted, admissions, tables, chunks, decode, steps, profile, forks)
         for rid, _, _ in chunks:  # a chunk that ended before its prompt did samples nothing, but writes
             if rid in self.seqs and rid not in answer["errors"]:
                 self._write(rid, self.seqs[rid])

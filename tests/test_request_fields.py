@@ -42,7 +42,7 @@ def test_known_fields_pass_and_none_leaves_a_field_unset() -> None:
     check_request_fields({name: None for name in FIELDS})
 
 
-@pytest.mark.parametrize("key", ["temprature", "max_tokens", "n", "question_id"])
+@pytest.mark.parametrize("key", ["temprature", "max_tokens", "best_of", "question_id"])
 def test_an_unknown_field_is_refused_naming_it_and_the_request(key: str) -> None:
     with pytest.raises(RequestError) as info:
         check_request_fields({**FULL, key: 1})
@@ -60,6 +60,8 @@ def test_an_unknown_field_is_refused_naming_it_and_the_request(key: str) -> None
         ("messages", {"role": "user"}, "must be a list"),
         ("mm_processor_kwargs", [1], "must be an object"),
         ("max_new_tokens", 0, r"must be in \[1, "),
+        ("n", 0, r"must be in \[1, "),
+        ("n", 2.0, "must be an integer"),
         ("seed", -1, r"must be in \[0, "),
         ("temperature", -1, "must be >= 0"),
         ("top_p", 1.5, r"must be in \(0, 1\]"),

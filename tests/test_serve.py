@@ -45,6 +45,7 @@ NAMESPACE = "test-serve"
 MAX_NEW_TOKENS = 6
 LONG_TOKENS = 1500  # a request long enough to be cut off mid-stream
 MAX_PIXELS = 20_000  # serve.max_request_pixels: one of the test images fits, two do not
+MAX_N = 4  # serve.max_n
 
 
 @dataclass
@@ -87,6 +88,7 @@ def server(local_ray: None, checkpoint: Path, media_dir: Path) -> Iterator[Serve
         "serve.allow_private_media_urls=true",
         "serve.media_read_timeout_s=2",
         f"serve.max_request_pixels={MAX_PIXELS}",
+        f"serve.max_n={MAX_N}",
         f"ray.namespace={NAMESPACE}",
     )
     coordinator = start(cfg)
@@ -236,6 +238,58 @@ def test_stop_strings(server: Server) -> None:
     assert record["output_text"] == expected and record["finish_reason"] == "stop"
 
 
+def test_n_choices_equal_single_requests_with_the_derived_seeds_and_prefill_the_prompt_once(server: Server) -> None:
+    """n=4 at temperature 1 with seed s through the driver API: four choices, choice i the tokens of a single
+    request with seed s + i; the group's prompt tokens computed grew by the prompt once."""
+    messages = [{"role": "user", "content": "Name four colours of the sea at dawn, one per line."}]
+    body = parse_request(json.dumps({"messages": messages, "max_tokens": 12, "temperature": 1.0, "seed": 41}).encode())
+    request = {**engine_request(body, "four"), "n": 4}
+    before = ray.get(server.coordinator.kv_cache_stats.remote(), timeout=60)[0]["prefill_tokens"]
+    record = ray.get(server.coordinator.generate.remote([request]), timeout=120)[0]
+    computed = ray.get(server.coordinator.kv_cache_stats.remote(), timeout=60)[0]["prefill_tokens"] - before
+    assert record["error"] is None, record["error"]
+    assert computed == record["prompt_tokens"] - record["cached_tokens"] > 0  # one prefill for the four choices
+    singles = [{**request, "id": f"single-{i}", "seed": 41 + i, "n": None} for i in range(4)]
+    single_records = ray.get(server.coordinator.generate.remote(singles), timeout=120)
+    assert [c["index"] for c in record["choices"]] == [0, 1, 2, 3]
+    for choice, single in zip(record["choices"], single_records):
+        assert choice["token_ids"] == single["output_token_ids"], choice["index"]
+        assert choice["text"] == single["output_text"] and choice["finish_reason"] == single["finish_reason"]
+        assert "choices" not in single
+    assert len({tuple(c["token_ids"]) for c in record["choices"]}) > 1  # the seeds differ
+
+
+def test_n_choices_through_the_openai_client_streamed_and_not(server: Server) -> None:
+    fields = {
+        "model": server.model,
+        "messages": [{"role": "user", "content": "Tell me a short story."}],
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "seed": 3,
+        "n": 3,
+    }
+    reply = server.client.chat.completions.create(**fields)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    tokens = [
+        len(server.builder.tokenizer(c.message.content, add_special_tokens=False).input_ids) for c in reply.choices
+    ]
+    assert all(c.finish_reason in ("stop", "length") for c in reply.choices) and all(t > 0 for t in tokens)
+    prompt = server.builder.build({"id": "p", "messages": fields["messages"]}).input_ids
+    assert reply.usage.prompt_tokens == len(prompt)  # the prompt counts once
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert reply.usage.completion_tokens >= 3
+    chunks = list(server.client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **fields))
+    texts, reasons = ["", "", ""], [None, None, None]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert texts == [c.message.content for c in reply.choices]  # the same seeds: the same choices
+    assert reasons == [c.finish_reason for c in reply.choices]
+    assert chunks[-1].usage.prompt_tokens == len(prompt)
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
 def test_api_key_models_and_health(server: Server) -> None:
     anonymous = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as info:
@@ -255,7 +309,7 @@ def test_api_key_models_and_health(server: Server) -> None:
 @pytest.mark.parametrize(
     ("fields", "param", "message"),
     [
-        ({"n": 2}, "n", "n=1"),
+        ({"n": MAX_N + 1}, "n", f"serve.max_n={MAX_N}"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
         ({"top_logprobs": 2}, "top_logprobs", "needs logprobs=true"),
         (

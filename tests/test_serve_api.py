@@ -12,6 +12,7 @@ from cluster.openai_api import (
     check_media,
     chunk_body,
     completion_body,
+    completion_choice,
     engine_request,
     http_image_urls,
     parse_request,
@@ -47,10 +48,10 @@ def _body(**fields) -> bytes:
         (_body(top_p=0), "top_p", "greater than 0"),
         (_body(stop=["a", "b", "c", "d", "e"]), "stop", "at most 4 stop strings"),
         (_body(stop=""), "stop", "must not be empty"),
-        (_body(n=2), "n", "only n=1"),
+        (_body(n=0), "n", "greater than or equal to 1"),
         (_body(logprobs=True, top_logprobs=21), "top_logprobs", "less than or equal to 20"),
         (_body(logprobs=False, top_logprobs=1), "top_logprobs", "needs logprobs=true"),
-        (_body(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="auto", n=2), "n", "only n=1"),
+        (_body(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="auto", n=0), "n", "or equal to 1"),
         (_body(mm_processor_kwargs={"max_pixels": "many"}), "mm_processor_kwargs.max_pixels", "valid integer"),
         (_body(mm_processor_kwargs={"dpi": 3}), "mm_processor_kwargs.dpi", "Extra inputs"),
         (_body(stream="yes please"), "stream", "valid boolean"),
@@ -110,6 +111,30 @@ def test_engine_request() -> None:
         "mm_processor_kwargs": {"max_pixels": 50000},
     }
     assert engine_request(parse_request(_body()), "r2") == {"id": "r2", "messages": [USER]}
+
+
+def test_n_choices_count_the_prompt_once_and_n_above_max_n_is_refused_naming_n() -> None:
+    request = parse_request(_body(n=3))
+    request.check_n(3)
+    assert engine_request(request, "r")["n"] == 3 and "n" not in engine_request(parse_request(_body(n=1)), "r")
+    with pytest.raises(APIError) as info:
+        request.check_n(2)
+    assert (info.value.status, info.value.param) == (400, "n") and "serve.max_n=2" in info.value.message
+    record = {
+        "output_text": "a",
+        "output_token_ids": [5],
+        "prompt_tokens": 11,
+        "choices": [
+            {"index": 0, "text": "a", "token_ids": [5], "finish_reason": "length", "logprobs": None},
+            {"index": 1, "text": "bc", "token_ids": [6, 7], "finish_reason": "stop", "logprobs": None},
+        ],
+    }
+    choices = [completion_choice(c["index"], c["text"], c["finish_reason"], None) for c in record["choices"]]
+    completion = ChatCompletion.model_validate(completion_body("c", "tiny", 1, None, "", record, choices=choices))
+    assert [c.message.content for c in completion.choices] == ["a", "bc"]
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (11, 3)
+    chunk = ChatCompletionChunk.model_validate(chunk_body("c", "tiny", 1, {"content": "b"}, index=1))
+    assert chunk.choices[0].index == 1
 
 
 def test_bodies_parse_as_openai_types() -> None:

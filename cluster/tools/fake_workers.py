@@ -1,10 +1,13 @@
 """A fake DP worker group: answers `encode` and `step` like ShardWorker over RunningBatch, with no model.
 
 Each request's next token is `toy_token(prompt_seed(prompt), index)`: its prompt is hashed once, at
-admission, and each token is a cheap mix of that seed and the output index (the fake must cost little
+admission (mixed with the request's seed when its temperature is above 0, so that sampled requests
+with other seeds differ), and each token is a cheap mix of that seed and the output index (the fake must cost little
 next to the Coordinator it drives), drawn from a range of ordinary tokenizer ids. EOS (unless
 `ignore_eos`) and `max_new_tokens` end a request as `model.batch.RunningBatch` does, and a
-pure-decode call of `steps` steps advances every decoding request up to `steps` tokens. A call can
+pure-decode call of `steps` steps advances every decoding request up to `steps` tokens. A forked choice
+(an n > 1 request) starts from its parent's prompt, with its own seed, and takes its first token
+with the parent's first; the partial-block copies are logged in `copies`. A call can
 take a set time per step (`step_time_s`, the Coordinator benchmark) and be held on events (tests).
 The group has the interface the Coordinator's group loop uses: `dp_rank`, `alive`, `infos`,
 `stats`, `rendezvous`, `start`, `kill` and `call(method, *args)` returning every rank's answer,
@@ -29,6 +32,11 @@ def prompt_seed(prompt_ids: list[int]) -> int:
     return int.from_bytes(hashlib.sha256(repr(list(prompt_ids)).encode()).digest()[:4], "little")
 
 
+def sampled_seed(prompt_ids: list[int], params: Any) -> int:
+    """The fake model's seed of a request: its prompt's hash, mixed with its seed when it samples."""
+    return prompt_seed(prompt_ids) ^ (params.seed if params.temperature > 0 else 0)
+
+
 def toy_token(seed: int, index: int, token_range: tuple[int, int] = TOKEN_RANGE) -> int:
     """The fake model's output token number `index` (0-based) for the prompt of `prompt_seed` `seed`."""
     mixed = ((seed ^ (index * 0x9E3779B1)) * 0x85EBCA6B) & 0xFFFFFFFF
@@ -49,6 +57,7 @@ class FakeSeq:
     num_computed: int
     finish_reason: str | None = None
     table: list[int] = field(default_factory=list)  # its block table, updated as RunningBatch.set_tables does
+    forks: list[str] = field(default_factory=list)  # choices that take their first token with this one's first
 
     @property
     def output(self) -> list[int]:
@@ -81,6 +90,7 @@ class FakeWorkerGroup:
     # (kind, steps, start, end): kind "encode", "prefill" (a call with chunks) or "decode"; perf_counter seconds
     calls: list[tuple[str, int, float, float]] = field(default_factory=list)
     starts: int = 0
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (block, its copy) of every fork, in call order
     busy_s: float = 0.0  # thread CPU time spent in `step` answers (the fake's own work, not the caller's)
     dead_rank: int | None = None
     generation: int = 0  # workers killed so far: a call held across a kill finds its workers gone
@@ -165,6 +175,7 @@ class FakeWorkerGroup:
         decode: list[str],
         steps: int,
         profile: bool = False,
+        forks: list[tuple] | None = None,
     ) -> dict:
         for rid in releases:
             self.seqs.pop(rid, None)
@@ -193,7 +204,7 @@ class FakeWorkerGroup:
                 prompt = list(request.input_ids)
                 known = FakeSeq(
                     prompt,
-                    prompt_seed(prompt),
+                    sampled_seed(prompt, params),
                     params.max_new_tokens,
                     frozenset(eos),
                     params.ignore_eos,
@@ -202,6 +213,22 @@ class FakeWorkerGroup:
                 )
                 self.seqs[rid] = known
             known.num_computed = num_cached
+        copies = []
+        for parent_id, rid, params, copy in forks or ():
+            parent = self.seqs.get(parent_id)
+            if parent is not None and parent_id not in errors:  # as ShardWorker.step
+                prompt = list(parent.prompt)
+                self.seqs[rid] = FakeSeq(
+                    prompt,
+                    sampled_seed(prompt, params),
+                    params.max_new_tokens,
+                    parent.eos,
+                    params.ignore_eos,
+                    list(prompt),
+                    len(prompt),
+                )
+                parent.forks.append(rid)
+                copies.extend([copy] if copy is not None else [])
         for rid, (start, blocks) in tables.items():
             if rid in self.seqs and rid not in errors:
                 table = self.seqs[rid].table
@@ -225,6 +252,9 @@ class FakeWorkerGroup:
                 seq.num_computed = end
                 if end == len(seq.tokens):
                     self._sample(rid, seq, out, now)
+                    for child in seq.forks:
+                        self._sample(child, self.seqs[child], out, now)
+                    seq.forks = []
             for rid in decode:
                 seq = self.seqs.get(rid)  # None: its admission failed in an earlier call
                 if seq is not None and seq.decoding:
@@ -237,6 +267,7 @@ class FakeWorkerGroup:
                     if seq.finish_reason is None:
                         seq.num_computed += 1
                         self._sample(rid, seq, out, now)
+        self.copies.extend(copies)
         return {"outputs": out, "errors": errors, "seconds": 0.0}
 
     def _sample(self, rid: str, seq: FakeSeq, out: dict[str, dict], now: float) -> None:

@@ -68,7 +68,8 @@ class SimWorkerGroup(FakeWorkerGroup):
                 tokens = 0
             else:
                 releases, preempted, admissions, tables, chunks, decode, steps = args[:7]
-                answer = self._step(releases, preempted, admissions, tables, chunks, decode, steps)
+                forks = args[8] if len(args) > 8 else None
+                answer = self._step(releases, preempted, admissions, tables, chunks, decode, steps, False, forks)
                 outputs = answer["outputs"]
                 start = clock.wall()
                 if chunks:
