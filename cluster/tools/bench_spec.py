@@ -1,0 +1,125 @@
+"""Speculative decoding benchmark: TPOT at batch 1 with n-gram and draft proposals against plain decoding.
+
+`python -m cluster.tools.bench_spec [--checkpoint small|tiny] [--exe-mode graph|eager] [--k 4]
+[--draft-layers 4] [--tokens 64] [--repeats 2] [--json OUT]`
+
+In process (the Ray-free model path, as every worker runs it), one request at a time, on the checkpoint's
+random weights. The workload makes the answer repeat text of the prompt, as extraction or rewriting does:
+the prompt is a passage, the model's own greedy continuation of it and the passage again, so the answer
+goes on with that continuation (a random model's greedy output also falls into loops, which n-gram lookup
+finds in the answer itself). The draft is the checkpoint's first `--draft-layers` decoder layers with its
+embeddings, head and vision tower (`cluster.tools.draft_checkpoint`): what a smaller model of the same
+family would be, with an acceptance set by how much the cut layers change the output.
+
+Reported per method: TPOT (median over repeats of (last token time - first) / (tokens - 1)), its ratio to
+plain decoding measured in the same run, the acceptance rate and the mean acceptance length (tokens per
+verification round: 1 + accepted / rounds); and whether the greedy tokens equal plain decoding's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from cluster.tools.bench import CACHE_DIR, CHECKPOINTS, TEXT_PROMPT, log
+from cluster.tools.draft_checkpoint import cut_draft
+from cluster.tools.tiny_checkpoint import build_tiny_checkpoint
+from model.batch import GenerationResult
+from model.draft import load_drafter
+from model.processor import PreparedRequest, PromptBuilder
+from model.runner import ModelRunner, batch_buckets
+from model.sampling import SamplingParams
+from model.speculative import SpeculativeConfig, verify_buckets
+
+
+def tpot(result: GenerationResult) -> float:
+    times = result.token_times_s
+    return (times[-1] - times[0]) / (len(times) - 1)
+
+
+def echo_request(runner: ModelRunner, builder: PromptBuilder, tokens: int) -> PreparedRequest:
+    """A passage, the model's greedy continuation of it, and the passage again (see the module docstring)."""
+    passage = builder.build({"id": "passage", "prompt": TEXT_PROMPT})
+    [cont] = runner.generate([passage], [SamplingParams(max_new_tokens=tokens, ignore_eos=True)], [])
+    ids = passage.input_ids + cont.output_token_ids + passage.input_ids
+    return PreparedRequest("echo", ids, None, None)
+
+
+def measure(runner, request, tokens, repeats, config=None, drafter=None) -> dict:
+    params = [SamplingParams(max_new_tokens=tokens, ignore_eos=True)]
+    runs = [runner.generate([request], params, [], config, drafter)[0] for _ in range(repeats)]
+    rounds = runs[-1].spec_rounds
+    proposed = sum(p for p, _ in rounds)
+    accepted = sum(a for _, a in rounds)
+    return {
+        "tpot_ms": statistics.median(tpot(r) for r in runs) * 1e3,
+        "tokens": runs[-1].output_token_ids,
+        "proposed": proposed,
+        "accepted": accepted,
+        "acceptance_rate": accepted / proposed if proposed else None,
+        "mean_acceptance_length": 1 + accepted / len(rounds) if rounds else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", choices=sorted(CHECKPOINTS), default="small")
+    parser.add_argument("--exe-mode", choices=("graph", "eager"), default="graph")
+    parser.add_argument("--k", type=int, default=4, help="proposals per round")
+    parser.add_argument("--draft-layers", type=int, default=4, help="decoder layers the draft keeps")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per answer")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = parser.parse_args(argv)
+    name, spec = CHECKPOINTS[args.checkpoint]
+    path = build_tiny_checkpoint(CACHE_DIR / name, spec)
+    draft_path = CACHE_DIR / f"{name}-draft-{args.draft_layers}"
+    if not (draft_path / "config.json").is_file():
+        cut_draft(path, draft_path, args.draft_layers)
+    max_seq_len = 512
+    runner = ModelRunner(path, max_batch_size=1, max_seq_len=max_seq_len)
+    runner.add_decode_buckets(verify_buckets(batch_buckets(1), args.k))
+    drafter = load_drafter(runner, draft_path)
+    if args.exe_mode == "graph":
+        log("compiling the decode steps (target: 1 and k + 1 rows; draft: 1 and 2 rows)")
+        runner.capture_graphs()
+        drafter.runner.capture_graphs()
+    builder = PromptBuilder.from_pretrained(path)
+    request = echo_request(runner, builder, args.tokens)
+    log(f"prompt of {len(request.input_ids)} tokens, {args.tokens} new tokens, k={args.k}")
+    ngram = SpeculativeConfig("ngram", args.k)
+    draft = SpeculativeConfig("draft", args.k, model=str(draft_path))
+    measure(runner, request, 8, 1)  # warm-up of every path
+    measure(runner, request, 8, 1, ngram)
+    measure(runner, request, 8, 1, draft, drafter)
+    rows = {}
+    for label, config, d in (("plain", None, None), ("ngram", ngram, None), ("draft", draft, drafter)):
+        rows[label] = measure(runner, request, args.tokens, args.repeats, config, d)
+        log(f"{label}: TPOT {rows[label]['tpot_ms']:.2f} ms")
+    plain = rows["plain"]
+    print(f"{'method':<8}{'TPOT ms':>10}{'vs plain':>10}{'accepted':>10}{'mean len':>10}{'same':>6}")
+    for label, row in rows.items():
+        row["vs_plain"] = row["tpot_ms"] / plain["tpot_ms"]
+        row["same_tokens"] = row["tokens"] == plain["tokens"]
+        rate = "" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.2f}"
+        length = "" if row["mean_acceptance_length"] is None else f"{row['mean_acceptance_length']:.2f}"
+        same = "yes" if row["same_tokens"] else "no"
+        print(f"{label:<8}{row['tpot_ms']:>10.2f}{row['vs_plain']:>10.2f}{rate:>10}{length:>10}{same:>6}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        figures = {k: {f: v for f, v in row.items() if f != "tokens"} for k, row in rows.items()}
+        meta = {
+            "checkpoint": args.checkpoint,
+            "exe_mode": args.exe_mode,
+            "k": args.k,
+            "draft_layers": args.draft_layers,
+        }
+        args.json.write_text(json.dumps({**meta, "methods": figures}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
