@@ -1,13 +1,14 @@
 """Speculative decoding benchmark: TPOT at batch 1 with n-gram and draft proposals against plain decoding.
 
 `python -m cluster.tools.bench_spec [--checkpoint small|tiny] [--exe-mode graph|eager] [--k 4]
-[--draft-layers 4] [--tokens 64] [--repeats 2] [--json OUT]`
+[--draft-layers 4] [--tokens 64] [--context-tokens 96] [--repeats 2] [--json OUT]`
 
 In process (the Ray-free model path, as every worker runs it), one request at a time, on the checkpoint's
-random weights. The workload makes the answer repeat text of the prompt, as extraction or rewriting does:
-the prompt is a passage, the model's own greedy continuation of it and the passage again, so the answer
-goes on with that continuation (a random model's greedy output also falls into loops, which n-gram lookup
-finds in the answer itself). The draft is the checkpoint's first `--draft-layers` decoder layers with its
+random weights. The workload makes the answer repeat text of the prompt, as extraction or rewriting does.
+A random model does not copy its prompt, but its greedy output falls into loops; so the prompt is a
+passage, the model's greedy continuation of it, the passage again, and the first half of the model's
+greedy answer to all that, whose loop the prompt then holds: the answer (the second half) repeats it.
+The draft is the checkpoint's first `--draft-layers` decoder layers with its
 embeddings, head and vision tower (`cluster.tools.draft_checkpoint`): what a smaller model of the same
 family would be, with an acceptance set by how much the cut layers change the output.
 
@@ -41,11 +42,15 @@ def tpot(result: GenerationResult) -> float:
 
 
 def echo_request(runner: ModelRunner, builder: PromptBuilder, tokens: int) -> PreparedRequest:
-    """A passage, the model's greedy continuation of it, and the passage again (see the module docstring)."""
+    """A prompt whose answer repeats a stretch of the prompt (see the module docstring): a passage, the model's
+    greedy continuation of it, the passage again, then the first half of what the model answers to that.
+    Its answer goes on from there: with random weights it falls into a loop that the prompt's end holds."""
+    greedy = [SamplingParams(max_new_tokens=tokens, ignore_eos=True)]
     passage = builder.build({"id": "passage", "prompt": TEXT_PROMPT})
-    [cont] = runner.generate([passage], [SamplingParams(max_new_tokens=tokens, ignore_eos=True)], [])
-    ids = passage.input_ids + cont.output_token_ids + passage.input_ids
-    return PreparedRequest("echo", ids, None, None)
+    [cont] = runner.generate([passage], greedy, [])
+    again = PreparedRequest("again", passage.input_ids + cont.output_token_ids + passage.input_ids, None, None)
+    [answer] = runner.generate([again], greedy, [])
+    return PreparedRequest("echo", again.input_ids + answer.output_token_ids[: tokens // 2], None, None)
 
 
 def measure(runner, request, tokens, repeats, config=None, drafter=None) -> dict:
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=4, help="proposals per round")
     parser.add_argument("--draft-layers", type=int, default=4, help="decoder layers the draft keeps")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per answer")
+    parser.add_argument("--context-tokens", type=int, default=96, help="length of each generated part of the prompt")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     draft_path = CACHE_DIR / f"{name}-draft-{args.draft_layers}"
     if not (draft_path / "config.json").is_file():
         cut_draft(path, draft_path, args.draft_layers)
-    max_seq_len = 512
+    max_seq_len = 1024
     runner = ModelRunner(path, max_batch_size=1, max_seq_len=max_seq_len)
     runner.add_decode_buckets(verify_buckets(batch_buckets(1), args.k))
     drafter = load_drafter(runner, draft_path)
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         runner.capture_graphs()
         drafter.runner.capture_graphs()
     builder = PromptBuilder.from_pretrained(path)
-    request = echo_request(runner, builder, args.tokens)
+    request = echo_request(runner, builder, args.context_tokens)
     log(f"prompt of {len(request.input_ids)} tokens, {args.tokens} new tokens, k={args.k}")
     ngram = SpeculativeConfig("ngram", args.k)
     draft = SpeculativeConfig("draft", args.k, model=str(draft_path))
