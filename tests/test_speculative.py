@@ -4,7 +4,7 @@
 - `accept` keeps greedy output exact, and with temperature its emitted tokens have the target's distribution
   (a chi-square test on synthetic distributions; a wrong acceptance rule fails it);
 - the tiny model through `model.batch.generate` gives the same greedy tokens with speculation on (n-gram and
-  draft, k = 1, 3, 7, text and image prompts), and at temperature 1 the same distribution of each of the
+  draft, k = 1, 3, 7; text, image and video prompts), and at temperature 1 the same distribution of each of the
   first three tokens (two-sample chi-square per position, both methods), while a wrong rule fails;
 - a draft whose tokenizer differs from the target's is refused with the tokens that differ.
 """
@@ -27,6 +27,7 @@ from model.processor import PreparedRequest, PromptBuilder
 from model.runner import ModelRunner
 from model.sampling import SamplingParams
 from model.speculative import SpeculativeConfig, accept, ngram_propose, verify_buckets
+from tests.video_files import make_frames, write_video
 
 ALPHA = 0.001  # significance of each chi-square test (seeded draws: a run's outcome is fixed)
 
@@ -123,7 +124,7 @@ def test_rejection_sampling_keeps_the_target_distribution() -> None:
 # ----------------------------------------------------------------------------- whole runs, in process
 @pytest.fixture(scope="module")
 def runner(tiny_checkpoint: Path) -> ModelRunner:
-    runner = ModelRunner(tiny_checkpoint, max_batch_size=4, max_seq_len=512)
+    runner = ModelRunner(tiny_checkpoint, max_batch_size=5, max_seq_len=512)
     runner.add_decode_buckets([size for k in (1, 3, 7) for size in verify_buckets(runner.buckets, k)])
     return runner
 
@@ -135,15 +136,30 @@ def draft_path(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="module")
-def requests(tiny_checkpoint: Path, prepared: Callable[[Path], dict[str, PreparedRequest]]) -> list[PreparedRequest]:
+def requests(
+    tiny_checkpoint: Path,
+    prepared: Callable[[Path], dict[str, PreparedRequest]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> list[PreparedRequest]:
+    """A prompt that repeats itself, a text, one image, two images, a video."""
     builder = PromptBuilder.from_pretrained(tiny_checkpoint)
     repeating = builder.build({"id": "repeat", "prompt": "one two three four one two three four one two three"})
+    clip = tmp_path_factory.mktemp("video") / "clip.mkv"
+    write_video(clip, make_frames(4, 112, 168, seed=2), 2)
+    video = builder.build(
+        {
+            "id": "video",
+            "prompt": "What happens in the video?",
+            "videos": [str(clip)],
+            "mm_processor_kwargs": {"video_min_pixels": 28 * 28, "video_max_pixels": 112 * 168},
+        }
+    )
     by_name = prepared(tiny_checkpoint)
-    return [repeating, by_name["text"], by_name["one_image"], by_name["two_images"]]
+    return [repeating, by_name["text"], by_name["one_image"], by_name["two_images"], video]
 
 
 def greedy(n: int) -> list[SamplingParams]:
-    return [SamplingParams(max_new_tokens=n, ignore_eos=True)] * 4
+    return [SamplingParams(max_new_tokens=n, ignore_eos=True)] * 5
 
 
 @pytest.mark.parametrize("k", [1, 3, 7])
@@ -180,12 +196,13 @@ def test_a_draft_identical_to_the_target_is_always_accepted(
 def test_eos_and_max_new_tokens_hold_inside_a_round(
     runner: ModelRunner, requests: list[PreparedRequest], tiny_checkpoint: Path
 ) -> None:
-    plain = runner.generate(requests, [SamplingParams(max_new_tokens=n) for n in (5, 6, 7, 9)], [])
+    lengths = [SamplingParams(max_new_tokens=n) for n in (5, 6, 7, 9, 8)]
+    plain = runner.generate(requests, lengths, [])
     eos = [plain[0].output_token_ids[2]]  # a token the first request makes third: its EOS here
-    plain = runner.generate(requests, [SamplingParams(max_new_tokens=n) for n in (5, 6, 7, 9)], eos)
+    plain = runner.generate(requests, lengths, eos)
     config = SpeculativeConfig(method="draft", num_speculative_tokens=7, model=str(tiny_checkpoint))
     drafter = load_drafter(runner, tiny_checkpoint)
-    spec = runner.generate(requests, [SamplingParams(max_new_tokens=n) for n in (5, 6, 7, 9)], eos, config, drafter)
+    spec = runner.generate(requests, lengths, eos, config, drafter)
     assert plain[0].finish_reason == "stop"
     for a, b in zip(plain, spec):
         assert (b.output_token_ids, b.finish_reason) == (a.output_token_ids, a.finish_reason)
@@ -199,6 +216,7 @@ def test_rows_with_logprobs_or_penalties_take_one_token_per_round(
         SamplingParams(max_new_tokens=12, ignore_eos=True, repetition_penalty=1.3),
         SamplingParams(max_new_tokens=12, ignore_eos=True),
         SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=0.8, seed=3),
+        SamplingParams(max_new_tokens=12, ignore_eos=True),
     ]
     plain = runner.generate(requests, params, [])
     config = SpeculativeConfig(method="draft", num_speculative_tokens=3, model=str(tiny_checkpoint))
