@@ -176,6 +176,7 @@ class FakeWorkerGroup:
         steps: int,
         profile: bool = False,
         forks: list[tuple] | None = None,
+        spec_tokens: int = 0,  # speculation is not simulated: a fake step makes one token a row
     ) -> dict:
         for rid in releases:
             self.seqs.pop(rid, None)
