@@ -102,18 +102,20 @@ class SeqState:
         tail = torch.arange(max(start, self.prompt_len), end) + self.delta
         return torch.cat([head, tail.expand(3, -1)], dim=1)
 
-    def image_rows(self, start: int, end: int) -> list[torch.Tensor]:
-        """Embeddings of the image-pad tokens among tokens[start:end], in order."""
+    def image_rows(self, start: int, end: int, draft: bool = False) -> list[torch.Tensor]:
+        """Embeddings of the image-pad tokens among tokens[start:end], in order (the draft's with `draft`)."""
+        embeds = self.draft_embeds if draft else self.embeds
         out = []
         for i, (s, e) in enumerate(self.spans):
             lo, hi = max(s, start), min(e, end)
             if lo < hi:
-                if i not in self.embeds:
+                if i not in embeds:
                     raise ValueError(
-                        f"request {self.request_id!r}: tokens {lo}..{hi} belong to image {i}, whose embeddings "
-                        "were not given (its encode was skipped as cached, but the cache does not hold them)"
+                        f"request {self.request_id!r}: tokens {lo}..{hi} belong to image {i}, whose "
+                        f"{'draft ' if draft else ''}embeddings were not given (its encode was skipped as cached, "
+                        "but the cache does not hold them)"
                     )
-                out.append(self.embeds[i][lo - s : hi - s])
+                out.append(embeds[i][lo - s : hi - s])
         return out
 
 
@@ -344,15 +346,8 @@ class RunningBatch:
         out: dict[str, StepOutput] = {}
         now = time.time()
         seqs = [self._seq(r) for r, _ in sample_rows]
-        asking = LogprobRows([s.params for s in seqs], device)
-        scores = self._constrain(logits, seqs)
-        penalties = self._penalties(seqs)
-        if penalties:
-            scores = penalties.apply(scores)
-        chosen = sample(scores, [s.params for s in seqs], [s.generator for s in seqs])
-        computed = asking.compute(logits, chosen) if asking else None
-        entries = asking.entries(computed) if computed else {}
-        for i, (seq, token) in enumerate(zip(seqs, chosen.tolist())):
+        chosen, entries = self._sample(logits, seqs)
+        for i, (seq, token) in enumerate(zip(seqs, chosen)):
             out[seq.request_id] = StepOutput(seq.request_id)
             self._append(seq, out[seq.request_id], token, now, entries.get(i))
         return out
@@ -528,18 +523,21 @@ class RunningBatch:
         penalties, sampling, logprobs), for the listed rows."""
         if not rows:
             return {}
-        seqs = [live[i] for i in rows]
-        device = logits.device
-        picked = logits[torch.tensor([i * stride for i in rows], device=device)]
-        asking = LogprobRows([s.params for s in seqs], device)
-        scores = self._constrain(picked, seqs)
+        picked = logits[torch.tensor([i * stride for i in rows], device=logits.device)]
+        chosen, entries = self._sample(picked, [live[i] for i in rows])
+        return {i: (token, entries.get(j)) for j, (i, token) in enumerate(zip(rows, chosen))}
+
+    def _sample(self, logits: torch.Tensor, seqs: list[SeqState]) -> tuple[list[int], dict[int, Entry]]:
+        """One token for each row of logits (B, V) (seqs[i] for row i): grammar mask, penalties, sampling, and the
+        logprobs entries of the rows that ask (by row)."""
+        asking = LogprobRows([s.params for s in seqs], logits.device)
+        scores = self._constrain(logits, seqs)
         penalties = self._penalties(seqs)
         if penalties:
             scores = penalties.apply(scores)
         chosen = sample(scores, [s.params for s in seqs], [s.generator for s in seqs])
-        computed = asking.compute(picked, chosen) if asking else None
-        entries = asking.entries(computed) if computed else {}
-        return {i: (token, entries.get(j)) for j, (i, token) in enumerate(zip(rows, chosen.tolist()))}
+        computed = asking.compute(logits, chosen) if asking else None
+        return chosen.tolist(), asking.entries(computed) if computed else {}
 
     @staticmethod
     def _plain(seq: SeqState) -> bool:

@@ -134,7 +134,7 @@ class Drafter:
                 continue
             ids.extend(seq.tokens[start:end])
             positions.append(seq.position_ids(start, end))
-            embeds.extend(self._image_rows(seq, start, end))
+            embeds.extend(seq.image_rows(start, end, draft=True))
             layout.append((start, end - start, seq.table))
             touched.append((seq, end))
         if not layout:
@@ -222,18 +222,3 @@ class Drafter:
         """After verification: `before` tokens were held when proposing; of the k proposals `accepted` were
         kept. The draft fed the last token and proposals 1..k-1, so its KV is right up to the accepted ones."""
         seq.draft_computed = min(before + min(accepted, k - 1), len(seq.tokens) - 1)
-
-    # ----------------------------------------------------------------------------- helpers
-    @staticmethod
-    def _image_rows(seq: SeqState, start: int, end: int) -> list[torch.Tensor]:
-        out = []
-        for i, (s, e) in enumerate(seq.spans):
-            lo, hi = max(s, start), min(e, end)
-            if lo < hi:
-                if i not in seq.draft_embeds:
-                    raise ValueError(
-                        f"request {seq.request_id!r}: tokens {lo}..{hi} belong to image {i}, whose draft "
-                        "embeddings were not given"
-                    )
-                out.append(seq.draft_embeds[i][lo - s : hi - s])
-        return out
