@@ -380,7 +380,8 @@ class GroupScheduler:
             while seq.state == DECODING and not self.pool.grow(seq.request_id, self._kv_end(seq, 1)):
                 self._preempt(self.running[-1], plan)
         plan.decode = [s for s in self.running if s.state == DECODING and self._to_make(s) > 0]
-        budget = float("inf") if static else self.token_budget - len(plan.decode)
+        # A speculating decode row takes its k proposals from the budget too, should the round carry chunks.
+        budget = float("inf") if static else self.token_budget - len(plan.decode) * (1 + self.spec_tokens)
         if plan.decode and not static:
             budget = min(budget, self.prefill_cap)
         for seq in self.running:
@@ -388,8 +389,11 @@ class GroupScheduler:
                 budget -= self._chunk(seq, budget, plan)
         if not static or not self.running:
             self._admit(budget, plan)
-        if plan.decode and plan.chunks:
+        if plan.decode and plan.chunks:  # one step; its rows verify their proposals in the packed forward
             plan.decode_steps = 1
+            plan.spec_tokens = (
+                self.spec_tokens if self.spec_tokens and self._take_blocks(plan.decode, 1 + self.spec_tokens) else 0
+            )
         elif plan.decode:
             plan.spec_tokens = self.spec_tokens
             steps = self._pure_decode_steps(plan.decode, 1 + plan.spec_tokens) if plan.spec_tokens else None
@@ -466,15 +470,22 @@ class GroupScheduler:
         none fits; with per_step 1 one step always fits (its blocks were taken first)."""
         most = max(-(-max(self._to_make(s) for s in decode) // per_step), 1)
         for steps in range(min(self.decode_steps_per_call, most), 0, -1):
-            extra = [self._blocks_short(s, steps * per_step) for s in decode]
-            if sum(extra) <= self.pool.num_free():
-                for s, n in zip(decode, extra):
-                    if n and not self.pool.grow(s.request_id, self._kv_end(s, steps * per_step)):
-                        raise AssertionError(f"request {s.request_id!r}: counted blocks were not there")
+            if self._take_blocks(decode, steps * per_step):
                 return steps
         if per_step == 1:
             raise AssertionError("a decode step without its blocks")
         return 0
+
+    def _take_blocks(self, decode: list[Sequence], positions: int) -> bool:
+        """Give every row blocks for `positions` more positions (capped at what it can hold) if the free blocks
+        cover them all; False, taking nothing, if they do not."""
+        extra = [self._blocks_short(s, positions) for s in decode]
+        if sum(extra) > self.pool.num_free():
+            return False
+        for s, n in zip(decode, extra):
+            if n and not self.pool.grow(s.request_id, self._kv_end(s, positions)):
+                raise AssertionError(f"request {s.request_id!r}: counted blocks were not there")
+        return True
 
     def _kv_end(self, seq: Sequence, steps: int) -> int:
         """Positions `steps` more decode steps write after those in flight, capped by the most the request

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -297,32 +298,46 @@ class RunningBatch:
         chunks, `steps` pure-decode steps of the `decode` requests (speculative rounds of up to `spec_tokens`
         proposals each, when speculation is configured). Returns new tokens per request."""
         if chunks:
-            return self.forward(chunks, decode)
+            return self.forward(chunks, decode, spec_tokens)
         return self.decode(decode, steps, spec_tokens)
 
     @torch.inference_mode()
-    def forward(self, chunks: list[Chunk], decode: list[str]) -> dict[str, StepOutput]:
+    def forward(self, chunks: list[Chunk], decode: list[str], spec_tokens: int = 0) -> dict[str, StepOutput]:
         """Prompt pieces and decode tokens packed into one forward; samples where a piece reaches the end of its
-        sequence's known tokens (a prompt's last chunk, a resumed request, every decode token)."""
+        sequence's known tokens (a prompt's last chunk, a resumed request, every decode token). With
+        `spec_tokens` and speculation configured, a decode row's piece also holds its proposals, verified at
+        every position of the piece (`accept`), as a pure-decode call's rounds verify them."""
         runner = self.runner
         rows = [self._seq(r) for r in decode if self._seq(r).decoding]
-        pieces = list(chunks) + [(s.request_id, s.num_computed, s.num_computed + 1) for s in rows]
+        proposals: dict[str, list[int]] = {}
+        k = min(spec_tokens, self.speculative.num_speculative_tokens) if self.speculative and spec_tokens else 0
+        if k and rows:
+            made, _ = self._proposals(rows, k, lambda idx: runner.table_tensor([rows[i].table for i in idx]))
+            proposals = {s.request_id: p for s, p in zip(rows, made) if p}
+        pieces = list(chunks) + [
+            (s.request_id, s.num_computed, s.num_computed + 1 + len(proposals.get(s.request_id, ()))) for s in rows
+        ]
         ids: list[int] = []
         positions, embeds, layout, sample_rows = [], [], [], []
+        verified: dict[str, int] = {}  # a row with proposals -> its first query among the sampled rows
         for request_id, start, end in pieces:
             seq = self._seq(request_id)
-            if start != seq.num_computed or not start < end <= len(seq.tokens):
+            proposed = proposals.get(request_id, [])
+            if start != seq.num_computed or not start < end <= len(seq.tokens) + len(proposed):
                 raise ValueError(
                     f"request {request_id!r}: piece {start}..{end} does not continue its {seq.num_computed} "
                     f"computed of {len(seq.tokens)} tokens"
                 )
             if blocks_for(end, runner.block_size) > len(seq.table):
                 raise ValueError(f"request {request_id!r}: {len(seq.table)} blocks do not hold {end} tokens")
-            ids.extend(seq.tokens[start:end])
+            ids.extend(seq.tokens[start:end] + proposed)
             positions.append(seq.position_ids(start, end))
             embeds.extend(seq.image_rows(start, end))
             layout.append((start, end - start, seq.table))
-            if end == len(seq.tokens):
+            if proposed:
+                verified[request_id] = len(sample_rows)
+                sample_rows.extend((request_id, len(ids) - 1 - j) for j in range(len(proposed), -1, -1))
+            elif end == len(seq.tokens):
                 sample_rows.append((request_id, len(ids) - 1))
                 sample_rows.extend((child, len(ids) - 1) for child in seq.forks)  # the same logits
                 seq.forks = []
@@ -335,21 +350,27 @@ class RunningBatch:
             packed,
             torch.tensor([row for _, row in sample_rows], dtype=torch.long, device=device),
         )
-        for request_id, _, end in pieces:
+        plain = [(r, start, end) for r, start, end in pieces if r not in verified]
+        for request_id, _, end in plain:  # a verified row counts its KV as it keeps tokens (`_keep`)
             seq = self._seq(request_id)
             seq.num_computed = end
             for i, (_, image_end) in enumerate(seq.spans):  # embeddings now in the cache
                 if image_end <= end:
                     seq.embeds.pop(i, None)
         if self.drafter is not None:  # the draft's KV follows the target's (model/draft.py)
-            self.drafter.mirror([(self._seq(r), start, end) for r, start, end in pieces])
+            self.drafter.mirror([(self._seq(r), start, end) for r, start, end in plain])
         out: dict[str, StepOutput] = {}
         now = time.time()
-        seqs = [self._seq(r) for r, _ in sample_rows]
-        chosen, entries = self._sample(logits, seqs)
+        at = [i for i, (r, _) in enumerate(sample_rows) if r not in verified]
+        seqs = [self._seq(sample_rows[i][0]) for i in at]
+        chosen, entries = self._sample(logits[torch.tensor(at, dtype=torch.long, device=device)], seqs)
         for i, (seq, token) in enumerate(zip(seqs, chosen)):
             out[seq.request_id] = StepOutput(seq.request_id)
             self._append(seq, out[seq.request_id], token, now, entries.get(i))
+        for request_id, first in verified.items():
+            seq, proposed = self._seq(request_id), proposals[request_id]
+            out[request_id] = StepOutput(request_id)
+            self._keep(seq, out[request_id], logits[first : first + len(proposed) + 1], proposed, k, now)
         return out
 
     @torch.inference_mode()
@@ -440,33 +461,12 @@ class RunningBatch:
         """
         runner, config = self.runner, self.speculative
         assert config is not None
-        size = runner.block_size
         n = len(live)
         tables = self._table_tensor(live, pick_bucket(runner.buckets, n))
-        room = []
         for s in live:
-            if len(s.table) * size <= s.num_computed:
+            if len(s.table) * runner.block_size <= s.num_computed:
                 raise ValueError(f"request {s.request_id!r} has no block for its next token")
-            left = s.params.max_new_tokens - len(s.output) - 1  # the round emits proposals + 1
-            room.append(max(0, min(k, left, len(s.table) * size - s.num_computed - 1)))
-        special = [not self._plain(s) for s in live]
-        asking = [i for i in range(n) if not special[i] and room[i] and live[i].speculation.wants()]
-        proposals: list[list[int]] = [[] for _ in live]
-        if config.method == "ngram":
-            for i in asking:
-                proposals[i] = ngram_propose(
-                    live[i].tokens, room[i], config.prompt_lookup_min, config.prompt_lookup_max
-                )
-        else:
-            drafter = self.drafter
-            assert drafter is not None
-            asking = [i for i in asking if len(live[i].tokens) + k <= runner.max_seq_len]
-            if asking:
-                index = torch.tensor(asking, device=tables.device)
-                drafted = drafter.propose([live[i] for i in asking], k, tables[index])
-                for i, tokens in zip(asking, drafted):
-                    proposals[i] = tokens[: room[i]]
-        before = [len(s.tokens) for s in live]
+        proposals, special = self._proposals(live, k, lambda rows: tables[torch.tensor(rows, device=tables.device)])
         tokens, lens, positions, real = verify_layout(
             [s.tokens[-1] for s in live], proposals, [s.num_computed for s in live], [s.delta for s in live], k
         )
@@ -486,35 +486,70 @@ class RunningBatch:
             kv_lens=kv if runner.paged_decode else None,
         )
         now = time.time()
-        emitted: dict[int, tuple[list[int], int]] = {}
-        for i in range(n):
-            if not special[i]:
-                first = i * (k + 1)
-                emitted[i] = accept(
-                    logits[first : first + len(proposals[i]) + 1], proposals[i], live[i].params, live[i].generator
-                )
         chosen_special = self._sample_rows(logits, live, [i for i in range(n) if special[i]], k + 1)
         for i, seq in enumerate(live):
             if special[i]:
                 token, entry = chosen_special[i]
                 seq.num_computed += 1
                 self._append(seq, out[seq.request_id], token, now, entry)
-                continue
-            new, accepted = emitted[i]
-            kept = 0
-            for token in new:
-                seq.num_computed += 1
-                self._append(seq, out[seq.request_id], token, now)
-                kept += 1
-                if seq.finish_reason is not None:
-                    break
-            if proposals[i]:
-                accepted = min(accepted, kept)
-                result = out[seq.request_id]
-                result.spec_rounds = (result.spec_rounds or []) + [(len(proposals[i]), accepted)]
-                seq.speculation.observe(len(proposals[i]), accepted, config)
-                if self.drafter is not None:
-                    self.drafter.accepted(seq, before[i], accepted, k)
+            else:
+                first = i * (k + 1)
+                self._keep(
+                    seq, out[seq.request_id], logits[first : first + len(proposals[i]) + 1], proposals[i], k, now
+                )
+
+    def _proposals(
+        self, live: list[SeqState], k: int, tables: Callable[[list[int]], torch.Tensor]
+    ) -> tuple[list[list[int]], list[bool]]:
+        """Each live row's proposals for one round (up to k; [] where it proposes nothing) and whether its
+        sampling is special (a grammar, penalties or logprobs: it never proposes). A row proposes when it has
+        room (max_new_tokens, its blocks) and its recent acceptance is not resting it (`RowSpeculation`).
+        tables(rows): the block tables (len(rows), M) of those live rows, for the draft."""
+        runner, config = self.runner, self.speculative
+        assert config is not None
+        size = runner.block_size
+        room = []
+        for s in live:
+            left = s.params.max_new_tokens - len(s.output) - 1  # the round emits proposals + 1
+            room.append(max(0, min(k, left, len(s.table) * size - s.num_computed - 1)))
+        special = [not self._plain(s) for s in live]
+        asking = [i for i, s in enumerate(live) if not special[i] and room[i] and s.speculation.wants()]
+        proposals: list[list[int]] = [[] for _ in live]
+        if config.method == "ngram":
+            for i in asking:
+                proposals[i] = ngram_propose(
+                    live[i].tokens, room[i], config.prompt_lookup_min, config.prompt_lookup_max
+                )
+            return proposals, special
+        drafter = self.drafter
+        assert drafter is not None
+        asking = [i for i in asking if len(live[i].tokens) + k <= runner.max_seq_len]
+        if asking:
+            for i, tokens in zip(asking, drafter.propose([live[i] for i in asking], k, tables(asking))):
+                proposals[i] = tokens[: room[i]]
+        return proposals, special
+
+    def _keep(
+        self, seq: SeqState, out: StepOutput, logits: torch.Tensor, proposed: list[int], k: int, now: float
+    ) -> None:
+        """Take one row's verification: logits (len(proposed) + 1, V) at its query rows -> the tokens `accept`
+        emits, each appended (up to EOS or max_new_tokens) with its KV counted; the round's (proposed,
+        accepted) in `out`, the row's acceptance and the draft's KV brought in line."""
+        before = len(seq.tokens)
+        new, accepted = accept(logits, proposed, seq.params, seq.generator)
+        kept = 0
+        for token in new:
+            seq.num_computed += 1
+            self._append(seq, out, token, now)
+            kept += 1
+            if seq.finish_reason is not None:
+                break
+        if proposed:
+            accepted = min(accepted, kept)
+            out.spec_rounds = (out.spec_rounds or []) + [(len(proposed), accepted)]
+            seq.speculation.observe(len(proposed), accepted, self.speculative)
+            if self.drafter is not None:
+                self.drafter.accepted(seq, before, accepted, k)
 
     def _sample_rows(
         self, logits: torch.Tensor, live: list[SeqState], rows: list[int], stride: int

@@ -224,8 +224,9 @@ def test_rounds_with_chunks_preemptions_and_images_give_each_request_its_tokens_
     assert sched.preemptions >= 1
     assert any(s.images and end > s.prompt_len + 1 for plan in plans for s, _, end in plan.chunks)  # recomputed
     assert any(not p.chunks and p.decode_steps > 1 and any(s.images for s in p.decode) for p in plans)
-    if speculation:
-        assert any(p.spec_tokens == 3 for p in plans) and rounds
+    if speculation:  # speculative pure-decode calls, and rounds whose decode rows verify beside chunks
+        assert any(p.spec_tokens == 3 and not p.chunks for p in plans) and rounds
+        assert any(p.spec_tokens == 3 and p.chunks and p.decode for p in plans)
 
 
 @pytest.mark.parametrize("speculation", ["ngram", "draft"])
