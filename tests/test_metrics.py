@@ -123,6 +123,7 @@ class _MetricsProbe:
         for hits, queries, preempted in ((32, 64, 1), (48, 80, 3), (16, 16, 2)):  # cumulative; the last: a reset
             stats = {"used": 3, "free": 5, "cached": 2, "hit_tokens": hits, "query_tokens": queries}
             m.record_kv_cache(dp_rank, {**stats, "preemptions": preempted})
+        m.record_speculation(dp_rank, [(3, 3), (3, 1), (2, 0)])  # (proposed, accepted) per round
 
 
 def test_exported_series_match_the_metrics_table(metrics_port):
@@ -161,6 +162,9 @@ def test_exported_series_match_the_metrics_table(metrics_port):
     assert _samples(text, "ray_qwen_vl_phase_seconds_count", dp_rank=dp, phase="decode") == 2
     assert _samples(text, "ray_qwen_vl_phase_seconds_count", dp_rank=dp, phase="vision_encode") == 1
     assert _samples(text, "ray_qwen_vl_generated_tokens_total", dp_rank=dp) == 3
+    assert _samples(text, "ray_qwen_vl_spec_rounds_total", dp_rank=dp) == 3
+    assert _samples(text, "ray_qwen_vl_spec_proposed_tokens_total", dp_rank=dp, position="3") == 2
+    assert _samples(text, "ray_qwen_vl_spec_accepted_tokens_total", dp_rank=dp, position="1") == 2
     assert _samples(text, "ray_qwen_vl_ttft_seconds_bucket", dp_rank=dp, le="0.1") == 1
     assert _samples(text, "ray_qwen_vl_ttft_seconds_bucket", dp_rank=dp, le="0.05") == 0
     ray.kill(probe)
