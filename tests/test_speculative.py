@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -122,6 +122,16 @@ def test_rejection_sampling_keeps_the_target_distribution() -> None:
 
 
 # ----------------------------------------------------------------------------- whole runs, in process
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for this module: the tiny model's ops are microseconds of work, and on a shared
+    machine a second thread's hand-offs cost many times that."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def runner(tiny_checkpoint: Path) -> ModelRunner:
     runner = ModelRunner(tiny_checkpoint, max_batch_size=5, max_seq_len=512)
