@@ -43,6 +43,10 @@ from model.rotary import apply_rotary
 DECODE_ATTENTION = ("paged", "gather", "paged_mask")
 # npu_fusion_attention takes at most this many sequences in varlen (TND) mode (op-plugin's API doc).
 MAX_VARLEN_SEQUENCES = 1024
+# Device types on which the plain varlen attention gives one-query sequences (decode tokens) one SDPA call
+# each rather than one padded call together: on cpu the padded call's key gather and padding cost more than
+# the calls it saves (docs/benchmarks.md, "Packed attention"); a launch per row is what costs elsewhere.
+SINGLE_QUERY_LOOP = frozenset({"cpu"})
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -165,25 +169,80 @@ class DecodeOps:
         Sequence i has queries cu_seqlens_q[i]:cu_seqlens_q[i + 1] and keys cu_seqlens_k[i]:cu_seqlens_k[i + 1].
         `causal` aligns the mask bottom right: query j of a sequence with Lq queries and Lk keys sees keys
         up to Lk - Lq + j (a prompt chunk that follows cached tokens). Grouped heads share a KV head.
+
+        One SDPA call per run of consecutive sequences of equal (Lq, Lk), the run as the batch of a 4-D view
+        (no copy): a frame's windows, a tower's frames of one size. Off the cpu (`SINGLE_QUERY_LOOP`), runs
+        of single queries (a mixed round's decode tokens, each over its own keys) are one call together when
+        there are several: keys gathered into (G, max Lk) rows and masked past each row's length.
         """
-        out = torch.empty_like(q)
-        for qs, qe, ks, ke in check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, causal):
-            if qe == qs:
+        runs = equal_runs(check_cu_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, causal))
+        singles = [run for run in runs if run[3] == 1 and run[4] > 0]
+        if len(singles) > 1 and q.device.type not in SINGLE_QUERY_LOOP:  # together in one call
+            runs = [run for run in runs if run not in singles]
+        else:
+            singles = []
+        out = torch.empty_like(q) if len(runs) > 1 or singles else None
+        for qs, ks, count, q_len, k_len in runs:
+            if q_len == 0:
                 continue
-            q_len, k_len = qe - qs, ke - ks
             mask = None
             if causal and q_len != k_len:
                 keys = torch.arange(k_len, device=q.device)
                 mask = keys[None, :] <= (k_len - q_len + torch.arange(q_len, device=q.device))[:, None]  # (Lq, Lk)
             o = F.scaled_dot_product_attention(
-                *(t[a:b].transpose(0, 1)[None] for t, a, b in ((q, qs, qe), (k, ks, ke), (v, ks, ke))),  # (1, N, L, D)
+                *(
+                    t[a : a + count * n].view(count, n, *t.shape[1:]).transpose(1, 2)  # (count, N, L, D)
+                    for t, a, n in ((q, qs, q_len), (k, ks, k_len), (v, ks, k_len))
+                ),
                 attn_mask=mask,
                 is_causal=causal and q_len == k_len,
                 scale=scale,
                 enable_gqa=True,
-            )
-            out[qs:qe] = o[0].transpose(0, 1)
-        return out
+            ).transpose(1, 2)  # (count, L, N, D)
+            if out is None:  # one run holds every query
+                return o.reshape(q.shape)
+            out[qs : qs + count * q_len] = o.reshape(count * q_len, *q.shape[1:])
+        if singles:
+            _single_queries(q, k, v, singles, scale, out)
+        return out if out is not None else q.new_zeros(q.shape)
+
+
+def equal_runs(spans: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int, int]]:
+    """Maximal runs of consecutive sequences with equal (Lq, Lk): (q start, k start, count, Lq, Lk) each."""
+    runs: list[tuple[int, int, int, int, int]] = []
+    for qs, qe, ks, ke in spans:
+        if runs and runs[-1][3:] == (qe - qs, ke - ks):
+            first_q, first_k, count, q_len, k_len = runs[-1]
+            runs[-1] = (first_q, first_k, count + 1, q_len, k_len)
+        else:
+            runs.append((qs, ks, 1, qe - qs, ke - ks))
+    return runs
+
+
+def _single_queries(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    runs: list[tuple[int, int, int, int, int]],
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Runs of one-query sequences (`equal_runs`) in one SDPA call, written into `out`: each query over its
+    keys, padded to the longest and masked after its own (causal or not, one query sees its whole sequence)."""
+    ones = [(qs + i, ks + i * k_len, k_len) for qs, ks, count, _, k_len in runs for i in range(count)]
+    rows, starts, lens = (torch.tensor(column, device=q.device) for column in zip(*ones))
+    span = torch.arange(int(lens.max()), device=q.device)
+    mask = span[None, :] < lens[:, None]  # (G, Lmax)
+    index = starts[:, None] + torch.minimum(span[None, :], lens[:, None] - 1)  # (G, Lmax), padding repeats a key
+    o = F.scaled_dot_product_attention(
+        q[rows][:, :, None],  # (G, H, 1, D)
+        k[index].transpose(1, 2),  # (G, KVH, Lmax, D)
+        v[index].transpose(1, 2),
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=True,
+    )
+    out[rows] = o[:, :, 0]
 
 
 class FusedOps(DecodeOps):

@@ -128,7 +128,7 @@ class ModelRunner:
         self._slot_rows: dict[int, torch.Tensor] = {}  # batch size -> fixed slot tables (see `decode`)
         self.buckets = batch_buckets(max_batch_size)
         self.model.model.decode_ops = decode_ops(fused_ops, decode_attention)  # npu fused kernels, or plain PyTorch
-        self.model.visual.attention_ops = self.model.model.decode_ops if fused_ops else None  # varlen vision attention
+        self.model.visual.attention_ops = self.model.model.decode_ops  # the tower's varlen attention
         self.decode_fn = self.model.decode
         self.fused_ops = fused_ops
         self.paged_decode = self.model.model.decode_ops.paged  # decode takes each row's KV length on the host

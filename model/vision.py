@@ -3,7 +3,8 @@
 Attention never crosses images, so the tower can encode any subset of a batch's images and give
 the same embeddings per image: that is what data-parallel vision relies on.
 
-Attention runs as 4-D (batch, heads, seq, head_dim) scaled_dot_product_attention, the layout the
+Attention is varlen attention over the groups (`npu_ops.DecodeOps.varlen_attention`), which on the
+plain path runs as 4-D (batch, heads, seq, head_dim) scaled_dot_product_attention, the layout the
 fused kernels of every backend take (CPU flash, CUDA flash / memory-efficient, NPU fusion
 attention). Merge units are reordered once so that every attention group is a contiguous block of
 rows and groups of equal length sit next to each other (`vision_layout`): a window block then is
@@ -24,12 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.config import VisionConfig
 from model.layers import GatedMLP, RMSNorm
-from model.npu_ops import DecodeOps
+from model.npu_ops import PLAIN, DecodeOps
 from model.parallel import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -134,28 +134,17 @@ def run_offsets(runs: list[Run]) -> list[int]:
 
 
 def grouped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[Run], ops: DecodeOps | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[Run], ops: DecodeOps = PLAIN
 ) -> torch.Tensor:
     """Attention within groups of consecutive rows: q, k, v (N, H, D) -> (N, H, D).
 
-    Without `ops`: one 4-D SDPA call per run, its groups as the batch: (count, H, length, D). With
-    `ops` (the fused kernels): one varlen call over all groups, each group a sequence. The inputs may
-    be strided views (rows of a fused qkv output); only the last dimension must be contiguous.
+    One varlen attention over all groups, each group a sequence (`ops.varlen_attention`): the plain ops
+    run one 4-D SDPA call per run, its groups as the batch (count, H, length, D); the fused kernels one
+    call for all. The inputs may be strided views (rows of a fused qkv output); only the last dimension
+    must be contiguous.
     """
-    _, heads, dim = q.shape
-    if ops is not None:
-        offsets = run_offsets(runs)
-        return ops.varlen_attention(q, k, v, offsets, offsets, dim**-0.5, causal=False)
-    out = None if len(runs) == 1 else torch.empty_like(q)
-    for start, count, length in runs:
-        end = start + count * length
-        shape = (count, length, heads, dim)
-        o = F.scaled_dot_product_attention(*(t[start:end].view(shape).transpose(1, 2) for t in (q, k, v)))
-        o = o.transpose(1, 2).reshape(end - start, heads, dim)
-        if out is None:
-            return o
-        out[start:end] = o
-    return out
+    offsets = run_offsets(runs)
+    return ops.varlen_attention(q, k, v, offsets, offsets, q.shape[-1] ** -0.5, causal=False)
 
 
 def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -175,9 +164,9 @@ class VisionAttention(nn.Module):
         self.proj = RowParallelLinear(dim, dim, bias=True, ctx=ctx)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: list[Run], ops: DecodeOps | None = None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: list[Run], ops: DecodeOps = PLAIN
     ) -> torch.Tensor:
-        """x (N, hidden); cos/sin (N, 1, head_dim) float32; attention within each group of `runs` (`ops`: fused)."""
+        """x (N, hidden); cos/sin (N, 1, head_dim) float32; attention within each group of `runs`."""
         n = x.shape[0]
         qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
         # Rotary in float32 as the reference does, in place on the float copy (on qkv itself when it is
@@ -196,7 +185,7 @@ class VisionBlock(nn.Module):
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=True, ctx=ctx)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: list[Run], ops: DecodeOps | None = None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: list[Run], ops: DecodeOps = PLAIN
     ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, runs, ops)
         # The MLP acts on each row alone: a few thousand rows at a time bound its (rows, 2 x intermediate)
@@ -252,8 +241,8 @@ class Qwen2_5_VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(config)
         self.blocks = nn.ModuleList(VisionBlock(config, ctx) for _ in range(config.depth))
         self.merger = PatchMerger(config, ctx)
-        # The fused kernels' varlen attention (npu_ops.FusedOps), or None for 4-D SDPA per run.
-        self.attention_ops: DecodeOps | None = None
+        # Whose varlen attention the blocks run: the plain ops, or the fused kernels (npu_ops.FusedOps).
+        self.attention_ops: DecodeOps = PLAIN
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values (num_patches, patch_dim), grid_thw (num_images, 3) -> (num_patches / merge**2, out)."""

@@ -10,7 +10,11 @@ ours (model/vision.py, loaded by model/loader.py) and transformers'
 
 Time: the best of `--repeats` timed forwards after `--warmup` untimed ones, and the process CPU
 time (all threads) of the fastest, which other processes on a shared machine disturb less than
-wall time. Memory: on cuda, torch.cuda.max_memory_allocated over the timed forwards and its rise
+wall time. Within each forward, the attention part: the time spent in the blocks' attention modules
+(qkv projection, rotary, attention, output projection; forward hooks) and, of that, in
+scaled_dot_product_attention calls (both engines call torch's function; wrapped for the run), so
+that the attention can be compared apart from the MLPs, which run the same kernels on both sides.
+Memory: on cuda, torch.cuda.max_memory_allocated over the timed forwards and its rise
 above the allocation before them; on cpu, a second process per engine runs one forward with a
 fixed malloc mmap threshold (MEMORY_ENV) and reports its peak resident set (VmHWM, reset through
 /proc/self/clear_refs after loading, so it covers the forward only) and the rise above the resident
@@ -27,10 +31,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 ENGINES = ("ours", "transformers")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -140,6 +146,40 @@ def _status_mb(field: str) -> float:
     return float("nan")
 
 
+def time_attention(model: torch.nn.Module, sync: Callable[[], None]) -> dict[str, float]:
+    """Seconds spent, from now on, in the blocks' attention modules ("module") and in SDPA ("sdpa").
+
+    Both engines name their blocks `blocks` and each block's attention `attn`; both call
+    torch.nn.functional.scaled_dot_product_attention through the module attribute, which is wrapped here.
+    """
+    spent = {"module": 0.0, "sdpa": 0.0}
+    started = [0.0]
+
+    def before(module: torch.nn.Module, inputs: Any) -> None:
+        sync()
+        started[0] = time.perf_counter()
+
+    def after(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        sync()
+        spent["module"] += time.perf_counter() - started[0]
+
+    for block in model.blocks:
+        block.attn.register_forward_pre_hook(before)
+        block.attn.register_forward_hook(after)
+    sdpa = F.scaled_dot_product_attention
+
+    def timed_sdpa(*args: Any, **kwargs: Any) -> torch.Tensor:
+        sync()
+        start = time.perf_counter()
+        out = sdpa(*args, **kwargs)
+        sync()
+        spent["sdpa"] += time.perf_counter() - start
+        return out
+
+    F.scaled_dot_product_attention = timed_sdpa
+    return spent
+
+
 def run_worker(engine: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """One engine in this process: load, warm up, time the forwards, measure their peak memory."""
     torch.set_num_threads(args.threads)
@@ -166,19 +206,25 @@ def run_worker(engine: str, args: argparse.Namespace, workdir: Path) -> dict[str
         else:
             Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
             before = _status_mb("VmRSS")
-        times, cpu_times = [], []
+        times, cpu_times, attention = [], [], []
+        spent = time_attention(model, sync)
         for _ in range(args.repeats):
             out = None  # the previous output is not part of this forward's peak
+            spent.update(module=0.0, sdpa=0.0)
             start, cpu_start = time.perf_counter(), time.process_time()
             out = forward(pixels, grid)
             sync()
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
+            attention.append(dict(spent))
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _status_mb("VmHWM")
     torch.save(out.float().cpu(), workdir / f"{engine}.pt")
+    fastest = times.index(min(times))
     return {
         "engine": engine,
         "seconds": min(times),
+        "attention_seconds": attention[fastest]["module"],
+        "sdpa_seconds": attention[fastest]["sdpa"],
         "all_seconds": times,
         "cpu_seconds": min(cpu_times),
         "memory_before_mb": round(before, 1),
@@ -260,6 +306,8 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
     for engine, r in results.items():
         summary[f"{engine}_s"] = round(r["seconds"], 4)
         summary[f"{engine}_cpu_s"] = round(r["cpu_seconds"], 3)
+        summary[f"{engine}_attention_s"] = round(r["attention_seconds"], 4)
+        summary[f"{engine}_sdpa_s"] = round(r["sdpa_seconds"], 4)
         summary[f"{engine}_all_s"] = [round(t, 4) for t in r["all_seconds"]]
         summary[f"{engine}_peak_mb"] = r["peak_mb"]
         summary[f"{engine}_peak_rise_mb"] = r["peak_rise_mb"]
@@ -267,6 +315,9 @@ def run_parent(args: argparse.Namespace) -> dict[str, Any]:
         ours, theirs = outputs["ours"], outputs["transformers"]
         summary["time_ratio"] = round(results["ours"]["seconds"] / results["transformers"]["seconds"], 3)
         summary["cpu_time_ratio"] = round(results["ours"]["cpu_seconds"] / results["transformers"]["cpu_seconds"], 3)
+        for part in ("attention", "sdpa"):
+            ours_s, theirs_s = results["ours"][f"{part}_seconds"], results["transformers"][f"{part}_seconds"]
+            summary[f"{part}_ratio"] = round(ours_s / theirs_s, 3)
         summary["max_abs_diff"] = float((ours - theirs).abs().max())
         summary["max_abs_ref"] = float(theirs.abs().max())
     return summary
