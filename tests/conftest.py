@@ -208,6 +208,18 @@ def prepared(raw_requests: dict[str, dict]) -> Callable[[Path], dict[str, Prepar
     return get
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): the tiny model's
+    ops are microseconds of work, and on a shared machine a second thread's hand-offs cost many times that."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def hf_reference() -> HFReference:
     """transformers' model per checkpoint, with memoized generations and logits."""

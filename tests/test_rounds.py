@@ -15,7 +15,7 @@ float32 must equal each request generated alone (`model.batch.generate`):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,8 @@ from model.runner import ModelRunner
 from model.sampling import SamplingParams
 from model.speculative import SpeculativeConfig, verify_buckets
 from model.vision_cache import image_key
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @dataclass
@@ -92,16 +94,6 @@ def alone(runner: ModelRunner, request: PreparedRequest, max_new_tokens: int) ->
     [result] = generate(runner, [request], [SamplingParams(max_new_tokens=max_new_tokens)], [])
     assert result.error is None and result.finish_reason == "length"
     return result.output_token_ids
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread for this module: the tiny model's ops are microseconds of work, and on a shared
-    machine a second thread's hand-offs cost many times that."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

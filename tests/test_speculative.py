@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,7 @@ from model.sampling import SamplingParams
 from model.speculative import SpeculativeConfig, accept, ngram_propose, verify_buckets
 from tests.video_files import make_frames, write_video
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 ALPHA = 0.001  # significance of each chi-square test (seeded draws: a run's outcome is fixed)
 
 
@@ -122,16 +123,6 @@ def test_rejection_sampling_keeps_the_target_distribution() -> None:
 
 
 # ----------------------------------------------------------------------------- whole runs, in process
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread for this module: the tiny model's ops are microseconds of work, and on a shared
-    machine a second thread's hand-offs cost many times that."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def runner(tiny_checkpoint: Path) -> ModelRunner:
     runner = ModelRunner(tiny_checkpoint, max_batch_size=5, max_seq_len=512)

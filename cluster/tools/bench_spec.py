@@ -80,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
+    if not 1 <= args.k <= 15 or args.tokens < 2 or min(args.draft_layers, args.context_tokens, args.repeats) < 1:
+        parser.error(
+            "--k must be in 1..15, --tokens at least 2 (a TPOT), --draft-layers, --context-tokens and "
+            "--repeats at least 1"
+        )
     name, spec = CHECKPOINTS[args.checkpoint]
     path = build_tiny_checkpoint(CACHE_DIR / name, spec)
     draft_path = CACHE_DIR / f"{name}-draft-{args.draft_layers}"
