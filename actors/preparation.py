@@ -72,7 +72,7 @@ class Preparation:
                 "sequences a DP group runs at once",
                 "n",
             )
-        request, tools = tool_request(request)
+        request, tools = tool_request(request, self.builder.template_tools, self.builder.tool_call_tokens)
         params = sampling_params(request, self.cfg.sampling)
         vocabulary = len(self.builder.tokenizer)
         outside = [token for token, _ in params.logit_bias if token >= vocabulary]

@@ -137,7 +137,9 @@ FIELDS: dict[str, RequestField] = {
         RequestField("frequency_penalty", "in [-2, 2]: subtracted per time a token was generated", _sampling_number),
         RequestField("repetition_penalty", "in (0, 2]: vLLM's, over prompt and generated tokens", _sampling_number),
         RequestField("logit_bias", "{token id: bias in [-100, 100]} added to the logits", _logit_bias),
-        RequestField("tools", "OpenAI's function tools, rendered in the hermes format (actors/tools_format.py)", _list),
+        RequestField(
+            "tools", "OpenAI's function tools, rendered by the chat template or as hermes (tools_format)", _list
+        ),
         RequestField(
             "tool_choice", "'none', 'auto', 'required' or {'type': 'function', 'function': {'name'}}", _choice
         ),

@@ -1,19 +1,20 @@
-"""Tool calls in Qwen2.5's hermes format: tools into the prompt, `<tool_call>` output into `tool_calls`.
+"""Tool calls: tools into the prompt, `<tool_call>` output into `tool_calls`.
 
-Qwen2.5-VL's chat template has no tools section and no `tool` role, so the server renders what Qwen2.5's
-own template (the text models') renders: a `# Tools` block in the system turn with each function's
-signature inside `<tools></tools>`, the model's calls as `<tool_call>{"name", "arguments"}</tool_call>`
-in its turn, and tool results as a user turn of `<tool_response>` blocks. All of it is message text, so
-the processor puts it through its text slots: a control token written in a tool's description or
-result stays plain text.
+A checkpoint whose chat template has a tools section renders the tools, the tool results and earlier
+calls itself (model/template_tools.py). Qwen2.5-VL's template has neither a tools section nor a `tool`
+role, so for it the messages are rendered here into what Qwen2.5's own template (the text models')
+renders, the hermes format: a `# Tools` block in the system turn with each function's signature inside
+`<tools></tools>`, the model's calls as `<tool_call>{"name", "arguments"}</tool_call>` in its turn, and
+tool results as a user turn of `<tool_response>` blocks. Either way the texts are the client's text:
+the processor keeps a control token written in a tool's description or result plain text.
 
 `tool_choice`: "none" renders the tools but leaves the output as text; "auto" parses well-formed calls
 out of the output (a malformed one stays text); "required" and a named function are enforced by the
 grammar engine (a Lark grammar of one call, or of several when parallel_tool_calls, each call's JSON
 that function's name and an `arguments` object of its parameter schema).
 
-The server applies it to OpenAI bodies (cluster/openai_api.py); `tool_request` applies it to the
-Coordinator's own requests (the driver API, request files), whose records then carry `tool_calls`.
+`tool_request` applies it to every request the Coordinator prepares (from the server, the driver API or a
+request file), whose records then carry `tool_calls`; the server parses the same text (cluster/serve.py).
 """
 
 from __future__ import annotations
@@ -109,8 +110,10 @@ def render_messages(messages: list[dict], known: dict[str, dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if k != "tool_results"} for m in out]
 
 
-def call_grammar(known: dict[str, dict], only: str | None, parallel: bool) -> str:
-    """A Lark grammar (llguidance's dialect) of the calls `required` or a named tool_choice allows."""
+def call_grammar(known: dict[str, dict], only: str | None, parallel: bool, tag_tokens: bool = False) -> str:
+    """A Lark grammar (llguidance's dialect) of the calls `required` or a named tool_choice allows. With
+    `tag_tokens` (the tokenizer has `<tool_call>` and `</tool_call>` as tokens, as Qwen2.5's has), the tags
+    are those tokens, which the model writes, rather than their characters spelled in other tokens."""
     names = [only] if only is not None else list(known)
     options = [
         {
@@ -125,8 +128,9 @@ def call_grammar(known: dict[str, dict], only: str | None, parallel: bool) -> st
         for name in names
     ]
     schema = {"anyOf": options, "x-guidance": {"whitespace_flexible": False}}
-    repeat = "+" if parallel and only is None else ""
-    return f'start: call{repeat}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: %json {json.dumps(schema)}\n'
+    repeat = ' ("\\n" call)*' if parallel and only is None else ""  # calls one per line, as the template renders them
+    call = '<tool_call> "\\n" body "\\n" </tool_call>' if tag_tokens else '"<tool_call>\\n" body "\\n</tool_call>"'
+    return f"start: call{repeat}\ncall: {call}\nbody: %json {json.dumps(schema)}\n"
 
 
 def parse_calls(text: str, known: dict[str, dict]) -> tuple[str | None, list[dict]]:
@@ -197,10 +201,14 @@ def call_deltas(calls: list[dict]) -> list[dict]:
     return out
 
 
-def tool_request(request: dict) -> tuple[dict, dict[str, dict] | None]:
-    """A Coordinator request with `tools` -> (the request with its messages rendered and, for `required` or a
-    named function, the grammar of its calls as structured_outputs; the functions whose calls its record
-    parses, None when tool_choice is 'none' or there are no tools). RequestError naming the field."""
+def tool_request(
+    request: dict, template_tools: bool = False, tag_tokens: bool = False
+) -> tuple[dict, dict[str, dict] | None]:
+    """A Coordinator request with `tools` -> (the request with its messages rendered in the hermes format,
+    or, when the checkpoint's template renders tools (`template_tools`), its messages and `tools` as given;
+    and, for `required` or a named function, the grammar of its calls as structured_outputs; the functions
+    whose calls its record parses, None when tool_choice is 'none' or there are no tools). `tag_tokens`: as
+    for `call_grammar`. RequestError naming the field."""
     tools, choice = request.get("tools"), request.get("tool_choice")
     messages = request.get("messages")
     has_tool_turns = isinstance(messages, list) and any(
@@ -218,7 +226,12 @@ def tool_request(request: dict) -> tuple[dict, dict[str, dict] | None]:
         messages = [{"role": "user", "content": [*parts, {"type": "text", "text": request.get("prompt") or ""}]}]
         out.pop("prompt", None)
         out.pop("images", None)
-    out["messages"] = render_messages(messages, known)
+    if template_tools:
+        out["messages"] = messages
+        if tools:
+            out["tools"] = [{"type": "function", "function": function} for function in known.values()]
+    else:
+        out["messages"] = render_messages(messages, known)
     if choice not in (None, "none", "auto"):
         if not known:
             raise ToolError(f"tool_choice={choice!r} needs tools", "tool_choice")
@@ -227,6 +240,6 @@ def tool_request(request: dict) -> tuple[dict, dict[str, dict] | None]:
                 "tool_choice 'required' or a named function cannot go with a response format", "tool_choice"
             )
         out["structured_outputs"] = {
-            "grammar": call_grammar(known, only, request.get("parallel_tool_calls") is not False)
+            "grammar": call_grammar(known, only, request.get("parallel_tool_calls") is not False, tag_tokens)
         }
     return out, (known if known and choice != "none" else None)

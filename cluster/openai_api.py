@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 
 from actors.stop_strings import MAX_STOP_STRINGS as MAX_STOP_STRINGS  # one definition, re-exported
 from actors.stop_strings import check_stop_strings
-from actors.tools_format import ToolError, call_grammar, chosen_function, functions, render_messages
+from actors.tools_format import ToolError, chosen_function, functions
 from model.images import ImageLoadError, local_image_path
 from model.sampling import MAX_TOP_LOGPROBS
 
@@ -276,14 +276,7 @@ def engine_request(
             else:
                 parts.append({"type": "image_url", "image_url": {"url": part.image_url.url}})
         messages.append({"role": message.role, "content": parts})
-    known = request.known_tools()
-    if known or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
-        messages = render_messages(messages, known)
-    out: dict[str, Any] = {"id": request_id, "messages": messages}
-    if request.tool_choice not in (None, "none", "auto"):
-        only = chosen_function(request.tool_choice, known)
-        grammar = call_grammar(known, only, request.parallel_tool_calls is not False)
-        out["structured_outputs"] = {"grammar": grammar}
+    out: dict[str, Any] = {"id": request_id, "messages": messages}  # tools: rendered as it prepares (tools_format)
     max_tokens = request.max_completion_tokens or request.max_tokens
     for key, value in (
         ("max_new_tokens", max_tokens),
@@ -303,6 +296,9 @@ def engine_request(
         ("min_tokens", request.min_tokens),
         ("n", request.n if request.choices > 1 else None),
         ("structured_outputs", request.structured_outputs),
+        ("tools", request.tools),
+        ("tool_choice", request.tool_choice),
+        ("parallel_tool_calls", request.parallel_tool_calls),
         (
             "mm_processor_kwargs",
             request.mm_processor_kwargs and request.mm_processor_kwargs.model_dump(exclude_none=True),
@@ -396,8 +392,9 @@ def usage(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def finish_reason(record: dict[str, Any]) -> str:
-    """OpenAI's finish_reason: "stop" for EOS or a stop string, else "length"."""
-    return "stop" if record.get("finish_reason") == "stop" else "length"
+    """OpenAI's finish_reason: "stop" for EOS or a stop string (or an answer of tool calls, which
+    `completion_choice` names), else "length"."""
+    return "stop" if record.get("finish_reason") in ("stop", "tool_calls") else "length"
 
 
 def choice_logprobs(entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:

@@ -27,6 +27,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from model.config import ModelConfig
 from model.images import ImageLoadError, ImageSource, load_image
+from model.template_tools import fill_slots, template_has_tools, with_slots
 from model.video import (
     MAX_VIDEO_BYTES,
     MAX_VIDEO_SECONDS,
@@ -96,6 +97,12 @@ class _Chat:
     images: list[ImageSource]
     videos: list[tuple[VideoSource, Any, Any, str]] = field(default_factory=list)  # source, start, end, field
     order: list[str] = field(default_factory=list)  # "image" / "video" per vision part, in prompt order
+    json_strings: list[str] = field(default_factory=list)  # strings of tools and calls behind JSON slots
+
+    def slot(self, text: str) -> str:
+        """A user text's slot in the template."""
+        self.texts.append(text)
+        return _SLOT.format(len(self.texts) - 1)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -148,6 +155,11 @@ class PromptBuilder:
         self._added_ids = {t.content: int(i) for i, t in tokenizer.added_tokens_decoder.items()}
         added = sorted(self._added_ids, key=len, reverse=True)
         self._added_re = re.compile("(" + "|".join(re.escape(t) for t in added) + ")")
+        # A template with a tools section renders `tools`, tool results and earlier calls itself.
+        template = tokenizer.chat_template
+        self.template_tools = isinstance(template, str) and template_has_tools(template)
+        # Whether the tool-call tags are tokens of their own (Qwen2.5's tokenizer: added, not special).
+        self.tool_call_tokens = "<tool_call>" in self._added_ids and "</tool_call>" in self._added_ids
         # Decoding runs at every delivery of every request: call the Rust tokenizer directly where the
         # Python wrapper would only add its overhead (~6 us vs ~1 us), i.e. with no clean-up pass.
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -268,16 +280,20 @@ class PromptBuilder:
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError(f"request {request_id}: 'messages' must be a non-empty list", "messages")
         chat = _Chat([], [], [])
+        roles = (*ROLES, "tool") if self.template_tools else ROLES
         for i, message in enumerate(messages):
             field = f"messages[{i}]"
             if not isinstance(message, dict):
                 raise InvalidRequestError(f"request {request_id}: {field} must be an object, got {message!r}", field)
             role = message.get("role")
-            if role not in ROLES:
+            if role not in roles:
                 raise InvalidRequestError(
-                    f"request {request_id}: {field}.role must be one of {list(ROLES)}, got {role!r}", f"{field}.role"
+                    f"request {request_id}: {field}.role must be one of {list(roles)}, got {role!r}", f"{field}.role"
                 )
             content = message.get("content")
+            if self.template_tools and (role == "tool" or message.get("tool_calls")):
+                chat.messages.append(self._tool_message(request_id, message, field, chat))
+                continue
             if isinstance(content, str):
                 chat.texts.append(self._check_text(request_id, content, f"{field}.content"))
                 chat.messages.append({"role": role, "content": _SLOT.format(len(chat.texts) - 1)})
@@ -294,6 +310,50 @@ class PromptBuilder:
         if not any(text.strip() for text in chat.texts) and not chat.order:
             raise InvalidRequestError(f"request {request_id}: 'messages' have no text and no image", "messages")
         return chat
+
+    def _tool_message(self, request_id: str, message: dict[str, Any], field: str, chat: _Chat) -> dict[str, Any]:
+        """A tool result ({"role": "tool", "content", "tool_call_id"}) or an assistant turn with `tool_calls`,
+        for a template that renders them; the calls' arguments as objects, as templates expect."""
+        role, content = message["role"], message.get("content")
+        if role == "tool" and not isinstance(content, str):
+            raise InvalidRequestError(
+                f"request {request_id}: {field}.content of a tool result must be a string", f"{field}.content"
+            )
+        if content is not None and not isinstance(content, str):
+            raise InvalidRequestError(
+                f"request {request_id}: {field}.content of a turn with tool_calls must be a string or null",
+                f"{field}.content",
+            )
+        text = self._check_text(request_id, content, f"{field}.content") if content else ""
+        out: dict[str, Any] = {"role": role, "content": chat.slot(text) if text else ""}
+        if role == "tool":
+            if message.get("tool_call_id") is not None:
+                out["tool_call_id"] = with_slots(str(message["tool_call_id"]), self._added_re, chat.json_strings)
+            return out
+        calls = message["tool_calls"]
+        if not isinstance(calls, list):
+            raise InvalidRequestError(f"request {request_id}: {field}.tool_calls must be a list", f"{field}.tool_calls")
+        out["tool_calls"] = []
+        for j, call in enumerate(calls):
+            where = f"{field}.tool_calls[{j}]"
+            function = call.get("function") if isinstance(call, dict) else None
+            name = function.get("name") if isinstance(function, dict) else None
+            arguments = function.get("arguments", {}) if isinstance(function, dict) else None
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except json.JSONDecodeError:
+                    arguments = None
+            if not isinstance(name, str) or not isinstance(arguments, dict):
+                raise InvalidRequestError(
+                    f"request {request_id}: {where} must be {{'function': {{'name', 'arguments': a JSON object}}}}",
+                    f"{where}.function",
+                )
+            entry = {"type": "function", "function": {"name": name, "arguments": arguments}}
+            if call.get("id") is not None:
+                entry["id"] = str(call["id"])
+            out["tool_calls"].append(with_slots(entry, self._added_re, chat.json_strings))
+        return out
 
     def _part(self, request_id: str, role: str, part: Any, field: str, chat: _Chat) -> dict[str, str]:
         kind = part.get("type") if isinstance(part, dict) else None
@@ -421,7 +481,19 @@ class PromptBuilder:
             pixel_values = processed["pixel_values"].to(torch.float32)
             image_grid_thw = processed["image_grid_thw"].to(torch.int64)
             counts = (image_grid_thw.prod(dim=-1) // self.merge_size**2).tolist()
-        rendered = self.tokenizer.apply_chat_template(chat.messages, tokenize=False, add_generation_prompt=True)
+        tools = request.get("tools")
+        if tools is not None and not self.template_tools:
+            raise InvalidRequestError(
+                f"request {request_id}: 'tools' given, but the checkpoint's chat template has no tools section", "tools"
+            )
+        if tools is not None and not isinstance(tools, list):
+            raise InvalidRequestError(f"request {request_id}: 'tools' must be a list, got {tools!r}", "tools")
+        extra = {"tools": with_slots(tools, self._added_re, chat.json_strings)} if tools else {}
+        rendered = self.tokenizer.apply_chat_template(
+            chat.messages, tokenize=False, add_generation_prompt=True, **extra
+        )
+        if chat.json_strings:
+            rendered = fill_slots(rendered, chat.json_strings, chat.slot)
         if not chat.videos:
             input_ids = self._tokenize(request_id, rendered, chat.texts, counts)
             return PreparedRequest(request_id, input_ids, pixel_values, image_grid_thw)

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from cluster.tools.tiny_checkpoint import SPECIAL_TOKENS, TinySpec, build_tiny_checkpoint, is_built, main
+from cluster.tools.tiny_checkpoint import SPECIAL_TOKENS, TOOL_TOKENS, TinySpec, build_tiny_checkpoint, is_built, main
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +134,16 @@ def test_tokenizer(checkpoints: dict[str, Path]) -> None:
     for text in ("Describe the image in detail.", "  Hello,\n\nworld! 12345 ünïcödé 中文 🙂", "don't"):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert tokenizer.decode(ids) == text
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
-    assert ids == list(range(ids[0], ids[0] + len(SPECIAL_TOKENS)))
+    added = (*SPECIAL_TOKENS, *TOOL_TOKENS)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in added]
+    assert ids == list(range(ids[0], ids[0] + len(added)))
     assert ids[-1] == len(tokenizer) - 1 < config["vocab_size"]
+    # The tool-call tags are one token each and, as in Qwen2.5's tokenizer, not special: they stay in
+    # decoded text, also when a user types them.
+    call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    call_ids = tokenizer(call, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert call_ids[0] == ids[-2] and call_ids[-1] == ids[-1]
+    assert tokenizer.decode(call_ids, skip_special_tokens=True) == call
     named = {
         "bos_token_id": "<|endoftext|>",
         "eos_token_id": "<|im_end|>",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import jsonschema
@@ -56,7 +57,9 @@ def test_tools_render_in_hermes_format_through_text_slots(tiny_checkpoint: Path)
         },
         {"role": "tool", "tool_call_id": "c1", "content": "sunny <|im_start|>"},
     ]
-    request = engine_request(parse_request(json.dumps({"messages": messages, "tools": [WEATHER]}).encode()), "r")
+    builder = PromptBuilder.from_pretrained(tiny_checkpoint)
+    body = parse_request(json.dumps({"messages": messages, "tools": [WEATHER]}).encode())
+    request, _ = tool_request(engine_request(body, "r"), builder.template_tools)
     roles = [m["role"] for m in request["messages"]]
     assert roles == ["system", "user", "assistant", "user"]
     system = request["messages"][0]["content"]
@@ -66,7 +69,6 @@ def test_tools_render_in_hermes_format_through_text_slots(tiny_checkpoint: Path)
         == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     )
     assert request["messages"][3]["content"] == "<tool_response>\nsunny <|im_start|>\n</tool_response>"
-    builder = PromptBuilder.from_pretrained(tiny_checkpoint)
     ids = builder.build(request).input_ids
     assert "sunny <|im_start|>" in builder.tokenizer.decode(ids)
     # 4 turns and the generation prompt open with the control token; the one in the tool result is plain text
@@ -121,17 +123,37 @@ def test_bad_tool_fields_name_the_field(fields: dict, param: str, message: str) 
     assert info.value.status == 400 and info.value.param == param and message in info.value.message
 
 
-def test_required_and_named_calls_are_always_valid(tiny_checkpoint: Path) -> None:
-    """Random parameter schemas at temperature 0 and 1: every output is one or more valid calls."""
-    builder = PromptBuilder.from_pretrained(tiny_checkpoint)
+def _without_tag_tokens(checkpoint: Path, out: Path) -> Path:
+    """A copy of the checkpoint whose tokenizer has no `<tool_call>` tokens (the tags are spelled in text)."""
+    shutil.copytree(checkpoint, out)
+    tokenizer = json.loads((out / "tokenizer.json").read_text())
+    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if "tool_call" not in t["content"]]
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer))
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    added = config["added_tokens_decoder"]
+    config["added_tokens_decoder"] = {k: v for k, v in added.items() if "tool_call" not in v["content"]}
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("tags", ["tokens", "spelled"])
+def test_required_and_named_calls_are_always_valid(tiny_checkpoint: Path, tmp_path: Path, tags: str) -> None:
+    """Random parameter schemas at temperature 0 and 1: every output is one or more valid calls, with the
+    tags as the tokenizer's `<tool_call>` tokens where it has them (Qwen2.5's), else spelled."""
+    checkpoint = tiny_checkpoint if tags == "tokens" else _without_tag_tokens(tiny_checkpoint, tmp_path / "ckpt")
+    builder = PromptBuilder.from_pretrained(checkpoint)
+    assert builder.tool_call_tokens == (tags == "tokens")
+    tag_ids = {builder.tokenizer.convert_tokens_to_ids(t) for t in ("<tool_call>", "</tool_call>")}
     tools = [
         {"type": "function", "function": {"name": f"f{i}", "parameters": s}} for i, s in enumerate(object_schemas(6, 4))
     ]
     known = functions(tools)
-    choices = ["required", {"type": "function", "function": {"name": "f2"}}]
+    # (tool_choice, parallel_tool_calls): one call, one or more, and one call of a named function
+    cases = [("required", False), ("required", True), ({"type": "function", "function": {"name": "f2"}}, True)]
     requests = []
-    for choice in choices:
-        request = engine_request(parse_request(_body(tools=tools, tool_choice=choice)), "r")
+    for choice, parallel in cases:
+        body = parse_request(_body(tools=tools, tool_choice=choice, parallel_tool_calls=parallel))
+        request, _ = tool_request(engine_request(body, "r"), builder.template_tools, builder.tool_call_tokens)
         requests.append(request)
     compiler = GrammarCompiler(builder.tokenizer)
 
@@ -140,20 +162,25 @@ def test_required_and_named_calls_are_always_valid(tiny_checkpoint: Path) -> Non
 
     compiled = asyncio.run(grammars())
     prepared = builder.build({"id": "r", "prompt": "Call a tool."})  # the grammar, not the prompt, makes the calls
-    runner = ModelRunner(tiny_checkpoint, max_batch_size=8, max_seq_len=512)
-    params = [
-        SamplingParams(max_new_tokens=250, temperature=t, seed=s, grammar=g)
-        for g in compiled
+    runner = ModelRunner(checkpoint, max_batch_size=8, max_seq_len=512)
+    runs = [
+        (case, SamplingParams(max_new_tokens=250, temperature=t, seed=0, grammar=g))
+        for case, g in zip(cases, compiled)
         for t in (0.0, 1.0)
-        for s in (0,)
     ]
-    results = runner.generate([prepared] * len(params), params, builder.eos_token_ids)
-    for i, result in enumerate(results):
+    results = runner.generate([prepared] * len(runs), [p for _, p in runs], builder.eos_token_ids)
+    for ((choice, parallel), _), result in zip(runs, results):
         text = builder.decode(result.output_token_ids)
-        assert result.finish_reason == "stop", text
+        one = not parallel or choice != "required"
+        if result.finish_reason == "length":  # a random model may go on calling until the limit
+            assert not one, text
+            text = text[: text.rindex("</tool_call>") + len("</tool_call>")]
         content, calls = parse_calls(text, known)
         assert content is None and calls, text
-        if i >= 2:
+        assert len(calls) == 1 if one else len(calls) >= 1
+        if tags == "tokens":
+            assert tag_ids <= set(result.output_token_ids), result.output_token_ids
+        if choice != "required":
             assert [c["function"]["name"] for c in calls] == ["f2"]
         for call in calls:
             schema = known[call["function"]["name"]]["parameters"]
@@ -163,7 +190,7 @@ def test_required_and_named_calls_are_always_valid(tiny_checkpoint: Path) -> Non
 def test_named_grammar_allows_one_call_and_required_several() -> None:
     known = functions([WEATHER, TIME])
     assert call_grammar(known, "get_time", True).startswith("start: call\n")
-    assert call_grammar(known, None, True).startswith("start: call+\n")
+    assert call_grammar(known, None, True).startswith('start: call ("\\n" call)*\n')
     assert call_grammar(known, None, False).startswith("start: call\n")
 
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 LAYOUTS = ("released", "transformers5")
 MARKER_FILE = "tiny_spec.json"
-MARKER_VERSION = 1  # bump whenever the files written for a given spec change
+MARKER_VERSION = 2  # bump whenever the files written for a given spec change
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -47,6 +47,9 @@ SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
+# Qwen2.5's tool-call tags: added tokens that are not special (they stay in decoded text), as in the real
+# tokenizer, where a call is `<tool_call>` + JSON + `</tool_call>`.
+TOOL_TOKENS = ("<tool_call>", "</tool_call>")
 
 QWEN_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -299,15 +302,18 @@ def train_tokenizer() -> Tokenizer:
     tokenizer.add_special_tokens(
         [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False) for t in SPECIAL_TOKENS]
     )
+    tokenizer.add_tokens(
+        [AddedToken(t, special=False, normalized=False, lstrip=False, rstrip=False) for t in TOOL_TOKENS]
+    )
     return tokenizer
 
 
 def _special_ids(tokenizer: Tokenizer) -> dict[str, int]:
     ids: dict[str, int] = {}
-    for token in SPECIAL_TOKENS:
+    for token in (*SPECIAL_TOKENS, *TOOL_TOKENS):
         token_id = tokenizer.token_to_id(token)
         if token_id is None:
-            raise RuntimeError(f"special token {token} missing from the trained tokenizer")
+            raise RuntimeError(f"added token {token} missing from the trained tokenizer")
         ids[token] = token_id
     return ids
 
@@ -320,9 +326,9 @@ def _tokenizer_config(special_ids: dict[str, int]) -> dict:
             "normalized": False,
             "rstrip": False,
             "single_word": False,
-            "special": True,
+            "special": t in SPECIAL_TOKENS,
         }
-        for t in SPECIAL_TOKENS
+        for t in (*SPECIAL_TOKENS, *TOOL_TOKENS)
     }
     return {
         "add_bos_token": False,
