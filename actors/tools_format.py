@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from actors.errors import RequestError
@@ -36,7 +37,6 @@ CALL_PROMPT = (
     '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}'
     "\n</tool_call>"
 )
-CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 OPEN_TAG = "<tool_call>"
 
 
@@ -134,71 +134,302 @@ def call_grammar(known: dict[str, dict], only: str | None, parallel: bool, tag_t
 
 
 def parse_calls(text: str, known: dict[str, dict]) -> tuple[str | None, list[dict]]:
-    """Model output -> (the text outside the calls or None, OpenAI tool_calls). A call whose JSON does not
-    parse, names no known function or has no object of arguments is left in the text."""
+    """Model output -> (the text outside the calls or None, OpenAI tool_calls). A call is `<tool_call>`, one
+    JSON object (a `</tool_call>` inside its strings is text of the call), then `</tool_call>`; one whose JSON
+    does not parse, names no known function or has no object of arguments is left in the text."""
     calls: list[dict] = []
     kept: list[str] = []
     last = 0
-    for match in CALL.finditer(text):
-        try:
-            body = json.loads(match.group(1))
-        except json.JSONDecodeError:
+    start = text.find(OPEN_TAG)
+    while start >= 0:
+        block = _call_block(text, start)
+        if block is None:
+            start = text.find(OPEN_TAG, start + len(OPEN_TAG))
             continue
-        if not isinstance(body, dict) or body.get("name") not in known or not isinstance(body.get("arguments"), dict):
-            continue
-        kept.append(text[last : match.start()])
-        last = match.end()
-        calls.append(
-            {
-                "id": f"call_{uuid.uuid4().hex[:24]}",
-                "type": "function",
-                "function": {"name": body["name"], "arguments": json.dumps(body["arguments"])},
-            }
-        )
+        body, end = block
+        name = body.get("name")
+        if isinstance(name, str) and name in known and isinstance(body.get("arguments"), dict):
+            kept.append(text[last:start])
+            last = end
+            calls.append(
+                {
+                    "id": f"call_{uuid.uuid4().hex[:24]}",
+                    "type": "function",
+                    "function": {"name": name, "arguments": json.dumps(body["arguments"])},
+                }
+            )
+        start = text.find(OPEN_TAG, end)
     kept.append(text[last:])
     content = "".join(kept).strip()
     return (content or None) if calls else text, calls
 
 
+_SPACE = re.compile(r"\s*")
+_DECODER = json.JSONDecoder()
+
+
+def _call_block(text: str, start: int) -> tuple[dict, int] | None:
+    """(the JSON object, the end of the block) of the `<tool_call>` block at `start`, or None when what
+    follows the tag is not one JSON object then `</tool_call>`."""
+    at = _SPACE.match(text, start + len(OPEN_TAG)).end()
+    try:
+        body, end = _DECODER.raw_decode(text, at)
+    except json.JSONDecodeError:
+        return None
+    end = _SPACE.match(text, end).end()
+    if not isinstance(body, dict) or not text.startswith(CLOSE_TAG, end):
+        return None
+    return body, end + len(CLOSE_TAG)
+
+
+JSON_SPACE = " \t\n\r"
+JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+CLOSE_TAG = "</tool_call>"
+# A streamable call's JSON up to its arguments object, JSON whitespace allowed between the parts.
+CALL_HEAD = ("{", '"name"', ":", JSON_STRING, ",", '"arguments"', ":", "{")
+
+
+def _call_head(text: str, pos: int) -> tuple[bool | None, str, int]:
+    """Whether text[pos:] begins `{"name": "NAME", "arguments": {`: (True, NAME, where the arguments object
+    begins) once it does; (None, "", pos) while the text so far may still become it; (False, "", pos) when
+    it cannot."""
+    name = ""
+    for want in CALL_HEAD:
+        while pos < len(text) and text[pos] in JSON_SPACE:
+            pos += 1
+        if pos == len(text):
+            return None, "", pos
+        if isinstance(want, str):
+            if not text.startswith(want, pos):
+                return (None if want.startswith(text[pos:]) else False), "", pos
+            pos += len(want)
+            continue
+        match = want.match(text, pos)
+        if match is None:  # an open string waits for its closing quote
+            return (None if text[pos] == '"' else False), "", pos
+        try:
+            name = json.loads(match.group())
+        except ValueError:  # a bad escape or a raw control character
+            return False, "", pos
+        pos = match.end()
+    return True, name, pos - 1
+
+
+class _Brackets:
+    """A string-aware bracket-depth scan (not a JSON parser) of a call's JSON as it grows: where its object
+    closes, where the first value nested in it closes, and the first character no JSON object has there."""
+
+    def __init__(self, pos: int) -> None:
+        self.pos = pos  # the next character to scan
+        self.depth = 0
+        self.in_string = False
+        self.escaped = False
+        self.inner_end: int | None = None  # just past the first nested value
+        self.end: int | None = None  # just past the object
+        self.stray: int | None = None  # text before the object, or a `<` outside strings
+
+    def scan(self, text: str) -> None:
+        while self.pos < len(text) and self.end is None and self.stray is None:
+            c = text[self.pos]
+            self.pos += 1
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif c == "\\":
+                    self.escaped = True
+                elif c == '"':
+                    self.in_string = False
+            elif self.depth == 0:
+                if c == "{":
+                    self.depth = 1
+                elif c not in JSON_SPACE:
+                    self.stray = self.pos - 1
+            elif c == '"':
+                self.in_string = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 1 and self.inner_end is None:
+                    self.inner_end = self.pos
+                elif self.depth == 0:
+                    self.end = self.pos
+            elif c == "<":
+                self.stray = self.pos - 1
+
+
+@dataclass
+class _Block:
+    """One `<tool_call>` block of a streamed answer, as far as it has come (offsets into ToolStream.text)."""
+
+    start: int  # its `<tool_call>`
+    body: int  # just past the tag
+    brackets: _Brackets
+    head: bool | None = None  # streamed (name first, a known function), held, or not yet known
+    name: str = ""
+    index: int = -1  # its delta.tool_calls index once streamed
+    args: int = 0  # where its arguments begin
+    sent: int = 0  # its arguments sent up to here
+    seek: int = 0  # where to look for its `</tool_call>` once its text is no call's JSON
+    end: int | None = None  # just past its `</tool_call>`
+    shaped: bool = False  # one JSON object, then the tag
+
+
+def _call_item(index: int, name: str) -> dict:
+    """The first delta.tool_calls item of a call: its index, id, type and name."""
+    return {
+        "index": index,
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": name, "arguments": ""},
+    }
+
+
+def _same_json(text: str, value: Any) -> bool:
+    try:
+        return json.dumps(json.loads(text)) == json.dumps(value)
+    except ValueError:
+        return False
+
+
 class ToolStream:
-    """A streamed answer with tools: text deltas pass on until a `<tool_call>` begins; from there the text
-    is held and parsed at the end (`finish`), whose calls go out as `delta.tool_calls`."""
+    """A streamed answer with tools, its calls streamed as OpenAI streams them: `feed` takes each delta of
+    the engine's text and returns the content to send now and the `delta.tool_calls` items to send now.
+
+    Text before the first `<tool_call>` streams as it comes. A call whose JSON begins `{"name": NAME,
+    "arguments": {` with NAME a known function (the hermes format, and the only form the grammar of
+    `required` or a named function allows) is streamed: one item with its index, id, type and name
+    (arguments "") once that head is whole, then items of the raw arguments text as it grows, up to the
+    arguments' closing brace (found by a string-aware bracket-depth scan); the pieces concatenated are the
+    arguments' JSON text. Any other block (arguments first, say) is held and, when its `</tool_call>` comes,
+    sent whole (head, then json.dumps of its arguments) if it parses to a known function's name and an object
+    of arguments, else kept as text. Indexes follow the calls' order in the text; only a call's first item
+    carries its id.
+
+    When a streamed block ends it is verified whole: one JSON object whose name is the one sent and whose
+    arguments equal the pieces' JSON, then `</tool_call>`. Items sent cannot be taken back, so a streamed
+    call that fails (an `auto` call whose JSON proves malformed, or any call cut by max_tokens) stays with
+    the client as sent: its id, name and the pieces so far, which may not parse. Its text is not repeated as
+    content, and the choice's finish_reason is then the engine's ("stop" or "length") instead of
+    "tool_calls": the client's sign that a call is not whole. Text after the first `<tool_call>` that no call
+    took (between and after calls, blocks kept as text) goes out as content at `finish`: all of it when no
+    call was sent, else only when it is more than whitespace.
+    """
 
     def __init__(self, known: dict[str, dict]) -> None:
         self.known = known
-        self.held = ""  # from the first character that may begin a call
+        self.text = ""  # before any call, a possible `<tool_call>`'s start; then the answer from the first on
         self.calling = False
+        self.block: _Block | None = None  # the call under way
+        self.mark = 0  # the end of the last block
+        self.seek = 0  # where to look for the next `<tool_call>`
+        self.outside: list[str] = []  # the text after the first `<tool_call>` that no call took
+        self.sent = 0  # calls sent
+        self.whole = True  # every streamed call verified
 
-    def feed(self, text: str) -> str:
-        """A delta of the engine's text -> the part to stream now as content."""
+    def feed(self, text: str) -> tuple[str, list[dict]]:
+        """A delta of the engine's text -> (the part to stream now as content, delta.tool_calls items)."""
         if self.calling:
-            self.held += text
-            return ""
-        text = self.held + text
+            self.text += text
+            return "", self._advance()
+        text = self.text + text
         start = text.find(OPEN_TAG)
         if start >= 0:
-            self.calling, self.held = True, text[start:]
-            return text[:start]
+            self.calling, self.text = True, text[start:]
+            return text[:start], self._advance()
         keep = next((n for n in range(len(OPEN_TAG) - 1, 0, -1) if text.endswith(OPEN_TAG[:n])), 0)
-        self.held = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep]
+        self.text = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], []
 
-    def finish(self) -> tuple[str, list[dict]]:
-        """(text still to stream as content, tool_calls) once the answer ended."""
+    def finish(self, reason: str) -> tuple[str, str]:
+        """(text still to stream as content, the choice's finish_reason) once the answer ended; `reason` is
+        the engine's."""
         if not self.calling:
-            return self.held, []
-        content, calls = parse_calls(self.held, self.known)
-        return (content or "") if calls else self.held, calls
+            return self.text, reason
+        block = self.block
+        if block is None:
+            self.outside.append(self.text[self.mark :])
+        elif block.index >= 0:
+            self.whole = False  # the answer ended inside a streamed call
+        else:
+            self.outside.append(self.text[block.start :])
+        rest = "".join(self.outside)
+        if not self.sent:
+            return rest, reason
+        return (rest if rest.strip() else ""), ("tool_calls" if self.whole else reason)
 
+    def _advance(self) -> list[dict]:
+        """The items the text so far allows, block after block."""
+        items: list[dict] = []
+        while True:
+            if self.block is None:
+                start = self.text.find(OPEN_TAG, self.seek)
+                if start < 0:
+                    self.seek = max(self.seek, len(self.text) - len(OPEN_TAG) + 1)
+                    return items
+                self.outside.append(self.text[self.mark : start])
+                body = start + len(OPEN_TAG)
+                self.block = _Block(start, body, _Brackets(body))
+            block = self.block
+            items += self._stream(block)
+            if block.end is None:
+                return items
+            items += self._close(block)
+            self.block, self.mark, self.seek = None, block.end, block.end
 
-def call_deltas(calls: list[dict]) -> list[dict]:
-    """OpenAI's streamed `delta.tool_calls` items of parsed calls: per call, its id and name, then its arguments."""
-    out = []
-    for index, call in enumerate(calls):
-        head = {"index": index, "id": call["id"], "type": "function"}
-        out.append({**head, "function": {"name": call["function"]["name"], "arguments": ""}})
-        out.append({"index": index, "function": {"arguments": call["function"]["arguments"]}})
-    return out
+    def _stream(self, block: _Block) -> list[dict]:
+        """A streamed call's head once known and its new arguments text; finds where the block ends."""
+        items: list[dict] = []
+        text, brackets = self.text, block.brackets
+        if block.head is None:
+            head, name, args = _call_head(text, block.body)
+            block.head = None if head is None else head and name in self.known
+            if block.head:
+                block.name, block.index, block.args, block.sent = name, self.sent, args, args
+                self.sent += 1
+                items.append(_call_item(block.index, name))
+        brackets.scan(text)
+        if block.head:
+            end = next(p for p in (brackets.inner_end, brackets.stray, brackets.pos) if p is not None)
+            if end > block.sent:
+                items.append({"index": block.index, "function": {"arguments": text[block.sent : end]}})
+                block.sent = end
+        if brackets.stray is None and brackets.end is not None:
+            tail = brackets.end
+            while tail < len(text) and text[tail] in JSON_SPACE:
+                tail += 1
+            if text.startswith(CLOSE_TAG, tail):
+                block.end, block.shaped = tail + len(CLOSE_TAG), True
+            elif not CLOSE_TAG.startswith(text[tail:]):
+                brackets.stray = tail
+        if brackets.stray is not None and block.end is None:  # no call: the block ends at the next tag
+            close = text.find(CLOSE_TAG, max(brackets.stray, block.seek))
+            if close >= 0:
+                block.end = close + len(CLOSE_TAG)
+            else:
+                block.seek = max(brackets.stray, len(text) - len(CLOSE_TAG) + 1)
+        return items
+
+    def _close(self, block: _Block) -> list[dict]:
+        """A block that ended: verify a streamed call; send a held one whole if it is a call, else keep its text."""
+        body: Any = None
+        if block.shaped:
+            try:
+                body = json.loads(self.text[block.body : block.brackets.end])
+            except ValueError:
+                body = None
+        name = body.get("name") if isinstance(body, dict) else None
+        arguments = body.get("arguments") if isinstance(body, dict) else None
+        valid = isinstance(name, str) and name in self.known and isinstance(arguments, dict)
+        if block.index >= 0:
+            if not (valid and name == block.name and _same_json(self.text[block.args : block.sent], arguments)):
+                self.whole = False
+            return []
+        if not valid:
+            self.outside.append(self.text[block.start : block.end])
+            return []
+        index, self.sent = self.sent, self.sent + 1
+        return [_call_item(index, name), {"index": index, "function": {"arguments": json.dumps(arguments)}}]
 
 
 def tool_request(

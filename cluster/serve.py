@@ -48,7 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from actors.deliveries import Deliveries
 from actors.errors import NO_LIVE_GROUP, unwrap
-from actors.tools_format import ToolStream, call_deltas, parse_calls
+from actors.tools_format import ToolStream, parse_calls
 from cluster.admission import Admission, Overloaded, Ticket, queue_timeout
 from cluster.config import RunConfig, ServeConfig, load_config
 from cluster.launch import USER_ERRORS, start, stop
@@ -358,10 +358,14 @@ class OpenAIServer:
                 text = item.get("text")  # the engine's deltas: stop strings already cut, held back and released
                 entries = item.get("logprobs")  # of this delta's tokens, when asked (text may be held back)
                 index = item.get("index", 0)  # the choice, with n > 1
+                calls: list[dict[str, Any]] = []
                 if tools is not None and text:
-                    text = tools[index].feed(text)  # a tool call's text is held, and sent as tool_calls at the end
-                if text or entries:
+                    text, calls = tools[index].feed(text)  # a call's text goes out as delta.tool_calls items
+                if text or (entries and not calls):  # the delta's logprobs go with its first chunk
                     yield chunk({"content": text or ""}, logprobs=entries, index=index)
+                    entries = None
+                if calls:
+                    yield chunk({"tool_calls": calls}, logprobs=entries, index=index)
                 pending = asyncio.ensure_future(self._next(stream))
                 while not (await asyncio.wait({pending}, timeout=KEEPALIVE_S))[0]:
                     if deadline is not None and time.monotonic() > deadline:
@@ -376,12 +380,9 @@ class OpenAIServer:
                 for index, choice in enumerate(item.get("choices") or [item]):
                     reason = finish_reason(choice)
                     if tools is not None:
-                        text, calls = tools[index].finish()
+                        text, reason = tools[index].finish(reason)
                         if text:
                             yield chunk({"content": text}, index=index)
-                        if calls:
-                            yield chunk({"tool_calls": call_deltas(calls)}, index=index)
-                            reason = "tool_calls"
                     yield chunk({}, reason, index=index)
                 if include_usage:
                     yield chunk(None, usage_=usage(item))

@@ -648,7 +648,9 @@ def test_tool_calls_required_streamed_and_not_then_a_second_turn(server: Server)
     assert json.loads(call.function.arguments)["region"] in ("left", "all")
     chunks = list(server.client.chat.completions.create(messages=messages, stream=True, **fields))
     deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
-    assert deltas[0].index == 0 and deltas[0].function.name == "count"
+    assert deltas[0].index == 0 and deltas[0].function.name == "count" and deltas[0].id.startswith("call_")
+    # The arguments stream in pieces as the tokens come, each item of call 0 and none naming another id.
+    assert len(deltas) > 2 and {d.index for d in deltas} == {0} and {d.id for d in deltas[1:]} <= {None, deltas[0].id}
     assert json.loads("".join(d.function.arguments or "" for d in deltas)) == json.loads(call.function.arguments)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
     second_turn = [

@@ -15,7 +15,7 @@ from actors.errors import RequestError
 from actors.grammars import GrammarCompiler
 from actors.request_fields import check_request_fields
 from actors.requests import RequestState
-from actors.tools_format import ToolStream, call_deltas, call_grammar, functions, parse_calls, tool_request
+from actors.tools_format import ToolStream, call_grammar, functions, parse_calls, tool_request
 from cluster.openai_api import APIError, engine_request, parse_request
 from model.processor import PromptBuilder
 from model.runner import ModelRunner
@@ -87,15 +87,26 @@ def test_parse_calls_and_stream() -> None:
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"} and calls[0]["type"] == "function"
     bad = '<tool_call>{"name": "nope", "arguments": {}}</tool_call> and <tool_call>{not json</tool_call>'
     assert parse_calls(bad, known) == (bad, [])
-    stream = ToolStream(known)
-    pieces = [stream.feed(text[i : i + 5]) for i in range(0, len(text), 5)]
-    assert "".join(pieces) == "Let me check.\n"
-    rest, streamed = stream.finish()
-    assert rest == "" and [c["function"] for c in streamed] == [c["function"] for c in calls]
-    deltas = call_deltas(streamed)
-    assert deltas[0]["index"] == 0 and deltas[0]["function"]["name"] == "get_weather" and deltas[2]["index"] == 1
+    odd = '<tool_call>{"name": ["get_time"], "arguments": {}}</tool_call> <tool_call>{"name": "get_time"}</tool_call>'
+    assert parse_calls(odd, known) == (odd, [])  # a name that is not a string, no arguments: text
+    # A `</tool_call>` inside a string is text of the call, not its end.
+    inside = '<tool_call>{"name": "get_weather", "arguments": {"city": "a</tool_call>b"}}</tool_call> done'
+    content, [call] = parse_calls(inside, known)
+    assert content == "done" and json.loads(call["function"]["arguments"]) == {"city": "a</tool_call>b"}
+    stream = ToolStream(known)  # tests/test_tool_stream.py tests it further
+    fed = [stream.feed(text[i : i + 5]) for i in range(0, len(text), 5)]
+    assert "".join(content for content, _ in fed) == "Let me check.\n"
+    items = [item for _, batch in fed for item in batch]
+    assert stream.finish("stop") == ("", "tool_calls")
+    for index, call in enumerate(calls):
+        mine = [item for item in items if item["index"] == index]
+        assert mine[0]["function"] == {"name": call["function"]["name"], "arguments": ""}
+        pieces = "".join(item["function"]["arguments"] for item in mine)
+        assert json.loads(pieces) == json.loads(call["function"]["arguments"])
+    assert sum(item["index"] == 0 for item in items) > 2  # the first call's arguments came in pieces
     plain = ToolStream(known)
-    assert plain.feed("a <tool") == "a " and plain.feed("s> b") == "<tools> b" and plain.finish() == ("", [])
+    assert plain.feed("a <tool") == ("a ", []) and plain.feed("s> b") == ("<tools> b", [])
+    assert plain.finish("stop") == ("", "stop")
 
 
 @pytest.mark.parametrize(
@@ -185,6 +196,18 @@ def test_required_and_named_calls_are_always_valid(tiny_checkpoint: Path, tmp_pa
         for call in calls:
             schema = known[call["function"]["name"]]["parameters"]
             jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+        # Streamed in deltas of 3 characters: the same calls, their arguments in pieces.
+        stream, items = ToolStream(known), []
+        for start in range(0, len(text), 3):
+            content, batch = stream.feed(text[start : start + 3])
+            assert content == ""
+            items += batch
+        assert stream.finish("stop") == ("", "tool_calls") and len(items) > 2 * len(calls), text
+        for index, call in enumerate(calls):
+            mine = [item for item in items if item["index"] == index]
+            assert mine[0]["function"]["name"] == call["function"]["name"]
+            pieces = "".join(item["function"]["arguments"] for item in mine)
+            assert json.loads(pieces) == json.loads(call["function"]["arguments"])
 
 
 def test_named_grammar_allows_one_call_and_required_several() -> None:
