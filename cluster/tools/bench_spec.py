@@ -1,13 +1,18 @@
 """Speculative decoding benchmark: TPOT at batch 1 with n-gram and draft proposals against plain decoding.
 
 `python -m cluster.tools.bench_spec [--checkpoint small|tiny] [--exe-mode graph|eager] [--k 4]
-[--draft-layers 4] [--tokens 64] [--context-tokens 96] [--repeats 2] [--json OUT]`
+[--draft-layers 4] [--tokens 64] [--context-tokens 96] [--repeats 2] [--workload loop|echo] [--json OUT]`
 
 In process (the Ray-free model path, as every worker runs it), one request at a time, on the checkpoint's
 random weights. The workload makes the answer repeat text of the prompt, as extraction or rewriting does.
-A random model does not copy its prompt, but its greedy output falls into loops; so the prompt is a
-passage, the model's greedy continuation of it, the passage again, and the first half of the model's
-greedy answer to all that, whose loop the prompt then holds: the answer (the second half) repeats it.
+A random model does not copy its prompt, but its greedy output falls into a loop; so the prompt opens with
+the stretch of text the answer will repeat, that loop, then holds a passage, the model's greedy
+continuation of it, the passage again, and the model's greedy answer to all that up to a few tokens into
+its loop: the answer goes on with the loop, which the prompt's opening holds. (With the 0.5B shape's
+random weights the loop is one token repeated. The opening stretch makes the earliest occurrence of the
+answer's last tokens, which vLLM's rule proposes from, one followed by the loop; shorter runs of the same
+token earlier in the prompt would otherwise be taken first. `--workload echo` is the same prompt without
+the opening, whose loop the prompt also holds, but only after shorter runs.)
 The draft is the checkpoint's first `--draft-layers` decoder layers with its
 embeddings, head and vision tower (`cluster.tools.draft_checkpoint`): what a smaller model of the same
 family would be, with an acceptance set by how much the cut layers change the output.
@@ -41,16 +46,40 @@ def tpot(result: GenerationResult) -> float:
     return (times[-1] - times[0]) / (len(times) - 1)
 
 
-def echo_request(runner: ModelRunner, builder: PromptBuilder, tokens: int) -> PreparedRequest:
-    """A prompt whose answer repeats a stretch of the prompt (see the module docstring): a passage, the model's
-    greedy continuation of it, the passage again, then the first half of what the model answers to that.
-    Its answer goes on from there: with random weights it falls into a loop that the prompt's end holds."""
+def periodic_tail(tokens: list[int]) -> tuple[int, int]:
+    """(start, period) of the longest stretch at the end of `tokens` that repeats with a period, at least
+    two periods long: a greedy loop (start == len(tokens) when there is none)."""
+    best = (len(tokens), 1)
+    for period in range(1, len(tokens) // 2 + 1):
+        start = len(tokens) - period
+        while start > 0 and tokens[start - 1] == tokens[start - 1 + period]:
+            start -= 1
+        if len(tokens) - start >= 2 * period and start < best[0]:
+            best = (start, period)
+    return best
+
+
+def echo_request(runner: ModelRunner, builder: PromptBuilder, tokens: int, opening: bool = True) -> PreparedRequest:
+    """A prompt whose answer repeats a stretch of the prompt (see the module docstring): the model's loop
+    (with `opening`), a passage, the model's greedy continuation of it, the passage again, then what the
+    model answers to that, up to a few tokens into its loop."""
     greedy = [SamplingParams(max_new_tokens=tokens, ignore_eos=True)]
     passage = builder.build({"id": "passage", "prompt": TEXT_PROMPT})
     [cont] = runner.generate([passage], greedy, [])
-    again = PreparedRequest("again", passage.input_ids + cont.output_token_ids + passage.input_ids, None, None)
-    [answer] = runner.generate([again], greedy, [])
-    return PreparedRequest("echo", again.input_ids + answer.output_token_ids[: tokens // 2], None, None)
+    again = passage.input_ids + cont.output_token_ids + passage.input_ids
+    [answer] = runner.generate([PreparedRequest("again", again, None, None)], greedy, [])
+    out = answer.output_token_ids
+    start, period = periodic_tail(out)
+    if start >= len(out) or not opening:  # no loop (or no opening asked): half of the answer, as it is
+        return PreparedRequest("echo", again + out[: tokens // 2], None, None)
+    loop = out[start:]
+    stretch = (loop * (OPENING_TOKENS // len(loop) + 1))[:OPENING_TOKENS]
+    into = min(start + max(LOOP_ENTRY_TOKENS, period), len(out))
+    return PreparedRequest("echo", stretch + again + out[:into], None, None)
+
+
+OPENING_TOKENS = 16  # the loop's stretch the prompt opens with
+LOOP_ENTRY_TOKENS = 8  # how far into its loop the answer in the prompt goes
 
 
 def measure(runner, request, tokens, repeats, config=None, drafter=None) -> dict:
@@ -78,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per answer")
     parser.add_argument("--context-tokens", type=int, default=96, help="length of each generated part of the prompt")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--workload",
+        choices=("loop", "echo"),
+        default="loop",
+        help="loop: the prompt opens with the stretch the answer repeats; echo: the same without the opening",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
     if not 1 <= args.k <= 15 or args.tokens < 2 or min(args.draft_layers, args.context_tokens, args.repeats) < 1:
@@ -99,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         runner.capture_graphs()
         drafter.runner.capture_graphs()
     builder = PromptBuilder.from_pretrained(path)
-    request = echo_request(runner, builder, args.context_tokens)
+    request = echo_request(runner, builder, args.context_tokens, args.workload == "loop")
     log(f"prompt of {len(request.input_ids)} tokens, {args.tokens} new tokens, k={args.k}")
     ngram = SpeculativeConfig("ngram", args.k)
     draft = SpeculativeConfig("draft", args.k, model=str(draft_path))
@@ -127,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             "exe_mode": args.exe_mode,
             "k": args.k,
             "draft_layers": args.draft_layers,
+            "workload": args.workload,
         }
         args.json.write_text(json.dumps({**meta, "methods": figures}, indent=2))
     return 0
