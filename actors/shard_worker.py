@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from actors.config import WorkerConfig
+from actors.pending_embeds import PendingEmbeds
 from model.batch import RunningBatch, StepOutput, TableUpdate
 from model.device import bind_device, dist_backend
 from model.draft import Drafter, load_drafter
@@ -72,8 +73,8 @@ class ShardWorker:
         self.device = bind_device(config.device, ray.get_runtime_context().get_accelerator_ids(), os.environ)
         self.runner: ModelRunner | None = None
         self.batch: RunningBatch | None = None
-        self.embeds: dict[str, torch.Tensor | None] = {}  # request id -> image embeddings, encode -> admit
-        self.draft_embeds: dict[str, torch.Tensor | None] = {}  # the same through the draft's tower
+        self.embeds = PendingEmbeds()  # image embeddings, from the encode calls to the request's admission
+        self.draft_embeds = PendingEmbeds()  # the same through the draft's tower
         self.drafter: Drafter | None = None  # the draft model of speculative decoding (model/draft.py)
         self.graph_capture_s = 0.0
         self.warmup_s = 0.0
@@ -192,15 +193,19 @@ class ShardWorker:
 
     # ----------------------------------------------------------------------------- phases
     def encode(self, requests: list[PreparedRequest], profile: bool = False) -> dict:
-        """Vision encode of the requests' images; the embeddings wait here for the requests' admission."""
+        """Vision encode of the requests' next items (images, or slices of a video: each request holds the pixels
+        of those alone); the embeddings wait here, added to the request's earlier ones, for its admission.
+        Nothing is kept when the call raises."""
         self._maybe_profile(profile)
         start = time.perf_counter()
         embeds = self._runner().encode_images(requests)
-        for request, emb in zip(requests, embeds):
-            self.embeds[request.request_id] = emb
-        if self.drafter is not None:  # the draft sees the same images through its own tower
-            for request, emb in zip(requests, self.drafter.runner.encode_images(requests)):
-                self.draft_embeds[request.request_id] = emb
+        # The draft sees the same images through its own tower.
+        drafts = self.drafter.runner.encode_images(requests) if self.drafter is not None else [None] * len(requests)
+        for request, emb, draft in zip(requests, embeds, drafts):
+            if emb is not None:
+                self.embeds.add(request.request_id, emb)
+            if draft is not None:
+                self.draft_embeds.add(request.request_id, draft)
         stats = self._runner().vision_cache_stats() if hasattr(self._runner(), "vision_cache_stats") else {}
         return {"seconds": time.perf_counter() - start, "cache": stats}
 
@@ -232,14 +237,17 @@ class ShardWorker:
         self._maybe_profile(profile)
         batch = self._batch()
         start = time.perf_counter()
+        for request_id in [*releases, *preempted]:
+            self.embeds.drop(request_id)  # a request aborted or preempted in the middle of its encode
+            self.draft_embeds.drop(request_id)
         for request_id in releases:
             batch.release(request_id)
         for request_id in preempted:
             batch.preempt(request_id)
         errors: dict[str, str] = {}
         for request, params, eos, num_cached in admissions:
-            embeds = self.embeds.pop(request.request_id, None)
-            draft = self.draft_embeds.pop(request.request_id, None)
+            embeds = self.embeds.take(request.request_id)
+            draft = self.draft_embeds.take(request.request_id)
             try:
                 batch.admit(request, params, eos, embeds, num_cached, draft)
             except ValueError as e:

@@ -1,9 +1,10 @@
 """Real rounds in process: the tiny model through `GroupScheduler` and `RunningBatch` (no Ray).
 
-Each round's plan is applied to the batch as ShardWorker.step applies it (releases, preemptions,
-admissions with the embeddings of the images after their cached prefix, encoded first as the group
-loop does, block tables, then the chunks and decode rows, or a multi-step pure-decode call), and what
-ran goes back to the scheduler as the group loop and the Coordinator report it. Greedy tokens in
+Each round's plan is applied to the batch as the group loop and ShardWorker apply it (the plan's vision
+items encoded first and kept until their request starts, then releases, preemptions, admissions with the
+embeddings of the images after their cached prefix, block tables, then the chunks and decode rows, or a
+multi-step pure-decode call), and what ran goes back to the scheduler as the group loop and the
+Coordinator report it. Greedy tokens in
 float32 must equal each request generated alone (`model.batch.generate`):
 
 - a multi-step pure-decode call runs all its steps for every row that has blocks for them, while a
@@ -16,15 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
-from actors.group_loop import images_after
+from actors.group_loop import items_request
+from actors.pending_embeds import PendingEmbeds
 from actors.scheduler import GroupScheduler, Plan, Sequence
 from actors.table_updates import TableUpdates
+from actors.vision_items import first_to_encode
 from cluster.tools.draft_checkpoint import cut_draft
 from model.batch import RunningBatch, StepOutput, generate, image_spans
 from model.draft import load_drafter
@@ -45,35 +48,58 @@ class Payload:
 
 
 def make_sequence(runner: ModelRunner, prepared: PreparedRequest, max_new_tokens: int) -> Sequence:
-    """The scheduler's view of a request, each image keyed by its pixels (as request preparation does)."""
+    """The scheduler's view of a request, each image keyed by its pixels and split into its temporal slices (as
+    request preparation does)."""
     images, offset = [], 0
-    spans = image_spans(prepared.input_ids, runner.config.image_token_id)
-    for (start, end), grid in zip(spans, prepared.image_grid_thw if prepared.image_grid_thw is not None else []):
+    spans = image_spans(prepared.input_ids, runner.config.image_token_id, runner.config.video_token_id)
+    grids = prepared.image_grid_thw if prepared.image_grid_thw is not None else []
+    for (start, end), grid in zip(spans, grids):
         n = int(grid.prod())
         images.append((start, end, image_key(prepared.pixel_values[offset : offset + n], grid)))
         offset += n
     seq = Sequence(prepared.request_id, list(prepared.input_ids), max_new_tokens, images)
+    seq.image_slices = [int(grid[0]) for grid in grids]
     seq.payload = Payload(prepared, SamplingParams(max_new_tokens=max_new_tokens))
     return seq
 
 
-def run_round(sched: GroupScheduler, batch: RunningBatch, tables: TableUpdates) -> tuple[Plan, dict[str, StepOutput]]:
+@dataclass
+class Workers:
+    """The group's workers in process: the batch, the block tables it holds, and the embeddings encoded ahead of
+    their requests' admission (ShardWorker's)."""
+
+    batch: RunningBatch
+    tables: TableUpdates = field(default_factory=TableUpdates)
+    embeds: PendingEmbeds = field(default_factory=PendingEmbeds)
+    draft_embeds: PendingEmbeds = field(default_factory=PendingEmbeds)
+
+
+def run_round(sched: GroupScheduler, workers: Workers) -> tuple[Plan, dict[str, StepOutput]]:
     """One planned round on the batch (block tables sent as the group loop sends them: what changed), its
     progress and tokens reported back to the scheduler."""
     plan = sched.schedule()
+    batch = workers.batch
+    parts = [
+        items_request(dataclasses.replace(s.payload.prepared, request_id=s.request_id), s.vision_items[a:b])
+        for s, a, b in plan.encode
+    ]
+    if parts:
+        for part, embeds in zip(parts, batch.runner.encode_images(parts)):
+            workers.embeds.add(part.request_id, embeds)
+        for part, embeds in zip(parts, batch.drafter.runner.encode_images(parts) if batch.drafter else []):
+            workers.draft_embeds.add(part.request_id, embeds)
+    for request_id in plan.releases + plan.preempted:
+        workers.embeds.drop(request_id)
+        workers.draft_embeds.drop(request_id)
     for request_id in plan.releases:
         batch.release(request_id)
     for request_id in plan.preempted:
         batch.preempt(request_id)
-    subs = [images_after(s.payload.prepared, [(a, b) for a, b, _ in s.images], s.num_cached) for s in plan.admit]
-    encoded = iter(batch.runner.encode_images([sub for sub in subs if sub is not None]))
-    drafts = iter(batch.drafter.runner.encode_images([sub for sub in subs if sub is not None]) if batch.drafter else [])
-    for seq, sub in zip(plan.admit, subs):
+    for seq in plan.admit:
         request = dataclasses.replace(seq.payload.prepared, request_id=seq.request_id, pixel_values=None)
-        embeds = next(encoded) if sub is not None else None
-        draft = next(drafts) if sub is not None and batch.drafter else None
+        embeds, draft = workers.embeds.take(seq.request_id), workers.draft_embeds.take(seq.request_id)
         batch.admit(request, seq.payload.params, [], embeds, seq.num_cached, draft)
-    batch.set_tables(tables.updates(plan))
+    batch.set_tables(workers.tables.updates(plan))
     chunks = [(seq.request_id, start, end) for seq, start, end in plan.chunks]
     decode = [seq.request_id for seq in plan.decode]
     out = batch.step(chunks, decode, plan.decode_steps, plan.spec_tokens) if chunks or decode else {}
@@ -121,15 +147,15 @@ def test_a_row_ending_inside_a_call_does_not_shorten_it(runner_for: Callable[[in
     sched = GroupScheduler(4, 16, 16, token_budget=256, decode_steps_per_call=8)
     for prepared, max_new_tokens in ((a, 6), (b, 100)):
         sched.add(make_sequence(runner, prepared, max_new_tokens))
-    batch, tables = RunningBatch(runner), TableUpdates()
+    workers = Workers(RunningBatch(runner))
     tokens: dict[str, list[int]] = {"a": [], "b": []}
-    plan, out = run_round(sched, batch, tables)  # both prompts, one token each
+    plan, out = run_round(sched, workers)  # both prompts, one token each
     assert [c[0].request_id for c in plan.chunks] == ["a", "b"] and plan.decode_steps == 0
     for request_id, step in out.items():
         tokens[request_id] += step.tokens
     cache = runner.cache.keys + runner.cache.values
     before = [layer.clone() for layer in cache]
-    plan, out = run_round(sched, batch, tables)
+    plan, out = run_round(sched, workers)
     assert not plan.chunks and plan.decode_steps == 8
     assert len(plan.block_tables["a"]) == blocks_for(122 + 6, 16) == 8
     others = sorted(set(range(1, runner.cache.num_blocks)) - set(plan.block_tables["a"] + plan.block_tables["b"]))
@@ -193,26 +219,25 @@ def test_rounds_with_chunks_preemptions_and_images_give_each_request_its_tokens_
     sched.spec_tokens = 3 if speculation else 0
     for request, max_new_tokens in requests:
         sched.add(make_sequence(runner, request, max_new_tokens))
-    batch, tables = RunningBatch(runner, config, drafter), TableUpdates()
+    workers = Workers(RunningBatch(runner, config, drafter))
     tokens: dict[str, list[int]] = {r.request_id: [] for r, _ in requests}
-    plans, encoded = [], []  # encoded: (images, the request's images after its cached prefix) per admission
+    plans, encoded = [], []  # encoded: (items, the first item after its cached prefix) per admission
     rounds: list[tuple[int, int]] = []  # (proposed, accepted) of each speculative round with proposals
     while not sched.idle:
         assert len(plans) < 200
-        plan, out = run_round(sched, batch, tables)
+        plan, out = run_round(sched, workers)
         plans.append(plan)
         for s in plan.admit:
             if s.images:
-                spans = [(start, end) for start, end, _ in s.images]
-                encoded.append((len(s.images), images_after(s.payload.prepared, spans, s.num_cached)))
+                encoded.append((len(s.vision_items), first_to_encode(s.vision_items, s.num_cached)))
         for request_id, step in out.items():
             tokens[request_id] += step.tokens
             rounds += step.spec_rounds or []
     assert tokens == expected
 
     # What the rounds went through (a change of scheduling that drops one of these weakens the test).
-    assert any(sub is not None and len(sub.image_grid_thw) < n for n, sub in encoded)  # the second image alone
-    assert any(sub is None for _, sub in encoded)  # every image inside the cached prefix
+    assert any(0 < first < n for n, first in encoded)  # the second image alone
+    assert any(first == n for n, first in encoded)  # every image inside the cached prefix
     assert sched.preemptions >= 1
     assert any(s.images and end > s.prompt_len + 1 for plan in plans for s, _, end in plan.chunks)  # recomputed
     assert any(not p.chunks and p.decode_steps > 1 and any(s.images for s in p.decode) for p in plans)
@@ -249,13 +274,13 @@ def test_speculative_rounds_with_preemption_and_the_prefix_cache(
     sched.spec_tokens = 3
     for request, max_new_tokens in requests:
         sched.add(make_sequence(runner, request, max_new_tokens))
-    batch, tables = RunningBatch(runner, config, load_drafter(runner, draft) if draft else None), TableUpdates()
+    workers = Workers(RunningBatch(runner, config, load_drafter(runner, draft) if draft else None))
     tokens: dict[str, list[int]] = {r.request_id: [] for r, _ in requests}
     accepted = 0
     for _ in range(300):
         if sched.idle:
             break
-        _, out = run_round(sched, batch, tables)
+        _, out = run_round(sched, workers)
         for request_id, step in out.items():
             tokens[request_id] += step.tokens
             accepted += sum(a for _, a in step.spec_rounds or ())
