@@ -5,7 +5,8 @@ request may be preempted back to waiting when blocks run out. Each `schedule()` 
 for the group's workers, applied in this order:
 
 - `releases`: requests that ended (EOS, length, stop, abort): the workers forget them;
-- `preempted`: requests whose KV the workers drop, keeping their sampling state;
+- `preempted`: requests whose KV (and embeddings encoded ahead of their start) the workers drop,
+  keeping their sampling state;
 - `encode`: vision items of admitted requests, encoded before the step (see below);
 - `admit`: requests the workers start now, fresh or resumed after a preemption;
 - one forward under one token budget (vLLM v1 style): every decoding request one token, then
@@ -125,6 +126,7 @@ class Sequence:
     _tokens: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
     _keys: list[bytes] = field(default_factory=list, init=False, repr=False, compare=False)
     _keys_block_size: int = field(default=0, init=False, repr=False, compare=False)
+    # The workers hold something of it (its sampling state, or embeddings of its items): its end must reach them.
     _on_workers: bool = field(default=False, init=False, repr=False, compare=False)
     _started: bool = field(default=False, init=False, repr=False, compare=False)  # its first chunk was planned
     _items: list[VisionItem] | None = field(default=None, init=False, repr=False, compare=False)
@@ -477,7 +479,7 @@ class GroupScheduler:
             if seq.preemptions == 0:
                 seq.cached_tokens = cached
             seq.num_cached = seq.num_computed = cached
-            seq.state, seq._on_workers, seq._started = PREFILLING, True, False
+            seq.state, seq._started = PREFILLING, False
             seq.encoded = first_to_encode(items, cached)
             self.running.append(seq)
             self._share(seq)
@@ -492,7 +494,7 @@ class GroupScheduler:
             end += 1
         if end > seq.encoded:
             plan.encode.append((seq, seq.encoded, end))
-            seq.encoded = end
+            seq.encoded, seq._on_workers = end, True
 
     def _cached_prefix(self, seq: Sequence) -> int:
         """The prompt tokens `BlockPool.allocate` would take from the prefix cache for `seq` now."""
@@ -504,7 +506,7 @@ class GroupScheduler:
     def _chunk(self, seq: Sequence, budget: float, plan: Plan) -> int:
         if not seq._started:  # the workers start it with its first chunk
             plan.admit.append(seq)
-            seq._started = True
+            seq._started = seq._on_workers = True
         end = int(min(len(seq.tokens), seq.num_computed + budget))
         plan.chunks.append((seq, seq.num_computed, end))
         if end == len(seq.tokens) and seq.forks:
@@ -590,7 +592,8 @@ class GroupScheduler:
         seq.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
-        plan.preempted.append(seq.request_id)
+        if seq._on_workers:  # else it was admitted here only: nothing was encoded or started yet
+            plan.preempted.append(seq.request_id)
 
     def _end(self, seq: Sequence, reason: str) -> None:
         """The one release path: blocks freed now, the id into the next plan's releases. Choices waiting for

@@ -10,7 +10,9 @@ float32 must equal each request generated alone (`model.batch.generate`):
 - a multi-step pure-decode call runs all its steps for every row that has blocks for them, while a
   row that reaches its max_new_tokens inside the call stops there;
 - small blocks, a small chunk budget and a pool that forces preemptions, with image prompts whose
-  M-RoPE delta their decode positions and recomputed prompt tails must carry.
+  M-RoPE delta their decode positions and recomputed prompt tails must carry;
+- a budget for vision encode that spreads a video over rounds, slice by slice, while a text request
+  decodes (a video's slices encoded apart give the embeddings of the video encoded whole).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from actors.group_loop import items_request
 from actors.pending_embeds import PendingEmbeds
 from actors.scheduler import GroupScheduler, Plan, Sequence
 from actors.table_updates import TableUpdates
-from actors.vision_items import first_to_encode
+from actors.vision_items import first_to_encode, vision_items
 from cluster.tools.draft_checkpoint import cut_draft
 from model.batch import RunningBatch, StepOutput, generate, image_spans
 from model.draft import load_drafter
@@ -37,6 +40,7 @@ from model.runner import ModelRunner
 from model.sampling import SamplingParams
 from model.speculative import SpeculativeConfig, verify_buckets
 from model.vision_cache import image_key
+from tests.video_files import make_frames
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -286,3 +290,101 @@ def test_speculative_rounds_with_preemption_and_the_prefix_cache(
             accepted += sum(a for _, a in step.spec_rounds or ())
     assert tokens == expected
     assert sched.preemptions >= 1 and accepted > 0
+
+
+@pytest.fixture(scope="module")
+def video_request(
+    tiny_checkpoint: Path, sample_images: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> PreparedRequest:
+    """An image, then a video of 8 frames of 168 x 224 pixels: 4 temporal slices of 12 x 16 patches, each frame
+    cut into several attention windows; 48 video tokens a slice."""
+    root = tmp_path_factory.mktemp("frames")
+    frames = []
+    for i, frame in enumerate(make_frames(8, 168, 224, seed=3)):
+        frames.append(str(root / f"{i}.png"))
+        Image.fromarray(frame).save(frames[-1])
+    builder = PromptBuilder.from_pretrained(tiny_checkpoint, max_videos=1)
+    content = [
+        {"type": "image", "image": str(sample_images["wide"])},
+        {"type": "video", "video": frames},
+        {"type": "text", "text": "What changes between the picture and the clip?"},
+    ]
+    kwargs = {"video_min_pixels": 784, "video_max_pixels": 168 * 224}
+    request = builder.build(
+        {"id": "video", "messages": [{"role": "user", "content": content}], "mm_processor_kwargs": kwargs}
+    )
+    assert request.image_grid_thw[1].tolist() == [4, 12, 16]
+    return request
+
+
+def test_a_video_encoded_slice_by_slice_gives_the_embeddings_of_encoding_it_whole(
+    runner_for: Callable[[int, int], ModelRunner], video_request: PreparedRequest
+) -> None:
+    """The tower's full attention is per temporal slice and its windows lie within a frame: encoding a request's
+    items in any runs (each alone, pairs, a run from the image into the video) equals encoding it whole."""
+    runner = runner_for(16, 320)
+    spans = image_spans(video_request.input_ids, runner.config.image_token_id, runner.config.video_token_id)
+    items = vision_items(spans, [int(grid[0]) for grid in video_request.image_grid_thw])
+    assert [item.slice for item in items] == [0, 0, 1, 2, 3]
+    [whole] = runner.encode_images([video_request])
+    for runs in ([[0], [1], [2], [3], [4]], [[0, 1], [2, 3], [4]], [[0], [1, 2, 3, 4]]):
+        parts = [items_request(video_request, [items[i] for i in run]) for run in runs]
+        pieces = runner.encode_images(parts)
+        assert torch.cat(pieces).shape == whole.shape
+        assert (torch.cat(pieces) - whole).abs().max().item() <= 1e-5, runs
+
+
+@pytest.mark.parametrize("speculation", [None, "draft"])
+def test_an_encoder_budget_spreads_a_video_over_rounds_and_changes_no_token(
+    runner_for: Callable[[int, int], ModelRunner],
+    prepared: Callable[[Path], dict[str, PreparedRequest]],
+    video_request: PreparedRequest,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    speculation: str | None,
+) -> None:
+    """A text request decodes while an image-and-video request arrives, under an encoder budget of one slice (48
+    tokens) a round and with none: the video's slices go over four rounds, each with the text request's
+    decode step, and every request gets the tokens it gets alone either way (with a draft model, whose tower
+    encodes the same items, too)."""
+    runner = runner_for(16, 320)
+    config, drafter = None, None
+    if speculation is not None:
+        runner.add_decode_buckets(verify_buckets(runner.buckets, 3))
+        draft = cut_draft(tiny_checkpoint, tmp_path / "draft", layers=2)
+        config, drafter = (
+            SpeculativeConfig(speculation, 3, model=str(draft), min_acceptance=0.0),
+            load_drafter(runner, draft),
+        )
+    text = prepared(tiny_checkpoint)["text_long"]
+    expected = {"text_long": alone(runner, text, 20), "video": alone(runner, video_request, 6)}
+    for budget in (48, None):
+        sched = GroupScheduler(4, 80, 16, token_budget=512, decode_steps_per_call=2, encoder_budget=budget)
+        sched.spec_tokens = 3 if speculation else 0
+        workers = Workers(RunningBatch(runner, config, drafter))
+        tokens: dict[str, list[int]] = {"text_long": [], "video": []}
+        sched.add(make_sequence(runner, text, 20))
+        plan, out = run_round(sched, workers)  # the text request prefilled: it decodes from now on
+        plans, tokens["text_long"] = [plan], list(out["text_long"].tokens)
+        sched.add(make_sequence(runner, video_request, 6))
+        while not sched.idle:
+            assert len(plans) < 100
+            plan, out = run_round(sched, workers)
+            plans.append(plan)
+            for request_id, step in out.items():
+                tokens[request_id] += step.tokens
+        encoding = [p for p in plans if p.encode]
+        if budget is None:
+            assert len(encoding) == 1
+        else:  # the image (its 20 tokens alone), then a slice a round; the text request decodes in each round
+            assert [[(a, b) for _, a, b in p.encode] for p in encoding] == [
+                [(0, 1)],
+                [(1, 2)],
+                [(2, 3)],
+                [(3, 4)],
+                [(4, 5)],
+            ]
+            assert all(p.decode and p.decode[0].request_id == "text_long" for p in encoding)
+            assert [p for p in plans if p.admit and p.admit[0].request_id == "video"] == [encoding[-1]]
+        assert tokens == expected
+        assert workers.batch.seqs == {} and not workers.embeds and not workers.draft_embeds
