@@ -443,6 +443,23 @@ def test_an_abort_in_the_middle_of_an_encode_releases_what_the_workers_hold():
     assert sched.pool.stats()["used"] == 0
 
 
+def test_a_request_is_not_admitted_in_the_plan_that_releases_its_id():
+    """The workers drop a released request's embeddings in the plan's step, after the plan's encode: a new request
+    under the id of one that just ended waits a round."""
+    sched = _sched(token_budget=64, encoder_budget=64)
+    w = FakeWorkers(sched)
+    sched.add(_video("x", 2, 1, 8, 3, max_new=50))
+    w.round()
+    sched.abort("x")
+    again = _video("x", 2, 1, 8, 3)
+    again.images = [(2, 10, b"another image")]
+    sched.add(again)
+    plan = w.round()
+    assert plan.releases == ["x"] and not plan.encode and not plan.admit
+    plan = w.round()
+    assert _encodes(plan) == [("x", 0, 1)] and _ids(plan.admit) == ["x"]
+
+
 def test_slices_that_do_not_split_a_vision_input_are_refused_naming_the_request():
     seq = _video("v", 2, slices=4, per_slice=6, after=3)
     seq.image_slices = [5]
