@@ -1,10 +1,10 @@
 """Real rounds in process: the tiny model through `GroupScheduler` and `RunningBatch` (no Ray).
 
-Each round's plan is applied to the batch as the group loop and ShardWorker apply it (the plan's vision
-items encoded first and kept until their request starts, then releases, preemptions, admissions with the
-embeddings of the images after their cached prefix, block tables, then the chunks and decode rows, or a
-multi-step pure-decode call), and what ran goes back to the scheduler as the group loop and the
-Coordinator report it. Greedy tokens in
+Each round's plan goes to a worker's round calls (`WorkerPhases`, what ShardWorker runs) as the group loop
+sends it (the plan's vision items encoded first and kept until their request starts, then releases,
+preemptions, admissions with the embeddings of the images after their cached prefix, block tables, then the
+chunks and decode rows, or a multi-step pure-decode call), and what ran goes back to the scheduler as the
+group loop and the Coordinator report it. Greedy tokens in
 float32 must equal each request generated alone (`model.batch.generate`):
 
 - a multi-step pure-decode call runs all its steps for every row that has blocks for them, while a
@@ -27,10 +27,10 @@ import torch
 from PIL import Image
 
 from actors.group_loop import items_request
-from actors.pending_embeds import PendingEmbeds
 from actors.scheduler import GroupScheduler, Plan, Sequence
 from actors.table_updates import TableUpdates
 from actors.vision_items import first_to_encode, vision_items
+from actors.worker_phases import WorkerPhases
 from cluster.tools.draft_checkpoint import cut_draft
 from model.batch import RunningBatch, StepOutput, generate, image_spans
 from model.draft import load_drafter
@@ -69,44 +69,42 @@ def make_sequence(runner: ModelRunner, prepared: PreparedRequest, max_new_tokens
 
 @dataclass
 class Workers:
-    """The group's workers in process: the batch, the block tables it holds, and the embeddings encoded ahead of
-    their requests' admission (ShardWorker's)."""
+    """The group's workers in process: a worker's round calls (`WorkerPhases`, ShardWorker's) and the block tables
+    they hold."""
 
-    batch: RunningBatch
+    phases: WorkerPhases
     tables: TableUpdates = field(default_factory=TableUpdates)
-    embeds: PendingEmbeds = field(default_factory=PendingEmbeds)
-    draft_embeds: PendingEmbeds = field(default_factory=PendingEmbeds)
 
 
 def run_round(sched: GroupScheduler, workers: Workers) -> tuple[Plan, dict[str, StepOutput]]:
-    """One planned round on the batch (block tables sent as the group loop sends them: what changed), its
-    progress and tokens reported back to the scheduler."""
+    """One planned round on the workers as the group loop sends it (the plan's vision items encoded first, block
+    tables: what changed), its progress and tokens reported back to the scheduler."""
     plan = sched.schedule()
-    batch = workers.batch
+    phases = workers.phases
     parts = [
         items_request(dataclasses.replace(s.payload.prepared, request_id=s.request_id), s.vision_items[a:b])
         for s, a, b in plan.encode
     ]
     if parts:
-        for part, embeds in zip(parts, batch.runner.encode_images(parts)):
-            workers.embeds.add(part.request_id, embeds)
-        for part, embeds in zip(parts, batch.drafter.runner.encode_images(parts) if batch.drafter else []):
-            workers.draft_embeds.add(part.request_id, embeds)
-    for request_id in plan.releases + plan.preempted:
-        workers.embeds.drop(request_id)
-        workers.draft_embeds.drop(request_id)
-    for request_id in plan.releases:
-        batch.release(request_id)
-    for request_id in plan.preempted:
-        batch.preempt(request_id)
-    for seq in plan.admit:
-        request = dataclasses.replace(seq.payload.prepared, request_id=seq.request_id, pixel_values=None)
-        embeds, draft = workers.embeds.take(seq.request_id), workers.draft_embeds.take(seq.request_id)
-        batch.admit(request, seq.payload.params, [], embeds, seq.num_cached, draft)
-    batch.set_tables(workers.tables.updates(plan))
+        phases.encode(parts)
+    admissions = [
+        (
+            dataclasses.replace(seq.payload.prepared, request_id=seq.request_id, pixel_values=None),
+            seq.payload.params,
+            [],
+            seq.num_cached,
+        )
+        for seq in plan.admit
+    ]
     chunks = [(seq.request_id, start, end) for seq, start, end in plan.chunks]
     decode = [seq.request_id for seq in plan.decode]
-    out = batch.step(chunks, decode, plan.decode_steps, plan.spec_tokens) if chunks or decode else {}
+    forks = [(parent.request_id, child.request_id, child.payload.params, copy) for parent, child, copy in plan.forks]
+    tables = workers.tables.updates(plan)
+    answer = phases.step(
+        plan.releases, plan.preempted, admissions, tables, chunks, decode, plan.decode_steps, forks, plan.spec_tokens
+    )
+    assert not answer["errors"], answer["errors"]
+    out = {request_id: StepOutput(**o) for request_id, o in answer["outputs"].items()}
     for seq, _, end in plan.chunks:
         sched.prefilled(seq, end)
     sched.returned(plan, {r: len(o.tokens) for r, o in out.items()})
@@ -151,7 +149,7 @@ def test_a_row_ending_inside_a_call_does_not_shorten_it(runner_for: Callable[[in
     sched = GroupScheduler(4, 16, 16, token_budget=256, decode_steps_per_call=8)
     for prepared, max_new_tokens in ((a, 6), (b, 100)):
         sched.add(make_sequence(runner, prepared, max_new_tokens))
-    workers = Workers(RunningBatch(runner))
+    workers = Workers(WorkerPhases(RunningBatch(runner)))
     tokens: dict[str, list[int]] = {"a": [], "b": []}
     plan, out = run_round(sched, workers)  # both prompts, one token each
     assert [c[0].request_id for c in plan.chunks] == ["a", "b"] and plan.decode_steps == 0
@@ -223,7 +221,7 @@ def test_rounds_with_chunks_preemptions_and_images_give_each_request_its_tokens_
     sched.spec_tokens = 3 if speculation else 0
     for request, max_new_tokens in requests:
         sched.add(make_sequence(runner, request, max_new_tokens))
-    workers = Workers(RunningBatch(runner, config, drafter))
+    workers = Workers(WorkerPhases(RunningBatch(runner, config, drafter)))
     tokens: dict[str, list[int]] = {r.request_id: [] for r, _ in requests}
     plans, encoded = [], []  # encoded: (items, the first item after its cached prefix) per admission
     rounds: list[tuple[int, int]] = []  # (proposed, accepted) of each speculative round with proposals
@@ -278,7 +276,7 @@ def test_speculative_rounds_with_preemption_and_the_prefix_cache(
     sched.spec_tokens = 3
     for request, max_new_tokens in requests:
         sched.add(make_sequence(runner, request, max_new_tokens))
-    workers = Workers(RunningBatch(runner, config, load_drafter(runner, draft) if draft else None))
+    workers = Workers(WorkerPhases(RunningBatch(runner, config, load_drafter(runner, draft) if draft else None)))
     tokens: dict[str, list[int]] = {r.request_id: [] for r, _ in requests}
     accepted = 0
     for _ in range(300):
@@ -361,7 +359,7 @@ def test_an_encoder_budget_spreads_a_video_over_rounds_and_changes_no_token(
     for budget in (48, None):
         sched = GroupScheduler(4, 80, 16, token_budget=512, decode_steps_per_call=2, encoder_budget=budget)
         sched.spec_tokens = 3 if speculation else 0
-        workers = Workers(RunningBatch(runner, config, drafter))
+        workers = Workers(WorkerPhases(RunningBatch(runner, config, drafter)))
         tokens: dict[str, list[int]] = {"text_long": [], "video": []}
         sched.add(make_sequence(runner, text, 20))
         plan, out = run_round(sched, workers)  # the text request prefilled: it decodes from now on
@@ -387,4 +385,21 @@ def test_an_encoder_budget_spreads_a_video_over_rounds_and_changes_no_token(
             assert all(p.decode and p.decode[0].request_id == "text_long" for p in encoding)
             assert [p for p in plans if p.admit and p.admit[0].request_id == "video"] == [encoding[-1]]
         assert tokens == expected
-        assert workers.batch.seqs == {} and not workers.embeds and not workers.draft_embeds
+        assert workers.phases.batch.seqs == {} and not workers.phases.embeds and not workers.phases.draft_embeds
+
+
+def test_an_abort_in_the_middle_of_an_encode_frees_the_workers_embeddings(
+    runner_for: Callable[[int, int], ModelRunner], video_request: PreparedRequest
+) -> None:
+    """The image and the first slice of the video are encoded (two rounds under a budget of one slice), then the
+    request is aborted: the next round's release drops what the worker held for it."""
+    runner = runner_for(16, 320)
+    sched = GroupScheduler(4, 80, 16, token_budget=512, encoder_budget=48)
+    workers = Workers(WorkerPhases(RunningBatch(runner)))
+    sched.add(make_sequence(runner, video_request, 6))
+    for _ in range(2):
+        run_round(sched, workers)
+    assert len(workers.phases.embeds.parts["video"]) == 2 and "video" not in workers.phases.batch.seqs
+    sched.abort("video")
+    plan, _ = run_round(sched, workers)
+    assert plan.releases == ["video"] and not workers.phases.embeds and sched.idle
