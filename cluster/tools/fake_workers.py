@@ -187,7 +187,7 @@ class FakeWorkerGroup:
         spec_tokens: int = 0,  # speculation is not simulated: a fake step makes one token a row
     ) -> dict:
         for rid in [*releases, *preempted]:
-            self.embeds.pop(rid, None)  # as ShardWorker.step
+            self.embeds.pop(rid, None)  # as WorkerPhases.step
         for rid in releases:
             self.seqs.pop(rid, None)
         for rid in preempted:
