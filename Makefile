@@ -55,6 +55,7 @@ bench: tiny-model
 	$(PY) -m cluster.tools.bench
 	$(PY) -m cluster.tools.bench_scheduler
 	$(PY) -m cluster.tools.bench_vision
+	$(PY) -m cluster.tools.bench_encode
 	$(PY) -m cluster.tools.bench_mixed
 	$(PY) -m cluster.tools.bench_quant
 	$(PY) -m cluster.tools.bench_coordinator

@@ -60,6 +60,7 @@ class EngineConfig:
     max_decode_call_ms: float = 500.0
     async_scheduling: bool = True  # plan the next step call while a pure-decode call runs (actors/group_loop.py)
     max_decode_stall: float | None = 0.5  # a round's prompt chunks may add this x a decode step (None: no cap)
+    encoder_budget_tokens: int | None = 2048  # image-pad tokens of vision encode per round (None: no bound)
     worker_timeout_s: float = 600.0
     rendezvous_timeout_s: float = 300.0
     max_group_restarts: int = 3

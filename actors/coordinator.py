@@ -127,6 +127,7 @@ class Coordinator:
             steps.fixed,
             cfg.prefix_caching,
             max_decode_stall=cfg.max_decode_stall,
+            encoder_budget=cfg.encoder_budget_tokens,
         )
         spec = cfg.worker.speculative
         gate = SpecGate(spec.num_speculative_tokens) if spec is not None else None
@@ -407,7 +408,7 @@ class Coordinator:
         profile, self.profile_pending = self.profile_pending, False
         result = await engine.round(profile)
         now = clock.wall()
-        for seq in result.plan.admit:
+        for seq in [seq for seq, _, _ in result.plan.encode] + result.plan.admit:  # its encode or prefill began
             record = seq.payload.record
             if record["scheduled_time"] is None:
                 record["scheduled_time"] = now

@@ -1,7 +1,8 @@
 """One DP group's rounds: ask the scheduler for a plan, run it on the group's workers, report what came back.
 
-A round is one plan of the group's `GroupScheduler`: vision encode of the admitted requests' images
-that their cached prefix does not cover, then one `step` call on every rank (releases, preemptions,
+A round is one plan of the group's `GroupScheduler`: vision encode of the plan's items (images, or
+slices of a video, of admitted requests, within the round's encoder budget; the workers keep the
+embeddings until the request starts), then one `step` call on every rank (releases, preemptions,
 admissions, the choices forked from a prompt's last chunk, block tables, then a packed forward of
 prompt chunks and decode tokens, or a few pure-decode steps). The loop applies the forward's
 progress to the scheduler (`prefilled`) and hands the new tokens and the failures to its owner,
@@ -20,8 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from actors import clock
 from actors.groups import CallError, retrieve_exception
@@ -30,26 +34,32 @@ from actors.spec_gate import SpecGate
 from actors.step_costs import StepCosts
 from actors.steps_per_call import StepsPerCall
 from actors.table_updates import TableUpdates
+from actors.vision_items import VisionItem
 from model.processor import PreparedRequest
 
 
-def images_after(prepared: PreparedRequest, spans: list[tuple[int, int]], num_cached: int) -> PreparedRequest | None:
-    """The request with only the images that end after its first `num_cached` tokens (None: no such image).
+def items_request(prepared: PreparedRequest, items: list[VisionItem]) -> PreparedRequest:
+    """The request holding only the pixels of `items`, consecutive items of its own: an image whole, a run of
+    slices of a video as one input of that many temporal slices (its patches come slice by slice)."""
+    grids, pixels = prepared.image_grid_thw, prepared.pixel_values
+    if grids is None or pixels is None or not items:
+        raise ValueError(f"request {prepared.request_id!r}: no pixels for vision items {items}")
+    sizes = [int(g.prod()) for g in grids]
+    starts = list(itertools.accumulate(sizes, initial=0))
 
-    Images wholly inside a cached prefix need no encode: their tokens' keys and values are in the cache.
-    """
-    if prepared.image_grid_thw is None:
-        return None
-    sizes = [int(g.prod()) for g in prepared.image_grid_thw]
-    keep = [i for i, (_, end) in enumerate(spans) if end > num_cached]
-    if not keep:
-        return None
-    first = keep[0]  # the images after a point are a suffix of the prompt's images
-    offset = sum(sizes[:first])
+    def row(image: int, slice_: int) -> int:  # the first patch of a slice
+        return starts[image] + slice_ * sizes[image] // int(grids[image][0])
+
+    last = items[-1]
+    parts = []
+    for image, run in itertools.groupby(items, key=lambda item: item.image):
+        slices = [item.slice for item in run]
+        parts.append([slices[-1] + 1 - slices[0], int(grids[image][1]), int(grids[image][2])])
     return dataclasses.replace(
         prepared,
-        pixel_values=prepared.pixel_values[offset:],
-        image_grid_thw=prepared.image_grid_thw[first:],
+        pixel_values=pixels[row(items[0].image, items[0].slice) : row(last.image, last.slice + 1)],
+        image_grid_thw=torch.tensor(parts, dtype=grids.dtype),
+        second_per_grid_ts=None,  # the tower has no time axis
     )
 
 
@@ -164,14 +174,12 @@ class GroupLoop:
         return result  # with lookahead, the call's outcome comes with the next round
 
     async def _start(self, result: Round, profile: bool) -> _Call | None:
-        """Encode the plan's admitted images, then start its step call (None: nothing to run)."""
+        """Encode the plan's vision items, then start its step call (None: nothing to run)."""
         plan = result.plan
         encode = []
-        for seq in plan.admit:
-            spans = [(start, end) for start, end, _ in seq.images]
-            sub = images_after(seq.payload.prepared, spans, seq.num_cached)
-            if sub is not None:
-                encode.append((seq, dataclasses.replace(sub, request_id=seq.request_id)))
+        for seq, first, end in plan.encode:
+            prepared = dataclasses.replace(seq.payload.prepared, request_id=seq.request_id)
+            encode.append((seq, items_request(prepared, seq.vision_items[first:end])))
         unencoded = await self._encode(result, encode, profile) if encode else set()
         admit = [seq for seq in plan.admit if seq.request_id not in unencoded]
         plan_chunks = [c for c in plan.chunks if c[0].request_id not in unencoded]
@@ -242,9 +250,10 @@ class GroupLoop:
         return result
 
     async def _encode(self, result: Round, encode: list[tuple[Sequence, PreparedRequest]], profile: bool) -> set[str]:
-        """Vision encode of the admitted requests' images; the ids of those whose images failed (each failed
-        in `result.failed`). When the call for all of them raises, each is encoded alone, so that one bad
-        input fails its own request only. GroupFailure propagates."""
+        """Vision encode of the plan's items; the ids of the requests whose items failed (each failed in
+        `result.failed`, whether the workers would start it in this round or a later one). When the call for
+        all of them raises, each request's items are encoded alone (a call that raises keeps nothing), so
+        that one bad input fails its own request only. GroupFailure propagates."""
         outs, failed = [], []
         try:
             outs.append(await self._rank0("encode", [sub for _, sub in encode], profile))

@@ -124,7 +124,9 @@ class Preparation:
         tools: dict[str, dict] | None,
     ) -> tuple[Sequence, RequestState]:
         """One sequence for the scheduler and its state (its payload)."""
+        grids = prepared.image_grid_thw if prepared.image_grid_thw is not None else []
         seq = Sequence(key, list(prepared.input_ids), params.max_new_tokens, images)
+        seq.image_slices = [int(grid[0]) for grid in grids]  # a video is encoded slice by slice
         state = RequestState.create(
             key, prepared.request_id, prepared, params, stop, self.builder.decode, arrival, emit, self.token_bytes
         )

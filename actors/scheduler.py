@@ -5,7 +5,9 @@ request may be preempted back to waiting when blocks run out. Each `schedule()` 
 for the group's workers, applied in this order:
 
 - `releases`: requests that ended (EOS, length, stop, abort): the workers forget them;
-- `preempted`: requests whose KV the workers drop, keeping their sampling state;
+- `preempted`: requests whose KV (and embeddings encoded ahead of their start) the workers drop,
+  keeping their sampling state;
+- `encode`: vision items of admitted requests, encoded before the step (see below);
 - `admit`: requests the workers start now, fresh or resumed after a preemption;
 - one forward under one token budget (vLLM v1 style): every decoding request one token, then
   prompt chunks of prefilling requests in admission order with the rest of `token_budget` (a long
@@ -20,6 +22,16 @@ forward, whose fixed cost any chunk, however small, pays: the stall bounds only 
 so a decoding request waits at most that fixed cost plus stall x a step for each token. A round with
 no decode rows keeps the whole budget.
 
+Vision encode has a budget of its own per round, `encoder_budget` image-pad tokens (merged patches, as
+vLLM's encoder budget counts them; None: no bound). A request's vision inputs are items
+(actors/vision_items.py: an image whole, a video one temporal slice at a time); those of inputs wholly
+inside its cached prefix need none. Each round encodes items of the admitted requests in admission
+order, as many as the budget holds (one at least, however large, so that encoding always moves on);
+a request's chunks wait until all its items are encoded, and the workers start it (`admit`) with its
+first chunk, in the round of its last items or later. Decoding requests get their step in every round
+meanwhile. A request that needs encode is admitted only when the round's budget left takes its first
+item (the static policy admits its batch whatever the budget, and encodes it over rounds).
+
 Memory is the admission bound: a waiting request is admitted, first come first served, only when
 the pool gives it blocks for all of its tokens (the prefix cache may supply a block-aligned
 prefix, which its first chunk then skips). Running requests grow one block at a time; when one
@@ -29,7 +41,10 @@ prompt and generated tokens alike, as one prompt. No request is preempted to adm
 
 The caller reports what ran: `prefilled` after a chunk, `append` with sampled tokens, `finish`
 when the workers ended a request (EOS, length) and `abort` for anything else. Every ending frees
-the request's blocks at once and names it in the next plan's `releases`.
+the request's blocks at once and names it in the next plan's `releases` (the workers then also drop
+whatever they hold of it, embeddings of items encoded so far included). A request named in a plan's
+releases or preemptions is not admitted again in that plan: the workers drop its embeddings in that
+plan's step, after its encode.
 
 The next round may be planned while a pure-decode call still runs (the group loop's lookahead): the
 workers keep each request's last sampled token, so a decode step needs only how many tokens a row
@@ -64,6 +79,7 @@ from enum import Enum
 from typing import Any
 
 from actors.kv_blocks import BlockPool, block_hashes
+from actors.vision_items import VisionItem, first_to_encode, vision_items
 from actors.waiting_queue import WaitingQueue
 
 
@@ -85,7 +101,8 @@ class Sequence:
 
     `tokens` is prompt_ids + output_ids; `output_ids` only grows (through `GroupScheduler.append`)
     and survives preemption. `images` are (start, end, content hash) per image, the token span of
-    its image tokens in the prompt (the hash of its processed pixels and grid). `forks` are the further
+    its image tokens in the prompt (the hash of its processed pixels and grid); `image_slices` the
+    temporal slices of each (its grid_t: 1 for an image; empty: one each). `forks` are the further
     choices of an n > 1 request (same prompt and images), until its prompt's last chunk forks them.
     """
 
@@ -94,6 +111,7 @@ class Sequence:
     max_new_tokens: int
     images: list[tuple[int, int, bytes]] = field(default_factory=list)
     payload: Any = None
+    image_slices: list[int] = field(default_factory=list)
     state: SeqState = SeqState.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens of `tokens` whose KV is in the blocks
@@ -101,13 +119,17 @@ class Sequence:
     cached_tokens: int = 0  # the first admission's num_cached (what the record reports)
     preemptions: int = 0
     in_flight: int = 0  # tokens that calls already planned will sample, not yet appended
+    encoded: int = 0  # of `vision_items`, those encoded (or inside the cached prefix) since its admission
     finish_reason: str | None = None
     forks: list[Sequence] = field(default_factory=list, repr=False, compare=False)
     fork_parent: Sequence | None = field(default=None, repr=False, compare=False)  # while FORKING
     _tokens: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
     _keys: list[bytes] = field(default_factory=list, init=False, repr=False, compare=False)
     _keys_block_size: int = field(default=0, init=False, repr=False, compare=False)
+    # The workers hold something of it (its sampling state, or embeddings of its items): its end must reach them.
     _on_workers: bool = field(default=False, init=False, repr=False, compare=False)
+    _started: bool = field(default=False, init=False, repr=False, compare=False)  # its first chunk was planned
+    _items: list[VisionItem] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def tokens(self) -> list[int]:
@@ -123,6 +145,18 @@ class Sequence:
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
 
+    @property
+    def vision_items(self) -> list[VisionItem]:
+        """Its vision inputs as units of encode, in prompt order (actors/vision_items.py)."""
+        if self._items is None:
+            self._items = vision_items([(start, end) for start, end, _ in self.images], self.image_slices)
+        return self._items
+
+    @property
+    def encoding(self) -> bool:
+        """Admitted with items still to encode: its chunks wait for them."""
+        return self.encoded < len(self.vision_items)
+
 
 @dataclass
 class Plan:
@@ -130,6 +164,7 @@ class Plan:
 
     releases: list[str] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    encode: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, first, end) of seq.vision_items
     admit: list[Sequence] = field(default_factory=list)
     chunks: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, start, end) of seq.tokens
     decode: list[Sequence] = field(default_factory=list)
@@ -154,6 +189,7 @@ class GroupScheduler:
         decode_steps_per_call: int = 4,
         prefix_caching: bool = True,
         max_decode_stall: float | None = None,
+        encoder_budget: int | None = None,
     ) -> None:
         if policy not in ("continuous", "static"):
             raise ValueError(f"policy={policy!r} must be 'continuous' or 'static'")
@@ -172,12 +208,15 @@ class GroupScheduler:
             )
         if max_decode_stall is not None and not (isinstance(max_decode_stall, (int, float)) and max_decode_stall >= 0):
             raise ValueError(f"max_decode_stall={max_decode_stall!r} must be None or a number >= 0")
+        if encoder_budget is not None and not (isinstance(encoder_budget, int) and encoder_budget >= 1):
+            raise ValueError(f"encoder_budget={encoder_budget!r} must be None or an integer >= 1")
         self.max_running = max_running
         self.policy = policy
         self.token_budget = token_budget
         self.decode_steps_per_call = decode_steps_per_call
         self.spec_tokens = 0  # proposals per speculative round of the next pure-decode call (the group loop sets it)
         self.max_decode_stall = max_decode_stall
+        self.encoder_budget = encoder_budget  # image-pad tokens of vision encode per round (None: no bound)
         self.decode_step_s: float | None = None  # estimates fed by set_step_costs (None: not measured yet)
         self.prompt_token_s: float | None = None
         self.pool = BlockPool(num_blocks, block_size, prefix_caching)
@@ -285,8 +324,12 @@ class GroupScheduler:
         never = self.never_fits(seq.prompt_len, seq.max_new_tokens, 1 + len(seq.forks))
         if never is not None:
             raise ValueError(f"request {seq.request_id!r} can never fit: {never}")
+        try:
+            seq._items = vision_items([(start, end) for start, end, _ in seq.images], seq.image_slices)
+        except ValueError as e:
+            raise ValueError(f"request {seq.request_id!r}: {e}") from None
         seq.state, seq.finish_reason, seq.num_computed, seq.num_cached, seq.in_flight = WAITING, None, 0, 0, 0
-        seq._on_workers = False
+        seq._on_workers = seq._started = False
         self.waiting.append(seq)
         self.by_id[seq.request_id] = seq
         for child in seq.forks:
@@ -384,11 +427,14 @@ class GroupScheduler:
         budget = float("inf") if static else self.token_budget - len(plan.decode) * (1 + self.spec_tokens)
         if plan.decode and not static:
             budget = min(budget, self.prefill_cap)
+        encoder = _EncoderBudget(self.encoder_budget)
         for seq in self.running:
-            if seq.state == PREFILLING and budget > 0:
-                budget -= self._chunk(seq, budget, plan)
+            if seq.state == PREFILLING:
+                self._encode(seq, encoder, plan)
+                if budget > 0 and not seq.encoding:
+                    budget -= self._chunk(seq, budget, plan)
         if not static or not self.running:
-            self._admit(budget, plan)
+            self._admit(budget, encoder, plan)
         if plan.decode and plan.chunks:  # one step; its rows verify their proposals in the packed forward
             plan.decode_steps = 1
             plan.spec_tokens = (
@@ -409,13 +455,21 @@ class GroupScheduler:
             plan.block_tables[seq.request_id] = self.pool.table(seq.request_id)
         return plan
 
-    def _admit(self, budget: float, plan: Plan) -> None:
-        """First come first served while running room, budget and blocks allow (the head waits for blocks)."""
+    def _admit(self, budget: float, encoder: _EncoderBudget, plan: Plan) -> None:
+        """First come first served while running room, budget, blocks and the encoder budget allow (the head
+        waits for blocks, and, but under the static policy, for the encoder budget to start its encode)."""
+        told = {*plan.releases, *plan.preempted}  # the workers drop these in this plan's step
         while self.waiting and len(self.running) < self.max_running and budget > 0:
             seq = self.waiting.head()
             if seq.in_flight:  # preempted while its tokens were in flight: its prompt is not known yet
                 return
             if len(self.running) + 1 + len(seq.forks) > self.max_running:  # room for all its choices
+                return
+            if seq.request_id in told:
+                return
+            items = seq.vision_items
+            first = first_to_encode(items, self._cached_prefix(seq)) if items else 0
+            if first < len(items) and self.policy != "static" and not encoder.fits(items[first].tokens):
                 return
             keys = self._keys(seq) if self.pool.caching else []
             cached = self.pool.allocate(seq.request_id, len(seq.tokens), keys, self._copies(seq))
@@ -425,13 +479,34 @@ class GroupScheduler:
             if seq.preemptions == 0:
                 seq.cached_tokens = cached
             seq.num_cached = seq.num_computed = cached
-            seq.state, seq._on_workers = PREFILLING, True
+            seq.state, seq._started = PREFILLING, False
+            seq.encoded = first_to_encode(items, cached)
             self.running.append(seq)
             self._share(seq)
-            plan.admit.append(seq)
-            budget -= self._chunk(seq, budget, plan)
+            self._encode(seq, encoder, plan)
+            if not seq.encoding:
+                budget -= self._chunk(seq, budget, plan)
+
+    def _encode(self, seq: Sequence, encoder: _EncoderBudget, plan: Plan) -> None:
+        """Plan the next items of `seq` the encoder budget holds (none once an item did not fit this round)."""
+        items, end = seq.vision_items, seq.encoded
+        while end < len(items) and encoder.take(items[end].tokens):
+            end += 1
+        if end > seq.encoded:
+            plan.encode.append((seq, seq.encoded, end))
+            seq.encoded, seq._on_workers = end, True
+
+    def _cached_prefix(self, seq: Sequence) -> int:
+        """The prompt tokens `BlockPool.allocate` would take from the prefix cache for `seq` now."""
+        if not self.pool.caching:
+            return 0
+        limit = (len(seq.tokens) - 1) // self.block_size
+        return self.pool.cached_prefix(self._keys(seq)[:limit]) * self.block_size
 
     def _chunk(self, seq: Sequence, budget: float, plan: Plan) -> int:
+        if not seq._started:  # the workers start it with its first chunk
+            plan.admit.append(seq)
+            seq._started = seq._on_workers = True
         end = int(min(len(seq.tokens), seq.num_computed + budget))
         plan.chunks.append((seq, seq.num_computed, end))
         if end == len(seq.tokens) and seq.forks:
@@ -513,11 +588,12 @@ class GroupScheduler:
         self.pending_forks += len(seq.forks)
         self.pool.free(seq.request_id)
         self.running.remove(seq)
-        seq.state, seq.num_computed = WAITING, 0
+        seq.state, seq.num_computed, seq.encoded, seq._started = WAITING, 0, 0, False
         seq.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(seq)
-        plan.preempted.append(seq.request_id)
+        if seq._on_workers:  # else it was admitted here only: nothing was encoded or started yet
+            plan.preempted.append(seq.request_id)
 
     def _end(self, seq: Sequence, reason: str) -> None:
         """The one release path: blocks freed now, the id into the next plan's releases. Choices waiting for
@@ -567,3 +643,28 @@ class GroupScheduler:
             raise ValueError(
                 f"{event}: request {seq.request_id!r} is not {state.value} here (state {SeqState(seq.state).value})"
             )
+
+
+class _EncoderBudget:
+    """What is left of one round's vision-encode budget, in image-pad tokens (None: no bound).
+
+    The first item of a round is taken whatever its size, so that encoding always moves on; once an item
+    does not fit, none is taken after it (items go in admission order)."""
+
+    def __init__(self, tokens: int | None) -> None:
+        self.left = float("inf") if tokens is None else tokens
+        self.taken = 0
+        self.closed = False
+
+    def fits(self, tokens: int) -> bool:
+        """Whether an item of `tokens` would be taken now."""
+        return not self.closed and (self.taken == 0 or tokens <= self.left)
+
+    def take(self, tokens: int) -> bool:
+        """Take an item of `tokens` if it fits; else close the round's budget."""
+        if not self.fits(tokens):
+            self.closed = True
+            return False
+        self.left -= tokens
+        self.taken += 1
+        return True

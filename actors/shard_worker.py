@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,20 +26,16 @@ import torch
 import torch.distributed as dist
 
 from actors.config import WorkerConfig
-from model.batch import RunningBatch, StepOutput, TableUpdate
+from actors.worker_phases import Admission, Fork, WorkerPhases
+from model.batch import RunningBatch, TableUpdate
 from model.device import bind_device, dist_backend
 from model.draft import Drafter, load_drafter
 from model.parallel import SINGLE, ParallelContext, free_port
 from model.processor import PreparedRequest
 from model.runner import ModelRunner, batch_buckets
-from model.sampling import SamplingParams
 from model.speculative import verify_buckets
 
 logger = logging.getLogger(__name__)
-
-# (request without pixels, params, EOS ids, prompt tokens already in its cached prefix blocks)
-Admission = tuple[PreparedRequest, SamplingParams, list[int], int]
-Fork = tuple[str, str, SamplingParams, tuple[int, int] | None]  # (parent id, choice id, its params, (block, copy))
 
 
 @dataclass(frozen=True)
@@ -72,8 +68,7 @@ class ShardWorker:
         self.device = bind_device(config.device, ray.get_runtime_context().get_accelerator_ids(), os.environ)
         self.runner: ModelRunner | None = None
         self.batch: RunningBatch | None = None
-        self.embeds: dict[str, torch.Tensor | None] = {}  # request id -> image embeddings, encode -> admit
-        self.draft_embeds: dict[str, torch.Tensor | None] = {}  # the same through the draft's tower
+        self.phases: WorkerPhases | None = None  # the round calls over the batch, with the embeddings they await
         self.drafter: Drafter | None = None  # the draft model of speculative decoding (model/draft.py)
         self.graph_capture_s = 0.0
         self.warmup_s = 0.0
@@ -161,6 +156,7 @@ class ShardWorker:
                 draft_ctx = ctx if spec.draft_tensor_parallel_size > 1 else SINGLE
                 self.drafter = load_drafter(self.runner, spec.model, draft_ctx, progress=True)
         self.batch = RunningBatch(self.runner, spec, self.drafter)
+        self.phases = WorkerPhases(self.batch)
         return {
             "rank": self.rank,
             "load_s": time.perf_counter() - start,
@@ -192,17 +188,10 @@ class ShardWorker:
 
     # ----------------------------------------------------------------------------- phases
     def encode(self, requests: list[PreparedRequest], profile: bool = False) -> dict:
-        """Vision encode of the requests' images; the embeddings wait here for the requests' admission."""
+        """Vision encode of the requests' next items; the embeddings wait here for each request's admission
+        (`WorkerPhases.encode`)."""
         self._maybe_profile(profile)
-        start = time.perf_counter()
-        embeds = self._runner().encode_images(requests)
-        for request, emb in zip(requests, embeds):
-            self.embeds[request.request_id] = emb
-        if self.drafter is not None:  # the draft sees the same images through its own tower
-            for request, emb in zip(requests, self.drafter.runner.encode_images(requests)):
-                self.draft_embeds[request.request_id] = emb
-        stats = self._runner().vision_cache_stats() if hasattr(self._runner(), "vision_cache_stats") else {}
-        return {"seconds": time.perf_counter() - start, "cache": stats}
+        return self._phases().encode(requests)
 
     def step(
         self,
@@ -217,47 +206,15 @@ class ShardWorker:
         forks: list[Fork] | None = None,
         spec_tokens: int = 0,
     ) -> dict:
-        """One round: forget `releases`, drop the KV of `preempted`, start `admissions`, start the choices of
-        `forks` (parent id, choice id, its params, (block, copy) or None) from their parents' prompts, take
-        the block tables, then the chunks (request id, start, end) and one token of each `decode` request in
-        one packed forward, or, without chunks, `steps` pure-decode steps of the `decode` requests (speculative
-        rounds of up to `spec_tokens` proposals each, when speculation is configured); last, copy each forked
-        choice's partial prompt block. A choice samples its first token with its parent's first, from the same
-        logits (the parent's last chunk is in this call).
-
-        Returns {"outputs": {request id: new tokens}, "errors": {request id: message}, "seconds"}; a request
-        that cannot be started is reported and left out of the round, the others go on. A decode request
-        this rank does not hold (its admission failed in a call planned before this one) is left out.
-        """
+        """One round on the running batch (`WorkerPhases.step`): releases, preemptions, admissions, forks, block
+        tables, then the chunks and decode rows in one packed forward, or `steps` pure-decode steps."""
         self._maybe_profile(profile)
-        batch = self._batch()
-        start = time.perf_counter()
-        for request_id in releases:
-            batch.release(request_id)
-        for request_id in preempted:
-            batch.preempt(request_id)
-        errors: dict[str, str] = {}
-        for request, params, eos, num_cached in admissions:
-            embeds = self.embeds.pop(request.request_id, None)
-            draft = self.draft_embeds.pop(request.request_id, None)
-            try:
-                batch.admit(request, params, eos, embeds, num_cached, draft)
-            except ValueError as e:
-                errors[request.request_id] = str(e)
-                batch.release(request.request_id)
-        copies = []
-        for parent_id, child_id, params, copy in forks or ():
-            if parent_id in batch.seqs and parent_id not in errors:
-                batch.fork(parent_id, child_id, params)
-                copies.extend([copy] if copy is not None else [])
-        batch.set_tables({r: t for r, t in tables.items() if r not in errors and r in batch.seqs})
-        chunks = [c for c in chunks if c[0] not in errors]
-        decode = [r for r in decode if r not in errors and r in batch.seqs]
-        outputs = batch.step(chunks, decode, steps, spec_tokens) if chunks or decode else {}
-        batch.copy_blocks(copies)
-        if self.profiler is not None and not chunks and not batch.active:
+        phases = self._phases()
+        out = phases.step(releases, preempted, admissions, tables, chunks, decode, steps, forks, spec_tokens)
+        ran_chunks = any(c[0] not in out["errors"] for c in chunks)
+        if self.profiler is not None and not ran_chunks and not phases.batch.active:
             self._stop_profile()
-        return {"outputs": self._plain(outputs), "errors": errors, "seconds": time.perf_counter() - start}
+        return out
 
     # ----------------------------------------------------------------------------- compiled calls
     def dispatch(self, call: tuple[str, tuple]) -> Any:
@@ -315,14 +272,10 @@ class ShardWorker:
             raise RuntimeError(f"{worker_actor_name(self.rank)}: load() has not run")
         return self.runner
 
-    def _batch(self) -> RunningBatch:
+    def _phases(self) -> WorkerPhases:
         self._runner()
-        assert self.batch is not None
-        return self.batch
-
-    @staticmethod
-    def _plain(outputs: dict[str, StepOutput]) -> dict[str, dict]:
-        return {request_id: asdict(out) for request_id, out in outputs.items()}
+        assert self.phases is not None
+        return self.phases
 
     def _maybe_profile(self, profile: bool) -> None:
         """Start the torch profiler once, when asked; it stops when the running batch next drains."""

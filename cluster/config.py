@@ -116,6 +116,11 @@ class SchedulerConfig:
         take because of its prompt chunks (0.5: at most 1.5x a step); the prompt tokens of such a
         round are capped from the measured step times (at least one KV block per round, never more than
         prefill_chunk_tokens). null: no cap, prompts take the whole budget.
+    encoder_budget_tokens: the vision encode of one round, in image-pad tokens (merged patches, as
+        vLLM's max_num_encoder_input_tokens counts them): the images of newly admitted requests, and a
+        video's temporal slices, are encoded over as many rounds as the budget needs (at least one image
+        or slice a round), decoding requests getting their step in each. null: every admitted request's
+        images are encoded before the round's step, however many.
     """
 
     policy: str = "continuous"
@@ -124,6 +129,7 @@ class SchedulerConfig:
     max_decode_call_ms: float = 500.0
     async_scheduling: bool = True
     max_decode_stall: float | None = 0.5
+    encoder_budget_tokens: int | None = 2048
 
 
 @dataclass
@@ -461,6 +467,8 @@ def _validate(cfg: RunConfig) -> None:
         _fail("scheduler.max_decode_call_ms", sched.max_decode_call_ms, "must be > 0")
     if sched.max_decode_stall is not None:
         _check_min("scheduler.max_decode_stall", sched.max_decode_stall, 0.0)
+    if sched.encoder_budget_tokens is not None:
+        _check_min("scheduler.encoder_budget_tokens", sched.encoder_budget_tokens, 1)
 
     kv = cfg.kv_cache
     if kv.block_size is not None and not 1 <= kv.block_size <= 1024:

@@ -171,6 +171,7 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
         max_decode_call_ms=sched.max_decode_call_ms,
         async_scheduling=sched.async_scheduling,
         max_decode_stall=sched.max_decode_stall,
+        encoder_budget_tokens=sched.encoder_budget_tokens,
         worker_timeout_s=cfg.ray.worker_timeout_s,
         rendezvous_timeout_s=cfg.ray.rendezvous_timeout_s,
         max_group_restarts=cfg.ray.max_group_restarts,

@@ -151,6 +151,8 @@ def test_wrong_type_names_key_and_value(tmp_path: Path) -> None:
         (["decode_attention=paged"], r"decode_attention='paged': needs the fused ops on npu"),
         (["device=npu", "fused_ops=false", "decode_attention=paged"], r"decode_attention='paged': needs the fused"),
         (["scheduler.max_decode_stall=-0.5"], r"scheduler\.max_decode_stall=-0\.5: must be >= 0"),
+        (["scheduler.encoder_budget_tokens=0"], r"scheduler\.encoder_budget_tokens=0: must be >= 1"),
+        (["scheduler.encoder_budget_tokens=lots"], r"scheduler\.encoder_budget_tokens.*'lots'"),
         (["parallel_config.vision_mode=pp"], r"parallel_config\.vision_mode='pp'"),
         (["data_config.dataset=prompts.csv"], r"data_config\.dataset='prompts\.csv'"),
         (["data_config.temperature=-0.1"], r"data_config\.temperature=-0\.1"),
@@ -219,6 +221,14 @@ def test_max_decode_stall_reaches_the_engine_config_and_null_turns_the_cap_off()
     assert (
         engine_config(load_config(None, ["model_path=/m", "scheduler.max_decode_stall=null"])).max_decode_stall is None
     )
+
+
+def test_encoder_budget_reaches_the_engine_config_and_null_lifts_it() -> None:
+    assert engine_config(load_config(None, ["model_path=/m"])).encoder_budget_tokens == 2048
+    tokens = engine_config(load_config(None, ["model_path=/m", "scheduler.encoder_budget_tokens=300"]))
+    assert tokens.encoder_budget_tokens == 300
+    unbounded = engine_config(load_config(None, ["model_path=/m", "scheduler.encoder_budget_tokens=null"]))
+    assert unbounded.encoder_budget_tokens is None
 
 
 @pytest.mark.parametrize(("tp", "dtype"), [(1, "float32"), (2, "float32"), (2, "bfloat16"), (4, "float32")])

@@ -279,7 +279,7 @@ def _random_requests(rng: random.Random, images: list[str], n: int) -> tuple[lis
 def _worker_state(namespace: str) -> tuple[int, int]:
     """(requests held, image embeddings held) by the one worker of a tp-1 engine."""
     worker = ray.get_actor("shard-worker-0", namespace=namespace)
-    return ray.get(worker.__ray_call__.remote(lambda self: (len(self.batch.seqs), len(self.embeds))), timeout=30)
+    return ray.get(worker.__ray_call__.remote(lambda self: (len(self.batch.seqs), len(self.phases.embeds))), timeout=30)
 
 
 def test_no_block_leaks_after_hundreds_of_random_requests(engines, sample_images):

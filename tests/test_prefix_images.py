@@ -46,7 +46,7 @@ class KVReadingGroup(FakeWorkerGroup):
 
     image_token_id: int = -1
     kv: dict[int, list[tuple[int, bytes] | None]] = field(default_factory=dict)  # block -> its positions
-    encoded: dict[str, list[bytes]] = field(default_factory=dict)  # request -> pixel digests of its last encode
+    encoded: dict[str, list[bytes]] = field(default_factory=dict)  # request -> pixel digests of its encoded images
     content: dict[str, list[bytes | None]] = field(default_factory=dict)  # request -> per prompt position
     written: dict[str, int] = field(default_factory=dict)  # request -> positions written to its blocks
 
@@ -55,7 +55,8 @@ class KVReadingGroup(FakeWorkerGroup):
             for request in args[0]:
                 sizes = [int(grid.prod()) for grid in request.image_grid_thw]
                 pixels = torch.split(request.pixel_values, sizes)
-                self.encoded[request.request_id] = [hashlib.sha256(p.numpy().tobytes()).digest()[:8] for p in pixels]
+                digests = [hashlib.sha256(p.numpy().tobytes()).digest()[:8] for p in pixels]
+                self.encoded.setdefault(request.request_id, []).extend(digests)
         return await super().call(method, *args)
 
     def _step(
@@ -73,6 +74,8 @@ class KVReadingGroup(FakeWorkerGroup):
         for rid in releases:
             self.content.pop(rid, None)
             self.written.pop(rid, None)
+        for rid in [*releases, *preempted]:
+            self.encoded.pop(rid, None)
         for rid in preempted:
             self.written[rid] = 0
         for request, _, _, num_cached in admissions:

@@ -28,6 +28,7 @@ from actors.scheduler import (
     SeqState,
     Sequence,
 )
+from actors.vision_items import first_to_encode
 
 VOCAB = 1000
 IMAGE_PAD = 7
@@ -68,7 +69,8 @@ class FakeWorkers:
     sched: GroupScheduler
     eos: set[str] = field(default_factory=set)  # request ids that may end at EOS
     kv: dict[int, list] = field(default_factory=dict)  # block -> [(token, image) | None] * block_size
-    known: set[str] = field(default_factory=set)  # requests with sampling state on the workers
+    known: set[str] = field(default_factory=set)  # requests with sampling state or embeddings on the workers
+    encoded: dict[str, int] = field(default_factory=dict)  # request -> vision items encoded ahead of its start
     ended: dict[str, tuple[list[int], str]] = field(default_factory=dict)
     plans: list[Plan] = field(default_factory=list)
 
@@ -76,19 +78,30 @@ class FakeWorkers:
         sched = self.sched
         plan = sched.schedule()
         self.plans.append(plan)
+        told = set(plan.releases) | set(plan.preempted)
+        for seq, first, end in plan.encode:  # before the step: its items in order, after its cached prefix
+            rid = seq.request_id
+            assert rid not in told, f"{rid!r} encoded in the plan that drops it"
+            assert first == self.encoded.get(rid, first_to_encode(seq.vision_items, seq.num_cached)) < end
+            self.encoded[rid] = end
+            self.known.add(rid)
         for rid in plan.releases:
             assert rid in self.known, f"release of {rid!r}, unknown to the workers"
             self.known.remove(rid)
+            self.encoded.pop(rid, None)
         for rid in plan.preempted:
             assert rid in self.known, f"preemption of {rid!r}, unknown to the workers"
-        for seq in plan.admit:
+            self.encoded.pop(rid, None)
+        for seq in plan.admit:  # started with every item after its cached prefix encoded
+            items = seq.vision_items
+            assert self.encoded.pop(seq.request_id, first_to_encode(items, seq.num_cached)) == len(items)
             self.known.add(seq.request_id)
             table = plan.block_tables[seq.request_id]
             for pos in range(seq.num_cached):  # a prefix-cache hit holds exactly this request's history
                 assert self._read(table, pos) == (seq.tokens[pos], image_at(seq, pos)), f"bad hit at {pos}"
         sampled: dict[str, list[int]] = {}
         for seq, start, end in plan.chunks:
-            assert start == seq.num_computed and seq.state == PREFILLING
+            assert start == seq.num_computed and seq.state == PREFILLING and seq.request_id in self.known
             table = plan.block_tables[seq.request_id]
             for pos in range(start, end):
                 self._write(seq, table, pos, (seq.tokens[pos], image_at(seq, pos)))
@@ -147,6 +160,7 @@ class FakeWorkers:
     def fail_group(self) -> list[Sequence]:
         """The group failed: its workers (and their caches) are rebuilt empty."""
         self.known.clear()
+        self.encoded.clear()
         self.kv.clear()
         return self.sched.take_all()
 
@@ -338,6 +352,119 @@ def test_pure_decode_steps_shrink_to_the_free_blocks_before_anything_is_preempte
     w2.run()
     assert sched2.stats()["preemptions"] == 0
     assert w2.ended["a"] == reference(_all(w2, ["a"])[0][1], False)
+
+
+# ----------------------------------------------------------------------------- vision encode budget
+def _video(rid: str, before: int, slices: int, per_slice: int, after: int, max_new: int = 4) -> Sequence:
+    """`before` text tokens, a vision input of `slices` temporal slices of `per_slice` tokens each (one slice: an
+    image), `after` text tokens."""
+    n = slices * per_slice
+    prompt = [100 + i for i in range(before)] + [IMAGE_PAD] * n + [300 + i for i in range(after)]
+    return Sequence(rid, prompt, max_new, images=[(before, before + n, rid.encode())], image_slices=[slices])
+
+
+def _encodes(plan: Plan) -> list[tuple[str, int, int]]:
+    return [(s.request_id, a, b) for s, a, b in plan.encode]
+
+
+@pytest.mark.parametrize("encoder_budget", [8, 4])  # 4: below one slice, which goes through alone
+def test_the_encoder_budget_spreads_a_video_over_rounds_while_decode_rows_step(encoder_budget):
+    sched = _sched(token_budget=64, encoder_budget=encoder_budget)
+    w = FakeWorkers(sched)
+    sched.add(_seq("d", 3, max_new=40))
+    w.round()
+    video = _video("v", 2, slices=4, per_slice=6, after=3)  # 24 video tokens, 6 a slice
+    sched.add(video)
+    plans = [w.round() for _ in range(4)]
+    assert [_encodes(p) for p in plans] == [[("v", 0, 1)], [("v", 1, 2)], [("v", 2, 3)], [("v", 3, 4)]]
+    assert all(_ids(p.decode) == ["d"] for p in plans)  # d decodes in every round of the encode
+    assert [_ids(p.admit) for p in plans] == [[], [], [], ["v"]]  # started with its last slice, whole prompt
+    assert [_chunks(p) for p in plans] == [[], [], [], [("v", 0, 29)]]
+    w.run()
+    assert w.ended["v"] == reference(video, False)
+
+
+def test_a_request_waits_for_the_encoder_budget_and_the_queue_behind_it_waits_too():
+    sched = _sched(token_budget=64, encoder_budget=10)
+    w = FakeWorkers(sched)
+    for seq in (_video("a", 1, 1, 8, 1), _video("b", 1, 1, 8, 1), _seq("t", 4)):
+        sched.add(seq)
+    plan = w.round()
+    assert _encodes(plan) == [("a", 0, 1)] and _ids(plan.admit) == ["a"]
+    assert _ids(sched.waiting) == ["b", "t"] and "b" not in sched.pool._tables  # no blocks held while it waits
+    plan = w.round()
+    assert _encodes(plan) == [("b", 0, 1)] and _ids(plan.admit) == ["b", "t"]
+
+
+def test_images_inside_the_cached_prefix_need_no_encode_and_do_not_wait_for_the_budget():
+    sched = _sched(token_budget=64, encoder_budget=6)
+    w = FakeWorkers(sched)
+    first = _video("a", 2, 1, 8, 6)  # 16 prompt tokens: the image's blocks are cached once it ran
+    sched.add(first)
+    w.run()
+    again = _video("b", 2, 1, 8, 6)
+    again.images = first.images  # the same image
+    sched.add(_video("c", 1, 3, 6, 1))  # a video ahead of it takes the round's budget
+    sched.add(again)
+    plan = w.round()
+    assert _encodes(plan) == [("c", 0, 1)] and _ids(plan.admit) == ["b"] and again.num_cached == 12
+
+
+def test_a_request_preempted_in_its_encode_encodes_again_from_its_first_item():
+    """A 29-token video request is admitted (8 blocks of 4) beside a decoding one and encodes a slice a round;
+    the decoding request runs out of blocks and preempts it mid-encode. Admitted again later, it encodes every
+    slice again (the workers dropped what they held) and gets the tokens it gets alone."""
+    sched = _sched(num_blocks=11, token_budget=64, encoder_budget=6)
+    w = FakeWorkers(sched)
+    sched.add(_seq("d", 3, max_new=20))
+    w.round()
+    video = _video("v", 2, slices=4, per_slice=6, after=3)
+    sched.add(video)
+    w.run()
+    preempted = next(i for i, p in enumerate(w.plans) if "v" in p.preempted)
+    assert video not in [s for s, _, _ in w.plans[preempted].encode] + w.plans[preempted].admit  # not again at once
+    before = [e for p in w.plans[:preempted] for e in _encodes(p)]
+    after = [e for p in w.plans[preempted:] for e in _encodes(p)]
+    assert before and len(before) < 4 and not any(_ids(p.admit) == ["v"] for p in w.plans[:preempted])
+    assert after == [("v", 0, 1), ("v", 1, 2), ("v", 2, 3), ("v", 3, 4)]
+    assert w.ended["v"] == reference(video, False)
+
+
+def test_an_abort_in_the_middle_of_an_encode_releases_what_the_workers_hold():
+    sched = _sched(token_budget=64, encoder_budget=6)
+    w = FakeWorkers(sched)
+    sched.add(_video("v", 2, slices=4, per_slice=6, after=3))
+    w.round()
+    w.round()
+    assert w.encoded == {"v": 2}
+    sched.abort("v")
+    plan = w.round()
+    assert plan.releases == ["v"] and not plan.encode and not w.encoded and not w.known
+    assert sched.pool.stats()["used"] == 0
+
+
+def test_a_request_is_not_admitted_in_the_plan_that_releases_its_id():
+    """The workers drop a released request's embeddings in the plan's step, after the plan's encode: a new request
+    under the id of one that just ended waits a round."""
+    sched = _sched(token_budget=64, encoder_budget=64)
+    w = FakeWorkers(sched)
+    sched.add(_video("x", 2, 1, 8, 3, max_new=50))
+    w.round()
+    sched.abort("x")
+    again = _video("x", 2, 1, 8, 3)
+    again.images = [(2, 10, b"another image")]
+    sched.add(again)
+    plan = w.round()
+    assert plan.releases == ["x"] and not plan.encode and not plan.admit
+    plan = w.round()
+    assert _encodes(plan) == [("x", 0, 1)] and _ids(plan.admit) == ["x"]
+
+
+def test_slices_that_do_not_split_a_vision_input_are_refused_naming_the_request():
+    seq = _video("v", 2, slices=4, per_slice=6, after=3)
+    seq.image_slices = [5]
+    with pytest.raises(ValueError, match=r"request 'v': vision input 0: 24 tokens do not split into 5"):
+        _sched().add(seq)
 
 
 # ----------------------------------------------------------------------------- admission by blocks
@@ -645,6 +772,7 @@ def test_prefix_hit_reports_whole_cached_blocks_of_the_prompt():
         ({"block_size": 0}, "block_size"),
         ({"max_running": 8, "token_budget": 4}, "token_budget=4"),
         ({"max_decode_stall": -0.5}, "max_decode_stall=-0.5"),
+        ({"encoder_budget": 0}, "encoder_budget=0"),
     ],
 )
 def test_bad_settings_are_rejected_naming_the_argument(kwargs, name):
@@ -669,12 +797,14 @@ def _random_request(rng: random.Random, rid: str) -> tuple[Sequence, bool]:
     """Prompts share prefixes and images often, so the cache hits and must tell them apart."""
     prompt = list(rng.choice(PREFIXES))
     images = []
+    slices = []
     if rng.random() < 0.4:
         start = len(prompt)
-        prompt += [IMAGE_PAD] * rng.randint(1, 6)
+        slices.append(rng.choice([1, 1, 2, 3]))  # an image, or a video of a few temporal slices
+        prompt += [IMAGE_PAD] * slices[0] * rng.randint(1, 6 // slices[0])
         images.append((start, len(prompt), rng.choice(IMAGES)))
     prompt += [rng.randint(30, 40) for _ in range(rng.randint(0 if prompt else 1, 12))]
-    return Sequence(rid, prompt, rng.randint(1, 16), images=images), rng.random() < 0.3
+    return Sequence(rid, prompt, rng.randint(1, 16), images=images, image_slices=slices), rng.random() < 0.3
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -686,16 +816,24 @@ def _random_request(rng: random.Random, rid: str) -> tuple[Sequence, bool]:
     steps=st.integers(1, 5),
     policy=st.sampled_from(["continuous", "continuous", "static"]),
     caching=st.booleans(),
+    encoder_budget=st.sampled_from([None, 1, 2, 5]),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_random_traffic_keeps_the_pool_consistent_and_leaks_nothing(
-    block_size, spare_blocks, max_running, extra_budget, steps, policy, caching, seed
+    block_size, spare_blocks, max_running, extra_budget, steps, policy, caching, encoder_budget, seed
 ):
     rng = random.Random(seed)
     biggest = 9 + 6 + 12 + 16  # the longest prompt + max_new_tokens _random_request makes
     num_blocks = -(-biggest // block_size) + 1 + spare_blocks
     sched = GroupScheduler(
-        max_running, num_blocks, block_size, policy, max_running + extra_budget, steps, prefix_caching=caching
+        max_running,
+        num_blocks,
+        block_size,
+        policy,
+        max_running + extra_budget,
+        steps,
+        prefix_caching=caching,
+        encoder_budget=encoder_budget,
     )
     w = FakeWorkers(sched)
     requests: dict[str, Sequence] = {}
@@ -724,7 +862,7 @@ def test_random_traffic_keeps_the_pool_consistent_and_leaks_nothing(
     check_invariants(sched)
     stats = sched.stats()
     assert stats["used"] == 0 and stats["free"] == sched.pool.capacity  # every block free or cached
-    assert not w.known  # every request the workers knew was released
+    assert not w.known and not w.encoded  # every request the workers knew was released, its embeddings dropped
     for rid, seq in requests.items():
         expected, reason = reference(seq, rid in w.eos)
         assert seq.state == FINISHED or rid in failed, rid

@@ -1,6 +1,7 @@
 """Videos through the real engine (Coordinator + a Ray worker, tiny checkpoint): tokens, records, prefix cache.
 
-One engine with prefix caching and blocks of 4 tokens serves a video request, then a second turn about
+One engine with prefix caching, blocks of 4 tokens and an encoder budget of one temporal slice a round (the
+workers encode the video over two rounds and join its embeddings) serves a video request, then a second turn about
 the same video (the first answer as the assistant turn, a follow-up question). The first turn's greedy
 tokens are transformers' (near-tie rule); the second turn reuses the KV of the whole video span
 (`cached_tokens` past its end) and its tokens are transformers' greedy tokens for the full chat; records
@@ -40,6 +41,7 @@ def engine(local_ray, tiny_checkpoint: Path) -> Iterator[Any]:
         "data_config.input_max_len=256",
         "data_config.max_videos_per_prompt=1",
         "kv_cache.block_size=4",
+        "scheduler.encoder_budget_tokens=24",  # one slice of the 2-slice video a round
         "ray.namespace=video-engine",
     )
     coordinator = start(cfg)

@@ -2,7 +2,9 @@
 
 Two spawned ranks run the video prompts of tests/test_video_parity.py (one video, an image and a video,
 two videos, and the three as one batch) in both vision modes; the parent checks every rank's tokens
-against transformers' under the near-tie rule (transformers' own step logits, tp 2's decode-step logits).
+against transformers' under the near-tie rule (transformers' own step logits, tp 2's decode-step logits),
+and that each prompt's vision items (images, video slices) encoded apart in one call give the embeddings of
+the prompt encoded whole, as the encoder budget splits them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import Qwen2_5_VLForConditionalGeneration
 
+from actors.group_loop import items_request
+from actors.vision_items import vision_items
 from cluster.tools.greedy_check import decode_step_logits
+from model.batch import image_spans
 from model.parallel import ParallelContext, free_port
 from model.processor import PreparedRequest, PromptBuilder
 from model.runner import ModelRunner
@@ -46,7 +51,13 @@ def _ranks(rank: int, size: int, port: int, path: Path, prepared: dict, refs: di
         for mode in ("dp", "tp"):
             runner = ModelRunner(path, ctx, max_batch_size=4, max_seq_len=512, vision_mode=mode)
             for name in NAMES:
-                [result] = runner.generate([prepared[name]], [params], eos_token_ids=[])
+                request = prepared[name]
+                spans = image_spans(request.input_ids, runner.config.image_token_id, runner.config.video_token_id)
+                items = vision_items(spans, [int(grid[0]) for grid in request.image_grid_thw])
+                [whole] = runner.encode_images([request])
+                apart = runner.encode_images([items_request(request, [item]) for item in items])
+                out[f"{mode}/{name}/items"] = (len(items), (torch.cat(apart) - whole).abs().max().item())
+                [result] = runner.generate([request], [params], eos_token_ids=[])
                 out[f"{mode}/{name}"] = result.output_token_ids
                 out[f"{mode}/{name}/steps"] = decode_step_logits(runner, prepared[name], refs[name])
             batch = runner.generate([prepared[n] for n in NAMES], [params] * len(NAMES), eos_token_ids=[])
@@ -100,5 +111,7 @@ def test_videos_at_tp2_match_transformers(
             ours = ranks[0][f"{mode}/{name}"]
             assert all(r[f"{mode}/{name}"] == ours for r in ranks), f"{what}: ranks differ"
             assert ranks[0][f"{mode}/batch/{name}"] == ours, f"{what}: batched tokens differ"
+            items, error = ranks[0][f"{mode}/{name}/items"]
+            assert items > len(prepared[name].image_grid_thw) and error <= 1e-5, f"{what}: items apart {error}"
             step = paired_steps(ranks[0][f"{mode}/{name}/steps"], ref_logits[name])
             assert_greedy_match(ours, refs[name], step, what)

@@ -86,7 +86,9 @@ class FakeWorkerGroup:
     stats: list[dict] = field(default_factory=list)
     rendezvous: tuple[str, int] | None = None
     seqs: dict[str, FakeSeq] = field(default_factory=dict)
-    embeds: set[str] = field(default_factory=set)  # requests whose images were encoded and wait for admission
+    # Request id -> patches of its vision items encoded so far, waiting for its admission (dropped when it is
+    # released or preempted first).
+    embeds: dict[str, int] = field(default_factory=dict)
     # (kind, steps, start, end): kind "encode", "prefill" (a call with chunks) or "decode"; perf_counter seconds
     calls: list[tuple[str, int, float, float]] = field(default_factory=list)
     starts: int = 0
@@ -103,7 +105,7 @@ class FakeWorkerGroup:
     async def start(self) -> None:
         """A fresh, empty group (as after a rebuild)."""
         self.starts += 1
-        self.seqs, self.embeds, self.dead_rank, self.alive = {}, set(), None, True
+        self.seqs, self.embeds, self.dead_rank, self.alive = {}, {}, None, True
         ranks = [self.dp_rank * self.tp_size + t for t in range(self.tp_size)]
         self.infos = [
             {"rank": r, "tp_rank": t, "dp_rank": self.dp_rank, "node_id": "fake", "node_ip": "127.0.0.1",
@@ -134,7 +136,7 @@ class FakeWorkerGroup:
             bad = [self.encode_errors[i] for i in ids if i in self.encode_errors]
             if bad:
                 raise CallError(f"shard-worker-{self.dp_rank * self.tp_size} of dp group {self.dp_rank}: {bad[0]}")
-            self.embeds.update(ids)
+            self.add_embeds(args[0])
             answer: dict = {"seconds": 0.0, "cache": {}}
         elif method == "step":
             async with self.in_order:  # a rank runs its calls one after the other, in the order they came
@@ -159,6 +161,12 @@ class FakeWorkerGroup:
         self.calls.append((kind, steps, start, time.perf_counter()))
         return [answer] * self.tp_size
 
+    def add_embeds(self, requests: list[Any]) -> None:
+        """An encode call's items (each request holding the pixels of those alone) wait for their admission."""
+        for request in requests:
+            patches = sum(int(g.prod()) for g in request.image_grid_thw)
+            self.embeds[request.request_id] = self.embeds.get(request.request_id, 0) + patches
+
     def _check_alive(self) -> None:
         """GroupFailure when a rank is dead; the group stays `alive` until its owner fails it, as a WorkerGroup does."""
         if self.dead_rank is not None or not self.alive:
@@ -178,6 +186,8 @@ class FakeWorkerGroup:
         forks: list[tuple] | None = None,
         spec_tokens: int = 0,  # speculation is not simulated: a fake step makes one token a row
     ) -> dict:
+        for rid in [*releases, *preempted]:
+            self.embeds.pop(rid, None)  # as WorkerPhases.step
         for rid in releases:
             self.seqs.pop(rid, None)
         for rid in preempted:
@@ -186,14 +196,15 @@ class FakeWorkerGroup:
         errors: dict[str, str] = {}
         for request, params, eos, num_cached in admissions:
             rid = request.request_id
-            has_embeds = rid in self.embeds
-            self.embeds.discard(rid)
+            encoded = self.embeds.pop(rid, 0)
             if rid in self.reject:
                 errors[rid] = self.reject[rid]
                 self.seqs.pop(rid, None)
                 continue
-            if request.image_grid_thw is not None and num_cached == 0 and not has_embeds:
-                errors[rid] = f"request {rid!r}: its images were not encoded"  # as RunningBatch.admit
+            # Without a cached prefix every image must have been encoded whole (as RunningBatch.admit checks).
+            patches = sum(int(g.prod()) for g in request.image_grid_thw) if request.image_grid_thw is not None else 0
+            if num_cached == 0 and encoded != patches:
+                errors[rid] = f"request {rid!r}: {encoded} of its {patches} image patches were encoded"
                 self.seqs.pop(rid, None)
                 continue
             known = self.seqs.get(rid)

@@ -59,7 +59,7 @@ class SimWorkerGroup(FakeWorkerGroup):
         async with self.in_order:  # the device runs the calls one after the other, in the order they came
             if method == "encode":
                 requests = args[0]
-                self.embeds.update(request.request_id for request in requests)
+                self.add_embeds(requests)
                 patches = [int(g.prod()) for r in requests if r.image_grid_thw is not None for g in r.image_grid_thw]
                 seconds = cost_model.vision_call_s(
                     target.shape, target.hardware, target.tp, target.vision_mode, patches, target.weights

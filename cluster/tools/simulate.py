@@ -219,6 +219,7 @@ def run_summary(plan: Plan, records: list[dict], wall: float, phases: dict, kv: 
                 "request_rate": plan.rate,
                 "prefill_chunk_tokens": cfg.scheduler.prefill_chunk_tokens,
                 "max_decode_stall": cfg.scheduler.max_decode_stall,
+                "encoder_budget_tokens": cfg.scheduler.encoder_budget_tokens,
                 "max_decode_call_ms": cfg.scheduler.max_decode_call_ms,
                 "decode_steps_per_call": cfg.scheduler.decode_steps_per_call,
                 "kv_blocks_per_group": capacity // max(1, len(stats)),
