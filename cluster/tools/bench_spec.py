@@ -32,7 +32,7 @@ from pathlib import Path
 
 from cluster.tools.bench import CACHE_DIR, CHECKPOINTS, TEXT_PROMPT, log
 from cluster.tools.draft_checkpoint import cut_draft
-from cluster.tools.tiny_checkpoint import build_tiny_checkpoint
+from cluster.tools.tiny_checkpoint import MARKER_FILE, build_tiny_checkpoint
 from model.batch import GenerationResult
 from model.draft import load_drafter
 from model.processor import PreparedRequest, PromptBuilder
@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     name, spec = CHECKPOINTS[args.checkpoint]
     path = build_tiny_checkpoint(CACHE_DIR / name, spec)
     draft_path = CACHE_DIR / f"{name}-draft-{args.draft_layers}"
-    if not (draft_path / "config.json").is_file():
-        cut_draft(path, draft_path, args.draft_layers)
+    draft_config = draft_path / "config.json"
+    if not draft_config.is_file() or draft_config.stat().st_mtime < (path / MARKER_FILE).stat().st_mtime:
+        cut_draft(path, draft_path, args.draft_layers, force=True)  # none yet, or cut from an older build
     max_seq_len = 1024
     runner = ModelRunner(path, max_batch_size=1, max_seq_len=max_seq_len)
     runner.add_decode_buckets(verify_buckets(batch_buckets(1), args.k))
