@@ -65,6 +65,7 @@ bench: tiny-model
 		--workload chat --requests 1000 --rate 5 --json outputs/simulate/chat_a3.json
 	$(PY) -m cluster.tools.spec_projection --json outputs/simulate/spec_a3.json
 	$(PY) -m cluster.tools.bench_spec --k 3 --json outputs/bench_spec.json
+	$(PY) -m cluster.tools.bench_constrained $(HOME)/.cache/qwen2_5_vl_ray/bench-small --graph
 	$(PY) -m cluster.tools.bench_video --served $(CONF) --ttft
 	$(PY) -m cluster.tools.bench_stream $(CONF) world_size=1 parallel_config.tp_size=1 data_config.max_new_tokens=600
 	$(PY) -m cluster.tools.bench_serve $(CONF) --num-requests 32 --request-rate 2 --max-tokens 32 --rounds 4
