@@ -248,3 +248,58 @@ def test_driver_requests_take_tools_and_records_carry_tool_calls(tiny_checkpoint
     record = asyncio.run(run())
     assert record["finish_reason"] == "tool_calls" and record["output_text"] == text
     assert [json.loads(c["function"]["arguments"]) for c in record["tool_calls"]] == [{"city": "Oslo"}]
+
+
+def _calls_valid_and_stopping(tiny_checkpoint: Path, count: int, seed: int) -> None:
+    """`count` random parameter schemas, each the tool of a `required` (one call) and of a named request, at
+    temperature 0 and 1: every output is one call of the function asked for with arguments valid against
+    its schema, streamed (3-character deltas through ToolStream) and not, and at least 90% end with EOS."""
+    builder = PromptBuilder.from_pretrained(tiny_checkpoint)
+    schemas = object_schemas(count, seed)
+    tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": s}} for i, s in enumerate(schemas)]
+    known = functions(tools)
+    requests = []
+    for i in range(count):
+        pair = [tools[i], tools[(i + 1) % count]]
+        for choice in ("required", {"type": "function", "function": {"name": f"f{i}"}}):
+            body = parse_request(_body(tools=pair, tool_choice=choice, parallel_tool_calls=False))
+            requests.append(tool_request(engine_request(body, "r"), False, builder.tool_call_tokens)[0])
+    compiler = GrammarCompiler(builder.tokenizer)
+
+    async def grammars() -> list[str]:
+        return [await compiler.grammar(r) for r in requests]
+
+    compiled = asyncio.run(grammars())
+    prompt = builder.build({"id": "r", "prompt": "Call a tool."})
+    runner = ModelRunner(tiny_checkpoint, max_batch_size=8, max_seq_len=512)
+    stopped = total = 0
+    for temperature in (0.0, 1.0):
+        params = [
+            SamplingParams(max_new_tokens=200, temperature=temperature, seed=j, grammar=g)
+            for j, g in enumerate(compiled)
+        ]
+        for j, result in enumerate(runner.generate([prompt] * len(params), params, builder.eos_token_ids)):
+            total += 1
+            if result.finish_reason != "stop":
+                continue
+            stopped += 1
+            i, named = divmod(j, 2)
+            text = builder.decode(result.output_token_ids)
+            content, calls = parse_calls(text, known)
+            assert content is None and len(calls) == 1, text
+            name = calls[0]["function"]["name"]
+            assert name == f"f{i}" if named else name in (f"f{i}", f"f{(i + 1) % count}"), text
+            jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), known[name]["parameters"])
+            stream, items = ToolStream(known), []
+            for start in range(0, len(text), 3):
+                items += stream.feed(text[start : start + 3])[1]
+            assert stream.finish("stop") == ("", "tool_calls"), text
+            pieces = "".join(item["function"]["arguments"] for item in items)
+            assert items[0]["function"]["name"] == name and json.loads(pieces) == json.loads(
+                calls[0]["function"]["arguments"]
+            )
+    assert stopped >= 0.9 * total, f"{stopped} of {total} ended with EOS"
+
+
+def test_calls_validate_against_many_parameter_schemas(tiny_checkpoint: Path) -> None:
+    _calls_valid_and_stopping(tiny_checkpoint, 64, seed=8)  # 256 outputs
