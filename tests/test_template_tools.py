@@ -8,6 +8,7 @@ a parameter's name, an earlier call's arguments or a tool result must stay plain
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +16,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from actors.preparation import Preparation
 from actors.tools_format import tool_request
+from cluster.config import load_config
+from cluster.launch import engine_config
 from model.processor import PromptBuilder
 from model.template_tools import template_has_tools
 
@@ -175,3 +179,20 @@ def test_tools_without_a_tools_template_are_refused_by_the_processor(tiny_checkp
     builder = PromptBuilder.from_pretrained(tiny_checkpoint)
     with pytest.raises(ValueError, match="no tools section"):
         builder.build({"id": "r", "messages": TURNS[:1], "tools": [WEATHER]})
+
+
+def test_the_coordinators_preparation_renders_with_the_template_and_asks_for_tag_tokens(
+    tools_checkpoint: Path,
+) -> None:
+    """The request path (actors/preparation.py) hands `tools` to a template that renders them, and the grammar
+    of a named call asks for the tokenizer's `<tool_call>` tokens."""
+    builder = PromptBuilder.from_pretrained(tools_checkpoint)
+    cfg = engine_config(load_config(None, [f"model_path={tools_checkpoint}", "device=cpu"]))
+    preparation = Preparation(cfg, builder)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    request = {"id": "t", "messages": TURNS, "tools": [WEATHER], "tool_choice": named}
+    seq, state, _ = asyncio.run(preparation.prepare(request))
+    assert seq.prompt_ids == _prompt(builder, {"messages": TURNS, "tools": [WEATHER]})
+    assert set(state.tools) == {"get_weather"}
+    assert "<tool_call>" in builder.decode(seq.prompt_ids)  # the template's tools block
+    assert state.params.grammar is not None and "<tool_call> " in state.params.grammar
