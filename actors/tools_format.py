@@ -38,6 +38,7 @@ CALL_PROMPT = (
     "\n</tool_call>"
 )
 OPEN_TAG = "<tool_call>"
+CLOSE_TAG = "</tool_call>"
 
 
 class ToolError(RequestError):
@@ -147,16 +148,13 @@ def parse_calls(text: str, known: dict[str, dict]) -> tuple[str | None, list[dic
             start = text.find(OPEN_TAG, start + len(OPEN_TAG))
             continue
         body, end = block
-        name = body.get("name")
-        if isinstance(name, str) and name in known and isinstance(body.get("arguments"), dict):
+        call = _known_call(body, known)
+        if call is not None:
             kept.append(text[last:start])
             last = end
+            name, arguments = call
             calls.append(
-                {
-                    "id": f"call_{uuid.uuid4().hex[:24]}",
-                    "type": "function",
-                    "function": {"name": name, "arguments": json.dumps(body["arguments"])},
-                }
+                {"id": _call_id(), "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
             )
         start = text.find(OPEN_TAG, end)
     kept.append(text[last:])
@@ -166,6 +164,17 @@ def parse_calls(text: str, known: dict[str, dict]) -> tuple[str | None, list[dic
 
 _SPACE = re.compile(r"\s*")
 _DECODER = json.JSONDecoder()
+
+
+def _known_call(body: Any, known: dict[str, dict]) -> tuple[str, dict] | None:
+    """(name, arguments) of a call's JSON that names a known function and has an object of arguments, else None."""
+    name = body.get("name") if isinstance(body, dict) else None
+    arguments = body.get("arguments") if isinstance(body, dict) else None
+    return (name, arguments) if isinstance(name, str) and name in known and isinstance(arguments, dict) else None
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def _call_block(text: str, start: int) -> tuple[dict, int] | None:
@@ -184,7 +193,6 @@ def _call_block(text: str, start: int) -> tuple[dict, int] | None:
 
 JSON_SPACE = " \t\n\r"
 JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-CLOSE_TAG = "</tool_call>"
 # A streamable call's JSON up to its arguments object, JSON whitespace allowed between the parts.
 CALL_HEAD = ("{", '"name"', ":", JSON_STRING, ",", '"arguments"', ":", "{")
 
@@ -279,7 +287,7 @@ def _call_item(index: int, name: str) -> dict:
     """The first delta.tool_calls item of a call: its index, id, type and name."""
     return {
         "index": index,
-        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "id": _call_id(),
         "type": "function",
         "function": {"name": name, "arguments": ""},
     }
@@ -418,16 +426,15 @@ class ToolStream:
                 body = json.loads(self.text[block.body : block.brackets.end])
             except ValueError:
                 body = None
-        name = body.get("name") if isinstance(body, dict) else None
-        arguments = body.get("arguments") if isinstance(body, dict) else None
-        valid = isinstance(name, str) and name in self.known and isinstance(arguments, dict)
+        call = _known_call(body, self.known)
         if block.index >= 0:
-            if not (valid and name == block.name and _same_json(self.text[block.args : block.sent], arguments)):
+            if not (call and call[0] == block.name and _same_json(self.text[block.args : block.sent], call[1])):
                 self.whole = False
             return []
-        if not valid:
+        if call is None:
             self.outside.append(self.text[block.start : block.end])
             return []
+        name, arguments = call
         index, self.sent = self.sent, self.sent + 1
         return [_call_item(index, name), {"index": index, "function": {"arguments": json.dumps(arguments)}}]
 
