@@ -295,8 +295,9 @@ class PromptBuilder:
                 chat.messages.append(self._tool_message(request_id, message, field, chat))
                 continue
             if isinstance(content, str):
-                chat.texts.append(self._check_text(request_id, content, f"{field}.content"))
-                chat.messages.append({"role": role, "content": _SLOT.format(len(chat.texts) - 1)})
+                chat.messages.append(
+                    {"role": role, "content": chat.slot(self._check_text(request_id, content, f"{field}.content"))}
+                )
                 continue
             if not isinstance(content, list):
                 raise InvalidRequestError(
@@ -358,8 +359,7 @@ class PromptBuilder:
     def _part(self, request_id: str, role: str, part: Any, field: str, chat: _Chat) -> dict[str, str]:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            chat.texts.append(self._check_text(request_id, part.get("text"), f"{field}.text"))
-            return {"type": "text", "text": _SLOT.format(len(chat.texts) - 1)}
+            return {"type": "text", "text": chat.slot(self._check_text(request_id, part.get("text"), f"{field}.text"))}
         if kind in ("image_url", "image"):
             if role != "user":
                 raise InvalidRequestError(
