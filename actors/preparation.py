@@ -125,8 +125,8 @@ class Preparation:
     ) -> tuple[Sequence, RequestState]:
         """One sequence for the scheduler and its state (its payload)."""
         grids = prepared.image_grid_thw if prepared.image_grid_thw is not None else []
-        seq = Sequence(key, list(prepared.input_ids), params.max_new_tokens, images)
-        seq.image_slices = [int(grid[0]) for grid in grids]  # a video is encoded slice by slice
+        slices = [int(grid[0]) for grid in grids]  # a video is encoded slice by slice
+        seq = Sequence(key, list(prepared.input_ids), params.max_new_tokens, images, image_slices=slices)
         state = RequestState.create(
             key, prepared.request_id, prepared, params, stop, self.builder.decode, arrival, emit, self.token_bytes
         )

@@ -40,6 +40,9 @@ from model.runner import ModelRunner, batch_buckets
 from model.sampling import SamplingParams
 from model.speculative import SpeculativeConfig, verify_buckets
 
+OPENING_TOKENS = 16  # the loop's stretch the prompt opens with
+LOOP_ENTRY_TOKENS = 8  # how far into its loop the answer in the prompt goes
+
 
 def tpot(result: GenerationResult) -> float:
     times = result.token_times_s
@@ -76,10 +79,6 @@ def echo_request(runner: ModelRunner, builder: PromptBuilder, tokens: int, openi
     stretch = (loop * (OPENING_TOKENS // len(loop) + 1))[:OPENING_TOKENS]
     into = min(start + max(LOOP_ENTRY_TOKENS, period), len(out))
     return PreparedRequest("echo", stretch + again + out[:into], None, None)
-
-
-OPENING_TOKENS = 16  # the loop's stretch the prompt opens with
-LOOP_ENTRY_TOKENS = 8  # how far into its loop the answer in the prompt goes
 
 
 def measure(runner, request, tokens, repeats, config=None, drafter=None) -> dict:

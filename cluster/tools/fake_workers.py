@@ -164,8 +164,7 @@ class FakeWorkerGroup:
     def add_embeds(self, requests: list[Any]) -> None:
         """An encode call's items (each request holding the pixels of those alone) wait for their admission."""
         for request in requests:
-            patches = sum(int(g.prod()) for g in request.image_grid_thw)
-            self.embeds[request.request_id] = self.embeds.get(request.request_id, 0) + patches
+            self.embeds[request.request_id] = self.embeds.get(request.request_id, 0) + _patches(request)
 
     def _check_alive(self) -> None:
         """GroupFailure when a rank is dead; the group stays `alive` until its owner fails it, as a WorkerGroup does."""
@@ -202,7 +201,7 @@ class FakeWorkerGroup:
                 self.seqs.pop(rid, None)
                 continue
             # Without a cached prefix every image must have been encoded whole (as RunningBatch.admit checks).
-            patches = sum(int(g.prod()) for g in request.image_grid_thw) if request.image_grid_thw is not None else 0
+            patches = _patches(request)
             if num_cached == 0 and encoded != patches:
                 errors[rid] = f"request {rid!r}: {encoded} of its {patches} image patches were encoded"
                 self.seqs.pop(rid, None)
@@ -346,3 +345,9 @@ class _LocalRefs:
         done = asyncio.get_running_loop().create_future()
         done.set_result(item)
         return done
+
+
+def _patches(request: Any) -> int:
+    """The vision patches a request's pixels hold (0 without images)."""
+    grids = request.image_grid_thw
+    return 0 if grids is None else sum(int(g.prod()) for g in grids)
