@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -43,6 +44,8 @@ PROBE_S = 1.0
 # Initial size of each channel's buffer (the input, read by every rank, and each rank's answer). A larger
 # message grows the channel to its size; Ray keeps the old buffer, so start large enough for most calls.
 CHANNEL_BYTES = 8 << 20
+# The threads in which Ray's asyncio graph waits for channels, polling (names as Ray's thread pools give them).
+POLLING_THREADS = ("channel.AwaitableBackgroundReader", "channel.AwaitableBackgroundWriter")
 # How long `kill` lets a graph finish its teardown before it kills the workers (a hung rank never finishes).
 TEARDOWN_GRACE_S = 5.0
 
@@ -58,11 +61,13 @@ class CompiledWorkerGroup(WorkerGroup):
         self._lock = asyncio.Lock()  # one execution starts at a time: each rank runs them in that order
         self._pending: asyncio.Future | None = None  # a call's answer that never came (failed group)
         self._teardown: threading.Event | None = None  # set when the graph's teardown has returned
+        self._polling_lowered = False  # the graph's polling threads run at POLLING_NICE
 
     # ----------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         """Start the workers as `WorkerGroup` does (ordinary calls), then compile the group's graph."""
         self.graph, self.failure, self._calls, self._pending, self._teardown = None, None, 0, None, None
+        self._polling_lowered = False
         await super().start()
         try:
             with InputNode() as call:
@@ -129,6 +134,8 @@ class CompiledWorkerGroup(WorkerGroup):
             answer = await self._submit(method, args, what)
             number = self._calls
         results = await self._wait(answer, number, deadline, timeout_s, what)
+        if not self._polling_lowered:  # Ray starts them with the first execution
+            self._polling_lowered = lower_polling_threads()
         raised = [(rank, r) for rank, r in zip(self.ranks, results) if isinstance(r, Raised)]
         if raised:
             rank, error = raised[0]
@@ -219,6 +226,22 @@ class CompiledWorkerGroup(WorkerGroup):
 def make_worker_group(dp_rank: int, cfg: EngineConfig, strategies: list[Any]) -> WorkerGroup:
     """The group of DP rank `dp_rank`: compiled phase calls when `cfg.compiled_graphs`, else ordinary ones."""
     return (CompiledWorkerGroup if cfg.compiled_graphs else WorkerGroup)(dp_rank, cfg, strategies)
+
+
+def lower_polling_threads() -> bool:
+    """Run this process's compiled-graph polling threads (POLLING_THREADS) under Linux's SCHED_IDLE policy; whether
+    a reader was found. Ray's asyncio graph waits for each answer in a thread that polls its channel for the whole
+    call: at the process's priority that thread takes a core's share from the workers and the server on a small
+    host; under SCHED_IDLE it runs on an idle core and yields a busy one."""
+    found = False
+    for thread in threading.enumerate():
+        if thread.name.startswith(POLLING_THREADS) and thread.native_id is not None:
+            try:
+                os.sched_setscheduler(thread.native_id, os.SCHED_IDLE, os.sched_param(0))  # one thread's policy
+            except OSError as e:
+                logger.warning("could not lower the priority of %s: %s", thread.name, e)
+            found = found or thread.name.startswith(POLLING_THREADS[0])
+    return found
 
 
 async def _all(futures: list) -> list:

@@ -112,6 +112,7 @@ class RequestStream:
         self._queue = queue
         self._submitted = submitted  # the `submit` call's ObjectRef until it is awaited
         self._ack = ack
+        self._held: BaseException | None = None  # an error `ready` took from the queue, for `__anext__` to raise
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -126,9 +127,23 @@ class RequestStream:
                 raise
             if self._ack:
                 return accepted
-        item = await self._queue.get()
+        if self._held is not None:
+            item, self._held = self._held, None
+        else:
+            item = await self._queue.get()
         if isinstance(item, BaseException):
             raise item
+        return item
+
+    def ready(self) -> dict | None:
+        """The next item if it has already arrived, without waiting; None when none has, or when the next is
+        an error (which the next `__anext__` raises). A caller that falls behind takes what gathered at once."""
+        if self._submitted is not None or self._held is not None or self._queue.empty():
+            return None
+        item = self._queue.get_nowait()
+        if isinstance(item, BaseException):
+            self._held = item
+            return None
         return item
 
 

@@ -229,10 +229,10 @@ class RayConfig:
         For many DP groups at high token rates; waiting requests of a failed group then wait for its
         rebuild instead of moving to another group.
     compiled_graphs: each DP group's phase calls (encode, step) go through one Ray Compiled Graph
-        instead of an ordinary actor call per worker: half or less of the fixed cost of each call, for
-        part of a core that each group's graph keeps polling in the Coordinator's process
-        (actors/compiled_group.py; docs/architecture.md). Compiled Graphs are a beta Ray API; false
-        keeps ordinary calls.
+        instead of an ordinary actor call per worker: half or less of the fixed cost of each call. Each
+        group's graph polls its channels in a thread of the Coordinator's process for the whole of every
+        call; that thread runs under SCHED_IDLE, on cores nothing else wants (actors/compiled_group.py;
+        docs/architecture.md). Compiled Graphs are a beta Ray API; false keeps ordinary calls.
     num_cpus_per_worker: CPUs each worker holds; on npu/cuda a worker also holds one accelerator.
     log_to_driver: forward worker logs to the driver's output.
     """

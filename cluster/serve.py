@@ -36,7 +36,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +323,26 @@ class OpenAIServer:
         body_ = completion_body(completion_id, self.model, now(), None, "", item, choices=choices)
         return JSONResponse(body_)
 
+    @staticmethod
+    def _delta_events(item: dict[str, Any], tools: list[ToolStream] | None, chunk: Callable[..., bytes]) -> list[bytes]:
+        """The SSE chunks of one delivered item (a token delta of choice `index`). Every item that carries tokens
+        gets a content chunk, its text possibly empty (a token that completes no character, or text held back
+        for a stop string), as vLLM streams; with tool parsing, text that belongs to a call goes out as
+        delta.tool_calls items instead, and nothing while the parser holds it."""
+        text = item.get("text")  # the engine's deltas: stop strings already cut, held back and released
+        entries = item.get("logprobs")  # of this delta's tokens, when asked (text may be held back)
+        index = item.get("index", 0)  # the choice, with n > 1
+        calls: list[dict[str, Any]] = []
+        if tools is not None and text:
+            text, calls = tools[index].feed(text)  # a call's text goes out as delta.tool_calls items
+        events = []
+        if text or (entries and not calls) or (tools is None and item.get("token_ids")):
+            events.append(chunk({"content": text or ""}, logprobs=entries, index=index))  # logprobs: first chunk
+            entries = None
+        if calls:
+            events.append(chunk({"tool_calls": calls}, logprobs=entries, index=index))
+        return events
+
     async def _events(
         self,
         stream: Any,
@@ -355,17 +375,16 @@ class OpenAIServer:
             for index in range(n):
                 yield chunk({"role": "assistant", "content": ""}, index=index)
             while not item.get("final"):
-                text = item.get("text")  # the engine's deltas: stop strings already cut, held back and released
-                entries = item.get("logprobs")  # of this delta's tokens, when asked (text may be held back)
-                index = item.get("index", 0)  # the choice, with n > 1
-                calls: list[dict[str, Any]] = []
-                if tools is not None and text:
-                    text, calls = tools[index].feed(text)  # a call's text goes out as delta.tool_calls items
-                if text or (entries and not calls):  # the delta's logprobs go with its first chunk
-                    yield chunk({"content": text or ""}, logprobs=entries, index=index)
-                    entries = None
-                if calls:
-                    yield chunk({"tool_calls": calls}, logprobs=entries, index=index)
+                # Each delivered token gets its chunk, as it comes; items that gathered while this server was
+                # behind go out in one write (the client still sees one chunk per item).
+                events = self._delta_events(item, tools, chunk)
+                while (more := stream.ready()) is not None and not more.get("final"):
+                    events += self._delta_events(more, tools, chunk)
+                if events:
+                    yield b"".join(events)
+                if more is not None:  # the final record came with them
+                    item = more
+                    break
                 pending = asyncio.ensure_future(self._next(stream))
                 while not (await asyncio.wait({pending}, timeout=KEEPALIVE_S))[0]:
                     if deadline is not None and time.monotonic() > deadline:

@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ import ray
 import torch
 from ray.dag.compiled_dag_node import CompiledDAG
 
-from actors.compiled_group import PROBE_S, CompiledWorkerGroup, make_worker_group
+from actors.compiled_group import POLLING_THREADS, PROBE_S, CompiledWorkerGroup, make_worker_group
 from actors.config import EngineConfig, WorkerConfig
 from actors.groups import CallError, GroupFailure, WorkerGroup, as_future
 from actors.shard_worker import ShardWorker, worker_actor_name
@@ -218,6 +219,17 @@ def test_multi_megabyte_arguments_round_trip(loop, probe_group):
     loop.run_until_complete(group.call("digest", torch.zeros(4 << 18)))  # the channel holds another message
     assert loop.run_until_complete(group.call("kept_digest")) == [_digest(kept)] * 2
     assert loop.run_until_complete(group.call("echo", "small")) == ["small", "small"]
+
+
+def test_the_graphs_polling_threads_run_only_on_idle_cores(loop, probe_group):
+    """Ray's asyncio graph polls its channels in threads of the executing process for the whole of each call;
+    after a call they run under SCHED_IDLE, so that they never take a core from the workers or the server."""
+    assert loop.run_until_complete(probe_group.call("echo", 1)) == [1, 1]
+    polling = [t for t in threading.enumerate() if t.name.startswith(POLLING_THREADS)]
+    assert any(t.name.startswith(POLLING_THREADS[0]) for t in polling), [t.name for t in threading.enumerate()]
+    assert {os.sched_getscheduler(t.native_id) for t in polling} == {os.SCHED_IDLE}
+    others = [t for t in threading.enumerate() if not t.name.startswith(POLLING_THREADS)]
+    assert os.SCHED_IDLE not in {os.sched_getscheduler(t.native_id) for t in others}
 
 
 # ----------------------------------------------------------------------------- failures

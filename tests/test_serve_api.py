@@ -381,6 +381,9 @@ class _SilentStream:
 
         await asyncio.Event().wait()
 
+    def ready(self):
+        return None
+
 
 def test_queue_timeout_drops_a_request_without_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
@@ -409,3 +412,49 @@ def test_queue_timeout_drops_a_request_without_a_token(monkeypatch: pytest.Monke
     assert b'"role":"assistant"' in events_[0] and events_[-1] == b"data: [DONE]\n\n"
     error = json.loads(events_[-2].removeprefix(b"data: "))["error"]
     assert error["code"] == "queue_timeout" and aborted == ["c1"] and server.admission.active == 0
+
+
+def test_every_delivered_token_gets_a_chunk_and_items_that_gathered_go_out_in_one_write() -> None:
+    """A token that completes no character still gets its chunk (empty content, as vLLM streams); the items
+    that arrived while the server was writing go out together, one chunk each, and the final record with them."""
+    import asyncio
+
+    from actors.deliveries import RequestStream
+
+    server, aborted = _server(queue_timeout_s=None)
+    body = parse_request(_body(stream=True))
+
+    async def events() -> list[bytes]:
+        queue: asyncio.Queue = asyncio.Queue()
+        stream = RequestStream(None, "0", queue, None, ack=False)  # type: ignore[arg-type]
+        for text in ("", "b"):
+            queue.put_nowait({"id": "c1", "token_ids": [7], "text": text})
+        queue.put_nowait({"id": "c1", "final": True, "error": None, "finish_reason": "length"})
+        first = {"id": "c1", "token_ids": [5], "text": "a"}
+        return [event async for event in server._events(stream, first, "c1", body, server.admission.enter(), None)]
+
+    writes = asyncio.run(events())
+    assert b'"role":"assistant"' in writes[0] and writes[-1] == b"data: [DONE]\n\n"
+    deltas = [json.loads(e) for e in writes[1].split(b"data: ")[1:]]
+    assert [d["choices"][0]["delta"]["content"] for d in deltas] == ["a", "", "b"]  # one write, one chunk per token
+    assert json.loads(writes[2].removeprefix(b"data: "))["choices"][0]["finish_reason"] == "length"
+    assert aborted == [] and server.admission.active == 0
+
+
+def test_a_request_stream_hands_over_what_arrived_without_waiting_and_keeps_an_error_for_its_next_item() -> None:
+    import asyncio
+
+    from actors.deliveries import RequestStream
+
+    async def run() -> None:
+        queue: asyncio.Queue = asyncio.Queue()
+        stream = RequestStream(None, "0", queue, None, ack=False)  # type: ignore[arg-type]
+        assert stream.ready() is None  # nothing yet: no wait
+        queue.put_nowait({"text": "a"})
+        queue.put_nowait(RuntimeError("the Coordinator died"))
+        assert stream.ready() == {"text": "a"}
+        assert stream.ready() is None  # the error is not an item
+        with pytest.raises(RuntimeError, match="the Coordinator died"):
+            await stream.__anext__()
+
+    asyncio.run(run())

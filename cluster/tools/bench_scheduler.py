@@ -25,6 +25,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,16 @@ def serving_requests(count: int, image: Path, seed: int = 0) -> list[dict]:
 
 
 def engine_config(
-    path: Path, policy: str, steps: int | str, slots: int, stall: str | None = None, exe_mode: str = "eager"
+    path: Path,
+    policy: str,
+    steps: int | str,
+    slots: int,
+    stall: str | None = None,
+    exe_mode: str = "eager",
+    extra: Sequence[str] = (),
 ) -> Any:
-    """The run config of one engine; `stall` overrides scheduler.max_decode_stall (a number or 'null')."""
+    """The run config of one engine; `stall` overrides scheduler.max_decode_stall (a number or 'null'), and the
+    dotted key=value overrides in `extra` come last."""
     return load_config(
         None,
         [
@@ -82,6 +90,7 @@ def engine_config(
             "ray.address=local",  # a private cluster: never join another one running on this machine
             f"ray.namespace=bench-{policy}",
             *([f"scheduler.max_decode_stall={stall}"] if stall is not None else []),
+            *extra,
         ],
     )
 
@@ -110,13 +119,17 @@ def serve_and_summarize(cfg: Any, requests: list[dict], rate: float, label: str)
     return summary
 
 
-def run_serving(path: Path, requests: list[dict], rate: float, label: str, stall: str | None) -> dict:
+def run_serving(
+    path: Path, requests: list[dict], rate: float, label: str, stall: str | None, extra: Sequence[str] = ()
+) -> dict:
     """`label` is the policy, with ' stall=X' for a continuous run at max_decode_stall X."""
-    cfg = engine_config(path, label.split()[0], steps=4, slots=4, stall=stall)
+    cfg = engine_config(path, label.split()[0], steps=4, slots=4, stall=stall, extra=extra)
     return serve_and_summarize(cfg, requests, rate, f"serving/{label}")
 
 
-def run_step_cost(path: Path, request: dict, steps_list: list[int | str], repeats: int, exe_mode: str) -> dict:
+def run_step_cost(
+    path: Path, request: dict, steps_list: list[int | str], repeats: int, exe_mode: str, extra: Sequence[str] = ()
+) -> dict:
     """TPOT of one request through the Coordinator per decode_steps_per_call, and in process (same exe_mode).
 
     The in-process run and the Coordinator's alternate, one of each per repeat, so that each ratio is of
@@ -137,9 +150,9 @@ def run_step_cost(path: Path, request: dict, steps_list: list[int | str], repeat
 
     out: dict[str, Any] = {"coordinator": {}, "in_process_runs": {}, "ratio": {}, "exe_mode": exe_mode}
     for steps in steps_list:
-        coordinator = start(engine_config(path, "continuous", steps, slots=1, exe_mode=exe_mode))
+        coordinator = start(engine_config(path, "continuous", steps, slots=1, exe_mode=exe_mode, extra=extra))
         try:
-            tpots, local, ratios = [], [], []
+            tpots, local, ratios, itl_ratios = [], [], [], []
             for i in range(repeats + 1):  # the first is a warm-up
                 record = ray.get(coordinator.generate.remote([{**request, "id": f"step-{i}"}]), timeout=600)[0]
                 base = in_process_tpot_ms()
@@ -147,19 +160,28 @@ def run_step_cost(path: Path, request: dict, steps_list: list[int | str], repeat
                     tpots.append(record["tpot_s"] * 1e3)
                     local.append(base)
                     ratios.append(tpots[-1] / base)
+                    # delivered ITL p99 over the step time (the worker's median gap between tokens)
+                    itl_ratios.append(_p99(record["itl_s"]) / statistics.median(record["device_itl_s"]))
         finally:
             stop(coordinator)
         key = str(steps)
         out["coordinator"][key] = statistics.median(tpots)
         out["in_process_runs"][key] = statistics.median(local)
         out["ratio"][key] = statistics.median(ratios)
+        out.setdefault("itl_p99_over_step", {})[key] = statistics.median(itl_ratios)
         log(
             f"per-step: decode_steps_per_call={steps}: TPOT {out['coordinator'][key]:.2f} ms, in process "
             f"{out['in_process_runs'][key]:.2f} ms, ratio {out['ratio'][key]:.3f} (per repeat: "
-            f"{', '.join(f'{r:.3f}' for r in ratios)})"
+            f"{', '.join(f'{r:.3f}' for r in ratios)}); delivered ITL p99 / step "
+            f"{out['itl_p99_over_step'][key]:.2f}x"
         )
     out["in_process"] = statistics.median(out["in_process_runs"].values())
     return out
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
 
 
 def format_table(report: dict) -> str:
@@ -218,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--skip-step-cost", action="store_true")
     parser.add_argument("--out", default="outputs/bench_scheduler")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every engine run"
+    )
     args = parser.parse_args(argv)
     directory, spec = CHECKPOINTS[args.checkpoint]
     path = build_tiny_checkpoint(CACHE_DIR / directory, spec)
@@ -234,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             "rate": rate,
             "slots": 4,
             "decode_steps_per_call": 4,
+            "overrides": args.set,
         },
     }
     try:
@@ -242,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             stalls = args.max_decode_stall.split(",") if args.max_decode_stall else [None]
             runs = [(f"continuous stall={s}" if s is not None else "continuous", s) for s in stalls]
             for label, stall in [("static", None), *runs]:
-                report["serving"][label] = run_serving(path, requests, rate, label, stall)
+                report["serving"][label] = run_serving(path, requests, rate, label, stall, args.set)
                 (out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
         if not args.skip_step_cost:
             request = {
@@ -251,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ignore_eos": True,
             }
             steps = [s if s == "auto" else int(s) for s in args.steps.split(",")]
-            report["step_cost"] = run_step_cost(path, request, steps, args.repeats, args.exe_mode)
+            report["step_cost"] = run_step_cost(path, request, steps, args.repeats, args.exe_mode, args.set)
     finally:
         ray.shutdown()
     (out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")

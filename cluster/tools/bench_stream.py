@@ -16,8 +16,9 @@ their own, and an `openai` client measures:
 - mixed: 4 long requests (600 tokens) and 12 short ones (8 tokens) at seeded Poisson arrivals of 10/s,
   all streamed (EOS ignored): the short requests' median latency (request to last chunk) and the long
   requests' output tokens per second over the run's wall time.
-A stream's chunks are the pieces of text the server sends: a token that completes no character (a
-random checkpoint makes many) adds no chunk, though it is delivered on its own.
+A stream's chunks are the chunks the server sends for delivered tokens, one per token (as vLLM streams);
+"text chunks" are those with text: a token that completes no character (a random checkpoint makes many)
+has a chunk with empty content. Gaps and times to first token are taken at chunks with text.
 transformers' `generate` on the same checkpoint makes the same --tokens tokens (greedy, EOS ignored)
 in this process once per pass, for the stream's time. Prints a table per setting (medians over
 passes) and writes every figure as JSON.
@@ -55,13 +56,16 @@ async def _stream(client: Any, model: str, max_tokens: int, stop_after: asyncio.
         stream=True,
         extra_body={"ignore_eos": True},
     )
+    tokens = 0  # chunks of a delivered token, with or without text
     async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content is not None and not chunk.choices[0].delta.role:
+            tokens += 1
         if chunk.choices and chunk.choices[0].delta.content:
             chunks.append(time.perf_counter())
         if stop_after is not None and stop_after.is_set():
             await stream.close()
             break
-    return {"sent": sent, "chunks": chunks, "end": time.perf_counter()}
+    return {"sent": sent, "chunks": chunks, "token_chunks": tokens, "end": time.perf_counter()}
 
 
 async def _measure(base_url: str, model: str, tokens: int, arrivals: int, seed: int) -> dict:
@@ -73,7 +77,8 @@ async def _measure(base_url: str, model: str, tokens: int, arrivals: int, seed: 
     one = await _stream(client, model, tokens)
     gaps = np.diff(one["chunks"]) * 1e3
     out["stream"] = {
-        "chunks": len(one["chunks"]),
+        "chunks": one["token_chunks"],
+        "text_chunks": len(one["chunks"]),
         "total_s": one["chunks"][-1] - one["sent"],
         "gap_p50_ms": float(np.median(gaps)),
         "gap_p99_ms": float(np.percentile(gaps, 99)),
@@ -207,11 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(values) if values else float("nan")
 
     print(f"\ntransformers generate, {args.tokens} tokens: {statistics.median(hf):.3f} s (median of {len(hf)})")
-    header = "setting | chunks | stream s | gap p50 ms | idle TTFT ms | TTFT among 2 long ms | long gap ms"
-    print(header + " | mixed: short p50 s | long tok/s")
+    header = "setting | chunks | text chunks | stream s | gap p50 ms | idle TTFT ms | TTFT among 2 long ms"
+    print(header + " | long gap ms | mixed: short p50 s | long tok/s")
     for name, runs in results.items():
         print(
-            f"{name} | {med(runs, 'stream', 'chunks'):.0f} | {med(runs, 'stream', 'total_s'):.3f} | "
+            f"{name} | {med(runs, 'stream', 'chunks'):.0f} | {med(runs, 'stream', 'text_chunks'):.0f} | "
+            f"{med(runs, 'stream', 'total_s'):.3f} | "
             f"{med(runs, 'stream', 'gap_p50_ms'):.2f} | {med(runs, 'arrivals', 'idle_ttft_ms'):.1f} | "
             f"{med(runs, 'arrivals', 'loaded_ttft_ms'):.1f} | {med(runs, 'arrivals', 'long_gap_ms'):.2f} | "
             f"{med(runs, 'mixed', 'short_latency_p50_s'):.3f} | {med(runs, 'mixed', 'long_output_tok_s'):.0f}"
