@@ -233,6 +233,8 @@ def lower_polling_threads() -> bool:
     a reader was found. Ray's asyncio graph waits for each answer in a thread that polls its channel for the whole
     call: at the process's priority that thread takes a core's share from the workers and the server on a small
     host; under SCHED_IDLE it runs on an idle core and yields a busy one."""
+    if not hasattr(os, "sched_setscheduler"):  # not Linux: the threads keep the process's priority
+        return True
     found = False
     for thread in threading.enumerate():
         if thread.name.startswith(POLLING_THREADS) and thread.native_id is not None:
