@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from ray.dag import InputNode, MultiOutputNode
@@ -46,6 +47,7 @@ PROBE_S = 1.0
 CHANNEL_BYTES = 8 << 20
 # The threads in which Ray's asyncio graph waits for channels, polling (names as Ray's thread pools give them).
 POLLING_THREADS = ("channel.AwaitableBackgroundReader", "channel.AwaitableBackgroundWriter")
+POLLING_CHECKS = 8  # calls that look for them before giving up (with a warning)
 # How long `kill` lets a graph finish its teardown before it kills the workers (a hung rank never finishes).
 TEARDOWN_GRACE_S = 5.0
 
@@ -61,13 +63,13 @@ class CompiledWorkerGroup(WorkerGroup):
         self._lock = asyncio.Lock()  # one execution starts at a time: each rank runs them in that order
         self._pending: asyncio.Future | None = None  # a call's answer that never came (failed group)
         self._teardown: threading.Event | None = None  # set when the graph's teardown has returned
-        self._polling_lowered = False  # the graph's polling threads run at POLLING_NICE
+        self._polling_checks = 0  # calls that looked for the graph's polling threads (0: not found yet)
 
     # ----------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         """Start the workers as `WorkerGroup` does (ordinary calls), then compile the group's graph."""
         self.graph, self.failure, self._calls, self._pending, self._teardown = None, None, 0, None, None
-        self._polling_lowered = False
+        self._polling_checks = 0
         await super().start()
         try:
             with InputNode() as call:
@@ -134,8 +136,10 @@ class CompiledWorkerGroup(WorkerGroup):
             answer = await self._submit(method, args, what)
             number = self._calls
         results = await self._wait(answer, number, deadline, timeout_s, what)
-        if not self._polling_lowered:  # Ray starts them with the first execution
-            self._polling_lowered = lower_polling_threads()
+        if 0 <= self._polling_checks < POLLING_CHECKS:  # Ray starts them with the first execution
+            self._polling_checks = -1 if lower_polling_threads() else self._polling_checks + 1
+            if self._polling_checks == POLLING_CHECKS:
+                logger.warning("dp group %d: no %s thread found to lower", self.dp_rank, POLLING_THREADS[0])
         raised = [(rank, r) for rank, r in zip(self.ranks, results) if isinstance(r, Raised)]
         if raised:
             rank, error = raised[0]
@@ -228,15 +232,16 @@ def make_worker_group(dp_rank: int, cfg: EngineConfig, strategies: list[Any]) ->
     return (CompiledWorkerGroup if cfg.compiled_graphs else WorkerGroup)(dp_rank, cfg, strategies)
 
 
-def lower_polling_threads() -> bool:
+def lower_polling_threads(threads: Iterable[threading.Thread] | None = None) -> bool:
     """Run this process's compiled-graph polling threads (POLLING_THREADS) under Linux's SCHED_IDLE policy; whether
     a reader was found. Ray's asyncio graph waits for each answer in a thread that polls its channel for the whole
     call: at the process's priority that thread takes a core's share from the workers and the server on a small
-    host; under SCHED_IDLE it runs on an idle core and yields a busy one."""
+    host; under SCHED_IDLE it runs on an idle core and yields a busy one. `threads`: where to look (default: all
+    of this process's)."""
     if not hasattr(os, "sched_setscheduler"):  # not Linux: the threads keep the process's priority
         return True
     found = False
-    for thread in threading.enumerate():
+    for thread in threading.enumerate() if threads is None else threads:
         if thread.name.startswith(POLLING_THREADS) and thread.native_id is not None:
             try:
                 os.sched_setscheduler(thread.native_id, os.SCHED_IDLE, os.sched_param(0))  # one thread's policy
