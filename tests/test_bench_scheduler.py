@@ -1,10 +1,10 @@
-"""bench_scheduler's engine configs and figures, without running an engine."""
+"""bench_scheduler's engine configs, without running an engine."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cluster.tools.bench_scheduler import _p99, engine_config
+from cluster.tools.bench_scheduler import engine_config
 
 
 def test_set_overrides_come_last_and_win(tiny_checkpoint: Path) -> None:
@@ -20,9 +20,3 @@ def test_set_overrides_come_last_and_win(tiny_checkpoint: Path) -> None:
     )
     assert cfg.ray.compiled_graphs is False and cfg.scheduler.decode_steps_per_call == 4
     assert cfg.exe_mode == "graph" and cfg.data_config.batch_size == 1
-
-
-def test_p99_is_the_nearest_rank_of_the_sorted_values() -> None:
-    assert _p99([0.5]) == 0.5
-    assert _p99([float(v) for v in range(100, 0, -1)]) == 99.0  # index round(0.99 * 99) = 98 of 1..100
-    assert _p99([3.0, 1.0, 2.0]) == 3.0

@@ -34,7 +34,7 @@ import ray
 from cluster.config import load_config
 from cluster.launch import serve_requests, start, stop
 from cluster.report import summarize
-from cluster.tools.bench import CACHE_DIR, CHECKPOINTS, bench_image, log
+from cluster.tools.bench import CACHE_DIR, CHECKPOINTS, bench_image, log, percentile
 from cluster.tools.tiny_checkpoint import build_tiny_checkpoint
 from model.processor import PromptBuilder
 from model.runner import ModelRunner
@@ -161,7 +161,7 @@ def run_step_cost(
                     local.append(base)
                     ratios.append(tpots[-1] / base)
                     # delivered ITL p99 over the step time (the worker's median gap between tokens)
-                    itl_ratios.append(_p99(record["itl_s"]) / statistics.median(record["device_itl_s"]))
+                    itl_ratios.append(percentile(record["itl_s"], 99) / statistics.median(record["device_itl_s"]))
         finally:
             stop(coordinator)
         key = str(steps)
@@ -177,11 +177,6 @@ def run_step_cost(
         )
     out["in_process"] = statistics.median(out["in_process_runs"].values())
     return out
-
-
-def _p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
 
 
 def format_table(report: dict) -> str:
