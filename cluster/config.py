@@ -228,11 +228,14 @@ class RayConfig:
         then only routes (actors/router.py): the per-token work spreads over a process per group.
         For many DP groups at high token rates; waiting requests of a failed group then wait for its
         rebuild instead of moving to another group.
-    compiled_graphs: each DP group's phase calls (encode, step) go through one Ray Compiled Graph
-        instead of an ordinary actor call per worker: half or less of the fixed cost of each call. Each
-        group's graph polls its channels in a thread of the Coordinator's process for the whole of every
-        call; that thread runs under SCHED_IDLE, on cores nothing else wants (actors/compiled_group.py;
-        docs/architecture.md). Compiled Graphs are a beta Ray API; false keeps ordinary calls.
+    compiled_graphs: true: each DP group's phase calls (encode, step) go through one Ray Compiled Graph
+        instead of an ordinary actor call per worker, for half or less of the fixed cost of each call.
+        Ray's channels poll: every worker's graph loop, and a reader thread per group in the
+        Coordinator's process (run under SCHED_IDLE), keep a core busy for as long as the graph lives,
+        idle or not (actors/compiled_group.py; docs/architecture.md). false: ordinary actor calls.
+        "auto" (the default): compiled graphs where the workers compute on an accelerator (npu, cuda),
+        ordinary calls on cpu, whose workers compute on the cores the polling would take.
+        Compiled Graphs are a beta Ray API.
     num_cpus_per_worker: CPUs each worker holds; on npu/cuda a worker also holds one accelerator.
     log_to_driver: forward worker logs to the driver's output.
     """
@@ -244,7 +247,7 @@ class RayConfig:
     worker_timeout_s: float = 600.0
     max_group_restarts: int = 3
     group_coordinators: bool = False
-    compiled_graphs: bool = True
+    compiled_graphs: Union[bool, str] = AUTO  # noqa: UP007 (omegaconf reads typing.Union, not `|`)
     num_cpus_per_worker: float = 1.0
     log_to_driver: bool = True
 
@@ -350,6 +353,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     apply_generation_config(cfg, explicit_keys(path, overrides))
     _validate(cfg)
     return cfg
+
+
+def uses_compiled_graphs(cfg: RunConfig) -> bool:
+    """Whether the DP groups' phase calls go through Ray Compiled Graphs: `ray.compiled_graphs`, with
+    "auto" meaning yes on an accelerator and no on cpu (see RayConfig)."""
+    setting = cfg.ray.compiled_graphs
+    return setting if isinstance(setting, bool) else cfg.device != "cpu"
 
 
 def _describe(e: OmegaConfBaseException, fallback_key: str | None) -> str:
@@ -527,6 +537,8 @@ def _validate(cfg: RunConfig) -> None:
         if value <= 0:
             _fail(f"ray.{name}", value, "must be > 0")
     _check_min("ray.max_group_restarts", ray_cfg.max_group_restarts, 0)
+    if not isinstance(ray_cfg.compiled_graphs, bool) and ray_cfg.compiled_graphs != AUTO:
+        _fail("ray.compiled_graphs", ray_cfg.compiled_graphs, f"must be true, false or {AUTO!r}")
     if cfg.device == "cpu" and ray_cfg.num_cpus_per_worker <= 0:
         _fail("ray.num_cpus_per_worker", ray_cfg.num_cpus_per_worker, "must be > 0 on device 'cpu'")
     _check_min("ray.num_cpus_per_worker", ray_cfg.num_cpus_per_worker, 0.0)

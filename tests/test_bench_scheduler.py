@@ -9,7 +9,7 @@ from cluster.tools.bench_scheduler import engine_config
 
 def test_set_overrides_come_last_and_win(tiny_checkpoint: Path) -> None:
     base = engine_config(tiny_checkpoint, "continuous", 1, slots=1, exe_mode="graph")
-    assert base.ray.compiled_graphs is True and base.scheduler.decode_steps_per_call == 1
+    assert base.ray.compiled_graphs == "auto" and base.scheduler.decode_steps_per_call == 1
     cfg = engine_config(
         tiny_checkpoint,
         "continuous",

@@ -161,6 +161,7 @@ def test_wrong_type_names_key_and_value(tmp_path: Path) -> None:
         (["data_config.batch_size=0"], r"data_config\.batch_size=0"),
         (["data_config.num_samples=0"], r"data_config\.num_samples=0"),
         (["ray.placement_timeout_s=0"], r"ray\.placement_timeout_s=0"),
+        (["ray.compiled_graphs=sometimes"], r"ray\.compiled_graphs='sometimes': must be true, false or 'auto'"),
         (["dist_env.1BAD=x"], r"dist_env\.1BAD"),
         (["dist_env.HCCL.X=1"], r"dist_env\.HCCL"),
         (["serve.ingress=nginx"], r"serve\.ingress='nginx': must be one of auto, haproxy, proxy"),
@@ -177,6 +178,21 @@ def test_wrong_type_names_key_and_value(tmp_path: Path) -> None:
 def test_bad_values(overrides: list[str], pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, ["model_path=/m", *overrides])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "compiled"),
+    [
+        ([], False),  # auto on cpu: the workers compute on the cores Ray's channel polling would take
+        (["device=npu"], True),
+        (["device=cuda"], True),
+        (["ray.compiled_graphs=true"], True),
+        (["device=npu", "ray.compiled_graphs=false"], False),
+    ],
+)
+def test_compiled_graphs_auto_follows_the_device(overrides: list[str], compiled: bool) -> None:
+    cfg = load_config(None, ["model_path=/m", *overrides])
+    assert engine_config(cfg).compiled_graphs is compiled
 
 
 def test_float16_rejected_on_cpu_only() -> None:

@@ -189,6 +189,7 @@ def test_worker_killed_mid_decode_then_rebuild(local_ray):
         "data_config.ignore_eos=true",
         f"ray.namespace={namespace}",
         "ray.max_group_restarts=0",
+        "ray.compiled_graphs=true",  # the call path of accelerator hosts (on cpu `auto` makes ordinary calls)
         "prefix_caching=false",  # routing by load alone: with it, a cached prefix may draw requests to a group
     )
     coordinator = start(cfg)
@@ -254,7 +255,7 @@ def test_launch_records_every_request_when_a_worker_dies(local_ray, tmp_path):
     killer = threading.Thread(target=_kill_when, args=(namespace, ready, 0, 0.5, log), daemon=True)
     killer.start()
     ready.wait()
-    rc = launch.main(_launch_args(namespace, output, "data_config.max_new_tokens=200"))
+    rc = launch.main(_launch_args(namespace, output, "data_config.max_new_tokens=200", "ray.compiled_graphs=true"))
     killer.join(timeout=30)
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert rc == 1 and "killed_at" in log
