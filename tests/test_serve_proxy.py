@@ -19,7 +19,7 @@ from tests.ray_helpers import free_port, tiny_config, tiny_model, wait_for
 
 RAY_NUM_CPUS = 4
 NAMESPACE = "test-serve-proxy"
-LONG_TOKENS = 1500
+LONG_TOKENS = 20_000  # the fillers outlast every wait below (about a minute of decoding); the test aborts them
 SLOTS = 2
 
 
