@@ -63,7 +63,7 @@ class CompiledWorkerGroup(WorkerGroup):
         self._lock = asyncio.Lock()  # one execution starts at a time: each rank runs them in that order
         self._pending: asyncio.Future | None = None  # a call's answer that never came (failed group)
         self._teardown: threading.Event | None = None  # set when the graph's teardown has returned
-        self._polling_checks = 0  # calls that looked for the graph's polling threads (0: not found yet)
+        self._polling_checks = 0  # calls that looked for the polling threads, none found yet; -1 once they were
 
     # ----------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
