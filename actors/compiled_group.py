@@ -1,8 +1,8 @@
-"""A DP group whose phase calls go through one Ray Compiled Graph (`ray.compiled_graphs`).
+"""A DP group whose phase calls go through one Ray Compiled Graph (`ray.phase_calls: compiled`).
 
 An ordinary actor call costs about 1 ms per worker on the caller's side; a compiled graph passes the
 call through shared-memory channels to a loop already running on each worker, for a few tenths of a
-millisecond per call (docs/architecture.md, "Compiled phase calls"). Start-up (node_info,
+millisecond per call (docs/architecture.md, "Phase calls"). Start-up (node_info,
 rendezvous, load, warm-up) runs as ordinary calls (`WorkerGroup.start`); then the group compiles one
 graph: every rank's `ShardWorker.dispatch` reads the same `(method, args)` and returns the method's
 answer. Rules Ray sets and this class keeps:
@@ -225,11 +225,6 @@ class CompiledWorkerGroup(WorkerGroup):
         self._pending = answer
         self._start_teardown()
         return GroupFailure(message)
-
-
-def make_worker_group(dp_rank: int, cfg: EngineConfig, strategies: list[Any]) -> WorkerGroup:
-    """The group of DP rank `dp_rank`: compiled phase calls when `cfg.compiled_graphs`, else ordinary ones."""
-    return (CompiledWorkerGroup if cfg.compiled_graphs else WorkerGroup)(dp_rank, cfg, strategies)
 
 
 def lower_polling_threads(threads: Iterable[threading.Thread] | None = None) -> bool:

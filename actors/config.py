@@ -10,6 +10,8 @@ from model.kv_cache import blocks_for
 from model.sampling import SamplingParams
 from model.speculative import SpeculativeConfig
 
+PHASE_CALLS = ("socket", "compiled", "ordinary")  # how a DP group's calls reach its workers (`ray.phase_calls`)
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -64,7 +66,7 @@ class EngineConfig:
     worker_timeout_s: float = 600.0
     rendezvous_timeout_s: float = 300.0
     max_group_restarts: int = 3
-    compiled_graphs: bool = True  # phase calls through one Ray Compiled Graph per group (actors/compiled_group.py)
+    phase_calls: str = "socket"  # one of PHASE_CALLS: how a group's calls reach its workers (actors/group_factory.py)
     dist_env: dict[str, str] = field(default_factory=dict)
     profile: bool = False
     grammar_cache_size: int = 256  # structured-output grammars whose check is kept (actors/grammars.py)

@@ -33,10 +33,10 @@ from typing import Any
 
 from actors import clock
 from actors.choices import Choices
-from actors.compiled_group import make_worker_group
 from actors.config import EngineConfig
 from actors.deliveries import Outbox, expire_outboxes
 from actors.errors import RequestError
+from actors.group_factory import make_worker_group
 from actors.group_loop import GroupLoop
 from actors.metrics import EngineMetrics
 from actors.preparation import Preparation

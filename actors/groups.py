@@ -2,8 +2,8 @@
 
 Everything here is awaited from the Coordinator's event loop, so one group starting, failing or
 being rebuilt never blocks the others. Each call here is an ordinary Ray actor call per rank;
-actors/compiled_group.py is the same group with its phase calls through one Ray Compiled Graph
-(`ray.compiled_graphs`), and its `make_worker_group` picks between the two.
+actors/socket_group.py and actors/compiled_group.py are the same group with its calls after start over a
+socket per rank or through one Ray Compiled Graph (`ray.phase_calls`; actors/group_factory.py picks).
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ class WorkerGroup:
             ip, port = (await self._gather([self.workers[0].rendezvous_address.remote()], timeout, "rendezvous"))[0]
             self.rendezvous = (ip, port)
             await self._rendezvous(ip, port)
+            await self._connect()
             loads = await self.call("load", timeout_s=timeout, what="load")
             warm = await self.call("warmup", timeout_s=timeout, what="warm-up")
         except BaseException:
@@ -83,6 +84,9 @@ class WorkerGroup:
         logger.info(
             "dp group %d ready on %s (rendezvous tcp://%s:%d)", self.dp_rank, self.infos[0]["node_ip"], ip, port
         )
+
+    async def _connect(self) -> None:
+        """Set up the path of the calls from `load` on (a subclass's; ordinary calls need none)."""
 
     async def _rendezvous(self, ip: str, port: int) -> None:
         timeout = self.cfg.rendezvous_timeout_s

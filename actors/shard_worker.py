@@ -5,9 +5,9 @@ rank) -> `load` -> `warmup`. Then the Coordinator runs rounds, the same calls on
 group: `encode` (vision tower) and `step` (forget, preempt and start requests, set their block tables,
 then one packed forward of prompt chunks and decode tokens, or a few pure-decode steps). The worker
 keeps the model, the paged KV cache, the graphs and each request's tokens and sampling state; the
-Coordinator keeps everything else about a request, and its scheduler owns the blocks. With
-`ray.compiled_graphs` the phase calls arrive through `dispatch`, the one method of the group's compiled
-graph (actors/compiled_group.py).
+Coordinator keeps everything else about a request, and its scheduler owns the blocks. After set-up the
+phase calls arrive through `dispatch`: from the call socket `open_call_socket` opens (`ray.phase_calls:
+socket`, actors/socket_group.py) or from the group's compiled graph (`compiled`, actors/compiled_group.py).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import ray
 import torch
 import torch.distributed as dist
 
+from actors.call_socket import CallServer
 from actors.config import WorkerConfig
 from actors.worker_phases import Admission, Fork, WorkerPhases
 from model.batch import RunningBatch, TableUpdate
@@ -77,6 +78,7 @@ class ShardWorker:
         self.dispatched = 0  # calls `dispatch` has finished
         self.dispatch_raised: tuple[int, Raised] | None = None  # (call number, what it raised) of the last that raised
         self.dispatch_thread: int | None = None  # the thread `dispatch` last bound the device on
+        self.call_server: CallServer | None = None  # the Coordinator's call connection (`open_call_socket`)
         logging.basicConfig(level=logging.INFO, format=f"[{worker_actor_name(rank)}] %(message)s")
 
     def __repr__(self) -> str:
@@ -216,15 +218,30 @@ class ShardWorker:
             self._stop_profile()
         return out
 
-    # ----------------------------------------------------------------------------- compiled calls
+    # ----------------------------------------------------------------------------- phase calls
+    def open_call_socket(self, accept_timeout_s: float) -> tuple[str, int, bytes]:
+        """Listen for the Coordinator's call connection on this node's IP (actors/call_socket.py): (ip, port,
+        token). Calls read from it run through `dispatch`, in order, on the socket's own thread."""
+        if self.call_server is not None:
+            self.call_server.close()
+        self.call_server = CallServer(
+            ray.util.get_node_ip_address(),
+            self.dispatch,
+            lambda e: Raised(f"the answer could not be sent: {type(e).__name__}: {e}"),
+            accept_timeout_s,
+            name=f"call-socket-{self.rank}",
+        )
+        return (*self.call_server.address, self.call_server.token)
+
     def dispatch(self, call: tuple[str, tuple]) -> Any:
-        """Run one call of the group's compiled graph: `call` is (method name, positional arguments).
+        """Run one phase call: `call` is (method name, positional arguments), from the call socket or the
+        group's compiled graph.
 
         A method that raises answers `Raised` instead: an exception in a compiled graph comes back as
         every rank's answer, naming no rank, and the group could not tell a failed call from a failed graph.
         """
         method, args = call
-        if self.dispatch_thread != threading.get_ident():  # the graph's loop runs on a thread of Ray's own
+        if self.dispatch_thread != threading.get_ident():  # the socket's or the graph's thread, not Ray's
             self.dispatch_thread = threading.get_ident()
             if self.device.type != "cpu":  # the current device is per thread (CUDA, ACL)
                 getattr(torch, self.device.type).set_device(self.device)
@@ -263,6 +280,8 @@ class ShardWorker:
         return True
 
     def shutdown(self) -> None:
+        if self.call_server is not None:
+            self.call_server.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

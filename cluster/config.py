@@ -13,11 +13,12 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
+from actors.config import PHASE_CALLS
 from actors.steps_per_call import AUTO
 from cluster.generation_config import GENERATION_CONFIG_MODES, apply_generation_config, explicit_keys
 from cluster.speculative_config import SpeculativeSection, speculative_config
@@ -228,14 +229,16 @@ class RayConfig:
         then only routes (actors/router.py): the per-token work spreads over a process per group.
         For many DP groups at high token rates; waiting requests of a failed group then wait for its
         rebuild instead of moving to another group.
-    compiled_graphs: true: each DP group's phase calls (encode, step) go through one Ray Compiled Graph
-        instead of an ordinary actor call per worker, for half or less of the fixed cost of each call.
-        Ray's channels poll: every worker's graph loop, and a reader thread per group in the
-        Coordinator's process (run under SCHED_IDLE), keep a core busy for as long as the graph lives,
-        idle or not (actors/compiled_group.py; docs/architecture.md). false: ordinary actor calls.
-        "auto" (the default): compiled graphs where the workers compute on an accelerator (npu, cuda),
-        ordinary calls on cpu, whose workers compute on the cores the polling would take.
-        Compiled Graphs are a beta Ray API.
+    phase_calls: how each DP group's calls (encode, step, ...) reach its workers once they are loaded.
+        "socket" (the default): one TCP connection per worker, opened with a token the worker hands out
+        through an ordinary Ray call; a blocked read costs no CPU while the group is idle, and a call costs
+        about a tenth of an ordinary actor call (actors/socket_group.py; docs/architecture.md, "Phase
+        calls"). "compiled": one Ray Compiled Graph per group (a beta Ray API); Ray's channels poll,
+        so every worker's graph loop and a reader thread in the Coordinator keep a core busy for as long
+        as the graph lives. "ordinary": an ordinary Ray actor call per worker and call.
+    compiled_graphs: the older switch for the same choice, honoured when set (null: not set): true is
+        phase_calls "compiled", false is "ordinary", "auto" is "compiled" on npu and cuda and "ordinary"
+        on cpu. Set one of the two keys, not both.
     num_cpus_per_worker: CPUs each worker holds; on npu/cuda a worker also holds one accelerator.
     log_to_driver: forward worker logs to the driver's output.
     """
@@ -247,7 +250,8 @@ class RayConfig:
     worker_timeout_s: float = 600.0
     max_group_restarts: int = 3
     group_coordinators: bool = False
-    compiled_graphs: Union[bool, str] = AUTO  # noqa: UP007 (omegaconf reads typing.Union, not `|`)
+    phase_calls: str = "socket"
+    compiled_graphs: Optional[Union[bool, str]] = None  # noqa: UP007, UP045 (omegaconf reads typing.Union, not `|`)
     num_cpus_per_worker: float = 1.0
     log_to_driver: bool = True
 
@@ -355,11 +359,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
-def uses_compiled_graphs(cfg: RunConfig) -> bool:
-    """Whether the DP groups' phase calls go through Ray Compiled Graphs: `ray.compiled_graphs`, with
-    "auto" meaning yes on an accelerator and no on cpu (see RayConfig)."""
+def phase_calls(cfg: RunConfig) -> str:
+    """How the DP groups' calls reach their workers: `ray.phase_calls`, unless the older `ray.compiled_graphs`
+    is set (see RayConfig)."""
     setting = cfg.ray.compiled_graphs
-    return setting if isinstance(setting, bool) else cfg.device != "cpu"
+    if setting is None:
+        return cfg.ray.phase_calls
+    compiled = setting if isinstance(setting, bool) else cfg.device != "cpu"
+    return "compiled" if compiled else "ordinary"
 
 
 def _describe(e: OmegaConfBaseException, fallback_key: str | None) -> str:
@@ -537,8 +544,12 @@ def _validate(cfg: RunConfig) -> None:
         if value <= 0:
             _fail(f"ray.{name}", value, "must be > 0")
     _check_min("ray.max_group_restarts", ray_cfg.max_group_restarts, 0)
-    if not isinstance(ray_cfg.compiled_graphs, bool) and ray_cfg.compiled_graphs != AUTO:
-        _fail("ray.compiled_graphs", ray_cfg.compiled_graphs, f"must be true, false or {AUTO!r}")
+    _check_choice("ray.phase_calls", ray_cfg.phase_calls, PHASE_CALLS)
+    setting = ray_cfg.compiled_graphs
+    if setting is not None and not isinstance(setting, bool) and setting != AUTO:
+        _fail("ray.compiled_graphs", setting, f"must be null, true, false or {AUTO!r}")
+    if setting is not None and ray_cfg.phase_calls != RayConfig.phase_calls:
+        _fail("ray.compiled_graphs", setting, f"set ray.phase_calls={ray_cfg.phase_calls!r} or this key, not both")
     if cfg.device == "cpu" and ray_cfg.num_cpus_per_worker <= 0:
         _fail("ray.num_cpus_per_worker", ray_cfg.num_cpus_per_worker, "must be > 0 on device 'cpu'")
     _check_min("ray.num_cpus_per_worker", ray_cfg.num_cpus_per_worker, 0.0)

@@ -33,7 +33,7 @@ from actors.coordinator import Coordinator
 from actors.errors import unwrap
 from actors.records import failed_record, new_record
 from actors.router import Router
-from cluster.config import ConfigError, RunConfig, load_config, uses_compiled_graphs
+from cluster.config import ConfigError, RunConfig, load_config, phase_calls
 from cluster.datasets import DatasetError, load_requests
 from cluster.devices import actor_resource_options, check_graph_env, get_device_spec, resolve_fused_ops
 from cluster.placement import COORDINATOR_NAME, PlacementError, order_groups_by_node, reserve
@@ -175,7 +175,7 @@ def engine_config(cfg: RunConfig) -> EngineConfig:
         worker_timeout_s=cfg.ray.worker_timeout_s,
         rendezvous_timeout_s=cfg.ray.rendezvous_timeout_s,
         max_group_restarts=cfg.ray.max_group_restarts,
-        compiled_graphs=uses_compiled_graphs(cfg),
+        phase_calls=phase_calls(cfg),
         dist_env=dict(cfg.dist_env),
         profile=cfg.profile,
     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
-import hashlib
 import logging
 import os
 import threading
@@ -25,91 +24,27 @@ import ray
 import torch
 from ray.dag.compiled_dag_node import CompiledDAG
 
-from actors.compiled_group import POLLING_THREADS, PROBE_S, CompiledWorkerGroup, make_worker_group
+from actors.compiled_group import POLLING_THREADS, PROBE_S, CompiledWorkerGroup
 from actors.config import EngineConfig, WorkerConfig
+from actors.group_factory import make_worker_group
 from actors.groups import CallError, GroupFailure, WorkerGroup, as_future
-from actors.shard_worker import ShardWorker, worker_actor_name
+from actors.shard_worker import worker_actor_name
 from cluster.tools.bench_calls import admit_args, decode_args
 from model.processor import PromptBuilder
+from tests.probe_workers import SIGNAL, ProbeWorker, Signal, digest_of
 from tests.ray_helpers import named_actors, tiny_model, wait_for
 
 NAMESPACE = "test-compiled-group"
 RAY_NUM_CPUS = 8  # conftest's local_ray: 2 model workers, 2 probe workers, headroom
-SIGNAL = "compiled-group-signal"
 NEW_TOKENS = 6
 
 
-@ray.remote(num_cpus=0)
-class Signal:
-    """Where probe workers report that a call started, and then wait for good (until the test kills them)."""
-
-    def __init__(self) -> None:
-        self.arrived = 0
-        self.changed = asyncio.Event()
-        self.never = asyncio.Event()
-
-    async def arrive(self) -> None:
-        self.arrived += 1
-        self.changed.set()
-
-    async def arrivals(self, count: int) -> int:
-        while self.arrived < count:
-            self.changed.clear()
-            await self.changed.wait()
-        return self.arrived
-
-    async def wait(self) -> None:
-        await self.never.wait()
-
-
-class ProbeWorker(ShardWorker):
-    """A ShardWorker without a model or a process group, with calls that echo, sum, keep, raise or wait."""
-
-    def init_process_group(self, ip: str, port: int, timeout_s: float) -> None:
-        pass
-
-    def load(self) -> dict:
-        return {"rank": self.rank}
-
-    def warmup(self) -> dict:
-        return {"rank": self.rank}
-
-    def echo(self, value: object) -> object:
-        return value
-
-    def digest(self, tensor: torch.Tensor) -> str:
-        return _digest(tensor)
-
-    def keep(self, tensor: torch.Tensor) -> None:
-        self.kept = tensor
-
-    def kept_digest(self) -> str:
-        return _digest(self.kept)
-
-    def wait_on(self, rank: int) -> int:
-        """Rank `rank` reports its arrival and waits for good; the others answer at once."""
-        if self.rank == rank:
-            signal = ray.get_actor(SIGNAL, namespace=NAMESPACE)
-            ray.get(signal.arrive.remote())
-            ray.get(signal.wait.remote())
-        return self.rank
-
-    def raise_or_wait(self, rank: int) -> int:
-        """Rank `rank` raises; the others wait for good, as peers of a collective would for it."""
-        if self.rank == rank:
-            raise ValueError(f"rank {rank} refuses")
-        signal = ray.get_actor(SIGNAL, namespace=NAMESPACE)
-        ray.get(signal.arrive.remote())
-        ray.get(signal.wait.remote())
-        return self.rank
-
-
-def _digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha256(tensor.numpy().tobytes()).hexdigest()
+class Probe(ProbeWorker):
+    signal_namespace = NAMESPACE
 
 
 class ProbeGroup(CompiledWorkerGroup):
-    worker_class = ProbeWorker
+    worker_class = Probe
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +57,7 @@ def loop(local_ray) -> Iterator[asyncio.AbstractEventLoop]:
 @pytest.fixture(scope="module")
 def cfg() -> EngineConfig:
     worker = WorkerConfig(str(tiny_model()), "cpu", "float32", "eager", "dp", 2, 256)
-    return EngineConfig(worker, 2, 2, {"num_cpus": 1}, NAMESPACE, 128, 1, worker_timeout_s=60)
+    return EngineConfig(worker, 2, 2, {"num_cpus": 1}, NAMESPACE, 128, 1, worker_timeout_s=60, phase_calls="compiled")
 
 
 @pytest.fixture(scope="module")
@@ -213,11 +148,11 @@ def test_multi_megabyte_arguments_round_trip(loop, probe_group):
     group = probe_group
     for megabytes in (6, 24):  # past the channels' initial size, then past the size they grew to
         tensor = torch.randn(megabytes << 18)  # float32: 4 bytes each
-        assert loop.run_until_complete(group.call("digest", tensor)) == [_digest(tensor)] * 2
+        assert loop.run_until_complete(group.call("digest", tensor)) == [digest_of(tensor)] * 2
     kept = torch.randn(3 << 18)
     loop.run_until_complete(group.call("keep", kept))
     loop.run_until_complete(group.call("digest", torch.zeros(4 << 18)))  # the channel holds another message
-    assert loop.run_until_complete(group.call("kept_digest")) == [_digest(kept)] * 2
+    assert loop.run_until_complete(group.call("kept_digest")) == [digest_of(kept)] * 2
     assert loop.run_until_complete(group.call("echo", "small")) == ["small", "small"]
 
 
@@ -305,8 +240,10 @@ def test_a_rank_that_raised_while_its_peer_waits_fails_the_group_at_once(loop, p
 
 def test_the_factory_follows_the_config(cfg):
     assert type(make_worker_group(0, cfg, [None, None])) is CompiledWorkerGroup
-    plain = make_worker_group(0, dataclasses.replace(cfg, compiled_graphs=False), [None, None])
+    plain = make_worker_group(0, dataclasses.replace(cfg, phase_calls="ordinary"), [None, None])
     assert type(plain) is WorkerGroup
+    with pytest.raises(ValueError, match="phase_calls='zmq': must be one of socket, compiled, ordinary"):
+        make_worker_group(0, dataclasses.replace(cfg, phase_calls="zmq"), [None, None])
 
 
 def test_kill_tears_the_graph_down(loop, probe_group):

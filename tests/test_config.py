@@ -161,7 +161,9 @@ def test_wrong_type_names_key_and_value(tmp_path: Path) -> None:
         (["data_config.batch_size=0"], r"data_config\.batch_size=0"),
         (["data_config.num_samples=0"], r"data_config\.num_samples=0"),
         (["ray.placement_timeout_s=0"], r"ray\.placement_timeout_s=0"),
-        (["ray.compiled_graphs=sometimes"], r"ray\.compiled_graphs='sometimes': must be true, false or 'auto'"),
+        (["ray.compiled_graphs=sometimes"], r"ray\.compiled_graphs='sometimes': must be null, true, false or 'auto'"),
+        (["ray.phase_calls=zmq"], r"ray\.phase_calls='zmq': must be one of socket, compiled, ordinary"),
+        (["ray.phase_calls=ordinary", "ray.compiled_graphs=true"], r"set ray\.phase_calls='ordinary' or this key"),
         (["dist_env.1BAD=x"], r"dist_env\.1BAD"),
         (["dist_env.HCCL.X=1"], r"dist_env\.HCCL"),
         (["serve.ingress=nginx"], r"serve\.ingress='nginx': must be one of auto, haproxy, proxy"),
@@ -181,18 +183,23 @@ def test_bad_values(overrides: list[str], pattern: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("overrides", "compiled"),
+    ("overrides", "calls"),
     [
-        ([], False),  # auto on cpu: the workers compute on the cores Ray's channel polling would take
-        (["device=npu"], True),
-        (["device=cuda"], True),
-        (["ray.compiled_graphs=true"], True),
-        (["device=npu", "ray.compiled_graphs=false"], False),
+        ([], "socket"),  # the default on every device
+        (["device=npu"], "socket"),
+        (["ray.phase_calls=compiled"], "compiled"),
+        (["ray.phase_calls=ordinary"], "ordinary"),
+        # the older switch, when set: "auto" is compiled graphs on an accelerator, ordinary calls on cpu
+        (["ray.compiled_graphs=auto"], "ordinary"),
+        (["device=npu", "ray.compiled_graphs=auto"], "compiled"),
+        (["device=cuda", "ray.compiled_graphs=auto"], "compiled"),
+        (["ray.compiled_graphs=true"], "compiled"),
+        (["device=npu", "ray.compiled_graphs=false"], "ordinary"),
     ],
 )
-def test_compiled_graphs_auto_follows_the_device(overrides: list[str], compiled: bool) -> None:
+def test_phase_calls_and_the_older_switch(overrides: list[str], calls: str) -> None:
     cfg = load_config(None, ["model_path=/m", *overrides])
-    assert engine_config(cfg).compiled_graphs is compiled
+    assert engine_config(cfg).phase_calls == calls
 
 
 def test_float16_rejected_on_cpu_only() -> None:

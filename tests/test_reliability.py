@@ -180,8 +180,9 @@ def _kill_when(namespace: str, ready: threading.Event, done_at_least: int, delay
         log["detected_s"] = time.monotonic() - log["killed_at"]
 
 
-def test_worker_killed_mid_decode_then_rebuild(local_ray):
-    namespace = "test-reliability-fault"
+@pytest.mark.parametrize("calls", ["socket", "compiled"])
+def test_worker_killed_mid_decode_then_rebuild(local_ray, calls):
+    namespace = f"test-reliability-fault-{calls}"
     cfg = tiny_config(
         tiny_model(),
         *ENGINE,
@@ -189,7 +190,7 @@ def test_worker_killed_mid_decode_then_rebuild(local_ray):
         "data_config.ignore_eos=true",
         f"ray.namespace={namespace}",
         "ray.max_group_restarts=0",
-        "ray.compiled_graphs=true",  # the call path of accelerator hosts (on cpu `auto` makes ordinary calls)
+        f"ray.phase_calls={calls}",  # the default, and the graph's channels torn down mid-call
         "prefix_caching=false",  # routing by load alone: with it, a cached prefix may draw requests to a group
     )
     coordinator = start(cfg)
@@ -255,7 +256,7 @@ def test_launch_records_every_request_when_a_worker_dies(local_ray, tmp_path):
     killer = threading.Thread(target=_kill_when, args=(namespace, ready, 0, 0.5, log), daemon=True)
     killer.start()
     ready.wait()
-    rc = launch.main(_launch_args(namespace, output, "data_config.max_new_tokens=200", "ray.compiled_graphs=true"))
+    rc = launch.main(_launch_args(namespace, output, "data_config.max_new_tokens=200"))
     killer.join(timeout=30)
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert rc == 1 and "killed_at" in log

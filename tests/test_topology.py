@@ -44,9 +44,9 @@ def _check_layout(topology: list[dict], tp: int) -> None:
 
 def test_groups_on_one_node_and_ranks_contiguous(two_nodes):
     tp = 2
-    # Compiled graphs, as on the accelerator hosts where groups span nodes (on cpu `auto` makes ordinary calls).
+    # The default call path: the Coordinator connects to each worker's call socket at the IP of its node.
     placement = ("world_size=4", f"parallel_config.tp_size={tp}", f"ray.namespace={NAMESPACE}")
-    cfg = tiny_config(tiny_model(), *placement, "ray.compiled_graphs=true")
+    cfg = tiny_config(tiny_model(), *placement)
     coordinator = start(cfg)
     try:
         topology = ray.get(coordinator.topology.remote(), timeout=60)

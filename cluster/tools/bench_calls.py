@@ -1,11 +1,12 @@
-"""Per-call cost of a DP group's phase calls: ordinary Ray actor calls against the group's compiled graph.
+"""Per-call cost of a DP group's phase calls: ordinary Ray actor calls, a compiled graph, a socket per worker.
 
 `python -m cluster.tools.bench_calls [--tp 1 2] [--calls 100] [--repeats 5] [--where actor|driver]`
 
-For each TP size, blocks of calls alternate between the two paths (`--repeats` of each, which goes first
-alternating too), each block on a group of its own of real ShardWorkers on the tiny checkpoint (CPU,
-float32, eager, as conf/tiny_cpu.yaml runs it; built into the cache when missing): ordinary actor calls
-(`actors/groups.WorkerGroup`: one call per rank) or one compiled graph (`actors/compiled_group.py`).
+For each TP size, blocks of calls rotate between the three paths of `ray.phase_calls` (`--repeats` of each,
+which goes first rotating too), each block on a group of its own of real ShardWorkers on the tiny
+checkpoint (CPU, float32, eager, as conf/tiny_cpu.yaml runs it; built into the cache when missing):
+ordinary actor calls (`actors/groups.WorkerGroup`: one call per rank), one compiled graph
+(`actors/compiled_group.py`) or a socket per rank (`actors/socket_group.py`).
 A block admits and prefills one request, then times `--calls` decode-only `step` calls (one decode step
 each) and as many `health` calls (which do nothing: the floor of each path). A call's cost is its round
 trip where the caller receives the answers minus the slowest rank's own time in `step` (the `seconds` it
@@ -14,7 +15,7 @@ async Ray actor, as the Coordinator is (`--where driver`: this process instead);
 the share of a core it uses over an idle second after the calls are reported too (a compiled graph's
 channel reader polls).
 
-Prints a table and the ratio of the costs; `--json` prints one JSON line instead.
+Prints a table and each path's cost against the ordinary calls'; `--json` prints one JSON line instead.
 """
 
 from __future__ import annotations
@@ -31,9 +32,8 @@ from typing import Any
 
 import ray
 
-from actors.compiled_group import CompiledWorkerGroup
 from actors.config import EngineConfig, WorkerConfig
-from actors.groups import WorkerGroup
+from actors.group_factory import make_worker_group
 from cluster.tools.bench import CACHE_DIR, CHECKPOINTS, log
 from cluster.tools.tiny_checkpoint import build_tiny_checkpoint
 from model.kv_cache import blocks_for
@@ -42,9 +42,9 @@ from model.sampling import SamplingParams
 
 PROMPT = "Describe the weather today and tomorrow, then summarize the report in three sentences."
 PROMPT_ROOM = 128  # prompt tokens a request may have
-PATHS = ("ordinary", "compiled")
+PATHS = ("ordinary", "compiled", "socket")  # values of `ray.phase_calls`
 KINDS = ("step", "health")  # a decode step, and a call that does nothing (the floor of each path)
-GOAL_MS = {1: 0.3, 2: 0.6}  # cost per call the compiled path is meant to stay under, by TP size
+GOAL_MS = {1: 0.3, 2: 0.6}  # cost per call a fast path is meant to stay under, by TP size
 
 
 # --------------------------------------------------------------------------------- plans
@@ -67,13 +67,13 @@ def bench_config(model_path: Path, tp: int, calls: int) -> EngineConfig:
     """A group of `tp` CPU workers on the tiny checkpoint, as conf/tiny_cpu.yaml runs it, with room for one
     request of `calls` decode steps."""
     worker = WorkerConfig(str(model_path), "cpu", "float32", "eager", "dp", 1, PROMPT_ROOM + calls + 1)
-    return EngineConfig(worker, tp, 1, {"num_cpus": 1}, "bench-calls", PROMPT_ROOM, 1, compiled_graphs=True)
+    return EngineConfig(worker, tp, 1, {"num_cpus": 1}, "bench-calls", PROMPT_ROOM, 1)
 
 
 # --------------------------------------------------------------------------------- measurement
 async def measure(cfg: EngineConfig, prepared: PreparedRequest, calls: int, repeats: int) -> dict[str, Any]:
-    """Blocks of ordinary and compiled calls, alternating, each on a group of its own (only one alive at a
-    time: a compiled graph's channel readers poll, which would slow the other path's calls on a small host).
+    """Blocks of calls of each path, rotating, each on a group of its own (only one alive at a time: a compiled
+    graph's channel readers poll, which would slow another path's calls on a small host).
 
     Per (call kind, path): each call's (round trip, slowest rank's own seconds), and per block the caller's
     CPU seconds per call; per path, the caller's CPU seconds per second of an idle second after the calls."""
@@ -81,9 +81,9 @@ async def measure(cfg: EngineConfig, prepared: PreparedRequest, calls: int, repe
     rows: dict[tuple[str, str], list[tuple[float, float]]] = {(k, p): [] for k in KINDS for p in PATHS}
     cpu: dict[tuple[str, str], list[float]] = {(k, p): [] for k in KINDS for p in PATHS}
     idle: dict[str, list[float]] = {p: [] for p in PATHS}
-    for block in range(2 * repeats):
-        path = PATHS[(block + block // 2) % 2]  # ordinary, compiled, compiled, ordinary, ...
-        group = (CompiledWorkerGroup if path == "compiled" else WorkerGroup)(0, cfg, [None] * cfg.tp_size)
+    for block in range(len(PATHS) * repeats):
+        path = PATHS[(block + block // len(PATHS)) % len(PATHS)]  # which path goes first rotates too
+        group = make_worker_group(0, dataclasses.replace(cfg, phase_calls=path), [None] * cfg.tp_size)
         await group.start()
         try:
             admitted = (await group.call("step", *admit_args(prepared, "bench", calls + 1, size, [])))[0]
@@ -144,15 +144,14 @@ def table(results: dict[int, dict[str, Any]]) -> str:
     for tp, kinds in results.items():
         for kind in KINDS:
             paths = kinds[kind]
-            cost = paths["compiled"]["cost_ms"]
             goal = GOAL_MS.get(tp) if kind == "step" else None
-            verdict = f"; goal <= {goal} ms: {'met' if cost <= goal else 'missed'}" if goal else ""
-            ratio = paths["ordinary"]["cost_ms"] / cost
-            lines.append(f"tp {tp} {kind}: ordinary / compiled cost = {ratio:.1f}x{verdict}")
+            for path in PATHS[1:]:
+                cost = paths[path]["cost_ms"]
+                verdict = f"; goal <= {goal} ms: {'met' if cost <= goal else 'missed'}" if goal else ""
+                ratio = paths["ordinary"]["cost_ms"] / cost
+                lines.append(f"tp {tp} {kind}: ordinary / {path} cost = {ratio:.1f}x{verdict}")
         share = kinds["idle_core_share"]
-        lines.append(
-            f"tp {tp} idle caller: {share['ordinary']:.0%} of a core ordinary, {share['compiled']:.0%} compiled"
-        )
+        lines.append(f"tp {tp} idle caller, share of a core: " + ", ".join(f"{p} {share[p]:.0%}" for p in PATHS))
     return "\n".join(lines)
 
 

@@ -1,0 +1,228 @@
+"""SocketWorkerGroup (`ray.phase_calls: socket`): calls over a socket per rank give the ordinary calls' answers,
+in order when several are written ahead, and fail as they do (CallError for a raising method, GroupFailure
+naming the rank for a death, a hang, or a rank that raised while its peer waits); a rebuilt group connects
+afresh and serves; an idle group's call threads sleep in the kernel.
+
+One local Ray cluster and one event loop serve the module. Two groups: real ShardWorkers on the tiny
+checkpoint (tp 2), and model-free workers (tests/probe_workers.py) whose calls wait on a signal actor, so
+that a call is in flight for as long as a test needs, without sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Iterator
+
+import pytest
+import ray
+import torch
+
+from actors.config import EngineConfig, WorkerConfig
+from actors.group_factory import make_worker_group
+from actors.groups import CallError, GroupFailure, WorkerGroup, as_future
+from actors.shard_worker import worker_actor_name
+from actors.socket_group import SocketWorkerGroup
+from model.processor import PromptBuilder
+from tests.probe_workers import SIGNAL, ProbeWorker, Signal, digest_of
+from tests.ray_helpers import named_actors, tiny_model
+from tests.test_compiled_group import NEW_TOKENS, _generate
+
+NAMESPACE = "test-socket-group"
+RAY_NUM_CPUS = 8  # conftest's local_ray: 2 model workers, 2 probe workers, headroom
+
+
+class Probe(ProbeWorker):
+    signal_namespace = NAMESPACE
+
+    def call_thread_state(self) -> str:
+        """The scheduler state of this worker's call-socket thread (Linux /proc: "S" sleeping, "R" running)."""
+        with open(f"/proc/self/task/{self.call_server.thread.native_id}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+
+
+class ProbeGroup(SocketWorkerGroup):
+    worker_class = Probe
+
+
+@pytest.fixture(scope="module")
+def loop(local_ray) -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def cfg() -> EngineConfig:
+    worker = WorkerConfig(str(tiny_model()), "cpu", "float32", "eager", "dp", 2, 256)
+    return EngineConfig(worker, 2, 2, {"num_cpus": 1}, NAMESPACE, 128, 1, worker_timeout_s=60)
+
+
+@pytest.fixture(scope="module")
+def model_group(loop, cfg) -> Iterator[SocketWorkerGroup]:
+    group = make_worker_group(0, cfg, [None, None])
+    assert type(group) is SocketWorkerGroup  # the default
+    loop.run_until_complete(group.start())
+    yield group
+    loop.run_until_complete(group.kill())
+
+
+@pytest.fixture(scope="module")
+def signal(local_ray) -> Iterator[ray.actor.ActorHandle]:
+    handle = Signal.options(name=SIGNAL, namespace=NAMESPACE).remote()
+    yield handle
+    ray.kill(handle)
+
+
+@pytest.fixture(scope="module")
+def probe_group(loop, cfg) -> Iterator[ProbeGroup]:
+    group = ProbeGroup(1, cfg, [None, None])  # ranks 2 and 3
+    loop.run_until_complete(group.start())
+    yield group
+    loop.run_until_complete(group.kill())
+
+
+def _rebuild(loop: asyncio.AbstractEventLoop, group: SocketWorkerGroup) -> None:
+    loop.run_until_complete(group.kill())
+    loop.run_until_complete(group.start())
+    # `load` and `warmup` came over the call sockets (the only calls `dispatch` counts), so that all of a
+    # worker's torch work runs on its call thread.
+    states = loop.run_until_complete(_ordinary(group)("dispatch_state"))
+    assert [done for done, _, _ in states] == [2, 2], states
+
+
+def _ordinary(group: SocketWorkerGroup):
+    return lambda *args: WorkerGroup.call(group, *args)  # the same workers, through ordinary actor calls
+
+
+# ----------------------------------------------------------------------------- same answers
+def test_socket_calls_give_the_ordinary_calls_answers(loop, model_group, raw_requests):
+    group = model_group
+    ordinary = _ordinary(group)
+    builder = PromptBuilder.from_pretrained(tiny_model())
+    block_size = group.cfg.worker.kv_pool()[1]
+    assert loop.run_until_complete(group.call("node_info")) == loop.run_until_complete(ordinary("node_info"))
+    for name in ("text", "one_image"):
+        request = builder.build(raw_requests[name])
+        expected = loop.run_until_complete(_generate(ordinary, request, f"{name}-ordinary", block_size))
+        got = loop.run_until_complete(_generate(group.call, request, f"{name}-socket", block_size))
+        assert got == expected, name
+        assert got[0] == got[1] and len(got[0]) == NEW_TOKENS, got
+
+
+def test_a_raising_method_is_a_call_error_and_the_group_goes_on(loop, model_group):
+    group = model_group
+    chunk_of_nobody = ([], [], [], {"nobody": (0, [1])}, [("nobody", 0, 1)], [], 1)
+    with pytest.raises(CallError) as info:  # every rank raises: no such request
+        loop.run_until_complete(group.call("step", *chunk_of_nobody))
+    message = str(info.value)
+    assert "shard-worker-0 (rank 0) of dp group 0 failed in 'step'" in message, message
+    assert "ValueError" in message and "'nobody'" in message, message
+    with pytest.raises(CallError, match="AttributeError"):
+        loop.run_until_complete(group.call("no_such_method"))
+    infos = loop.run_until_complete(group.call("node_info"))
+    assert [i["rank"] for i in infos] == [0, 1] and group.failure is None
+
+
+def test_calls_written_ahead_come_back_in_order(loop, probe_group):
+    async def many() -> list:
+        return await asyncio.gather(*(probe_group.call("echo", i) for i in range(50)))
+
+    assert loop.run_until_complete(many()) == [[i, i] for i in range(50)]
+
+
+def test_multi_megabyte_arguments_round_trip(loop, probe_group):
+    group = probe_group
+    for megabytes in (6, 24):
+        tensor = torch.randn(megabytes << 18)  # float32: 4 bytes each
+        assert loop.run_until_complete(group.call("digest", tensor)) == [digest_of(tensor)] * 2
+    kept = torch.randn(3 << 18)
+    loop.run_until_complete(group.call("keep", kept))
+    assert loop.run_until_complete(group.call("kept_digest")) == [digest_of(kept)] * 2
+
+
+def test_an_idle_groups_call_threads_sleep(loop, probe_group):
+    """A blocked read costs no CPU: between calls every rank's call thread sleeps in the kernel (a polling
+    reader would be running or runnable)."""
+    group = probe_group
+    ordinary = _ordinary(group)
+    for _ in range(5):
+        assert loop.run_until_complete(group.call("echo", 1)) == [1, 1]
+        assert loop.run_until_complete(ordinary("call_thread_state")) == ["S", "S"]
+
+
+# ----------------------------------------------------------------------------- failures
+def test_a_worker_killed_mid_call_fails_naming_it_and_a_rebuild_serves(loop, probe_group, signal):
+    group = probe_group
+    arrived = ray.get(signal.arrivals.remote(0))
+    call = loop.create_task(group.call("wait_on", 3))
+    queued = loop.create_task(group.call("echo", "behind"))  # written behind the call in flight
+    loop.run_until_complete(as_future(signal.arrivals.remote(arrived + 1)))  # rank 3 is inside the call
+    killed = time.monotonic()
+    ray.kill(ray.get_actor(worker_actor_name(3), namespace=NAMESPACE), no_restart=True)
+    with pytest.raises(GroupFailure) as info:
+        loop.run_until_complete(call)
+    assert time.monotonic() - killed < 10
+    assert "shard-worker-3 (rank 3) of dp group 1 died" in str(info.value), str(info.value)
+    with pytest.raises(GroupFailure, match="shard-worker-3"):
+        loop.run_until_complete(queued)
+    with pytest.raises(GroupFailure, match="cannot run 'echo'"):
+        loop.run_until_complete(group.call("echo", 1))
+
+    _rebuild(loop, group)
+    assert loop.run_until_complete(group.call("echo", 2)) == [2, 2]
+    mine = [n for n in named_actors(NAMESPACE) if n in (worker_actor_name(2), worker_actor_name(3))]
+    assert mine == [worker_actor_name(2), worker_actor_name(3)]
+
+
+def test_a_hang_past_the_timeout_fails_the_call_naming_the_rank(loop, probe_group, signal):
+    group = probe_group
+    arrived = ray.get(signal.arrivals.remote(0))
+    start = time.monotonic()
+    with pytest.raises(GroupFailure) as info:
+        loop.run_until_complete(group.call("wait_on", 2, timeout_s=1.5))
+    elapsed = time.monotonic() - start
+    assert ray.get(signal.arrivals.remote(arrived + 1)) == arrived + 1
+    message = str(info.value)
+    assert "did not finish 'wait_on' within 1.5s" in message and "rank(s) [2] still running" in message, message
+    assert 1.5 <= elapsed, elapsed
+    _rebuild(loop, group)  # kill ends the hung rank
+    assert loop.run_until_complete(group.call("echo", "again")) == ["again", "again"]
+
+
+def test_a_rank_that_raised_while_its_peer_waits_fails_the_group_at_once(loop, probe_group, signal):
+    """Also with the next call written behind it (worker_timeout_s is 60 s: PROBE_S after the rank raised, not
+    the timeout, ends it)."""
+    group = probe_group
+
+    async def two_calls() -> list:
+        first = asyncio.ensure_future(group.call("raise_or_wait", 2))
+        second = asyncio.ensure_future(group.call("echo", "next"))
+        return await asyncio.gather(first, second, return_exceptions=True)
+
+    start = time.monotonic()
+    first, second = loop.run_until_complete(two_calls())
+    assert time.monotonic() - start < group.cfg.worker_timeout_s
+    assert isinstance(first, GroupFailure), first
+    message = str(first)
+    assert "shard-worker-2 (rank 2) of dp group 1 failed in 'raise_or_wait'" in message, message
+    assert "ValueError: rank 2 refuses" in message, message
+    assert isinstance(second, GroupFailure), second
+    _rebuild(loop, group)
+    assert loop.run_until_complete(group.call("echo", 3)) == [3, 3]
+
+
+def test_the_factory_follows_the_config(cfg):
+    for setting, kind in (("socket", SocketWorkerGroup), ("ordinary", WorkerGroup)):
+        assert type(make_worker_group(0, dataclasses.replace(cfg, phase_calls=setting), [None, None])) is kind
+
+
+def test_kill_closes_the_connections(loop, probe_group):
+    group = probe_group  # the module's last use of it
+    clients = list(group.clients)
+    loop.run_until_complete(group.kill())
+    assert not group.clients and not group.alive and all(c.writer.is_closing() for c in clients)
+    assert not [n for n in named_actors(NAMESPACE) if n in (worker_actor_name(2), worker_actor_name(3))]
+    with pytest.raises(GroupFailure, match="cannot run 'echo'"):
+        loop.run_until_complete(group.call("echo", 1))
