@@ -86,14 +86,26 @@ class _Call:
     started: float  # clock.perf() when it was started
 
 
+# With lookahead, the next call is planned once the running one is expected to end within this share of its
+# length (plus twice the planning time): late enough that a request arriving during most of a step joins the
+# next call, early enough that step-time noise rarely leaves the workers waiting for it.
+PLAN_LEAD = 0.1
+# And this much earlier again: an event loop's timer may fire up to a millisecond late (epoll's timeout is in
+# whole milliseconds), and the loop learns that a call began only when the answer before it arrives. So calls
+# shorter than about this never wait (a tiny model's steps of a millisecond are planned at once).
+TIMER_SLACK_S = 0.001
+
+
 class GroupLoop:
     """A DP group's workers and scheduler, and the state of its serving task.
 
     With `lookahead`, a round plans and starts the next step call while the previous one still runs, as
     long as that one is pure decode (GroupScheduler counts its tokens as in flight), and then returns the
     previous call's outcome: the workers go from one call to the next without waiting for the
-    Coordinator, whose round (planning, the Ray call, delivering tokens) overlaps the device step. A call
-    with prompt chunks returns before the next plan, which needs to know where each chunk got to.
+    Coordinator, whose round (planning, the call, delivering tokens) overlaps the device step. The plan
+    is made just before the running call is expected to end (`_until_due`), not as soon as it started,
+    so that a request that arrives during a step starts in the next call rather than the one after. A
+    call with prompt chunks returns before the next plan, which needs to know where each chunk got to.
     """
 
     def __init__(
@@ -120,6 +132,8 @@ class GroupLoop:
         self.tables = TableUpdates()  # the block-table entries the workers hold
         self.costs = StepCosts()  # what sizes a round's prompt tokens and a pure-decode call's steps
         self.spec_gate = spec_gate  # whether a pure-decode call speculates (None: speculation is off)
+        self.returned_at = 0.0  # clock.perf() when the last call's outcome came back (the next one began then)
+        self.plan_s = 0.0  # moving average of a round's planning: from its start to its call written
 
     @property
     def dp_rank(self) -> int:
@@ -159,6 +173,9 @@ class GroupLoop:
         if before is not None and before.chunks:  # the next plan needs to know where its chunks got to
             self.in_flight = None
             return await self._returned(before, Round(Plan()))
+        if before is not None:
+            await self._until_due(before)
+        planning = clock.perf()
         sched = self.scheduler
         if self.steps_per_call is not None:
             sched.decode_steps_per_call = self.steps_per_call.steps(self.costs)
@@ -166,12 +183,31 @@ class GroupLoop:
             sched.spec_tokens = self.spec_gate.tokens(sum(s.state == DECODING for s in sched.running))
         result = Round(sched.schedule())
         call = await self._start(result, profile)
+        if call is not None and not call.chunks:
+            self.plan_s += 0.2 * (call.started - planning - self.plan_s)
         self.in_flight = call if self.lookahead else None
         if before is not None:
             return await self._returned(before, result)
         if call is not None and not self.lookahead:
             return await self._returned(call, result)
         return result  # with lookahead, the call's outcome comes with the next round
+
+    async def _until_due(self, call: _Call) -> None:
+        """Wait until `call` (a pure-decode call in flight) is expected to end within its lead, or until it
+        returns if that comes first. It began on the workers when the call before it returned (or when it
+        was started, if later), and runs its steps at the estimated decode step; the lead is PLAN_LEAD of
+        that, twice the planning time and TIMER_SLACK_S. Without an estimate there is no wait. A wrong
+        estimate costs little: too long, and the next call is planned after this one returned (the workers
+        wait for one plan, as without lookahead); too short, and it is planned early (an arrival then waits
+        one more step, as when planning at once)."""
+        step = self.costs.decode_step_s
+        if step is None or call.answer.done():
+            return
+        length = call.plan.decode_steps * step
+        due = max(call.started, self.returned_at) + length - PLAN_LEAD * length - 2 * self.plan_s - TIMER_SLACK_S
+        wait = due - clock.perf()
+        if wait > 0:
+            await asyncio.wait({call.answer}, timeout=wait)
 
     async def _start(self, result: Round, profile: bool) -> _Call | None:
         """Encode the plan's vision items, then start its step call (None: nothing to run)."""
@@ -221,7 +257,7 @@ class GroupLoop:
                     seen.add(seq.request_id)
                     result.failed.append((seq, str(e)))
             return result
-        returned = clock.perf()
+        returned = self.returned_at = clock.perf()
         plan, chunks = call.plan, call.chunks
         result.phases["prefill_s" if chunks else "decode_s"] = out["seconds"]
         ran = max((len(o["tokens"]) for o in out["outputs"].values()), default=0) if plan.decode else 0

@@ -27,16 +27,14 @@ from ray.dag.compiled_dag_node import CompiledDAG
 from actors.compiled_group import POLLING_THREADS, PROBE_S, CompiledWorkerGroup
 from actors.config import EngineConfig, WorkerConfig
 from actors.group_factory import make_worker_group
-from actors.groups import CallError, GroupFailure, WorkerGroup, as_future
+from actors.groups import GroupFailure, WorkerGroup, as_future
 from actors.shard_worker import worker_actor_name
-from cluster.tools.bench_calls import admit_args, decode_args
-from model.processor import PromptBuilder
+from tests.group_checks import check_a_raising_method_is_a_call_error, check_same_answers_as_ordinary_calls
 from tests.probe_workers import SIGNAL, ProbeWorker, Signal, digest_of
 from tests.ray_helpers import named_actors, tiny_model, wait_for
 
 NAMESPACE = "test-compiled-group"
 RAY_NUM_CPUS = 8  # conftest's local_ray: 2 model workers, 2 probe workers, headroom
-NEW_TOKENS = 6
 
 
 class Probe(ProbeWorker):
@@ -104,44 +102,13 @@ def _rebuild(loop: asyncio.AbstractEventLoop, group: CompiledWorkerGroup) -> Non
     loop.run_until_complete(group.start())
 
 
-async def _generate(call, request, request_id: str, block_size: int) -> list[list[int]]:
-    """Encode (if the request has images), admit and prefill, then decode: each rank's tokens."""
-    if request.pixel_values is not None:
-        await call("encode", [dataclasses.replace(request, request_id=request_id)], False)
-    outs = [await call("step", *admit_args(request, request_id, NEW_TOKENS, block_size, []))]
-    for _ in range(NEW_TOKENS - 1):
-        outs.append(await call("step", *decode_args(request_id)))
-    await call("step", [request_id], [], [], {}, [], [], 1)  # release
-    return [[t for out in outs for t in out[rank]["outputs"][request_id]["tokens"]] for rank in range(2)]
-
-
 # ----------------------------------------------------------------------------- same answers
 def test_compiled_calls_give_the_ordinary_calls_answers(loop, model_group, raw_requests):
-    group = model_group
-    ordinary = lambda *args: WorkerGroup.call(group, *args)  # noqa: E731 -- the same workers, actor calls
-    builder = PromptBuilder.from_pretrained(tiny_model())
-    block_size = group.cfg.worker.kv_pool()[1]
-    assert loop.run_until_complete(group.call("node_info")) == loop.run_until_complete(ordinary("node_info"))
-    for name in ("text", "one_image"):
-        request = builder.build(raw_requests[name])
-        expected = loop.run_until_complete(_generate(ordinary, request, f"{name}-ordinary", block_size))
-        got = loop.run_until_complete(_generate(group.call, request, f"{name}-compiled", block_size))
-        assert got == expected, name
-        assert got[0] == got[1] and len(got[0]) == NEW_TOKENS, got
+    check_same_answers_as_ordinary_calls(loop, model_group, raw_requests)
 
 
 def test_a_raising_method_is_a_call_error_and_the_group_goes_on(loop, model_group):
-    group = model_group
-    chunk_of_nobody = ([], [], [], {"nobody": (0, [1])}, [("nobody", 0, 1)], [], 1)
-    with pytest.raises(CallError) as info:  # every rank raises: no such request
-        loop.run_until_complete(group.call("step", *chunk_of_nobody))
-    message = str(info.value)
-    assert "shard-worker-0 (rank 0) of dp group 0 failed in 'step'" in message, message
-    assert "ValueError" in message and "'nobody'" in message, message
-    with pytest.raises(CallError, match="AttributeError"):
-        loop.run_until_complete(group.call("no_such_method"))
-    infos = loop.run_until_complete(group.call("node_info"))
-    assert [i["rank"] for i in infos] == [0, 1] and group.failure is None
+    check_a_raising_method_is_a_call_error(loop, model_group)
 
 
 def test_multi_megabyte_arguments_round_trip(loop, probe_group):

@@ -14,8 +14,10 @@ import asyncio
 import random
 from pathlib import Path
 
-from actors.group_loop import GroupLoop
+from actors import clock
+from actors.group_loop import PLAN_LEAD, TIMER_SLACK_S, GroupLoop
 from actors.scheduler import WAITING, GroupScheduler, Sequence
+from cluster.tools import sim_loop
 from cluster.tools.fake_workers import FakeWorkerGroup
 from tests.test_group_loop import (
     EOS,
@@ -41,11 +43,13 @@ class LoggedGroup(FakeWorkerGroup):
         self.arrived = 0  # step calls started by the loop (their plan order)
         self.ran = 0
         self.plan_index: dict[int, int] = {}  # id of a call's block tables -> its plan index
+        self.written: list[float] = []  # clock.perf() when each step call came from the loop, in plan order
 
     async def call(self, method: str, *args):
         if method == "step":
             self.plan_index[id(args[3])] = self.arrived
             self.arrived += 1
+            self.written.append(clock.perf())
         return await super().call(method, *args)
 
     def _step(self, releases, preempted, admissions, tables, chunks, decode, steps, profile=False, forks=None) -> dict:
@@ -137,6 +141,51 @@ def test_the_next_call_starts_while_a_decode_call_runs() -> None:
 
     owner = asyncio.run(main())
     check_against_reference(owner, seqs)
+
+
+def test_an_arrival_during_a_decode_step_starts_in_the_next_call() -> None:
+    """The next call is planned just before the running one is expected to end, not as soon as it started: in
+    simulated time (steps of 10 ms), a request that arrives 3 ms into a decode call is prefilled in the call
+    right after it (planning at once would put a decode call between), and while requests decode each
+    call starts as the one before it ends (the workers never wait for a plan)."""
+    step_s, arrival_s = 0.010, 0.053
+    loop = new_loop(budget=16)
+    loop.group.step_time_s = step_s
+    seqs = [make_seq(name, 6, 30) for name in "xy"]
+    late = make_seq("z", 6, 4)
+
+    async def main() -> Owner:
+        group = loop.group
+        await group.start()
+        owner, begin = Owner(loop), clock.perf()
+        for seq in seqs:
+            loop.scheduler.add(seq)
+
+        async def arrive() -> None:
+            await asyncio.sleep(arrival_s)
+            loop.scheduler.add(late)
+
+        arrival = asyncio.create_task(arrive())
+        await owner.run()
+        await arrival
+        return owner, begin
+
+    owner, begin = sim_loop.run(main())
+    check_against_reference(owner, [*seqs, late])
+    calls = loop.group.calls
+    running = next(i for i, (_, _, start, end) in enumerate(calls) if start <= begin + arrival_s < end)
+    assert calls[running][0] == "decode" and calls[running + 1][0] == "prefill", calls[running : running + 3]
+    # Once a decode step has been timed (after the first decode call), each decode call came from the loop
+    # while the one before it ran, in that one's lead (its last PLAN_LEAD, and TIMER_SLACK_S; planning takes no
+    # simulated time).
+    first = next(i for i, c in enumerate(calls) if c[0] == "decode")
+    written, wrote = loop.group.written, {index for index, _, _ in loop.group.writes}  # calls that ran rows
+    pairs = [(i, i + 1) for i in range(first + 1, len(calls) - 1) if {i, i + 1} <= wrote and calls[i][0] == "decode"]
+    assert len(pairs) > 20, calls
+    for a, b in pairs:
+        _, steps, start, end = calls[a]
+        lead = PLAN_LEAD * steps * step_s + TIMER_SLACK_S
+        assert end - lead - 1e-9 <= written[b] < end, (a, start, end, written[b])
 
 
 async def serve_with_aborts(loop: GroupLoop, seqs: list[Sequence], rng: random.Random) -> tuple[Owner, set[str]]:

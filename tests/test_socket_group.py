@@ -21,13 +21,12 @@ import torch
 
 from actors.config import EngineConfig, WorkerConfig
 from actors.group_factory import make_worker_group
-from actors.groups import CallError, GroupFailure, WorkerGroup, as_future
+from actors.groups import GroupFailure, WorkerGroup, as_future
 from actors.shard_worker import worker_actor_name
 from actors.socket_group import SocketWorkerGroup
-from model.processor import PromptBuilder
+from tests.group_checks import check_a_raising_method_is_a_call_error, check_same_answers_as_ordinary_calls
 from tests.probe_workers import SIGNAL, ProbeWorker, Signal, digest_of
 from tests.ray_helpers import named_actors, tiny_model
-from tests.test_compiled_group import NEW_TOKENS, _generate
 
 NAMESPACE = "test-socket-group"
 RAY_NUM_CPUS = 8  # conftest's local_ray: 2 model workers, 2 probe workers, headroom
@@ -98,31 +97,11 @@ def _ordinary(group: SocketWorkerGroup):
 
 # ----------------------------------------------------------------------------- same answers
 def test_socket_calls_give_the_ordinary_calls_answers(loop, model_group, raw_requests):
-    group = model_group
-    ordinary = _ordinary(group)
-    builder = PromptBuilder.from_pretrained(tiny_model())
-    block_size = group.cfg.worker.kv_pool()[1]
-    assert loop.run_until_complete(group.call("node_info")) == loop.run_until_complete(ordinary("node_info"))
-    for name in ("text", "one_image"):
-        request = builder.build(raw_requests[name])
-        expected = loop.run_until_complete(_generate(ordinary, request, f"{name}-ordinary", block_size))
-        got = loop.run_until_complete(_generate(group.call, request, f"{name}-socket", block_size))
-        assert got == expected, name
-        assert got[0] == got[1] and len(got[0]) == NEW_TOKENS, got
+    check_same_answers_as_ordinary_calls(loop, model_group, raw_requests)
 
 
 def test_a_raising_method_is_a_call_error_and_the_group_goes_on(loop, model_group):
-    group = model_group
-    chunk_of_nobody = ([], [], [], {"nobody": (0, [1])}, [("nobody", 0, 1)], [], 1)
-    with pytest.raises(CallError) as info:  # every rank raises: no such request
-        loop.run_until_complete(group.call("step", *chunk_of_nobody))
-    message = str(info.value)
-    assert "shard-worker-0 (rank 0) of dp group 0 failed in 'step'" in message, message
-    assert "ValueError" in message and "'nobody'" in message, message
-    with pytest.raises(CallError, match="AttributeError"):
-        loop.run_until_complete(group.call("no_such_method"))
-    infos = loop.run_until_complete(group.call("node_info"))
-    assert [i["rank"] for i in infos] == [0, 1] and group.failure is None
+    check_a_raising_method_is_a_call_error(loop, model_group)
 
 
 def test_calls_written_ahead_come_back_in_order(loop, probe_group):

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors import clock
 from actors.groups import CallError, GroupFailure
 
 TOKEN_RANGE = (300, 1000)  # ordinary BPE ids of the tiny checkpoint's tokenizer (no special token)
@@ -89,7 +90,7 @@ class FakeWorkerGroup:
     # Request id -> patches of its vision items encoded so far, waiting for its admission (dropped when it is
     # released or preempted first).
     embeds: dict[str, int] = field(default_factory=dict)
-    # (kind, steps, start, end): kind "encode", "prefill" (a call with chunks) or "decode"; perf_counter seconds
+    # (kind, steps, start, end): kind "encode", "prefill" (a call with chunks) or "decode"; times of clock.perf()
     calls: list[tuple[str, int, float, float]] = field(default_factory=list)
     starts: int = 0
     copies: list[tuple[int, int]] = field(default_factory=list)  # (block, its copy) of every fork, in call order
@@ -128,7 +129,7 @@ class FakeWorkerGroup:
 
     async def call(self, method: str, *args: Any) -> list[dict]:
         """Every rank's answer (all equal); GroupFailure when a rank is dead, CallError for an unknown method."""
-        start = time.perf_counter()
+        start = clock.perf()
         self._check_alive()
         kind, steps = method, 0
         if method == "encode":
@@ -140,7 +141,7 @@ class FakeWorkerGroup:
             answer: dict = {"seconds": 0.0, "cache": {}}
         elif method == "step":
             async with self.in_order:  # a rank runs its calls one after the other, in the order they came
-                start = time.perf_counter()
+                start = clock.perf()
                 if self.entered is not None:
                     self.entered.set()
                 generation = self.generation
@@ -155,10 +156,10 @@ class FakeWorkerGroup:
                 kind, steps = ("prefill", 1) if args[4] else ("decode", args[6])
                 if self.step_time_s and steps:
                     await asyncio.sleep(self.step_time_s * steps)
-                answer["seconds"] = time.perf_counter() - start
+                answer["seconds"] = clock.perf() - start
         else:
             raise CallError(f"fake dp group {self.dp_rank} has no method {method!r}")
-        self.calls.append((kind, steps, start, time.perf_counter()))
+        self.calls.append((kind, steps, start, clock.perf()))
         return [answer] * self.tp_size
 
     def add_embeds(self, requests: list[Any]) -> None:
