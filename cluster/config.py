@@ -229,7 +229,7 @@ class RayConfig:
         then only routes (actors/router.py): the per-token work spreads over a process per group.
         For many DP groups at high token rates; waiting requests of a failed group then wait for its
         rebuild instead of moving to another group.
-    phase_calls: how each DP group's calls (encode, step, ...) reach its workers once they are loaded.
+    phase_calls: how each DP group's calls (load, warm-up, encode, step, ...) reach its workers.
         "socket" (the default): one TCP connection per worker, opened with a token the worker hands out
         through an ordinary Ray call; a blocked read costs no CPU while the group is idle, and a call costs
         about a tenth of an ordinary actor call (actors/socket_group.py; docs/architecture.md, "Phase
