@@ -73,12 +73,19 @@ def test_calls_written_ahead_come_back_in_order_and_a_bad_answer_is_answered() -
 
 
 def test_a_closed_connection_fails_every_waiting_call() -> None:
-    server = _server(lambda m: threading.Event().wait(60))  # never answers
+    entered = threading.Event()
+
+    def handler(message):  # never answers
+        entered.set()
+        threading.Event().wait(60)
+
+    server = _server(handler)
 
     async def run() -> None:
         client = await CallClient.connect(*server.address, server.token, 10)
         answers = [client.send(pack(i)) for i in range(3)]
-        await asyncio.sleep(0.05)
+        # The server holds the connection and runs the first call: closing now closes that connection.
+        assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)
         server.close()  # as the worker's process ending closes its end
         for answer in answers:
             with pytest.raises(ConnectionLost):
