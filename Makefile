@@ -59,6 +59,7 @@ bench: tiny-model
 	$(PY) -m cluster.tools.bench_mixed
 	$(PY) -m cluster.tools.bench_quant
 	$(PY) -m cluster.tools.bench_calls --calls 100 --repeats 3
+	$(PY) -m cluster.tools.bench_tpot --json outputs/bench_tpot.json
 	$(PY) -m cluster.tools.bench_coordinator
 	$(PY) -m cluster.tools.bench_coordinator --group-coordinators
 	$(PY) -m cluster.tools.bench_prefix

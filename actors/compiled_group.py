@@ -2,10 +2,10 @@
 
 An ordinary actor call costs about 1 ms per worker on the caller's side; a compiled graph passes the
 call through shared-memory channels to a loop already running on each worker, for a few tenths of a
-millisecond per call (docs/architecture.md, "Phase calls"). Start-up (node_info,
-rendezvous, load, warm-up) runs as ordinary calls (`WorkerGroup.start`); then the group compiles one
-graph: every rank's `ShardWorker.dispatch` reads the same `(method, args)` and returns the method's
-answer. Rules Ray sets and this class keeps:
+millisecond per call (docs/architecture.md, "Phase calls"). Start-up begins as ordinary calls
+(node_info, rendezvous: `WorkerGroup.start`); then the group compiles one graph, and every call from
+`load` on goes through it: every rank's `ShardWorker.dispatch` reads the same `(method, args)` and
+returns the method's answer. Rules Ray sets and this class keeps:
 
 - Only the process (and the event loop) that compiled the graph executes it: the Coordinator's.
 - An actor runs one compiled graph at a time, so every phase call shares the one graph; executions
@@ -67,10 +67,16 @@ class CompiledWorkerGroup(WorkerGroup):
 
     # ----------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        """Start the workers as `WorkerGroup` does (ordinary calls), then compile the group's graph."""
+        """Start the workers as `WorkerGroup` does; the graph is compiled after the rendezvous (`_connect`)."""
         self.graph, self.failure, self._calls, self._pending, self._teardown = None, None, 0, None, None
         self._polling_checks = 0
         await super().start()
+
+    async def _connect(self) -> None:
+        """Compile the group's graph, after the rendezvous and before `load`: `load` and `warmup` go through it
+        too, so all of a worker's torch work runs on the graph's thread. A load on the actor's main thread
+        would leave an OpenMP thread team there beside the graph thread's, which slows every later step on
+        cpu (the socket path measured 4-10%: docs/benchmarks.md, "Call sockets")."""
         try:
             with InputNode() as call:
                 dag = MultiOutputNode([w.dispatch.bind(call) for w in self.workers])
@@ -82,7 +88,6 @@ class CompiledWorkerGroup(WorkerGroup):
                 _buffer_size_bytes=CHANNEL_BYTES,
             )
         except Exception as e:
-            await self.kill()
             raise GroupFailure(f"dp group {self.dp_rank} could not compile its graph: {type(e).__name__}: {e}") from e
 
     async def kill(self, timeout_s: float = 30.0) -> None:

@@ -7,7 +7,6 @@ in-process drivers (tests/test_rounds.py, cluster/tools/bench_encode.py) call on
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 
 from actors.pending_embeds import PendingEmbeds
 from model.batch import RunningBatch, StepOutput, TableUpdate
@@ -99,4 +98,5 @@ class WorkerPhases:
 
 
 def _plain(outputs: dict[str, StepOutput]) -> dict[str, dict]:
-    return {request_id: asdict(out) for request_id, out in outputs.items()}
+    """Each output as a dict of its fields (shallow: the call's outputs are not used again here)."""
+    return {request_id: dict(vars(out)) for request_id, out in outputs.items()}

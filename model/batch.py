@@ -396,17 +396,21 @@ class RunningBatch:
                 raise ValueError("a decoding request has no block for its next token")
         # Step inputs stay on the device for the whole call and are updated in place: the next tokens are the
         # sampled ones; lengths and positions advance by one for rows still decoding.
-        tokens = torch.tensor([s.tokens[-1] for s in live] + [0] * pad, device=device)
-        lens = torch.tensor([s.num_computed for s in live] + [0] * pad, dtype=torch.long, device=device)
-        positions = lens + torch.tensor([s.delta for s in live] + [0] * pad, device=device)
+        # One copy to the device: (4, rows) of tokens, lengths, positions and what a step adds to those two.
+        host = [
+            [s.tokens[-1] for s in live],
+            [s.num_computed for s in live],
+            [s.num_computed + s.delta for s in live],
+            [1] * len(live),
+        ]
+        tokens, lens, positions, advance = torch.tensor([r + [0] * pad for r in host], dtype=torch.long, device=device)
         tables = self._table_tensor(live, rows)
-        advance = torch.tensor([1] * len(live) + [0] * pad, dtype=torch.long, device=device)
         params = [s.params for s in live] + [_GREEDY] * pad
         gens = [s.generator for s in live] + [None] * pad
         asking = LogprobRows(params, device)
         penalties = self._penalties(live)
         out = {s.request_id: StepOutput(s.request_id) for s in live}
-        for _ in range(steps):
+        for step in range(steps):
             # lens + 1 on the host (a row that ended keeps its last length): the bound of what attention reads,
             # and each row's length for the paged kernel
             kv_lens = [s.num_computed + 1 for s in live]
@@ -425,9 +429,10 @@ class RunningBatch:
             computed = asking.compute(logits, chosen) if asking else None
             if penalties:
                 penalties.advance(chosen, [s.finish_reason is None for s in live])
-            tokens.copy_(chosen)
-            lens.add_(advance)
-            positions.add_(advance)
+            if step + 1 < steps:  # the next step's inputs (a call's last step has none)
+                tokens.copy_(chosen)
+                lens.add_(advance)
+                positions.add_(advance)
             chosen_ids = chosen.tolist()  # the one host sync per step: EOS checks and token times
             now = time.time()
             entries = asking.entries(computed) if computed else {}  # ready once the sync above returned

@@ -94,13 +94,20 @@ class CompiledDecode:
     Dynamo compiles once per distinct input shape and decode length; the recompile limit is raised
     to cover every pair, so no shape falls back to eager. Collectives (gloo at tp > 1) may split the
     compiled step into several graphs; it still runs.
+
+    `cpp_wrapper`: the wrapper inductor generates around the kernels (allocating buffers, reinterpreting
+    views, launching each kernel) is C++, not Python. On a small model that wrapper is a large part of a
+    step (about 15% of the tiny checkpoint's one-row step: docs/benchmarks.md, "TPOT at one step per
+    call"); the first compile of each shape takes a few seconds longer. Only without collectives: torch
+    2.13's C++ wrapper cannot call the collectives a tp > 1 step holds ("arg type Any is not yet supported
+    by custom_op_wrapper").
     """
 
-    def __init__(self, decode: DecodeFn, shapes: int = 8) -> None:
+    def __init__(self, decode: DecodeFn, shapes: int = 8, cpp_wrapper: bool = False) -> None:
         import torch._dynamo.config
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
-        self.fn = torch.compile(decode, dynamic=False, fullgraph=False)
+        self.fn = torch.compile(decode, dynamic=False, fullgraph=False, options={"cpp_wrapper": cpp_wrapper})
 
     def __call__(
         self,

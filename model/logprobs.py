@@ -28,7 +28,7 @@ class LogprobRows:
         self.asking = [i for i, p in enumerate(params) if p.logprobs]
         self.top = [params[i].top_logprobs for i in self.asking]
         self.k = max(self.top, default=0)
-        self.index = torch.tensor(self.asking, dtype=torch.long, device=device)
+        self.index = torch.tensor(self.asking, dtype=torch.long, device=device) if self.asking else None
 
     def __bool__(self) -> bool:
         return bool(self.asking)

@@ -333,7 +333,8 @@ class ModelRunner:
             raise ValueError(f"buckets {unknown} are not decode buckets of this runner ({self.buckets})")
         lengths = decode_lengths(self.device.type, True, self.max_seq_len, self.fused_ops, self.paged_decode)
         if self.device.type == "cpu":
-            self.decode_fn = CompiledDecode(self.model.decode, shapes=len(self.buckets) * len(lengths) + 2)
+            shapes = len(self.buckets) * len(lengths) + 2
+            self.decode_fn = CompiledDecode(self.model.decode, shapes, cpp_wrapper=self.ctx.size == 1)
             for size in sizes:  # compile each bucket now, not on the first request
                 for length in lengths:
                     # Distinct tensors: passing one tensor thrice would make dynamo guard on the aliasing

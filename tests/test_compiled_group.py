@@ -100,6 +100,10 @@ def _nothing_left_behind() -> bool:
 def _rebuild(loop: asyncio.AbstractEventLoop, group: CompiledWorkerGroup) -> None:
     loop.run_until_complete(group.kill())
     loop.run_until_complete(group.start())
+    # `load` and `warmup` went through the graph (the only calls `dispatch` counts), so that all of a
+    # worker's torch work runs on the graph's thread.
+    states = loop.run_until_complete(WorkerGroup.call(group, "dispatch_state"))
+    assert [done for done, _, _ in states] == [2, 2], states
 
 
 # ----------------------------------------------------------------------------- same answers
