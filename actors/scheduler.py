@@ -30,7 +30,8 @@ order, as many as the budget holds (one at least, however large, so that encodin
 a request's chunks wait until all its items are encoded, and the workers start it (`admit`) with its
 first chunk, in the round of its last items or later. Decoding requests get their step in every round
 meanwhile. A request that needs encode is admitted only when the round's budget left takes its first
-item (the static policy admits its batch whatever the budget, and encodes it over rounds).
+item (the static policy admits its batch whatever the budget, encodes it over rounds, and starts every
+member's prompt in one round once the last item is encoded).
 
 Memory is the admission bound: a waiting request is admitted, first come first served, only when
 the pool gives it blocks for all of its tokens (the prefix cache may supply a block-aligned
@@ -431,10 +432,16 @@ class GroupScheduler:
         for seq in self.running:
             if seq.state == PREFILLING:
                 self._encode(seq, encoder, plan)
-                if budget > 0 and not seq.encoding:
+                if budget > 0 and not seq.encoding and not static:
                     budget -= self._chunk(seq, budget, plan)
         if not static or not self.running:
             self._admit(budget, encoder, plan)
+        # Static batching prefills its batch together, once every member is encoded: a member started earlier
+        # would decode in the rounds that carry the others' prompts.
+        prefilling = [s for s in self.running if s.state == PREFILLING]
+        if static and not any(s.encoding for s in prefilling):
+            for seq in prefilling:
+                self._chunk(seq, budget, plan)
         if plan.decode and plan.chunks:  # one step; its rows verify their proposals in the packed forward
             plan.decode_steps = 1
             plan.spec_tokens = (
@@ -484,7 +491,7 @@ class GroupScheduler:
             self.running.append(seq)
             self._share(seq)
             self._encode(seq, encoder, plan)
-            if not seq.encoding:
+            if not seq.encoding and self.policy != "static":  # static chunks its batch in `schedule`
                 budget -= self._chunk(seq, budget, plan)
 
     def _encode(self, seq: Sequence, encoder: _EncoderBudget, plan: Plan) -> None:

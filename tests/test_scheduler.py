@@ -738,6 +738,24 @@ def test_static_policy_admits_only_into_an_empty_group_and_does_not_chunk():
     assert list(w.ended) == ["a", "b", "c"]
 
 
+def test_static_policy_prefills_its_batch_together_after_every_encode():
+    """The static policy encodes its batch over rounds (the encoder budget) but starts no member's prompt until
+    the last item is encoded: then every prompt goes in one round, and no member decodes in a round that carries
+    another member's prompt (its decode would wait for it, as it did when the text-only member started at once)."""
+    sched = _sched(max_running=2, token_budget=64, encoder_budget=6, policy="static")
+    w = FakeWorkers(sched)
+    text = _seq("t", 3, max_new=8)
+    video = _video("v", 2, slices=4, per_slice=6, after=3)  # 29 prompt tokens, 4 slices of 6
+    sched.add(text)
+    sched.add(video)
+    plans = [w.round() for _ in range(4)]
+    assert [_encodes(p) for p in plans] == [[("v", 0, 1)], [("v", 1, 2)], [("v", 2, 3)], [("v", 3, 4)]]
+    assert [_chunks(p) for p in plans] == [[], [], [], [("t", 0, 3), ("v", 0, 29)]]
+    w.run()
+    assert not any(p.chunks and p.decode for p in w.plans)
+    assert w.ended["t"] == reference(text, False) and w.ended["v"] == reference(video, False)
+
+
 # ----------------------------------------------------------------------------- settings and limits
 def test_a_request_that_could_never_fit_fails_at_add_naming_the_limit():
     sched = _sched(num_blocks=11, block_size=16)  # 10 blocks = 160 tokens
