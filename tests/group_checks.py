@@ -1,17 +1,23 @@
 """Checks every path of a DP group's calls passes (tests/test_socket_group.py, tests/test_compiled_group.py), on a
 group of real ShardWorkers on the tiny checkpoint at tp 2 (dp rank 0): the same tokens as ordinary actor calls
-to the same workers, and a raising method answered as a CallError while the group goes on."""
+to the same workers, and a raising method answered as a CallError while the group goes on; and the fixtures and
+the rebuild both modules use (`group_fixtures`, `rebuild`)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Iterator
 
 import pytest
+import ray
 
+from actors.config import EngineConfig, WorkerConfig
+from actors.group_factory import make_worker_group
 from actors.groups import CallError, WorkerGroup
 from cluster.tools.bench_calls import admit_args, decode_args
 from model.processor import PromptBuilder
+from tests.probe_workers import SIGNAL, Signal
 from tests.ray_helpers import tiny_model
 
 NEW_TOKENS = 6
@@ -54,3 +60,58 @@ def check_a_raising_method_is_a_call_error(loop: asyncio.AbstractEventLoop, grou
         loop.run_until_complete(group.call("no_such_method"))
     infos = loop.run_until_complete(group.call("node_info"))
     assert [i["rank"] for i in infos] == [0, 1] and group.failure is None
+
+
+# ----------------------------------------------------------------------------- fixtures
+def group_fixtures(
+    group_class: type[WorkerGroup], probe_group_class: type[WorkerGroup], namespace: str, phase_calls: str
+):
+    """A group test module's module-scoped fixtures, to assign to its names `loop, cfg, model_group, signal,
+    probe_group`: one event loop; the tiny checkpoint at tp 2 with `phase_calls`; a group of real ShardWorkers
+    (dp rank 0) that `make_worker_group` makes from that config, checked to be `group_class`; the probe workers'
+    signal actor in `namespace`; and a `probe_group_class` group (dp rank 1: ranks 2 and 3)."""
+
+    @pytest.fixture(scope="module")
+    def loop(local_ray) -> Iterator[asyncio.AbstractEventLoop]:
+        loop = asyncio.new_event_loop()
+        yield loop
+        loop.close()
+
+    @pytest.fixture(scope="module")
+    def cfg() -> EngineConfig:
+        worker = WorkerConfig(str(tiny_model()), "cpu", "float32", "eager", "dp", 2, 256)
+        return EngineConfig(
+            worker, 2, 2, {"num_cpus": 1}, namespace, 128, 1, worker_timeout_s=60, phase_calls=phase_calls
+        )
+
+    @pytest.fixture(scope="module")
+    def model_group(loop, cfg) -> Iterator[WorkerGroup]:
+        group = make_worker_group(0, cfg, [None, None])
+        assert type(group) is group_class
+        loop.run_until_complete(group.start())
+        yield group
+        loop.run_until_complete(group.kill())
+
+    @pytest.fixture(scope="module")
+    def signal(local_ray) -> Iterator[ray.actor.ActorHandle]:
+        handle = Signal.options(name=SIGNAL, namespace=namespace).remote()
+        yield handle
+        ray.kill(handle)
+
+    @pytest.fixture(scope="module")
+    def probe_group(loop, cfg) -> Iterator[WorkerGroup]:
+        group = probe_group_class(1, cfg, [None, None])  # ranks 2 and 3
+        loop.run_until_complete(group.start())
+        yield group
+        loop.run_until_complete(group.kill())
+
+    return loop, cfg, model_group, signal, probe_group
+
+
+def rebuild(loop: asyncio.AbstractEventLoop, group: WorkerGroup) -> None:
+    """`kill`, then `start`; `load` and `warmup` came through the group's own path (the only calls `dispatch`
+    counts, read here through ordinary actor calls), so that all of a worker's torch work runs on one thread."""
+    loop.run_until_complete(group.kill())
+    loop.run_until_complete(group.start())
+    states = loop.run_until_complete(WorkerGroup.call(group, "dispatch_state"))
+    assert [done for done, _, _ in states] == [2, 2], states

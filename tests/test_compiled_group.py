@@ -17,7 +17,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import ray
@@ -25,13 +24,17 @@ import torch
 from ray.dag.compiled_dag_node import CompiledDAG
 
 from actors.compiled_group import POLLING_THREADS, PROBE_S, CompiledWorkerGroup
-from actors.config import EngineConfig, WorkerConfig
 from actors.group_factory import make_worker_group
 from actors.groups import GroupFailure, WorkerGroup, as_future
 from actors.shard_worker import worker_actor_name
-from tests.group_checks import check_a_raising_method_is_a_call_error, check_same_answers_as_ordinary_calls
-from tests.probe_workers import SIGNAL, ProbeWorker, Signal, digest_of
-from tests.ray_helpers import named_actors, tiny_model, wait_for
+from tests.group_checks import (
+    check_a_raising_method_is_a_call_error,
+    check_same_answers_as_ordinary_calls,
+    group_fixtures,
+    rebuild,
+)
+from tests.probe_workers import ProbeWorker, digest_of
+from tests.ray_helpers import named_actors, wait_for
 
 NAMESPACE = "test-compiled-group"
 RAY_NUM_CPUS = 8  # conftest's local_ray: 2 model workers, 2 probe workers, headroom
@@ -45,41 +48,7 @@ class ProbeGroup(CompiledWorkerGroup):
     worker_class = Probe
 
 
-@pytest.fixture(scope="module")
-def loop(local_ray) -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
-def cfg() -> EngineConfig:
-    worker = WorkerConfig(str(tiny_model()), "cpu", "float32", "eager", "dp", 2, 256)
-    return EngineConfig(worker, 2, 2, {"num_cpus": 1}, NAMESPACE, 128, 1, worker_timeout_s=60, phase_calls="compiled")
-
-
-@pytest.fixture(scope="module")
-def model_group(loop, cfg) -> Iterator[CompiledWorkerGroup]:
-    group = make_worker_group(0, cfg, [None, None])
-    assert type(group) is CompiledWorkerGroup
-    loop.run_until_complete(group.start())
-    yield group
-    loop.run_until_complete(group.kill())
-
-
-@pytest.fixture(scope="module")
-def signal(local_ray) -> Iterator[ray.actor.ActorHandle]:
-    handle = Signal.options(name=SIGNAL, namespace=NAMESPACE).remote()
-    yield handle
-    ray.kill(handle)
-
-
-@pytest.fixture(scope="module")
-def probe_group(loop, cfg) -> Iterator[ProbeGroup]:
-    group = ProbeGroup(1, cfg, [None, None])  # ranks 2 and 3
-    loop.run_until_complete(group.start())
-    yield group
-    loop.run_until_complete(group.kill())
+loop, cfg, model_group, signal, probe_group = group_fixtures(CompiledWorkerGroup, ProbeGroup, NAMESPACE, "compiled")
 
 
 @pytest.fixture(autouse=True)
@@ -95,15 +64,6 @@ def _nothing_left_behind() -> bool:
     graphs = [o for o in gc.get_objects() if type(o) is CompiledDAG]
     threads = sum(t.name.startswith(("channel.", "CompiledGraphMonitor")) for t in threading.enumerate())
     return all(not g.is_teardown for g in graphs) and threads == 3 * len(graphs)
-
-
-def _rebuild(loop: asyncio.AbstractEventLoop, group: CompiledWorkerGroup) -> None:
-    loop.run_until_complete(group.kill())
-    loop.run_until_complete(group.start())
-    # `load` and `warmup` went through the graph (the only calls `dispatch` counts), so that all of a
-    # worker's torch work runs on the graph's thread.
-    states = loop.run_until_complete(WorkerGroup.call(group, "dispatch_state"))
-    assert [done for done, _, _ in states] == [2, 2], states
 
 
 # ----------------------------------------------------------------------------- same answers
@@ -155,7 +115,7 @@ def test_a_worker_killed_mid_call_fails_naming_it_and_a_rebuild_serves(loop, pro
         loop.run_until_complete(group.call("echo", 1))
     del info, call  # their tracebacks hold the old graph
 
-    _rebuild(loop, group)
+    rebuild(loop, group)
     assert graph.is_teardown and group.graph is not graph
     del graph
     assert loop.run_until_complete(group.call("echo", 2)) == [2, 2]
@@ -177,7 +137,7 @@ def test_a_hang_past_the_timeout_fails_the_call_naming_the_rank(loop, probe_grou
     assert 1.5 <= elapsed < 1.5 + 2 * PROBE_S + 5, elapsed
     del info
     start = time.monotonic()
-    _rebuild(loop, group)  # kill ends the teardown the hung rank holds up
+    rebuild(loop, group)  # kill ends the teardown the hung rank holds up
     assert time.monotonic() - start < 40
     assert loop.run_until_complete(group.call("echo", "again")) == ["again", "again"]
     assert wait_for(_nothing_left_behind, 10)
@@ -205,7 +165,7 @@ def test_a_rank_that_raised_while_its_peer_waits_fails_the_group_at_once(loop, p
     assert "ValueError: rank 2 refuses" in message, message
     assert isinstance(second, GroupFailure), second
     del first, second
-    _rebuild(loop, group)
+    rebuild(loop, group)
     assert loop.run_until_complete(group.call("echo", 3)) == [3, 3]
 
 

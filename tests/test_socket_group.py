@@ -14,20 +14,23 @@ import asyncio
 import dataclasses
 import os
 import time
-from collections.abc import Iterator
 
 import pytest
 import ray
 import torch
 
-from actors.config import EngineConfig, WorkerConfig
 from actors.group_factory import make_worker_group
 from actors.groups import GroupFailure, WorkerGroup, as_future
 from actors.shard_worker import worker_actor_name
 from actors.socket_group import SocketWorkerGroup
-from tests.group_checks import check_a_raising_method_is_a_call_error, check_same_answers_as_ordinary_calls
-from tests.probe_workers import SIGNAL, ProbeWorker, Signal, digest_of
-from tests.ray_helpers import named_actors, tiny_model
+from tests.group_checks import (
+    check_a_raising_method_is_a_call_error,
+    check_same_answers_as_ordinary_calls,
+    group_fixtures,
+    rebuild,
+)
+from tests.probe_workers import ProbeWorker, digest_of
+from tests.ray_helpers import named_actors
 
 NAMESPACE = "test-socket-group"
 RAY_NUM_CPUS = 8  # conftest's local_ray: 2 model workers, 2 probe workers, headroom
@@ -47,50 +50,7 @@ class ProbeGroup(SocketWorkerGroup):
     worker_class = Probe
 
 
-@pytest.fixture(scope="module")
-def loop(local_ray) -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="module")
-def cfg() -> EngineConfig:
-    worker = WorkerConfig(str(tiny_model()), "cpu", "float32", "eager", "dp", 2, 256)
-    return EngineConfig(worker, 2, 2, {"num_cpus": 1}, NAMESPACE, 128, 1, worker_timeout_s=60)
-
-
-@pytest.fixture(scope="module")
-def model_group(loop, cfg) -> Iterator[SocketWorkerGroup]:
-    group = make_worker_group(0, cfg, [None, None])
-    assert type(group) is SocketWorkerGroup  # the default
-    loop.run_until_complete(group.start())
-    yield group
-    loop.run_until_complete(group.kill())
-
-
-@pytest.fixture(scope="module")
-def signal(local_ray) -> Iterator[ray.actor.ActorHandle]:
-    handle = Signal.options(name=SIGNAL, namespace=NAMESPACE).remote()
-    yield handle
-    ray.kill(handle)
-
-
-@pytest.fixture(scope="module")
-def probe_group(loop, cfg) -> Iterator[ProbeGroup]:
-    group = ProbeGroup(1, cfg, [None, None])  # ranks 2 and 3
-    loop.run_until_complete(group.start())
-    yield group
-    loop.run_until_complete(group.kill())
-
-
-def _rebuild(loop: asyncio.AbstractEventLoop, group: SocketWorkerGroup) -> None:
-    loop.run_until_complete(group.kill())
-    loop.run_until_complete(group.start())
-    # `load` and `warmup` came over the call sockets (the only calls `dispatch` counts), so that all of a
-    # worker's torch work runs on its call thread.
-    states = loop.run_until_complete(_ordinary(group)("dispatch_state"))
-    assert [done for done, _, _ in states] == [2, 2], states
+loop, cfg, model_group, signal, probe_group = group_fixtures(SocketWorkerGroup, ProbeGroup, NAMESPACE, "socket")
 
 
 def _ordinary(group: SocketWorkerGroup):
@@ -154,7 +114,7 @@ def test_a_worker_killed_mid_call_fails_naming_it_and_a_rebuild_serves(loop, pro
     with pytest.raises(GroupFailure, match="cannot run 'echo'"):
         loop.run_until_complete(group.call("echo", 1))
 
-    _rebuild(loop, group)
+    rebuild(loop, group)
     assert loop.run_until_complete(group.call("echo", 2)) == [2, 2]
     mine = [n for n in named_actors(NAMESPACE) if n in (worker_actor_name(2), worker_actor_name(3))]
     assert mine == [worker_actor_name(2), worker_actor_name(3)]
@@ -171,7 +131,7 @@ def test_a_hang_past_the_timeout_fails_the_call_naming_the_rank(loop, probe_grou
     message = str(info.value)
     assert "did not finish 'wait_on' within 1.5s" in message and "rank(s) [2] still running" in message, message
     assert 1.5 <= elapsed, elapsed
-    _rebuild(loop, group)  # kill ends the hung rank
+    rebuild(loop, group)  # kill ends the hung rank
     assert loop.run_until_complete(group.call("echo", "again")) == ["again", "again"]
 
 
@@ -193,7 +153,7 @@ def test_a_rank_that_raised_while_its_peer_waits_fails_the_group_at_once(loop, p
     assert "shard-worker-2 (rank 2) of dp group 1 failed in 'raise_or_wait'" in message, message
     assert "ValueError: rank 2 refuses" in message, message
     assert isinstance(second, GroupFailure), second
-    _rebuild(loop, group)
+    rebuild(loop, group)
     assert loop.run_until_complete(group.call("echo", 3)) == [3, 3]
 
 
