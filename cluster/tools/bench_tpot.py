@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from cluster.config import ConfigError, RunConfig, load_config
 from cluster.tools.bench import CACHE_DIR, CHECKPOINTS, log, run_hf
 from cluster.tools.tiny_checkpoint import build_tiny_checkpoint
-from model.processor import PromptBuilder
+from model.processor import PreparedRequest, PromptBuilder
 
 DEFAULT_CONF = "conf/tiny_cpu.yaml"
 SETTINGS = [
@@ -47,13 +48,12 @@ def prompts(count: int) -> list[str]:
     return [f"Request {i}: describe the weather today and tomorrow in detail." for i in range(count + 1)]
 
 
-def engine_tpot(conf: str, overrides: list[str], model: Path, texts: list[str], tokens: int) -> dict[str, Any]:
+def engine_tpot(cfg: RunConfig, texts: list[str]) -> dict[str, Any]:
     """Delivered TPOT and device ITL medians (ms) of each request but the warm-up, and the start-up time."""
     import ray
 
-    from cluster import load_config, start, stop
+    from cluster import start, stop
 
-    cfg = load_config(conf, [f"model_path={model}", f"data_config.max_new_tokens={tokens}", *SETTINGS, *overrides])
     t = time.perf_counter()
     coordinator = start(cfg)
     startup = time.perf_counter() - t
@@ -72,13 +72,8 @@ def engine_tpot(conf: str, overrides: list[str], model: Path, texts: list[str], 
     return {"tpot_ms": tpot, "device_itl_ms": device, "startup_s": startup}
 
 
-def transformers_tpot(model: Path, texts: list[str], tokens: int) -> list[float]:
+def transformers_tpot(hf: Any, batches: list[list[PreparedRequest]], tokens: int) -> list[float]:
     """transformers' TPOT (ms) per request but the warm-up: the median gap between its steps' logits."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(model, torch_dtype=torch.float32).eval()
-    builder = PromptBuilder.from_pretrained(model)
-    batches = [[builder.build({"id": str(i), "prompt": text, "images": []})] for i, text in enumerate(texts)]
     return [statistics.median(np.diff(times[0])) * 1e3 for _, times, _ in run_hf(hf, batches, tokens)[1:]]
 
 
@@ -97,14 +92,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tokens must be >= 2 and --requests >= 1")
     directory, spec = CHECKPOINTS["tiny"]
     model = build_tiny_checkpoint(Path(args.cache_dir) / directory, spec)
+    try:  # before anything runs: a bad key or value fails here, naming it
+        cfg = load_config(
+            conf, [f"model_path={model}", f"data_config.max_new_tokens={args.tokens}", *SETTINGS, *overrides]
+        )
+    except ConfigError as e:
+        parser.error(str(e))
     texts = prompts(args.requests)
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    hf_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model, torch_dtype=torch.float32).eval()
+    builder = PromptBuilder.from_pretrained(model)
+    batches = [[builder.build({"id": str(i), "prompt": text, "images": []})] for i, text in enumerate(texts)]
 
     log("transformers (before the engine)")
-    hf = transformers_tpot(model, texts, args.tokens)
+    hf = transformers_tpot(hf_model, batches, args.tokens)
     log("engine")
-    ours = engine_tpot(conf, overrides, model, texts, args.tokens)
+    ours = engine_tpot(cfg, texts)
     log("transformers (after the engine)")
-    hf += transformers_tpot(model, texts, args.tokens)
+    hf += transformers_tpot(hf_model, batches, args.tokens)
     ratio = statistics.median(ours["tpot_ms"]) / statistics.median(hf)
     report = {"conf": conf, "overrides": overrides, "tokens": args.tokens, **ours, "transformers_tpot_ms": hf}
     report["ratio"] = ratio
