@@ -323,9 +323,9 @@ class ModelRunner:
 
         `buckets` (default: all of `self.buckets`) limits which sizes are prepared now; on cpu any
         other bucket compiles on first use, on cuda/npu only the prepared ones can run. Lengths are
-        `decode_lengths(device, graph=True)`: every length bucket on cuda (and npu with the gather),
-        max_seq_len on cpu and with the paged kernel (one graph per batch bucket, lengths updated per
-        step). The dummy steps read and write the null block only.
+        `decode_lengths(device, graph=True)`: every length bucket on cuda (and npu with the gather), a few on
+        cpu (`cpu_graph_lengths`), max_seq_len with the paged kernel (one graph per batch bucket, lengths
+        updated per step). The dummy steps read and write the null block only.
         """
         sizes = self.buckets if buckets is None else sorted(buckets)
         unknown = [b for b in sizes if b not in self.buckets]

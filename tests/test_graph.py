@@ -19,7 +19,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model.graph import GraphDecode, capture_options, decode_lengths, length_buckets, pick_bucket, pick_length
+from cluster.tools.draft_checkpoint import cut_draft
+from model.graph import (
+    GraphDecode,
+    capture_options,
+    cpu_graph_lengths,
+    decode_lengths,
+    length_buckets,
+    pick_bucket,
+    pick_length,
+)
 from model.parallel import ParallelContext, free_port
 from model.processor import PreparedRequest
 from model.runner import ModelRunner
@@ -327,7 +336,11 @@ def test_lengths_and_picks() -> None:
     assert length_buckets(200) == [200]
     assert decode_lengths("cuda", True, 1024) == decode_lengths("cpu", False, 1024) == [256, 512, 1024]
     assert decode_lengths("npu", True, 1024) == decode_lengths("npu", False, 1024, fused=True) == [256, 512, 1024]
-    assert decode_lengths("cpu", True, 1024) == decode_lengths("cpu", True, 1024, fused=True) == [1024]
+    # cpu graph: powers of four from 256 up to half of max_seq_len, then max_seq_len
+    assert decode_lengths("cpu", True, 1024) == decode_lengths("cpu", True, 1024, fused=True) == [256, 1024]
+    assert cpu_graph_lengths(511) == [511] and cpu_graph_lengths(512) == [256, 512]
+    assert cpu_graph_lengths(1112) == [256, 1112] and cpu_graph_lengths(2048) == [256, 1024, 2048]
+    assert decode_lengths("npu", True, 1024, fused=True, paged=True) == [1024]
     assert pick_length([256, 512, 1024], 257) == 512
     assert pick_length([256, 512, 1024], 256) == 256
     assert pick_length([256, 512, 1024], None) == 1024
@@ -335,18 +348,36 @@ def test_lengths_and_picks() -> None:
         pick_length([256, 512, 1024], 1025)
 
 
-def test_cpu_graph_mode_compiles_once_per_bucket(tiny_checkpoint: Path) -> None:
-    """Steps with other lengths, positions and max_len reuse the bucket's compiled step (no recompile)."""
+def test_cpu_graph_mode_compiles_once_per_bucket_and_length(tiny_checkpoint: Path) -> None:
+    """Steps with other lengths, positions and max_len reuse the compiled steps of `capture_graphs` (no
+    recompile)."""
     from torch._dynamo.utils import counters
 
     runner = ModelRunner(tiny_checkpoint, max_batch_size=2, max_seq_len=512)
     runner.capture_graphs([1])
-    assert runner.decode_lengths == [512]
+    assert runner.decode_lengths == [256, 512]
     compiled = dict(counters["stats"])
     for step, max_len in enumerate([12, 300, None, 511, 40]):
         n = torch.tensor([max(0, (max_len or 512) - 1)])
         runner.decode(torch.tensor([step + 3]), n + step, n, max_len=max_len)
     assert dict(counters["stats"]) == compiled
+
+
+def test_cpu_graphs_of_two_models_in_one_process_stay_apart(
+    tiny_checkpoint: Path, prepared: Callable[[Path], dict[str, PreparedRequest]], tmp_path: Path
+) -> None:
+    """A compiled step checks only its own arguments on each call (model/graph.py, `step_guards`), not the
+    model: a second model with fewer layers, compiled in the same process at the same shapes, must still
+    run its own layers and weights."""
+    requests = [prepared(tiny_checkpoint)[n] for n in NAMES]
+    draft = cut_draft(tiny_checkpoint, tmp_path / "draft", layers=2)
+    target = ModelRunner(tiny_checkpoint, max_batch_size=BUCKET, max_seq_len=256)
+    small = ModelRunner(draft, max_batch_size=BUCKET, max_seq_len=256)
+    eager_target, graph_target = eager_then_graph(target, requests)
+    eager_small, graph_small = eager_then_graph(small, requests)
+    assert eager_small != eager_target  # two different models
+    assert graph_target == eager_target
+    assert graph_small == eager_small
 
 
 def test_capture_graphs_rejects_unknown_bucket(tiny_checkpoint: Path) -> None:
