@@ -35,6 +35,7 @@ from actors import clock
 from actors.choices import Choices
 from actors.config import EngineConfig
 from actors.deliveries import Outbox, expire_outboxes
+from actors.delivery_socket import DeliveryServer
 from actors.errors import RequestError
 from actors.group_factory import make_worker_group
 from actors.group_loop import GroupLoop
@@ -112,6 +113,7 @@ class Coordinator:
         self.phase_totals = {"vision_encode_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0}
         self.profile_pending = cfg.profile
         self.outboxes: dict[str, Outbox] = {}  # by subscriber (multiplexed delivery, actors/deliveries.py)
+        self.delivery_server: DeliveryServer | None = None  # the same streams over TCP (actors/delivery_socket.py)
 
     def _group_loop(self, group: Any) -> GroupLoop:
         """A DP group's loop: its workers, its scheduler over its own KV pool, its steps per call."""
@@ -168,6 +170,8 @@ class Coordinator:
         try:
             for state in list(self.requests.values()):
                 self.end(state, "abort")
+            if self.delivery_server is not None:
+                self.delivery_server.close()
             await self.supervisor.shutdown()
         finally:
             self.placement.remove()
@@ -302,6 +306,13 @@ class Coordinator:
                 state = self.requests.get(key)
                 if state is not None:
                     self.end(state, "abort")
+
+    async def delivery_address(self) -> tuple[str, int, bytes]:
+        """Where a subscriber reads what `deliveries` yields over TCP instead of Ray (actors/delivery_socket.py):
+        this node's IP, a port and the token to present."""
+        if self.delivery_server is None:
+            self.delivery_server = DeliveryServer(node_ip(), lambda subscriber: self.deliveries(subscriber))
+        return await self.delivery_server.address()
 
     def abort(self, request_id: str) -> bool:
         """End every in-flight request with this id; their records get finish_reason 'abort'."""
@@ -460,3 +471,10 @@ class Coordinator:
 
     def gauges(self, engine: GroupLoop) -> None:
         self.metrics.set_queue_depth(engine.dp_rank, len(engine.scheduler.waiting), len(engine.scheduler.running))
+
+
+def node_ip() -> str:
+    """This node's IP as Ray sees it; loopback for a Coordinator run without Ray (tests, the simulator)."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"

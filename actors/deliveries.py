@@ -1,4 +1,4 @@
-"""Multiplexed delivery: one Ray stream per caller process carries the items of all of its requests.
+"""Multiplexed delivery: one stream per caller process carries the items of all of its requests.
 
 `Coordinator.stream` is one Ray streaming generator per request: every delivery of every request is
 one Ray object, which at 64 running requests per DP group costs the Coordinator more than the rest
@@ -8,20 +8,24 @@ choosing:
 
 - the Coordinator keeps an `Outbox` per subscriber; a request submitted with `submit(request,
   subscriber, tag)` puts its items there (the same items `stream` yields), and the subscriber's
-  `deliveries` generator yields whatever has gathered as one list of (tag, item), so a round of a
-  DP group with 64 requests is one Ray object, not 64;
+  `deliveries` stream yields whatever has gathered as one list of (tag, item), so a round of a
+  DP group with 64 requests is one message, not 64;
 - `Deliveries` is the caller's end: one task reads the subscription and hands each item to its
   request's queue, and `Deliveries.open` returns a `RequestStream` whose `__anext__` yields the
   same items, in the same order, as `Coordinator.stream`'s generator would (the acknowledgement
   first with `ack`, then token deltas, then the final record); a refused request raises its error
   from the first `__anext__`, as `stream` does.
 
+`Deliveries` reads each Coordinator's `deliveries` stream over that Coordinator's delivery socket
+(actors/delivery_socket.py: one TCP connection per subscriber, a fraction of a Ray stream item's cost);
+`Coordinator.deliveries` is also a Ray streaming generator, for callers that read it through Ray.
+
 The final record always comes (an abort ends a request with one), and the caller's queue goes with
 it. With one Coordinator actor per DP group (actors/router.py), the router's `delivery_sources`
 names them, and the caller reads each one's `deliveries` stream: the items never pass through the
-router. When a subscription ends with an error (a Coordinator died), every open stream raises that
-error; the next `open` subscribes again. When the subscriber goes away (its generator is
-cancelled), the Coordinator aborts the requests it still had.
+router. When a subscription ends with an error (a Coordinator died, its connection closed), every open
+stream raises that error; the next `open` subscribes again. When the subscriber goes away (its
+connection closes, or its Ray generator is cancelled), the Coordinator aborts the requests it still had.
 
 A caller may `submit` and never read `deliveries` (a Ray caller that does not use `Deliveries`, or
 one that died before subscribing). Its outbox is dropped once it has had no open request and no
@@ -40,6 +44,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from actors import clock
+from actors.delivery_socket import read_deliveries
 
 # Seconds an outbox with no open request and no subscriber is kept before `expire_outboxes` drops it.
 OUTBOX_GRACE_S = 60.0
@@ -197,13 +202,14 @@ class Deliveries:
             await asyncio.gather(*readers, return_exceptions=True)
 
     async def _read(self, source: Any) -> None:
-        """Hand each item of `source`'s `deliveries` stream to its request's queue."""
-        stream = source.deliveries.options(num_returns="streaming").remote(self.subscriber)
-        async for ref in stream:
-            for tag, item in await ref:
-                queue = self.queues.get(tag)
-                if queue is not None:
-                    queue.put_nowait(item)
-                    if item.get("final"):
-                        del self.queues[tag]
-        raise RuntimeError(f"the Coordinator ended subscription {self.subscriber!r}")
+        """Hand each item of `source`'s `deliveries` stream, read over its delivery socket, to its request's
+        queue (actors/delivery_socket.py); raises when the connection ends."""
+        await read_deliveries(await source.delivery_address.remote(), self.subscriber, self._hand_out)
+
+    def _hand_out(self, batch: list[tuple[str, dict]]) -> None:
+        for tag, item in batch:
+            queue = self.queues.get(tag)
+            if queue is not None:
+                queue.put_nowait(item)
+                if item.get("final"):
+                    del self.queues[tag]

@@ -39,7 +39,8 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from actors import clock
 from actors.config import EngineConfig
-from actors.coordinator import Coordinator, describe
+from actors.coordinator import Coordinator, describe, node_ip
+from actors.delivery_socket import DeliveryServer
 from actors.errors import NoLiveGroupError, unwrap
 from actors.groups import as_future
 from actors.prefix_view import PrefixView, chunk_keys, request_text
@@ -97,6 +98,7 @@ class Router:
         self.refused = 0  # requests `generate` ended here, with no live group to send them to
         self.polled_at = -POLL_S  # time.monotonic() of the last answers
         self.polling: asyncio.Future | None = None
+        self.delivery_server: DeliveryServer | None = None  # `deliveries` over TCP (actors/delivery_socket.py)
 
     def _spawn(self, dp_rank: int, placement: GroupPlacement, group_factory: Any) -> Any:
         """Group `dp_rank`'s Coordinator actor, on the node of the group's rank 0 (in its placement bundle,
@@ -134,6 +136,8 @@ class Router:
     async def shutdown(self) -> None:
         """Abort what runs, stop every group's Coordinator and workers, and release the placement groups."""
         try:
+            if self.delivery_server is not None:
+                self.delivery_server.close()
             await self._stop_groups()
         finally:
             self.placement.remove()
@@ -238,6 +242,12 @@ class Router:
         """As Coordinator.submit; the items come on the serving group's `deliveries` stream."""
         _, ack = await self._routed(request, lambda g: g.submit.remote(request, subscriber, tag))
         return ack
+
+    async def delivery_address(self) -> tuple[str, int, bytes]:
+        """As Coordinator.delivery_address, for the merged `deliveries` below."""
+        if self.delivery_server is None:
+            self.delivery_server = DeliveryServer(node_ip(), lambda subscriber: self.deliveries(subscriber))
+        return await self.delivery_server.address()
 
     async def deliveries(self, subscriber: str) -> AsyncIterator[list[tuple[str, dict]]]:
         """Every group's `deliveries` for `subscriber`, merged (a caller that reads `delivery_sources`

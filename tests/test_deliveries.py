@@ -11,14 +11,27 @@ import asyncio
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from actors import clock
+from actors.call_socket import HEADER
 from actors.deliveries import OUTBOX_GRACE_S, Deliveries, Outbox, expire_outboxes
+from actors.delivery_socket import DeliveryServer, read_deliveries
 from actors.errors import RequestError
 from cluster.tools.fake_workers import LocalHandle
 from tests.test_group_loop import coordinator, expected, requests
+
+
+async def until(condition: Any, timeout_s: float = 60.0) -> None:
+    """Yield to the loop until `condition()` holds (a TimeoutError after `timeout_s`, not a hang)."""
+
+    async def wait() -> None:
+        while not condition():
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(wait(), timeout_s)
 
 
 async def read_all(stream) -> list[dict]:  # noqa: ANN001 (a RequestStream)
@@ -62,7 +75,7 @@ def test_every_request_gets_its_own_items_in_order_through_one_subscription(tiny
         assert max(batches) > 1  # a round's items for its requests travel together
         assert not deliveries.queues and not any(o.keys for o in coord.outboxes.values())
         await deliveries.close()
-        assert not coord.outboxes
+        await until(lambda: not coord.outboxes)  # the Coordinator saw the connection close
         await coord.shutdown()
 
     asyncio.run(main())
@@ -98,8 +111,9 @@ def test_a_subscriber_that_goes_away_has_its_requests_aborted(tiny_checkpoint: P
         for stream in streams:
             await stream.__anext__()  # queued
         await group.entered.wait()  # the first round is on the workers
+        await until(lambda: coord.outboxes[deliveries.subscriber].subscribed)  # its delivery connection is open
         await deliveries.close()
-        assert not coord.requests  # all three ended here: aborted
+        await until(lambda: not coord.requests)  # all three ended here: aborted when the connection closed
         assert coord.engines[0].scheduler.load == 0
         group.hold.set()
         assert coord.completed == 3
@@ -228,8 +242,40 @@ def test_an_outbox_no_subscriber_reads_is_dropped_after_the_grace(tiny_checkpoin
         await read_all(deliveries.open(first))
         assert set(coord.outboxes) == {"reads"}
         await deliveries.close()
-        assert not coord.outboxes
+        await until(lambda: not coord.outboxes)  # the Coordinator saw the connection close
         await coord.shutdown()
 
     with clock.use(fake):
         asyncio.run(main())
+
+
+def test_the_delivery_socket_serves_only_the_token_holder_and_closes_on_shutdown() -> None:
+    """actors/delivery_socket.py: a connection without the token gets nothing and is closed; the holder gets
+    its batches; closing the server ends the holder's read with an error naming the subscription."""
+
+    async def main() -> None:
+        served: list[str] = []
+        more = asyncio.Event()
+
+        async def serve(subscriber: str):  # noqa: ANN202
+            served.append(subscriber)
+            yield [("0", {"token_ids": [1]})]
+            await more.wait()
+
+        server = DeliveryServer("127.0.0.1", serve)
+        host, port, token = await server.address()
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(bytes(len(token)) + HEADER.pack(3) + b"bad")
+        assert await asyncio.wait_for(reader.read(), 30) == b""  # closed, nothing sent
+        writer.close()
+        assert served == []
+
+        got: list[list] = []
+        reading = asyncio.ensure_future(read_deliveries((host, port, token), "caller-1", got.append))
+        await until(lambda: got)
+        assert served == ["caller-1"] and got == [[("0", {"token_ids": [1]})]]
+        server.close()
+        with pytest.raises(ConnectionError, match="closed the delivery connection of subscription 'caller-1'"):
+            await asyncio.wait_for(reading, 30)
+
+    asyncio.run(main())

@@ -22,7 +22,7 @@ from actors.errors import NoLiveGroupError, RequestError
 from actors.prefix_view import CHUNK_CHARS, PrefixView, chunk_keys, request_text
 from actors.router import GroupPlacement, Router
 from cluster.tools.fake_workers import FakeWorkerGroup, LocalHandle
-from tests.test_deliveries import read_all
+from tests.test_deliveries import read_all, until
 from tests.test_group_loop import NoPlacement, expected, requests
 
 
@@ -34,16 +34,6 @@ class LocalRouter(Router):
 
     def coordinators(self) -> list[Coordinator]:
         return [g._target for g in self.groups]
-
-
-async def until(condition: Any, timeout_s: float = 60.0) -> None:
-    """Yield to the loop until `condition()` holds (a TimeoutError after `timeout_s`, not a hang)."""
-
-    async def wait() -> None:
-        while not condition():
-            await asyncio.sleep(0)
-
-    await asyncio.wait_for(wait(), timeout_s)
 
 
 def router(model_path: Path, dp_size: int, max_batch_size: int = 4) -> LocalRouter:
@@ -83,7 +73,7 @@ def test_requests_are_served_by_every_group_and_read_from_each(tiny_checkpoint: 
         assert [s["dp_rank"] for s in await r.kv_cache_stats()] == [0, 1]
         assert len((await r.stats())["workers"]) == 2
         await deliveries.close()
-        assert not any(c.outboxes or c.requests for c in r.coordinators())
+        await until(lambda: not any(c.outboxes or c.requests for c in r.coordinators()))  # both connections closed
         await r.shutdown()
         assert not ray.is_initialized()  # in-process groups: nothing here may start Ray (later modules start their own)
 
@@ -94,7 +84,7 @@ class OneSource:
     """A caller's view of the router that does not know its `delivery_sources`: it reads `deliveries`."""
 
     def __init__(self, r: Router) -> None:
-        self.submit, self.deliveries = r.submit, r.deliveries
+        self.submit, self.deliveries, self.delivery_address = r.submit, r.deliveries, r.delivery_address
 
     def delivery_sources(self) -> list:
         return []
