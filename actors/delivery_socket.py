@@ -47,20 +47,24 @@ class DeliveryServer:
         self.host = host
         self.serve = serve
         self.token = secrets.token_bytes(TOKEN_BYTES)
-        self.server: asyncio.Server | None = None
+        self.server: asyncio.Future | None = None  # of the asyncio.Server, started by the first `address` call
         self.writers: set[asyncio.StreamWriter] = set()
 
     async def address(self) -> tuple[str, int, bytes]:
-        """(ip, port, token), listening from the first call on."""
+        """(ip, port, token), listening from the first call on (calls at the same time share one server)."""
         if self.server is None:
-            self.server = await asyncio.start_server(self._connection, self.host, 0)
-        return self.host, self.server.sockets[0].getsockname()[1], self.token
+            self.server = asyncio.ensure_future(asyncio.start_server(self._connection, self.host, 0))
+        server = await asyncio.shield(self.server)
+        return self.host, server.sockets[0].getsockname()[1], self.token
 
     def close(self) -> None:
         """Stop listening and close every connection (their subscribers' streams then raise)."""
         if self.server is not None:
-            self.server.close()
-            self.server = None
+            starting, self.server = self.server, None
+            if starting.done() and starting.exception() is None:
+                starting.result().close()
+            else:
+                starting.cancel()
         for writer in list(self.writers):
             writer.close()
 
@@ -105,10 +109,14 @@ class DeliveryServer:
                 except StopAsyncIteration:
                     return
                 except Exception as e:  # noqa: BLE001 -- the subscriber's streams raise it
-                    writer.write(pack(("error", f"{type(e).__name__}: {e}")))
-                    await writer.drain()
+                    await _send(writer, ("error", f"{type(e).__name__}: {e}"))
                     return
-                writer.write(pack(("batch", batch)))
+                try:
+                    message = pack(("batch", batch))
+                except Exception as e:  # noqa: BLE001 -- an item that cannot be pickled ends the subscription
+                    await _send(writer, ("error", f"a batch could not be sent: {type(e).__name__}: {e}"))
+                    return
+                writer.write(message)
                 await writer.drain()
         finally:
             gone.cancel()
@@ -145,6 +153,11 @@ async def read_deliveries(
             hand_out(body)
     finally:
         writer.close()
+
+
+async def _send(writer: asyncio.StreamWriter, message: tuple[str, Any]) -> None:
+    writer.write(pack(message))
+    await writer.drain()
 
 
 def _peer(writer: asyncio.StreamWriter) -> Any:

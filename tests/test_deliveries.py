@@ -263,7 +263,9 @@ def test_the_delivery_socket_serves_only_the_token_holder_and_closes_on_shutdown
             await more.wait()
 
         server = DeliveryServer("127.0.0.1", serve)
-        host, port, token = await server.address()
+        first, second = await asyncio.gather(server.address(), server.address())
+        assert first == second  # one server for callers at the same time
+        host, port, token = first
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(bytes(len(token)) + HEADER.pack(3) + b"bad")
         assert await asyncio.wait_for(reader.read(), 30) == b""  # closed, nothing sent
@@ -277,5 +279,18 @@ def test_the_delivery_socket_serves_only_the_token_holder_and_closes_on_shutdown
         server.close()
         with pytest.raises(ConnectionError, match="closed the delivery connection of subscription 'caller-1'"):
             await asyncio.wait_for(reading, 30)
+
+    asyncio.run(main())
+
+
+def test_a_batch_that_cannot_be_sent_fails_the_subscription_with_its_reason() -> None:
+    async def main() -> None:
+        async def serve(subscriber: str):  # noqa: ANN202
+            yield [("0", {"bad": lambda: None})]
+
+        server = DeliveryServer("127.0.0.1", serve)
+        with pytest.raises(RuntimeError, match="a batch could not be sent: .*pickle"):
+            await asyncio.wait_for(read_deliveries(await server.address(), "caller", lambda batch: None), 30)
+        server.close()
 
     asyncio.run(main())
