@@ -167,7 +167,12 @@ def step_guards(entries: Sequence[Any]) -> list[bool]:
     tiny checkpoint, 60 us of a 520 us step) and on module globals. None of those changes once a runner
     has loaded and attached its cache, and `own_step` keeps other models out of this step's cache.
     """
-    return [entry.name in STEP_ARGS or (not entry.name and not entry.is_global) for entry in entries]
+    return [_root(entry.name) in STEP_ARGS or (not entry.name and not entry.is_global) for entry in entries]
+
+
+def _root(source: str) -> str:
+    """The local a guard's source starts from: `kv_lens` for `kv_lens[0]`, `tokens` for `tokens`."""
+    return source.split("[", 1)[0].split(".", 1)[0]
 
 
 def takes_auto_dispatch(backend: Any) -> bool:

@@ -26,8 +26,10 @@ from model.graph import (
     cpu_graph_lengths,
     decode_lengths,
     length_buckets,
+    own_step,
     pick_bucket,
     pick_length,
+    step_guards,
 )
 from model.parallel import ParallelContext, free_port
 from model.processor import PreparedRequest
@@ -378,6 +380,21 @@ def test_cpu_graphs_of_two_models_in_one_process_stay_apart(
     assert eager_small != eager_target  # two different models
     assert graph_target == eager_target
     assert graph_small == eager_small
+
+
+def test_a_compiled_step_guards_everything_its_arguments_hold() -> None:
+    """`step_guards` keeps the guards on the step's arguments, also those on what an argument holds (a host
+    list of KV lengths, a tensor's shape): other values must not reuse code compiled for the first ones."""
+
+    def decode(tokens, positions, cache_lens, block_tables, kv_len, kv_lens):  # noqa: ANN001, ANN202
+        return tokens * kv_len + (sum(kv_lens) if kv_lens is not None else 0)
+
+    step = torch.compile(own_step(decode), dynamic=False, options={"guard_filter_fn": step_guards})
+    two, one = torch.ones(2), torch.ones(1)
+    assert step(two, two, two, two, 3, [1, 2]).tolist() == [6.0, 6.0]
+    assert step(two, two, two, two, 3, [5, 7]).tolist() == [15.0, 15.0]
+    assert step(two, two, two, two, 4, None).tolist() == [4.0, 4.0]
+    assert step(one, one, one, one, 4, None).tolist() == [4.0]
 
 
 def test_capture_graphs_rejects_unknown_bucket(tiny_checkpoint: Path) -> None:
