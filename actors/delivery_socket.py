@@ -14,7 +14,9 @@ most of what a token costs on its way to a server replica. So the Coordinator al
   framing: length, then a pickle) of ("batch", [(tag, item), ...]); if that stream raises, one
   ("error", text) message, then the connection closes.
 - The subscriber closing its end (its process went away, `Deliveries.close`) closes the stream, and the
-  Coordinator aborts that subscriber's open requests, as when a Ray reader cancels its generator.
+  Coordinator aborts that subscriber's open requests, as when a Ray reader cancels its generator. Both
+  ends keep TCP keepalive on (`tune`), so a peer whose whole node went away is noticed too, within
+  about 25 s: the subscriber's streams raise, or the Coordinator aborts the requests.
 
 `read_deliveries` is the subscriber's end. The Ray stream (`Coordinator.deliveries`) stays for callers
 that read it through Ray.
@@ -38,6 +40,11 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 30.0  # how long a subscriber waits for the connection to a Coordinator
 MAX_NAME_BYTES = 1024  # a subscriber's name
+# TCP keepalive on both ends: a peer whose node went away (no FIN ever comes) is found within about
+# KEEPALIVE_IDLE_S + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL_S of silence (25 s), not the kernel's 2 hours;
+# and data it never acknowledges fails the connection after UNACKED_TIMEOUT_S (TCP_USER_TIMEOUT).
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 10, 5, 3
+UNACKED_TIMEOUT_S = 25
 
 
 class DeliveryServer:
@@ -75,7 +82,7 @@ class DeliveryServer:
             if subscriber is None:
                 logger.warning("delivery socket: refused a connection from %s (wrong token)", _peer(writer))
                 return
-            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune(writer.get_extra_info("socket"))
             await self._stream(subscriber, reader, writer)
         except (asyncio.IncompleteReadError, TimeoutError, OSError, UnicodeDecodeError):
             pass  # a connection that broke off, or never said who it is
@@ -138,7 +145,7 @@ async def read_deliveries(
             f"no connection to the Coordinator's delivery socket {host}:{port} within {CONNECT_TIMEOUT_S:g}s"
         ) from None
     try:
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune(writer.get_extra_info("socket"))
         writer.write(token + HEADER.pack(len(name)) + name)
         while True:
             try:
@@ -153,6 +160,22 @@ async def read_deliveries(
             hand_out(body)
     finally:
         writer.close()
+
+
+def tune(sock: Any) -> None:
+    """A delivery connection's options: no Nagle delay (a batch goes out when written), TCP keepalive and a
+    bound on unacknowledged data (a dead peer's node is noticed: the subscriber's streams raise, the
+    Coordinator aborts its requests)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+        ("TCP_USER_TIMEOUT", UNACKED_TIMEOUT_S * 1000),
+    ):
+        if hasattr(socket, option):  # Linux; elsewhere the system's keepalive timing
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 async def _send(writer: asyncio.StreamWriter, message: tuple[str, Any]) -> None:

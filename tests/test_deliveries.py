@@ -8,6 +8,7 @@ without Ray. tests/test_serve.py covers the same path through Ray Serve.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from pathlib import Path
@@ -18,7 +19,14 @@ import pytest
 from actors import clock
 from actors.call_socket import HEADER
 from actors.deliveries import OUTBOX_GRACE_S, Deliveries, Outbox, expire_outboxes
-from actors.delivery_socket import DeliveryServer, read_deliveries
+from actors.delivery_socket import (
+    KEEPALIVE_COUNT,
+    KEEPALIVE_IDLE_S,
+    UNACKED_TIMEOUT_S,
+    DeliveryServer,
+    read_deliveries,
+    tune,
+)
 from actors.errors import RequestError
 from cluster.tools.fake_workers import LocalHandle
 from tests.test_group_loop import coordinator, expected, requests
@@ -294,3 +302,16 @@ def test_a_batch_that_cannot_be_sent_fails_the_subscription_with_its_reason() ->
         server.close()
 
     asyncio.run(main())
+
+
+def test_delivery_connections_notice_a_peer_whose_node_went_away() -> None:
+    """Both ends of a delivery connection keep TCP keepalive and bound unacknowledged data (`tune`), so a
+    peer that vanished without closing (its node down) ends the connection in about 25 s, not hours."""
+    with socket.socket() as sock:
+        tune(sock)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        if hasattr(socket, "TCP_KEEPIDLE"):  # Linux
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE_S
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == KEEPALIVE_COUNT
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == UNACKED_TIMEOUT_S * 1000
