@@ -35,7 +35,7 @@ from actors import clock
 from actors.choices import Choices
 from actors.config import EngineConfig
 from actors.deliveries import Outbox, expire_outboxes
-from actors.delivery_socket import DeliveryServer
+from actors.delivery_socket import DeliveryServer, node_ip
 from actors.errors import RequestError
 from actors.group_factory import make_worker_group
 from actors.group_loop import GroupLoop
@@ -471,10 +471,3 @@ class Coordinator:
 
     def gauges(self, engine: GroupLoop) -> None:
         self.metrics.set_queue_depth(engine.dp_rank, len(engine.scheduler.waiting), len(engine.scheduler.running))
-
-
-def node_ip() -> str:
-    """This node's IP as Ray sees it; loopback for a Coordinator run without Ray (tests, the simulator)."""
-    import ray
-
-    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"

@@ -80,7 +80,8 @@ class DeliveryServer:
         try:
             subscriber = await asyncio.wait_for(self._handshake(reader), HANDSHAKE_S)
             if subscriber is None:
-                logger.warning("delivery socket: refused a connection from %s (wrong token)", _peer(writer))
+                peer = writer.get_extra_info("peername")
+                logger.warning("delivery socket: refused a connection from %s (wrong token)", peer)
                 return
             tune(writer.get_extra_info("socket"))
             await self._stream(subscriber, reader, writer)
@@ -183,5 +184,8 @@ async def _send(writer: asyncio.StreamWriter, message: tuple[str, Any]) -> None:
     await writer.drain()
 
 
-def _peer(writer: asyncio.StreamWriter) -> Any:
-    return writer.get_extra_info("peername")
+def node_ip() -> str:
+    """The IP a DeliveryServer listens on: this node's as Ray sees it; loopback without Ray (tests, the simulator)."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"

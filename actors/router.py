@@ -39,8 +39,8 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from actors import clock
 from actors.config import EngineConfig
-from actors.coordinator import Coordinator, describe, node_ip
-from actors.delivery_socket import DeliveryServer
+from actors.coordinator import Coordinator, describe
+from actors.delivery_socket import DeliveryServer, node_ip
 from actors.errors import NoLiveGroupError, unwrap
 from actors.groups import as_future
 from actors.prefix_view import PrefixView, chunk_keys, request_text
