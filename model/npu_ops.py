@@ -52,9 +52,7 @@ SINGLE_QUERY_LOOP = frozenset({"cpu"})
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS norm computed in float32, scaled by `weight` in the input dtype (as the reference model)."""
     dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
+    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(dtype)
 
 
 def check_cu_seqlens(
@@ -134,7 +132,9 @@ class DecodeOps:
     def rotary(
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None], sin[:, None])
+        # q (B, H, D) and k (B, KVH, D) rotated in one pass over their H + KVH heads
+        qk = apply_rotary(torch.cat([q, k], dim=1), cos[:, None], sin[:, None])
+        return qk[:, : q.shape[1]], qk[:, q.shape[1] :]
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(first half) * second half of the last dim ([gate | up])."""
@@ -144,15 +144,19 @@ class DecodeOps:
     def attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        """One query per row over its slot's keys -> (B, H * D). Grouped heads share a KV head."""
+        """One query per row over its slot's keys -> (B, H * D). Grouped heads share a KV head.
+
+        q (B, H, D), keys/values (B, L, KVH, D), mask (B, L): the positions each row attends."""
         batch, heads, dim = q.shape
-        kv_heads = keys.shape[2]
-        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # (B, KVH, L, D)
-        q = q.view(batch, kv_heads, heads // kv_heads, dim)
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * scale  # (B, KVH, G, L)
-        scores = scores.float().masked_fill(~mask[:, None, None, :], float("-inf"))
-        probs = scores.softmax(-1).to(values.dtype)
-        return torch.matmul(probs, values).reshape(batch, heads * dim)  # (B, KVH, G, D) -> (B, H * D)
+        out = F.scaled_dot_product_attention(
+            q[:, :, None],  # (B, H, 1, D)
+            keys.transpose(1, 2),  # (B, KVH, L, D)
+            values.transpose(1, 2),
+            attn_mask=mask[:, None, None, :],
+            scale=scale,
+            enable_gqa=True,
+        )
+        return out.reshape(batch, heads * dim)
 
     def varlen_attention(
         self,

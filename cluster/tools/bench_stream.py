@@ -12,13 +12,14 @@ their own, and an `openai` client measures:
   them, and the whole answer's time from the request to its last chunk;
 - arrivals: with 2 long requests streaming, --arrivals short requests (8 tokens) sent one after
   another: each one's time to first token, against the same requests sent to the idle engine and
-  the long streams' gap between chunks (a decode step as delivered);
+  the long streams' gap between token chunks (a decode step as delivered);
 - mixed: 4 long requests (600 tokens) and 12 short ones (8 tokens) at seeded Poisson arrivals of 10/s,
   all streamed (EOS ignored): the short requests' median latency (request to last chunk) and the long
   requests' output tokens per second over the run's wall time.
 A stream's chunks are the chunks the server sends for delivered tokens, one per token (as vLLM streams);
 "text chunks" are those with text: a token that completes no character (a random checkpoint makes many)
-has a chunk with empty content. Gaps and times to first token are taken at chunks with text.
+has a chunk with empty content. The stream's gaps are taken at chunks with text (what a reader sees
+change); times to first token, decode steps and the ends of answers at the chunks of tokens.
 transformers' `generate` on the same checkpoint makes the same --tokens tokens (greedy, EOS ignored)
 in this process once per pass, for the stream's time. Prints a table per setting (medians over
 passes) and writes every figure as JSON.
@@ -56,16 +57,16 @@ async def _stream(client: Any, model: str, max_tokens: int, stop_after: asyncio.
         stream=True,
         extra_body={"ignore_eos": True},
     )
-    tokens = 0  # chunks of a delivered token, with or without text
+    tokens: list[float] = []  # arrivals of the chunks of delivered tokens, with or without text
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content is not None and not chunk.choices[0].delta.role:
-            tokens += 1
+            tokens.append(time.perf_counter())
         if chunk.choices and chunk.choices[0].delta.content:
             chunks.append(time.perf_counter())
         if stop_after is not None and stop_after.is_set():
             await stream.close()
             break
-    return {"sent": sent, "chunks": chunks, "token_chunks": tokens, "end": time.perf_counter()}
+    return {"sent": sent, "chunks": chunks, "tokens": tokens, "end": time.perf_counter()}
 
 
 async def _measure(base_url: str, model: str, tokens: int, arrivals: int, seed: int) -> dict:
@@ -77,9 +78,9 @@ async def _measure(base_url: str, model: str, tokens: int, arrivals: int, seed: 
     one = await _stream(client, model, tokens)
     gaps = np.diff(one["chunks"]) * 1e3
     out["stream"] = {
-        "chunks": one["token_chunks"],
+        "chunks": len(one["tokens"]),
         "text_chunks": len(one["chunks"]),
-        "total_s": one["chunks"][-1] - one["sent"],
+        "total_s": one["tokens"][-1] - one["sent"],
         "gap_p50_ms": float(np.median(gaps)),
         "gap_p99_ms": float(np.percentile(gaps, 99)),
     }
@@ -97,15 +98,15 @@ async def _measure(base_url: str, model: str, tokens: int, arrivals: int, seed: 
     loaded = [await _stream(client, model, SHORT_TOKENS) for _ in range(arrivals)]
     done.set()
     long_runs = [r for runs in await asyncio.gather(*longs) for r in runs]
-    step = [float(np.median(np.diff(r["chunks"]))) for r in long_runs if len(r["chunks"]) > 2]
+    step = [float(np.median(np.diff(r["tokens"]))) for r in long_runs if len(r["tokens"]) > 2]
 
-    def ttft(runs: list[dict]) -> float:
-        return float(np.median([r["chunks"][0] - r["sent"] for r in runs]))
+    def ttft(runs: list[dict]) -> float:  # to the first token's chunk
+        return float(np.median([r["tokens"][0] - r["sent"] for r in runs]))
 
     out["arrivals"] = {
         "idle_ttft_ms": ttft(idle) * 1e3,
         "loaded_ttft_ms": ttft(loaded) * 1e3,
-        "long_gap_ms": float(np.median(step)) * 1e3 if step else None,
+        "long_step_ms": float(np.median(step)) * 1e3 if step else None,
     }
     rng = np.random.default_rng(seed)
     kinds = [LONG_TOKENS] * 4 + [SHORT_TOKENS] * 12
@@ -120,7 +121,7 @@ async def _measure(base_url: str, model: str, tokens: int, arrivals: int, seed: 
     runs = await asyncio.gather(*(later(o, k) for o, k in zip(offsets, kinds)))
     wall = max(r["end"] for r in runs) - start
     out["mixed"] = {
-        "short_latency_p50_s": float(np.median([r["chunks"][-1] - r["sent"] for r in runs if r["max_tokens"] < 100])),
+        "short_latency_p50_s": float(np.median([r["tokens"][-1] - r["sent"] for r in runs if r["max_tokens"] < 100])),
         "long_output_tok_s": sum(r["max_tokens"] for r in runs if r["max_tokens"] >= 100) / wall,
     }
     await client.close()
@@ -213,13 +214,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\ntransformers generate, {args.tokens} tokens: {statistics.median(hf):.3f} s (median of {len(hf)})")
     header = "setting | chunks | text chunks | stream s | gap p50 ms | idle TTFT ms | TTFT among 2 long ms"
-    print(header + " | long gap ms | mixed: short p50 s | long tok/s")
+    print(header + " | long step ms | mixed: short p50 s | long tok/s")
     for name, runs in results.items():
         print(
             f"{name} | {med(runs, 'stream', 'chunks'):.0f} | {med(runs, 'stream', 'text_chunks'):.0f} | "
             f"{med(runs, 'stream', 'total_s'):.3f} | "
             f"{med(runs, 'stream', 'gap_p50_ms'):.2f} | {med(runs, 'arrivals', 'idle_ttft_ms'):.1f} | "
-            f"{med(runs, 'arrivals', 'loaded_ttft_ms'):.1f} | {med(runs, 'arrivals', 'long_gap_ms'):.2f} | "
+            f"{med(runs, 'arrivals', 'loaded_ttft_ms'):.1f} | {med(runs, 'arrivals', 'long_step_ms'):.2f} | "
             f"{med(runs, 'mixed', 'short_latency_p50_s'):.3f} | {med(runs, 'mixed', 'long_output_tok_s'):.0f}"
         )
     path = Path(args.out)
