@@ -8,7 +8,8 @@ only the rows or columns this rank keeps, so a rank never holds the whole model.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -89,26 +90,75 @@ def _split(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
-# Rows and weight size (elements) at which a CPU linear runs as weight @ x^T (`linear`).
-SWAPPED_ROWS = (5, 8)
-SWAPPED_MIN_WEIGHT = 1 << 25
+# Row counts up to which a CPU linear may run as weight @ x^T; which ones do, per weight shape, is measured
+# (`tune_cpu_linears`): (out, in, rows) -> True where the swapped form is the faster one on this CPU.
+SWAPPED_MAX_ROWS = 8
+PROBE_ROWS = (1, 2, 4, 8)  # rows 3 follow 4, rows 5-7 follow 8
+SWAP_GAIN = 1.25  # the swapped form is kept only where it is at least this much faster
+_swapped: dict[tuple[int, int, int], bool] = {}
+
+
+def _probe_rows(rows: int) -> int:
+    return next(p for p in PROBE_ROWS if p >= rows)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except for 5-8 rows (a speculative verification, a batch's decode step) against an LM
-    head-sized weight on CPU, which run as `weight @ x^T`.
+    """F.linear, or on CPU for 1-8 rows (a decode step, a speculative verification) `weight @ x^T` where
+    `tune_cpu_linears` found that form faster for this weight shape and row count.
 
-    CPU BLAS's few-row products depend on the CPU. Measured on this project's 2-core x86 test host (AVX-512,
-    torch 2.13, one thread as a worker runs): at one row, `x @ weight^T` takes 4.7 us against 26 us swapped
-    for a 256 x 128 weight (a small product is call overhead, and the swapped form is more calls) and 40 ms
-    against 91 ms for the 0.5B's LM head (151,936 x 896); the swapped form wins against the LM head from 5
-    rows up with two threads (48 against 66 ms at 5 rows) and at 8 rows with one (94 against 135 ms).
+    Which form CPU BLAS runs faster for few rows depends on the CPU: on one 2-core x86 host of this project
+    `weight @ x^T` was 1.5-4x faster at 1-4 rows (a single row padded to two), on another (AVX-512 with
+    AMX) `x @ weight^T` was about 2x faster at one row against the 0.5B's LM head (40 against 91 ms) and
+    5x faster against a small weight (call overhead); from 5-8 rows the swapped form won there against the
+    LM head (docs/benchmarks.md, "Few-row linears").
     """
     rows = x.shape[0] if x.dim() == 2 else 0
-    if x.device.type != "cpu" or not SWAPPED_ROWS[0] <= rows <= SWAPPED_ROWS[1] or weight.numel() < SWAPPED_MIN_WEIGHT:
+    if (
+        x.device.type != "cpu"
+        or not 0 < rows <= SWAPPED_MAX_ROWS
+        or not _swapped.get((*weight.shape, _probe_rows(rows)))
+    ):
         return F.linear(x, weight, bias)
-    y = torch.mm(weight, x.t()).t().contiguous()
+    return _swapped_linear(x, weight, bias)
+
+
+def _swapped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    rows = x.shape[0]
+    if rows == 1:  # weight @ (one column) would be a matrix-vector product: pad to two columns
+        x = torch.cat([x, torch.zeros_like(x)])
+    y = torch.mm(weight, x.t()).t()[:rows].contiguous()
     return y + bias if bias is not None else y
+
+
+def _best_of(fn: Callable[..., Any], *args: Any, repeats: int = 2) -> float:
+    fn(*args)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.inference_mode()
+def tune_cpu_linears(weights: Iterable[torch.Tensor]) -> dict[tuple[int, int, int], bool]:
+    """Time F.linear against `weight @ x^T` for each distinct float weight shape at PROBE_ROWS rows, and keep
+    the swapped form where it is at least SWAP_GAIN faster (`linear`). CPU weights only; returns the choices
+    made. Run once per process after the weights are loaded (a few seconds for a 0.5B model's LM head)."""
+    seen: dict[tuple[int, int, int], bool] = {}
+    for weight in weights:
+        if weight.device.type != "cpu" or weight.dim() != 2 or not weight.dtype.is_floating_point:
+            continue
+        for rows in PROBE_ROWS:
+            key = (*weight.shape, rows)
+            if key in seen or key in _swapped:  # another model of this process measured it
+                continue
+            x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+            plain = _best_of(F.linear, x, weight)
+            swapped = _best_of(_swapped_linear, x, weight, None)
+            seen[key] = swapped * SWAP_GAIN <= plain
+    _swapped.update(seen)
+    return seen
 
 
 def default_weight_loader(param: torch.Tensor, source: TensorSource, shard_id: Any = None) -> None:

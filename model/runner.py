@@ -23,7 +23,7 @@ from model.graph import CompiledDecode, GraphDecode, decode_lengths, pick_length
 from model.kv_cache import NULL_BLOCK, PagedKVCache, blocks_for, slot_tables
 from model.loader import load_weights
 from model.npu_ops import decode_ops
-from model.parallel import SINGLE, ParallelContext
+from model.parallel import SINGLE, ParallelContext, tune_cpu_linears
 from model.processor import PreparedRequest
 from model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from model.rotary import mrope_positions
@@ -110,6 +110,8 @@ class ModelRunner:
             self.model, model_path, progress, f"rank {ctx.rank} loading weights", quantization=quantization
         )
         self.model.eval().requires_grad_(False)
+        if self.device.type == "cpu":  # the faster form of few-row products here, per weight shape (`linear`)
+            tune_cpu_linears([*self.model.model.layers.parameters(), self.model.lm_head.weight])
         attn = self.model.model.layers[0].self_attn
         self.block_size = kv_block_size or KV_BLOCK_SIZE.get(self.device.type, 16)
         self.max_blocks_per_seq = blocks_for(max_seq_len, self.block_size)

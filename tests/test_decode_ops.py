@@ -15,15 +15,31 @@ from model.rotary import apply_rotary
 @pytest.mark.parametrize("rows", range(1, 10))
 @pytest.mark.parametrize("swapped", [False, True])
 def test_linear_equals_f_linear_in_both_forms(monkeypatch: pytest.MonkeyPatch, rows: int, swapped: bool) -> None:
-    if swapped:  # every weight large enough for the weight @ x^T form, rows 1-8
-        monkeypatch.setattr(parallel, "SWAPPED_ROWS", (1, 8))
-        monkeypatch.setattr(parallel, "SWAPPED_MIN_WEIGHT", 0)
     g = torch.Generator().manual_seed(rows)
     x, weight, bias = torch.randn(rows, 48, generator=g), torch.randn(80, 48, generator=g), torch.randn(80, generator=g)
+    choices = {(80, 48, r): swapped for r in parallel.PROBE_ROWS}
+    monkeypatch.setattr(parallel, "_swapped", choices)
     for b in (None, bias):
         out = parallel.linear(x, weight, b)
         assert out.shape == (rows, 80) and out.is_contiguous()
         torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+def test_tuning_times_each_weight_shape_once_and_keeps_the_faster_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parallel, "_swapped", {(4, 4, 1): True})  # measured before: not timed again
+    timed = []
+
+    def fake_best_of(fn, *args) -> float:
+        timed.append(fn)
+        return 1.0 if len(timed) % 2 else 0.5  # F.linear first, then the swapped form: twice as fast
+
+    monkeypatch.setattr(parallel, "_best_of", fake_best_of)
+    a, b, int8 = torch.zeros(16, 8), torch.zeros(16, 8), torch.zeros(16, 8, dtype=torch.int8)
+    made = parallel.tune_cpu_linears([a, b, int8, torch.zeros(4, 4), torch.zeros(8)])
+    assert made == {(16, 8, r): True for r in parallel.PROBE_ROWS} | {(4, 4, r): True for r in (2, 4, 8)}
+    assert len(timed) == 2 * len(made)
+    monkeypatch.setattr(parallel, "SWAP_GAIN", 3.0)  # 2x faster is not enough now
+    assert not any(parallel.tune_cpu_linears([torch.zeros(32, 8)]).values())
 
 
 def test_decode_attention_equals_masked_softmax_over_grouped_heads() -> None:
