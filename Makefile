@@ -65,6 +65,7 @@ bench: tiny-model
 	$(PY) -m cluster.tools.bench_prefix
 	$(PY) -m cluster.tools.simulate conf/qwen2_5_vl_72b.yaml --model-shape qwen2.5-vl-72b --hardware a3 \
 		--workload chat --requests 1000 --rate 5 --json outputs/simulate/chat_a3.json
+	$(PY) -m cluster.tools.sim_validate --calibrate --json outputs/simulate/validate_cpu_here.json
 	$(PY) -m cluster.tools.spec_projection --json outputs/simulate/spec_a3.json
 	$(PY) -m cluster.tools.bench_spec --k 3 --json outputs/bench_spec.json
 	$(PY) -m cluster.tools.bench_constrained $(HOME)/.cache/qwen2_5_vl_ray/bench-small --graph

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
 
 from actors import clock
 from actors.scheduler import GroupScheduler
-from cluster.tools import cost_model, sim_loop, simulate
+from cluster.tools import cost_model, sim_calibrate, sim_loop, simulate
 from cluster.tools.hardware import hardware
 from cluster.tools.model_shapes import model_shape
 from cluster.tools.sim_workloads import smart_resize
@@ -198,3 +199,47 @@ def test_a_profile_file_is_read_and_a_bad_one_named(tmp_path) -> None:
     path.write_text("{}")
     with pytest.raises(ValueError, match="cpu.json"):
         hardware(str(path))
+
+
+def test_products_of_few_rows_run_at_their_share_of_the_rate() -> None:
+    cpu = dataclasses.replace(hardware("a3"), gemm_half_rows=36.0)
+    shape = model_shape("qwen2.5-vl-72b")
+    one, four = (cost_model.decode_step(shape, hw, 8, "bf16", [1000] * 4, graph=True) for hw in (hardware("a3"), cpu))
+    assert one.memory_s == four.memory_s and one.flops == four.flops
+    # 4 rows (linears and LM head alike) at 4 / (4 + 36) of the rate: 10x the arithmetic time of the full rate,
+    # less the attention, which runs at the full rate either way
+    attention = 4 * shape.layers * shape.heads / 8 * shape.head_dim * 4 * (1000 - 1 + 1)
+    full = one.compute_s - attention / (hardware("a3").bf16_flops * hardware("a3").flops_efficiency)
+    assert four.compute_s - (one.compute_s - full) == pytest.approx(10 * full)
+    single = [cost_model.decode_step(shape, hw, 8, "bf16", [1000], graph=True) for hw in (hardware("a3"), cpu)]
+    assert single[0].compute_s == single[1].compute_s  # one row: a matrix-vector product, full rate
+    assert cost_model.rows_rate(hardware("a3"), 4) == 1.0  # accelerators: every product at the full rate
+
+
+def test_calibration_recovers_the_rate_it_was_given() -> None:
+    shape = model_shape("qwen2.5-vl-3b")
+    truth = dataclasses.replace(hardware("cpu-here"), flops_efficiency=0.7, gemm_half_rows=30.0)
+    few, many = [(1, 40)] * 4, [(256, 256)]
+
+    def seconds(rows):
+        return cost_model.forward(shape, truth, 1, "fp32", rows, graph=False).compute_s
+
+    half_rows, efficiency = sim_calibrate.fit_products(
+        shape, hardware("cpu-here"), (few, seconds(few)), (many, seconds(many))
+    )
+    assert half_rows == pytest.approx(30.0, abs=0.02)
+    assert efficiency == pytest.approx(0.7, rel=1e-3)
+
+
+def test_the_validation_judges_each_figure_against_its_target() -> None:
+    from cluster.tools.sim_validate import compare
+
+    real = {"ttft_ms": {"mean": 100.0, "median": 100.0, "p99": 200.0},
+            "tpot_ms": {"mean": 10.0, "median": 10.0, "p99": 20.0}, "output_throughput_tok_s": 50.0}  # fmt: skip
+    simulated = {"ttft_ms": {"mean": 125.0, "median": 126.0, "p99": 290.0},
+                 "tpot_ms": {"mean": 8.0, "median": 10.0, "p99": 31.0}, "output_throughput_tok_s": 37.0}  # fmt: skip
+    rows = {row["figure"]: row for row in compare(real, simulated)}
+    assert rows["ttft_ms mean"]["within"] and not rows["ttft_ms median"]["within"]  # 25% in, 26% out
+    assert rows["ttft_ms p99"]["within"] and not rows["tpot_ms p99"]["within"]  # p99s: 50%
+    assert rows["tpot_ms mean"]["error"] == pytest.approx(-0.2)
+    assert not rows["output_throughput_tok_s"]["within"]

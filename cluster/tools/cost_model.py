@@ -6,7 +6,8 @@ One function per kind of work; each takes a `ModelShape` (cluster/tools/model_sh
 - `forward`: one forward over rows of (new tokens, context after the step): a pure-decode step (one
   new token per row) or a packed prefill round (prompt chunks and decode rows). Its time is
   max(bytes / (bandwidth x bandwidth_efficiency), FLOPs / (peak x flops_efficiency)) + all-reduces
-  + a fixed cost per call and per layer (captured graph or eager).
+  + a fixed cost per call and per layer (captured graph or eager). A matrix product of M >= 2 rows runs
+  at M / (M + gemm_half_rows) of the peak (`rows_rate`; 0 on the accelerators: full rate).
   Bytes: the rank's weights (linear weights at 2 bytes in bf16, 1 in w8a8; embeddings, LM head at 2),
   each row's KV read over its whole context and the new tokens' KV written.
   FLOPs: 2 x tokens x linear weights, attention 4 x layers x heads/tp x head_dim x new x (past + (new+1)/2),
@@ -98,6 +99,12 @@ def allreduce_s(shape: ModelShape, hw: Hardware, tp: int, tokens: int, weights: 
     return shape.layers * 2 * (hw.link_latency_s + 2 * (tp - 1) / tp * size / hw.link_bandwidth)
 
 
+def rows_rate(hw: Hardware, rows: int) -> float:
+    """The share of the peak a matrix product of `rows` rows runs at: rows / (rows + gemm_half_rows) from 2 rows
+    up, 1 for a single row (a matrix-vector product, bound by the weight read)."""
+    return 1.0 if rows < 2 or hw.gemm_half_rows <= 0 else rows / (rows + hw.gemm_half_rows)
+
+
 def forward(
     shape: ModelShape, hw: Hardware, tp: int, weights: str, rows: list[tuple[int, int]], graph: bool
 ) -> StepCost:
@@ -112,8 +119,9 @@ def forward(
     heads = shape.heads / tp
     attention = sum(4 * shape.layers * heads * shape.head_dim * n * (c - n + (n + 1) / 2) for n, c in rows)
     lm_head = 2 * len(rows) * shape.lm_head_params() / tp
-    linear_peak = hw.int8_ops if weights == "w8a8" else hw.bf16_flops
-    compute = (linear / linear_peak + (attention + lm_head) / hw.bf16_flops) / hw.flops_efficiency
+    linear_peak = (hw.int8_ops if weights == "w8a8" else hw.bf16_flops) * rows_rate(hw, tokens)
+    lm_head_peak = hw.bf16_flops * rows_rate(hw, len(rows))
+    compute = (linear / linear_peak + lm_head / lm_head_peak + attention / hw.bf16_flops) / hw.flops_efficiency
     memory = (weight + kv) / (hw.bandwidth * hw.bandwidth_efficiency)
     fixed = (
         hw.graph_call_s + shape.layers * hw.graph_layer_s

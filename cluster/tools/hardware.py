@@ -26,7 +26,11 @@ class Hardware:
     link_latency_s: fixed cost of one all-reduce; bandwidth_efficiency, flops_efficiency: the share of
     the peak a step reaches; call_s: a step call's fixed device-side cost (launch, sampling) with a
     captured graph (graph_call_s) or eager (eager_call_s); graph_layer_s, eager_layer_s: fixed cost per
-    decoder layer (kernel launches) in each mode; device: the engine's device kind (KV block size).
+    decoder layer (kernel launches) in each mode; device: the engine's device kind (KV block size);
+    gemm_half_rows: the rows M at which a matrix product of M >= 2 rows runs at half its rate (the rate
+    is peak x flops_efficiency x M / (M + gemm_half_rows)); 0, the accelerators' value: every product at
+    the full rate (their few-row products are bound by the weight read, which the memory term prices).
+    A single row is a matrix-vector product, bound by the weight read, at the full rate.
     """
 
     name: str
@@ -43,6 +47,7 @@ class Hardware:
     eager_call_s: float
     graph_layer_s: float
     eager_layer_s: float
+    gemm_half_rows: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,12 +73,27 @@ PROFILES: dict[str, Hardware] = {
     "h100": _accelerator("h100", "cuda", 3.35e12, 989 * TFLOPS, 1979 * TFLOPS, 80 * GB, 900 * GB, 100e-6),
     # NVIDIA H200: H100's compute, 4.8 TB/s HBM3e, 141 GB.
     "h200": _accelerator("h200", "cuda", 4.8e12, 989 * TFLOPS, 1979 * TFLOPS, 141 * GB, 900 * GB, 100e-6),
-    # This machine's 2 cores, fp32: 20 GB/s read (FACTS.md 2b); this engine's decode step of the 0.5B shape reads
-    # its 1.98 GB of fp32 weights in 169.8 ms in process (docs/benchmarks.md), ~60% of it; prefill ~77 GFLOPS
-    # effective (13 ms per prompt token of the 0.5B shape, ~1 GFLOP each, the paged-KV issue's notes) against an
-    # assumed 160 GFLOPS peak (2 cores x 2.5 GHz x 32 fp32 FLOP/cycle).
+    # This machine's 2 cores, fp32, as `simulate --calibrate` fitted them on 2026-12-07 (docs/simulator.md,
+    # "Validation against the real engine here"): 23.4 GB/s read (`bench.measure_bandwidth`), a batch-1 decode
+    # step of the 0.5B shape at 96% of it (90.8 ms); matrix products at 210 GFLOPS (the first token after 256
+    # prompt tokens, 1,007 ms) and at half that rate at 34 rows (a batch-4 decode step, 183 ms: 4 rows run at
+    # 10% of the rate); 20 us per eager layer (the tiny shape's step).
     "cpu-here": Hardware(
-        "cpu-here", "cpu", 20 * GB, 160e9, 160e9, 32 * GB, 20 * GB, 50e-6, 0.60, 0.48, 1e-3, 2e-3, 0.1e-3, 0.3e-3
+        "cpu-here",
+        "cpu",
+        23.4 * GB,
+        210e9,
+        210e9,
+        32 * GB,
+        20 * GB,
+        50e-6,
+        0.96,
+        1.0,
+        1e-3,
+        2e-3,
+        0.1e-3,
+        20e-6,
+        gemm_half_rows=34.4,
     ),
 }
 

@@ -9,11 +9,13 @@ checkpoints of `cluster.tools.bench` with this engine's `ModelRunner` (fp32, eag
 
 Fitted (cluster/tools/cost_model.py's terms): the eager per-layer cost from the tiny shape's decode
 step (its bytes and FLOPs are negligible: (step - eager call) / layers); the bandwidth efficiency from
-the 0.5B shape's batch-1 step less that fixed cost, over its bytes; the FLOPs efficiency from the slope
-of the first-token time between the two prompt lengths, over the FLOPs the cost model counts between
-them. Prints the measured and modelled seconds side by side; `--json` writes the fitted profile, which
-`--hardware OUT.json` then uses. The figures are this machine's at the time: other processes on its
-cores show up in them.
+the 0.5B shape's batch-1 step less that fixed cost, over its bytes; the rate of matrix products from the
+largest batch's decode step and the longest prompt's first token, less the fixed cost (both bound by
+arithmetic here): `gemm_half_rows` so that the model's ratio of the two equals the measured one, then
+the FLOPs efficiency from the prompt (the peak is raised to the measured rate where that exceeds it).
+The shorter prompt is modelled from the fitted figures, not fitted: it checks them. Prints the measured
+and modelled seconds side by side; `--json` writes the fitted profile, which `--hardware OUT.json` then
+uses. The figures are this machine's at the time: other processes on its cores show up in them.
 """
 
 from __future__ import annotations
@@ -75,6 +77,33 @@ def _first_token_s(runner, length: int) -> float:
     return statistics.median(_times(runner, 1, length, 1)[0][0] for _ in range(3))
 
 
+def fit_products(
+    shape, base: Hardware, few: tuple[list[tuple[int, int]], float], many: tuple[list[tuple[int, int]], float]
+) -> tuple[float, float]:
+    """(gemm_half_rows, flops_efficiency) with which the cost model gives the measured arithmetic seconds of two
+    forwards, each (rows of `cost_model.forward`, seconds): one of few rows (a batch's decode step), one of
+    many (a long first prompt). The half-rate rows from the ratio of the two (bisection; 0 when the few-row
+    forward runs no slower than the model's full rate gives), then the efficiency from the second. An
+    efficiency above 1 means the measured rate exceeds the profile's peak."""
+
+    def model(half_rows: float, rows: list[tuple[int, int]]) -> float:
+        profile = dataclasses.replace(base, flops_efficiency=1.0, gemm_half_rows=half_rows)
+        return cost_model.forward(shape, profile, 1, "fp32", rows, graph=False).compute_s
+
+    (few_rows, few_s), (many_rows, many_s) = few, many
+    target = few_s / many_s
+    low, high = 0.0, 4096.0
+    if model(low, few_rows) / model(low, many_rows) >= target:
+        high = 0.0
+    elif model(high, few_rows) / model(high, many_rows) <= target:
+        low = high
+    while high - low > 0.01:
+        mid = (low + high) / 2
+        low, high = (mid, high) if model(mid, few_rows) / model(mid, many_rows) < target else (low, mid)
+    half_rows = (low + high) / 2
+    return half_rows, model(half_rows, many_rows) / many_s
+
+
 def calibrate() -> tuple[Hardware, list[dict]]:
     """The fitted cpu-here profile and the rows (what, measured s, modelled s) behind it."""
     from cluster.tools.bench import measure_bandwidth
@@ -93,15 +122,23 @@ def calibrate() -> tuple[Hardware, list[dict]]:
     one = cost_model.decode_step(shape, base, 1, "fp32", [24], graph=False)
     bandwidth_efficiency = (one.weight_bytes + one.kv_bytes) / (bandwidth * max(steps[1] - fixed, 1e-6))
     firsts = {p: _first_token_s(small, p) for p in PROMPTS}
-    short, long = (cost_model.prefill_step(shape, base, 1, "fp32", [(p, p)], []) for p in PROMPTS)
-    slope_s = max(firsts[PROMPTS[1]] - firsts[PROMPTS[0]], 1e-6)
-    flops_efficiency = (long.flops - short.flops) / (base.bf16_flops * slope_s)
+    batch, prompt = max(BATCHES), max(PROMPTS)
+    half_rows, flops_efficiency = fit_products(
+        shape,
+        base,
+        ([(1, 16 + NEW_TOKENS // 2)] * batch, max(steps[batch] - fixed, 1e-6)),
+        ([(prompt, prompt)], max(firsts[prompt] - fixed, 1e-6)),
+    )
+    peak = base.bf16_flops * max(1.0, flops_efficiency)
     fitted = dataclasses.replace(
         base,
         bandwidth=bandwidth,
+        bf16_flops=peak,
+        int8_ops=peak,
         bandwidth_efficiency=min(1.0, bandwidth_efficiency),
         flops_efficiency=min(1.0, flops_efficiency),
         eager_layer_s=layer_s,
+        gemm_half_rows=half_rows,
     )
     rows = [{"what": "tiny decode step, batch 1", "measured_s": tiny_step,
              "modelled_s": cost_model.decode_step(tiny_shape, fitted, 1, "fp32", [24], False).seconds}]  # fmt: skip
