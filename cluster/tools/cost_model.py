@@ -162,7 +162,7 @@ def vision_image_flops(shape: ModelShape, patches: int) -> float:
 def vision_image_s(shape: ModelShape, hw: Hardware, patches: int, weights: str = "bf16") -> float:
     """Seconds of the whole vision tower over one image on one device (bf16, fp32 in an fp32 run; eager: a fixed
     cost per block)."""
-    compute = vision_image_flops(shape, patches) / (hw.bf16_flops * hw.flops_efficiency)
+    compute = vision_image_flops(shape, patches) / (hw.bf16_flops * hw.flops_efficiency * rows_rate(hw, patches))
     memory = shape.vision_params() * element_bytes(weights) / (hw.bandwidth * hw.bandwidth_efficiency)
     return max(compute, memory) + shape.vision_depth * hw.eager_layer_s
 
@@ -182,7 +182,9 @@ def vision_call_s(
         return hw.eager_call_s + max(loads)
     total = 0.0
     for patches in images:
-        compute = vision_image_flops(shape, patches) / (hw.bf16_flops * hw.flops_efficiency * tp)
+        compute = vision_image_flops(shape, patches) / (
+            hw.bf16_flops * hw.flops_efficiency * rows_rate(hw, patches) * tp
+        )
         reduce = 0.0
         if tp > 1:
             size = patches * shape.vision_hidden * element_bytes(weights)

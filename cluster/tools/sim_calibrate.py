@@ -5,7 +5,8 @@ checkpoints of `cluster.tools.bench` with this engine's `ModelRunner` (fp32, eag
 
 - the read bandwidth (`bench.measure_bandwidth`, a `sum` over 512 MB);
 - a decode step at each batch size of `BATCHES` (median gap between tokens, 16-token prompts);
-- a first token after prompts of `PROMPTS` tokens (batch 1).
+- a first token after prompts of `PROMPTS` tokens (batch 1);
+- the vision tower over the benchmarks' image (a check: not fitted).
 
 Fitted (cluster/tools/cost_model.py's terms): the eager per-layer cost from the tiny shape's decode
 step (its bytes and FLOPs are negligible: (step - eager call) / layers); the bandwidth efficiency from
@@ -24,6 +25,7 @@ import dataclasses
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 from cluster.tools import cost_model
@@ -77,6 +79,24 @@ def _first_token_s(runner, length: int) -> float:
     return statistics.median(_times(runner, 1, length, 1)[0][0] for _ in range(3))
 
 
+def _vision_s(runner, path) -> tuple[int, float]:
+    """(patches, median seconds) of the vision tower over the benchmarks' image (its cache off)."""
+    from cluster.tools.bench import CACHE_DIR, bench_image
+    from model.processor import PromptBuilder
+
+    request = PromptBuilder.from_pretrained(path).build(
+        {"id": "calibrate", "prompt": "Describe.", "images": [str(bench_image(CACHE_DIR))]}
+    )
+    runner.vision_cache = None
+    runner.encode_images([request])
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        runner.encode_images([request])
+        seconds.append(time.perf_counter() - start)
+    return int(request.image_grid_thw.prod(-1).sum()), statistics.median(seconds)
+
+
 def fit_products(
     shape, base: Hardware, few: tuple[list[tuple[int, int]], float], many: tuple[list[tuple[int, int]], float]
 ) -> tuple[float, float]:
@@ -122,6 +142,7 @@ def calibrate() -> tuple[Hardware, list[dict]]:
     one = cost_model.decode_step(shape, base, 1, "fp32", [24], graph=False)
     bandwidth_efficiency = (one.weight_bytes + one.kv_bytes) / (bandwidth * max(steps[1] - fixed, 1e-6))
     firsts = {p: _first_token_s(small, p) for p in PROMPTS}
+    patches, vision_s = _vision_s(small, small_path)
     batch, prompt = max(BATCHES), max(PROMPTS)
     half_rows, flops_efficiency = fit_products(
         shape,
@@ -148,6 +169,8 @@ def calibrate() -> tuple[Hardware, list[dict]]:
     for p, seconds in firsts.items():
         model = cost_model.prefill_step(shape, fitted, 1, "fp32", [(p, p)], []).seconds
         rows.append({"what": f"0.5B first token after {p} prompt tokens", "measured_s": seconds, "modelled_s": model})
+    model = cost_model.vision_image_s(shape, fitted, patches, "fp32")
+    rows.append({"what": f"0.5B vision tower, {patches} patches", "measured_s": vision_s, "modelled_s": model})
     return fitted, rows
 
 
