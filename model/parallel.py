@@ -90,16 +90,12 @@ def _split(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
-# Row counts up to which a CPU linear may run as weight @ x^T; which ones do, per weight shape, is measured
-# (`tune_cpu_linears`): (out, in, rows) -> True where the swapped form is the faster one on this CPU.
-SWAPPED_MAX_ROWS = 8
-PROBE_ROWS = (1, 2, 4, 8)  # rows 3 follow 4, rows 5-7 follow 8
+# Which CPU linears run as weight @ x^T is measured per weight shape (`tune_cpu_linears`) at PROBE_ROWS rows,
+# up to the last of them; each row count between follows the next probe (3 rows follow 4, 5-7 follow 8).
+# (out, in, rows) -> True where the swapped form is the faster one on this CPU, for every rows 1..8.
+PROBE_ROWS = (1, 2, 4, 8)
 SWAP_GAIN = 1.25  # the swapped form is kept only where it is at least this much faster
 _swapped: dict[tuple[int, int, int], bool] = {}
-
-
-def _probe_rows(rows: int) -> int:
-    return next(p for p in PROBE_ROWS if p >= rows)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,14 +108,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     5x faster against a small weight (call overhead); from 5-8 rows the swapped form won there against the
     LM head (docs/benchmarks.md, "Few-row linears").
     """
-    rows = x.shape[0] if x.dim() == 2 else 0
-    if (
-        x.device.type != "cpu"
-        or not 0 < rows <= SWAPPED_MAX_ROWS
-        or not _swapped.get((*weight.shape, _probe_rows(rows)))
-    ):
-        return F.linear(x, weight, bias)
-    return _swapped_linear(x, weight, bias)
+    if x.device.type == "cpu" and x.dim() == 2 and _swapped.get((*weight.shape, x.shape[0])):
+        return _swapped_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _swapped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -157,7 +148,9 @@ def tune_cpu_linears(weights: Iterable[torch.Tensor]) -> dict[tuple[int, int, in
             plain = _best_of(F.linear, x, weight)
             swapped = _best_of(_swapped_linear, x, weight, None)
             seen[key] = swapped * SWAP_GAIN <= plain
-    _swapped.update(seen)
+    for (out, inp, probe), faster in seen.items():  # the probe's choice for each row count it stands for
+        below = max((p for p in PROBE_ROWS if p < probe), default=0)
+        _swapped.update({(out, inp, rows): faster for rows in range(below + 1, probe + 1)})
     return seen
 
 
