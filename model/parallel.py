@@ -8,8 +8,7 @@ only the rows or columns this rank keeps, so a rank never holds the whole model.
 from __future__ import annotations
 
 import socket
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -17,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from model.cpu_linear import linear
 
 
 class TensorSource(Protocol):
@@ -88,70 +89,6 @@ def _split(total: int, parts: int, what: str) -> int:
     if total % parts:
         raise ValueError(f"{what}={total} is not divisible by tp_size={parts}")
     return total // parts
-
-
-# Which CPU linears run as weight @ x^T is measured per weight shape (`tune_cpu_linears`) at PROBE_ROWS rows,
-# up to the last of them; each row count between follows the next probe (3 rows follow 4, 5-7 follow 8).
-# (out, in, rows) -> True where the swapped form is the faster one on this CPU, for every rows 1..8.
-PROBE_ROWS = (1, 2, 4, 8)
-SWAP_GAIN = 1.25  # the swapped form is kept only where it is at least this much faster
-_swapped: dict[tuple[int, int, int], bool] = {}
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, or on CPU for 1-8 rows (a decode step, a speculative verification) `weight @ x^T` where
-    `tune_cpu_linears` found that form faster for this weight shape and row count.
-
-    Which form CPU BLAS runs faster for few rows depends on the CPU: on one 2-core x86 host of this project
-    `weight @ x^T` was 1.5-4x faster at 1-4 rows (a single row padded to two), on another (AVX-512 with
-    AMX) `x @ weight^T` was about 2x faster at one row against the 0.5B's LM head (40 against 91 ms) and
-    5x faster against a small weight (call overhead); from 5-8 rows the swapped form won there against the
-    LM head (docs/benchmarks.md, "Few-row linears").
-    """
-    if x.device.type == "cpu" and x.dim() == 2 and _swapped.get((*weight.shape, x.shape[0])):
-        return _swapped_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-def _swapped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    rows = x.shape[0]
-    if rows == 1:  # weight @ (one column) would be a matrix-vector product: pad to two columns
-        x = torch.cat([x, torch.zeros_like(x)])
-    y = torch.mm(weight, x.t()).t()[:rows].contiguous()
-    return y + bias if bias is not None else y
-
-
-def _best_of(fn: Callable[..., Any], *args: Any, repeats: int = 2) -> float:
-    fn(*args)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-@torch.inference_mode()
-def tune_cpu_linears(weights: Iterable[torch.Tensor]) -> dict[tuple[int, int, int], bool]:
-    """Time F.linear against `weight @ x^T` for each distinct float weight shape at PROBE_ROWS rows, and keep
-    the swapped form where it is at least SWAP_GAIN faster (`linear`). CPU weights only; returns the choices
-    made. Run once per process after the weights are loaded (a few seconds for a 0.5B model's LM head)."""
-    seen: dict[tuple[int, int, int], bool] = {}
-    for weight in weights:
-        if weight.device.type != "cpu" or weight.dim() != 2 or not weight.dtype.is_floating_point:
-            continue
-        for rows in PROBE_ROWS:
-            key = (*weight.shape, rows)
-            if key in seen or key in _swapped:  # another model of this process measured it
-                continue
-            x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-            plain = _best_of(F.linear, x, weight)
-            swapped = _best_of(_swapped_linear, x, weight, None)
-            seen[key] = swapped * SWAP_GAIN <= plain
-    for (out, inp, probe), faster in seen.items():  # the probe's choice for each row count it stands for
-        below = max((p for p in PROBE_ROWS if p < probe), default=0)
-        _swapped.update({(out, inp, rows): faster for rows in range(below + 1, probe + 1)})
-    return seen
 
 
 def default_weight_loader(param: torch.Tensor, source: TensorSource, shard_id: Any = None) -> None:

@@ -18,12 +18,13 @@ import torch
 
 from model.batch import GenerationResult, generate
 from model.config import ModelConfig
+from model.cpu_linear import tune_cpu_linears
 from model.device import DTYPES, KV_BLOCK_SIZE
 from model.graph import CompiledDecode, GraphDecode, decode_lengths, pick_length
 from model.kv_cache import NULL_BLOCK, PagedKVCache, blocks_for, slot_tables
 from model.loader import load_weights
 from model.npu_ops import decode_ops
-from model.parallel import SINGLE, ParallelContext, tune_cpu_linears
+from model.parallel import SINGLE, ParallelContext
 from model.processor import PreparedRequest
 from model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from model.rotary import mrope_positions

@@ -1,4 +1,4 @@
-"""The plain decode ops (model/npu_ops.py DecodeOps) and the few-row linear (model/parallel.py) against
+"""The plain decode ops (model/npu_ops.py DecodeOps) and the few-row linear (model/cpu_linear.py) against
 their textbook forms: the CPU fast paths compute the same numbers."""
 
 from __future__ import annotations
@@ -7,39 +7,89 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model.parallel as parallel
+import model.cpu_linear as cpu_linear
 from model.npu_ops import PLAIN, rms_norm
 from model.rotary import apply_rotary
 
 
 @pytest.mark.parametrize("rows", range(1, 10))
-@pytest.mark.parametrize("swapped", [False, True])
-def test_linear_equals_f_linear_in_both_forms(monkeypatch: pytest.MonkeyPatch, rows: int, swapped: bool) -> None:
+@pytest.mark.parametrize("form", cpu_linear.FORMS)
+def test_linear_equals_f_linear_in_every_form(monkeypatch: pytest.MonkeyPatch, rows: int, form: str) -> None:
     g = torch.Generator().manual_seed(rows)
     x, weight, bias = torch.randn(rows, 48, generator=g), torch.randn(80, 48, generator=g), torch.randn(80, generator=g)
-    choices = {(80, 48, r): swapped for r in range(1, parallel.PROBE_ROWS[-1] + 1)}
-    monkeypatch.setattr(parallel, "_swapped", choices)
+    monkeypatch.setattr(cpu_linear, "_forms", {(80, 48, r): form for r in range(1, 10)})
+    cpu_linear.attach_packed(weight)
     for b in (None, bias):
-        out = parallel.linear(x, weight, b)
+        out = cpu_linear.linear(x, weight, b)
         assert out.shape == (rows, 80) and out.is_contiguous()
         torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
-def test_tuning_times_each_weight_shape_once_and_keeps_the_faster_form(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(parallel, "_swapped", {(4, 4, 1): True})  # measured before: not timed again
-    timed = []
+def test_a_compiled_step_runs_the_packed_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(48, 80)
+    x = torch.randn(4, 48, generator=g)
+    monkeypatch.setattr(cpu_linear, "_forms", {(80, 48, 4): "packed"})
+    cpu_linear.attach_packed(layer.weight)
+    reached = []
+    real = cpu_linear.packed_linear
 
-    def fake_best_of(fn, *args) -> float:
-        timed.append(fn)
-        return 1.0 if len(timed) % 2 else 0.5  # F.linear first, then the swapped form: twice as fast
+    def spy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        held = getattr(weight, cpu_linear.PACKED_ATTR)
+        reached.append(held[0] == weight.data_ptr())  # the parameter itself, with its copy
+        return real(x, weight, bias)
 
-    monkeypatch.setattr(parallel, "_best_of", fake_best_of)
-    a, b, int8 = torch.zeros(16, 8), torch.zeros(16, 8), torch.zeros(16, 8, dtype=torch.int8)
-    made = parallel.tune_cpu_linears([a, b, int8, torch.zeros(4, 4), torch.zeros(8)])
-    assert made == {(16, 8, r): True for r in parallel.PROBE_ROWS} | {(4, 4, r): True for r in (2, 4, 8)}
-    assert len(timed) == 2 * len(made)
-    monkeypatch.setattr(parallel, "SWAP_GAIN", 3.0)  # 2x faster is not enough now
-    assert not any(parallel.tune_cpu_linears([torch.zeros(32, 8)]).values())
+    monkeypatch.setattr(cpu_linear, "packed_linear", spy)
+    step = torch.compile(lambda x: cpu_linear.linear(x, layer.weight, layer.bias), dynamic=False)
+    with torch.inference_mode():
+        torch.testing.assert_close(step(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert reached == [True]
+
+
+def test_a_packed_copy_is_not_read_once_its_weight_moved() -> None:
+    weight, x = torch.randn(80, 48), torch.randn(4, 48)
+    cpu_linear.attach_packed(weight)
+    weight.data = torch.randn(80, 48)  # new numbers in new storage: the copy is stale
+    torch.testing.assert_close(cpu_linear.packed_linear(x, weight), F.linear(x, weight))
+
+
+def test_tuning_times_each_weight_shape_once_and_keeps_a_faster_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_linear, "_forms", {(4, 4, r): "swapped" for r in range(1, 65)})  # measured before
+    passes = []
+    speeds = {"plain": 1.0, "swapped": 0.9, "packed": 0.5}  # packed 2x faster, swapped within the margin
+
+    def fake_pass(weights: list, packs: dict, rows: int, form: str) -> dict:
+        passes.append(([tuple(w.shape) for w in weights], rows, form))
+        return {tuple(w.shape): speeds[form] for w in weights if form != "packed" or id(w) in packs}
+
+    monkeypatch.setattr(cpu_linear, "_time_pass", fake_pass)
+    a, b, int8, known = torch.randn(16, 8), torch.randn(16, 8), torch.zeros(16, 8, dtype=torch.int8), torch.randn(4, 4)
+    made = cpu_linear.tune_cpu_linears([a, b, int8, known, torch.zeros(8)])
+    assert made == {(16, 8, r): "packed" for r in cpu_linear.PROBE_ROWS}
+    # each form warmed up on one weight of the new shape, then timed over both in one pass; the known shape not at all
+    expected = [[(16, 8)], [(16, 8), (16, 8)]]
+    assert passes == [(shapes, r, f) for r in cpu_linear.PROBE_ROWS for f in cpu_linear.FORMS for shapes in expected]
+    assert cpu_linear._forms[(16, 8, 3)] == "packed"  # rows between probes follow the next probe
+    for w in (a, b):  # both weights of the packed shape hold their copy
+        torch.testing.assert_close(cpu_linear.linear(torch.ones(3, 8), w), F.linear(torch.ones(3, 8), w))
+        assert getattr(w, cpu_linear.PACKED_ATTR)[0] == w.data_ptr()
+    assert not hasattr(int8, cpu_linear.PACKED_ATTR) and not hasattr(known, cpu_linear.PACKED_ATTR)
+    later = torch.randn(16, 8)  # a second model's weight of a shape tuned before: packed, not timed
+    assert cpu_linear.tune_cpu_linears([later]) == {} and len(passes) == 2 * 3 * len(cpu_linear.PROBE_ROWS)
+    assert getattr(later, cpu_linear.PACKED_ATTR)[0] == later.data_ptr()
+    monkeypatch.setattr(cpu_linear, "FORM_GAIN", 3.0)  # 2x faster is not enough now
+    c = torch.zeros(32, 8)
+    assert set(cpu_linear.tune_cpu_linears([c]).values()) == {"plain"}
+    assert not hasattr(c, cpu_linear.PACKED_ATTR)
+
+
+def test_tuning_times_real_passes() -> None:
+    weights = [torch.randn(24, 16), torch.randn(24, 16), torch.randn(16, 24)]
+    packs = {id(weights[0]): cpu_linear.pack(weights[0])}
+    for form in cpu_linear.FORMS:
+        spent = cpu_linear._time_pass(weights, packs, 3, form)
+        assert set(spent) == ({(24, 16)} if form == "packed" else {(24, 16), (16, 24)})
+        assert all(t > 0 for t in spent.values())
 
 
 def test_decode_attention_equals_masked_softmax_over_grouped_heads() -> None:
