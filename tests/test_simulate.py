@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -243,3 +244,29 @@ def test_the_validation_judges_each_figure_against_its_target() -> None:
     assert rows["ttft_ms p99"]["within"] and not rows["tpot_ms p99"]["within"]  # p99s: 50%
     assert rows["tpot_ms mean"]["error"] == pytest.approx(-0.2)
     assert not rows["output_throughput_tok_s"]["within"]
+
+
+def test_the_validation_simulates_the_checkpoint_with_every_profile(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With --calibrate the fitted profile is a second profile of the same checkpoint's simulation (the real runs,
+    the calibration and the simulations stubbed: the wiring of `main` is what is checked)."""
+    from cluster.tools import bench, sim_calibrate, sim_validate, tiny_checkpoint
+    from cluster.tools.hardware import hardware
+
+    checkpoint = tmp_path / "small"
+    summary = {"ttft_ms": {"mean": 1.0, "median": 1.0, "p99": 1.0},
+               "tpot_ms": {"mean": 1.0, "median": 1.0, "p99": 1.0}, "output_throughput_tok_s": 1.0}  # fmt: skip
+    calls = []
+    monkeypatch.setattr(bench, "bench_image", lambda directory: tmp_path / "image.png")
+    monkeypatch.setattr(tiny_checkpoint, "build_tiny_checkpoint", lambda directory, spec: checkpoint)
+    monkeypatch.setattr(sim_validate, "real_runs", lambda path, requests: {"static": summary, "continuous": summary})
+    monkeypatch.setattr(sim_calibrate, "calibrate", lambda: (hardware("cpu-here"), []))
+    monkeypatch.setattr(
+        sim_validate, "simulated", lambda path, requests, profile, policy: calls.append((path, profile)) or summary
+    )
+    assert sim_validate.main(["--calibrate", "--json", str(tmp_path / "out.json")]) == 0
+    assert [path for path, _ in calls] == [checkpoint] * 4
+    profiles = [profile for _, profile in calls]  # per policy: the named profile, then the fitted one
+    assert profiles[0] == profiles[2] == "cpu-here" and profiles[1] == profiles[3]
+    assert profiles[1].endswith("calibrated.json")

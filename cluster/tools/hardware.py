@@ -73,27 +73,28 @@ PROFILES: dict[str, Hardware] = {
     "h100": _accelerator("h100", "cuda", 3.35e12, 989 * TFLOPS, 1979 * TFLOPS, 80 * GB, 900 * GB, 100e-6),
     # NVIDIA H200: H100's compute, 4.8 TB/s HBM3e, 141 GB.
     "h200": _accelerator("h200", "cuda", 4.8e12, 989 * TFLOPS, 1979 * TFLOPS, 141 * GB, 900 * GB, 100e-6),
-    # This machine's 2 cores, fp32, as `simulate --calibrate` fitted them on 2026-12-07 (docs/simulator.md,
-    # "Validation against the real engine here"): 23.4 GB/s read (`bench.measure_bandwidth`), a batch-1 decode
-    # step of the 0.5B shape at 96% of it (90.8 ms); matrix products at 210 GFLOPS (the first token after 256
-    # prompt tokens, 1,007 ms) and at half that rate at 34 rows (a batch-4 decode step, 183 ms: 4 rows run at
-    # 10% of the rate); 20 us per eager layer (the tiny shape's step).
+    # This machine's 2 cores, fp32, as `simulate --calibrate` fitted them on 2026-12-08 (docs/simulator.md,
+    # "Validation against the real engine here"), with the few-row products of 4-64 rows on packed weights
+    # (model/cpu_linear.py): 19.6 GB/s read (`bench.measure_bandwidth`), a batch-1 decode step of the 0.5B
+    # shape at 89% of it; matrix products at 92% of 210 GFLOPS (the first token after 256 prompt tokens) and
+    # at half that rate at 24 rows (a batch-4 decode step); the tiny shape's eager step is within the 2 ms
+    # per call, so no cost per eager layer is left.
     "cpu-here": Hardware(
         "cpu-here",
         "cpu",
-        23.4 * GB,
+        19.6 * GB,
         210e9,
         210e9,
         32 * GB,
         20 * GB,
         50e-6,
-        0.96,
-        1.0,
+        0.89,
+        0.92,
         1e-3,
         2e-3,
         0.1e-3,
-        20e-6,
-        gemm_half_rows=34.4,
+        0.0,
+        gemm_half_rows=23.6,
     ),
 }
 

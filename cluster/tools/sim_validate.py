@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     profiles = {args.hardware: args.hardware}
     if args.calibrate:
         fitted, _ = sim_calibrate.calibrate()
-        path = work / "calibrated.json"
-        path.write_text(json.dumps(fitted.to_dict()) + "\n")
-        profiles["calibrated"] = str(path)
+        fitted_file = work / "calibrated.json"
+        fitted_file.write_text(json.dumps(fitted.to_dict()) + "\n")
+        profiles["calibrated"] = str(fitted_file)
     report: dict = {"settings": SETTINGS, "rate": RATE, "requests": REQUESTS, "seed": SEED, "policies": {}}
     ok = True
     for policy, summary in real.items():
