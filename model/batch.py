@@ -457,7 +457,8 @@ class RunningBatch:
         return out
 
     def _speculative_round(self, live: list[SeqState], k: int, out: dict[str, StepOutput]) -> None:
-        """Propose, verify in one decode step over k + 1 query rows per row, keep what `accept` keeps.
+        """Propose, verify in one decode step over 1 + (the most proposals of any row) query rows per row (k + 1
+        at most; 1 when no row proposes, a plain step), keep what `accept` keeps.
 
         A row proposes only when its sampling is plain (no grammar, penalty or logprobs: those rows take one
         token from their first query, through the ordinary path), it has room for a proposal (max_new_tokens,
@@ -472,13 +473,14 @@ class RunningBatch:
             if len(s.table) * runner.block_size <= s.num_computed:
                 raise ValueError(f"request {s.request_id!r} has no block for its next token")
         proposals, special = self._proposals(live, k, lambda rows: tables[torch.tensor(rows, device=tables.device)])
+        width = 1 + max(len(p) for p in proposals)  # query rows per sequence: 1 where no row proposes
         tokens, lens, positions, real = verify_layout(
-            [s.tokens[-1] for s in live], proposals, [s.num_computed for s in live], [s.delta for s in live], k
+            [s.tokens[-1] for s in live], proposals, [s.num_computed for s in live], [s.delta for s in live], width
         )
         rows = pick_bucket(runner.buckets, len(tokens))
         pad = rows - len(tokens)
         device = runner.device
-        owner = torch.arange(n, device=device).repeat_interleave(k + 1)  # query row -> its sequence's table row
+        owner = torch.arange(n, device=device).repeat_interleave(width)  # query row -> its sequence's table row
         step_tables = torch.cat([tables[owner], tables.new_full((pad, tables.shape[1]), NULL_BLOCK)])
         step_tables[torch.tensor([not r for r in real] + [True] * pad, device=device)] = NULL_BLOCK
         kv = [x + 1 for x in lens] + [1] * pad
@@ -491,14 +493,14 @@ class RunningBatch:
             kv_lens=kv if runner.paged_decode else None,
         )
         now = time.time()
-        chosen_special = self._sample_rows(logits, live, [i for i in range(n) if special[i]], k + 1)
+        chosen_special = self._sample_rows(logits, live, [i for i in range(n) if special[i]], width)
         for i, seq in enumerate(live):
             if special[i]:
                 token, entry = chosen_special[i]
                 seq.num_computed += 1
                 self._append(seq, out[seq.request_id], token, now, entry)
             else:
-                first = i * (k + 1)
+                first = i * width
                 self._keep(
                     seq, out[seq.request_id], logits[first : first + len(proposals[i]) + 1], proposals[i], k, now
                 )

@@ -1,7 +1,7 @@
 """Speculative decoding on one rank: n-gram proposals, and the acceptance rule that keeps sampling exact.
 
 A speculating row proposes up to k tokens after its last one; the target then computes all of them in one
-decode step over k + 1 query rows per sequence (`verify_layout`), and `accept` keeps the longest prefix the
+decode step over up to k + 1 query rows per sequence (`verify_layout`), and `accept` keeps the longest prefix the
 target agrees with, plus one token of its own:
 
 - greedy: proposal i is kept while it equals the target's argmax at the position before it; the token
@@ -94,10 +94,11 @@ def ngram_propose(tokens: list[int] | np.ndarray, k: int, min_n: int, max_n: int
 
 
 def verify_layout(
-    last: list[int], proposals: list[list[int]], lengths: list[int], deltas: list[int], k: int
+    last: list[int], proposals: list[list[int]], lengths: list[int], deltas: list[int], width: int
 ) -> tuple[list[int], list[int], list[int], list[bool]]:
-    """The k + 1 query rows of each sequence for one verification step: (tokens, cache lengths, positions,
-    real) per query row, row b's queries at b * (k + 1) + j.
+    """The `width` query rows of each sequence for one verification step (1 + the most proposals any row
+    made: at most k + 1): (tokens, cache lengths, positions, real) per query row, row b's queries at
+    b * width + j.
 
     Query j of sequence b reads its KV up to position lengths[b] + j and writes its own there: the last
     token at j = 0, then the proposals. A query past the row's proposals is padding (`real` False): the
@@ -106,7 +107,9 @@ def verify_layout(
     tokens, lens, positions, real = [], [], [], []
     for b, (token, proposed) in enumerate(zip(last, proposals)):
         inputs = [token, *proposed]
-        for j in range(k + 1):
+        if len(inputs) > width:
+            raise ValueError(f"row {b} has {len(proposed)} proposals, more than width {width} - 1")
+        for j in range(width):
             live = j < len(inputs)
             tokens.append(inputs[j] if live else 0)
             lens.append(lengths[b] + j if live else 0)

@@ -194,6 +194,33 @@ def test_a_draft_identical_to_the_target_is_always_accepted(
         assert b.spec_rounds == [(3, 3)] * 8, b.spec_rounds
 
 
+def test_rows_without_proposals_verify_one_query_each(
+    runner: ModelRunner, requests: list[PreparedRequest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round's query rows per sequence are 1 + the most proposals any row made: when no row proposes (no
+    n-gram match, or every row resting) the round is a plain decode step, not k + 1 rows of padding."""
+    import model.batch
+
+    rows = []
+    decode = runner.decode
+
+    def spy(tokens: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        rows.append(tokens.shape[0])
+        return decode(tokens, *args, **kwargs)
+
+    plain = runner.generate(requests[1:3], greedy(12)[:2], [])
+    monkeypatch.setattr(runner, "decode", spy)
+    monkeypatch.setattr(model.batch, "ngram_propose", lambda tokens, k, low, high: [])
+    spec = runner.generate(requests[1:3], greedy(12)[:2], [], SpeculativeConfig("ngram", 3))
+    assert [r.output_token_ids for r in spec] == [r.output_token_ids for r in plain]
+    assert rows and set(rows) == {2}, rows  # two sequences, one query each: the plain batch-2 bucket
+    monkeypatch.setattr(model.batch, "ngram_propose", lambda tokens, k, low, high: [tokens[-1]])
+    rows.clear()
+    runner.generate(requests[1:3], greedy(12)[:2], [], SpeculativeConfig("ngram", 3))
+    # at most one proposal each: two queries per sequence (one where a row has no room or rests), never k + 1
+    assert 4 in rows and set(rows) <= {2, 4}, rows
+
+
 def test_eos_and_max_new_tokens_hold_inside_a_round(
     runner: ModelRunner, requests: list[PreparedRequest], tiny_checkpoint: Path
 ) -> None:
