@@ -1,7 +1,8 @@
 """Speculative decoding benchmark: TPOT at batch 1 with n-gram and draft proposals against plain decoding.
 
 `python -m cluster.tools.bench_spec [--checkpoint small|tiny] [--exe-mode graph|eager] [--k 4]
-[--draft-layers 4] [--tokens 64] [--context-tokens 96] [--repeats 2] [--workload loop|echo] [--json OUT]`
+[--draft-layers 4] [--tail-scale 1.0] [--tokens 64] [--context-tokens 96] [--repeats 2] [--workload loop|echo]
+[--json OUT]`
 
 In process (the Ray-free model path, as every worker runs it), one request at a time, on the checkpoint's
 random weights. The workload makes the answer repeat text of the prompt, as extraction or rewriting does.
@@ -15,7 +16,12 @@ token earlier in the prompt would otherwise be taken first. `--workload echo` is
 the opening, whose loop the prompt also holds, but only after shorter runs.)
 The draft is the checkpoint's first `--draft-layers` decoder layers with its
 embeddings, head and vision tower (`cluster.tools.draft_checkpoint`): what a smaller model of the same
-family would be, with an acceptance set by how much the cut layers change the output.
+family would be, with an acceptance set by how much the cut layers change the output. A cut of random
+layers proposes what the whole model rarely takes; `--tail-scale S` < 1 builds a target for which the cut is
+a good draft, as a trained family draft is for its target: the output projections (o_proj, down_proj) of
+the target's layers past the draft's are scaled by S in process after loading, so those layers add S times
+their contribution to the residual stream and the first layers decide most tokens. The target still runs
+every layer at full cost, so TPOT is what a target of that size pays.
 
 Reported per method: TPOT (median over repeats of (last token time - first) / (tokens - 1)), its ratio to
 plain decoding measured in the same run, the acceptance rate and the mean acceptance length (tokens per
@@ -30,10 +36,13 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
+
 from cluster.tools.bench import CACHE_DIR, CHECKPOINTS, TEXT_PROMPT, log
 from cluster.tools.draft_checkpoint import cut_draft
 from cluster.tools.tiny_checkpoint import MARKER_FILE, build_tiny_checkpoint
 from model.batch import GenerationResult
+from model.cpu_linear import PACKED_ATTR, attach_packed
 from model.draft import load_drafter
 from model.processor import PreparedRequest, PromptBuilder
 from model.runner import ModelRunner, batch_buckets
@@ -42,6 +51,17 @@ from model.speculative import SpeculativeConfig, verify_buckets
 
 OPENING_TOKENS = 16  # the loop's stretch the prompt opens with
 LOOP_ENTRY_TOKENS = 8  # how far into its loop the answer in the prompt goes
+
+
+def scale_tail(runner: ModelRunner, first: int, scale: float) -> None:
+    """Scale the output projections of the runner's decoder layers from `first` on by `scale` (their packed
+    copies made again: model/cpu_linear.py reads a copy, not the weight)."""
+    with torch.no_grad():
+        for layer in runner.model.model.layers[first:]:
+            for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                proj.weight.mul_(scale)
+                if getattr(proj.weight, PACKED_ATTR, None) is not None:
+                    attach_packed(proj.weight)
 
 
 def tpot(result: GenerationResult) -> float:
@@ -103,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exe-mode", choices=("graph", "eager"), default="graph")
     parser.add_argument("--k", type=int, default=4, help="proposals per round")
     parser.add_argument("--draft-layers", type=int, default=4, help="decoder layers the draft keeps")
+    parser.add_argument(
+        "--tail-scale",
+        type=float,
+        default=1.0,
+        help="scale the target's output projections past the draft's layers by this (1: as built)",
+    )
     parser.add_argument("--tokens", type=int, default=64, help="tokens per answer")
     parser.add_argument("--context-tokens", type=int, default=96, help="length of each generated part of the prompt")
     parser.add_argument("--repeats", type=int, default=2)
@@ -119,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             "--k must be in 1..15, --tokens at least 2 (a TPOT), --draft-layers, --context-tokens and "
             "--repeats at least 1"
         )
+    if not 0 < args.tail_scale <= 1:
+        parser.error(f"--tail-scale {args.tail_scale} must be in (0, 1]")
     name, spec = CHECKPOINTS[args.checkpoint]
     path = build_tiny_checkpoint(CACHE_DIR / name, spec)
     draft_path = CACHE_DIR / f"{name}-draft-{args.draft_layers}"
@@ -128,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     max_seq_len = 1024
     runner = ModelRunner(path, max_batch_size=1, max_seq_len=max_seq_len)
     runner.add_decode_buckets(verify_buckets(batch_buckets(1), args.k))
+    if args.tail_scale != 1:
+        scale_tail(runner, args.draft_layers, args.tail_scale)
     drafter = load_drafter(runner, draft_path)
     if args.exe_mode == "graph":
         log("compiling the decode steps (target: 1 and k + 1 rows; draft: 1 and 2 rows)")
@@ -162,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             "exe_mode": args.exe_mode,
             "k": args.k,
             "draft_layers": args.draft_layers,
+            "tail_scale": args.tail_scale,
             "workload": args.workload,
         }
         args.json.write_text(json.dumps({**meta, "methods": figures}, indent=2))
