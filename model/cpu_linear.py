@@ -69,19 +69,28 @@ def pack(weight: torch.Tensor, rows: int = 4) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
 
-def attach_packed(weight: torch.Tensor) -> None:
-    """Give `weight` its packed copy (`linear` uses it where the packed form was chosen)."""
-    setattr(weight, PACKED_ATTR, (weight.data_ptr(), pack(weight)))
+def attach_packed(weight: torch.Tensor, packed: torch.Tensor | None = None) -> None:
+    """Give `weight` its packed copy (`packed`, made by `pack(weight)` when None); `linear` uses it where the
+    packed form was chosen."""
+    setattr(weight, PACKED_ATTR, (weight.data_ptr(), pack(weight) if packed is None else packed))
+
+
+def packed_copy(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight's packed copy; None where it has none, or its storage moved since it was packed (a copy of
+    other numbers must never be read). A weight whose numbers are changed in place after it was packed needs
+    `attach_packed` again; the engine loads every weight before tuning."""
+    held = getattr(weight, PACKED_ATTR, None)
+    return held[1] if held is not None and held[0] == weight.data_ptr() else None
+
+
+def _mkldnn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T + bias through the weight's packed copy; F.linear where it has none, or its storage moved
-    since it was packed (a copy of other numbers must never be read). A weight whose numbers are changed in
-    place after it was packed needs `attach_packed` again; the engine loads every weight before tuning."""
-    held = getattr(weight, PACKED_ATTR, None)
-    if held is None or held[0] != weight.data_ptr():
-        return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), held[1], bias, "none", [], "")
+    """x @ weight^T + bias through the weight's packed copy (`packed_copy`); F.linear where it has none."""
+    packed = packed_copy(weight)
+    return F.linear(x, weight, bias) if packed is None else _mkldnn_linear(x, packed, bias)
 
 
 @torch.library.custom_op("qwen_vl::packed_linear", mutates_args=())
@@ -96,7 +105,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 def _run(form: str, x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> None:
     if form == "packed":
-        torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        _mkldnn_linear(x, packed, None)
     elif form == "swapped":
         swapped_linear(x, weight, None)
     else:
@@ -154,19 +163,9 @@ def tune_cpu_linears(weights: Iterable[torch.Tensor]) -> dict[tuple[int, int, in
         _forms.update({(out, inp, rows): form for rows in range(below + 1, probe + 1)})
     chosen = {key[:2] for key, form in _forms.items() if form == "packed"}
     for weight in eligible:  # those of shapes tuned before too (a second model of this process)
-        if tuple(weight.shape) in chosen:
-            held = packs.get(id(weight))
-            if held is not None:
-                setattr(weight, PACKED_ATTR, (weight.data_ptr(), held))
-            else:
-                _attach_if_possible(weight)
+        if tuple(weight.shape) in chosen and packed_copy(weight) is None:
+            try:
+                attach_packed(weight, packs.get(id(weight)))
+            except RuntimeError:  # no reorder for this dtype here: `linear` falls back to F.linear
+                pass
     return made
-
-
-def _attach_if_possible(weight: torch.Tensor) -> None:
-    held = getattr(weight, PACKED_ATTR, None)
-    if held is None or held[0] != weight.data_ptr():
-        try:
-            attach_packed(weight)
-        except RuntimeError:  # no reorder for this dtype here: `linear` falls back to F.linear
-            pass

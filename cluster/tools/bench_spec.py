@@ -42,7 +42,7 @@ from cluster.tools.bench import CACHE_DIR, CHECKPOINTS, TEXT_PROMPT, log
 from cluster.tools.draft_checkpoint import cut_draft
 from cluster.tools.tiny_checkpoint import MARKER_FILE, build_tiny_checkpoint
 from model.batch import GenerationResult
-from model.cpu_linear import PACKED_ATTR, attach_packed
+from model.cpu_linear import attach_packed, packed_copy
 from model.draft import load_drafter
 from model.processor import PreparedRequest, PromptBuilder
 from model.runner import ModelRunner, batch_buckets
@@ -60,7 +60,7 @@ def scale_tail(runner: ModelRunner, first: int, scale: float) -> None:
         for layer in runner.model.model.layers[first:]:
             for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
                 proj.weight.mul_(scale)
-                if getattr(proj.weight, PACKED_ATTR, None) is not None:
+                if packed_copy(proj.weight) is not None:
                     attach_packed(proj.weight)
 
 
