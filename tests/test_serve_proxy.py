@@ -68,7 +68,8 @@ def test_auto_falls_back_to_the_python_proxy(local_ray: None, monkeypatch: pytes
             assert wait_for(lambda: status()["waiting"] == 1, timeout_s=30)
             time.sleep(0.5)
             connection.close()
-            assert wait_for(lambda: status()["waiting"] == 0, timeout_s=30)
+            left = wait_for(lambda: status()["waiting"] == 0, timeout_s=30)
+            assert left, f"the request stayed queued 30 s after its client left: {status()}"
             assert status()["running"] == SLOTS  # it left the queue without being served
         finally:
             for filler in fillers:
